@@ -1,0 +1,4 @@
+//! strata-engine (being written).
+
+pub mod chat;
+pub mod tokenizer;

@@ -1,0 +1,16 @@
+//! strata-simd: the CPU math.
+//!
+//! - [`dispatch`] picks the instruction-set level once (scalar, AVX2, AVX-512, VNNI), logs it,
+//!   and honours `STRATA_SIMD=scalar|avx2|avx512` to force a lower one.
+//! - [`matmul`] multiplies a quantized weight matrix by f32 activations: activations are
+//!   quantized once per call to the weight type's partner format (Q8_K for K-quants, Q8_0 for
+//!   the legacy types), then integer dot products run per row.
+//! - [`pool`] is the persistent worker pool every parallel kernel runs on.
+//! - [`ops`] holds the small kernels: RMSNorm, RoPE, softmax, activations, attention.
+//!
+//! Nothing here knows about files, GGUF or models.
+
+pub mod dispatch;
+pub mod matmul;
+pub mod ops;
+pub mod pool;

@@ -1,0 +1,17 @@
+//! strata-storage: everything about bytes.
+//!
+//! - [`gguf`] parses GGUF files as hostile input: [`gguf::GgufFile`] holds the metadata and the
+//!   tensor table, validated before anything is allocated.
+//! - [`quant`] names the element types ([`quant::GgmlType`]), their block layouts and the scalar
+//!   dequantization every faster kernel is tested against.
+//! - [`residency`] is the only way model code reaches weight bytes: it asks for a tensor and gets
+//!   a [`residency::TensorHandle`] that says where the bytes live and keeps them there while held.
+//! - [`store`] is the model store: pull (PyPI, HTTPS, local path) with SHA-256 verification,
+//!   list, remove, resolve a name to a file.
+//!
+//! This crate knows nothing about models, tokio or the daemon's HTTP.
+
+pub mod gguf;
+pub mod quant;
+pub mod residency;
+pub mod store;

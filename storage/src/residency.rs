@@ -1,0 +1,1 @@
+//! Residency (being written).

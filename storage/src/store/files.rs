@@ -1,0 +1,307 @@
+//! File-system pieces of the store: temp files that vanish unless kept, the per-model lock,
+//! manifests, streaming copies that hash as they go, and UTC time stamps.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::error::{IoContext, Result, StoreError};
+use super::progress::{Progress, Transfer};
+
+/// Chunk size for streaming copies: large enough to keep syscalls rare, small enough that
+/// progress moves smoothly.
+const CHUNK: usize = 1 << 20;
+
+/// A file under the store's `tmp/` that is deleted when dropped unless [`TempFile::persist`]
+/// moved it into place. This is what guarantees a failed pull leaves nothing behind.
+pub(crate) struct TempFile {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl TempFile {
+    /// Creates a fresh, empty temp file in `dir` whose name starts with `stem`.
+    pub(crate) fn create(dir: &Path, stem: &str) -> Result<TempFile> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        fs::create_dir_all(dir).io("create directory", dir)?;
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!("{stem}.{}.{n}.partial", std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .io("create", &path)?;
+        Ok(TempFile {
+            path,
+            file: Some(file),
+        })
+    }
+
+    /// Picks a fresh temp path in `dir` without creating anything there; the caller creates
+    /// the file (by copying or hard-linking), and it is still deleted on drop.
+    pub(crate) fn reserve(dir: &Path, stem: &str) -> Result<TempFile> {
+        let mut t = TempFile::create(dir, stem)?;
+        t.file.take();
+        fs::remove_file(&t.path).io("remove", &t.path)?;
+        Ok(t)
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The open handle; `None` only after `persist`, which consumes `self`.
+    pub(crate) fn file(&mut self) -> Result<&mut File> {
+        let path = &self.path;
+        self.file.as_mut().ok_or_else(|| StoreError::Io {
+            op: "use",
+            path: path.clone(),
+            source: std::io::Error::other("temp file already closed"),
+        })
+    }
+
+    /// Flushes the data to disk and renames the file to `dest`, then syncs `dest`'s directory so
+    /// the rename itself survives a crash.
+    pub(crate) fn persist(mut self, dest: &Path) -> Result<()> {
+        if let Some(f) = self.file.take() {
+            f.sync_all().io("sync", &self.path)?;
+        }
+        fs::rename(&self.path, dest).io("rename into place", dest)?;
+        if let Some(dir) = dest.parent() {
+            sync_dir(dir)?;
+        }
+        // The temp path no longer exists; keep Drop from touching whatever appears there.
+        self.path = PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        self.file.take();
+        if !self.path.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Syncs a directory so renames and unlinks in it are durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .io("sync directory", dir)
+}
+
+/// An exclusive lock on one model name, held while the model is written or removed, so that a
+/// second `pull` of the same model waits for the first and then finds it present.
+pub(crate) struct NameLock {
+    _file: File,
+}
+
+impl NameLock {
+    pub(crate) fn acquire(lock_dir: &Path, name: &str) -> Result<NameLock> {
+        fs::create_dir_all(lock_dir).io("create directory", lock_dir)?;
+        let path = lock_dir.join(format!("{name}.lock"));
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .io("open lock", &path)?;
+        // flock-style locks are released by the kernel when the handle closes, even if the
+        // process dies, so a crashed pull never wedges the store.
+        file.lock().io("lock", &path)?;
+        Ok(NameLock { _file: file })
+    }
+}
+
+/// The sidecar `models/<name>.json` written after a successful pull.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Where the bytes came from: a URL, `file:<path>`, or `pypi:<packages>==<version>`.
+    pub source: String,
+    /// SHA-256 of the model file, lowercase hex.
+    pub sha256: String,
+    /// Size of the model file in bytes.
+    pub size: u64,
+    /// When the pull finished, RFC 3339 UTC.
+    pub pulled_at: String,
+}
+
+impl Manifest {
+    /// Reads a manifest; a missing or unreadable one is `None`, because a model file without a
+    /// manifest is still a usable model.
+    pub(crate) fn read(path: &Path) -> Option<Manifest> {
+        let bytes = fs::read(path).ok()?;
+        match serde_json::from_slice(&bytes) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!("ignoring unreadable manifest {}: {e}", path.display());
+                None
+            }
+        }
+    }
+
+    /// Writes the manifest atomically (temp file, sync, rename).
+    pub(crate) fn write(&self, tmp_dir: &Path, path: &Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self).map_err(|e| StoreError::Io {
+            op: "serialize manifest",
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e),
+        })?;
+        let mut tmp = TempFile::create(tmp_dir, "manifest")?;
+        let tmp_path = tmp.path().to_path_buf();
+        tmp.file()?.write_all(&json).io("write", &tmp_path)?;
+        tmp.persist(path)
+    }
+}
+
+/// Lowercase hex of a digest.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// What a streaming copy read, and its digest.
+pub(crate) struct Copied {
+    pub(crate) bytes: u64,
+    pub(crate) sha256: String,
+}
+
+/// Where a copy's bytes come from, for error messages: reads from the network and reads from
+/// a file fail in different ways and deserve different errors.
+pub(crate) enum ReadSide<'a> {
+    Url(&'a str),
+    File(&'a Path),
+}
+
+impl ReadSide<'_> {
+    fn error(&self, e: std::io::Error) -> StoreError {
+        match self {
+            ReadSide::Url(url) => StoreError::Network {
+                url: (*url).to_owned(),
+                source: Box::new(e),
+            },
+            ReadSide::File(path) => StoreError::Io {
+                op: "read",
+                path: path.to_path_buf(),
+                source: e,
+            },
+        }
+    }
+}
+
+/// Copies `reader` into `writer` (when given), hashing every byte, advancing `transfer`, and
+/// refusing to go past `limit` bytes so a hostile source cannot fill the disk.
+pub(crate) fn copy_hashed(
+    reader: &mut dyn Read,
+    from: ReadSide<'_>,
+    mut writer: Option<(&mut File, &Path)>,
+    hasher: &mut Sha256,
+    limit: Option<(u64, &str)>,
+    transfer: &mut Option<&mut Transfer<'_>>,
+) -> Result<u64> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(from.error(e)),
+        };
+        total += n as u64;
+        if let Some((limit, what)) = limit
+            && total > limit
+        {
+            return Err(StoreError::TooLarge {
+                what: what.to_owned(),
+                limit,
+            });
+        }
+        let chunk = &buf[..n];
+        hasher.update(chunk);
+        if let Some((w, path)) = writer.as_mut() {
+            w.write_all(chunk).io("write", *path)?;
+        }
+        if let Some(t) = transfer.as_mut() {
+            t.advance(n as u64);
+        }
+    }
+    Ok(total)
+}
+
+/// Hashes a whole file, reporting progress as `label`.
+pub(crate) fn hash_file(path: &Path, label: &str, progress: &mut dyn Progress) -> Result<Copied> {
+    let mut f = File::open(path).io("open", path)?;
+    let len = f.metadata().io("stat", path)?.len();
+    let mut t = Transfer::start(progress, label, Some(len));
+    let mut hasher = Sha256::new();
+    let bytes = copy_hashed(
+        &mut f,
+        ReadSide::File(path),
+        None,
+        &mut hasher,
+        None,
+        &mut Some(&mut t),
+    )?;
+    Ok(Copied {
+        bytes,
+        sha256: hex(&hasher.finalize()),
+    })
+}
+
+/// `t` as RFC 3339 UTC (`2025-11-22T03:05:00Z`), without a date-time crate.
+pub fn format_utc(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn utc_formatting() {
+        assert_eq!(format_utc(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let t = UNIX_EPOCH + Duration::from_secs(1_763_780_700);
+        assert_eq!(format_utc(t), "2025-11-22T03:05:00Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(format_utc(leap), "2000-02-29T00:00:00Z");
+    }
+}

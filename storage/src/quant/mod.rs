@@ -4,6 +4,25 @@
 
 use std::fmt;
 
+pub mod blocks;
+mod dequant;
+mod error;
+mod quantize;
+
+pub use dequant::{
+    dequantize_block_q2_k, dequantize_block_q3_k, dequantize_block_q4_0, dequantize_block_q4_1,
+    dequantize_block_q4_k, dequantize_block_q5_0, dequantize_block_q5_1, dequantize_block_q5_k,
+    dequantize_block_q6_k, dequantize_block_q8_0, dequantize_block_q8_1, dequantize_block_q8_k,
+    dequantize_row,
+};
+pub use error::QuantError;
+pub use quantize::{
+    quantize_block_q2_k, quantize_block_q3_k, quantize_block_q4_0, quantize_block_q4_1,
+    quantize_block_q4_k, quantize_block_q5_0, quantize_block_q5_1, quantize_block_q5_k,
+    quantize_block_q6_k, quantize_block_q8_0, quantize_block_q8_1, quantize_block_q8_k,
+    quantize_row,
+};
+
 /// A tensor element type, numbered as GGUF (ggml) numbers them.
 ///
 /// Every id that appears in published GGUF files is listed so that the parser can size any

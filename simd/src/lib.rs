@@ -10,7 +10,11 @@
 //!
 //! Nothing here knows about files, GGUF or models.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod arch;
 pub mod dispatch;
 pub mod matmul;
 pub mod ops;
 pub mod pool;
+mod scalar;

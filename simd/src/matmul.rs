@@ -1,1 +1,250 @@
-//! (being written)
+//! Quantized matrix × activations, the hot path of every forward pass.
+//!
+//! [`matmul`] computes `out[t * w.rows + r] = Σ_c W[r][c] · x[t * w.cols + c]` for each token
+//! `t`. As llama.cpp does it, the f32 activations are first converted once per call to the
+//! weight type's partner format (Q8_K for the K-quants, Q8_0 for Q4_0/Q5_0/Q8_0, Q8_1 for
+//! Q4_1/Q5_1, f16 for F16, bf16 for BF16), then every output is an integer dot product per
+//! block summed in f32 with the block scales.
+//!
+//! Work is split over the pool by rows: each thread takes one contiguous slab, and walks it in
+//! tiles of [`ROW_TILE`] rows; for several tokens (prefill) each tile is dotted with every
+//! token before moving on, so the tile's weight bytes are read from memory once and then
+//! served from cache.
+
+mod kernels;
+
+use strata_storage::quant::GgmlType;
+
+use crate::dispatch::{self, Level};
+use crate::pool::ThreadPool;
+use kernels::{Kernel, kernel};
+
+/// A borrowed weight matrix: `rows` rows of `cols` elements of type `ty`, row-major, each row
+/// `ty.row_bytes(cols)` bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a> {
+    pub ty: GgmlType,
+    pub data: &'a [u8],
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// Reusable buffers for [`matmul`]; once it has seen the largest shape, calls allocate nothing.
+#[derive(Debug, Default)]
+pub struct MatmulScratch {
+    act: Vec<u8>,
+}
+
+impl MatmulScratch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// Why a matmul was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SimdError {
+    #[error("matmul does not support weight type {ty}")]
+    UnsupportedType { ty: GgmlType },
+    #[error("matmul shape error: {what}: expected {expected}, got {actual}")]
+    Shape {
+        what: &'static str,
+        expected: usize,
+        actual: usize,
+    },
+}
+
+/// Whether [`matmul`] accepts weights of type `ty`.
+pub fn supports(ty: GgmlType) -> bool {
+    kernels::Act::for_weight(ty).is_some()
+}
+
+/// Rows per tile: a tile of a 1536-column Q4_K matrix is 14 KiB, well inside L1.
+const ROW_TILE: usize = 16;
+
+/// Below this many multiply-adds the pool's wake-up costs more than it saves.
+const MIN_PARALLEL_WORK: usize = 1 << 16;
+
+/// `out[t * w.rows + r] = Σ_c W[r][c] · x[t * w.cols + c]` for `t` in `0..n_tok`, at the
+/// process's SIMD level ([`dispatch::level`]).
+///
+/// `x` must hold exactly `n_tok * w.cols` values, `out` exactly `n_tok * w.rows`, and
+/// `w.data` exactly `w.rows * w.ty.row_bytes(w.cols)` bytes; `w.cols` must be a multiple of the
+/// type's block size.
+pub fn matmul(
+    pool: &ThreadPool,
+    w: MatRef<'_>,
+    x: &[f32],
+    n_tok: usize,
+    out: &mut [f32],
+    scratch: &mut MatmulScratch,
+) -> Result<(), SimdError> {
+    matmul_at(dispatch::level(), pool, w, x, n_tok, out, scratch)
+}
+
+/// [`matmul`] at an explicit SIMD level (lowered to what the CPU has), for tests and benches
+/// that compare levels within one process.
+#[doc(hidden)]
+pub fn matmul_at(
+    level: Level,
+    pool: &ThreadPool,
+    w: MatRef<'_>,
+    x: &[f32],
+    n_tok: usize,
+    out: &mut [f32],
+    scratch: &mut MatmulScratch,
+) -> Result<(), SimdError> {
+    let k = kernel(w.ty, level).ok_or(SimdError::UnsupportedType { ty: w.ty })?;
+    check_shapes(&w, k, x, n_tok, out)?;
+    if n_tok == 0 || w.rows == 0 {
+        return Ok(());
+    }
+    if w.cols == 0 {
+        out.fill(0.0);
+        return Ok(());
+    }
+
+    // Quantize the activations once; every row's dot product reads them.
+    let act_row = k.act.ty().row_bytes(w.cols);
+    let act_len = act_row * n_tok;
+    if scratch.act.len() < act_len {
+        scratch.act.resize(act_len, 0);
+    }
+    let act = &mut scratch.act[..act_len];
+    let parallel = w.rows.saturating_mul(w.cols).saturating_mul(n_tok) >= MIN_PARALLEL_WORK
+        && pool.n_threads() > 1;
+    if parallel && n_tok >= pool.n_threads() {
+        let act_ptr = SyncPtr(act.as_mut_ptr());
+        pool.run(|ith, nth| {
+            let (t0, t1) = split(n_tok, ith, nth);
+            for t in t0..t1 {
+                // SAFETY: token t's slice of `act` is written by this thread only (token ranges
+                // are disjoint), and `run` returns before `act` is used again.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(act_ptr.get().add(t * act_row), act_row)
+                };
+                (k.quantize)(&x[t * w.cols..(t + 1) * w.cols], dst);
+            }
+        });
+    } else {
+        for (xt, dst) in x.chunks_exact(w.cols).zip(act.chunks_exact_mut(act_row)) {
+            (k.quantize)(xt, dst);
+        }
+    }
+    let act: &[u8] = act;
+
+    let out_ptr = SyncPtr(out.as_mut_ptr());
+    let job = |ith: usize, nth: usize| {
+        let (r0, r1) = split(w.rows, ith, nth);
+        // SAFETY: this thread writes only `out[t * rows + r]` for r in its own row range, which
+        // no other thread touches, and `out` outlives the pool run.
+        unsafe { rows_job(k, &w, act, act_row, n_tok, r0, r1, out_ptr.get()) };
+    };
+    if parallel {
+        pool.run(job);
+    } else {
+        job(0, 1);
+    }
+    Ok(())
+}
+
+fn check_shapes(
+    w: &MatRef<'_>,
+    k: Kernel,
+    x: &[f32],
+    n_tok: usize,
+    out: &[f32],
+) -> Result<(), SimdError> {
+    let bs = w.ty.block_size().max(k.act.ty().block_size());
+    if w.cols % bs != 0 {
+        return Err(SimdError::Shape {
+            what: "columns must be a multiple of the block size",
+            expected: bs,
+            actual: w.cols,
+        });
+    }
+    let shape = |what, expected: Option<usize>, actual| match expected {
+        Some(e) if e == actual => Ok(()),
+        Some(e) => Err(SimdError::Shape {
+            what,
+            expected: e,
+            actual,
+        }),
+        None => Err(SimdError::Shape {
+            what: "size overflows usize",
+            expected: usize::MAX,
+            actual,
+        }),
+    };
+    shape(
+        "weight bytes",
+        w.rows.checked_mul(w.ty.row_bytes(w.cols)),
+        w.data.len(),
+    )?;
+    shape(
+        "activation length (n_tok * cols)",
+        n_tok.checked_mul(w.cols),
+        x.len(),
+    )?;
+    shape(
+        "output length (n_tok * rows)",
+        n_tok.checked_mul(w.rows),
+        out.len(),
+    )?;
+    Ok(())
+}
+
+/// The `ith` of `nth` contiguous ranges of `0..n`.
+fn split(n: usize, ith: usize, nth: usize) -> (usize, usize) {
+    (n * ith / nth, n * (ith + 1) / nth)
+}
+
+/// Computes rows `r0..r1` of the output for every token.
+///
+/// # Safety
+/// `out` must point at `n_tok * w.rows` writable f32 that no other thread writes in columns
+/// `r0..r1`; `act` holds `n_tok` rows of `act_row` bytes; `w` passed `check_shapes`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_job(
+    k: Kernel,
+    w: &MatRef<'_>,
+    act: &[u8],
+    act_row: usize,
+    n_tok: usize,
+    r0: usize,
+    r1: usize,
+    out: *mut f32,
+) {
+    let row_bytes = w.ty.row_bytes(w.cols);
+    let mut tile = r0;
+    while tile < r1 {
+        let tile_end = (tile + ROW_TILE).min(r1);
+        for t in 0..n_tok {
+            let a = &act[t * act_row..(t + 1) * act_row];
+            for r in tile..tile_end {
+                let wr = &w.data[r * row_bytes..(r + 1) * row_bytes];
+                let v = (k.dot)(w.cols, wr, a);
+                // SAFETY: t < n_tok and r < rows, inside `out`; column r is this thread's.
+                unsafe { out.add(t * w.rows + r).write(v) };
+            }
+        }
+        tile = tile_end;
+    }
+}
+
+/// A raw pointer that may be shared with the pool's threads; each use says why its writes are
+/// disjoint.
+#[derive(Clone, Copy)]
+struct SyncPtr<T>(*mut T);
+
+impl<T> SyncPtr<T> {
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+// SAFETY: the pointer is only dereferenced for disjoint ranges per thread (see each use).
+unsafe impl<T> Sync for SyncPtr<T> {}
+// SAFETY: as above.
+unsafe impl<T> Send for SyncPtr<T> {}

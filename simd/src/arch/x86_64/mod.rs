@@ -1,0 +1,6 @@
+//! x86-64 kernels: AVX2 (+FMA, F16C) and AVX-512 (+VNNI). Each is a
+//! `#[target_feature] unsafe fn` that the dispatch table calls only after the CPU has been
+//! checked for the features it enables.
+
+pub(crate) mod avx2;
+pub(crate) mod avx512;

@@ -1,0 +1,231 @@
+//! The dispatch table: for a weight type and a SIMD level, which activation format to quantize
+//! to, which quantizer and which dot product to run.
+//!
+//! SIMD kernels are `unsafe` (`target_feature` plus raw block reads); the safe wrappers here
+//! check the slice lengths and are only handed out by [`kernel`] for levels the CPU has, which
+//! is what makes calling them sound.
+
+use strata_storage::quant::GgmlType;
+
+use crate::dispatch::{self, Level};
+use crate::scalar;
+
+/// A dot product of `n` elements: weight row bytes, activation row bytes.
+pub(crate) type DotFn = fn(usize, &[u8], &[u8]) -> f32;
+/// Quantizes a row of f32 activations into the partner format.
+pub(crate) type QuantFn = fn(&[f32], &mut [u8]);
+
+/// The format activations are converted to before the dot products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Act {
+    F32,
+    F16,
+    Bf16,
+    Q8_0,
+    Q8_1,
+    Q8K,
+}
+
+impl Act {
+    pub(crate) const fn ty(self) -> GgmlType {
+        match self {
+            Act::F32 => GgmlType::F32,
+            Act::F16 => GgmlType::F16,
+            Act::Bf16 => GgmlType::Bf16,
+            Act::Q8_0 => GgmlType::Q8_0,
+            Act::Q8_1 => GgmlType::Q8_1,
+            Act::Q8K => GgmlType::Q8K,
+        }
+    }
+
+    /// The partner format of a weight type (ggml's `vec_dot_type`).
+    pub(crate) const fn for_weight(ty: GgmlType) -> Option<Act> {
+        Some(match ty {
+            GgmlType::F32 => Act::F32,
+            GgmlType::F16 => Act::F16,
+            GgmlType::Bf16 => Act::Bf16,
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => Act::Q8_0,
+            GgmlType::Q4_1 | GgmlType::Q5_1 => Act::Q8_1,
+            GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => {
+                Act::Q8K
+            }
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct Kernel {
+    pub(crate) act: Act,
+    pub(crate) quantize: QuantFn,
+    pub(crate) dot: DotFn,
+}
+
+/// The kernel for `ty` at `level`, lowered to what this CPU has; `None` for unsupported types.
+pub(crate) fn kernel(ty: GgmlType, level: Level) -> Option<Kernel> {
+    let act = Act::for_weight(ty)?;
+    let level = level.min(dispatch::detected());
+    Some(Kernel {
+        act,
+        quantize: quantizer(act, level),
+        dot: dot(ty, level)?,
+    })
+}
+
+fn scalar_dot(ty: GgmlType) -> Option<DotFn> {
+    use scalar::dot::*;
+    Some(match ty {
+        GgmlType::F32 => dot_f32,
+        GgmlType::F16 => dot_f16,
+        GgmlType::Bf16 => dot_bf16,
+        GgmlType::Q4_0 => dot_q4_0,
+        GgmlType::Q4_1 => dot_q4_1,
+        GgmlType::Q5_0 => dot_q5_0,
+        GgmlType::Q5_1 => dot_q5_1,
+        GgmlType::Q8_0 => dot_q8_0,
+        GgmlType::Q2K => dot_q2_k,
+        GgmlType::Q3K => dot_q3_k,
+        GgmlType::Q4K => dot_q4_k,
+        GgmlType::Q5K => dot_q5_k,
+        GgmlType::Q6K => dot_q6_k,
+        _ => return None,
+    })
+}
+
+fn scalar_quantizer(act: Act) -> QuantFn {
+    use scalar::act::*;
+    match act {
+        Act::F32 => copy_f32,
+        Act::F16 => quantize_f16,
+        Act::Bf16 => quantize_bf16,
+        Act::Q8_0 => quantize_q8_0,
+        Act::Q8_1 => quantize_q8_1,
+        Act::Q8K => quantize_q8_k,
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn dot(ty: GgmlType, _level: Level) -> Option<DotFn> {
+    scalar_dot(ty)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn quantizer(act: Act, _level: Level) -> QuantFn {
+    scalar_quantizer(act)
+}
+
+#[cfg(target_arch = "x86_64")]
+use x86::{dot, quantizer};
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+    use crate::arch::x86_64::{avx2, avx512};
+
+    /// A safe wrapper around an `unsafe` SIMD dot product. Sound because [`dot`] hands it out
+    /// only when `dispatch::detected()` is at least the level the kernel needs, and the
+    /// lengths are checked here.
+    macro_rules! wrap_dot {
+        ($name:ident, $kernel:path, $wty:expr, $act:expr) => {
+            fn $name(n: usize, w: &[u8], a: &[u8]) -> f32 {
+                assert!(
+                    n % $wty.block_size() == 0
+                        && w.len() >= $wty.row_bytes(n)
+                        && a.len() >= $act.ty().row_bytes(n),
+                    "dot kernel called with short rows"
+                );
+                // SAFETY: the CPU has the kernel's features (see the macro docs) and both rows
+                // hold `n` elements (checked above).
+                unsafe { $kernel(n, w, a) }
+            }
+        };
+    }
+
+    macro_rules! wrap_quant {
+        ($name:ident, $kernel:path, $act:expr) => {
+            fn $name(x: &[f32], y: &mut [u8]) {
+                let ty = $act.ty();
+                assert!(
+                    x.len() % ty.block_size() == 0 && y.len() >= ty.row_bytes(x.len()),
+                    "quantizer called with a bad row"
+                );
+                // SAFETY: the CPU has the kernel's features (handed out by `quantizer` only
+                // then) and `y` holds the quantized row (checked above).
+                unsafe { $kernel(x, y) }
+            }
+        };
+    }
+
+    use GgmlType as T;
+    wrap_dot!(avx2_f32, avx2::dot_f32, T::F32, Act::F32);
+    wrap_dot!(avx2_f16, avx2::dot_f16, T::F16, Act::F16);
+    wrap_dot!(avx2_bf16, avx2::dot_bf16, T::Bf16, Act::Bf16);
+    wrap_dot!(avx2_q4_0, avx2::dot_q4_0, T::Q4_0, Act::Q8_0);
+    wrap_dot!(avx2_q4_1, avx2::dot_q4_1, T::Q4_1, Act::Q8_1);
+    wrap_dot!(avx2_q5_0, avx2::dot_q5_0, T::Q5_0, Act::Q8_0);
+    wrap_dot!(avx2_q5_1, avx2::dot_q5_1, T::Q5_1, Act::Q8_1);
+    wrap_dot!(avx2_q8_0, avx2::dot_q8_0, T::Q8_0, Act::Q8_0);
+    wrap_dot!(avx2_q4_k, avx2::dot_q4_k, T::Q4K, Act::Q8K);
+    wrap_dot!(avx2_q5_k, avx2::dot_q5_k, T::Q5K, Act::Q8K);
+    wrap_dot!(avx2_q6_k, avx2::dot_q6_k, T::Q6K, Act::Q8K);
+
+    wrap_dot!(avx512_f32, avx512::dot_f32, T::F32, Act::F32);
+    wrap_dot!(vnni_q4_0, avx512::dot_q4_0, T::Q4_0, Act::Q8_0);
+    wrap_dot!(vnni_q4_1, avx512::dot_q4_1, T::Q4_1, Act::Q8_1);
+    wrap_dot!(vnni_q5_0, avx512::dot_q5_0, T::Q5_0, Act::Q8_0);
+    wrap_dot!(vnni_q5_1, avx512::dot_q5_1, T::Q5_1, Act::Q8_1);
+    wrap_dot!(vnni_q8_0, avx512::dot_q8_0, T::Q8_0, Act::Q8_0);
+
+    wrap_quant!(avx2_quant_q8_0, avx2::quantize_q8_0, Act::Q8_0);
+    wrap_quant!(avx2_quant_q8_1, avx2::quantize_q8_1, Act::Q8_1);
+    wrap_quant!(avx2_quant_q8_k, avx2::quantize_q8_k, Act::Q8K);
+
+    pub(super) fn dot(ty: GgmlType, level: Level) -> Option<DotFn> {
+        let scalar = scalar_dot(ty)?;
+        if level >= Level::Avx512Vnni {
+            match ty {
+                T::Q4_0 => return Some(vnni_q4_0),
+                T::Q4_1 => return Some(vnni_q4_1),
+                T::Q5_0 => return Some(vnni_q5_0),
+                T::Q5_1 => return Some(vnni_q5_1),
+                T::Q8_0 => return Some(vnni_q8_0),
+                _ => {}
+            }
+        }
+        if level >= Level::Avx512 && ty == T::F32 {
+            return Some(avx512_f32);
+        }
+        if level >= Level::Avx2 {
+            let k: Option<DotFn> = match ty {
+                T::F32 => Some(avx2_f32),
+                T::F16 => Some(avx2_f16),
+                T::Bf16 => Some(avx2_bf16),
+                T::Q4_0 => Some(avx2_q4_0),
+                T::Q4_1 => Some(avx2_q4_1),
+                T::Q5_0 => Some(avx2_q5_0),
+                T::Q5_1 => Some(avx2_q5_1),
+                T::Q8_0 => Some(avx2_q8_0),
+                T::Q4K => Some(avx2_q4_k),
+                T::Q5K => Some(avx2_q5_k),
+                T::Q6K => Some(avx2_q6_k),
+                _ => None,
+            };
+            if let Some(k) = k {
+                return Some(k);
+            }
+        }
+        Some(scalar)
+    }
+
+    pub(super) fn quantizer(act: Act, level: Level) -> QuantFn {
+        if level >= Level::Avx2 {
+            match act {
+                Act::Q8_0 => return avx2_quant_q8_0,
+                Act::Q8_1 => return avx2_quant_q8_1,
+                Act::Q8K => return avx2_quant_q8_k,
+                _ => {}
+            }
+        }
+        scalar_quantizer(act)
+    }
+}

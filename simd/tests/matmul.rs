@@ -1,0 +1,309 @@
+//! matmul against references: every SIMD level this CPU has against the scalar level, and the
+//! scalar level against dequantize-then-f32-dot (the activation quantization error bound per
+//! type, as llama.cpp's test-quantize-fns checks it).
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use strata_simd::dispatch::{self, Level};
+use strata_simd::matmul::{MatRef, MatmulScratch, SimdError, matmul, matmul_at, supports};
+use strata_simd::pool::ThreadPool;
+use strata_storage::quant::{GgmlType, dequantize_row, quantize_row};
+
+const TYPES: [GgmlType; 13] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::Bf16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q2K,
+    GgmlType::Q3K,
+    GgmlType::Q4K,
+    GgmlType::Q5K,
+    GgmlType::Q6K,
+];
+
+fn random_f32(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+}
+
+/// Weights from the reference quantizer applied to random floats.
+fn quantized_weights(rng: &mut StdRng, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
+    let rb = ty.row_bytes(cols);
+    let mut data = vec![0u8; rows * rb];
+    for r in 0..rows {
+        let src = random_f32(rng, cols);
+        quantize_row(ty, &src, &mut data[r * rb..(r + 1) * rb]).expect("quantize_row");
+    }
+    data
+}
+
+/// Byte offsets of the f16 scales in a block, which random bytes must not make inf/NaN.
+fn f16_fields(ty: GgmlType) -> &'static [usize] {
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+        GgmlType::Q2K => &[80, 82],
+        GgmlType::Q3K => &[108],
+        GgmlType::Q6K => &[208],
+        _ => &[],
+    }
+}
+
+/// Random bytes with sane f16 scales: reaches bit patterns a quantizer never emits.
+fn random_weights(rng: &mut StdRng, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
+    if matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16) {
+        return quantized_weights(rng, ty, rows, cols);
+    }
+    let mut data: Vec<u8> = (0..rows * ty.row_bytes(cols))
+        .map(|_| rng.r#gen())
+        .collect();
+    for block in data.chunks_exact_mut(ty.type_size()) {
+        for &off in f16_fields(ty) {
+            let v = half::f16::from_f32(rng.gen_range(0.001f32..0.02));
+            block[off..off + 2].copy_from_slice(&v.to_bits().to_le_bytes());
+        }
+    }
+    data
+}
+
+fn run(
+    level: Level,
+    pool: &ThreadPool,
+    w: MatRef<'_>,
+    x: &[f32],
+    n_tok: usize,
+    scratch: &mut MatmulScratch,
+) -> Vec<f32> {
+    let mut out = vec![f32::NAN; n_tok * w.rows];
+    matmul_at(level, pool, w, x, n_tok, &mut out, scratch).expect("matmul");
+    out
+}
+
+/// Normalised mean squared error of `got` against `want`.
+fn nmse(got: &[f32], want: &[f32]) -> f64 {
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| ((g - w) as f64).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
+    num / den.max(1e-30)
+}
+
+fn shapes(ty: GgmlType) -> Vec<(usize, usize)> {
+    let bs = ty.block_size().max(32);
+    let k = if bs == 256 { 256 } else { 32 };
+    // Rows that are not multiples of the row tile or of the thread count; columns of one
+    // block, a few blocks, and an odd count.
+    vec![(1, k), (7, 2 * k), (33, 3 * k), (67, 256 * 3), (130, 512)]
+}
+
+#[test]
+fn every_level_matches_scalar() {
+    let pools = [ThreadPool::new(1), ThreadPool::new(3)];
+    let mut scratch = MatmulScratch::new();
+    let mut rng = StdRng::seed_from_u64(7);
+    let levels: Vec<Level> = Level::ALL
+        .into_iter()
+        .filter(|&l| l > Level::Scalar && dispatch::available(l))
+        .collect();
+    eprintln!("levels under test: {levels:?}");
+    for ty in TYPES {
+        for (rows, cols) in shapes(ty) {
+            for n_tok in [1, 3, 17] {
+                for random_bytes in [false, true] {
+                    let data = if random_bytes {
+                        random_weights(&mut rng, ty, rows, cols)
+                    } else {
+                        quantized_weights(&mut rng, ty, rows, cols)
+                    };
+                    let w = MatRef {
+                        ty,
+                        data: &data,
+                        rows,
+                        cols,
+                    };
+                    let x = random_f32(&mut rng, n_tok * cols);
+                    let want = run(Level::Scalar, &pools[0], w, &x, n_tok, &mut scratch);
+                    for &level in &levels {
+                        for pool in &pools {
+                            let got = run(level, pool, w, &x, n_tok, &mut scratch);
+                            let e = nmse(&got, &want);
+                            assert!(
+                                e < 1e-9,
+                                "{ty} {level:?} {rows}x{cols} n_tok={n_tok} threads={} \
+                                 random_bytes={random_bytes}: nmse {e:e}",
+                                pool.n_threads()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The error the activation quantization may add, per weight type: squared error against an
+/// f32 dot of the dequantized weights, over the sum of squared products. Uniform rounding to
+/// 8 bits predicts about 1.5e-5.
+fn reference_bound(ty: GgmlType) -> f64 {
+    match ty {
+        GgmlType::F32 => 1e-10,
+        GgmlType::F16 => 1e-6,
+        GgmlType::Bf16 => 2e-5,
+        _ => 3e-4,
+    }
+}
+
+#[test]
+fn scalar_matches_dequantized_reference() {
+    let pool = ThreadPool::new(2);
+    let mut scratch = MatmulScratch::new();
+    let mut rng = StdRng::seed_from_u64(11);
+    for ty in TYPES {
+        let mut worst = 0.0f64;
+        for (rows, cols) in shapes(ty) {
+            for n_tok in [1, 3, 17] {
+                let data = quantized_weights(&mut rng, ty, rows, cols);
+                let w = MatRef {
+                    ty,
+                    data: &data,
+                    rows,
+                    cols,
+                };
+                let x = random_f32(&mut rng, n_tok * cols);
+                let got = run(Level::Scalar, &pool, w, &x, n_tok, &mut scratch);
+                let rb = ty.row_bytes(cols);
+                let mut deq = vec![0f32; cols];
+                let mut want = vec![0f32; n_tok * rows];
+                // Σ (w·x)² over every product: the error scale when nothing cancels, so a dot
+                // that happens to be near zero does not inflate the relative error.
+                let mut scale = 0f64;
+                for r in 0..rows {
+                    dequantize_row(ty, &data[r * rb..(r + 1) * rb], &mut deq).expect("dequantize");
+                    for t in 0..n_tok {
+                        let xt = &x[t * cols..(t + 1) * cols];
+                        want[t * rows + r] = deq
+                            .iter()
+                            .zip(xt)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>() as f32;
+                        scale += deq
+                            .iter()
+                            .zip(xt)
+                            .map(|(a, b)| (*a as f64 * *b as f64).powi(2))
+                            .sum::<f64>();
+                    }
+                }
+                let e = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(g, w)| ((g - w) as f64).powi(2))
+                    .sum::<f64>()
+                    / scale.max(1e-30);
+                worst = worst.max(e);
+                assert!(
+                    e < reference_bound(ty),
+                    "{ty} {rows}x{cols} n_tok={n_tok}: nmse {e:e} > {:e}",
+                    reference_bound(ty)
+                );
+            }
+        }
+        eprintln!("{ty}: worst nmse vs dequantized f32 reference {worst:.3e}");
+    }
+}
+
+#[test]
+fn public_entry_uses_the_process_level() {
+    let pool = ThreadPool::new(2);
+    let mut scratch = MatmulScratch::new();
+    let mut rng = StdRng::seed_from_u64(3);
+    let (rows, cols, n_tok) = (40, 512, 5);
+    let data = quantized_weights(&mut rng, GgmlType::Q4K, rows, cols);
+    let w = MatRef {
+        ty: GgmlType::Q4K,
+        data: &data,
+        rows,
+        cols,
+    };
+    let x = random_f32(&mut rng, n_tok * cols);
+    let mut out = vec![0f32; n_tok * rows];
+    matmul(&pool, w, &x, n_tok, &mut out, &mut scratch).expect("matmul");
+    let want = run(dispatch::level(), &pool, w, &x, n_tok, &mut scratch);
+    assert_eq!(out, want);
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    let pool = ThreadPool::new(2);
+    let mut s = MatmulScratch::new();
+    let data = vec![0u8; 4 * GgmlType::Q4K.row_bytes(256)];
+    let x = vec![0f32; 256];
+    let mut out = vec![0f32; 4];
+    let w = MatRef {
+        ty: GgmlType::Q4K,
+        data: &data,
+        rows: 4,
+        cols: 256,
+    };
+    assert!(matmul(&pool, w, &x, 1, &mut out, &mut s).is_ok());
+
+    let short = MatRef {
+        data: &data[..data.len() - 1],
+        ..w
+    };
+    assert!(matches!(
+        matmul(&pool, short, &x, 1, &mut out, &mut s),
+        Err(SimdError::Shape { .. })
+    ));
+    let odd_cols = MatRef { cols: 100, ..w };
+    assert!(matches!(
+        matmul(&pool, odd_cols, &x[..100], 1, &mut out, &mut s),
+        Err(SimdError::Shape { .. })
+    ));
+    assert!(matches!(
+        matmul(&pool, w, &x[..255], 1, &mut out, &mut s),
+        Err(SimdError::Shape { .. })
+    ));
+    assert!(matches!(
+        matmul(&pool, w, &x, 2, &mut out, &mut s),
+        Err(SimdError::Shape { .. })
+    ));
+    assert!(matches!(
+        matmul(&pool, w, &x, 1, &mut out[..3], &mut s),
+        Err(SimdError::Shape { .. })
+    ));
+    let huge = MatRef {
+        rows: usize::MAX / 2,
+        ..w
+    };
+    assert!(matches!(
+        matmul(&pool, huge, &x, 1, &mut out, &mut s),
+        Err(SimdError::Shape { .. })
+    ));
+    let q8k = MatRef {
+        ty: GgmlType::Q8K,
+        data: &data,
+        rows: 1,
+        cols: 256,
+    };
+    assert!(matches!(
+        matmul(&pool, q8k, &x, 1, &mut out[..1], &mut s),
+        Err(SimdError::UnsupportedType { .. })
+    ));
+    assert!(!supports(GgmlType::Iq2Xxs));
+    for ty in TYPES {
+        assert!(supports(ty), "{ty}");
+    }
+    // Empty shapes are fine and touch nothing.
+    let empty = MatRef {
+        rows: 0,
+        data: &[],
+        ..w
+    };
+    assert!(matmul(&pool, empty, &x, 1, &mut [], &mut s).is_ok());
+    assert!(matmul(&pool, w, &[], 0, &mut [], &mut s).is_ok());
+}

@@ -10,7 +10,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{bits32, f16_at, hsum_f32x8, load, nibbles32};
+use super::avx2::{bits32, f16x8, hsum_f32x8, load, nibbles32};
 
 /// # Safety
 /// See the module docs.
@@ -74,7 +74,7 @@ pub(crate) unsafe fn dot_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
         unsafe {
             let x = w.as_ptr().add(34 * i);
             let y = a.as_ptr().add(34 * i);
-            let d = _mm256_set1_ps(f16_at(x) * f16_at(y));
+            let d = _mm256_mul_ps(f16x8(x), f16x8(y));
             let q = mul_sum_i8_pairs_f32(load(x.add(2)), load(y.add(2)));
             acc = _mm256_fmadd_ps(d, q, acc);
         }
@@ -93,7 +93,7 @@ pub(crate) unsafe fn dot_q4_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
         unsafe {
             let x = w.as_ptr().add(18 * i);
             let y = a.as_ptr().add(34 * i);
-            let d = _mm256_set1_ps(f16_at(x) * f16_at(y));
+            let d = _mm256_mul_ps(f16x8(x), f16x8(y));
             let qx = _mm256_sub_epi8(nibbles32(x.add(2)), off);
             let q = mul_sum_i8_pairs_f32(qx, load(y.add(2)));
             acc = _mm256_fmadd_ps(d, q, acc);
@@ -113,7 +113,7 @@ pub(crate) unsafe fn dot_q5_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
         unsafe {
             let x = w.as_ptr().add(22 * i);
             let y = a.as_ptr().add(34 * i);
-            let d = _mm256_set1_ps(f16_at(x) * f16_at(y));
+            let d = _mm256_mul_ps(f16x8(x), f16x8(y));
             let hi = _mm256_andnot_si256(bits32(x.add(2)), f0);
             let qx = _mm256_or_si256(nibbles32(x.add(6)), hi);
             let q = mul_sum_i8_pairs_f32(qx, load(y.add(2)));
@@ -128,19 +128,19 @@ pub(crate) unsafe fn dot_q5_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
 pub(crate) unsafe fn dot_q4_1(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let mut acc = _mm256_setzero_ps();
-    let mut summs = 0.0f32;
+    let mut summs = _mm256_setzero_ps();
     for i in 0..n / 32 {
         // SAFETY: block i is inside both rows (20 and 36 bytes).
         unsafe {
             let x = w.as_ptr().add(20 * i);
             let y = a.as_ptr().add(36 * i);
-            summs += f16_at(x.add(2)) * f16_at(y.add(2));
-            let d = _mm256_set1_ps(f16_at(x) * f16_at(y));
+            summs = _mm256_fmadd_ps(f16x8(x.add(2)), f16x8(y.add(2)), summs);
+            let d = _mm256_mul_ps(f16x8(x), f16x8(y));
             let q = mul_sum_us8_pairs_f32(nibbles32(x.add(4)), load(y.add(4)));
             acc = _mm256_fmadd_ps(d, q, acc);
         }
     }
-    hsum_f32x8(acc) + summs
+    hsum_f32x8(acc) + _mm256_cvtss_f32(summs)
 }
 
 /// # Safety
@@ -148,20 +148,20 @@ pub(crate) unsafe fn dot_q4_1(n: usize, w: &[u8], a: &[u8]) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
 pub(crate) unsafe fn dot_q5_1(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let mut acc = _mm256_setzero_ps();
-    let mut summs = 0.0f32;
+    let mut summs = _mm256_setzero_ps();
     let b4 = _mm256_set1_epi8(0x10);
     for i in 0..n / 32 {
         // SAFETY: block i is inside both rows (24 and 36 bytes).
         unsafe {
             let x = w.as_ptr().add(24 * i);
             let y = a.as_ptr().add(36 * i);
-            summs += f16_at(x.add(2)) * f16_at(y.add(2));
-            let d = _mm256_set1_ps(f16_at(x) * f16_at(y));
+            summs = _mm256_fmadd_ps(f16x8(x.add(2)), f16x8(y.add(2)), summs);
+            let d = _mm256_mul_ps(f16x8(x), f16x8(y));
             let hi = _mm256_and_si256(bits32(x.add(4)), b4);
             let qx = _mm256_or_si256(nibbles32(x.add(8)), hi);
             let q = mul_sum_us8_pairs_f32(qx, load(y.add(4)));
             acc = _mm256_fmadd_ps(d, q, acc);
         }
     }
-    hsum_f32x8(acc) + summs
+    hsum_f32x8(acc) + _mm256_cvtss_f32(summs)
 }

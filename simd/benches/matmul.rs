@@ -1,0 +1,66 @@
+//! matmul throughput on the shapes of a 1.5B model's FFN (1536 × 8960 and 8960 × 1536), in
+//! bytes of weights per second, so the numbers read against memory bandwidth.
+//!
+//! `cargo bench -p strata-simd --bench matmul`; `STRATA_BENCH_THREADS` sets the pool size
+//! (default 2) and `STRATA_SIMD` the level.
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use strata_simd::matmul::{MatRef, MatmulScratch, matmul};
+use strata_simd::pool::ThreadPool;
+use strata_storage::quant::{GgmlType, quantize_row};
+
+fn weights(ty: GgmlType, rows: usize, cols: usize, rng: &mut StdRng) -> Vec<u8> {
+    let rb = ty.row_bytes(cols);
+    let mut data = vec![0u8; rows * rb];
+    let mut src = vec![0f32; cols];
+    for row in data.chunks_exact_mut(rb) {
+        src.iter_mut().for_each(|v| *v = rng.gen_range(-1.0..1.0));
+        quantize_row(ty, &src, row).expect("quantize");
+    }
+    data
+}
+
+fn bench(c: &mut Criterion) {
+    let threads = std::env::var("STRATA_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let pool = ThreadPool::new(threads);
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut g = c.benchmark_group(format!(
+        "matmul/{}t/{:?}",
+        threads,
+        strata_simd::dispatch::level()
+    ));
+    g.sample_size(20);
+    for ty in [GgmlType::Q4K, GgmlType::Q6K] {
+        // ffn_up/gate (8960 rows of 1536) and ffn_down (1536 rows of 8960).
+        for (rows, cols) in [(8960, 1536), (1536, 8960)] {
+            let data = weights(ty, rows, cols, &mut rng);
+            let w = MatRef {
+                ty,
+                data: &data,
+                rows,
+                cols,
+            };
+            for n_tok in [1, 64] {
+                let x: Vec<f32> = (0..n_tok * cols)
+                    .map(|_| rng.gen_range(-1.0..1.0))
+                    .collect();
+                let mut out = vec![0f32; n_tok * rows];
+                let mut scratch = MatmulScratch::new();
+                g.throughput(Throughput::Bytes(data.len() as u64));
+                let id = BenchmarkId::new(format!("{ty}/{rows}x{cols}"), format!("n_tok={n_tok}"));
+                g.bench_function(id, |b| {
+                    b.iter(|| matmul(&pool, w, &x, n_tok, &mut out, &mut scratch).expect("matmul"))
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

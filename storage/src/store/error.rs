@@ -12,7 +12,7 @@ pub enum StoreError {
     BadName { name: String, reason: &'static str },
 
     /// The name is valid but no such model is in the store.
-    #[error("model {name:?} is not in the store; run `strata pull {name}` first")]
+    #[error("model {name:?} is not in the store (`strata list` shows what is)")]
     NotPulled { name: String },
 
     /// Pulling a bare name that is neither built in nor already present.

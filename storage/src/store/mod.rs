@@ -51,12 +51,10 @@ pub struct ModelEntry {
 }
 
 impl ModelEntry {
-    /// The recorded SHA-256: the manifest's, else the built-in registry's for that name.
+    /// The SHA-256 recorded when the model was pulled; `None` for files placed by hand (which
+    /// `Store::verify` can still hash).
     pub fn sha256(&self) -> Option<&str> {
-        self.manifest
-            .as_ref()
-            .map(|m| m.sha256.as_str())
-            .or_else(|| registry::lookup(&self.name).map(|b| b.sha256))
+        self.manifest.as_ref().map(|m| m.sha256.as_str())
     }
 }
 

@@ -5,7 +5,7 @@
 use strata_storage::quant::{GgmlType, dequantize_row, quantize_row};
 
 fn hex(s: &str) -> Vec<u8> {
-    assert!(s.len() % 2 == 0, "odd hex length");
+    assert!(s.len().is_multiple_of(2), "odd hex length");
     (0..s.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex digit"))
@@ -45,14 +45,23 @@ fn dequantize_matches_gguf_py_bit_for_bit() {
         let mut got = vec![f32::NAN; n];
         dequantize_row(t, &src, &mut got).unwrap_or_else(|e| panic!("{t}: {e}"));
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(g.to_bits(), w.to_bits(), "{t} element {i}: got {g}, want {w}");
+            assert_eq!(
+                g.to_bits(),
+                w.to_bits(),
+                "{t} element {i}: got {g}, want {w}"
+            );
         }
         // The same bytes at an odd address (file data is not always aligned).
         let mut shifted = vec![0u8; src.len() + 1];
         shifted[1..].copy_from_slice(&src);
         let mut got2 = vec![f32::NAN; n];
         dequantize_row(t, &shifted[1..], &mut got2).unwrap_or_else(|e| panic!("{t}: {e}"));
-        assert!(got.iter().zip(&got2).all(|(a, b)| a.to_bits() == b.to_bits()), "{t} unaligned");
+        assert!(
+            got.iter()
+                .zip(&got2)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{t} unaligned"
+        );
         seen.push(t);
     }
     for t in GgmlType::ALL.into_iter().filter(|t| t.can_dequantize()) {

@@ -37,17 +37,24 @@ fn real_tensors_match_gguf_py() {
         };
         let actual = f.metadata().map(|m| m.len()).unwrap_or(0);
         if actual != size {
-            eprintln!("skip: {} is {actual} bytes, vectors were made for {size}", file.display());
+            eprintln!(
+                "skip: {} is {actual} bytes, vectors were made for {size}",
+                file.display()
+            );
             continue;
         }
         let name = t["tensor"].as_str().expect("tensor");
         let ty_name = t["type"].as_str().expect("type");
-        let ty = GgmlType::ALL.into_iter().find(|g| g.name() == ty_name).expect("known type");
+        let ty = GgmlType::ALL
+            .into_iter()
+            .find(|g| g.name() == ty_name)
+            .expect("known type");
         let n = t["elements"].as_u64().expect("elements") as usize;
         let nbytes = t["bytes"].as_u64().expect("bytes") as usize;
         assert_eq!(ty.row_bytes(n), nbytes, "{name}");
         let mut raw = vec![0u8; nbytes];
-        f.seek(SeekFrom::Start(t["offset"].as_u64().expect("offset"))).expect("seek");
+        f.seek(SeekFrom::Start(t["offset"].as_u64().expect("offset")))
+            .expect("seek");
         f.read_exact(&mut raw).expect("read tensor");
         let mut out = vec![0f32; n];
         dequantize_row(ty, &raw, &mut out).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -57,14 +64,22 @@ fn real_tensors_match_gguf_py() {
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         for (i, (g, w)) in out.iter().zip(&first).enumerate() {
-            assert_eq!(g.to_bits(), w.to_bits(), "{name} ({ty}) element {i}: {g} vs {w}");
+            assert_eq!(
+                g.to_bits(),
+                w.to_bits(),
+                "{name} ({ty}) element {i}: {g} vs {w}"
+            );
         }
         let mut h = Sha256::new();
         for v in &out {
             h.update(v.to_le_bytes());
         }
         let digest: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(digest, t["sha256"].as_str().expect("sha256"), "{name} ({ty}) whole tensor");
+        assert_eq!(
+            digest,
+            t["sha256"].as_str().expect("sha256"),
+            "{name} ({ty}) whole tensor"
+        );
         checked += 1;
     }
     eprintln!("checked {checked} real tensors");

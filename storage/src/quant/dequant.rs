@@ -27,7 +27,7 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), Q
         }
         GgmlType::F16 => {
             for (o, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                *o = f16_bits_to_f32(u16::from_le_bytes([c[0], c[1]]).to_le());
             }
         }
         GgmlType::Bf16 => {
@@ -63,12 +63,12 @@ pub(crate) fn check_lengths(ty: GgmlType, elements: usize, bytes: usize) -> Resu
     let bs = ty.block_size();
     let expected = (elements / bs).checked_mul(ty.type_size());
     match expected {
-        Some(e) if elements % bs == 0 && e == bytes => Ok(()),
+        Some(e) if elements.is_multiple_of(bs) && e == bytes => Ok(()),
         _ => Err(QuantError::BadLength {
             ty,
             elements,
             bytes,
-            expected_bytes: if elements % bs == 0 {
+            expected_bytes: if elements.is_multiple_of(bs) {
                 expected.unwrap_or(0)
             } else {
                 0
@@ -140,16 +140,16 @@ pub fn dequantize_block_q5_1(b: &BlockQ5_1, y: &mut [f32; 32]) {
 /// Q8_0: `y = q * d`.
 pub fn dequantize_block_q8_0(b: &BlockQ8_0, y: &mut [f32; 32]) {
     let d = f16_bits_to_f32(b.d);
-    for j in 0..32 {
-        y[j] = b.qs[j] as f32 * d;
+    for (y, &q) in y.iter_mut().zip(&b.qs) {
+        *y = q as f32 * d;
     }
 }
 
 /// Q8_1: `y = q * d` (`s` is only used by dot products).
 pub fn dequantize_block_q8_1(b: &BlockQ8_1, y: &mut [f32; 32]) {
     let d = f16_bits_to_f32(b.d);
-    for j in 0..32 {
-        y[j] = b.qs[j] as f32 * d;
+    for (y, &q) in y.iter_mut().zip(&b.qs) {
+        *y = q as f32 * d;
     }
 }
 
@@ -262,7 +262,7 @@ pub fn dequantize_block_q6_k(b: &BlockQ6K, y: &mut [f32; QK_K]) {
 /// Q8_K: `y = d * q`.
 pub fn dequantize_block_q8_k(b: &BlockQ8K, y: &mut [f32; QK_K]) {
     let d = f32::from_bits(u32::from_le(b.d.to_bits()));
-    for j in 0..QK_K {
-        y[j] = d * b.qs[j] as f32;
+    for (y, &q) in y.iter_mut().zip(&b.qs) {
+        *y = d * q as f32;
     }
 }

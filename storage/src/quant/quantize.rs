@@ -219,8 +219,8 @@ pub fn quantize_block_q8_k(x: &[f32; QK_K]) -> BlockQ8K {
         return b;
     }
     let iscale = -127.0 / max;
-    for j in 0..QK_K {
-        b.qs[j] = nearest_int(iscale * x[j]).clamp(-128, 127) as i8;
+    for (q, &v) in b.qs.iter_mut().zip(x) {
+        *q = nearest_int(iscale * v).clamp(-128, 127) as i8;
     }
     for (j, s) in b.bsums.iter_mut().enumerate() {
         let sum: i32 = b.qs[16 * j..16 * j + 16]
@@ -438,13 +438,13 @@ pub fn quantize_block_q3_k(x: &[f32; QK_K]) -> BlockQ3K {
     b.d = f32_to_f16_bits(1.0 / iscale);
     let d = super::blocks::f16_bits_to_f32(b.d);
     let mut l = [4u8; QK_K];
-    for g in 0..16 {
-        let dl = d * ls[g] as f32;
+    for ((lg, xg), &s) in l.chunks_exact_mut(16).zip(x.chunks_exact(16)).zip(&ls) {
+        let dl = d * s as f32;
         if dl == 0.0 {
             continue;
         }
-        for i in 16 * g..16 * g + 16 {
-            l[i] = (nearest_int(x[i] / dl).clamp(-4, 3) + 4) as u8;
+        for (o, &v) in lg.iter_mut().zip(xg) {
+            *o = (nearest_int(v / dl).clamp(-4, 3) + 4) as u8;
         }
     }
     for (e, &v) in l.iter().enumerate() {

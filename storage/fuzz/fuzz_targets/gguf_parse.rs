@@ -14,7 +14,9 @@ fn rebuild(f: &GgufFile, bytes: &[u8]) -> Vec<u8> {
         b.kv(k, v.clone());
     }
     for t in &f.tensors {
-        let data = f.tensor_bytes(bytes, t).expect("validated tensor lies inside the file");
+        let data = f
+            .tensor_bytes(bytes, t)
+            .expect("validated tensor lies inside the file");
         b.tensor(&t.name, &t.dims, t.ty, data.to_vec());
     }
     b.to_bytes()

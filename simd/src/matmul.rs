@@ -157,7 +157,7 @@ fn check_shapes(
     out: &[f32],
 ) -> Result<(), SimdError> {
     let bs = w.ty.block_size().max(k.act.ty().block_size());
-    if w.cols % bs != 0 {
+    if !w.cols.is_multiple_of(bs) {
         return Err(SimdError::Shape {
             what: "columns must be a multiple of the block size",
             expected: bs,

@@ -129,7 +129,7 @@ mod x86 {
         ($name:ident, $kernel:path, $wty:expr, $act:expr) => {
             fn $name(n: usize, w: &[u8], a: &[u8]) -> f32 {
                 assert!(
-                    n % $wty.block_size() == 0
+                    n.is_multiple_of($wty.block_size())
                         && w.len() >= $wty.row_bytes(n)
                         && a.len() >= $act.ty().row_bytes(n),
                     "dot kernel called with short rows"
@@ -146,7 +146,7 @@ mod x86 {
             fn $name(x: &[f32], y: &mut [u8]) {
                 let ty = $act.ty();
                 assert!(
-                    x.len() % ty.block_size() == 0 && y.len() >= ty.row_bytes(x.len()),
+                    x.len().is_multiple_of(ty.block_size()) && y.len() >= ty.row_bytes(x.len()),
                     "quantizer called with a bad row"
                 );
                 // SAFETY: the CPU has the kernel's features (handed out by `quantizer` only

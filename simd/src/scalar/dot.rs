@@ -106,8 +106,8 @@ pub(crate) fn dot_q2_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
     for (x, y) in w.chunks_exact(84).zip(a.chunks_exact(292)).take(n / QK_K) {
         let dy = f32_at(y, 0);
         let mut summs = 0i32;
-        for j in 0..16 {
-            summs += (x[j] >> 4) as i32 * bsum(y, j);
+        for (j, &sc) in x[..16].iter().enumerate() {
+            summs += (sc >> 4) as i32 * bsum(y, j);
         }
         let mut isum = 0i32;
         let mut is = 0;

@@ -1,0 +1,10 @@
+//! One module per subcommand; each exposes `Args` (clap) and `exec`.
+
+pub mod common;
+pub mod list;
+pub mod perplexity;
+pub mod pull;
+pub mod rm;
+pub mod run;
+pub mod show;
+pub mod tokenize;

@@ -1,0 +1,228 @@
+//! Hyperparameters parsed once from GGUF metadata, and what distinguishes each architecture —
+//! written as data over the shared blocks rather than as code per model.
+
+use strata_simd::ops::RopeKind;
+use strata_storage::gguf::Metadata;
+
+use crate::error::EngineError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Qwen2,
+    Qwen3,
+    Gemma3,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// SwiGLU: silu(gate) * up.
+    Silu,
+    /// GeGLU with the tanh approximation.
+    GeluTanh,
+}
+
+/// How an architecture composes the shared blocks.
+#[derive(Clone, Copy, Debug)]
+pub struct ArchTraits {
+    pub rope: RopeKind,
+    pub act: Activation,
+    /// RMSNorm on each head of Q and K before RoPE.
+    pub qk_norm: bool,
+    /// RMSNorm on the attention and FFN outputs before the residual add.
+    pub post_norms: bool,
+    /// Token embeddings multiplied by sqrt(n_embd).
+    pub embed_scale: bool,
+    /// Every `n`-th layer is global, the others use the sliding window.
+    pub swa_pattern: Option<usize>,
+    /// RoPE base of sliding-window layers, when it differs from the global one.
+    pub swa_rope_base: Option<f32>,
+}
+
+impl Arch {
+    pub fn from_name(name: &str) -> Result<Self, EngineError> {
+        Ok(match name {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
+            "gemma3" => Arch::Gemma3,
+            other => return Err(EngineError::UnknownArch(other.to_string())),
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+            Arch::Gemma3 => "gemma3",
+        }
+    }
+
+    pub fn traits(self) -> ArchTraits {
+        let base = ArchTraits {
+            rope: RopeKind::Neox,
+            act: Activation::Silu,
+            qk_norm: false,
+            post_norms: false,
+            embed_scale: false,
+            swa_pattern: None,
+            swa_rope_base: None,
+        };
+        match self {
+            Arch::Llama => ArchTraits {
+                rope: RopeKind::Norm,
+                ..base
+            },
+            Arch::Qwen2 => base,
+            Arch::Qwen3 => ArchTraits {
+                qk_norm: true,
+                ..base
+            },
+            // Gemma 3: five sliding-window layers (RoPE base 10k) then one global layer.
+            Arch::Gemma3 => ArchTraits {
+                act: Activation::GeluTanh,
+                qk_norm: true,
+                post_norms: true,
+                embed_scale: true,
+                swa_pattern: Some(6),
+                swa_rope_base: Some(10_000.0),
+                ..base
+            },
+        }
+    }
+}
+
+/// Everything the forward pass needs to know about the model's shape.
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub traits: ArchTraits,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub n_ff: usize,
+    pub n_vocab: usize,
+    pub n_ctx_train: usize,
+    pub rms_eps: f32,
+    pub n_rot: usize,
+    pub rope_base: f32,
+    pub rope_freq_scale: f32,
+    pub sliding_window: Option<usize>,
+    /// Per layer: does it use the sliding window?
+    pub swa_layers: Vec<bool>,
+    pub attn_scale: f32,
+}
+
+/// Upper bounds that no real model exceeds; a file claiming more is malformed, and checking
+/// here keeps a hostile header from sizing huge buffers.
+const MAX_DIM: usize = 1 << 20;
+
+impl ModelConfig {
+    pub fn from_metadata(md: &Metadata, n_vocab: usize) -> Result<Self, EngineError> {
+        let arch_name = md
+            .get_str("general.architecture")?
+            .ok_or_else(|| EngineError::MissingKey("general.architecture".into()))?;
+        let arch = Arch::from_name(arch_name)?;
+        let traits = arch.traits();
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let req = |k: &str| -> Result<usize, EngineError> {
+            let full = key(k);
+            let v = md
+                .get_u64(&full)?
+                .ok_or(EngineError::MissingKey(full.clone()))?;
+            bounded(&full, v)
+        };
+        let opt = |k: &str| -> Result<Option<usize>, EngineError> {
+            let full = key(k);
+            md.get_u64(&full)?.map(|v| bounded(&full, v)).transpose()
+        };
+        let optf = |k: &str| -> Result<Option<f32>, EngineError> { Ok(md.get_f32(&key(k))?) };
+
+        let n_layer = req("block_count")?;
+        let n_embd = req("embedding_length")?;
+        let n_ff = req("feed_forward_length")?;
+        let n_head = req("attention.head_count")?;
+        let n_head_kv = opt("attention.head_count_kv")?.unwrap_or(n_head);
+        if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 {
+            return Err(EngineError::BadMetadata {
+                key: key("attention.head_count_kv"),
+                problem: format!("{n_head} heads cannot be grouped over {n_head_kv} KV heads"),
+            });
+        }
+        let head_dim = opt("attention.key_length")?.unwrap_or(n_embd / n_head);
+        let v_dim = opt("attention.value_length")?.unwrap_or(head_dim);
+        if v_dim != head_dim {
+            return Err(EngineError::BadMetadata {
+                key: key("attention.value_length"),
+                problem: format!("value length {v_dim} differs from key length {head_dim}"),
+            });
+        }
+        let n_rot = opt("rope.dimension_count")?.unwrap_or(head_dim);
+        if n_rot > head_dim || n_rot % 2 != 0 {
+            return Err(EngineError::BadMetadata {
+                key: key("rope.dimension_count"),
+                problem: format!("{n_rot} rotated dims for heads of {head_dim}"),
+            });
+        }
+        let rms_eps = optf("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-6);
+        let rope_base = optf("rope.freq_base")?.unwrap_or(10_000.0);
+        let rope_freq_scale = match md.get_str(&key("rope.scaling.type"))? {
+            Some("linear") => {
+                let f = optf("rope.scaling.factor")?.unwrap_or(1.0);
+                if f > 0.0 { 1.0 / f } else { 1.0 }
+            }
+            _ => 1.0,
+        };
+        // Context lengths run past MAX_DIM (1M-token models exist); they only cap `-c`.
+        let n_ctx_train = md
+            .get_u64(&key("context_length"))?
+            .map_or(4096, |v| v.clamp(1, 1 << 30) as usize);
+        let sliding_window = opt("attention.sliding_window")?.filter(|&w| w > 0);
+        let swa_layers = (0..n_layer)
+            .map(|il| match (traits.swa_pattern, sliding_window) {
+                (Some(p), Some(_)) => il % p < p - 1,
+                _ => false,
+            })
+            .collect();
+        Ok(Self {
+            arch,
+            traits,
+            n_layer,
+            n_embd,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_ff,
+            n_vocab,
+            n_ctx_train,
+            rms_eps,
+            n_rot,
+            rope_base,
+            rope_freq_scale,
+            sliding_window,
+            swa_layers,
+            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+        })
+    }
+
+    pub fn q_dim(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.n_head_kv * self.head_dim
+    }
+}
+
+fn bounded(key: &str, v: u64) -> Result<usize, EngineError> {
+    if v == 0 || v > MAX_DIM as u64 {
+        return Err(EngineError::BadMetadata {
+            key: key.to_string(),
+            problem: format!("{v} is outside 1..={MAX_DIM}"),
+        });
+    }
+    Ok(v as usize)
+}

@@ -1,0 +1,230 @@
+//! A loaded model: its configuration, its tensors (held through the residency API) and the
+//! forward pass. One implementation serves every architecture; what differs between them is
+//! the data in [`config::ArchTraits`].
+
+pub mod config;
+mod forward;
+pub mod names;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use strata_simd::ops::Rope;
+use strata_simd::pool::ThreadPool;
+use strata_storage::gguf::GgufFile;
+use strata_storage::quant::{GgmlType, dequantize_row};
+use strata_storage::residency::{TensorId, Weights};
+
+pub use config::{Activation, Arch, ArchTraits, ModelConfig};
+pub use forward::{Context, Logits};
+use names::LayerTensor;
+
+use crate::error::EngineError;
+use crate::tokenizer::Tokenizer;
+
+/// A matrix the forward pass multiplies by: which tensor, and its shape.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Mat {
+    pub id: TensorId,
+    pub ty: GgmlType,
+    /// Output features.
+    pub rows: usize,
+    /// Input features (the contiguous dimension).
+    pub cols: usize,
+}
+
+/// One transformer block's tensors. Vectors (norms, biases) are decoded to f32 at load; the
+/// matrices stay in storage and are acquired for each step.
+pub(crate) struct Layer {
+    pub attn_norm: Vec<f32>,
+    pub q: Mat,
+    pub k: Mat,
+    pub v: Mat,
+    pub q_bias: Option<Vec<f32>>,
+    pub k_bias: Option<Vec<f32>>,
+    pub v_bias: Option<Vec<f32>>,
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
+    pub o: Mat,
+    pub post_attn_norm: Option<Vec<f32>>,
+    pub ffn_norm: Vec<f32>,
+    pub gate: Mat,
+    pub up: Mat,
+    pub down: Mat,
+    pub post_ffn_norm: Option<Vec<f32>>,
+    pub swa: bool,
+}
+
+pub struct Model {
+    pub config: ModelConfig,
+    pub tokenizer: Tokenizer,
+    weights: Weights,
+    layers: Vec<Layer>,
+    token_embd: Mat,
+    output: Mat,
+    output_norm: Vec<f32>,
+    rope_global: Rope,
+    rope_swa: Rope,
+}
+
+impl Model {
+    /// Parses, validates and loads a GGUF model file.
+    pub fn load(path: &Path) -> Result<Self, EngineError> {
+        let gguf = GgufFile::open(path)?;
+        let arch = gguf.architecture()?.to_string();
+        Arch::from_name(&arch)?;
+        let tokenizer = Tokenizer::from_gguf(&gguf.metadata)?;
+        let config = ModelConfig::from_metadata(&gguf.metadata, tokenizer.n_vocab())?;
+        let weights = Weights::load(path, gguf)?;
+        Self::from_weights(config, tokenizer, weights)
+    }
+
+    fn from_weights(
+        config: ModelConfig,
+        tokenizer: Tokenizer,
+        weights: Weights,
+    ) -> Result<Self, EngineError> {
+        let c = &config;
+        let (e, q, kv, ff) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff);
+        let token_embd = mat(&weights, names::TOKEN_EMBD, e, c.n_vocab)?;
+        let output = if weights.id(names::OUTPUT).is_some() {
+            mat(&weights, names::OUTPUT, e, c.n_vocab)?
+        } else {
+            token_embd
+        };
+        let output_norm = vector(&weights, names::OUTPUT_NORM, e)?;
+        let mut layers = Vec::with_capacity(c.n_layer);
+        for il in 0..c.n_layer {
+            let name = |t: LayerTensor| t.gguf_name(il);
+            let m = |t, cols, rows| mat(&weights, &name(t), cols, rows);
+            let v = |t, len| vector(&weights, &name(t), len);
+            let ov = |t: LayerTensor, len| -> Result<Option<Vec<f32>>, EngineError> {
+                match weights.id(&name(t)) {
+                    Some(_) => Ok(Some(vector(&weights, &name(t), len)?)),
+                    None => Ok(None),
+                }
+            };
+            let req =
+                |t: LayerTensor, len, needed: bool| -> Result<Option<Vec<f32>>, EngineError> {
+                    let got = ov(t, len)?;
+                    if needed && got.is_none() {
+                        return Err(EngineError::MissingTensor(name(t)));
+                    }
+                    Ok(got)
+                };
+            let tr = &c.traits;
+            layers.push(Layer {
+                attn_norm: v(LayerTensor::AttnNorm, e)?,
+                q: m(LayerTensor::Q, e, q)?,
+                k: m(LayerTensor::K, e, kv)?,
+                v: m(LayerTensor::V, e, kv)?,
+                q_bias: ov(LayerTensor::QBias, q)?,
+                k_bias: ov(LayerTensor::KBias, kv)?,
+                v_bias: ov(LayerTensor::VBias, kv)?,
+                q_norm: req(LayerTensor::QNorm, c.head_dim, tr.qk_norm)?,
+                k_norm: req(LayerTensor::KNorm, c.head_dim, tr.qk_norm)?,
+                o: m(LayerTensor::Output, q, e)?,
+                post_attn_norm: req(LayerTensor::PostAttnNorm, e, tr.post_norms)?,
+                ffn_norm: v(LayerTensor::FfnNorm, e)?,
+                gate: m(LayerTensor::Gate, e, ff)?,
+                up: m(LayerTensor::Up, e, ff)?,
+                down: m(LayerTensor::Down, ff, e)?,
+                post_ffn_norm: req(LayerTensor::PostFfnNorm, e, tr.post_norms)?,
+                swa: c.swa_layers[il],
+            });
+        }
+        let kind = c.traits.rope;
+        let rope_global = Rope::new(kind, c.n_rot, c.rope_base, c.rope_freq_scale);
+        let rope_swa = Rope::new(
+            kind,
+            c.n_rot,
+            c.traits.swa_rope_base.unwrap_or(c.rope_base),
+            1.0,
+        );
+        Ok(Self {
+            config,
+            tokenizer,
+            weights,
+            layers,
+            token_embd,
+            output,
+            output_norm,
+            rope_global,
+            rope_swa,
+        })
+    }
+
+    /// A fresh context (KV cache and scratch buffers) of `n_ctx` positions, computing on `pool`.
+    pub fn new_context(&self, n_ctx: usize, pool: Arc<ThreadPool>) -> Context {
+        Context::new(&self.config, n_ctx, pool)
+    }
+
+    pub fn weights(&self) -> &Weights {
+        &self.weights
+    }
+
+    /// Total bytes of the weight tensors.
+    pub fn size_bytes(&self) -> u64 {
+        self.weights.gguf().tensors.iter().map(|t| t.n_bytes).sum()
+    }
+
+    /// Total number of weight elements.
+    pub fn n_params(&self) -> u64 {
+        self.weights
+            .gguf()
+            .tensors
+            .iter()
+            .map(|t| t.n_elements)
+            .sum()
+    }
+}
+
+fn mat(weights: &Weights, name: &str, cols: usize, rows: usize) -> Result<Mat, EngineError> {
+    let id = weights
+        .id(name)
+        .ok_or_else(|| EngineError::MissingTensor(name.to_string()))?;
+    let info = weights.info(id)?;
+    let expected = vec![cols as u64, rows as u64];
+    if info.dims != expected {
+        return Err(EngineError::TensorShape {
+            name: name.to_string(),
+            expected,
+            actual: info.dims.clone(),
+        });
+    }
+    if !strata_simd::matmul::supports(info.ty) {
+        return Err(EngineError::UnsupportedType {
+            name: name.to_string(),
+            ty: info.ty.to_string(),
+        });
+    }
+    Ok(Mat {
+        id,
+        ty: info.ty,
+        rows,
+        cols,
+    })
+}
+
+fn vector(weights: &Weights, name: &str, len: usize) -> Result<Vec<f32>, EngineError> {
+    let id = weights
+        .id(name)
+        .ok_or_else(|| EngineError::MissingTensor(name.to_string()))?;
+    let info = weights.info(id)?;
+    if info.dims != [len as u64] {
+        return Err(EngineError::TensorShape {
+            name: name.to_string(),
+            expected: vec![len as u64],
+            actual: info.dims.clone(),
+        });
+    }
+    let handle = weights.acquire(id)?;
+    let mut out = vec![0f32; len];
+    dequantize_row(info.ty, handle.bytes(), &mut out).map_err(|_| {
+        EngineError::UnsupportedType {
+            name: name.to_string(),
+            ty: info.ty.to_string(),
+        }
+    })?;
+    Ok(out)
+}

@@ -149,6 +149,7 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())
             .map_err(|source| ChatError::Compile { source })?;
         Ok(ChatTemplate {
@@ -300,6 +301,68 @@ fn raise_exception(message: String) -> Result<String, minijinja::Error> {
     ))
 }
 
+/// transformers' `tojson`, which replaces Jinja's: plain `json.dumps` (no HTML escaping,
+/// non-ASCII kept, Python's `", "` and `": "` separators, or `indent=N` pretty-printing), so
+/// tool schemas render byte for byte as in training. `ensure_ascii`, `separators` and
+/// `sort_keys` are accepted and ignored.
+fn tojson(
+    value: minijinja::Value,
+    kwargs: minijinja::value::Kwargs,
+) -> Result<minijinja::Value, minijinja::Error> {
+    use serde::Serialize;
+    let indent: Option<usize> = kwargs.get("indent")?;
+    for ignored in ["ensure_ascii", "separators", "sort_keys"] {
+        let _: Option<minijinja::Value> = kwargs.get(ignored)?;
+    }
+    kwargs.assert_all_used()?;
+    let mut out = Vec::new();
+    let written = match indent {
+        Some(n) => {
+            let pad = vec![b' '; n];
+            let fmt = serde_json::ser::PrettyFormatter::with_indent(&pad);
+            value.serialize(&mut serde_json::Serializer::with_formatter(&mut out, fmt))
+        }
+        None => value.serialize(&mut serde_json::Serializer::with_formatter(
+            &mut out,
+            PythonSeparators,
+        )),
+    };
+    written.map_err(|e| {
+        minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("tojson: {e}"),
+        )
+    })?;
+    Ok(minijinja::Value::from_safe_string(
+        String::from_utf8_lossy(&out).into_owned(),
+    ))
+}
+
+/// `json.dumps`'s default separators: `", "` between items and `": "` after keys.
+struct PythonSeparators;
+
+impl serde_json::ser::Formatter for PythonSeparators {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first { Ok(()) } else { w.write_all(b", ") }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first { Ok(()) } else { w.write_all(b", ") }
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
+}
+
 /// transformers' `strftime_now(format)`: the current UTC time formatted with the common
 /// `strftime` directives (`%Y %y %m %d %e %B %b %A %a %H %M %S %j %%`); others are kept as
 /// written.
@@ -418,6 +481,20 @@ mod tests {
         let two = [one[0].clone(), one[0].clone()];
         let err = t.render(&two, false).expect_err("raises");
         assert!(err.to_string().contains("one only"), "{err}");
+    }
+
+    #[test]
+    fn tojson_is_pythons_json_dumps() {
+        let t = ChatTemplate::from_jinja(
+            "{{ {'name': 'f<x>', 'b': [1, 'é'], 'a': none} | tojson }}|{{ [1] | tojson(indent=2) }}",
+            None,
+            None,
+        )
+        .expect("compiles");
+        assert_eq!(
+            t.render(&[], false).expect("renders"),
+            "{\"name\": \"f<x>\", \"b\": [1, \"é\"], \"a\": null}|[\n  1\n]"
+        );
     }
 
     #[test]

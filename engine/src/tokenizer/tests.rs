@@ -151,3 +151,11 @@ fn arbitrary_input_never_panics() {
     assert!(b.encode("", true, true).is_empty());
     assert!(s.token_to_piece(u32::MAX, true).is_empty());
 }
+
+#[test]
+fn shareable_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Tokenizer>();
+    assert_send_sync::<StreamDecoder>();
+    assert_send_sync::<crate::chat::ChatTemplate>();
+}

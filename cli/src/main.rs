@@ -1,6 +1,9 @@
 //! `strata`: the llama.cpp-style command line (`run`, `tokenize`, `perplexity`, `bench`) running
 //! the engine in-process, and the model store commands (`pull`, `list`, `rm`, `show`).
 
+// A binary has no public API: `pub` inside it only means "shared between its modules".
+#![allow(unreachable_pub)]
+
 mod cmd;
 mod progress;
 

@@ -1,22 +1,15 @@
 //! Chat templates on the real models' metadata: Qwen's own Jinja template, Gemma's built-in
 //! format, and malformed templates failing cleanly.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use strata_engine::chat::{ChatError, ChatMessage, ChatTemplate};
 use strata_engine::tokenizer::Tokenizer;
 use strata_storage::gguf::GgufFile;
 
-/// The model file in the default store, or `None` (the test then skips with a message).
+/// The model file, pulled into the store on first use (never skipped: CI must run these).
 fn model_file(name: &str) -> Option<PathBuf> {
-    let home = std::env::var_os("HOME")?;
-    let path = Path::new(&home).join(format!(".local/share/strata/models/{name}.gguf"));
-    if path.exists() {
-        Some(path)
-    } else {
-        eprintln!("skipping {name}: {} not found", path.display());
-        None
-    }
+    Some(strata_tests::model_path(name))
 }
 
 fn open(name: &str) -> Option<GgufFile> {

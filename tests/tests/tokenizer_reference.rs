@@ -24,16 +24,9 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
         .collect()
 }
 
-/// The model file in the default store, or `None` (the test then skips with a message).
+/// The model file, pulled into the store on first use (never skipped: CI must run these).
 fn model_file(name: &str) -> Option<PathBuf> {
-    let home = std::env::var_os("HOME")?;
-    let path = Path::new(&home).join(format!(".local/share/strata/models/{name}.gguf"));
-    if path.exists() {
-        Some(path)
-    } else {
-        eprintln!("skipping {name}: {} not found", path.display());
-        None
-    }
+    Some(strata_tests::model_path(name))
 }
 
 fn load(name: &str) -> Option<Tokenizer> {

@@ -237,13 +237,12 @@ fn converse(
             content: line,
         });
         let rendered = template.render(&history, true)?;
-        let mut tokens = model.tokenizer.encode(&rendered, true, true);
-        if let (Some(b), [a, c, ..]) = (model.tokenizer.bos(), tokens.as_slice())
-            && *a == b
-            && *c == b
-        {
-            tokens.remove(0);
-        }
+        // The tokenizer adds BOS itself; drop the template's copy so there is only one.
+        let text = template
+            .bos_prefix()
+            .and_then(|p| rendered.strip_prefix(p))
+            .unwrap_or(&rendered);
+        let tokens = model.tokenizer.encode(text, true, true);
         let common = cached
             .iter()
             .zip(&tokens)

@@ -1,0 +1,219 @@
+//! The `strata` binary end to end: real model, real process, real exit codes. Bad input gets a
+//! one-line error naming the problem and a non-zero exit, never a panic.
+
+use std::io::Write;
+use std::process::{Command, Output};
+
+use strata_storage::gguf::{GgufBuilder, Value};
+use strata_tests::{GEMMA, QWEN, ids, model_path, reference, strata_bin};
+
+fn strata(args: &[&str]) -> Output {
+    Command::new(strata_bin())
+        .args(args)
+        .output()
+        .expect("run strata")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Asserts a clean failure: non-zero exit, an `error:` line that mentions `needle`, no panic.
+fn assert_clean_error(out: &Output, needle: &str) {
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "expected failure, stderr: {err}");
+    assert!(!err.contains("panicked"), "panicked: {err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line in: {err}"));
+    assert!(
+        line.to_lowercase().contains(&needle.to_lowercase()),
+        "error line {line:?} does not mention {needle:?}"
+    );
+}
+
+#[test]
+fn run_greedy_prints_prompt_answer_and_timings() {
+    let path = model_path(GEMMA);
+    let out = strata(&[
+        "run",
+        "-m",
+        path.to_str().expect("utf-8 path"),
+        "-p",
+        "The capital of France is",
+        "-n",
+        "8",
+        "--temp",
+        "0",
+    ]);
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "stderr: {stderr}");
+    // llama.cpp's greedy continuation on this model.
+    assert!(
+        stdout.starts_with("The capital of France is the capital of the country of France."),
+        "stdout: {stdout:?}"
+    );
+    for needle in [
+        "load time =",
+        "prompt eval time =",
+        "eval time =",
+        "tokens per second",
+    ] {
+        assert!(stderr.contains(needle), "no {needle:?} in: {stderr}");
+    }
+}
+
+#[test]
+fn run_by_store_name_and_no_display_prompt() {
+    model_path(GEMMA);
+    let out = strata(&[
+        "run",
+        "-m",
+        GEMMA,
+        "-p",
+        "def fibonacci(n):",
+        "-n",
+        "4",
+        "--temp",
+        "0",
+        "--no-display-prompt",
+    ]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("\n    if n"), "stdout: {stdout:?}");
+}
+
+#[test]
+fn conversation_mode_answers_each_line() {
+    let path = model_path(QWEN);
+    let mut child = Command::new(strata_bin())
+        .args([
+            "run",
+            "-m",
+            path.to_str().expect("path"),
+            "-cnv",
+            "--temp",
+            "0",
+            "-n",
+            "16",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"What is 2+2? Answer with one number.\n")
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert!(stdout.contains('4'), "stdout: {stdout:?}");
+}
+
+#[test]
+fn tokenize_ids_match_llama_cpp() {
+    let refs = reference();
+    for name in [GEMMA, QWEN] {
+        let path = model_path(name);
+        let case = &refs["models"][name]["tokenize"][0];
+        let out = strata(&[
+            "tokenize",
+            "-m",
+            path.to_str().expect("path"),
+            "-p",
+            case["text"].as_str().expect("text"),
+            "--ids",
+        ]);
+        assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+        let want: Vec<String> = ids(&case["ids"]).iter().map(|i| i.to_string()).collect();
+        assert_eq!(text(&out.stdout).trim(), format!("[{}]", want.join(", ")));
+    }
+}
+
+#[test]
+fn perplexity_prints_final_estimate() {
+    let path = model_path(GEMMA);
+    let out = strata(&[
+        "perplexity",
+        "-m",
+        path.to_str().expect("path"),
+        "-f",
+        strata_tests::PERPLEXITY_FILE,
+        "-c",
+        "128",
+        "--chunks",
+        "2",
+    ]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("[1]") && stdout.contains("[2]"), "{stdout}");
+    assert!(stdout.contains("Final estimate: PPL = "), "{stdout}");
+}
+
+#[test]
+fn bad_flags_are_clean_errors() {
+    assert_clean_error(&strata(&["run", "--bogus-flag"]), "--bogus-flag");
+    assert_clean_error(&strata(&["run", "-n", "many"]), "many");
+    assert_clean_error(&strata(&["frobnicate"]), "frobnicate");
+    let path = model_path(GEMMA);
+    let p = path.to_str().expect("path");
+    assert_clean_error(&strata(&["run", "-m", p, "-t", "0", "-p", "x"]), "threads");
+    assert_clean_error(
+        &strata(&["run", "-m", p, "--top-p", "2", "-p", "x"]),
+        "top-p",
+    );
+    assert_clean_error(
+        &strata(&["run", "-m", p, "-c", "99999999", "-p", "x"]),
+        "ctx-size",
+    );
+}
+
+#[test]
+fn missing_model_file_is_a_clean_error() {
+    let out = strata(&["run", "-m", "/nonexistent/dir/model.gguf", "-p", "hi"]);
+    assert_clean_error(&out, "model.gguf");
+}
+
+#[test]
+fn malformed_model_files_are_clean_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let garbage = dir.path().join("garbage.gguf");
+    std::fs::write(&garbage, b"this is not a gguf file at all, just some text").expect("write");
+    assert_clean_error(
+        &strata(&["run", "-m", garbage.to_str().expect("path"), "-p", "x"]),
+        "magic",
+    );
+
+    // A valid GGUF of an architecture strata does not know.
+    let unknown = dir.path().join("unknown.gguf");
+    let mut b = GgufBuilder::new();
+    b.kv("general.architecture", Value::String("mamba9".into()));
+    std::fs::write(&unknown, b.to_bytes()).expect("write");
+    assert_clean_error(
+        &strata(&["run", "-m", unknown.to_str().expect("path"), "-p", "x"]),
+        "mamba9",
+    );
+
+    // The real model cut short: caught at load.
+    let real = std::fs::read(model_path(GEMMA)).expect("read model");
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &real[..real.len() / 3]).expect("write");
+    let out = strata(&["run", "-m", cut.to_str().expect("path"), "-p", "x"]);
+    assert!(!out.status.success());
+    assert!(
+        !text(&out.stderr).contains("panicked"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).starts_with("error:"),
+        "{}",
+        text(&out.stderr)
+    );
+}

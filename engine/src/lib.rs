@@ -15,6 +15,7 @@ pub mod kv;
 pub mod model;
 pub mod perplexity;
 pub mod sampler;
+pub mod synth;
 pub mod tokenizer;
 
 pub use error::EngineError;

@@ -24,6 +24,8 @@ enum Command {
     Run(cmd::run::Args),
     /// Print the token ids of a text (llama-tokenize).
     Tokenize(cmd::tokenize::Args),
+    /// Prompt-processing and generation speed (llama-bench).
+    Bench(cmd::bench::Args),
     /// Perplexity of a text file (llama-perplexity).
     Perplexity(cmd::perplexity::Args),
     /// Fetch a model into the store: a built-in name, an https URL or a local path.
@@ -80,6 +82,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(a) => cmd::run::exec(a),
         Command::Tokenize(a) => cmd::tokenize::exec(a),
+        Command::Bench(a) => cmd::bench::exec(a),
         Command::Perplexity(a) => cmd::perplexity::exec(a),
         Command::Pull(a) => cmd::pull::exec(a),
         Command::List(a) => cmd::list::exec(a),

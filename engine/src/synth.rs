@@ -112,7 +112,7 @@ pub fn build(spec: &GenSpec, vocab: Vocab<'_>) -> Result<GgufBuilder, EngineErro
         s.n_ff,
     );
     let ty = s.weight_type;
-    let mut mat = |b: &mut GgufBuilder, name: &str, cols, rows, scale, rng: &mut Rng| {
+    let mat = |b: &mut GgufBuilder, name: &str, cols, rows, scale, rng: &mut Rng| {
         random_matrix(b, name, ty, cols, rows, scale, rng)
     };
     // Scaled so activations stay in a realistic range through many layers.

@@ -5,6 +5,7 @@
 //! - [`matmul`] multiplies a quantized weight matrix by f32 activations: activations are
 //!   quantized once per call to the weight type's partner format (Q8_K for K-quants, Q8_0 for
 //!   the legacy types), then integer dot products run per row.
+//! - [`membw`] measures the memory read bandwidth (the decode roofline).
 //! - [`pool`] is the persistent worker pool every parallel kernel runs on.
 //! - [`ops`] holds the small kernels: RMSNorm, RoPE, softmax, activations, attention.
 //!
@@ -15,6 +16,7 @@
 mod arch;
 pub mod dispatch;
 pub mod matmul;
+pub mod membw;
 pub mod ops;
 pub mod pool;
 mod scalar;

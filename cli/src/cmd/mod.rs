@@ -1,5 +1,6 @@
 //! One module per subcommand; each exposes `Args` (clap) and `exec`.
 
+pub mod bench;
 pub mod common;
 pub mod list;
 pub mod perplexity;

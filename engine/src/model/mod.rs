@@ -168,6 +168,19 @@ impl Model {
         self.weights.gguf().tensors.iter().map(|t| t.n_bytes).sum()
     }
 
+    /// Weight bytes one decode step reads: every tensor once, except the embedding table of
+    /// which only one row is read (unless it doubles as the output projection).
+    pub fn decode_bytes_per_token(&self) -> u64 {
+        let tensors = &self.weights.gguf().tensors;
+        let embd = self
+            .weights
+            .info(self.token_embd.id)
+            .map_or(0, |t| t.n_bytes);
+        let tied = self.output.id == self.token_embd.id;
+        let all: u64 = tensors.iter().map(|t| t.n_bytes).sum();
+        if tied { all } else { all - embd }
+    }
+
     /// Total number of weight elements.
     pub fn n_params(&self) -> u64 {
         self.weights

@@ -1,0 +1,337 @@
+//! `strata bench`: llama-bench's tests and table, so results compare line by line.
+//!
+//! `pp N` times one forward pass over N prompt tokens from an empty context; `tg N` times N
+//! single-token decode steps from an empty context. Each configuration runs once to warm up,
+//! then `-r` times; the table shows mean ± standard deviation of tokens per second.
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use std::sync::Arc;
+use strata_engine::{Logits, Model};
+use strata_simd::pool::ThreadPool;
+
+use super::common::{DEFAULT_MODEL, threads};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model(s): store names, paths or URLs, comma-separated.
+    #[arg(short = 'm', long, default_value = DEFAULT_MODEL, value_delimiter = ',')]
+    model: Vec<String>,
+    /// Prompt lengths to test (0 to skip), comma-separated.
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        default_value = "512",
+        value_delimiter = ','
+    )]
+    n_prompt: Vec<usize>,
+    /// Generation lengths to test (0 to skip), comma-separated.
+    #[arg(
+        short = 'n',
+        long = "n-gen",
+        default_value = "128",
+        value_delimiter = ','
+    )]
+    n_gen: Vec<usize>,
+    /// Thread counts, comma-separated (default: one per core).
+    #[arg(short = 't', long, value_delimiter = ',')]
+    threads: Vec<usize>,
+    /// Repetitions of each test.
+    #[arg(short = 'r', long, default_value_t = 5)]
+    repetitions: usize,
+    /// Output format: md or json.
+    #[arg(short = 'o', long, default_value = "md", value_parser = ["md", "json"])]
+    output: String,
+    /// Also measure this machine's memory read bandwidth (1 and N threads) and report the
+    /// fraction of it each decode test reaches.
+    #[arg(long)]
+    membw: bool,
+}
+
+struct Row {
+    model: String,
+    size: u64,
+    params: u64,
+    threads: usize,
+    test: String,
+    n_prompt: usize,
+    n_gen: usize,
+    samples: Vec<f64>,
+    bytes_per_token: u64,
+}
+
+pub fn exec(args: Args) -> anyhow::Result<()> {
+    if args.repetitions == 0 {
+        anyhow::bail!("--repetitions must be at least 1");
+    }
+    let thread_counts = if args.threads.is_empty() {
+        vec![threads(None)?]
+    } else {
+        args.threads
+            .iter()
+            .map(|&t| threads(Some(t)))
+            .collect::<anyhow::Result<_>>()?
+    };
+    let membw = if args.membw {
+        Some(measure_membw(&thread_counts)?)
+    } else {
+        None
+    };
+    let mut rows = Vec::new();
+    for spec in &args.model {
+        let path = super::common::resolve_model(spec)?;
+        let model = Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
+        let desc = describe(&model);
+        for &nt in &thread_counts {
+            let pool = Arc::new(ThreadPool::new(nt));
+            let tests = args
+                .n_prompt
+                .iter()
+                .filter(|&&p| p > 0)
+                .map(|&p| (p, 0))
+                .chain(args.n_gen.iter().filter(|&&n| n > 0).map(|&n| (0, n)));
+            for (p, n) in tests {
+                let samples = run_test(&model, &pool, p, n, args.repetitions)?;
+                rows.push(Row {
+                    model: desc.clone(),
+                    size: model.size_bytes(),
+                    params: model.n_params(),
+                    threads: nt,
+                    test: if p > 0 {
+                        format!("pp{p}")
+                    } else {
+                        format!("tg{n}")
+                    },
+                    n_prompt: p,
+                    n_gen: n,
+                    samples,
+                    bytes_per_token: model.decode_bytes_per_token(),
+                });
+            }
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    if args.output == "json" {
+        print_json(&mut out, &rows, membw.as_deref())?;
+    } else {
+        print_md(&mut out, &rows, membw.as_deref())?;
+    }
+    Ok(())
+}
+
+fn run_test(
+    model: &Model,
+    pool: &Arc<ThreadPool>,
+    n_prompt: usize,
+    n_gen: usize,
+    reps: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let n_vocab = model.config.n_vocab as u64;
+    let mut seed = 0x5EED_u64;
+    let mut next_token = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((seed >> 33) % n_vocab) as u32
+    };
+    let n_ctx = (n_prompt + n_gen).max(1);
+    let mut ctx = model.new_context(n_ctx, pool.clone());
+    let mut samples = Vec::with_capacity(reps);
+    // One warm-up run, then the measured ones.
+    for rep in 0..=reps {
+        ctx.clear();
+        let secs = if n_prompt > 0 {
+            let tokens: Vec<u32> = (0..n_prompt).map(|_| next_token()).collect();
+            let t0 = Instant::now();
+            model.forward(&mut ctx, &tokens, Logits::Last)?;
+            t0.elapsed().as_secs_f64()
+        } else {
+            let t0 = Instant::now();
+            for _ in 0..n_gen {
+                model.forward(&mut ctx, &[next_token()], Logits::Last)?;
+            }
+            t0.elapsed().as_secs_f64()
+        };
+        if rep > 0 {
+            samples.push((n_prompt + n_gen) as f64 / secs);
+        }
+    }
+    Ok(samples)
+}
+
+/// `(threads, bytes per second)` for 1 thread and each requested count.
+fn measure_membw(thread_counts: &[usize]) -> anyhow::Result<Vec<(usize, f64)>> {
+    let words = (2usize << 30) / 8;
+    let mut buf: Vec<u64> = Vec::new();
+    buf.try_reserve_exact(words)
+        .context("allocating 2 GiB to measure memory bandwidth")?;
+    buf.extend((0..words as u64).map(|i| i.wrapping_mul(0x9E37_79B9)));
+    let mut counts = vec![1];
+    counts.extend(thread_counts.iter().copied().filter(|&t| t != 1));
+    Ok(counts
+        .into_iter()
+        .map(|t| {
+            let pool = ThreadPool::new(t);
+            (t, strata_simd::membw::read_bandwidth(&pool, &buf, 5))
+        })
+        .collect())
+}
+
+/// llama.cpp's model description: "arch size-label file-type".
+fn describe(model: &Model) -> String {
+    let md = &model.weights().gguf().metadata;
+    let label = md
+        .get_str("general.size_label")
+        .ok()
+        .flatten()
+        .map(str::to_string)
+        .unwrap_or_else(|| human_params(model.n_params()));
+    let ftype = md
+        .get_u32("general.file_type")
+        .ok()
+        .flatten()
+        .map_or("?", ftype_name);
+    format!("{} {label} {ftype}", model.config.arch.name())
+}
+
+fn ftype_name(ft: u32) -> &'static str {
+    match ft {
+        0 => "all F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K - Medium",
+        11 => "Q3_K - Small",
+        12 => "Q3_K - Medium",
+        13 => "Q3_K - Large",
+        14 => "Q4_K - Small",
+        15 => "Q4_K - Medium",
+        16 => "Q5_K - Small",
+        17 => "Q5_K - Medium",
+        18 => "Q6_K",
+        32 => "BF16",
+        _ => "?",
+    }
+}
+
+fn human_params(n: u64) -> String {
+    if n >= 1_000_000_000 {
+        format!("{:.1}B", n as f64 / 1e9)
+    } else {
+        format!("{}M", n / 1_000_000)
+    }
+}
+
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+fn print_md(
+    out: &mut impl Write,
+    rows: &[Row],
+    membw: Option<&[(usize, f64)]>,
+) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "| model                          |       size |     params | backend    | threads |            test |                  t/s |"
+    )?;
+    writeln!(
+        out,
+        "| ------------------------------ | ---------: | ---------: | ---------- | ------: | --------------: | -------------------: |"
+    )?;
+    for r in rows {
+        let (m, sd) = mean_sd(&r.samples);
+        let params = if r.params >= 1_000_000_000 {
+            format!("{:.2} B", r.params as f64 / 1e9)
+        } else {
+            format!("{:.2} M", r.params as f64 / 1e6)
+        };
+        writeln!(
+            out,
+            "| {:<30} | {:>6.2} MiB | {:>10} | {:<10} | {:>7} | {:>15} | {:>20} |",
+            r.model,
+            r.size as f64 / (1u64 << 20) as f64,
+            params,
+            "CPU",
+            r.threads,
+            r.test,
+            format!("{m:.2} ± {sd:.2}")
+        )?;
+    }
+    for r in rows.iter().filter(|r| r.n_gen > 0) {
+        let (m, _) = mean_sd(&r.samples);
+        let gbs = m * r.bytes_per_token as f64 / 1e9;
+        write!(
+            out,
+            "\n{} {} t={}: {:.2} GiB of weights per token → {gbs:.2} GB/s",
+            r.model,
+            r.test,
+            r.threads,
+            r.bytes_per_token as f64 / (1u64 << 30) as f64
+        )?;
+        if let Some(bw) = membw.and_then(|b| b.iter().find(|(t, _)| *t == r.threads)) {
+            write!(
+                out,
+                " = {:.0}% of the measured {}-thread read bandwidth",
+                100.0 * gbs * 1e9 / bw.1,
+                r.threads
+            )?;
+        }
+    }
+    if let Some(bw) = membw {
+        writeln!(out)?;
+        for (t, b) in bw {
+            write!(
+                out,
+                "\nmemory read bandwidth, {t} thread(s): {:.1} GB/s",
+                b / 1e9
+            )?;
+        }
+    }
+    writeln!(out)?;
+    Ok(())
+}
+
+fn print_json(
+    out: &mut impl Write,
+    rows: &[Row],
+    membw: Option<&[(usize, f64)]>,
+) -> anyhow::Result<()> {
+    let items: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let (m, sd) = mean_sd(&r.samples);
+            let samples: Vec<String> = r.samples.iter().map(|s| format!("{s:.4}")).collect();
+            format!(
+                "  {{\"model_type\": {:?}, \"model_size\": {}, \"model_n_params\": {}, \"backends\": \"CPU\", \"n_threads\": {}, \"n_prompt\": {}, \"n_gen\": {}, \"avg_ts\": {m:.6}, \"stddev_ts\": {sd:.6}, \"samples_ts\": [{}], \"weight_bytes_per_token\": {}}}",
+                r.model,
+                r.size,
+                r.params,
+                r.threads,
+                r.n_prompt,
+                r.n_gen,
+                samples.join(", "),
+                r.bytes_per_token
+            )
+        })
+        .collect();
+    writeln!(out, "[\n{}\n]", items.join(",\n"))?;
+    if let Some(bw) = membw {
+        for (t, b) in bw {
+            eprintln!("memory read bandwidth, {t} thread(s): {:.1} GB/s", b / 1e9);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,51 @@
+//! Memory read bandwidth: the roofline every decode step is measured against (decode reads
+//! each weight byte once per token, so t/s ≤ bandwidth ÷ bytes per token).
+
+use std::time::Instant;
+
+use crate::pool::ThreadPool;
+
+/// Reads `buf` `passes` times with every thread of `pool` (each its own contiguous slice) and
+/// returns the read bandwidth in bytes per second of the fastest pass.
+pub fn read_bandwidth(pool: &ThreadPool, buf: &[u64], passes: usize) -> f64 {
+    let mut best = 0f64;
+    for _ in 0..passes.max(1) {
+        let t0 = Instant::now();
+        pool.run(|ith, nth| {
+            let n = buf.len();
+            let part = &buf[n * ith / nth..n * (ith + 1) / nth];
+            std::hint::black_box(sum(part));
+        });
+        let secs = t0.elapsed().as_secs_f64();
+        best = best.max(std::mem::size_of_val(buf) as f64 / secs);
+    }
+    best
+}
+
+/// XOR-reduces a slice with eight independent lanes so the loop is bound by loads, not by a
+/// dependency chain; the compiler vectorises it to the widest loads the build allows.
+fn sum(v: &[u64]) -> u64 {
+    let mut acc = [0u64; 8];
+    let chunks = v.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a ^= x;
+        }
+    }
+    acc.iter().chain(rest).fold(0, |a, x| a ^ x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn measures_something_positive() {
+        let pool = ThreadPool::new(2);
+        let buf: Vec<u64> = (0..1 << 16).collect();
+        let bw = read_bandwidth(&pool, &buf, 2);
+        assert!(bw.is_finite() && bw > 0.0);
+        assert_eq!(sum(&[1, 2, 4]), 7);
+    }
+}

@@ -126,3 +126,59 @@ fn context_overflow_and_bad_tokens_are_errors() {
         .forward(&mut ctx, &[1, 5, 9], Logits::Last)
         .expect("still usable");
 }
+
+/// Continuous batching: one `decode_batch` step over three sequences of different lengths
+/// gives each the logits it would get decoding alone.
+fn check_decode_batch(arch: Arch) {
+    let (_dir, model) = load(&GenSpec::tiny(arch));
+    let n_vocab = model.config.n_vocab;
+    let pool = Arc::new(ThreadPool::new(2));
+    let prompts: [&[u32]; 3] = [&[5, 9, 200, 17], &[3], &[40, 41, 42, 43, 44, 45, 46, 47]];
+    let next = [7u32, 250, 99];
+    let mut alone = Vec::new();
+    for (p, &t) in prompts.iter().zip(&next) {
+        let mut ctx = model.new_context(32, pool.clone());
+        model.forward(&mut ctx, p, Logits::None).expect("prefill");
+        alone.push(
+            model
+                .forward(&mut ctx, &[t], Logits::Last)
+                .expect("decode")
+                .to_vec(),
+        );
+    }
+    let mut ctxs: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let mut ctx = model.new_context(32, pool.clone());
+            model.forward(&mut ctx, p, Logits::None).expect("prefill");
+            ctx
+        })
+        .collect();
+    let mut refs: Vec<&mut strata_engine::Context> = ctxs.iter_mut().collect();
+    let mut scratch = strata_engine::model::Scratch::new();
+    let batch = model
+        .decode_batch(&pool, &mut refs, &next, &mut scratch)
+        .expect("decode_batch")
+        .to_vec();
+    for (i, want) in alone.iter().enumerate() {
+        let d = max_rel_diff(want, &batch[i * n_vocab..(i + 1) * n_vocab]);
+        assert!(d < 2e-3, "{arch:?}: sequence {i} differs by {d} in a batch");
+    }
+    for (ctx, p) in ctxs.iter().zip(&prompts) {
+        assert_eq!(ctx.n_past(), p.len() + 1);
+    }
+    // A mismatched call is an error, not a panic, and changes nothing.
+    let mut refs: Vec<&mut strata_engine::Context> = ctxs.iter_mut().collect();
+    assert!(
+        model
+            .decode_batch(&pool, &mut refs, &[1, 2], &mut scratch)
+            .is_err()
+    );
+    assert_eq!(ctxs[1].n_past(), 2);
+}
+
+#[test]
+fn decode_batch_matches_single_sequences() {
+    check_decode_batch(Arch::Llama);
+    check_decode_batch(Arch::Gemma3);
+}

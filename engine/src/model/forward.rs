@@ -34,11 +34,33 @@ pub enum Logits {
 pub struct Context {
     pub(crate) kv: KvCache,
     pool: Arc<ThreadPool>,
-    mm: MatmulScratch,
-    buf: Buffers,
-    logits: Vec<f32>,
+    scratch: Scratch,
     n_ubatch: usize,
+}
+
+/// The activations of one forward pass, one row per token of the batch, kept between calls so
+/// that a decode step allocates nothing. Each [`Context`] has one; a scheduler that decodes
+/// several sequences together with [`Model::decode_batch`] keeps one for the batch.
+#[derive(Default)]
+pub struct Scratch {
+    buf: Buffers,
+    mm: MatmulScratch,
     cs: Vec<(f32, f32)>,
+    logits: Vec<f32>,
+}
+
+impl Scratch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// Rows `row0..row0 + n` of a batch: `n` tokens of one sequence at positions `pos0..`.
+struct Slot<'a> {
+    kv: &'a mut KvCache,
+    pos0: usize,
+    row0: usize,
+    n: usize,
 }
 
 #[derive(Default)]
@@ -58,11 +80,8 @@ impl Context {
         Self {
             kv: KvCache::new(c.n_layer, n_ctx, c.kv_dim()),
             pool,
-            mm: MatmulScratch::new(),
-            buf: Buffers::default(),
-            logits: Vec::new(),
+            scratch: Scratch::default(),
             n_ubatch: 512,
-            cs: vec![(0.0, 0.0); c.n_rot / 2],
         }
     }
 
@@ -136,36 +155,107 @@ impl Model {
                 )));
             }
         };
-        ctx.logits.resize(want.len() * c.n_vocab, 0.0);
-        let mut start = 0;
-        while start < n {
-            let end = (start + ctx.n_ubatch).min(n);
-            self.ubatch(ctx, &tokens[start..end], pos0 + start)?;
-            ctx.kv.set_len(pos0 + end);
-            let (lo, hi) = (want.start.max(start), want.end.min(end));
-            if lo < hi {
-                self.output_logits(ctx, lo - start..hi - start, lo - want.start)?;
-            }
-            start = end;
-        }
-        Ok(&ctx.logits)
-    }
-
-    /// One pass of `tokens` (at positions `pos0..`) through all layers; leaves the final
-    /// hidden states in `ctx.buf.x`.
-    fn ubatch(&self, ctx: &mut Context, tokens: &[u32], pos0: usize) -> Result<(), EngineError> {
-        let c = &self.config;
-        let n = tokens.len();
-        let (e, qd, kvd, ff, hd) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff, c.head_dim);
         let Context {
             kv,
             pool,
-            mm,
-            buf,
-            cs,
-            ..
+            scratch,
+            n_ubatch,
         } = ctx;
-        let pool: &ThreadPool = pool;
+        let mut logits = std::mem::take(&mut scratch.logits);
+        logits.resize(want.len() * c.n_vocab, 0.0);
+        let mut start = 0;
+        while start < n {
+            let end = (start + *n_ubatch).min(n);
+            let mut slot = [Slot {
+                kv: &mut *kv,
+                pos0: pos0 + start,
+                row0: 0,
+                n: end - start,
+            }];
+            self.run_layers(pool, scratch, &tokens[start..end], &mut slot)?;
+            kv.set_len(pos0 + end);
+            let (lo, hi) = (want.start.max(start), want.end.min(end));
+            if lo < hi {
+                let out = &mut logits[(lo - want.start) * c.n_vocab..(hi - want.start) * c.n_vocab];
+                self.output_logits(pool, scratch, lo - start..hi - start, out)?;
+            }
+            start = end;
+        }
+        scratch.logits = logits;
+        Ok(&ctx.scratch.logits)
+    }
+
+    /// One decode step for several sequences at once (continuous batching): `tokens[i]` is
+    /// appended to `ctxs[i]`, every weight matrix is read once for all of them, and the result
+    /// holds one row of `n_vocab` logits per sequence, in order. Attention still runs per
+    /// sequence, over each one's own KV cache.
+    pub fn decode_batch<'s>(
+        &self,
+        pool: &ThreadPool,
+        ctxs: &mut [&mut Context],
+        tokens: &[u32],
+        scratch: &'s mut Scratch,
+    ) -> Result<&'s [f32], EngineError> {
+        let c = &self.config;
+        if ctxs.len() != tokens.len() || tokens.is_empty() {
+            return Err(EngineError::Invalid(format!(
+                "decode_batch needs one token per sequence, got {} tokens for {} sequences",
+                tokens.len(),
+                ctxs.len()
+            )));
+        }
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
+            return Err(EngineError::BadToken {
+                id,
+                n_vocab: c.n_vocab,
+            });
+        }
+        if let Some(full) = ctxs.iter().find(|x| x.kv.len() >= x.kv.n_ctx()) {
+            return Err(EngineError::ContextFull {
+                needed: full.kv.len() + 1,
+                n_ctx: full.kv.n_ctx(),
+            });
+        }
+        let mut slots: Vec<Slot<'_>> = ctxs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, x)| {
+                let pos0 = x.kv.len();
+                Slot {
+                    kv: &mut x.kv,
+                    pos0,
+                    row0: i,
+                    n: 1,
+                }
+            })
+            .collect();
+        self.run_layers(pool, scratch, tokens, &mut slots)?;
+        for s in slots {
+            s.kv.set_len(s.pos0 + 1);
+        }
+        let n = tokens.len();
+        let mut logits = std::mem::take(&mut scratch.logits);
+        logits.resize(n * c.n_vocab, 0.0);
+        let r = self.output_logits(pool, scratch, 0..n, &mut logits);
+        scratch.logits = logits;
+        r?;
+        Ok(&scratch.logits)
+    }
+
+    /// One pass of `tokens` through all layers, row `i` of the batch belonging to the slot that
+    /// covers it; leaves the final hidden states in `scratch.buf.x`.
+    fn run_layers(
+        &self,
+        pool: &ThreadPool,
+        scratch: &mut Scratch,
+        tokens: &[u32],
+        slots: &mut [Slot<'_>],
+    ) -> Result<(), EngineError> {
+        let c = &self.config;
+        let n = tokens.len();
+        let (e, qd, kvd, ff, hd) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff, c.head_dim);
+        let Scratch { buf, mm, cs, .. } = scratch;
+        cs.resize(c.n_rot / 2, (0.0, 0.0));
         for (b, len) in [
             (&mut buf.x, e),
             (&mut buf.xb, e),
@@ -231,13 +321,6 @@ impl Model {
             } else {
                 &self.rope_global
             };
-            for t in 0..n {
-                rope.angles(pos0 + t, cs);
-                rope.apply(&mut buf.q[t * qd..(t + 1) * qd], hd, cs);
-                rope.apply(&mut buf.k[t * kvd..(t + 1) * kvd], hd, cs);
-            }
-            kv.store(il, pos0, &buf.k, &buf.v);
-            let (kc, vc) = kv.layer(il);
             let params = AttnParams {
                 n_head: c.n_head,
                 n_head_kv: c.n_head_kv,
@@ -246,7 +329,30 @@ impl Model {
                 window: if layer.swa { c.sliding_window } else { None },
                 softcap: None,
             };
-            attention(pool, &params, &buf.q, n, pos0, kc, vc, &mut buf.att);
+            for slot in slots.iter_mut() {
+                let rows = slot.row0..slot.row0 + slot.n;
+                for (t, row) in rows.clone().enumerate() {
+                    rope.angles(slot.pos0 + t, cs);
+                    rope.apply(&mut buf.q[row * qd..(row + 1) * qd], hd, cs);
+                    rope.apply(&mut buf.k[row * kvd..(row + 1) * kvd], hd, cs);
+                }
+                let (kr, qr) = (
+                    rows.start * kvd..rows.end * kvd,
+                    rows.start * qd..rows.end * qd,
+                );
+                slot.kv.store(il, slot.pos0, &buf.k[kr.clone()], &buf.v[kr]);
+                let (kc, vc) = slot.kv.layer(il);
+                attention(
+                    pool,
+                    &params,
+                    &buf.q[qr.clone()],
+                    slot.n,
+                    slot.pos0,
+                    kc,
+                    vc,
+                    &mut buf.att[qr],
+                );
+            }
             self.matmul(pool, mm, layer.o, &buf.att, n, &mut buf.xb)?;
             residual(
                 &mut buf.x,
@@ -283,24 +389,18 @@ impl Model {
         Ok(())
     }
 
-    /// Final norm and the output projection for ubatch rows `rows`, written to the context's
-    /// logits from row `out_row` on.
+    /// Final norm and the output projection for batch rows `rows`, written to `out`.
     fn output_logits(
         &self,
-        ctx: &mut Context,
+        pool: &ThreadPool,
+        scratch: &mut Scratch,
         rows: Range<usize>,
-        out_row: usize,
+        out: &mut [f32],
     ) -> Result<(), EngineError> {
         let c = &self.config;
         let e = c.n_embd;
         let m = rows.len();
-        let Context {
-            pool,
-            mm,
-            buf,
-            logits,
-            ..
-        } = ctx;
+        let Scratch { buf, mm, .. } = scratch;
         for (i, t) in rows.enumerate() {
             rms_norm(
                 &buf.x[t * e..(t + 1) * e],
@@ -309,7 +409,6 @@ impl Model {
                 &mut buf.xb[i * e..(i + 1) * e],
             );
         }
-        let out = &mut logits[out_row * c.n_vocab..(out_row + m) * c.n_vocab];
         self.matmul(pool, mm, self.output, &buf.xb[..m * e], m, out)
     }
 

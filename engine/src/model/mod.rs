@@ -16,7 +16,7 @@ use strata_storage::quant::{GgmlType, dequantize_row};
 use strata_storage::residency::{TensorId, Weights};
 
 pub use config::{Activation, Arch, ArchTraits, ModelConfig};
-pub use forward::{Context, Logits};
+pub use forward::{Context, Logits, Scratch};
 use names::LayerTensor;
 
 use crate::error::EngineError;

@@ -4,6 +4,7 @@
 // A binary has no public API: `pub` inside it only means "shared between its modules".
 #![allow(unreachable_pub)]
 
+mod client;
 mod cmd;
 mod progress;
 
@@ -37,6 +38,14 @@ enum Command {
     Rm(cmd::rm::Args),
     /// Show a model's metadata and tensors (like gguf-dump).
     Show(cmd::show::Args),
+    /// Chat with a model through the daemon, or in-process with --local.
+    Chat(cmd::chat::Args),
+    /// List the models the daemon has loaded.
+    Ps(cmd::ps::Args),
+    /// Load a model into the daemon now.
+    Load(cmd::load::Args),
+    /// Free a model the daemon has loaded.
+    Unload(cmd::load::Args),
 }
 
 /// llama.cpp's multi-letter single-dash flags, spelled the long way for clap.
@@ -88,6 +97,10 @@ fn main() -> ExitCode {
         Command::List(a) => cmd::list::exec(a),
         Command::Rm(a) => cmd::rm::exec(a),
         Command::Show(a) => cmd::show::exec(a),
+        Command::Chat(a) => cmd::chat::exec(a),
+        Command::Ps(a) => cmd::ps::exec(a),
+        Command::Load(a) => cmd::load::load(a),
+        Command::Unload(a) => cmd::load::unload(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -100,7 +113,7 @@ fn main() -> ExitCode {
 }
 
 /// A reader that went away (`strata run … | head`) is not a failure.
-fn is_broken_pipe(e: &anyhow::Error) -> bool {
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)

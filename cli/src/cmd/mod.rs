@@ -1,9 +1,12 @@
 //! One module per subcommand; each exposes `Args` (clap) and `exec`.
 
 pub mod bench;
+pub mod chat;
 pub mod common;
 pub mod list;
+pub mod load;
 pub mod perplexity;
+pub mod ps;
 pub mod pull;
 pub mod rm;
 pub mod run;

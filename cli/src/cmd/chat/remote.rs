@@ -1,0 +1,264 @@
+//! `strata chat` through the daemon: `POST /v1/chat/completions` with `stream: true`, read as
+//! server-sent events on a reader thread so Ctrl-C can close the connection (which cancels the
+//! request in stratad) without waiting for the next token.
+
+use std::io::BufRead;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use serde_json::{Value, json};
+use strata_engine::chat::ChatMessage;
+
+use super::interrupt;
+use super::session::Stats;
+use crate::client::{Client, MAX_LINE, error_message, read_line_bounded};
+
+/// How often the waiting loop looks at the Ctrl-C flag.
+const POLL: Duration = Duration::from_millis(50);
+
+pub struct Remote {
+    client: Client,
+    pub model: String,
+    temperature: Option<f32>,
+    max_tokens: Option<usize>,
+}
+
+/// What the reader thread passes on.
+enum Event {
+    Piece(String),
+    Usage {
+        prompt_tokens: Option<usize>,
+        completion_tokens: Option<usize>,
+    },
+    Failed(anyhow::Error),
+    Done,
+}
+
+impl Remote {
+    /// Connects to the daemon and settles which model to talk to: the one named, else the
+    /// only one loaded.
+    pub fn new(
+        client: Client,
+        model: Option<String>,
+        temperature: Option<f32>,
+        max_tokens: Option<usize>,
+    ) -> anyhow::Result<Remote> {
+        let ps = client.json("GET", "/api/ps", None)?;
+        let model = match model {
+            Some(m) => m,
+            None => {
+                let loaded: Vec<&str> = ps["models"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|m| m["name"].as_str()).collect())
+                    .unwrap_or_default();
+                match loaded.as_slice() {
+                    [one] => (*one).to_owned(),
+                    [] => bail!("no model is loaded in the daemon; name one: strata chat MODEL"),
+                    many => bail!(
+                        "the daemon has {} models loaded ({}); name one: strata chat MODEL",
+                        many.len(),
+                        many.join(", ")
+                    ),
+                }
+            }
+        };
+        Ok(Remote {
+            client,
+            model,
+            temperature,
+            max_tokens,
+        })
+    }
+
+    pub fn answer(
+        &mut self,
+        messages: &[ChatMessage],
+        out: &mut dyn FnMut(&str) -> std::io::Result<()>,
+    ) -> anyhow::Result<(String, Stats)> {
+        let mut body = json!({
+            "model": self.model,
+            "messages": messages,
+            "stream": true,
+        });
+        if let Some(t) = self.temperature {
+            body["temperature"] = json!(t);
+        }
+        if let Some(n) = self.max_tokens {
+            body["max_tokens"] = json!(n);
+        }
+        let t0 = Instant::now();
+        let resp = self
+            .client
+            .send("POST", "/v1/chat/completions", Some(&body))?;
+        if !(200..300).contains(&resp.status) {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::Read::take(resp.body, 1 << 20), &mut bytes)?;
+            bail!("{}", error_message(resp.status, &bytes));
+        }
+        let conn = resp.conn;
+        let (tx, rx) = mpsc::channel();
+        let mut body = resp.body;
+        let reader = std::thread::spawn(move || read_events(&mut body, &tx));
+        let mut stats = Stats::default();
+        let mut answer = String::new();
+        let mut t_first = None;
+        let mut usage_tokens = None;
+        let result = loop {
+            if interrupt::requested() {
+                stats.interrupted = true;
+                break Ok(());
+            }
+            match rx.recv_timeout(POLL) {
+                Ok(Event::Piece(p)) => {
+                    if p.is_empty() {
+                        continue;
+                    }
+                    let now = Instant::now();
+                    let first = *t_first.get_or_insert_with(|| {
+                        stats.first_token_ms = (now - t0).as_secs_f64() * 1e3;
+                        now
+                    });
+                    // One event is one token in stratad; usage corrects the count at the end.
+                    stats.tokens += 1;
+                    stats.gen_ms = (now - first).as_secs_f64() * 1e3;
+                    if let Err(e) = out(&p) {
+                        break Err(e.into());
+                    }
+                    answer.push_str(&p);
+                }
+                Ok(Event::Usage {
+                    prompt_tokens,
+                    completion_tokens,
+                }) => {
+                    stats.prompt_tokens = prompt_tokens;
+                    usage_tokens = completion_tokens;
+                }
+                Ok(Event::Failed(e)) => break Err(e),
+                Ok(Event::Done) | Err(mpsc::RecvTimeoutError::Disconnected) => break Ok(()),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+        };
+        // Closing the connection is how a request is cancelled; it also unblocks the reader.
+        let _ = conn.shutdown(std::net::Shutdown::Both);
+        let _ = reader.join();
+        result?;
+        if let Some(n) = usage_tokens {
+            stats.tokens = n;
+        }
+        Ok((answer, stats))
+    }
+}
+
+/// Reads `data:` events until `[DONE]` or the end of the stream, passing on text and usage.
+fn read_events(body: &mut dyn BufRead, tx: &mpsc::Sender<Event>) {
+    let result = (|| -> anyhow::Result<()> {
+        let mut data = String::new();
+        loop {
+            let line = read_line_bounded(body, MAX_LINE).context("reading the answer stream")?;
+            let Some(line) = line else {
+                bail!("the daemon closed the stream before [DONE]");
+            };
+            let line = String::from_utf8(line).context("the answer stream is not UTF-8")?;
+            if let Some(d) = line.strip_prefix("data:") {
+                if !data.is_empty() {
+                    data.push('\n');
+                }
+                data.push_str(d.strip_prefix(' ').unwrap_or(d));
+                continue;
+            }
+            // Comments (`:`) and other fields are ignored; a blank line ends an event.
+            if !line.is_empty() || data.is_empty() {
+                continue;
+            }
+            let event = std::mem::take(&mut data);
+            if event == "[DONE]" {
+                return Ok(());
+            }
+            let v: Value = serde_json::from_str(&event)
+                .with_context(|| format!("a malformed event in the answer stream: {event:.200}"))?;
+            for e in parse_chunk(&v)? {
+                if tx.send(e).is_err() {
+                    // The chat stopped listening (Ctrl-C).
+                    return Ok(());
+                }
+            }
+        }
+    })();
+    let _ = tx.send(match result {
+        Ok(()) => Event::Done,
+        Err(e) => Event::Failed(e),
+    });
+}
+
+/// The events in one `chat.completion.chunk` (or an error object).
+fn parse_chunk(v: &Value) -> anyhow::Result<Vec<Event>> {
+    if let Some(e) = v.get("error") {
+        let msg = e["message"]
+            .as_str()
+            .or(e.as_str())
+            .unwrap_or("unknown error");
+        bail!("the daemon failed mid-answer: {msg}");
+    }
+    let mut events = Vec::new();
+    if let Some(choices) = v["choices"].as_array() {
+        for c in choices {
+            if let Some(text) = c["delta"]["content"].as_str() {
+                events.push(Event::Piece(text.to_owned()));
+            }
+        }
+    }
+    if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+        let n = |k: &str| u[k].as_u64().and_then(|x| usize::try_from(x).ok());
+        events.push(Event::Usage {
+            prompt_tokens: n("prompt_tokens"),
+            completion_tokens: n("completion_tokens"),
+        });
+    }
+    Ok(events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(stream: &str) -> (String, Option<usize>, Option<String>) {
+        let (tx, rx) = mpsc::channel();
+        read_events(&mut stream.as_bytes(), &tx);
+        let (mut text, mut usage, mut err) = (String::new(), None, None);
+        for e in rx.try_iter() {
+            match e {
+                Event::Piece(p) => text.push_str(&p),
+                Event::Usage {
+                    completion_tokens, ..
+                } => usage = completion_tokens,
+                Event::Failed(e) => err = Some(format!("{e:#}")),
+                Event::Done => {}
+            }
+        }
+        (text, usage, err)
+    }
+
+    #[test]
+    fn openai_stream_is_reassembled() {
+        let s = "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n\
+                 : keep-alive\n\n\
+                 data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\r\n\r\n\
+                 data:{\"choices\":[{\"delta\":{\"content\":\"lo\\n\"}}]}\n\n\
+                 data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\n\
+                 data: [DONE]\n\n";
+        assert_eq!(events(s), ("Hello\n".into(), Some(2), None));
+    }
+
+    #[test]
+    fn errors_and_truncation_are_reported() {
+        let (_, _, err) =
+            events("data: {\"error\":{\"message\":\"engine broke\"}}\n\ndata: [DONE]\n\n");
+        assert!(err.is_some_and(|e| e.contains("engine broke")));
+        let (text, _, err) = events("data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n");
+        assert_eq!(text, "a");
+        assert!(err.is_some_and(|e| e.contains("before [DONE]")));
+        let (_, _, err) = events("data: {not json\n\n");
+        assert!(err.is_some_and(|e| e.contains("malformed")));
+    }
+}

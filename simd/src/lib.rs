@@ -6,7 +6,8 @@
 //!   quantized once per call to the weight type's partner format (Q8_K for K-quants, Q8_0 for
 //!   the legacy types), then integer dot products run per row.
 //! - [`membw`] measures the memory read bandwidth (the decode roofline).
-//! - [`pool`] is the persistent worker pool every parallel kernel runs on.
+//! - [`pool`] is the persistent worker pool every parallel kernel runs on, pinned to physical
+//!   cores found by [`topology`] (hwloc; `STRATA_PIN=0` turns pinning off).
 //! - [`ops`] holds the small kernels: RMSNorm, RoPE, softmax, activations, attention.
 //!
 //! Nothing here knows about files, GGUF or models.
@@ -20,3 +21,4 @@ pub mod membw;
 pub mod ops;
 pub mod pool;
 mod scalar;
+pub mod topology;

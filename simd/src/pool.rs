@@ -5,13 +5,23 @@
 //! caller's own share as thread 0 and waits for the rest. Waiting is spin-then-park on both
 //! sides: back-to-back matmuls (a decode step is a few hundred of them) find the workers still
 //! spinning and pay no futex round trip, while an idle pool sleeps and costs nothing.
+//!
+//! Placement: worker `i` pins itself to physical core slot `i` of [`crate::topology`] (one
+//! hardware thread per core, NUMA nodes interleaved), so the OS cannot stack two workers on one
+//! core or bounce them between caches, and a pool of `n` threads leaves slot 0 for the caller.
+//! Workers past the core count run unpinned. [`Pinning::from_env`] reads `STRATA_PIN`: `0`
+//! turns pinning off, `all` also pins the thread that creates the pool to slot 0. Where hwloc
+//! cannot bind (containers, sandboxes) the pool runs unpinned after one warning.
 
 use std::cell::Cell;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, Once};
 use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
+
+use crate::topology::{self, TopologyError};
 
 /// How long a waiting thread polls before it parks: longer than the gap between two matmuls
 /// of a decode step, short enough that an idle pool stops burning cores at once.
@@ -62,12 +72,77 @@ struct Shared {
     spin: Duration,
 }
 
+/// Which pool threads are pinned to a physical core.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pinning {
+    /// No thread is pinned; the OS places them.
+    Off,
+    /// Worker `i` is pinned to core slot `i`; the caller keeps its own affinity (the OS
+    /// normally puts it on slot 0, the one core the workers leave free).
+    Workers,
+    /// As `Workers`, and the thread calling [`ThreadPool::with_pinning`] is pinned to slot 0.
+    /// Only useful when that thread is the one that will call [`ThreadPool::run`].
+    All,
+}
+
+impl Pinning {
+    /// From `STRATA_PIN`: `0`/`off`/`false`/`no` → `Off`, `all` → `All`, unset or `1` →
+    /// `Workers`; anything else warns (once) and means `Workers`.
+    pub fn from_env() -> Pinning {
+        static FROM_ENV: std::sync::OnceLock<Pinning> = std::sync::OnceLock::new();
+        *FROM_ENV.get_or_init(|| match std::env::var("STRATA_PIN") {
+            Err(_) => Pinning::Workers,
+            Ok(v) => Pinning::parse(&v).unwrap_or_else(|| {
+                tracing::warn!(value = %v, "STRATA_PIN not understood (0, 1 or all); pinning workers");
+                Pinning::Workers
+            }),
+        })
+    }
+
+    fn parse(v: &str) -> Option<Pinning> {
+        match v.trim().to_ascii_lowercase().as_str() {
+            "0" | "off" | "false" | "no" => Some(Pinning::Off),
+            "1" | "on" | "true" | "yes" | "workers" | "" => Some(Pinning::Workers),
+            "all" => Some(Pinning::All),
+            _ => None,
+        }
+    }
+}
+
 /// A fixed set of worker threads that run closures on every thread at once.
 pub struct ThreadPool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
     /// Serialises `run` calls from different threads.
     run_lock: Mutex<()>,
+    pinning: Pinning,
+    /// The CPU each thread index is pinned to (`None`: unpinned), fixed by `new`.
+    placement: Vec<Option<usize>>,
+}
+
+/// Warns once per process that pinning failed: every pool of a process fails the same way,
+/// and tests create hundreds of pools.
+fn warn_unpinned(e: &TopologyError) {
+    static WARNED: Once = Once::new();
+    WARNED.call_once(|| {
+        tracing::warn!(error = %e, "thread pinning unavailable; pool threads run unpinned");
+    });
+}
+
+/// Pins the calling thread to `slot` if there is a core for it. `None` when unpinned: past
+/// the core count (more threads than cores, by request) silently, on failure with a warning.
+fn pin_to_slot(slot: usize) -> Option<usize> {
+    let topo = topology::get();
+    if topo.can_pin() && slot >= topo.cores().len() {
+        return None;
+    }
+    match topo.pin_current_thread(slot) {
+        Ok(core) => Some(core.cpu),
+        Err(e) => {
+            warn_unpinned(&e);
+            None
+        }
+    }
 }
 
 thread_local! {
@@ -78,8 +153,14 @@ thread_local! {
 
 impl ThreadPool {
     /// A pool of `n_threads` threads in all, the caller of [`ThreadPool::run`] included, so
-    /// `n_threads - 1` workers are spawned (`0` is treated as `1`).
+    /// `n_threads - 1` workers are spawned (`0` is treated as `1`). Workers are pinned as
+    /// `STRATA_PIN` says (see [`Pinning::from_env`]).
     pub fn new(n_threads: usize) -> Self {
+        Self::with_pinning(n_threads, Pinning::from_env())
+    }
+
+    /// As [`ThreadPool::new`], with the placement given instead of read from `STRATA_PIN`.
+    pub fn with_pinning(n_threads: usize, pinning: Pinning) -> Self {
         let n_threads = n_threads.max(1);
         let shared = Arc::new(Shared {
             n_threads: AtomicUsize::new(n_threads),
@@ -95,12 +176,27 @@ impl ThreadPool {
                 Duration::ZERO
             },
         });
+        let pin = pinning != Pinning::Off;
+        let mut placement = vec![None; n_threads];
+        if pinning == Pinning::All {
+            placement[0] = pin_to_slot(0);
+        }
+        // Each worker pins itself first thing and reports where it landed, so `placement` is
+        // complete (and the log line true) when `new` returns.
+        let (placed_tx, placed_rx) = mpsc::channel::<(usize, Option<usize>)>();
         let mut workers = Vec::with_capacity(n_threads - 1);
         for index in 1..n_threads {
             let s = Arc::clone(&shared);
+            let placed = placed_tx.clone();
             let spawned = thread::Builder::new()
                 .name(format!("strata-simd-{index}"))
-                .spawn(move || worker_loop(&s, index));
+                .spawn(move || {
+                    let cpu = if pin { pin_to_slot(index) } else { None };
+                    // The receiver lives until every spawned worker has reported.
+                    let _ = placed.send((index, cpu));
+                    drop(placed);
+                    worker_loop(&s, index)
+                });
             match spawned {
                 Ok(h) => workers.push(h),
                 Err(e) => {
@@ -111,12 +207,47 @@ impl ThreadPool {
                 }
             }
         }
+        drop(placed_tx);
+        // Ends when every spawned worker has sent its report (or died before sending).
+        for (index, cpu) in placed_rx {
+            if let Some(slot) = placement.get_mut(index) {
+                *slot = cpu;
+            }
+        }
         shared.n_threads.store(workers.len() + 1, Ordering::Relaxed);
-        Self {
+        placement.truncate(workers.len() + 1);
+        let pool = Self {
             shared,
             workers,
             run_lock: Mutex::new(()),
-        }
+            pinning,
+            placement,
+        };
+        tracing::debug!(summary = %pool.topology_summary(), "thread pool");
+        pool
+    }
+
+    /// The CPU (OS index) each thread index is pinned to; `None` where it is not pinned.
+    /// Index 0 is the caller, pinned only under [`Pinning::All`].
+    pub fn placement(&self) -> &[Option<usize>] {
+        &self.placement
+    }
+
+    /// One line for logs: threads, how many are pinned, and the machine's topology.
+    pub fn topology_summary(&self) -> String {
+        let pinned = self.placement.iter().filter(|c| c.is_some()).count();
+        let cpus: Vec<String> = self
+            .placement
+            .iter()
+            .map(|c| c.map_or_else(|| "-".to_string(), |c| c.to_string()))
+            .collect();
+        format!(
+            "{} threads, {pinned} pinned ({:?}; cpu per thread: {}); {}",
+            self.n_threads(),
+            self.pinning,
+            cpus.join(" "),
+            topology::get().summary()
+        )
     }
 
     /// Threads in the pool, the caller included.
@@ -244,6 +375,146 @@ impl std::fmt::Debug for ThreadPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ThreadPool")
             .field("n_threads", &self.n_threads())
+            .field("pinning", &self.pinning)
+            .field("placement", &self.placement)
             .finish()
+    }
+}
+
+/// Physical cores this process may use: the default thread count (see
+/// [`topology::physical_cores`]).
+pub fn physical_cores() -> usize {
+    topology::physical_cores()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// The CPUs thread `i` of `pool` may run on, read from inside a job on that thread.
+    fn affinities(pool: &ThreadPool) -> Vec<Result<Vec<usize>, TopologyError>> {
+        let out: Vec<Mutex<Option<Result<Vec<usize>, TopologyError>>>> =
+            (0..pool.n_threads()).map(|_| Mutex::new(None)).collect();
+        pool.run(|i, _| {
+            *out[i].lock().unwrap() = Some(topology::get().current_thread_cpus());
+        });
+        out.into_iter()
+            .map(|m| m.into_inner().unwrap().expect("every index ran"))
+            .collect()
+    }
+
+    fn count_runs(pool: &ThreadPool) -> usize {
+        let count = AtomicUsize::new(0);
+        for _ in 0..100 {
+            pool.run(|_, _| {
+                count.fetch_add(1, Ordering::Relaxed);
+            });
+        }
+        count.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn pinned_workers_sit_on_distinct_cores() {
+        let topo = topology::get();
+        let cores = topo.cores().len();
+        let n = cores.clamp(2, 8);
+        let pool = ThreadPool::with_pinning(n, Pinning::Workers);
+        assert_eq!(pool.n_threads(), n);
+        assert_eq!(count_runs(&pool), 100 * n);
+        assert_eq!(
+            pool.placement()[0],
+            None,
+            "the caller is not pinned under Workers"
+        );
+        if !topo.can_pin() || pool.placement()[1..].iter().all(Option::is_none) {
+            // hwloc unavailable or binding refused (sandbox): the pool still works, unpinned.
+            return;
+        }
+        let affinity = affinities(&pool);
+        let mut seen = Vec::new();
+        for i in 1..n.min(cores) {
+            let cpu = pool.placement()[i].expect("a worker within the core count is pinned");
+            assert_eq!(cpu, topo.cores()[i].cpu, "worker {i} is on slot {i}");
+            assert_eq!(
+                affinity[i],
+                Ok(vec![cpu]),
+                "worker {i} can run only on its core"
+            );
+            seen.push(cpu);
+        }
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), n.min(cores) - 1, "no two workers share a core");
+        assert!(pool.topology_summary().contains("pinned"));
+    }
+
+    #[test]
+    fn pinning_off_leaves_threads_unpinned() {
+        let pool = ThreadPool::with_pinning(3, Pinning::Off);
+        assert_eq!(pool.placement(), &[None, None, None]);
+        assert_eq!(count_runs(&pool), 300);
+        let topo = topology::get();
+        if let Ok(before) = topo.current_thread_cpus() {
+            // Workers inherit the spawning thread's affinity untouched.
+            for a in affinities(&pool).into_iter().skip(1) {
+                assert_eq!(a, Ok(before.clone()));
+            }
+        }
+    }
+
+    #[test]
+    fn more_threads_than_cores_are_unpinned_past_the_core_count() {
+        let cores = topology::get().cores().len();
+        let n = cores + 3;
+        let pool = ThreadPool::with_pinning(n, Pinning::Workers);
+        assert_eq!(pool.n_threads(), n);
+        assert_eq!(count_runs(&pool), 100 * n);
+        assert!(pool.placement()[cores..].iter().all(Option::is_none));
+        let pinned: Vec<usize> = pool.placement().iter().flatten().copied().collect();
+        let mut distinct = pinned.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), pinned.len());
+    }
+
+    #[test]
+    fn pinning_all_pins_the_creating_thread() {
+        // On a scratch thread: pinning the test runner's thread would leak into other tests.
+        let r = thread::spawn(|| {
+            let pool = ThreadPool::with_pinning(2, Pinning::All);
+            let here = topology::get().current_thread_cpus();
+            (pool.placement().to_vec(), count_runs(&pool), here)
+        })
+        .join();
+        let Ok((placement, runs, here)) = r else {
+            panic!("pool thread panicked")
+        };
+        assert_eq!(runs, 200);
+        let topo = topology::get();
+        if let Some(cpu) = placement[0] {
+            assert_eq!(cpu, topo.cores()[0].cpu);
+            assert_eq!(here, Ok(vec![cpu]));
+            assert_ne!(placement[1], Some(cpu));
+        } else {
+            assert!(!topo.can_pin() || placement.iter().all(Option::is_none));
+        }
+    }
+
+    #[test]
+    fn pin_env_values() {
+        assert_eq!(Pinning::parse("0"), Some(Pinning::Off));
+        assert_eq!(Pinning::parse(" OFF "), Some(Pinning::Off));
+        assert_eq!(Pinning::parse("1"), Some(Pinning::Workers));
+        assert_eq!(Pinning::parse(""), Some(Pinning::Workers));
+        assert_eq!(Pinning::parse("all"), Some(Pinning::All));
+        assert_eq!(Pinning::parse("numa"), None);
+        // CI runs the suite once with STRATA_PIN=0: then `new` must pin nothing.
+        let pool = ThreadPool::new(2);
+        assert_eq!(count_runs(&pool), 200);
+        if Pinning::from_env() == Pinning::Off {
+            assert_eq!(pool.placement(), &[None, None]);
+        }
+        assert!(physical_cores() >= 1);
     }
 }

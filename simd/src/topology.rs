@@ -1,0 +1,310 @@
+//! The CPU topology the pool is placed on: physical cores and NUMA nodes, discovered once.
+//!
+//! [`get`] asks hwloc (through `hwlocality`) for the cores this process may run on, keeps one
+//! hardware thread (PU) per core, and orders the cores so that consecutive slots alternate
+//! between NUMA nodes: a pool of `n` threads pinned to slots `0..n` spreads its memory traffic
+//! over every node's controller instead of saturating one. Where hwloc is missing or refuses
+//! (containers, seccomp sandboxes), [`Topology::cores`] is empty, the reason is kept for
+//! [`Topology::summary`], and callers run unpinned.
+
+use std::fmt::Write as _;
+use std::sync::OnceLock;
+
+use hwlocality::cpu::binding::CpuBindingFlags;
+use hwlocality::cpu::cpuset::CpuSet;
+use hwlocality::object::types::ObjectType;
+
+/// Why a thread could not be pinned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TopologyError {
+    /// hwloc could not discover the machine (or cannot bind threads on it).
+    #[error("CPU topology unavailable: {0}")]
+    Unavailable(String),
+    /// The slot asked for is past the number of physical cores.
+    #[error("no physical core for slot {slot} ({cores} cores)")]
+    NoSuchCore { slot: usize, cores: usize },
+    /// The operating system refused the binding.
+    #[error("binding to CPU {cpu} failed: {reason}")]
+    Bind { cpu: usize, reason: String },
+}
+
+/// One physical core as the pool uses it.
+#[derive(Debug, Clone)]
+pub struct Core {
+    /// OS index of the hardware thread a pinned thread runs on (the first PU of the core, so
+    /// its SMT sibling stays free for the OS rather than competing for the same ALUs).
+    pub cpu: usize,
+    /// Logical index of the NUMA node the core belongs to (0 where hwloc reports none).
+    pub numa_node: usize,
+    cpuset: CpuSet,
+}
+
+/// The machine as discovered once per process.
+pub struct Topology {
+    hw: Option<hwlocality::Topology>,
+    /// Cores in pinning order (NUMA nodes interleaved); empty when pinning is impossible.
+    cores: Vec<Core>,
+    numa_nodes: usize,
+    /// Hardware threads this process may use (for the summary; SMT shows up as pus > cores).
+    pus: usize,
+    /// Why `cores` is empty, if it is.
+    unavailable: Option<String>,
+}
+
+/// The process's topology, discovered on first call. Never panics: a failed discovery yields
+/// a topology with no cores, on which every pin fails with [`TopologyError::Unavailable`].
+pub fn get() -> &'static Topology {
+    static TOPOLOGY: OnceLock<Topology> = OnceLock::new();
+    TOPOLOGY.get_or_init(|| {
+        let t = Topology::discover();
+        tracing::debug!(summary = %t.summary(), "CPU topology");
+        t
+    })
+}
+
+/// Physical cores this process may run on: the sensible default thread count for compute
+/// bound work (SMT siblings share the ALUs a quantized dot product saturates). Falls back to
+/// the OS's count of available hardware threads when hwloc cannot tell.
+pub fn physical_cores() -> usize {
+    let t = get();
+    if t.cores.is_empty() {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        t.cores.len()
+    }
+}
+
+impl Topology {
+    fn discover() -> Topology {
+        match hwlocality::Topology::new() {
+            Ok(hw) => Self::from_hwloc(hw),
+            Err(e) => Self::unavailable(None, format!("hwloc topology discovery failed: {e}")),
+        }
+    }
+
+    fn unavailable(hw: Option<hwlocality::Topology>, why: String) -> Topology {
+        Topology {
+            hw,
+            cores: Vec::new(),
+            numa_nodes: 0,
+            pus: 0,
+            unavailable: Some(why),
+        }
+    }
+
+    fn from_hwloc(hw: hwlocality::Topology) -> Topology {
+        let can_bind = hw
+            .feature_support()
+            .cpu_binding()
+            .is_some_and(|s| s.set_current_thread());
+        if !can_bind {
+            return Self::unavailable(Some(hw), "hwloc cannot bind threads here".into());
+        }
+        // Respect an affinity the process was started with (taskset, a container's cpuset):
+        // pinning outside it would escape what the user asked for. Discovery runs before the
+        // pool pins anything, so this is the launcher's mask.
+        let allowed: Option<CpuSet> = hw.cpu_binding(CpuBindingFlags::THREAD).ok();
+        let nodes: Vec<CpuSet> = hw
+            .objects_with_type(ObjectType::NUMANode)
+            .filter_map(|n| n.cpuset().map(|c| c.clone_target()))
+            .collect();
+        let mut per_node: Vec<Vec<Core>> = vec![Vec::new(); nodes.len().max(1)];
+        let mut pus = 0;
+        for core in hw.objects_with_type(ObjectType::Core) {
+            let Some(set) = core.cpuset() else { continue };
+            let mut set = set.clone_target();
+            if let Some(allowed) = &allowed {
+                set &= allowed;
+            }
+            pus += set.weight().unwrap_or(0);
+            // One PU per core, the lowest-numbered one.
+            set.singlify();
+            let Some(cpu) = set.first_set() else { continue };
+            let numa_node = nodes.iter().position(|n| n.includes(&set)).unwrap_or(0);
+            per_node[numa_node].push(Core {
+                cpu: usize::from(cpu),
+                numa_node,
+                cpuset: set,
+            });
+        }
+        let cores = interleave(per_node);
+        if cores.is_empty() {
+            return Self::unavailable(Some(hw), "hwloc reports no usable core".into());
+        }
+        Topology {
+            hw: Some(hw),
+            cores,
+            numa_nodes: nodes.len().max(1),
+            pus,
+            unavailable: None,
+        }
+    }
+
+    /// Physical cores in pinning order; empty when threads cannot be pinned here.
+    pub fn cores(&self) -> &[Core] {
+        &self.cores
+    }
+
+    /// NUMA nodes with usable cores' memory (0 when unavailable).
+    pub fn numa_nodes(&self) -> usize {
+        self.numa_nodes
+    }
+
+    /// Whether threads can be pinned on this machine.
+    pub fn can_pin(&self) -> bool {
+        !self.cores.is_empty()
+    }
+
+    /// One line for logs: `8 cores (16 PUs) in 2 NUMA nodes`, or why there is no topology.
+    pub fn summary(&self) -> String {
+        match &self.unavailable {
+            Some(why) => format!("topology unavailable ({why})"),
+            None => {
+                let mut s = format!(
+                    "{} physical cores ({} PUs) in {} NUMA node{}",
+                    self.cores.len(),
+                    self.pus,
+                    self.numa_nodes,
+                    if self.numa_nodes == 1 { "" } else { "s" }
+                );
+                if self.numa_nodes > 1 {
+                    let _ = write!(s, ", slots alternate between nodes");
+                }
+                s
+            }
+        }
+    }
+
+    /// Binds the calling thread to the core in `slot` (see [`Topology::cores`]).
+    pub fn pin_current_thread(&self, slot: usize) -> Result<&Core, TopologyError> {
+        let Some(hw) = &self.hw else {
+            return Err(self.unavailable_error());
+        };
+        if self.cores.is_empty() {
+            return Err(self.unavailable_error());
+        }
+        let core = self.cores.get(slot).ok_or(TopologyError::NoSuchCore {
+            slot,
+            cores: self.cores.len(),
+        })?;
+        hw.bind_cpu(&core.cpuset, CpuBindingFlags::THREAD)
+            .map_err(|e| TopologyError::Bind {
+                cpu: core.cpu,
+                reason: e.to_string(),
+            })?;
+        Ok(core)
+    }
+
+    /// The OS indices of the CPUs the calling thread may run on, as hwloc reads its binding.
+    pub fn current_thread_cpus(&self) -> Result<Vec<usize>, TopologyError> {
+        let Some(hw) = &self.hw else {
+            return Err(self.unavailable_error());
+        };
+        let set = hw
+            .cpu_binding(CpuBindingFlags::THREAD)
+            .map_err(|e| TopologyError::Unavailable(e.to_string()))?;
+        Ok(set.iter_set().map(usize::from).collect())
+    }
+
+    fn unavailable_error(&self) -> TopologyError {
+        TopologyError::Unavailable(
+            self.unavailable
+                .clone()
+                .unwrap_or_else(|| "no topology".into()),
+        )
+    }
+}
+
+impl std::fmt::Debug for Topology {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Topology")
+            .field(
+                "cores",
+                &self.cores.iter().map(|c| c.cpu).collect::<Vec<_>>(),
+            )
+            .field("numa_nodes", &self.numa_nodes)
+            .field("unavailable", &self.unavailable)
+            .finish()
+    }
+}
+
+/// Round-robin over the nodes' core lists: node 0's first core, node 1's first core, …, then
+/// every node's second core, so any prefix of the result is spread as evenly as it can be.
+fn interleave<T>(per_node: Vec<Vec<T>>) -> Vec<T> {
+    let total = per_node.iter().map(Vec::len).sum();
+    let mut iters: Vec<_> = per_node.into_iter().map(Vec::into_iter).collect();
+    let mut out = Vec::with_capacity(total);
+    while out.len() < total {
+        for it in &mut iters {
+            if let Some(x) = it.next() {
+                out.push(x);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interleave_spreads_prefixes_over_nodes() {
+        let nodes = vec![vec![0, 1, 2, 3], vec![10, 11], vec![20]];
+        assert_eq!(interleave(nodes), vec![0, 10, 20, 1, 11, 2, 3]);
+        assert_eq!(interleave::<u8>(vec![]), Vec::<u8>::new());
+        assert_eq!(interleave(vec![vec![], vec![5]]), vec![5]);
+    }
+
+    #[test]
+    fn discovery_is_consistent() {
+        let t = get();
+        let n = physical_cores();
+        assert!(n >= 1);
+        if t.can_pin() {
+            assert_eq!(n, t.cores().len());
+            assert!(t.numa_nodes() >= 1);
+            assert!(t.cores().iter().all(|c| c.numa_node < t.numa_nodes()));
+            // One PU per core, no PU twice.
+            let mut cpus: Vec<usize> = t.cores().iter().map(|c| c.cpu).collect();
+            cpus.sort_unstable();
+            cpus.dedup();
+            assert_eq!(cpus.len(), n);
+            assert!(t.summary().contains("physical cores"));
+        } else {
+            assert!(t.summary().contains("unavailable"));
+            assert!(matches!(
+                t.pin_current_thread(0),
+                Err(TopologyError::Unavailable(_))
+            ));
+        }
+        assert!(matches!(
+            t.pin_current_thread(usize::MAX),
+            Err(TopologyError::NoSuchCore { .. } | TopologyError::Unavailable(_))
+        ));
+    }
+
+    #[test]
+    fn pinning_a_thread_restricts_it_to_one_cpu() {
+        let t = get();
+        if !t.can_pin() {
+            return;
+        }
+        let last = t.cores().len() - 1;
+        // A scratch thread, so the test runner's threads keep their affinity.
+        let r = std::thread::spawn(move || {
+            let core = t.pin_current_thread(last).map(|c| c.cpu);
+            (core, t.current_thread_cpus())
+        })
+        .join();
+        let Ok((core, cpus)) = r else {
+            panic!("pinning thread panicked")
+        };
+        match core {
+            Ok(cpu) => assert_eq!(cpus, Ok(vec![cpu])),
+            // A sandbox may forbid sched_setaffinity even where hwloc says it can bind.
+            Err(e) => assert!(matches!(e, TopologyError::Bind { .. }), "{e}"),
+        }
+    }
+}

@@ -1,9 +1,16 @@
-//! Synthetic models: writes GGUF models of any supported architecture with deterministic random weights, for
-//! tests and for files larger than any model at hand.
+//! Synthetic models: writes GGUF models of any supported architecture with deterministic
+//! random weights, for tests and for files larger than any model at hand.
 //!
 //! The tensor list comes from the same name table and [`ArchTraits`] the loader uses, so a
 //! generated file exercises exactly the code paths a real one of that architecture does.
+//! Tensors are declared first and produced row by row while the file is written, so a file
+//! larger than RAM takes a few MB of memory to write. Each tensor draws from its own seeded
+//! generator, so the bytes depend only on the spec and the seed.
 
+use std::io::Write;
+use std::path::Path;
+
+use half::f16;
 use strata_storage::gguf::{ArrayValue, GgufBuilder, Metadata, Value};
 use strata_storage::quant::{GgmlType, quantize_row};
 
@@ -22,11 +29,18 @@ pub struct GenSpec {
     pub head_dim: usize,
     pub n_ff: usize,
     pub n_ctx: usize,
-    /// Type of the big matrices; norms and biases are F32.
+    /// Type of the attention and gate/up matrices.
     pub weight_type: GgmlType,
+    /// Type of `attn_v`, `ffn_down` and the output projection (Q4_K_M files use Q6_K there).
+    pub down_type: GgmlType,
+    /// Type of the token embeddings.
+    pub embd_type: GgmlType,
     /// Sliding window (architectures with sliding-window layers only).
     pub sliding_window: usize,
     pub seed: u64,
+    /// Fill quantized blocks with random bytes and sane scales instead of quantizing random
+    /// floats: as valid, and fast enough that a 30 GB file is bound by the disk.
+    pub random_blocks: bool,
 }
 
 impl GenSpec {
@@ -42,8 +56,32 @@ impl GenSpec {
             n_ff: 512,
             n_ctx: 512,
             weight_type: GgmlType::Q8_0,
+            down_type: GgmlType::Q8_0,
+            embd_type: GgmlType::Q8_0,
             sliding_window: 4,
             seed: 1,
+            random_blocks: false,
+        }
+    }
+
+    /// About 30 GB in Q4_K/Q6_K (a 70B-class shape with 60 layers): larger than this
+    /// machine's RAM.
+    pub fn big(arch: Arch) -> Self {
+        Self {
+            arch,
+            n_layer: 60,
+            n_embd: 8192,
+            n_head: 64,
+            n_head_kv: 8,
+            head_dim: 128,
+            n_ff: 28672,
+            n_ctx: 4096,
+            weight_type: GgmlType::Q4K,
+            down_type: GgmlType::Q6K,
+            embd_type: GgmlType::Q8_0,
+            sliding_window: 1024,
+            seed: 1,
+            random_blocks: true,
         }
     }
 }
@@ -56,25 +94,76 @@ pub enum Vocab<'a> {
     From(&'a Metadata),
 }
 
-/// Builds the whole file in memory (fine for test-sized models).
-pub fn build(spec: &GenSpec, vocab: Vocab<'_>) -> Result<GgufBuilder, EngineError> {
+/// How one tensor's values are drawn.
+#[derive(Clone, Copy)]
+enum Fill {
+    /// Uniform in ±scale.
+    Matrix { scale: f32 },
+    /// `base` ± 0.1 (norm weights around 1, biases around 0).
+    Vector { base: f32 },
+}
+
+struct Plan {
+    name: String,
+    ty: GgmlType,
+    cols: usize,
+    rows: usize,
+    fill: Fill,
+}
+
+/// Writes the model to `w`; returns the bytes written.
+pub fn write(spec: &GenSpec, vocab: Vocab<'_>, w: impl Write) -> Result<u64, EngineError> {
+    let (builder, plans) = declare(spec, vocab)?;
+    let mut index = 0usize;
+    builder
+        .write_with(w, |name, out| {
+            // Tensors are produced in declaration order.
+            let plan = &plans[index];
+            debug_assert_eq!(plan.name, name);
+            let mut rng = Rng(spec.seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            index += 1;
+            produce(plan, spec.random_blocks, &mut rng, out)
+        })
+        .map_err(|e| EngineError::Invalid(format!("writing the model: {e}")))
+}
+
+/// Writes the model to a file (created or truncated).
+pub fn write_file(spec: &GenSpec, vocab: Vocab<'_>, path: &Path) -> Result<u64, EngineError> {
+    let file = std::fs::File::create(path)
+        .map_err(|e| EngineError::Invalid(format!("{}: {e}", path.display())))?;
+    write(
+        spec,
+        vocab,
+        std::io::BufWriter::with_capacity(8 << 20, file),
+    )
+}
+
+/// The whole model in memory (test-sized models).
+pub fn to_bytes(spec: &GenSpec, vocab: Vocab<'_>) -> Result<Vec<u8>, EngineError> {
+    let mut v = Vec::new();
+    write(spec, vocab, &mut v)?;
+    Ok(v)
+}
+
+fn declare(spec: &GenSpec, vocab: Vocab<'_>) -> Result<(GgufBuilder, Vec<Plan>), EngineError> {
     let s = spec;
-    let bs = s.weight_type.block_size();
-    for (what, d) in [
-        ("n_embd", s.n_embd),
-        ("n_ff", s.n_ff),
-        ("q dim", s.n_head * s.head_dim),
-    ] {
-        if d % bs != 0 {
-            return Err(EngineError::Invalid(format!(
-                "{what} = {d} is not a multiple of {}'s block size {bs}",
-                s.weight_type
-            )));
+    for ty in [s.weight_type, s.down_type, s.embd_type] {
+        let bs = ty.block_size();
+        for (what, d) in [
+            ("n_embd", s.n_embd),
+            ("n_ff", s.n_ff),
+            ("q dim", s.n_head * s.head_dim),
+        ] {
+            if d % bs != 0 {
+                return Err(EngineError::Invalid(format!(
+                    "{what} = {d} is not a multiple of {ty}'s block size {bs}"
+                )));
+            }
         }
     }
-    if s.n_head_kv == 0 || s.n_head % s.n_head_kv != 0 {
+    if s.n_head_kv == 0 || s.n_head % s.n_head_kv != 0 || s.n_layer == 0 {
         return Err(EngineError::Invalid(
-            "heads must be a multiple of KV heads".into(),
+            "need at least one layer, and heads a multiple of KV heads".into(),
         ));
     }
     let mut b = GgufBuilder::new();
@@ -82,7 +171,12 @@ pub fn build(spec: &GenSpec, vocab: Vocab<'_>) -> Result<GgufBuilder, EngineErro
     let n_vocab = add_vocab(&mut b, vocab)?;
     let u = |v: usize| Value::U32(v as u32);
     b.kv("general.architecture", Value::String(arch.into()));
-    b.kv("general.name", Value::String(format!("strata-gen {arch}")));
+    b.kv(
+        "general.name",
+        Value::String(format!("strata-synth {arch}")),
+    );
+    b.kv("general.file_type", Value::U32(file_type(s.weight_type)));
+    b.kv("general.quantization_version", Value::U32(2));
     b.kv(&format!("{arch}.block_count"), u(s.n_layer));
     b.kv(&format!("{arch}.context_length"), u(s.n_ctx));
     b.kv(&format!("{arch}.embedding_length"), u(s.n_embd));
@@ -91,6 +185,7 @@ pub fn build(spec: &GenSpec, vocab: Vocab<'_>) -> Result<GgufBuilder, EngineErro
     b.kv(&format!("{arch}.attention.head_count_kv"), u(s.n_head_kv));
     b.kv(&format!("{arch}.attention.key_length"), u(s.head_dim));
     b.kv(&format!("{arch}.attention.value_length"), u(s.head_dim));
+    b.kv(&format!("{arch}.rope.dimension_count"), u(s.head_dim));
     b.kv(
         &format!("{arch}.attention.layer_norm_rms_epsilon"),
         Value::F32(1e-6),
@@ -104,48 +199,144 @@ pub fn build(spec: &GenSpec, vocab: Vocab<'_>) -> Result<GgufBuilder, EngineErro
         );
     }
 
-    let mut rng = Rng(s.seed);
     let (e, q, kv, ff) = (
         s.n_embd,
         s.n_head * s.head_dim,
         s.n_head_kv * s.head_dim,
         s.n_ff,
     );
-    let ty = s.weight_type;
-    let mat = |b: &mut GgufBuilder, name: &str, cols, rows, scale, rng: &mut Rng| {
-        random_matrix(b, name, ty, cols, rows, scale, rng)
+    // Scaled by fan-in so activations stay in a realistic range through many layers.
+    let m = |name: String, ty, cols: usize, rows, scale: Option<f32>| Plan {
+        name,
+        ty,
+        cols,
+        rows,
+        fill: Fill::Matrix {
+            scale: scale.unwrap_or(1.0 / (cols as f32).sqrt()),
+        },
     };
-    // Scaled so activations stay in a realistic range through many layers.
-    let w_scale = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
-    mat(&mut b, names::TOKEN_EMBD, e, n_vocab, 1.0, &mut rng)?;
+    let mut plans = vec![m(
+        names::TOKEN_EMBD.into(),
+        s.embd_type,
+        e,
+        n_vocab,
+        Some(1.0),
+    )];
     for il in 0..s.n_layer {
         let n = |t: LayerTensor| t.gguf_name(il);
-        mat(&mut b, &n(LayerTensor::Q), e, q, w_scale(e), &mut rng)?;
-        mat(&mut b, &n(LayerTensor::K), e, kv, w_scale(e), &mut rng)?;
-        mat(&mut b, &n(LayerTensor::V), e, kv, w_scale(e), &mut rng)?;
-        mat(&mut b, &n(LayerTensor::Output), q, e, w_scale(q), &mut rng)?;
-        mat(&mut b, &n(LayerTensor::Gate), e, ff, w_scale(e), &mut rng)?;
-        mat(&mut b, &n(LayerTensor::Up), e, ff, w_scale(e), &mut rng)?;
-        mat(&mut b, &n(LayerTensor::Down), ff, e, w_scale(ff), &mut rng)?;
+        let (wt, dt) = (s.weight_type, s.down_type);
+        plans.extend([
+            m(n(LayerTensor::Q), wt, e, q, None),
+            m(n(LayerTensor::K), wt, e, kv, None),
+            m(n(LayerTensor::V), dt, e, kv, None),
+            m(n(LayerTensor::Output), wt, q, e, None),
+            m(n(LayerTensor::Gate), wt, e, ff, None),
+            m(n(LayerTensor::Up), wt, e, ff, None),
+            m(n(LayerTensor::Down), dt, ff, e, None),
+        ]);
         for (t, len) in vectors(s.arch, &traits, e, q, kv, s.head_dim) {
             let base = if t.gguf_suffix().ends_with("bias") {
                 0.0
             } else {
                 1.0
             };
-            let v: Vec<f32> = (0..len).map(|_| base + 0.1 * rng.uniform()).collect();
-            b.tensor(&n(t), &[len as u64], GgmlType::F32, f32_bytes(&v));
+            plans.push(Plan {
+                name: n(t),
+                ty: GgmlType::F32,
+                cols: len,
+                rows: 1,
+                fill: Fill::Vector { base },
+            });
         }
     }
-    let norm: Vec<f32> = (0..e).map(|_| 1.0 + 0.1 * rng.uniform()).collect();
-    b.tensor(
-        names::OUTPUT_NORM,
-        &[e as u64],
-        GgmlType::F32,
-        f32_bytes(&norm),
-    );
-    mat(&mut b, names::OUTPUT, e, n_vocab, w_scale(e), &mut rng)?;
-    Ok(b)
+    plans.push(Plan {
+        name: names::OUTPUT_NORM.into(),
+        ty: GgmlType::F32,
+        cols: e,
+        rows: 1,
+        fill: Fill::Vector { base: 1.0 },
+    });
+    plans.push(m(names::OUTPUT.into(), s.down_type, e, n_vocab, None));
+    for p in &plans {
+        let dims: Vec<u64> = match p.fill {
+            Fill::Vector { .. } => vec![p.cols as u64],
+            Fill::Matrix { .. } => vec![p.cols as u64, p.rows as u64],
+        };
+        b.tensor_deferred(&p.name, &dims, p.ty).ok_or_else(|| {
+            EngineError::Invalid(format!("tensor '{}' has an impossible size", p.name))
+        })?;
+    }
+    Ok((b, plans))
+}
+
+fn produce(
+    plan: &Plan,
+    random_blocks: bool,
+    rng: &mut Rng,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
+    let rb = plan.ty.row_bytes(plan.cols);
+    let mut row = vec![0f32; plan.cols];
+    let mut bytes = vec![0u8; rb];
+    for _ in 0..plan.rows {
+        match plan.fill {
+            Fill::Vector { base } => row.iter_mut().for_each(|v| *v = base + 0.1 * rng.uniform()),
+            Fill::Matrix { scale } => {
+                if random_blocks && random_row(plan.ty, scale, rng, &mut bytes) {
+                    out.write_all(&bytes)?;
+                    continue;
+                }
+                row.iter_mut().for_each(|v| *v = scale * rng.uniform());
+            }
+        }
+        quantize_row(plan.ty, &row, &mut bytes).map_err(std::io::Error::other)?;
+        out.write_all(&bytes)?;
+    }
+    Ok(())
+}
+
+/// Fills a row of `ty` blocks with random quants and scales chosen so the weights are about
+/// ±`scale`; false for types without a fast path.
+fn random_row(ty: GgmlType, scale: f32, rng: &mut Rng, row: &mut [u8]) -> bool {
+    // (offset of the f16 d, offset of the f16 dmin if any, d for weights of about ±scale)
+    let (d_at, dmin_at, d) = match ty {
+        GgmlType::Q4K => (0, Some(2), scale / 256.0),
+        GgmlType::Q6K => (208, None, scale / 1024.0),
+        GgmlType::Q8_0 => (0, None, scale / 64.0),
+        _ => return false,
+    };
+    for chunk in row.chunks_mut(8) {
+        let r = rng.next_u64().to_le_bytes();
+        chunk.copy_from_slice(&r[..chunk.len()]);
+    }
+    let d = f16::from_f32(d).to_le_bytes();
+    for block in row.chunks_exact_mut(ty.type_size()) {
+        block[d_at..d_at + 2].copy_from_slice(&d);
+        if let Some(m) = dmin_at {
+            block[m..m + 2].copy_from_slice(&d);
+        }
+    }
+    true
+}
+
+/// llama.cpp's `general.file_type` for a file whose main weights are `ty`.
+fn file_type(ty: GgmlType) -> u32 {
+    match ty {
+        GgmlType::F32 => 0,
+        GgmlType::F16 => 1,
+        GgmlType::Q4_0 => 2,
+        GgmlType::Q4_1 => 3,
+        GgmlType::Q8_0 => 7,
+        GgmlType::Q5_0 => 8,
+        GgmlType::Q5_1 => 9,
+        GgmlType::Q2K => 10,
+        GgmlType::Q3K => 12,
+        GgmlType::Q4K => 15,
+        GgmlType::Q5K => 17,
+        GgmlType::Q6K => 18,
+        GgmlType::Bf16 => 32,
+        _ => 0,
+    }
 }
 
 /// The one-dimensional tensors each layer of `arch` has.
@@ -223,42 +414,20 @@ fn add_vocab(b: &mut GgufBuilder, vocab: Vocab<'_>) -> Result<usize, EngineError
     }
 }
 
-/// A `rows × cols` matrix of uniform values in ±`scale`, quantized to `ty`.
-fn random_matrix(
-    b: &mut GgufBuilder,
-    name: &str,
-    ty: GgmlType,
-    cols: usize,
-    rows: usize,
-    scale: f32,
-    rng: &mut Rng,
-) -> Result<(), EngineError> {
-    let rb = ty.row_bytes(cols);
-    let mut data = vec![0u8; rb * rows];
-    let mut row = vec![0f32; cols];
-    for chunk in data.chunks_exact_mut(rb) {
-        row.iter_mut().for_each(|v| *v = rng.uniform() * scale);
-        quantize_row(ty, &row, chunk).map_err(|err| EngineError::Invalid(err.to_string()))?;
-    }
-    b.tensor(name, &[cols as u64, rows as u64], ty, data);
-    Ok(())
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
 /// SplitMix64: deterministic, seedable, fast.
 struct Rng(u64);
 
 impl Rng {
-    /// Uniform in [-1, 1).
-    fn uniform(&mut self) -> f32 {
+    fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
     }
 }

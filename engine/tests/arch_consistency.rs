@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use strata_engine::model::Arch;
-use strata_engine::synth::{GenSpec, Vocab, build};
+use strata_engine::synth::{GenSpec, Vocab, to_bytes};
 use strata_engine::{Logits, Model};
 use strata_simd::pool::ThreadPool;
 use strata_storage::quant::GgmlType;
@@ -14,7 +14,7 @@ use strata_storage::quant::GgmlType;
 fn load(spec: &GenSpec) -> (tempfile::TempDir, Model) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("m.gguf");
-    let bytes = build(spec, Vocab::Bytes).expect("generate").to_bytes();
+    let bytes = to_bytes(spec, Vocab::Bytes).expect("generate");
     std::fs::write(&path, bytes).expect("write");
     let model = Model::load(&path).expect("load generated model");
     (dir, model)

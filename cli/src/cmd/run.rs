@@ -25,9 +25,10 @@ pub struct Args {
     /// Tokens to generate; -1 means until the model ends its answer or the context is full.
     #[arg(short = 'n', long = "n-predict", default_value_t = -1, allow_negative_numbers = true)]
     pub n_predict: i64,
-    /// Context size in tokens; 0 means the model's trained length.
-    #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
-    pub ctx_size: usize,
+    /// Context size in tokens; 0 means the model's trained length (default: 4096, or the
+    /// trained length when that is shorter).
+    #[arg(short = 'c', long = "ctx-size")]
+    pub ctx_size: Option<usize>,
     /// Threads to compute on (default: one per core).
     #[arg(short = 't', long)]
     pub threads: Option<usize>,
@@ -108,7 +109,10 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         (None, None) => None,
     };
     let loaded = load(&args.model, args.threads)?;
-    let n_ctx = ctx_size(&loaded.model, args.ctx_size)?;
+    let n_ctx = match args.ctx_size {
+        Some(c) => ctx_size(&loaded.model, c)?,
+        None => loaded.model.config.n_ctx_train.min(4096),
+    };
     let mut ctx = loaded.model.new_context(n_ctx, loaded.pool.clone());
     ctx.set_n_ubatch(args.batch_size);
     let mut sampler = Sampler::new(sampler_cfg);

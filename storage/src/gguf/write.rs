@@ -17,7 +17,24 @@ struct PendingTensor {
     name: String,
     dims: Vec<u64>,
     ty: GgmlType,
-    data: Vec<u8>,
+    data: Data,
+}
+
+/// A tensor's bytes: given up front, or produced while the file is written (files larger than
+/// memory).
+#[derive(Clone, Debug)]
+enum Data {
+    Bytes(Vec<u8>),
+    Deferred(u64),
+}
+
+impl Data {
+    fn len(&self) -> u64 {
+        match self {
+            Data::Bytes(b) => b.len() as u64,
+            Data::Deferred(n) => *n,
+        }
+    }
 }
 
 /// Builds a GGUF file in memory and writes it out.
@@ -86,9 +103,24 @@ impl GgufBuilder {
             name: name.to_owned(),
             dims: dims.to_vec(),
             ty,
-            data,
+            data: Data::Bytes(data),
         });
         self
+    }
+
+    /// Declares a tensor whose `ty.bytes_for(elements)` bytes [`GgufBuilder::write_with`] asks
+    /// for when it reaches it, so a file of any size is written with bounded memory. Returns
+    /// `None` when the dims are not a whole number of blocks or overflow.
+    pub fn tensor_deferred(&mut self, name: &str, dims: &[u64], ty: GgmlType) -> Option<&mut Self> {
+        let n = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d))?;
+        let len = ty.bytes_for(n)?;
+        self.tensors.push(PendingTensor {
+            name: name.to_owned(),
+            dims: dims.to_vec(),
+            ty,
+            data: Data::Deferred(len),
+        });
+        Some(self)
     }
 
     /// The alignment used for padding; 0 would make padding meaningless.
@@ -131,20 +163,49 @@ impl GgufBuilder {
             }
             h.extend_from_slice(&t.ty.id().to_le_bytes());
             h.extend_from_slice(&offset.to_le_bytes());
-            offset = (offset + t.data.len() as u64).next_multiple_of(self.pad_unit());
+            offset = (offset + t.data.len()).next_multiple_of(self.pad_unit());
         }
         h
     }
 
     /// Writes the whole file and returns the number of bytes written.
-    pub fn write_to<W: Write>(&self, mut w: W) -> io::Result<u64> {
+    pub fn write_to<W: Write>(&self, w: W) -> io::Result<u64> {
+        self.write_with(w, |name, _| {
+            Err(io::Error::other(format!(
+                "tensor '{name}' was declared deferred; write it with write_with"
+            )))
+        })
+    }
+
+    /// Like [`GgufBuilder::write_to`], calling `produce(name, out)` for each deferred tensor to
+    /// write exactly its declared number of bytes (checked).
+    pub fn write_with<W: Write>(
+        &self,
+        mut w: W,
+        mut produce: impl FnMut(&str, &mut dyn Write) -> io::Result<()>,
+    ) -> io::Result<u64> {
         let header = self.header();
         w.write_all(&header)?;
         let mut pos = header.len() as u64;
         pos += pad(&mut w, pos, self.pad_unit())?;
         for t in &self.tensors {
-            w.write_all(&t.data)?;
-            pos += t.data.len() as u64;
+            match &t.data {
+                Data::Bytes(b) => w.write_all(b)?,
+                Data::Deferred(len) => {
+                    let mut counted = Counting {
+                        inner: &mut w,
+                        n: 0,
+                    };
+                    produce(&t.name, &mut counted)?;
+                    if counted.n != *len {
+                        return Err(io::Error::other(format!(
+                            "tensor '{}': produced {} bytes, declared {len}",
+                            t.name, counted.n
+                        )));
+                    }
+                }
+            }
+            pos += t.data.len();
             pos += pad(&mut w, pos, self.pad_unit())?;
         }
         w.flush()?;
@@ -161,6 +222,24 @@ impl GgufBuilder {
 }
 
 /// Writes zeros up to the next multiple of `align`; returns how many.
+/// Counts the bytes written through it.
+struct Counting<'a, W: Write> {
+    inner: &'a mut W,
+    n: u64,
+}
+
+impl<W: Write> Write for Counting<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let k = self.inner.write(buf)?;
+        self.n += k as u64;
+        Ok(k)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 fn pad<W: Write>(w: &mut W, pos: u64, align: u64) -> io::Result<u64> {
     let n = pos.next_multiple_of(align) - pos;
     let zeros = [0u8; 256];

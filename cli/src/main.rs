@@ -27,6 +27,9 @@ enum Command {
     Tokenize(cmd::tokenize::Args),
     /// Prompt-processing and generation speed (llama-bench).
     Bench(cmd::bench::Args),
+    /// Write a GGUF model with deterministic random weights (tests, larger-than-RAM files).
+    #[command(name = "gen")]
+    Gen(cmd::generate::Args),
     /// Perplexity of a text file (llama-perplexity).
     Perplexity(cmd::perplexity::Args),
     /// Fetch a model into the store: a built-in name, an https URL or a local path.
@@ -92,6 +95,7 @@ fn main() -> ExitCode {
         Command::Run(a) => cmd::run::exec(a),
         Command::Tokenize(a) => cmd::tokenize::exec(a),
         Command::Bench(a) => cmd::bench::exec(a),
+        Command::Gen(a) => cmd::generate::exec(a),
         Command::Perplexity(a) => cmd::perplexity::exec(a),
         Command::Pull(a) => cmd::pull::exec(a),
         Command::List(a) => cmd::list::exec(a),

@@ -1,0 +1,389 @@
+//! OpenAI wire types: what requests may say, checked into typed parameters before anything
+//! reaches the engine, and the response bodies.
+
+use serde::{Deserialize, Serialize};
+use strata_engine::sampler::SamplerConfig;
+
+use crate::error::ApiError;
+
+/// At most this many stop strings (OpenAI's limit).
+const MAX_STOPS: usize = 4;
+const MAX_STOP_BYTES: usize = 256;
+
+#[derive(Deserialize)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<Message>,
+    #[serde(flatten)]
+    pub params: RawParams,
+}
+
+#[derive(Deserialize)]
+pub struct Message {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+pub struct Part {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+impl Message {
+    /// The message's text; only text parts are supported.
+    pub fn text(&self) -> Result<String, ApiError> {
+        match &self.content {
+            None => Ok(String::new()),
+            Some(Content::Text(t)) => Ok(t.clone()),
+            Some(Content::Parts(parts)) => {
+                let mut out = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), &p.text) {
+                        ("text", Some(t)) => out.push_str(t),
+                        (kind, _) => {
+                            return Err(ApiError::BadRequest(format!(
+                                "message content part of type '{kind}' is not supported (only text)"
+                            )));
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: PromptField,
+    #[serde(flatten)]
+    pub params: RawParams,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum PromptField {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl PromptField {
+    pub fn into_text(self) -> Result<String, ApiError> {
+        match self {
+            PromptField::One(s) => Ok(s),
+            PromptField::Many(mut v) if v.len() == 1 => Ok(v.remove(0)),
+            PromptField::Many(_) => Err(ApiError::BadRequest(
+                "'prompt' must be one string (batched prompts are not supported)".into(),
+            )),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Sampling and length fields as a client sent them; wide numeric types so that an absurd
+/// value is reported by [`RawParams::validate`] with its name rather than as a parse error.
+#[derive(Deserialize, Default)]
+pub struct RawParams {
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    #[serde(default)]
+    pub top_k: Option<i64>,
+    #[serde(default)]
+    pub min_p: Option<f64>,
+    #[serde(default)]
+    pub repeat_penalty: Option<f64>,
+    #[serde(default)]
+    pub seed: Option<i64>,
+    #[serde(default)]
+    pub stop: Option<StopField>,
+    #[serde(default)]
+    pub n: Option<i64>,
+}
+
+/// Checked parameters of one generation.
+#[derive(Clone, Debug)]
+pub struct GenParams {
+    pub stream: bool,
+    /// `None`: what is left of the context.
+    pub max_tokens: Option<usize>,
+    pub sampler: SamplerConfig,
+    pub stop: Vec<String>,
+}
+
+impl RawParams {
+    pub fn validate(self) -> Result<GenParams, ApiError> {
+        let bad = |m: String| Err(ApiError::BadRequest(m));
+        if let Some(n) = self.n
+            && n != 1
+        {
+            return bad(format!("'n' must be 1 (got {n}); one choice per request"));
+        }
+        let max_tokens = match self.max_tokens.or(self.max_completion_tokens) {
+            None => None,
+            Some(m) if m < 1 => return bad(format!("'max_tokens' must be at least 1, got {m}")),
+            Some(m) => Some(usize::try_from(m).unwrap_or(usize::MAX)),
+        };
+        let temp = self.temperature.unwrap_or(0.8);
+        if !(0.0..=2.0).contains(&temp) {
+            return bad(format!("'temperature' must be in [0, 2], got {temp}"));
+        }
+        let top_p = self.top_p.unwrap_or(0.95);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return bad(format!("'top_p' must be in (0, 1], got {top_p}"));
+        }
+        let top_k = self.top_k.unwrap_or(40);
+        if !(0..=1_000_000).contains(&top_k) {
+            return bad(format!("'top_k' must be in [0, 1000000], got {top_k}"));
+        }
+        let min_p = self.min_p.unwrap_or(0.05);
+        if !(0.0..=1.0).contains(&min_p) {
+            return bad(format!("'min_p' must be in [0, 1], got {min_p}"));
+        }
+        let repeat_penalty = self.repeat_penalty.unwrap_or(1.0);
+        if !(repeat_penalty > 0.0 && repeat_penalty <= 100.0) {
+            return bad(format!(
+                "'repeat_penalty' must be in (0, 100], got {repeat_penalty}"
+            ));
+        }
+        let seed = match self.seed {
+            Some(s) if s < 0 => return bad(format!("'seed' must be non-negative, got {s}")),
+            Some(s) => s as u64,
+            None => random_seed(),
+        };
+        let stop = match self.stop {
+            None => Vec::new(),
+            Some(StopField::One(s)) => vec![s],
+            Some(StopField::Many(v)) => v,
+        };
+        if stop.len() > MAX_STOPS {
+            return bad(format!(
+                "at most {MAX_STOPS} 'stop' strings, got {}",
+                stop.len()
+            ));
+        }
+        if let Some(s) = stop
+            .iter()
+            .find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+        {
+            return bad(format!(
+                "'stop' strings must be 1 to {MAX_STOP_BYTES} bytes, got {} bytes",
+                s.len()
+            ));
+        }
+        let sampler = SamplerConfig {
+            temp: temp as f32,
+            top_k: top_k as usize,
+            top_p: top_p as f32,
+            min_p: min_p as f32,
+            repeat_penalty: repeat_penalty as f32,
+            repeat_last_n: 64,
+            seed,
+        };
+        sampler.validate().map_err(ApiError::BadRequest)?;
+        Ok(GenParams {
+            stream: self.stream.unwrap_or(false),
+            max_tokens,
+            sampler,
+            stop,
+        })
+    }
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    // RandomState is seeded per process and per instance from the OS; enough for sampling.
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+/// Parses a request body, turning serde's message into a 400 with a JSON error body.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+#[derive(Serialize, Clone, Copy)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+/// Which OpenAI endpoint a generation answers, which decides the shape of its chunks.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Endpoint {
+    Chat,
+    Completion,
+}
+
+/// Builds the response bodies of one generation.
+pub struct Shape {
+    pub endpoint: Endpoint,
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+}
+
+impl Shape {
+    pub fn new(endpoint: Endpoint, model: &str) -> Self {
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let prefix = match endpoint {
+            Endpoint::Chat => "chatcmpl",
+            Endpoint::Completion => "cmpl",
+        };
+        Self {
+            endpoint,
+            id: format!("{prefix}-{:016x}", random_seed()),
+            created,
+            model: model.to_owned(),
+        }
+    }
+
+    pub fn full(&self, text: &str, finish: &str, usage: Usage) -> serde_json::Value {
+        let choice = match self.endpoint {
+            Endpoint::Chat => serde_json::json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish,
+            }),
+            Endpoint::Completion => serde_json::json!({
+                "index": 0, "text": text, "logprobs": null, "finish_reason": finish,
+            }),
+        };
+        serde_json::json!({
+            "id": self.id,
+            "object": match self.endpoint {
+                Endpoint::Chat => "chat.completion",
+                Endpoint::Completion => "text_completion",
+            },
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": usage,
+        })
+    }
+
+    /// One stream chunk: `text` as a delta (`role` too on a chat stream's first chunk), or the
+    /// final chunk when `finish` is given.
+    pub fn chunk(
+        &self,
+        text: Option<&str>,
+        first: bool,
+        finish: Option<&str>,
+        usage: Option<Usage>,
+    ) -> serde_json::Value {
+        let choice = match self.endpoint {
+            Endpoint::Chat => {
+                let mut delta = serde_json::Map::new();
+                if first {
+                    delta.insert("role".into(), "assistant".into());
+                }
+                if let Some(t) = text {
+                    delta.insert("content".into(), t.into());
+                }
+                serde_json::json!({"index": 0, "delta": delta, "finish_reason": finish})
+            }
+            Endpoint::Completion => serde_json::json!({
+                "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish,
+            }),
+        };
+        let mut v = serde_json::json!({
+            "id": self.id,
+            "object": match self.endpoint {
+                Endpoint::Chat => "chat.completion.chunk",
+                Endpoint::Completion => "text_completion",
+            },
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        });
+        if let (Some(u), Some(obj)) = (usage, v.as_object_mut()) {
+            obj.insert("usage".into(), serde_json::json!(u));
+        }
+        v
+    }
+}
+
+#[derive(Deserialize)]
+pub struct ModelRef {
+    pub model: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(json: &str) -> Result<GenParams, ApiError> {
+        parse_json::<RawParams>(json.as_bytes())?.validate()
+    }
+
+    #[test]
+    fn defaults_are_llama_cpp_sampling() {
+        let p = params("{}").map_err(|e| e.to_string()).expect("valid");
+        assert!(!p.stream);
+        assert_eq!(p.max_tokens, None);
+        assert!((p.sampler.temp - 0.8).abs() < 1e-6);
+    }
+
+    #[test]
+    fn absurd_values_are_rejected_by_name() {
+        for (json, field) in [
+            (r#"{"max_tokens": 0}"#, "max_tokens"),
+            (r#"{"max_tokens": -5}"#, "max_tokens"),
+            (r#"{"temperature": -1}"#, "temperature"),
+            (r#"{"temperature": 1e300}"#, "temperature"),
+            (r#"{"top_p": 0}"#, "top_p"),
+            (r#"{"top_p": 1.5}"#, "top_p"),
+            (r#"{"seed": -1}"#, "seed"),
+            (r#"{"stop": ""}"#, "stop"),
+            (r#"{"stop": ["a","b","c","d","e"]}"#, "stop"),
+            (r#"{"n": 3}"#, "'n'"),
+        ] {
+            let err = params(json)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains(field), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn stop_accepts_string_or_list() {
+        let p = params(r#"{"stop": "\n"}"#)
+            .map_err(|e| e.to_string())
+            .expect("valid");
+        assert_eq!(p.stop, vec!["\n".to_string()]);
+        let p = params(r#"{"stop": ["x", "y"], "seed": 7}"#)
+            .map_err(|e| e.to_string())
+            .expect("valid");
+        assert_eq!(p.stop.len(), 2);
+        assert_eq!(p.sampler.seed, 7);
+    }
+}

@@ -1,0 +1,22 @@
+//! strata-daemon: `stratad`, strata's service over a Unix socket.
+//!
+//! - [`server`] holds the axum router: OpenAI-compatible `/v1` routes, native `/api` routes
+//!   and `/metrics`; [`api`] checks request bodies into typed [`api::GenParams`].
+//! - [`manager::Manager`] loads models by store name, unloads them after the keep-alive, and
+//!   gives each one an engine thread ([`worker`]) that owns every sequence's state and is
+//!   reached only through a bounded queue of typed requests.
+//! - [`listen`] binds (or inherits, under socket activation) the sockets and runs the accept
+//!   loops; [`notify`] speaks systemd's readiness protocol; [`shutdown`] is the drain state.
+//!
+//! The API is documented in `daemon/API.md`.
+
+pub mod api;
+pub mod error;
+pub mod listen;
+pub mod manager;
+pub mod metrics;
+pub mod notify;
+pub mod server;
+pub mod shutdown;
+pub mod stop;
+pub mod worker;

@@ -1,0 +1,262 @@
+//! Loaded models: loading by store name on first use or on request, the keep-alive reaper,
+//! and unloading. A model is addressed only by a store name, never by a path, so no request
+//! can make the daemon open a file outside the store.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use strata_engine::Model;
+use strata_engine::chat::{ChatMessage, ChatTemplate};
+use strata_simd::pool::ThreadPool;
+use strata_storage::store::{Store, StoreError};
+
+use crate::error::ApiError;
+use crate::metrics::{Metrics, ModelGauges};
+use crate::shutdown::Shutdown;
+use crate::worker::{self, WorkerConfig, WorkerHandle};
+
+#[derive(Clone, Debug)]
+pub struct ManagerConfig {
+    /// 0: the model's trained length.
+    pub ctx_size: usize,
+    pub parallel: usize,
+    pub max_queue: usize,
+    pub threads: usize,
+    /// `None`: never unload.
+    pub keep_alive: Option<Duration>,
+}
+
+pub struct LoadedModel {
+    pub name: String,
+    pub model: Arc<Model>,
+    /// `Err` holds why the file's chat template cannot be used; only chat requests care.
+    pub template: Result<ChatTemplate, String>,
+    pub worker: WorkerHandle,
+    pub n_ctx: usize,
+    pub parallel: usize,
+}
+
+impl LoadedModel {
+    /// The token ids of a rendered conversation, ready for generation.
+    pub fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, ApiError> {
+        let template = self.template.as_ref().map_err(|e| {
+            ApiError::BadRequest(format!(
+                "model '{}' has no usable chat template: {e}",
+                self.name
+            ))
+        })?;
+        let rendered = template
+            .render(messages, true)
+            .map_err(|e| ApiError::BadRequest(format!("rendering the chat template: {e}")))?;
+        // The tokenizer adds BOS itself; drop the template's copy so there is only one.
+        let text = template
+            .bos_prefix()
+            .and_then(|p| rendered.strip_prefix(p))
+            .unwrap_or(&rendered);
+        Ok(self.model.tokenizer.encode(text, true, true))
+    }
+
+    /// Plain completion: the caller's text with BOS when the model wants one; special-token
+    /// text in a prompt is not parsed, so a prompt cannot forge control tokens.
+    pub fn completion_tokens(&self, prompt: &str) -> Vec<u32> {
+        self.model.tokenizer.encode(prompt, true, false)
+    }
+}
+
+pub struct Manager {
+    cfg: ManagerConfig,
+    loaded: Mutex<BTreeMap<String, Arc<LoadedModel>>>,
+    /// Loads run one at a time: two requests for the same new model load it once, and two
+    /// different loads do not compete for memory bandwidth.
+    load_lock: tokio::sync::Mutex<()>,
+    metrics: Arc<Metrics>,
+    shutdown: Arc<Shutdown>,
+}
+
+pub enum LoadOutcome {
+    Loaded { ms: f64 },
+    AlreadyLoaded,
+}
+
+impl Manager {
+    pub fn new(cfg: ManagerConfig, metrics: Arc<Metrics>, shutdown: Arc<Shutdown>) -> Self {
+        Self {
+            cfg,
+            loaded: Mutex::new(BTreeMap::new()),
+            load_lock: tokio::sync::Mutex::new(()),
+            metrics,
+            shutdown,
+        }
+    }
+
+    fn lookup(&self, name: &str) -> Option<Arc<LoadedModel>> {
+        self.loaded.lock().ok()?.get(name).cloned()
+    }
+
+    pub fn snapshot(&self) -> Vec<Arc<LoadedModel>> {
+        self.loaded
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn keep_alive(&self) -> Option<Duration> {
+        self.cfg.keep_alive
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Arc<LoadedModel>, ApiError> {
+        self.ensure(name).await.map(|(m, _)| m)
+    }
+
+    pub async fn ensure(&self, name: &str) -> Result<(Arc<LoadedModel>, LoadOutcome), ApiError> {
+        if let Some(m) = self.lookup(name) {
+            return Ok((m, LoadOutcome::AlreadyLoaded));
+        }
+        let _guard = self.load_lock.lock().await;
+        if let Some(m) = self.lookup(name) {
+            return Ok((m, LoadOutcome::AlreadyLoaded));
+        }
+        let path = store_path(name)?;
+        let t0 = Instant::now();
+        let cfg = self.cfg.clone();
+        let owned = name.to_owned();
+        let (model, template, pool) = tokio::task::spawn_blocking(move || {
+            let model = Model::load(&path)
+                .map_err(|e| ApiError::Internal(format!("loading model '{owned}': {e}")))?;
+            let template =
+                ChatTemplate::from_gguf(&model.weights().gguf().metadata, model.config.arch.name())
+                    .map_err(|e| e.to_string());
+            let pool = Arc::new(ThreadPool::new(cfg.threads));
+            Ok::<_, ApiError>((Arc::new(model), template, pool))
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("model loader task failed: {e}")))??;
+        let train = model.config.n_ctx_train;
+        let n_ctx = if self.cfg.ctx_size == 0 {
+            train
+        } else {
+            self.cfg.ctx_size.min(train)
+        };
+        let wcfg = WorkerConfig {
+            n_ctx,
+            parallel: self.cfg.parallel,
+            max_queue: self.cfg.max_queue,
+            prefill_chunk: 256,
+        };
+        let worker = worker::spawn(
+            name,
+            model.clone(),
+            pool,
+            wcfg,
+            self.metrics.clone(),
+            self.shutdown.clone(),
+        )
+        .map_err(|e| ApiError::Internal(format!("starting the engine thread: {e}")))?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(
+            model = name,
+            arch = model.config.arch.name(),
+            n_ctx,
+            "loaded in {ms:.0} ms"
+        );
+        let loaded = Arc::new(LoadedModel {
+            name: name.to_owned(),
+            model,
+            template,
+            worker,
+            n_ctx,
+            parallel: self.cfg.parallel,
+        });
+        if let Ok(mut map) = self.loaded.lock() {
+            map.insert(name.to_owned(), loaded.clone());
+        }
+        Ok((loaded, LoadOutcome::Loaded { ms }))
+    }
+
+    /// Removes a model from the table; its engine thread ends once running requests finish.
+    pub fn unload(&self, name: &str) -> bool {
+        let removed = self.loaded.lock().ok().and_then(|mut m| m.remove(name));
+        if removed.is_some() {
+            tracing::info!(model = name, "unloaded");
+        }
+        removed.is_some()
+    }
+
+    /// Unloads models idle past the keep-alive.
+    pub fn reap_idle(&self) {
+        let Some(keep) = self.cfg.keep_alive else {
+            return;
+        };
+        let idle: Vec<String> = self
+            .snapshot()
+            .iter()
+            .filter(|m| {
+                m.worker
+                    .stats
+                    .active
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    == 0
+                    && m.worker.queued() == 0
+                    && m.worker.stats.idle_s() >= keep.as_secs_f64()
+            })
+            .map(|m| m.name.clone())
+            .collect();
+        for name in idle {
+            tracing::info!(model = %name, "idle past keep-alive");
+            self.unload(&name);
+        }
+    }
+
+    pub fn gauges(&self) -> Vec<ModelGauges> {
+        self.snapshot()
+            .iter()
+            .map(|m| ModelGauges {
+                name: m.name.clone(),
+                queued: m.worker.queued(),
+                active: m
+                    .worker
+                    .stats
+                    .active
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                kv_bytes: m
+                    .worker
+                    .stats
+                    .kv_bytes
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// Sequences running or queued over all models.
+    pub fn busy(&self) -> usize {
+        self.gauges().iter().map(|g| g.active + g.queued).sum()
+    }
+}
+
+/// The file of store model `name`; a bad name is a 400, an absent model a 404.
+fn store_path(name: &str) -> Result<std::path::PathBuf, ApiError> {
+    let store = Store::open_default()
+        .map_err(|e| ApiError::Internal(format!("opening the model store: {e}")))?;
+    let path = store.model_path(name).map_err(|e| match e {
+        StoreError::BadName { .. } => ApiError::BadRequest(format!("bad model name: {e}")),
+        other => ApiError::Internal(other.to_string()),
+    })?;
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(ApiError::NotFound(format!(
+            "model '{name}' is not in the store (pull it with `strata pull {name}`)"
+        )))
+    }
+}
+
+/// Names of the models in the store, for `/v1/models`.
+pub fn store_models() -> Result<Vec<String>, ApiError> {
+    let store = Store::open_default()
+        .map_err(|e| ApiError::Internal(format!("opening the model store: {e}")))?;
+    let list = store
+        .list()
+        .map_err(|e| ApiError::Internal(format!("listing the model store: {e}")))?;
+    Ok(list.into_iter().map(|e| e.name).collect())
+}

@@ -1,0 +1,393 @@
+//! The HTTP routes: OpenAI-compatible `/v1`, native `/api`, and `/metrics`.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use strata_engine::chat::ChatMessage;
+use tokio::sync::mpsc;
+
+use crate::api::{
+    ChatRequest, CompletionRequest, Endpoint, GenParams, ModelRef, Shape, Usage, parse_json,
+};
+use crate::error::ApiError;
+use crate::manager::{LoadOutcome, LoadedModel, Manager, store_models};
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+use crate::worker::{Event, GenRequest, SubmitError};
+
+/// Request bodies past this get 413.
+pub const MAX_BODY: usize = 2 * 1024 * 1024;
+
+pub struct AppState {
+    pub manager: Manager,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: Arc<Shutdown>,
+    pub started: Instant,
+}
+
+/// Who sent a request, attached by the listener for logging.
+#[derive(Clone, Debug)]
+pub enum Peer {
+    Unix { uid: Option<u32>, pid: Option<i32> },
+    Tcp(std::net::SocketAddr),
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/api/health", get(health))
+        .route("/api/ps", get(ps))
+        .route("/api/load", post(load))
+        .route("/api/unload", post(unload))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+/// Logs each request with its peer's credentials and counts it for `/metrics`.
+async fn observe(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let t0 = Instant::now();
+    let endpoint = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("other", |p| p.as_str())
+        .to_owned();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let peer = req.extensions().get::<Peer>().cloned();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    st.metrics.record_request(&endpoint, status);
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    match peer {
+        Some(Peer::Unix { uid, pid }) => {
+            tracing::info!(%method, path, status, ?uid, ?pid, "request ({ms:.1} ms to headers)")
+        }
+        Some(Peer::Tcp(addr)) => {
+            tracing::info!(%method, path, status, %addr, "request ({ms:.1} ms to headers)")
+        }
+        None => tracing::info!(%method, path, status, "request ({ms:.1} ms to headers)"),
+    }
+    resp
+}
+
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge { limit: MAX_BODY }
+        } else {
+            ApiError::BadRequest(r.body_text())
+        }
+    })
+}
+
+impl AppState {
+    fn accepting(&self) -> Result<(), ApiError> {
+        if self.shutdown.stopping() {
+            self.metrics
+                .rejected_stopping
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::Overloaded("the daemon is shutting down".into()));
+        }
+        Ok(())
+    }
+}
+
+async fn chat(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse_json(&body_bytes(body)?)?;
+    let params = req.params.validate()?;
+    if req.messages.is_empty() {
+        return Err(ApiError::BadRequest("'messages' must not be empty".into()));
+    }
+    let messages = req
+        .messages
+        .iter()
+        .map(|m| Ok(ChatMessage::new(m.role.clone(), m.text()?)))
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    st.accepting()?;
+    let loaded = st.manager.get(&req.model).await?;
+    let l = loaded.clone();
+    // Rendering and tokenizing a 2 MiB prompt takes long enough to stall an async worker.
+    let prompt = tokio::task::spawn_blocking(move || l.chat_tokens(&messages))
+        .await
+        .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))??;
+    generate(&st, &loaded, prompt, params, Endpoint::Chat).await
+}
+
+async fn completions(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse_json(&body_bytes(body)?)?;
+    let params = req.params.validate()?;
+    let text = req.prompt.into_text()?;
+    st.accepting()?;
+    let loaded = st.manager.get(&req.model).await?;
+    let l = loaded.clone();
+    let prompt = tokio::task::spawn_blocking(move || l.completion_tokens(&text))
+        .await
+        .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))?;
+    if prompt.is_empty() {
+        return Err(ApiError::BadRequest(
+            "the prompt is empty and this model adds no BOS token".into(),
+        ));
+    }
+    generate(&st, &loaded, prompt, params, Endpoint::Completion).await
+}
+
+async fn generate(
+    st: &AppState,
+    loaded: &LoadedModel,
+    prompt: Vec<u32>,
+    params: GenParams,
+    endpoint: Endpoint,
+) -> Result<Response, ApiError> {
+    let n_prompt = prompt.len();
+    let room = loaded.n_ctx.saturating_sub(n_prompt);
+    let max_tokens = params.max_tokens.unwrap_or(room);
+    if room == 0 || max_tokens > room {
+        return Err(ApiError::BadRequest(format!(
+            "the prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the context size \
+             ({} tokens)",
+            loaded.n_ctx
+        )));
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let req = GenRequest {
+        prompt,
+        max_tokens,
+        sampler: params.sampler,
+        stop: params.stop,
+        events: tx,
+    };
+    loaded.worker.submit(req).map_err(|e| match e {
+        SubmitError::Full(_) => {
+            st.metrics
+                .rejected_queue_full
+                .fetch_add(1, Ordering::Relaxed);
+            ApiError::Overloaded(format!("model '{}': {e}", loaded.name))
+        }
+        SubmitError::Closed => ApiError::Internal(e.to_string()),
+    })?;
+    st.metrics
+        .prompt_tokens
+        .fetch_add(n_prompt as u64, Ordering::Relaxed);
+    let shape = Shape::new(endpoint, &loaded.name);
+    if params.stream {
+        let stream = SseStream {
+            rx,
+            shape,
+            started: false,
+            done: false,
+        };
+        return Ok((
+            [
+                (header::CONTENT_TYPE, "text/event-stream"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            Body::from_stream(stream),
+        )
+            .into_response());
+    }
+    collect(rx, shape).await
+}
+
+/// Waits for a whole answer. If the client goes away, hyper drops this future and with it
+/// `rx`, which the engine thread sees as a cancellation.
+async fn collect(
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    shape: Shape,
+) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    loop {
+        match rx.recv().await {
+            Some(Event::Text(t)) => text.push_str(&t),
+            Some(Event::Done(f)) => {
+                let usage = usage(f.prompt_tokens, f.completion_tokens);
+                return Ok(Json(shape.full(&text, f.reason.as_str(), usage)).into_response());
+            }
+            Some(Event::Failed(m)) => return Err(ApiError::Internal(m)),
+            None => return Err(ApiError::Internal("the engine thread stopped".into())),
+        }
+    }
+}
+
+fn usage(prompt: usize, completion: usize) -> Usage {
+    Usage {
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        total_tokens: prompt + completion,
+    }
+}
+
+/// Server-sent events over an engine stream. Dropping it (hyper does when the client
+/// disconnects) drops the receiver, which cancels the sequence.
+struct SseStream {
+    rx: mpsc::UnboundedReceiver<Event>,
+    shape: Shape,
+    started: bool,
+    done: bool,
+}
+
+fn sse(v: &serde_json::Value) -> String {
+    format!("data: {v}\n\n")
+}
+
+impl tokio_stream::Stream for SseStream {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if !self.started && self.shape.endpoint == Endpoint::Chat {
+            // OpenAI opens a chat stream with the role, so clients can print a header early.
+            self.started = true;
+            let first = sse(&self.shape.chunk(Some(""), true, None, None));
+            return Poll::Ready(Some(Ok(Bytes::from(first))));
+        }
+        self.started = true;
+        let ev = match self.rx.poll_recv(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(ev) => ev,
+        };
+        let out = match ev {
+            Some(Event::Text(t)) => sse(&self.shape.chunk(Some(&t), false, None, None)),
+            Some(Event::Done(f)) => {
+                self.done = true;
+                let u = usage(f.prompt_tokens, f.completion_tokens);
+                let last = self
+                    .shape
+                    .chunk(None, false, Some(f.reason.as_str()), Some(u));
+                format!("{}data: [DONE]\n\n", sse(&last))
+            }
+            Some(Event::Failed(m)) => {
+                self.done = true;
+                format!("{}data: [DONE]\n\n", sse(&ApiError::Internal(m).body()))
+            }
+            None => {
+                self.done = true;
+                let err = ApiError::Internal("the engine thread stopped".into());
+                format!("{}data: [DONE]\n\n", sse(&err.body()))
+            }
+        };
+        Poll::Ready(Some(Ok(Bytes::from(out))))
+    }
+}
+
+async fn models() -> Result<Json<serde_json::Value>, ApiError> {
+    let names = tokio::task::spawn_blocking(store_models)
+        .await
+        .map_err(|e| ApiError::Internal(format!("store task failed: {e}")))??;
+    let data: Vec<_> = names
+        .iter()
+        .map(
+            |n| serde_json::json!({"id": n, "object": "model", "created": 0, "owned_by": "strata"}),
+        )
+        .collect();
+    Ok(Json(serde_json::json!({"object": "list", "data": data})))
+}
+
+async fn health(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    let status = if st.shutdown.stopping() {
+        "stopping"
+    } else {
+        "ok"
+    };
+    Json(serde_json::json!({
+        "status": status,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": st.started.elapsed().as_secs_f64(),
+    }))
+}
+
+async fn ps(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    let keep = st.manager.keep_alive().map_or(0, |d| d.as_secs());
+    let models: Vec<_> = st
+        .manager
+        .snapshot()
+        .iter()
+        .map(|m| {
+            let s = &m.worker.stats;
+            serde_json::json!({
+                "name": m.name,
+                "arch": m.model.config.arch.name(),
+                "size_bytes": m.model.size_bytes(),
+                "n_ctx": m.n_ctx,
+                "parallel": m.parallel,
+                "kv_bytes": s.kv_bytes.load(Ordering::Relaxed),
+                "active_sequences": s.active.load(Ordering::Relaxed),
+                "queued": m.worker.queued(),
+                "idle_s": s.idle_s(),
+                "keep_alive_s": keep,
+                "tokens_generated": s.tokens_generated.load(Ordering::Relaxed),
+            })
+        })
+        .collect();
+    Json(serde_json::json!({"models": models}))
+}
+
+async fn load(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let req: ModelRef = parse_json(&body_bytes(body)?)?;
+    st.accepting()?;
+    let (_, outcome) = st.manager.ensure(&req.model).await?;
+    let (status, ms) = match outcome {
+        LoadOutcome::Loaded { ms } => ("loaded", ms),
+        LoadOutcome::AlreadyLoaded => ("already_loaded", 0.0),
+    };
+    Ok(Json(
+        serde_json::json!({"model": req.model, "status": status, "load_ms": ms}),
+    ))
+}
+
+async fn unload(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let req: ModelRef = parse_json(&body_bytes(body)?)?;
+    if st.manager.unload(&req.model) {
+        Ok(Json(
+            serde_json::json!({"model": req.model, "status": "unloaded"}),
+        ))
+    } else {
+        Err(ApiError::NotFound(format!(
+            "model '{}' is not loaded",
+            req.model
+        )))
+    }
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    let text = st.metrics.render(&st.manager.gauges());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}

@@ -1,0 +1,407 @@
+//! The engine thread of one loaded model. It owns every sequence's state (KV cache, sampler,
+//! decoder) and is reached only through a bounded queue of typed [`GenRequest`]s; text streams
+//! back to the HTTP side over each request's own channel (DESIGN.md invariant 5).
+//!
+//! Scheduling: up to `parallel` sequences run at once. Each turn every active sequence takes
+//! one step — a prompt chunk while prefilling, else one decode token — so a long prompt does
+//! not stall the others, and a request that arrives joins at the next turn. A sequence whose
+//! response channel is gone (the client disconnected) is dropped, with its KV cache, before
+//! the next turn's step.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use strata_engine::sampler::{Sampler, SamplerConfig};
+use strata_engine::tokenizer::StreamDecoder;
+use strata_engine::{Context, EngineError, Logits, Model};
+use strata_simd::pool::ThreadPool;
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+use crate::stop::StopMatcher;
+
+/// One generation, fully checked by the HTTP side.
+pub struct GenRequest {
+    pub prompt: Vec<u32>,
+    /// prompt + max_tokens fits the context (checked before queueing).
+    pub max_tokens: usize,
+    pub sampler: SamplerConfig,
+    pub stop: Vec<String>,
+    /// Unbounded on purpose: the engine thread must never wait on one slow client, and what a
+    /// request can queue here is bounded by its `max_tokens`.
+    pub events: mpsc::UnboundedSender<Event>,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    Text(String),
+    Done(Finish),
+    Failed(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+    Shutdown,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Finish {
+    pub reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct WorkerConfig {
+    pub n_ctx: usize,
+    pub parallel: usize,
+    pub max_queue: usize,
+    /// Prompt tokens per step.
+    pub prefill_chunk: usize,
+}
+
+/// What the engine thread publishes for `/api/ps` and `/metrics`.
+#[derive(Default)]
+pub struct WorkerStats {
+    pub active: AtomicUsize,
+    pub kv_bytes: AtomicUsize,
+    pub tokens_generated: AtomicU64,
+    last_activity: Mutex<Option<Instant>>,
+}
+
+impl WorkerStats {
+    pub fn touch(&self) {
+        if let Ok(mut t) = self.last_activity.lock() {
+            *t = Some(Instant::now());
+        }
+    }
+
+    /// Seconds since a request was last submitted or a sequence last stepped.
+    pub fn idle_s(&self) -> f64 {
+        self.last_activity
+            .lock()
+            .ok()
+            .and_then(|t| *t)
+            .map_or(0.0, |t| t.elapsed().as_secs_f64())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the queue is full ({0} requests waiting)")]
+    Full(usize),
+    #[error("the model's engine thread has stopped")]
+    Closed,
+}
+
+/// The HTTP side's end of an engine thread. Dropping every clone ends the thread once its
+/// active sequences are done.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    tx: mpsc::Sender<GenRequest>,
+    pub stats: Arc<WorkerStats>,
+}
+
+impl WorkerHandle {
+    pub fn submit(&self, req: GenRequest) -> Result<(), SubmitError> {
+        self.stats.touch();
+        self.tx.try_send(req).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SubmitError::Full(self.tx.max_capacity()),
+            mpsc::error::TrySendError::Closed(_) => SubmitError::Closed,
+        })
+    }
+
+    /// Requests waiting for a free slot.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+pub fn spawn(
+    name: &str,
+    model: Arc<Model>,
+    pool: Arc<ThreadPool>,
+    cfg: WorkerConfig,
+    metrics: Arc<Metrics>,
+    shutdown: Arc<Shutdown>,
+) -> std::io::Result<WorkerHandle> {
+    let (tx, rx) = mpsc::channel(cfg.max_queue.max(1));
+    let stats = Arc::new(WorkerStats::default());
+    let worker = Worker {
+        model,
+        pool,
+        cfg,
+        rx,
+        stats: stats.clone(),
+        metrics,
+        shutdown,
+        active: Vec::with_capacity(cfg.parallel),
+    };
+    std::thread::Builder::new()
+        .name(format!("engine-{name}"))
+        .spawn(move || worker.run())?;
+    Ok(WorkerHandle { tx, stats })
+}
+
+struct Worker {
+    model: Arc<Model>,
+    pool: Arc<ThreadPool>,
+    cfg: WorkerConfig,
+    rx: mpsc::Receiver<GenRequest>,
+    stats: Arc<WorkerStats>,
+    metrics: Arc<Metrics>,
+    shutdown: Arc<Shutdown>,
+    active: Vec<Sequence>,
+}
+
+struct Sequence {
+    prompt: Vec<u32>,
+    /// Prompt tokens already in the cache.
+    fed: usize,
+    /// The last sampled token, to be fed on the next decode step.
+    next: u32,
+    produced: usize,
+    max_tokens: usize,
+    ctx: Context,
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    stop: StopMatcher,
+    events: mpsc::UnboundedSender<Event>,
+    finished: bool,
+}
+
+impl Sequence {
+    fn prefilling(&self) -> bool {
+        self.fed < self.prompt.len()
+    }
+
+    fn send(&mut self, ev: Event) {
+        // A failed send means the client left; the next turn drops the sequence.
+        let _ = self.events.send(ev);
+    }
+
+    fn finish(&mut self, reason: FinishReason) {
+        // The decoder may hold the start of a UTF-8 sequence, the matcher a possible stop.
+        let rest = self.decoder.finish();
+        let (mut tail, hit) = self.stop.push(&rest);
+        if !hit {
+            tail.push_str(&self.stop.finish());
+        }
+        if !tail.is_empty() {
+            self.send(Event::Text(tail));
+        }
+        self.send(Event::Done(Finish {
+            reason,
+            prompt_tokens: self.prompt.len(),
+            completion_tokens: self.produced,
+        }));
+        self.finished = true;
+    }
+
+    /// Takes a freshly sampled token: ends the sequence on end-of-generation, a stop string,
+    /// `max_tokens` or a full context; else streams its text and keeps it for the next step.
+    fn take(&mut self, model: &Model, tok: u32) {
+        if model.tokenizer.is_eog(tok) {
+            self.finish(FinishReason::Stop);
+            return;
+        }
+        self.sampler.accept(tok);
+        self.produced += 1;
+        let piece = self
+            .decoder
+            .push(&model.tokenizer.token_to_piece(tok, false));
+        let (text, hit) = self.stop.push(&piece);
+        if !text.is_empty() {
+            self.send(Event::Text(text));
+        }
+        if hit {
+            // Whatever follows the stop string is not part of the answer.
+            self.decoder = StreamDecoder::new();
+            self.finish(FinishReason::Stop);
+        } else if self.produced >= self.max_tokens || self.ctx.n_past() + 1 > self.ctx.n_ctx() {
+            self.finish(FinishReason::Length);
+        } else {
+            self.next = tok;
+        }
+    }
+}
+
+impl Worker {
+    fn run(mut self) {
+        loop {
+            if !self.admit() {
+                tracing::debug!("engine thread exits: no handle left and nothing running");
+                return;
+            }
+            self.drop_cancelled();
+            if self.shutdown.drain_expired() {
+                self.end_all(FinishReason::Shutdown);
+            }
+            if self.active.is_empty() {
+                continue;
+            }
+            self.stats.touch();
+            self.step();
+            self.reap();
+        }
+    }
+
+    /// Moves queued requests into free slots; blocks while there is nothing to do. Returns
+    /// false when the thread should exit.
+    fn admit(&mut self) -> bool {
+        while self.active.len() < self.cfg.parallel {
+            let req = if self.active.is_empty() {
+                match self.rx.blocking_recv() {
+                    Some(r) => r,
+                    None => return false,
+                }
+            } else {
+                match self.rx.try_recv() {
+                    Ok(r) => r,
+                    Err(_) => break,
+                }
+            };
+            if req.events.is_closed() {
+                self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let mut sampler = Sampler::new(req.sampler);
+            req.prompt.iter().for_each(|&t| sampler.accept(t));
+            let mut ctx = self.model.new_context(self.cfg.n_ctx, self.pool.clone());
+            ctx.set_n_ubatch(self.cfg.prefill_chunk);
+            self.active.push(Sequence {
+                prompt: req.prompt,
+                fed: 0,
+                next: 0,
+                produced: 0,
+                max_tokens: req.max_tokens,
+                ctx,
+                sampler,
+                decoder: StreamDecoder::new(),
+                stop: StopMatcher::new(req.stop),
+                events: req.events,
+                finished: false,
+            });
+        }
+        self.publish();
+        true
+    }
+
+    fn drop_cancelled(&mut self) {
+        let before = self.active.len();
+        self.active.retain(|s| !s.events.is_closed());
+        let gone = before - self.active.len();
+        if gone > 0 {
+            tracing::info!(sequences = gone, "client gone; sequence cancelled");
+            self.metrics
+                .cancelled
+                .fetch_add(gone as u64, Ordering::Relaxed);
+            self.publish();
+        }
+    }
+
+    fn end_all(&mut self, reason: FinishReason) {
+        for s in &mut self.active {
+            s.finish(reason);
+        }
+        while let Ok(req) = self.rx.try_recv() {
+            let _ = req.events.send(Event::Done(Finish {
+                reason,
+                prompt_tokens: req.prompt.len(),
+                completion_tokens: 0,
+            }));
+        }
+        self.reap();
+    }
+
+    fn step(&mut self) {
+        let model = self.model.clone();
+        let chunk = self.cfg.prefill_chunk;
+        let mut decoding: Vec<&mut Sequence> = Vec::with_capacity(self.active.len());
+        for s in &mut self.active {
+            if s.prefilling() {
+                prefill(&model, s, chunk);
+            } else {
+                decoding.push(s);
+            }
+        }
+        let produced: usize = decoding.len();
+        decode(&model, &mut decoding);
+        self.stats
+            .tokens_generated
+            .fetch_add(produced as u64, Ordering::Relaxed);
+        self.metrics
+            .tokens_generated
+            .fetch_add(produced as u64, Ordering::Relaxed);
+    }
+
+    fn reap(&mut self) {
+        self.active.retain(|s| !s.finished);
+        self.publish();
+    }
+
+    fn publish(&self) {
+        self.stats
+            .active
+            .store(self.active.len(), Ordering::Relaxed);
+        let kv: usize = self.active.iter().map(|s| s.ctx.kv_bytes()).sum();
+        self.stats.kv_bytes.store(kv, Ordering::Relaxed);
+    }
+}
+
+/// Feeds the next chunk of a sequence's prompt; the last chunk yields its first token.
+fn prefill(model: &Model, s: &mut Sequence, chunk: usize) {
+    let end = (s.fed + chunk).min(s.prompt.len());
+    let last = end == s.prompt.len();
+    let logits = if last { Logits::Last } else { Logits::None };
+    let result = model
+        .forward(&mut s.ctx, &s.prompt[s.fed..end], logits)
+        .map(|l| {
+            if last {
+                Some(s.sampler.sample(l))
+            } else {
+                None
+            }
+        });
+    s.fed = end;
+    match result {
+        Ok(Some(tok)) => s.take(model, tok),
+        Ok(None) => {}
+        Err(e) => fail(s, e),
+    }
+}
+
+/// One new token for every decoding sequence. Round-robin for now: this is the one function
+/// to switch to `Model::decode_batch` (one forward pass over all of them) when it lands.
+fn decode(model: &Model, seqs: &mut [&mut Sequence]) {
+    for s in seqs.iter_mut() {
+        let next = s.next;
+        match model.forward(&mut s.ctx, &[next], Logits::Last) {
+            Ok(logits) => {
+                let tok = s.sampler.sample(logits);
+                s.take(model, tok);
+            }
+            Err(e) => fail(s, e),
+        }
+    }
+}
+
+fn fail(s: &mut Sequence, e: EngineError) {
+    tracing::error!("generation failed: {e}");
+    s.send(Event::Failed(e.to_string()));
+    s.finished = true;
+}

@@ -17,7 +17,7 @@ use strata_storage::quant::GgmlType;
 
 use crate::dispatch::{self, Level};
 use crate::pool::ThreadPool;
-use kernels::{Kernel, kernel};
+use kernels::{Kernel, MULTI_TOKENS, kernel};
 
 /// A borrowed weight matrix: `rows` rows of `cols` elements of type `ty`, row-major, each row
 /// `ty.row_bytes(cols)` bytes.
@@ -220,13 +220,37 @@ unsafe fn rows_job(
     let mut tile = r0;
     while tile < r1 {
         let tile_end = (tile + ROW_TILE).min(r1);
-        for t in 0..n_tok {
-            let a = &act[t * act_row..(t + 1) * act_row];
-            for r in tile..tile_end {
-                let wr = &w.data[r * row_bytes..(r + 1) * row_bytes];
-                let v = (k.dot)(w.cols, wr, a);
-                // SAFETY: t < n_tok and r < rows, inside `out`; column r is this thread's.
-                unsafe { out.add(t * w.rows + r).write(v) };
+        match k.multi {
+            // Prefill: each weight row is unpacked once per group of tokens.
+            Some(multi) if n_tok >= 2 => {
+                let mut res = [0f32; MULTI_TOKENS];
+                let mut t0 = 0;
+                while t0 < n_tok {
+                    let nt = (n_tok - t0).min(MULTI_TOKENS);
+                    let a = &act[t0 * act_row..(t0 + nt) * act_row];
+                    for r in tile..tile_end {
+                        let wr = &w.data[r * row_bytes..(r + 1) * row_bytes];
+                        multi(w.cols, wr, a, act_row, &mut res[..nt]);
+                        for (t, &v) in res[..nt].iter().enumerate() {
+                            // SAFETY: t0 + t < n_tok and r < rows, inside `out`; column r is
+                            // this thread's.
+                            unsafe { out.add((t0 + t) * w.rows + r).write(v) };
+                        }
+                    }
+                    t0 += nt;
+                }
+            }
+            _ => {
+                for t in 0..n_tok {
+                    let a = &act[t * act_row..(t + 1) * act_row];
+                    for r in tile..tile_end {
+                        let wr = &w.data[r * row_bytes..(r + 1) * row_bytes];
+                        let v = (k.dot)(w.cols, wr, a);
+                        // SAFETY: t < n_tok and r < rows, inside `out`; column r is this
+                        // thread's.
+                        unsafe { out.add(t * w.rows + r).write(v) };
+                    }
+                }
             }
         }
         tile = tile_end;

@@ -12,6 +12,12 @@ use crate::scalar;
 
 /// A dot product of `n` elements: weight row bytes, activation row bytes.
 pub(crate) type DotFn = fn(usize, &[u8], &[u8]) -> f32;
+/// One weight row against `out.len()` (1..=[`MULTI_TOKENS`]) activation rows: element count,
+/// weight row bytes, the first activation row's bytes onwards, the stride between activation
+/// rows, and where the results go.
+pub(crate) type MultiFn = fn(usize, &[u8], &[u8], usize, &mut [f32]);
+/// The most tokens one [`MultiFn`] call takes.
+pub(crate) const MULTI_TOKENS: usize = 4;
 /// Quantizes a row of f32 activations into the partner format.
 pub(crate) type QuantFn = fn(&[f32], &mut [u8]);
 
@@ -59,6 +65,8 @@ pub(crate) struct Kernel {
     pub(crate) act: Act,
     pub(crate) quantize: QuantFn,
     pub(crate) dot: DotFn,
+    /// The multi-token kernel for prefill, where this type and level have one.
+    pub(crate) multi: Option<MultiFn>,
 }
 
 /// The kernel for `ty` at `level`, lowered to what this CPU has; `None` for unsupported types.
@@ -69,6 +77,7 @@ pub(crate) fn kernel(ty: GgmlType, level: Level) -> Option<Kernel> {
         act,
         quantize: quantizer(act, level),
         dot: dot(ty, level)?,
+        multi: multi(ty, level),
     })
 }
 
@@ -105,7 +114,16 @@ fn scalar_quantizer(act: Act) -> QuantFn {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn dot(ty: GgmlType, _level: Level) -> Option<DotFn> {
+fn dot(ty: GgmlType, level: Level) -> Option<DotFn> {
+    // NEON (with `sdot` where the CPU has it) for the types it covers; `STRATA_SIMD=scalar`
+    // lowers `level` below `Neon` and so forces the scalar twins.
+    #[cfg(target_arch = "aarch64")]
+    if level >= Level::Neon
+        && let Some(k) = crate::arch::aarch64::dot(ty)
+    {
+        return Some(k);
+    }
+    let _ = level;
     scalar_dot(ty)
 }
 
@@ -114,13 +132,18 @@ fn quantizer(act: Act, _level: Level) -> QuantFn {
     scalar_quantizer(act)
 }
 
+#[cfg(not(target_arch = "x86_64"))]
+fn multi(_ty: GgmlType, _level: Level) -> Option<MultiFn> {
+    None
+}
+
 #[cfg(target_arch = "x86_64")]
-use x86::{dot, quantizer};
+use x86::{dot, multi, quantizer};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::*;
-    use crate::arch::x86_64::{avx2, avx512};
+    use crate::arch::x86_64::{avx2, avx512, multi};
 
     /// A safe wrapper around an `unsafe` SIMD dot product. Sound because [`dot`] hands it out
     /// only when `dispatch::detected()` is at least the level the kernel needs, and the
@@ -156,7 +179,90 @@ mod x86 {
         };
     }
 
+    /// A safe wrapper around a family of `unsafe` multi-token kernels (`multi::$lvl::$k::<NT>`),
+    /// sound for the same reasons as `wrap_dot!`: handed out by [`multi`] only for levels the
+    /// CPU has, and every row length checked here.
+    macro_rules! wrap_multi {
+        ($name:ident, $lvl:ident :: $k:ident, $wty:expr, $act:expr) => {
+            fn $name(n: usize, w: &[u8], a: &[u8], act_row: usize, out: &mut [f32]) {
+                let nt = out.len();
+                assert!(
+                    (1..=MULTI_TOKENS).contains(&nt)
+                        && n.is_multiple_of($wty.block_size())
+                        && w.len() >= $wty.row_bytes(n)
+                        && act_row >= $act.ty().row_bytes(n)
+                        && a.len() >= (nt - 1) * act_row + $act.ty().row_bytes(n),
+                    "multi-token kernel called with short rows"
+                );
+                let (w, a) = (w.as_ptr(), a.as_ptr());
+                // SAFETY: the CPU has the kernel's features (see the macro docs); the weight
+                // row and `nt` activation rows `act_row` apart hold `n` elements (checked).
+                unsafe {
+                    match nt {
+                        1 => call::<1>(n, w, a, act_row, out, multi::$lvl::$k::<1>),
+                        2 => call::<2>(n, w, a, act_row, out, multi::$lvl::$k::<2>),
+                        3 => call::<3>(n, w, a, act_row, out, multi::$lvl::$k::<3>),
+                        _ => call::<4>(n, w, a, act_row, out, multi::$lvl::$k::<4>),
+                    }
+                }
+            }
+        };
+    }
+
+    /// Runs a kernel for exactly `NT` tokens into `out` (whose length is `NT`).
+    ///
+    /// # Safety
+    /// As for the kernel `k`.
+    unsafe fn call<const NT: usize>(
+        n: usize,
+        w: *const u8,
+        a: *const u8,
+        act_row: usize,
+        out: &mut [f32],
+        k: unsafe fn(usize, *const u8, *const u8, usize, &mut [f32; NT]),
+    ) {
+        let mut r = [0f32; NT];
+        // SAFETY: forwarded contract.
+        unsafe { k(n, w, a, act_row, &mut r) };
+        out.copy_from_slice(&r);
+    }
+
     use GgmlType as T;
+    wrap_multi!(avx2_multi_q4_k, avx2::q4_k, T::Q4K, Act::Q8K);
+    wrap_multi!(avx2_multi_q6_k, avx2::q6_k, T::Q6K, Act::Q8K);
+    wrap_multi!(avx2_multi_q4_0, avx2::q4_0, T::Q4_0, Act::Q8_0);
+    wrap_multi!(avx2_multi_q5_0, avx2::q5_0, T::Q5_0, Act::Q8_0);
+    wrap_multi!(avx2_multi_q8_0, avx2::q8_0, T::Q8_0, Act::Q8_0);
+    wrap_multi!(vnni_multi_q4_k, vnni::q4_k, T::Q4K, Act::Q8K);
+    wrap_multi!(vnni_multi_q6_k, vnni::q6_k, T::Q6K, Act::Q8K);
+    wrap_multi!(vnni_multi_q4_0, vnni::q4_0, T::Q4_0, Act::Q8_0);
+    wrap_multi!(vnni_multi_q5_0, vnni::q5_0, T::Q5_0, Act::Q8_0);
+    wrap_multi!(vnni_multi_q8_0, vnni::q8_0, T::Q8_0, Act::Q8_0);
+
+    pub(super) fn multi(ty: GgmlType, level: Level) -> Option<MultiFn> {
+        if level >= Level::Avx512Vnni {
+            return match ty {
+                T::Q4K => Some(vnni_multi_q4_k),
+                T::Q6K => Some(vnni_multi_q6_k),
+                T::Q4_0 => Some(vnni_multi_q4_0),
+                T::Q5_0 => Some(vnni_multi_q5_0),
+                T::Q8_0 => Some(vnni_multi_q8_0),
+                _ => None,
+            };
+        }
+        if level >= Level::Avx2 {
+            return match ty {
+                T::Q4K => Some(avx2_multi_q4_k),
+                T::Q6K => Some(avx2_multi_q6_k),
+                T::Q4_0 => Some(avx2_multi_q4_0),
+                T::Q5_0 => Some(avx2_multi_q5_0),
+                T::Q8_0 => Some(avx2_multi_q8_0),
+                _ => None,
+            };
+        }
+        None
+    }
+
     wrap_dot!(avx2_f32, avx2::dot_f32, T::F32, Act::F32);
     wrap_dot!(avx2_f16, avx2::dot_f16, T::F16, Act::F16);
     wrap_dot!(avx2_bf16, avx2::dot_bf16, T::Bf16, Act::Bf16);
@@ -175,6 +281,8 @@ mod x86 {
     wrap_dot!(vnni_q5_0, avx512::dot_q5_0, T::Q5_0, Act::Q8_0);
     wrap_dot!(vnni_q5_1, avx512::dot_q5_1, T::Q5_1, Act::Q8_1);
     wrap_dot!(vnni_q8_0, avx512::dot_q8_0, T::Q8_0, Act::Q8_0);
+    wrap_dot!(vnni_q4_k, avx512::dot_q4_k, T::Q4K, Act::Q8K);
+    wrap_dot!(vnni_q6_k, avx512::dot_q6_k, T::Q6K, Act::Q8K);
 
     wrap_quant!(avx2_quant_q8_0, avx2::quantize_q8_0, Act::Q8_0);
     wrap_quant!(avx2_quant_q8_1, avx2::quantize_q8_1, Act::Q8_1);
@@ -189,6 +297,8 @@ mod x86 {
                 T::Q5_0 => return Some(vnni_q5_0),
                 T::Q5_1 => return Some(vnni_q5_1),
                 T::Q8_0 => return Some(vnni_q8_0),
+                T::Q4K => return Some(vnni_q4_k),
+                T::Q6K => return Some(vnni_q6_k),
                 _ => {}
             }
         }

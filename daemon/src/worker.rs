@@ -75,18 +75,27 @@ pub struct WorkerConfig {
 }
 
 /// What the engine thread publishes for `/api/ps` and `/metrics`.
-#[derive(Default)]
 pub struct WorkerStats {
     pub active: AtomicUsize,
     pub kv_bytes: AtomicUsize,
     pub tokens_generated: AtomicU64,
-    last_activity: Mutex<Option<Instant>>,
+    last_activity: Mutex<Instant>,
 }
 
 impl WorkerStats {
+    fn new() -> Self {
+        Self {
+            active: AtomicUsize::new(0),
+            kv_bytes: AtomicUsize::new(0),
+            tokens_generated: AtomicU64::new(0),
+            // A model loaded at start and never used counts as idle from its load.
+            last_activity: Mutex::new(Instant::now()),
+        }
+    }
+
     pub fn touch(&self) {
         if let Ok(mut t) = self.last_activity.lock() {
-            *t = Some(Instant::now());
+            *t = Instant::now();
         }
     }
 
@@ -94,8 +103,6 @@ impl WorkerStats {
     pub fn idle_s(&self) -> f64 {
         self.last_activity
             .lock()
-            .ok()
-            .and_then(|t| *t)
             .map_or(0.0, |t| t.elapsed().as_secs_f64())
     }
 }
@@ -140,7 +147,7 @@ pub fn spawn(
     shutdown: Arc<Shutdown>,
 ) -> std::io::Result<WorkerHandle> {
     let (tx, rx) = mpsc::channel(cfg.max_queue.max(1));
-    let stats = Arc::new(WorkerStats::default());
+    let stats = Arc::new(WorkerStats::new());
     let worker = Worker {
         model,
         pool,
@@ -331,6 +338,7 @@ impl Worker {
     fn step(&mut self) {
         let model = self.model.clone();
         let chunk = self.cfg.prefill_chunk;
+        let before: usize = self.active.iter().map(|s| s.produced).sum();
         let mut decoding: Vec<&mut Sequence> = Vec::with_capacity(self.active.len());
         for s in &mut self.active {
             if s.prefilling() {
@@ -339,8 +347,9 @@ impl Worker {
                 decoding.push(s);
             }
         }
-        let produced: usize = decoding.len();
         decode(&model, &mut decoding);
+        // Counted after the step: a prefill's last chunk also yields a token.
+        let produced: usize = self.active.iter().map(|s| s.produced).sum::<usize>() - before;
         self.stats
             .tokens_generated
             .fetch_add(produced as u64, Ordering::Relaxed);

@@ -63,6 +63,14 @@ pub enum ResidencyError {
     },
     #[error("cannot allocate {bytes} bytes for tensor data")]
     Alloc { bytes: u64 },
+    #[error(
+        "{path}: the weights need {need_mib} MiB of RAM but only {available_mib} MiB are available (models larger than memory need streaming from SSD, not yet supported)"
+    )]
+    WontFit {
+        path: PathBuf,
+        need_mib: u64,
+        available_mib: u64,
+    },
     #[error("unknown tensor id {0}")]
     UnknownTensor(u32),
 }
@@ -121,6 +129,45 @@ impl Drop for AlignedBuf {
     }
 }
 
+/// Bytes this process can still fill without being reclaimed or killed: the kernel's
+/// `MemAvailable`, lowered to the room left under a cgroup memory limit (v2 `memory.max`, v1
+/// `memory.limit_in_bytes`) when one is set. `None` when none of these can be read.
+pub fn available_memory() -> Option<u64> {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let num = |p: &str| read(p).and_then(|s| s.trim().parse::<u64>().ok());
+    let meminfo = read("/proc/meminfo").and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    });
+    // This process's own group: "0::/path" (v2) or "N:memory:/path" (v1) in /proc/self/cgroup.
+    let groups = read("/proc/self/cgroup").unwrap_or_default();
+    let v2 = groups.lines().find_map(|l| l.strip_prefix("0::"));
+    let v1 = groups.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, ctrl, path) = (parts.next()?, parts.next()?, parts.next()?);
+        ctrl.split(',').any(|c| c == "memory").then_some(path)
+    });
+    let cgroup = v2
+        .and_then(|g| {
+            let max = num(&format!("/sys/fs/cgroup{g}/memory.max"))?;
+            let cur = num(&format!("/sys/fs/cgroup{g}/memory.current"))?;
+            Some(max.saturating_sub(cur))
+        })
+        .or_else(|| {
+            let g = v1?;
+            let limit = num(&format!("/sys/fs/cgroup/memory{g}/memory.limit_in_bytes"))?;
+            let usage = num(&format!("/sys/fs/cgroup/memory{g}/memory.usage_in_bytes"))?;
+            // An unlimited v1 group reports a limit near 2^63.
+            (limit < (1 << 60)).then(|| limit.saturating_sub(usage))
+        });
+    match (meminfo, cgroup) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// A tensor's index in its model's tensor table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TensorId(u32);
@@ -176,6 +223,15 @@ impl Weights {
         }
         // The parser guarantees every tensor lies inside [data_offset, file_size).
         let data_len = gguf.file_size.saturating_sub(gguf.data_offset);
+        if let Some(available) = available_memory()
+            && data_len > available
+        {
+            return Err(ResidencyError::WontFit {
+                path: path.to_path_buf(),
+                need_mib: data_len >> 20,
+                available_mib: available >> 20,
+            });
+        }
         let data_len_usize =
             usize::try_from(data_len).map_err(|_| ResidencyError::Alloc { bytes: data_len })?;
         let mut buf = AlignedBuf::zeroed(data_len_usize)?;

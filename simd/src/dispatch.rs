@@ -1,19 +1,24 @@
 //! Instruction-set level detection, done once per process.
 //!
 //! [`level`] probes the CPU the first time it is called, caches the answer and logs it. The
-//! environment variable `STRATA_SIMD=scalar|avx2|avx512|avx512vnni` lowers the level (it can
-//! never raise it above what the CPU has), so CI can exercise every path on one machine.
+//! environment variable `STRATA_SIMD=scalar|neon|avx2|avx512|avx512vnni` lowers the level (it
+//! can never raise it above what the CPU has), so CI can exercise every path on one machine.
 
 use std::sync::OnceLock;
 
-/// A SIMD level; higher levels imply the lower ones.
+/// A SIMD level; a higher level of the same architecture implies the lower ones.
 ///
+/// - `Neon`: aarch64 Advanced SIMD (every aarch64 CPU); kernels additionally use `sdot` where
+///   the CPU has the `dotprod` extension, detected separately (see [`level`]'s log line).
+///   It sorts below the x86 levels so that x86 code's `level >= Level::Avx2` tests stay false
+///   for it; it is never detected on x86 (nor x86 levels on aarch64), see [`available`].
 /// - `Avx2`: AVX2 + FMA + F16C.
 /// - `Avx512`: `Avx2` plus AVX-512 F/BW/VL/DQ.
 /// - `Avx512Vnni`: `Avx512` plus AVX-512 VNNI (`vpdpbusd`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
     Scalar,
+    Neon,
     Avx2,
     Avx512,
     Avx512Vnni,
@@ -21,12 +26,19 @@ pub enum Level {
 
 impl Level {
     /// Every level, lowest first.
-    pub const ALL: [Level; 4] = [Level::Scalar, Level::Avx2, Level::Avx512, Level::Avx512Vnni];
+    pub const ALL: [Level; 5] = [
+        Level::Scalar,
+        Level::Neon,
+        Level::Avx2,
+        Level::Avx512,
+        Level::Avx512Vnni,
+    ];
 
     /// The name `STRATA_SIMD` accepts.
     pub const fn name(self) -> &'static str {
         match self {
             Level::Scalar => "scalar",
+            Level::Neon => "neon",
             Level::Avx2 => "avx2",
             Level::Avx512 => "avx512",
             Level::Avx512Vnni => "avx512vnni",
@@ -47,7 +59,7 @@ pub fn level() -> Level {
         let detected = detected();
         let chosen = match std::env::var("STRATA_SIMD") {
             Ok(v) => match Level::parse(&v) {
-                Some(forced) => forced.min(detected),
+                Some(forced) => highest_available_up_to(forced),
                 None => {
                     tracing::warn!(value = %v, "STRATA_SIMD not understood; using the detected level");
                     detected
@@ -55,9 +67,27 @@ pub fn level() -> Level {
             },
             Err(_) => detected,
         };
+        #[cfg(target_arch = "aarch64")]
+        tracing::info!(
+            detected = detected.name(),
+            chosen = chosen.name(),
+            dotprod = crate::arch::aarch64::has_dotprod(),
+            "SIMD level"
+        );
+        #[cfg(not(target_arch = "aarch64"))]
         tracing::info!(detected = detected.name(), chosen = chosen.name(), "SIMD level");
         chosen
     })
+}
+
+/// The highest level at most `l` that this CPU can run: `STRATA_SIMD=avx2` on an aarch64 CPU
+/// means `neon`, and `neon` on an x86 CPU means `scalar`.
+fn highest_available_up_to(l: Level) -> Level {
+    Level::ALL
+        .into_iter()
+        .rev()
+        .find(|&x| x <= l && available(x))
+        .unwrap_or(Level::Scalar)
 }
 
 /// The highest level this CPU supports, ignoring `STRATA_SIMD`.
@@ -83,15 +113,29 @@ pub fn detected() -> Level {
             Level::Avx512
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            Level::Neon
+        } else {
+            Level::Scalar
+        }
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
         Level::Scalar
     }
 }
 
-/// Whether this CPU can run kernels of `l` (used by tests to skip absent levels).
+/// Whether this CPU can run kernels of `l` (used by tests to skip absent levels). Levels of
+/// another architecture are never available, whatever their place in the order.
 pub fn available(l: Level) -> bool {
-    l <= detected()
+    let this_arch = match l {
+        Level::Scalar => true,
+        Level::Neon => cfg!(target_arch = "aarch64"),
+        Level::Avx2 | Level::Avx512 | Level::Avx512Vnni => cfg!(target_arch = "x86_64"),
+    };
+    this_arch && l <= detected()
 }
 
 #[cfg(test)]
@@ -104,7 +148,29 @@ mod tests {
             assert_eq!(Level::parse(l.name()), Some(l));
         }
         assert_eq!(Level::parse("AVX2"), Some(Level::Avx2));
-        assert_eq!(Level::parse("neon"), None);
+        assert_eq!(Level::parse("neon"), Some(Level::Neon));
+        assert_eq!(Level::parse("sve"), None);
         assert!(Level::Scalar < Level::Avx512Vnni);
+        // x86 code tests `level >= Level::Avx2`; Neon must never pass that.
+        assert!(Level::Neon < Level::Avx2);
+    }
+
+    #[test]
+    fn other_architectures_levels_are_unavailable() {
+        assert!(available(Level::Scalar));
+        assert!(available(detected()));
+        if cfg!(target_arch = "x86_64") {
+            assert!(!available(Level::Neon));
+            assert_eq!(highest_available_up_to(Level::Neon), Level::Scalar);
+        }
+        if cfg!(target_arch = "aarch64") {
+            assert_eq!(detected(), Level::Neon);
+            assert!(!available(Level::Avx2));
+            assert_eq!(highest_available_up_to(Level::Avx512Vnni), Level::Neon);
+        }
+        for l in Level::ALL {
+            let h = highest_available_up_to(l);
+            assert!(h <= l && available(h), "{l:?} -> {h:?}");
+        }
     }
 }

@@ -1,4 +1,8 @@
-//! Architecture-specific kernels, compiled for every x86-64 target and chosen at run time.
+//! Architecture-specific kernels, compiled for every target of their architecture and chosen
+//! at run time.
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_64;
+
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod aarch64;

@@ -6,10 +6,11 @@
 //! sides: back-to-back matmuls (a decode step is a few hundred of them) find the workers still
 //! spinning and pay no futex round trip, while an idle pool sleeps and costs nothing.
 //!
-//! Placement: worker `i` pins itself to physical core slot `i` of [`crate::topology`] (one
-//! hardware thread per core, NUMA nodes interleaved), so the OS cannot stack two workers on one
-//! core or bounce them between caches, and a pool of `n` threads leaves slot 0 for the caller.
-//! Workers past the core count run unpinned. [`Pinning::from_env`] reads `STRATA_PIN`: `0`
+//! Placement: a pool takes `n` free physical core slots of [`crate::topology`] (one hardware
+//! thread per core, NUMA nodes interleaved; slots held by other live pools are skipped) and
+//! worker `i` pins itself to the pool's slot `i`, so the OS cannot stack two workers on one
+//! core or bounce them between caches; the pool's slot 0 is left for the caller. Threads past
+//! the free cores run unpinned. [`Pinning::from_env`] reads `STRATA_PIN`: `0`
 //! turns pinning off, `all` also pins the thread that creates the pool to slot 0. Where hwloc
 //! cannot bind (containers, sandboxes) the pool runs unpinned after one warning.
 
@@ -118,6 +119,8 @@ pub struct ThreadPool {
     pinning: Pinning,
     /// The CPU each thread index is pinned to (`None`: unpinned), fixed by `new`.
     placement: Vec<Option<usize>>,
+    /// Core slots this pool holds (see [`acquire_slots`]), released on drop.
+    slots: Vec<usize>,
 }
 
 /// Warns once per process that pinning failed: every pool of a process fails the same way,
@@ -129,14 +132,42 @@ fn warn_unpinned(e: &TopologyError) {
     });
 }
 
-/// Pins the calling thread to `slot` if there is a core for it. `None` when unpinned: past
-/// the core count (more threads than cores, by request) silently, on failure with a warning.
-fn pin_to_slot(slot: usize) -> Option<usize> {
-    let topo = topology::get();
-    if topo.can_pin() && slot >= topo.cores().len() {
-        return None;
+/// Core slots held by live pools, so pools that coexist (a daemon serving two models, tests
+/// running in parallel) take distinct cores instead of all stacking worker 1 on slot 1.
+static SLOTS_IN_USE: Mutex<Vec<bool>> = Mutex::new(Vec::new());
+
+/// Takes up to `n` free core slots, lowest first; fewer (possibly none) when the machine's
+/// cores are already held. Returned by [`release_slots`] when the pool drops.
+fn acquire_slots(n: usize) -> Vec<usize> {
+    let cores = topology::get().cores().len();
+    let mut used = SLOTS_IN_USE.lock().unwrap_or_else(|e| e.into_inner());
+    used.resize(cores, false);
+    let mut got = Vec::with_capacity(n.min(cores));
+    for (slot, taken) in used.iter_mut().enumerate() {
+        if got.len() == n {
+            break;
+        }
+        if !*taken {
+            *taken = true;
+            got.push(slot);
+        }
     }
-    match topo.pin_current_thread(slot) {
+    got
+}
+
+fn release_slots(slots: &[usize]) {
+    let mut used = SLOTS_IN_USE.lock().unwrap_or_else(|e| e.into_inner());
+    for &s in slots {
+        if let Some(taken) = used.get_mut(s) {
+            *taken = false;
+        }
+    }
+}
+
+/// Pins the calling thread to core `slot`; `None` (after one warning per process) when the
+/// OS or hwloc refuses.
+fn pin_to_slot(slot: usize) -> Option<usize> {
+    match topology::get().pin_current_thread(slot) {
         Ok(core) => Some(core.cpu),
         Err(e) => {
             warn_unpinned(&e);
@@ -176,10 +207,18 @@ impl ThreadPool {
                 Duration::ZERO
             },
         });
-        let pin = pinning != Pinning::Off;
+        // Slot `i` of this pool is for thread `i`. The caller's slot is held even when the
+        // caller is not pinned: it is the free core the OS will find for it.
+        let slots = if pinning == Pinning::Off || !topology::get().can_pin() {
+            Vec::new()
+        } else {
+            acquire_slots(n_threads)
+        };
         let mut placement = vec![None; n_threads];
-        if pinning == Pinning::All {
-            placement[0] = pin_to_slot(0);
+        if pinning == Pinning::All
+            && let Some(&slot) = slots.first()
+        {
+            placement[0] = pin_to_slot(slot);
         }
         // Each worker pins itself first thing and reports where it landed, so `placement` is
         // complete (and the log line true) when `new` returns.
@@ -188,10 +227,11 @@ impl ThreadPool {
         for index in 1..n_threads {
             let s = Arc::clone(&shared);
             let placed = placed_tx.clone();
+            let slot = slots.get(index).copied();
             let spawned = thread::Builder::new()
                 .name(format!("strata-simd-{index}"))
                 .spawn(move || {
-                    let cpu = if pin { pin_to_slot(index) } else { None };
+                    let cpu = slot.and_then(pin_to_slot);
                     // The receiver lives until every spawned worker has reported.
                     let _ = placed.send((index, cpu));
                     drop(placed);
@@ -222,6 +262,7 @@ impl ThreadPool {
             run_lock: Mutex::new(()),
             pinning,
             placement,
+            slots,
         };
         tracing::debug!(summary = %pool.topology_summary(), "thread pool");
         pool
@@ -368,6 +409,7 @@ impl Drop for ThreadPool {
             w.thread().unpark();
             let _ = w.join();
         }
+        release_slots(&self.slots);
     }
 }
 
@@ -392,9 +434,11 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
 
+    type Affinity = Result<Vec<usize>, TopologyError>;
+
     /// The CPUs thread `i` of `pool` may run on, read from inside a job on that thread.
-    fn affinities(pool: &ThreadPool) -> Vec<Result<Vec<usize>, TopologyError>> {
-        let out: Vec<Mutex<Option<Result<Vec<usize>, TopologyError>>>> =
+    fn affinities(pool: &ThreadPool) -> Vec<Affinity> {
+        let out: Vec<Mutex<Option<Affinity>>> =
             (0..pool.n_threads()).map(|_| Mutex::new(None)).collect();
         pool.run(|i, _| {
             *out[i].lock().unwrap() = Some(topology::get().current_thread_cpus());
@@ -433,19 +477,23 @@ mod tests {
         }
         let affinity = affinities(&pool);
         let mut seen = Vec::new();
-        for i in 1..n.min(cores) {
-            let cpu = pool.placement()[i].expect("a worker within the core count is pinned");
-            assert_eq!(cpu, topo.cores()[i].cpu, "worker {i} is on slot {i}");
+        let workers = pool.placement().iter().zip(&affinity).enumerate().skip(1);
+        for (i, (placed, affinity)) in workers.take(n.min(cores) - 1) {
+            // Pools of tests running in parallel hold some cores: a worker may be unpinned.
+            let Some(cpu) = *placed else {
+                continue;
+            };
             assert_eq!(
-                affinity[i],
+                *affinity,
                 Ok(vec![cpu]),
                 "worker {i} can run only on its core"
             );
             seen.push(cpu);
         }
+        let pinned = seen.len();
         seen.sort_unstable();
         seen.dedup();
-        assert_eq!(seen.len(), n.min(cores) - 1, "no two workers share a core");
+        assert_eq!(seen.len(), pinned, "no two workers share a core");
         assert!(pool.topology_summary().contains("pinned"));
     }
 
@@ -493,12 +541,28 @@ mod tests {
         assert_eq!(runs, 200);
         let topo = topology::get();
         if let Some(cpu) = placement[0] {
-            assert_eq!(cpu, topo.cores()[0].cpu);
+            assert!(topo.cores().iter().any(|c| c.cpu == cpu));
             assert_eq!(here, Ok(vec![cpu]));
             assert_ne!(placement[1], Some(cpu));
         } else {
             assert!(!topo.can_pin() || placement.iter().all(Option::is_none));
         }
+    }
+
+    #[test]
+    fn coexisting_pools_take_distinct_cores_and_give_them_back() {
+        // Holds the slot table for the test: other tests' pools may come and go meanwhile, so
+        // only this test's own acquisitions are compared.
+        let a = acquire_slots(usize::MAX);
+        let b = acquire_slots(usize::MAX);
+        assert!(b.iter().all(|s| !a.contains(s)), "{a:?} and {b:?} overlap");
+        release_slots(&a);
+        let c = acquire_slots(a.len());
+        assert!(c.iter().all(|s| !b.contains(s)));
+        release_slots(&b);
+        release_slots(&c);
+        let cores = topology::get().cores().len();
+        assert!(a.len() + b.len() <= cores);
     }
 
     #[test]

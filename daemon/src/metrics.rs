@@ -17,6 +17,9 @@ pub struct Metrics {
     pub cancelled: AtomicU64,
 }
 
+/// Reads one gauge of a model.
+type Gauge = fn(&ModelGauges) -> usize;
+
 /// One loaded model's gauges.
 pub struct ModelGauges {
     pub name: String,
@@ -78,7 +81,7 @@ impl Metrics {
             "strata_rejected_total{{reason=\"stopping\"}} {}",
             c(&self.rejected_stopping)
         );
-        let gauges: [(&str, &str, fn(&ModelGauges) -> usize); 3] = [
+        let gauges: [(&str, &str, Gauge); 3] = [
             ("strata_queue_depth", "Requests waiting for a slot.", |m| {
                 m.queued
             }),

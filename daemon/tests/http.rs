@@ -8,30 +8,30 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-pub struct Response {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: String,
+pub(crate) struct Response {
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: String,
 }
 
 impl Response {
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
 
-    pub fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body)
             .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
     }
 }
 
 /// A response whose head has been read; the body is read on demand.
-pub struct Streaming {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
+pub(crate) struct Streaming {
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<(String, String)>,
     reader: BufReader<UnixStream>,
     chunked: bool,
     ended: bool,
@@ -39,7 +39,7 @@ pub struct Streaming {
 
 impl Streaming {
     /// The next piece of the body, or `None` at its end.
-    pub fn next_chunk(&mut self) -> std::io::Result<Option<String>> {
+    pub(crate) fn next_chunk(&mut self) -> std::io::Result<Option<String>> {
         if self.ended {
             return Ok(None);
         }
@@ -69,7 +69,7 @@ impl Streaming {
     }
 
     /// Reads the rest of the body.
-    pub fn rest(&mut self) -> std::io::Result<String> {
+    pub(crate) fn rest(&mut self) -> std::io::Result<String> {
         let mut out = String::new();
         while let Some(c) = self.next_chunk()? {
             out.push_str(&c);
@@ -77,7 +77,7 @@ impl Streaming {
         Ok(out)
     }
 
-    pub fn into_response(mut self) -> std::io::Result<Response> {
+    pub(crate) fn into_response(mut self) -> std::io::Result<Response> {
         let body = self.rest()?;
         Ok(Response {
             status: self.status,
@@ -88,7 +88,12 @@ impl Streaming {
 }
 
 /// Sends raw body bytes (any content) and reads the head.
-pub fn send(sock: &Path, method: &str, path: &str, body: &[u8]) -> std::io::Result<Streaming> {
+pub(crate) fn send(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> std::io::Result<Streaming> {
     let mut s = UnixStream::connect(sock)?;
     s.set_read_timeout(Some(Duration::from_secs(120)))?;
     let head = format!(
@@ -131,20 +136,25 @@ pub fn send(sock: &Path, method: &str, path: &str, body: &[u8]) -> std::io::Resu
     })
 }
 
-pub fn request(sock: &Path, method: &str, path: &str, body: &[u8]) -> std::io::Result<Response> {
+pub(crate) fn request(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> std::io::Result<Response> {
     send(sock, method, path, body)?.into_response()
 }
 
-pub fn get(sock: &Path, path: &str) -> std::io::Result<Response> {
+pub(crate) fn get(sock: &Path, path: &str) -> std::io::Result<Response> {
     request(sock, "GET", path, b"")
 }
 
-pub fn post(sock: &Path, path: &str, body: &serde_json::Value) -> std::io::Result<Response> {
+pub(crate) fn post(sock: &Path, path: &str, body: &serde_json::Value) -> std::io::Result<Response> {
     request(sock, "POST", path, body.to_string().as_bytes())
 }
 
 /// The `data:` payloads of an SSE body, in order.
-pub fn sse_events(body: &str) -> Vec<String> {
+pub(crate) fn sse_events(body: &str) -> Vec<String> {
     body.split("\n\n")
         .filter_map(|e| e.trim().strip_prefix("data: ").map(str::to_owned))
         .collect()

@@ -111,7 +111,8 @@ mod tests {
             let w4 = blocks(&mut rng, n / 32, 18, &[0]);
             let wk = blocks(&mut rng, n / 256, 144, &[0, 2]);
             let ak = q8_k(&mut rng, n / 256);
-            let cases: [(DotFn, DotFn, fn(usize, &[u8], &[u8]) -> f32, &[u8], &[u8]); 3] = [
+            // (plain NEON, sdot, scalar twin, weights, activations); DotFn fits the scalar too.
+            let cases: [(DotFn, DotFn, DotFn, &[u8], &[u8]); 3] = [
                 (neon_q8_0, sdot_q8_0, reference::dot_q8_0, &w8, &a8),
                 (neon_q4_0, sdot_q4_0, reference::dot_q4_0, &w4, &a8),
                 (neon_q4_k, sdot_q4_k, reference::dot_q4_k, &wk, &ak),

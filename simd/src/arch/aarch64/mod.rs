@@ -101,6 +101,9 @@ mod tests {
         got.to_bits() == want.to_bits()
     }
 
+    /// Plain NEON kernel, `sdot` kernel, scalar twin, weight row, activation row.
+    type Case<'a> = (DotFn, DotFn, DotFn, &'a [u8], &'a [u8]);
+
     #[test]
     fn neon_kernels_match_scalar() {
         let mut rng = StdRng::seed_from_u64(7);
@@ -111,8 +114,7 @@ mod tests {
             let w4 = blocks(&mut rng, n / 32, 18, &[0]);
             let wk = blocks(&mut rng, n / 256, 144, &[0, 2]);
             let ak = q8_k(&mut rng, n / 256);
-            // (plain NEON, sdot, scalar twin, weights, activations); DotFn fits the scalar too.
-            let cases: [(DotFn, DotFn, DotFn, &[u8], &[u8]); 3] = [
+            let cases: [Case<'_>; 3] = [
                 (neon_q8_0, sdot_q8_0, reference::dot_q8_0, &w8, &a8),
                 (neon_q4_0, sdot_q4_0, reference::dot_q4_0, &w4, &a8),
                 (neon_q4_k, sdot_q4_k, reference::dot_q4_k, &wk, &ak),

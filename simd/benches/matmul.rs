@@ -1,5 +1,7 @@
 //! matmul throughput on the shapes of a 1.5B model's FFN (1536 × 8960 and 8960 × 1536), in
-//! bytes of weights per second, so the numbers read against memory bandwidth.
+//! bytes of weights per second, so the numbers read against memory bandwidth: the K-quants of
+//! qwen2.5 and the legacy types of gemma3 (whose largest tensor is a Q8_0 output matrix).
+//! `n_tok=1` is decode (the single-token kernels), `n_tok=64` prefill (the multi-token ones).
 //!
 //! `cargo bench -p strata-simd --bench matmul`; `STRATA_BENCH_THREADS` sets the pool size
 //! (default 2) and `STRATA_SIMD` the level.
@@ -35,7 +37,7 @@ fn bench(c: &mut Criterion) {
         strata_simd::dispatch::level()
     ));
     g.sample_size(20);
-    for ty in [GgmlType::Q4K, GgmlType::Q6K] {
+    for ty in [GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q8_0, GgmlType::Q5_0] {
         // ffn_up/gate (8960 rows of 1536) and ffn_down (1536 rows of 8960).
         for (rows, cols) in [(8960, 1536), (1536, 8960)] {
             let data = weights(ty, rows, cols, &mut rng);

@@ -57,6 +57,7 @@ pub fn default_socket() -> PathBuf {
     PathBuf::from(format!("/tmp/strata-{uid}/strata.sock"))
 }
 
+#[derive(Clone)]
 pub struct Client {
     socket: PathBuf,
 }

@@ -344,3 +344,171 @@ fn client_commands_without_a_daemon_fail_with_one_line() {
         assert!(lines[0].contains("stratad --model"), "{err}");
     }
 }
+
+/// A real `stratad` serving qwen on a socket in a temp dir, stopped (SIGTERM) when dropped.
+struct Daemon {
+    child: Child,
+    sock: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start(model: &str) -> Daemon {
+        let stratad = strata_bin().with_file_name("stratad");
+        assert!(
+            stratad.exists(),
+            "{} is missing: build it with `cargo build --release -p strata-daemon`",
+            stratad.display()
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sock = dir.path().join("strata.sock");
+        let child = Command::new(stratad)
+            .arg("--socket")
+            .arg(&sock)
+            .args(["--model", model, "--ctx-size", "1024", "--threads", "2"])
+            // Warnings and errors only: the per-request lines would bury the test's output.
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start stratad");
+        Daemon {
+            child,
+            sock,
+            _dir: dir,
+        }
+    }
+
+    fn sock(&self) -> &str {
+        self.sock.to_str().expect("utf-8 path")
+    }
+
+    /// `strata ARGS --socket SOCK`: (exit code, stdout, stderr).
+    fn strata(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let out = Command::new(strata_bin())
+            .args(args)
+            .args(["--socket", self.sock()])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run strata");
+        let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), s(&out.stdout), s(&out.stderr))
+    }
+
+    /// Polls `strata ps` until `model` is listed.
+    fn wait_loaded(&mut self, model: &str) {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("stratad exited early ({status})");
+            }
+            let (code, out, _) = self.strata(&["ps"]);
+            if code == Some(0) && out.contains(model) {
+                return;
+            }
+            assert!(
+                start.elapsed() < SLOW,
+                "stratad did not load {model} in {SLOW:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid; SIGTERM makes stratad drain and exit.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let start = Instant::now();
+        while start.elapsed() < QUICK {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn chat_through_the_daemon_with_ps_load_unload() {
+    model_path(QWEN);
+    let mut daemon = Daemon::start(QWEN);
+    daemon.wait_loaded(QWEN);
+
+    let (code, out, err) = daemon.strata(&["ps"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("NAME") && out.contains("qwen2"), "{out}");
+
+    // The chat picks the one loaded model when none is named.
+    let home = tempfile::tempdir().expect("temp dir");
+    let mut cmd = Command::new(strata_bin());
+    cmd.args([
+        "chat",
+        "--socket",
+        daemon.sock(),
+        "--temp",
+        "0",
+        "-n",
+        "160",
+    ])
+    .env("STRATA_HOME", home.path())
+    .env("TERM", "xterm");
+    let mut pty = Pty::spawn(&mut cmd);
+    pty.expect(QWEN, QUICK);
+    pty.expect(">>> ", QUICK);
+    pty.send("What is 2+2? Reply with only the number.\r");
+    pty.expect("number.", QUICK);
+    let answer = pty.expect(">>> ", SLOW);
+    assert!(
+        answer.contains('4'),
+        "answer {answer:?}\n{}",
+        pty.transcript()
+    );
+
+    // Ctrl-C closes the stream, which cancels the request in the daemon.
+    pty.send("Write a long, detailed essay on the history of the Roman Empire.\r");
+    pty.expect("Empire.", QUICK);
+    pty.expect_bytes(40, SLOW);
+    pty.send("\x03");
+    pty.expect(">>> ", QUICK);
+    pty.send("/stats\r");
+    let stats = pty.expect(">>> ", QUICK);
+    assert!(
+        stats.contains("stopped by Ctrl-C"),
+        "{stats:?}\n{}",
+        pty.transcript()
+    );
+
+    // The conversation goes on after the interruption.
+    pty.send("Now say OK.\r");
+    pty.expect("OK.", QUICK);
+    let answer = pty.expect(">>> ", SLOW);
+    assert!(
+        !answer.contains("error"),
+        "{answer:?}\n{}",
+        pty.transcript()
+    );
+    pty.send("/bye\r");
+    let status = pty.wait_exit(QUICK);
+    assert!(status.success(), "{status}\n{}", pty.transcript());
+
+    let (code, out, err) = daemon.strata(&["unload", QWEN]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.trim(), format!("unloaded {QWEN}"));
+    let (_, out, _) = daemon.strata(&["ps"]);
+    assert!(out.contains("no models loaded"), "{out}");
+    let (code, _, err) = daemon.strata(&["unload", QWEN]);
+    assert_eq!(code, Some(1));
+    assert!(err.starts_with("error: the daemon answered 404"), "{err}");
+    let (code, out, err) = daemon.strata(&["load", QWEN]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with(&format!("loaded {QWEN} in ")), "{out}");
+    let (_, out, _) = daemon.strata(&["load", QWEN]);
+    assert_eq!(out.trim(), format!("{QWEN} was already loaded"));
+    let (code, _, err) = daemon.strata(&["load", "no-such-model"]);
+    assert_eq!(code, Some(1));
+    assert!(err.starts_with("error: the daemon answered 404"), "{err}");
+}

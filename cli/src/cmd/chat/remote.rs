@@ -2,7 +2,8 @@
 //! server-sent events on a reader thread so Ctrl-C can close the connection (which cancels the
 //! request in stratad) without waiting for the next token.
 
-use std::io::BufRead;
+use std::io::{BufRead, Read as _};
+use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,8 @@ pub struct Remote {
 
 /// What the reader thread passes on.
 enum Event {
+    /// The daemon accepted the request; shutting this down cancels it.
+    Connected(UnixStream),
     Piece(String),
     Usage {
         prompt_tokens: Option<usize>,
@@ -88,18 +91,30 @@ impl Remote {
             body["max_tokens"] = json!(n);
         }
         let t0 = Instant::now();
-        let resp = self
-            .client
-            .send("POST", "/v1/chat/completions", Some(&body))?;
-        if !(200..300).contains(&resp.status) {
-            let mut bytes = Vec::new();
-            std::io::Read::read_to_end(&mut std::io::Read::take(resp.body, 1 << 20), &mut bytes)?;
-            bail!("{}", error_message(resp.status, &bytes));
-        }
-        let conn = resp.conn;
         let (tx, rx) = mpsc::channel();
-        let mut body = resp.body;
-        let reader = std::thread::spawn(move || read_events(&mut body, &tx));
+        // The request itself goes on the reader thread too: a busy daemon may hold the answer's
+        // head back while the request waits in its queue, and Ctrl-C must work then as well.
+        let client = self.client.clone();
+        let reader = std::thread::spawn(move || {
+            match client.send("POST", "/v1/chat/completions", Some(&body)) {
+                Ok(resp) if (200..300).contains(&resp.status) => {
+                    let mut body = resp.body;
+                    if tx.send(Event::Connected(resp.conn)).is_ok() {
+                        read_events(&mut body, &tx);
+                    }
+                }
+                Ok(resp) => {
+                    let mut bytes = Vec::new();
+                    let _ = resp.body.take(1 << 20).read_to_end(&mut bytes);
+                    let e = anyhow::anyhow!("{}", error_message(resp.status, &bytes));
+                    let _ = tx.send(Event::Failed(e));
+                }
+                Err(e) => {
+                    let _ = tx.send(Event::Failed(e));
+                }
+            }
+        });
+        let mut conn = None;
         let mut stats = Stats::default();
         let mut answer = String::new();
         let mut t_first = None;
@@ -134,14 +149,20 @@ impl Remote {
                     stats.prompt_tokens = prompt_tokens;
                     usage_tokens = completion_tokens;
                 }
+                Ok(Event::Connected(c)) => conn = Some(c),
                 Ok(Event::Failed(e)) => break Err(e),
                 Ok(Event::Done) | Err(mpsc::RecvTimeoutError::Disconnected) => break Ok(()),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
         };
         // Closing the connection is how a request is cancelled; it also unblocks the reader.
-        let _ = conn.shutdown(std::net::Shutdown::Both);
-        let _ = reader.join();
+        // Without a connection yet the reader is still waiting for the answer's head: it ends
+        // on its own once that comes and finds no one listening.
+        drop(rx);
+        if let Some(c) = conn {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+            let _ = reader.join();
+        }
         result?;
         if let Some(n) = usage_tokens {
             stats.tokens = n;
@@ -233,7 +254,7 @@ mod tests {
                     completion_tokens, ..
                 } => usage = completion_tokens,
                 Event::Failed(e) => err = Some(format!("{e:#}")),
-                Event::Done => {}
+                Event::Done | Event::Connected(_) => {}
             }
         }
         (text, usage, err)

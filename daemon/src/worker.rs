@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use strata_engine::model::Scratch;
 use strata_engine::sampler::{Sampler, SamplerConfig};
 use strata_engine::tokenizer::StreamDecoder;
 use strata_engine::{Context, EngineError, Logits, Model};
@@ -157,6 +158,7 @@ pub fn spawn(
         metrics,
         shutdown,
         active: Vec::with_capacity(cfg.parallel),
+        batch: Scratch::new(),
     };
     std::thread::Builder::new()
         .name(format!("engine-{name}"))
@@ -173,6 +175,8 @@ struct Worker {
     metrics: Arc<Metrics>,
     shutdown: Arc<Shutdown>,
     active: Vec<Sequence>,
+    /// Activations of the batched decode step, reused from step to step.
+    batch: Scratch,
 }
 
 struct Sequence {
@@ -347,7 +351,7 @@ impl Worker {
                 decoding.push(s);
             }
         }
-        decode(&model, &mut decoding);
+        decode(&model, &self.pool, &mut self.batch, &mut decoding);
         // Counted after the step: a prefill's last chunk also yields a token.
         let produced: usize = self.active.iter().map(|s| s.produced).sum::<usize>() - before;
         self.stats
@@ -394,9 +398,24 @@ fn prefill(model: &Model, s: &mut Sequence, chunk: usize) {
     }
 }
 
-/// One new token for every decoding sequence. Round-robin for now: this is the one function
-/// to switch to `Model::decode_batch` (one forward pass over all of them) when it lands.
-fn decode(model: &Model, seqs: &mut [&mut Sequence]) {
+/// One new token for every decoding sequence, in one forward pass over all of them
+/// (continuous batching: each weight matrix is read once per step, whatever the number of
+/// sequences).
+fn decode(model: &Model, pool: &ThreadPool, batch: &mut Scratch, seqs: &mut [&mut Sequence]) {
+    if seqs.len() > 1 {
+        let tokens: Vec<u32> = seqs.iter().map(|s| s.next).collect();
+        let mut ctxs: Vec<&mut Context> = seqs.iter_mut().map(|s| &mut s.ctx).collect();
+        if let Ok(logits) = model.decode_batch(pool, &mut ctxs, &tokens, batch) {
+            let n_vocab = model.config.n_vocab;
+            for (s, row) in seqs.iter_mut().zip(logits.chunks_exact(n_vocab)) {
+                let tok = s.sampler.sample(row);
+                s.take(model, tok);
+            }
+            return;
+        }
+        // A batch fails as a whole (one full context, say) before touching any sequence:
+        // step them one by one so only the one at fault fails.
+    }
     for s in seqs.iter_mut() {
         let next = s.next;
         match model.forward(&mut s.ctx, &[next], Logits::Last) {

@@ -212,7 +212,14 @@ fn concurrent_streaming_clients_are_all_served() {
         total += last["usage"]["completion_tokens"].as_u64().expect("usage");
     }
     assert_eq!(total, 36);
-    let after = d.metric("strata_tokens_generated_total");
+    // The counter is bumped after the step whose events the clients already read: wait for it
+    // (bounded) rather than racing it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut after = d.metric("strata_tokens_generated_total");
+    while after - before < 36.0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        after = d.metric("strata_tokens_generated_total");
+    }
     assert_eq!(after - before, 36.0);
     assert_eq!(d.ps_model()["active_sequences"], 0);
 }

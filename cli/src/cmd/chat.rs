@@ -190,7 +190,7 @@ fn repl(
             continue;
         }
         conv.turns.push(ChatMessage::new("user", text));
-        interrupt::clear();
+        let answering = interrupt::answering();
         let mut ends_with_newline = true;
         let mut out = |piece: &str| -> std::io::Result<()> {
             if let Some(c) = piece.chars().last() {
@@ -201,6 +201,7 @@ fn repl(
             o.flush()
         };
         let result = backend.answer(&conv.messages(), &mut out);
+        drop(answering);
         if !ends_with_newline {
             println!();
         }
@@ -338,19 +339,26 @@ fn read_input(rl: &mut DefaultEditor) -> anyhow::Result<Input> {
 
 /// Ctrl-C while an answer streams. At the prompt the line editor has the terminal in raw mode
 /// and sees Ctrl-C as a key; while an answer streams the terminal is in its normal mode, so
-/// Ctrl-C arrives as SIGINT, which only raises a flag that the answer loops poll.
+/// Ctrl-C arrives as SIGINT, which only raises a flag that the answer loops poll. A SIGINT at
+/// any other time (input piped rather than typed, so no raw mode) ends the program as usual.
 mod interrupt {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     static STOP: AtomicBool = AtomicBool::new(false);
+    static ANSWERING: AtomicBool = AtomicBool::new(false);
 
     extern "C" fn on_sigint(_: libc::c_int) {
-        STOP.store(true, Ordering::SeqCst);
+        if ANSWERING.load(Ordering::SeqCst) {
+            STOP.store(true, Ordering::SeqCst);
+        } else {
+            // SAFETY: _exit is async-signal-safe; 130 is the shell's code for death by SIGINT.
+            unsafe { libc::_exit(130) }
+        }
     }
 
     pub fn install() -> std::io::Result<()> {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe; the
-        // sigaction struct is fully initialised (zeroed, then its mask emptied) before use.
+        // SAFETY: the handler only touches atomics and calls _exit, both async-signal-safe;
+        // the sigaction struct is fully initialised (zeroed, then its mask emptied) before use.
         // SA_RESTART keeps blocking calls elsewhere from failing with EINTR.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
@@ -364,8 +372,19 @@ mod interrupt {
         Ok(())
     }
 
-    pub fn clear() {
+    /// Marks an answer as running (Ctrl-C stops it) until the guard is dropped.
+    pub fn answering() -> Answering {
         STOP.store(false, Ordering::SeqCst);
+        ANSWERING.store(true, Ordering::SeqCst);
+        Answering
+    }
+
+    pub struct Answering;
+
+    impl Drop for Answering {
+        fn drop(&mut self) {
+            ANSWERING.store(false, Ordering::SeqCst);
+        }
     }
 
     pub fn requested() -> bool {

@@ -1,5 +1,6 @@
-//! `strata`: the llama.cpp-style command line (`run`, `tokenize`, `perplexity`, `bench`) running
-//! the engine in-process, and the model store commands (`pull`, `list`, `rm`, `show`).
+//! `strata`: the llama.cpp-style command line (`run`, `tokenize`, `perplexity`, `bench`,
+//! `gen`) running the engine in-process, the model store commands (`pull`, `list`, `rm`,
+//! `show`), and the daemon's client (`chat`, `ps`, `load`, `unload`).
 
 // A binary has no public API: `pub` inside it only means "shared between its modules".
 #![allow(unreachable_pub)]

@@ -192,12 +192,12 @@ pub fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
-/// A small, fast, seedable generator (SplitMix64); sampling needs reproducibility, not
+/// A small, fast, seedable generator (SplitMix64), shared with `synth`; sampling needs reproducibility, not
 /// cryptographic strength.
-struct SplitMix64(u64);
+pub(crate) struct SplitMix64(pub(crate) u64);
 
 impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -205,7 +205,7 @@ impl SplitMix64 {
         z ^ (z >> 31)
     }
 
-    fn next_f64(&mut self) -> f64 {
+    pub(crate) fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }

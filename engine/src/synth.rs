@@ -17,6 +17,7 @@ use strata_storage::quant::{GgmlType, quantize_row};
 use crate::error::EngineError;
 use crate::model::names::{self, LayerTensor};
 use crate::model::{Arch, ArchTraits};
+use crate::sampler::SplitMix64;
 
 /// The shape of a generated model.
 #[derive(Clone, Debug)]
@@ -120,7 +121,8 @@ pub fn write(spec: &GenSpec, vocab: Vocab<'_>, w: impl Write) -> Result<u64, Eng
             // Tensors are produced in declaration order.
             let plan = &plans[index];
             debug_assert_eq!(plan.name, name);
-            let mut rng = Rng(spec.seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let mut rng =
+                SplitMix64(spec.seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             index += 1;
             produce(plan, spec.random_blocks, &mut rng, out)
         })
@@ -272,7 +274,7 @@ fn declare(spec: &GenSpec, vocab: Vocab<'_>) -> Result<(GgufBuilder, Vec<Plan>),
 fn produce(
     plan: &Plan,
     random_blocks: bool,
-    rng: &mut Rng,
+    rng: &mut SplitMix64,
     out: &mut dyn Write,
 ) -> std::io::Result<()> {
     let rb = plan.ty.row_bytes(plan.cols);
@@ -297,7 +299,7 @@ fn produce(
 
 /// Fills a row of `ty` blocks with random quants and scales chosen so the weights are about
 /// ±`scale`; false for types without a fast path.
-fn random_row(ty: GgmlType, scale: f32, rng: &mut Rng, row: &mut [u8]) -> bool {
+fn random_row(ty: GgmlType, scale: f32, rng: &mut SplitMix64, row: &mut [u8]) -> bool {
     // (offset of the f16 d, offset of the f16 dmin if any, d for weights of about ±scale)
     let (d_at, dmin_at, d) = match ty {
         GgmlType::Q4K => (0, Some(2), scale / 256.0),
@@ -414,18 +416,8 @@ fn add_vocab(b: &mut GgufBuilder, vocab: Vocab<'_>) -> Result<usize, EngineError
     }
 }
 
-/// SplitMix64: deterministic, seedable, fast.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
+/// The uniform draw the weights are made of, on the sampler's SplitMix64.
+impl SplitMix64 {
     /// Uniform in [-1, 1).
     fn uniform(&mut self) -> f32 {
         (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0

@@ -6,12 +6,16 @@
 //!   dequantization every faster kernel is tested against.
 //! - [`residency`] is the only way model code reaches weight bytes: it asks for a tensor and gets
 //!   a [`residency::TensorHandle`] that says where the bytes live and keeps them there while held.
+//! - [`io`] reads byte ranges of a file with io_uring (`O_DIRECT`, many reads in flight) or a
+//!   pread pool, behind a seam for injected faults.
 //! - [`store`] is the model store: pull (PyPI, HTTPS, local path) with SHA-256 verification,
 //!   list, remove, resolve a name to a file.
 //!
 //! This crate knows nothing about models, tokio or the daemon's HTTP.
 
+pub mod buf;
 pub mod gguf;
+pub mod io;
 pub mod quant;
 pub mod residency;
 pub mod store;

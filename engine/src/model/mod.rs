@@ -12,8 +12,9 @@ use std::sync::Arc;
 use strata_simd::ops::Rope;
 use strata_simd::pool::ThreadPool;
 use strata_storage::gguf::GgufFile;
+use strata_storage::io::ReaderOptions;
 use strata_storage::quant::{GgmlType, dequantize_row};
-use strata_storage::residency::{TensorId, Weights};
+use strata_storage::residency::{LoadOptions, ResidencyError, TensorId, Weights};
 
 pub use config::{Activation, Arch, ArchTraits, ModelConfig};
 pub use forward::{Context, Logits, Scratch};
@@ -68,14 +69,27 @@ pub struct Model {
 }
 
 impl Model {
-    /// Parses, validates and loads a GGUF model file.
+    /// Parses, validates and loads a GGUF model file, resident when it fits in memory and
+    /// streamed from disk when it does not (I/O settings from `STRATA_IO`).
     pub fn load(path: &Path) -> Result<Self, EngineError> {
+        let io = ReaderOptions::from_env().map_err(|e| ResidencyError::Read(Arc::new(e)))?;
+        Self::load_with(
+            path,
+            &LoadOptions {
+                io,
+                ..LoadOptions::default()
+            },
+        )
+    }
+
+    /// [`Model::load`] with explicit residency options (RAM budget, streaming window, mmap).
+    pub fn load_with(path: &Path, opts: &LoadOptions) -> Result<Self, EngineError> {
         let gguf = GgufFile::open(path)?;
         let arch = gguf.architecture()?.to_string();
         Arch::from_name(&arch)?;
         let tokenizer = Tokenizer::from_gguf(&gguf.metadata)?;
         let config = ModelConfig::from_metadata(&gguf.metadata, tokenizer.n_vocab())?;
-        let weights = Weights::load(path, gguf)?;
+        let weights = Weights::open(path, gguf, opts)?;
         Self::from_weights(config, tokenizer, weights)
     }
 

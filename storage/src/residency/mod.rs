@@ -1,0 +1,468 @@
+//! Residency: the one way model code reaches weight bytes (DESIGN.md invariant 1).
+//!
+//! A model asks [`Weights::acquire`] for a tensor and gets a [`TensorHandle`]: it says which
+//! tier the bytes live in now and keeps them there while it is held. Model code never sees a
+//! file, an mmap or an offset, so the storage layer is free to stream, evict or prefetch any
+//! tensor without the model knowing.
+//!
+//! Three ways to hold the weights, chosen at load ([`LoadOptions`]):
+//! - **resident** (the default when the model fits): every tensor is read once, with large
+//!   `O_DIRECT` reads through [`crate::io::Reader`], into one aligned buffer we own, so the
+//!   resident size is exactly what [`Weights::resident_bytes`] reports;
+//! - **streamed** (under `--ram-budget`, or when the model does not fit in available memory):
+//!   [`plan`] keeps the hot set resident and streams the other layers through a window of slot
+//!   buffers that an I/O thread fills ahead of the computation (`stream`). With `O_DIRECT` the
+//!   page cache holds no second copy, so the budget is honest;
+//! - **mapped** (`--mmap`): the file is mapped and the page cache decides, as llama.cpp does.
+//!
+//! A truncated file is caught at load (its size must match its header), never at a token.
+
+mod mmap;
+pub mod plan;
+mod stream;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::buf::AlignedBuf;
+use crate::gguf::{GgufFile, TensorInfo};
+use crate::io::{IoError, IoKind, IoStats, ReadReq, Reader, ReaderOptions};
+use plan::{BudgetTooSmall, Place, PlanTensor};
+
+/// Where a tensor's bytes are right now, fastest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Tier {
+    /// GPU memory.
+    Vram,
+    /// Page-locked host memory a GPU can copy from directly.
+    Pinned,
+    /// Ordinary host memory.
+    Ram,
+    /// Not resident; must be read from the file.
+    Ssd,
+}
+
+impl Tier {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Tier::Vram => "vram",
+            Tier::Pinned => "pinned",
+            Tier::Ram => "ram",
+            Tier::Ssd => "ssd",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResidencyError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{path}: file is {actual} bytes but its header describes {expected} bytes (truncated or modified since it was parsed)"
+    )]
+    SizeMismatch {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("cannot allocate {bytes} bytes for tensor data")]
+    Alloc { bytes: u64 },
+    #[error(transparent)]
+    Read(Arc<IoError>),
+    #[error(transparent)]
+    Budget(#[from] BudgetTooSmall),
+    #[error("unknown tensor id {0}")]
+    UnknownTensor(u32),
+}
+
+/// Bytes this process can still fill without being reclaimed or killed: the kernel's
+/// `MemAvailable`, lowered to the room left under a cgroup memory limit (v2 `memory.max`, v1
+/// `memory.limit_in_bytes`) when one is set. `None` when none of these can be read.
+pub fn available_memory() -> Option<u64> {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let num = |p: &str| read(p).and_then(|s| s.trim().parse::<u64>().ok());
+    let meminfo = read("/proc/meminfo").and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    });
+    // This process's own group: "0::/path" (v2) or "N:memory:/path" (v1) in /proc/self/cgroup.
+    let groups = read("/proc/self/cgroup").unwrap_or_default();
+    let v2 = groups.lines().find_map(|l| l.strip_prefix("0::"));
+    let v1 = groups.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, ctrl, path) = (parts.next()?, parts.next()?, parts.next()?);
+        ctrl.split(',').any(|c| c == "memory").then_some(path)
+    });
+    let cgroup = v2
+        .and_then(|g| {
+            let max = num(&format!("/sys/fs/cgroup{g}/memory.max"))?;
+            let cur = num(&format!("/sys/fs/cgroup{g}/memory.current"))?;
+            Some(max.saturating_sub(cur))
+        })
+        .or_else(|| {
+            let g = v1?;
+            let limit = num(&format!("/sys/fs/cgroup/memory{g}/memory.limit_in_bytes"))?;
+            let usage = num(&format!("/sys/fs/cgroup/memory{g}/memory.usage_in_bytes"))?;
+            // An unlimited v1 group reports a limit near 2^63.
+            (limit < (1 << 60)).then(|| limit.saturating_sub(usage))
+        });
+    match (meminfo, cgroup) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// A tensor's index in its model's tensor table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TensorId(u32);
+
+impl TensorId {
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// What keeps a handle's bytes where they are (held only for its `Drop`).
+#[derive(Clone)]
+#[expect(dead_code, reason = "the fields are held for their Drop")]
+enum Keep {
+    Buf(Arc<AlignedBuf>),
+    Map(Arc<mmap::Mmap>),
+    Slot(stream::SlotPin),
+}
+
+/// A held tensor: its bytes stay where [`TensorHandle::tier`] says until the handle is dropped.
+#[derive(Clone)]
+pub struct TensorHandle {
+    ptr: *const u8,
+    len: usize,
+    tier: Tier,
+    _keep: Keep,
+}
+
+impl TensorHandle {
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `keep` holds the buffer, mapping or pinned slot that `ptr..ptr + len` lies in
+        // for as long as this handle lives, and nothing writes to it meanwhile.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    pub fn tier(&self) -> Tier {
+        self.tier
+    }
+}
+
+/// How to hold a model's weights.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Bytes of RAM the weights may use. `None`: all of them when they fit in available memory,
+    /// else 70% of what is available, streaming the rest.
+    pub ram_budget: Option<u64>,
+    /// Streaming buffers (the layer computing plus those read ahead); at least 2.
+    pub window: Option<usize>,
+    /// Map the file instead of reading it (the page cache decides what stays in RAM).
+    pub mmap: bool,
+    pub io: ReaderOptions,
+}
+
+enum Backing {
+    Resident(Arc<AlignedBuf>),
+    Mapped(Arc<mmap::Mmap>),
+    Streamed {
+        hot: Arc<AlignedBuf>,
+        streamer: stream::Streamer,
+    },
+}
+
+/// Where the weights are and how reading them went, for `--verbose`, `bench` and `/metrics`.
+#[derive(Clone, Debug, Default)]
+pub struct ResidencyStats {
+    /// "resident", "streamed" or "mmap".
+    pub mode: &'static str,
+    /// "io_uring" or "pread" (empty for mmap).
+    pub io: &'static str,
+    pub direct: bool,
+    /// RAM held for weights (resident set plus streaming window).
+    pub ram_bytes: u64,
+    /// Bytes read from the file per pass through the layers (0 when nothing streams).
+    pub streamed_per_pass: u64,
+    pub resident_layers: usize,
+    pub streamed_layers: usize,
+    pub window: usize,
+    /// Acquires served from the resident set.
+    pub hot_hits: u64,
+    /// Acquires of streamed layers found ready in the window.
+    pub window_hits: u64,
+    /// Acquires that waited for a read already under way.
+    pub stalls: u64,
+    /// Acquires that had to start their own read.
+    pub misses: u64,
+    pub prefetches: u64,
+    /// Time acquires waited for reads.
+    pub stall: Duration,
+    /// Everything read since load (including the resident set).
+    pub read: IoStats,
+}
+
+/// The weights of one model file and where each tensor lives.
+pub struct Weights {
+    path: PathBuf,
+    gguf: GgufFile,
+    ids: HashMap<String, TensorId>,
+    places: Vec<Place>,
+    backing: Backing,
+    summary: ResidencyStats,
+    hot_hits: AtomicU64,
+}
+
+/// The layer a tensor belongs to: `blk.N.…` → N.
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
+}
+
+impl Weights {
+    /// Loads `gguf` (already parsed from `path`) as `opts` say.
+    pub fn open(path: &Path, gguf: GgufFile, opts: &LoadOptions) -> Result<Self, ResidencyError> {
+        let io = |source| ResidencyError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(io)?;
+        let actual = file.metadata().map_err(io)?.len();
+        if actual != gguf.file_size {
+            return Err(ResidencyError::SizeMismatch {
+                path: path.to_path_buf(),
+                expected: gguf.file_size,
+                actual,
+            });
+        }
+        let ids = gguf
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), TensorId(i as u32)))
+            .collect();
+        // The parser guarantees every tensor lies inside [data_offset, file_size).
+        let data_len = gguf.file_size.saturating_sub(gguf.data_offset);
+        if opts.mmap {
+            let len = usize::try_from(gguf.file_size).map_err(|_| ResidencyError::Alloc {
+                bytes: gguf.file_size,
+            })?;
+            let map = Arc::new(mmap::Mmap::map(&file, len).map_err(io)?);
+            let places = gguf
+                .tensors
+                .iter()
+                .map(|t| Place::Hot(gguf.data_offset + t.offset))
+                .collect();
+            return Ok(Self {
+                path: path.to_path_buf(),
+                gguf,
+                ids,
+                places,
+                backing: Backing::Mapped(map),
+                summary: ResidencyStats {
+                    mode: "mmap",
+                    ram_bytes: data_len,
+                    ..ResidencyStats::default()
+                },
+                hot_hits: AtomicU64::new(0),
+            });
+        }
+        drop(file);
+        let budget = opts.ram_budget.or_else(|| {
+            let available = available_memory()?;
+            (data_len > available / 10 * 9).then(|| {
+                tracing::info!(
+                    "{}: {} MiB of weights in {} MiB of available memory: streaming from disk",
+                    path.display(),
+                    data_len >> 20,
+                    available >> 20
+                );
+                available / 10 * 7
+            })
+        });
+        let tensors: Vec<PlanTensor> = gguf
+            .tensors
+            .iter()
+            .map(|t| PlanTensor {
+                start: gguf.data_offset + t.offset,
+                len: t.n_bytes,
+                layer: layer_of(&t.name),
+                n_dims: t.dims.len(),
+            })
+            .collect();
+        let plan = plan::plan(&tensors, gguf.file_size, budget, opts.window)?;
+        let reader = Reader::open(path, &opts.io).map_err(|e| ResidencyError::Read(Arc::new(e)))?;
+        let usize_of = |b: u64| usize::try_from(b).map_err(|_| ResidencyError::Alloc { bytes: b });
+        let mut hot = AlignedBuf::zeroed(usize_of(plan.hot_bytes)?)
+            .map_err(|e| ResidencyError::Alloc { bytes: e.bytes })?;
+        {
+            let base = hot.as_mut_slice();
+            let mut reqs = Vec::with_capacity(plan.hot.len());
+            let mut rest = &mut base[..];
+            let mut at = 0u64;
+            for e in &plan.hot {
+                let (_, tail) = rest.split_at_mut((e.dst - at) as usize);
+                let (buf, tail) = tail.split_at_mut(e.len as usize);
+                reqs.push(ReadReq {
+                    offset: e.start,
+                    buf,
+                    need: e.need as usize,
+                    fixed: None,
+                });
+                rest = tail;
+                at = e.dst + e.len;
+            }
+            reader
+                .read(&mut reqs)
+                .map_err(|e| ResidencyError::Read(Arc::new(e)))?;
+        }
+        let mut summary = ResidencyStats {
+            mode: "resident",
+            io: reader.kind().name(),
+            direct: reader.is_direct(),
+            ram_bytes: plan.ram_bytes(),
+            streamed_per_pass: plan.streamed_bytes(),
+            resident_layers: plan.resident_layers,
+            streamed_layers: plan.groups.len(),
+            window: plan.window,
+            read: reader.stats(),
+            ..ResidencyStats::default()
+        };
+        let hot = Arc::new(hot);
+        let backing = if plan.groups.is_empty() {
+            Backing::Resident(hot)
+        } else {
+            summary.mode = "streamed";
+            tracing::info!(
+                "{}: {} of {} layers resident, {} streamed through {} buffers of {} MiB ({} MiB of RAM for weights)",
+                path.display(),
+                plan.resident_layers,
+                plan.resident_layers + plan.groups.len(),
+                plan.groups.len(),
+                plan.window,
+                plan.slot_bytes >> 20,
+                plan.ram_bytes() >> 20
+            );
+            let streamer = stream::Streamer::new(
+                reader,
+                plan.groups,
+                plan.window,
+                usize_of(plan.slot_bytes)?,
+            )?;
+            Backing::Streamed { hot, streamer }
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            gguf,
+            ids,
+            places: plan.places,
+            backing,
+            summary,
+            hot_hits: AtomicU64::new(0),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The parsed header: metadata and the tensor table.
+    pub fn gguf(&self) -> &GgufFile {
+        &self.gguf
+    }
+
+    pub fn id(&self, name: &str) -> Option<TensorId> {
+        self.ids.get(name).copied()
+    }
+
+    pub fn info(&self, id: TensorId) -> Result<&TensorInfo, ResidencyError> {
+        self.gguf
+            .tensors
+            .get(id.index())
+            .ok_or(ResidencyError::UnknownTensor(id.0))
+    }
+
+    /// Holds a tensor in memory and returns a view of its bytes; for a streamed layer this may
+    /// wait for (or start) its read.
+    pub fn acquire(&self, id: TensorId) -> Result<TensorHandle, ResidencyError> {
+        let len = self.info(id)?.n_bytes as usize;
+        let place = self.places[id.index()];
+        let resident = |buf: &Arc<AlignedBuf>, off: u64| {
+            self.hot_hits.fetch_add(1, Ordering::Relaxed);
+            TensorHandle {
+                // SAFETY: the planner placed the tensor's `len` bytes inside the buffer.
+                ptr: unsafe { buf.as_ptr().add(off as usize) },
+                len,
+                tier: Tier::Ram,
+                _keep: Keep::Buf(Arc::clone(buf)),
+            }
+        };
+        match (&self.backing, place) {
+            (Backing::Resident(buf), Place::Hot(off)) => Ok(resident(buf, off)),
+            (Backing::Streamed { hot, .. }, Place::Hot(off)) => Ok(resident(hot, off)),
+            (Backing::Streamed { streamer, .. }, Place::Group { group, offset }) => {
+                streamer.acquire(group, offset as usize, len)
+            }
+            (Backing::Mapped(map), Place::Hot(off)) => {
+                debug_assert!(off as usize + len <= map.len());
+                self.hot_hits.fetch_add(1, Ordering::Relaxed);
+                Ok(TensorHandle {
+                    // SAFETY: the parser checked the tensor lies inside the file, all mapped.
+                    ptr: unsafe { map.as_ptr().add(off as usize) },
+                    len,
+                    tier: Tier::Ram,
+                    _keep: Keep::Map(Arc::clone(map)),
+                })
+            }
+            (_, Place::Group { .. }) => Err(ResidencyError::UnknownTensor(id.0)),
+        }
+    }
+
+    /// Bytes held per tier: RAM for the resident set and the window, SSD for what is streamed.
+    pub fn resident_bytes(&self) -> Vec<(Tier, u64)> {
+        let s = &self.summary;
+        let mut v = vec![(Tier::Ram, s.ram_bytes)];
+        if s.streamed_per_pass > 0 {
+            v.push((Tier::Ssd, s.streamed_per_pass));
+        }
+        v
+    }
+
+    /// How the weights are held, and the counters of reads and waits so far.
+    pub fn stats(&self) -> ResidencyStats {
+        let mut s = self.summary.clone();
+        s.hot_hits = self.hot_hits.load(Ordering::Relaxed);
+        if let Backing::Streamed { streamer, .. } = &self.backing {
+            let c = &streamer.shared().counters;
+            s.window_hits = c.hits.load(Ordering::Relaxed);
+            s.stalls = c.stalls.load(Ordering::Relaxed);
+            s.misses = c.misses.load(Ordering::Relaxed);
+            s.prefetches = c.prefetches.load(Ordering::Relaxed);
+            s.stall = stream::stall(c);
+            // The streamer's reader also read the resident set at load.
+            s.read = streamer.io_stats();
+        }
+        s
+    }
+
+    /// The I/O engine reading this model's file (`None` for a mapped file).
+    pub fn io_kind(&self) -> Option<IoKind> {
+        match self.summary.io {
+            "io_uring" => Some(IoKind::Uring),
+            "pread" => Some(IoKind::Pread),
+            _ => None,
+        }
+    }
+}

@@ -53,6 +53,7 @@ fn opts(budget: Option<u64>, kind: IoKind, faults: Option<&str>) -> LoadOptions 
         ram_budget: budget,
         window: None,
         mmap: false,
+        row_access: Vec::new(),
         io: ReaderOptions {
             kind: Some(kind),
             faults: faults.map(|f| Faults::parse(f).expect("fault plan")),

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use strata_engine::{Logits, Model};
 use strata_simd::pool::ThreadPool;
 
-use super::common::{DEFAULT_MODEL, threads};
+use strata_storage::io::{IoKind, ReaderOptions, measure_read};
+
+use super::common::{DEFAULT_MODEL, LoadArgs, open_model, threads};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -48,6 +50,13 @@ pub struct Args {
     /// fraction of it each decode test reaches.
     #[arg(long)]
     membw: bool,
+    /// Also measure the read bandwidth of the disk holding the model (O_DIRECT, io_uring,
+    /// 64 reads of 1 MiB in flight; up to 4 GiB of the file, 3 times) and report the fraction of
+    /// it that streamed decode reaches.
+    #[arg(long)]
+    disk: bool,
+    #[command(flatten)]
+    residency: LoadArgs,
 }
 
 struct Row {
@@ -60,6 +69,9 @@ struct Row {
     n_gen: usize,
     samples: Vec<f64>,
     bytes_per_token: u64,
+    /// Bytes read from disk per token, and the read bandwidth while testing (streamed weights).
+    disk_per_token: f64,
+    disk_gbs: f64,
 }
 
 pub fn exec(args: Args) -> anyhow::Result<()> {
@@ -80,9 +92,13 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         None
     };
     let mut rows = Vec::new();
+    let mut disk = None;
     for spec in &args.model {
         let path = super::common::resolve_model(spec)?;
-        let model = Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
+        if args.disk && disk.is_none() {
+            disk = Some(measure_disk(&path)?);
+        }
+        let model = open_model(&path, &args.residency)?;
         let desc = describe(&model);
         for &nt in &thread_counts {
             let pool = Arc::new(ThreadPool::new(nt));
@@ -93,7 +109,12 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
                 .map(|&p| (p, 0))
                 .chain(args.n_gen.iter().filter(|&&n| n > 0).map(|&n| (0, n)));
             for (p, n) in tests {
+                let before = model.weights().stats().read;
+                let t0 = Instant::now();
                 let samples = run_test(&model, &pool, p, n, args.repetitions)?;
+                let secs = t0.elapsed().as_secs_f64();
+                let read = model.weights().stats().read.bytes - before.bytes;
+                let tokens = ((p + n) * (args.repetitions + 1)) as f64;
                 rows.push(Row {
                     model: desc.clone(),
                     size: model.size_bytes(),
@@ -108,6 +129,8 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
                     n_gen: n,
                     samples,
                     bytes_per_token: model.decode_bytes_per_token(),
+                    disk_per_token: read as f64 / tokens,
+                    disk_gbs: read as f64 / secs / 1e9,
                 });
             }
         }
@@ -117,6 +140,61 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         print_json(&mut out, &rows, membw.as_deref())?;
     } else {
         print_md(&mut out, &rows, membw.as_deref())?;
+    }
+    if args.output == "json" {
+        print_disk(&mut std::io::stderr(), &rows, disk.as_ref())?;
+    } else {
+        print_disk(&mut out, &rows, disk.as_ref())?;
+    }
+    Ok(())
+}
+
+/// The disk's sequential O_DIRECT read bandwidth over (up to) 4 GiB of `path`: every run's
+/// GB/s, in order.
+fn measure_disk(path: &std::path::Path) -> anyhow::Result<Vec<f64>> {
+    let opts = ReaderOptions {
+        kind: Some(IoKind::Uring),
+        ..ReaderOptions::default()
+    };
+    (0..3)
+        .map(|_| {
+            let (bytes, secs) = measure_read(path, 4 << 30, &opts)
+                .with_context(|| format!("measuring the read bandwidth of {}", path.display()))?;
+            Ok(bytes as f64 / secs / 1e9)
+        })
+        .collect()
+}
+
+/// Streamed tests' disk traffic, against the disk's measured bandwidth when `--disk` ran.
+fn print_disk(out: &mut impl Write, rows: &[Row], disk: Option<&Vec<f64>>) -> anyhow::Result<()> {
+    let best = disk.map(|d| d.iter().copied().fold(0.0, f64::max));
+    if let Some(d) = disk {
+        let runs: Vec<String> = d.iter().map(|g| format!("{g:.2}")).collect();
+        writeln!(
+            out,
+            "\ndisk read bandwidth (O_DIRECT, io_uring, 64 × 1 MiB in flight, 512 MiB per call): {:.2} GB/s best (runs: {})",
+            best.unwrap_or(0.0),
+            runs.join(", ")
+        )?;
+    }
+    for r in rows.iter().filter(|r| r.disk_per_token > 0.0) {
+        write!(
+            out,
+            "{} {} t={}: {:.1} MiB read from disk per token at {:.2} GB/s",
+            r.model,
+            r.test,
+            r.threads,
+            r.disk_per_token / (1u64 << 20) as f64,
+            r.disk_gbs
+        )?;
+        match best {
+            Some(b) if b > 0.0 => writeln!(
+                out,
+                " = {:.0}% of the disk's bandwidth",
+                100.0 * r.disk_gbs / b
+            )?,
+            _ => writeln!(out)?,
+        }
     }
     Ok(())
 }

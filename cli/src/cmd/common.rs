@@ -8,6 +8,8 @@ use std::time::Instant;
 use anyhow::Context as _;
 use strata_engine::Model;
 use strata_simd::pool::ThreadPool;
+use strata_storage::io::{IoKind, ReaderOptions};
+use strata_storage::residency::LoadOptions;
 use strata_storage::store::Store;
 
 /// The model `strata run` uses when none is named.
@@ -39,11 +41,98 @@ pub fn threads(requested: Option<usize>) -> anyhow::Result<usize> {
     }
 }
 
+/// How the weights are held: the residency flags `run`, `perplexity` and `bench` share.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct LoadArgs {
+    /// RAM the weights may use: bytes with an optional K/M/G suffix (powers of 1024), or a
+    /// percentage of the model's weights ("30%"). Layers that do not fit are streamed from
+    /// disk every step. Default: all of them when they fit in available memory.
+    #[arg(long = "ram-budget", value_name = "SIZE")]
+    pub ram_budget: Option<String>,
+    /// Streaming buffers: the layer computing plus those read ahead (at least 2; default 3).
+    #[arg(long, value_name = "N")]
+    pub prefetch: Option<usize>,
+    /// Map the file and let the page cache decide what stays in RAM (llama.cpp's default),
+    /// instead of reading it with O_DIRECT.
+    #[arg(long, conflicts_with_all = ["ram_budget", "prefetch"])]
+    pub mmap: bool,
+    /// I/O engine for reading weights: uring or pread (default: uring, falling back to pread;
+    /// also STRATA_IO).
+    #[arg(long, value_name = "ENGINE", value_parser = ["uring", "pread"])]
+    pub io: Option<String>,
+}
+
+impl LoadArgs {
+    /// The residency options for a model whose weights take `weight_bytes`.
+    pub fn options(&self, weight_bytes: u64) -> anyhow::Result<LoadOptions> {
+        let mut io = ReaderOptions::from_env()?;
+        match self.io.as_deref() {
+            Some("pread") => io.kind = Some(IoKind::Pread),
+            Some(_) => io.kind = Some(IoKind::Uring),
+            None => {}
+        }
+        if let Some(w) = self.prefetch
+            && !(2..=64).contains(&w)
+        {
+            anyhow::bail!("--prefetch must be between 2 and 64 buffers, not {w}");
+        }
+        let ram_budget = match &self.ram_budget {
+            Some(s) => Some(
+                parse_size(s, weight_bytes)
+                    .map_err(|e| anyhow::anyhow!("--ram-budget {s:?}: {e}"))?,
+            ),
+            None => None,
+        };
+        Ok(LoadOptions {
+            ram_budget,
+            window: self.prefetch,
+            mmap: self.mmap,
+            row_access: Vec::new(),
+            io,
+        })
+    }
+}
+
+/// `"300M"`, `"1.5G"`, `"123456"` or `"30%"` (of `whole`) as bytes.
+pub fn parse_size(s: &str, whole: u64) -> Result<u64, String> {
+    let t = s.trim();
+    if let Some(p) = t.strip_suffix('%') {
+        let pct: f64 = p
+            .trim()
+            .parse()
+            .map_err(|_| format!("{p:?} is not a number"))?;
+        if !(pct > 0.0 && pct <= 100.0) {
+            return Err("a percentage must be in (0, 100]".into());
+        }
+        return Ok((whole as f64 * pct / 100.0) as u64);
+    }
+    let lower = t.to_ascii_lowercase();
+    let body = lower.trim_end_matches("ib").trim_end_matches('b');
+    let (num, mul) = match body.chars().last() {
+        Some('k') => (&body[..body.len() - 1], 1u64 << 10),
+        Some('m') => (&body[..body.len() - 1], 1 << 20),
+        Some('g') => (&body[..body.len() - 1], 1 << 30),
+        Some('t') => (&body[..body.len() - 1], 1 << 40),
+        _ => (body, 1),
+    };
+    let v: f64 = num.trim().parse().map_err(|_| {
+        "expected bytes with an optional K/M/G/T suffix, or a percentage".to_string()
+    })?;
+    if !(v.is_finite() && v > 0.0) || v * mul as f64 > 1e18 {
+        return Err("must be a positive size".into());
+    }
+    Ok((v * mul as f64) as u64)
+}
+
 pub fn load(spec: &str, threads_req: Option<usize>) -> anyhow::Result<Loaded> {
+    load_with(spec, threads_req, &LoadArgs::default())
+}
+
+pub fn load_with(spec: &str, threads_req: Option<usize>, how: &LoadArgs) -> anyhow::Result<Loaded> {
     let path = resolve_model(spec)?;
     let n_threads = threads(threads_req)?;
     let t0 = Instant::now();
-    let model = Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let model = open_model(&path, how)?;
     let pool = Arc::new(ThreadPool::new(n_threads));
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     tracing::info!(
@@ -60,6 +149,69 @@ pub fn load(spec: &str, threads_req: Option<usize>) -> anyhow::Result<Loaded> {
     })
 }
 
+/// Loads the model at `path` as `how` says.
+pub fn open_model(path: &std::path::Path, how: &LoadArgs) -> anyhow::Result<Model> {
+    let weight_bytes = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
+    let opts = how.options(weight_bytes)?;
+    Model::load_with(path, &opts).with_context(|| format!("loading {}", path.display()))
+}
+
+/// `strata_perf_context_print:` lines about the weights: how they are held, what was read from
+/// disk and how long steps waited for it, and the peak resident set of the process.
+pub fn print_residency(model: &Model) {
+    let s = model.weights().stats();
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    eprintln!(
+        "strata_perf_context_print:          weights = {} ({}{}), {:.1} MiB in RAM, {} layers resident, {} streamed through {} buffers",
+        s.mode,
+        s.io,
+        if s.direct { ", O_DIRECT" } else { "" },
+        mib(s.ram_bytes),
+        s.resident_layers,
+        s.streamed_layers,
+        s.window
+    );
+    let secs = s.read.busy.as_secs_f64();
+    eprintln!(
+        "strata_perf_context_print:        disk read = {:.1} MiB in {:.2} s ({:.2} GB/s), {} resubmitted; I/O stall {:.2} ms",
+        mib(s.read.bytes),
+        secs,
+        if secs > 0.0 {
+            s.read.bytes as f64 / secs / 1e9
+        } else {
+            0.0
+        },
+        s.read.resubmits,
+        s.stall.as_secs_f64() * 1e3
+    );
+    eprintln!(
+        "strata_perf_context_print:          acquire = {} resident, {} window hits, {} waited, {} missed ({} read ahead)",
+        s.hot_hits, s.window_hits, s.stalls, s.misses, s.prefetches
+    );
+    if let Some(peak) = peak_rss() {
+        eprintln!(
+            "strata_perf_context_print:         peak RSS = {:.1} MiB",
+            mib(peak)
+        );
+    }
+}
+
+/// The process's peak resident set (`VmHWM`), in bytes.
+pub fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
 /// The context size for `-c`: 0 means the model's trained length.
 pub fn ctx_size(model: &Model, requested: usize) -> anyhow::Result<usize> {
     let train = model.config.n_ctx_train;
@@ -68,4 +220,21 @@ pub fn ctx_size(model: &Model, requested: usize) -> anyhow::Result<usize> {
         anyhow::bail!("--ctx-size {n} exceeds the model's context length {train}");
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_in_every_spelling_and_nonsense_is_refused() {
+        assert_eq!(parse_size("1024", 0), Ok(1024));
+        assert_eq!(parse_size("300M", 0), Ok(300 << 20));
+        assert_eq!(parse_size("300MiB", 0), Ok(300 << 20));
+        assert_eq!(parse_size("1.5g", 0), Ok(3 << 29));
+        assert_eq!(parse_size("30%", 1000), Ok(300));
+        for bad in ["", "x", "-5M", "0", "150%", "0%", "1e30", "NaNG"] {
+            assert!(parse_size(bad, 1000).is_err(), "{bad}");
+        }
+    }
 }

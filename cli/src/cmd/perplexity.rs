@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 use strata_engine::perplexity::perplexity;
 
-use super::common::{DEFAULT_MODEL, load};
+use super::common::{DEFAULT_MODEL, LoadArgs, load_with};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -23,12 +23,14 @@ pub struct Args {
     /// Score at most this many chunks.
     #[arg(long)]
     chunks: Option<usize>,
+    #[command(flatten)]
+    residency: LoadArgs,
 }
 
 pub fn exec(args: Args) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("reading {}", args.file.display()))?;
-    let loaded = load(&args.model, args.threads)?;
+    let loaded = load_with(&args.model, args.threads, &args.residency)?;
     let model = &loaded.model;
     if args.ctx_size > model.config.n_ctx_train {
         anyhow::bail!(

@@ -9,7 +9,7 @@ use strata_engine::sampler::{Sampler, SamplerConfig};
 use strata_engine::tokenizer::StreamDecoder;
 use strata_engine::{Context, Logits, Model};
 
-use super::common::{DEFAULT_MODEL, Loaded, ctx_size, load};
+use super::common::{DEFAULT_MODEL, LoadArgs, Loaded, ctx_size, load_with, print_residency};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -70,6 +70,12 @@ pub struct Args {
     /// Tokens per forward pass while reading the prompt.
     #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
     pub batch_size: usize,
+    #[command(flatten)]
+    pub residency: LoadArgs,
+    /// Also report how the weights are held, bytes read from disk, I/O stall time, read
+    /// bandwidth, hits per tier and the peak RSS.
+    #[arg(long)]
+    pub verbose: bool,
 }
 
 /// Timings in llama.cpp's terms.
@@ -108,7 +114,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         }
         (None, None) => None,
     };
-    let loaded = load(&args.model, args.threads)?;
+    let loaded = load_with(&args.model, args.threads, &args.residency)?;
     let n_ctx = match args.ctx_size {
         Some(c) => ctx_size(&loaded.model, c)?,
         None => loaded.model.config.n_ctx_train.min(4096),
@@ -123,6 +129,9 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         complete(&loaded, &mut ctx, &mut sampler, &args, prompt, &mut perf)
     };
     print_perf(loaded.load_ms, &perf);
+    if args.verbose || loaded.model.weights().stats().mode != "resident" {
+        print_residency(&loaded.model);
+    }
     result
 }
 

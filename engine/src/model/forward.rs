@@ -10,7 +10,6 @@ use strata_simd::ops::{
 };
 use strata_simd::pool::ThreadPool;
 use strata_storage::quant::dequantize_row;
-use strata_storage::residency::TensorHandle;
 
 use super::{Activation, Mat, Model, ModelConfig};
 use crate::error::EngineError;
@@ -73,6 +72,9 @@ struct Buffers {
     att: Vec<f32>,
     g: Vec<f32>,
     u: Vec<f32>,
+    /// Token ids as embedding rows, and those rows' raw bytes.
+    rows: Vec<u64>,
+    raw: Vec<u8>,
 }
 
 impl Context {
@@ -269,12 +271,15 @@ impl Model {
             b.resize(n * len, 0.0);
         }
 
-        // Token embeddings.
-        let embd = self.acquire(self.token_embd)?;
+        // Token embeddings: only their rows are read.
         let row_bytes = self.token_embd.ty.row_bytes(e);
+        buf.rows.clear();
+        buf.rows.extend(tokens.iter().map(|&t| u64::from(t)));
+        buf.raw.resize(n * row_bytes, 0);
+        self.weights
+            .read_rows(self.token_embd.id, &buf.rows, &mut buf.raw)?;
         let scale = (e as f32).sqrt();
-        for (t, &tok) in tokens.iter().enumerate() {
-            let src = &embd.bytes()[tok as usize * row_bytes..][..row_bytes];
+        for (t, src) in buf.raw.chunks_exact(row_bytes).enumerate() {
             let dst = &mut buf.x[t * e..(t + 1) * e];
             dequantize_row(self.token_embd.ty, src, dst)
                 .map_err(|err| EngineError::Invalid(err.to_string()))?;
@@ -282,7 +287,6 @@ impl Model {
                 dst.iter_mut().for_each(|v| *v *= scale);
             }
         }
-        drop(embd);
 
         for (il, layer) in self.layers.iter().enumerate() {
             // Attention block.
@@ -412,10 +416,6 @@ impl Model {
         self.matmul(pool, mm, self.output, &buf.xb[..m * e], m, out)
     }
 
-    fn acquire(&self, m: Mat) -> Result<TensorHandle, EngineError> {
-        Ok(self.weights.acquire(m.id)?)
-    }
-
     fn matmul(
         &self,
         pool: &ThreadPool,
@@ -425,14 +425,42 @@ impl Model {
         n: usize,
         out: &mut [f32],
     ) -> Result<(), EngineError> {
-        let h = self.acquire(m)?;
-        let w = MatRef {
-            ty: m.ty,
-            data: h.bytes(),
-            rows: m.rows,
-            cols: m.cols,
-        };
-        matmul(pool, w, &x[..n * m.cols], n, &mut out[..n * m.rows], mm)?;
+        let x = &x[..n * m.cols];
+        let out = &mut out[..n * m.rows];
+        let parts = self.weights.parts(m.id)?;
+        if parts == 1 {
+            let h = self.weights.acquire(m.id)?;
+            let w = MatRef {
+                ty: m.ty,
+                data: h.bytes(),
+                rows: m.rows,
+                cols: m.cols,
+            };
+            matmul(pool, w, x, n, out, mm)?;
+            return Ok(());
+        }
+        // A matrix streamed in row ranges (larger than a streaming buffer): each part gives
+        // its rows of every token's output.
+        let mut tmp = Vec::new();
+        for part in 0..parts {
+            let (h, rows) = self.weights.acquire_part(m.id, part)?;
+            let (r0, r1) = (rows.start as usize, rows.end as usize);
+            let w = MatRef {
+                ty: m.ty,
+                data: h.bytes(),
+                rows: r1 - r0,
+                cols: m.cols,
+            };
+            if n == 1 {
+                matmul(pool, w, x, 1, &mut out[r0..r1], mm)?;
+            } else {
+                tmp.resize(n * (r1 - r0), 0.0);
+                matmul(pool, w, x, n, &mut tmp, mm)?;
+                for (t, row) in tmp.chunks_exact(r1 - r0).enumerate() {
+                    out[t * m.rows + r0..t * m.rows + r1].copy_from_slice(row);
+                }
+            }
+        }
         Ok(())
     }
 }

@@ -89,7 +89,12 @@ impl Model {
         Arch::from_name(&arch)?;
         let tokenizer = Tokenizer::from_gguf(&gguf.metadata)?;
         let config = ModelConfig::from_metadata(&gguf.metadata, tokenizer.n_vocab())?;
-        let weights = Weights::open(path, gguf, opts)?;
+        // An embedding table that is not also the output is only read a row per token.
+        let mut opts = opts.clone();
+        if gguf.tensors.iter().any(|t| t.name == names::OUTPUT) {
+            opts.row_access.push(names::TOKEN_EMBD.to_string());
+        }
+        let weights = Weights::open(path, gguf, &opts)?;
         Self::from_weights(config, tokenizer, weights)
     }
 

@@ -462,7 +462,8 @@ fn aligned(c: &Chunk) -> bool {
 pub fn measure_read(path: &Path, limit: u64, opts: &ReaderOptions) -> Result<(u64, f64), IoError> {
     let reader = Reader::open(path, opts)?;
     let total = limit.min(reader.file_size()) / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64;
-    let window = (64usize << 20).min(total.max(DIRECT_ALIGN as u64) as usize);
+    // Large calls keep the queue full: it only drains at the end of each one.
+    let window = (512usize << 20).min(total.max(DIRECT_ALIGN as u64) as usize);
     let mut buf = crate::buf::AlignedBuf::zeroed(window).map_err(|_| IoError::Read {
         path: path.to_path_buf(),
         offset: 0,

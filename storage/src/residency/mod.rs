@@ -31,7 +31,7 @@ use std::time::Duration;
 use crate::buf::AlignedBuf;
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::io::{IoError, IoKind, IoStats, ReadReq, Reader, ReaderOptions};
-use plan::{BudgetTooSmall, Place, PlanTensor};
+use plan::{Access, BudgetTooSmall, Place, PlanTensor};
 
 /// Where a tensor's bytes are right now, fastest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -173,15 +173,19 @@ pub struct LoadOptions {
     pub window: Option<usize>,
     /// Map the file instead of reading it (the page cache decides what stays in RAM).
     pub mmap: bool,
+    /// Tensors the model only reads a few rows of at a time (an embedding table that is not
+    /// also the output): under a budget these stay on disk and rows are read on demand.
+    pub row_access: Vec<String>,
     pub io: ReaderOptions,
 }
 
 enum Backing {
-    Resident(Arc<AlignedBuf>),
     Mapped(Arc<mmap::Mmap>),
-    Streamed {
+    Read {
         hot: Arc<AlignedBuf>,
-        streamer: stream::Streamer,
+        streamer: Option<stream::Streamer>,
+        /// Reads rows of cold tensors (its own reader, so it never waits behind a layer read).
+        cold: Option<Reader>,
     },
 }
 
@@ -202,13 +206,15 @@ pub struct ResidencyStats {
     pub window: usize,
     /// Acquires served from the resident set.
     pub hot_hits: u64,
-    /// Acquires of streamed layers found ready in the window.
+    /// Acquires of streamed groups found ready in the window.
     pub window_hits: u64,
     /// Acquires that waited for a read already under way.
     pub stalls: u64,
     /// Acquires that had to start their own read.
     pub misses: u64,
     pub prefetches: u64,
+    /// Rows read on demand from cold tensors.
+    pub cold_rows: u64,
     /// Time acquires waited for reads.
     pub stall: Duration,
     /// Everything read since load (including the resident set).
@@ -224,11 +230,21 @@ pub struct Weights {
     backing: Backing,
     summary: ResidencyStats,
     hot_hits: AtomicU64,
+    cold_rows: AtomicU64,
 }
 
 /// The layer a tensor belongs to: `blk.N.…` → N.
 fn layer_of(name: &str) -> Option<usize> {
     name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
+}
+
+/// Rows of a tensor: every dimension but the innermost.
+fn rows_of(t: &TensorInfo) -> u64 {
+    t.dims.iter().skip(1).product::<u64>().max(1)
+}
+
+fn read_err(e: IoError) -> ResidencyError {
+    ResidencyError::Read(Arc::new(e))
 }
 
 impl Weights {
@@ -277,6 +293,7 @@ impl Weights {
                     ..ResidencyStats::default()
                 },
                 hot_hits: AtomicU64::new(0),
+                cold_rows: AtomicU64::new(0),
             });
         }
         drop(file);
@@ -298,19 +315,23 @@ impl Weights {
             .map(|t| PlanTensor {
                 start: gguf.data_offset + t.offset,
                 len: t.n_bytes,
-                layer: layer_of(&t.name),
                 n_dims: t.dims.len(),
+                rows: rows_of(t),
+                access: if opts.row_access.contains(&t.name) {
+                    Access::Rows
+                } else {
+                    Access::Cycle(layer_of(&t.name))
+                },
             })
             .collect();
         let plan = plan::plan(&tensors, gguf.file_size, budget, opts.window)?;
-        let reader = Reader::open(path, &opts.io).map_err(|e| ResidencyError::Read(Arc::new(e)))?;
+        let reader = Reader::open(path, &opts.io).map_err(read_err)?;
         let usize_of = |b: u64| usize::try_from(b).map_err(|_| ResidencyError::Alloc { bytes: b });
         let mut hot = AlignedBuf::zeroed(usize_of(plan.hot_bytes)?)
             .map_err(|e| ResidencyError::Alloc { bytes: e.bytes })?;
         {
-            let base = hot.as_mut_slice();
             let mut reqs = Vec::with_capacity(plan.hot.len());
-            let mut rest = &mut base[..];
+            let mut rest = hot.as_mut_slice();
             let mut at = 0u64;
             for e in &plan.hot {
                 let (_, tail) = rest.split_at_mut((e.dst - at) as usize);
@@ -324,53 +345,66 @@ impl Weights {
                 rest = tail;
                 at = e.dst + e.len;
             }
-            reader
-                .read(&mut reqs)
-                .map_err(|e| ResidencyError::Read(Arc::new(e)))?;
+            reader.read(&mut reqs).map_err(read_err)?;
         }
+        let has_cold = plan.places.iter().any(|p| matches!(p, Place::Cold));
+        let cold = if has_cold {
+            Some(Reader::open(path, &opts.io).map_err(read_err)?)
+        } else {
+            None
+        };
         let mut summary = ResidencyStats {
-            mode: "resident",
+            mode: if plan.groups.is_empty() && !has_cold {
+                "resident"
+            } else {
+                "streamed"
+            },
             io: reader.kind().name(),
             direct: reader.is_direct(),
             ram_bytes: plan.ram_bytes(),
             streamed_per_pass: plan.streamed_bytes(),
             resident_layers: plan.resident_layers,
-            streamed_layers: plan.groups.len(),
+            streamed_layers: plan.n_layers - plan.resident_layers,
             window: plan.window,
             read: reader.stats(),
             ..ResidencyStats::default()
         };
-        let hot = Arc::new(hot);
-        let backing = if plan.groups.is_empty() {
-            Backing::Resident(hot)
+        let streamer = if plan.groups.is_empty() {
+            None
         } else {
-            summary.mode = "streamed";
             tracing::info!(
-                "{}: {} of {} layers resident, {} streamed through {} buffers of {} MiB ({} MiB of RAM for weights)",
+                "{}: {} of {} layers resident, {} groups streamed through {} buffers of {} MiB ({} MiB of RAM for weights)",
                 path.display(),
                 plan.resident_layers,
-                plan.resident_layers + plan.groups.len(),
+                plan.n_layers,
                 plan.groups.len(),
                 plan.window,
                 plan.slot_bytes >> 20,
                 plan.ram_bytes() >> 20
             );
-            let streamer = stream::Streamer::new(
+            Some(stream::Streamer::new(
                 reader,
                 plan.groups,
                 plan.window,
                 usize_of(plan.slot_bytes)?,
-            )?;
-            Backing::Streamed { hot, streamer }
+            )?)
         };
+        if streamer.is_none() {
+            summary.window = 0;
+        }
         Ok(Self {
             path: path.to_path_buf(),
             gguf,
             ids,
             places: plan.places,
-            backing,
+            backing: Backing::Read {
+                hot: Arc::new(hot),
+                streamer,
+                cold,
+            },
             summary,
             hot_hits: AtomicU64::new(0),
+            cold_rows: AtomicU64::new(0),
         })
     }
 
@@ -394,12 +428,66 @@ impl Weights {
             .ok_or(ResidencyError::UnknownTensor(id.0))
     }
 
-    /// Holds a tensor in memory and returns a view of its bytes; for a streamed layer this may
-    /// wait for (or start) its read.
+    fn place(&self, id: TensorId) -> Result<&Place, ResidencyError> {
+        self.places
+            .get(id.index())
+            .ok_or(ResidencyError::UnknownTensor(id.0))
+    }
+
+    /// In how many row ranges the tensor is held; [`Weights::acquire_part`] takes each. A
+    /// tensor larger than a streaming buffer is cut by rows; every other tensor has one part.
+    pub fn parts(&self, id: TensorId) -> Result<usize, ResidencyError> {
+        Ok(match self.place(id)? {
+            Place::Parts { offsets, .. } => offsets.len(),
+            _ => 1,
+        })
+    }
+
+    /// Holds part `part` of a tensor in memory; returns it and the rows it covers.
+    pub fn acquire_part(
+        &self,
+        id: TensorId,
+        part: usize,
+    ) -> Result<(TensorHandle, std::ops::Range<u64>), ResidencyError> {
+        let info = self.info(id)?;
+        let rows = rows_of(info);
+        match self.place(id)? {
+            Place::Parts {
+                first,
+                rows_per_part,
+                offsets,
+            } => {
+                let &offset = offsets
+                    .get(part)
+                    .ok_or(ResidencyError::UnknownTensor(id.0))?;
+                let r0 = part as u64 * rows_per_part;
+                let r1 = (r0 + rows_per_part).min(rows);
+                let row_bytes = info.n_bytes / rows;
+                let Backing::Read {
+                    streamer: Some(s), ..
+                } = &self.backing
+                else {
+                    return Err(ResidencyError::UnknownTensor(id.0));
+                };
+                let h = s.acquire(
+                    first + part,
+                    offset as usize,
+                    ((r1 - r0) * row_bytes) as usize,
+                )?;
+                Ok((h, r0..r1))
+            }
+            _ if part == 0 => Ok((self.acquire(id)?, 0..rows)),
+            _ => Err(ResidencyError::UnknownTensor(id.0)),
+        }
+    }
+
+    /// Holds a whole tensor in memory and returns a view of its bytes; for a streamed layer
+    /// this may wait for (or start) its read. A tensor held in parts is assembled into a fresh
+    /// buffer (use [`Weights::acquire_part`] to avoid that copy).
     pub fn acquire(&self, id: TensorId) -> Result<TensorHandle, ResidencyError> {
-        let len = self.info(id)?.n_bytes as usize;
-        let place = self.places[id.index()];
-        let resident = |buf: &Arc<AlignedBuf>, off: u64| {
+        let info = self.info(id)?;
+        let len = info.n_bytes as usize;
+        let from_buf = |buf: &Arc<AlignedBuf>, off: u64| {
             self.hot_hits.fetch_add(1, Ordering::Relaxed);
             TensorHandle {
                 // SAFETY: the planner placed the tensor's `len` bytes inside the buffer.
@@ -409,25 +497,112 @@ impl Weights {
                 _keep: Keep::Buf(Arc::clone(buf)),
             }
         };
-        match (&self.backing, place) {
-            (Backing::Resident(buf), Place::Hot(off)) => Ok(resident(buf, off)),
-            (Backing::Streamed { hot, .. }, Place::Hot(off)) => Ok(resident(hot, off)),
-            (Backing::Streamed { streamer, .. }, Place::Group { group, offset }) => {
-                streamer.acquire(group, offset as usize, len)
-            }
+        match (&self.backing, self.place(id)?) {
             (Backing::Mapped(map), Place::Hot(off)) => {
-                debug_assert!(off as usize + len <= map.len());
+                debug_assert!(*off as usize + len <= map.len());
                 self.hot_hits.fetch_add(1, Ordering::Relaxed);
                 Ok(TensorHandle {
                     // SAFETY: the parser checked the tensor lies inside the file, all mapped.
-                    ptr: unsafe { map.as_ptr().add(off as usize) },
+                    ptr: unsafe { map.as_ptr().add(*off as usize) },
                     len,
                     tier: Tier::Ram,
                     _keep: Keep::Map(Arc::clone(map)),
                 })
             }
-            (_, Place::Group { .. }) => Err(ResidencyError::UnknownTensor(id.0)),
+            (Backing::Read { hot, .. }, Place::Hot(off)) => Ok(from_buf(hot, *off)),
+            (
+                Backing::Read {
+                    streamer: Some(s), ..
+                },
+                Place::Group { group, offset },
+            ) => s.acquire(*group, *offset as usize, len),
+            (Backing::Read { .. }, Place::Cold | Place::Parts { .. }) => {
+                // Rare: read the whole tensor into a buffer of its own.
+                let mut buf = AlignedBuf::zeroed(len)
+                    .map_err(|e| ResidencyError::Alloc { bytes: e.bytes })?;
+                let rows = rows_of(info);
+                let all: Vec<u64> = (0..rows).collect();
+                self.read_rows(id, &all, buf.as_mut_slice())?;
+                let buf = Arc::new(buf);
+                Ok(TensorHandle {
+                    ptr: buf.as_ptr(),
+                    len,
+                    tier: Tier::Ram,
+                    _keep: Keep::Buf(buf),
+                })
+            }
+            _ => Err(ResidencyError::UnknownTensor(id.0)),
         }
+    }
+
+    /// Copies rows `rows` of a tensor, back to back, into `dst` (`rows.len()` × the row size):
+    /// an embedding lookup. Cold tensors are read from disk, a page or two per row.
+    pub fn read_rows(
+        &self,
+        id: TensorId,
+        rows: &[u64],
+        dst: &mut [u8],
+    ) -> Result<(), ResidencyError> {
+        let info = self.info(id)?;
+        let n_rows = rows_of(info);
+        let row_bytes = (info.n_bytes / n_rows) as usize;
+        if dst.len() != rows.len() * row_bytes || rows.iter().any(|&r| r >= n_rows) {
+            return Err(ResidencyError::UnknownTensor(id.0));
+        }
+        let cold = match (&self.backing, self.place(id)?) {
+            (Backing::Read { cold: Some(r), .. }, Place::Cold) => r,
+            _ => {
+                let h = self.acquire(id)?;
+                for (k, &r) in rows.iter().enumerate() {
+                    let at = r as usize * row_bytes;
+                    dst[k * row_bytes..(k + 1) * row_bytes]
+                        .copy_from_slice(&h.bytes()[at..at + row_bytes]);
+                }
+                return Ok(());
+            }
+        };
+        self.cold_rows
+            .fetch_add(rows.len() as u64, Ordering::Relaxed);
+        let a = crate::io::DIRECT_ALIGN as u64;
+        let start = self.gguf.data_offset + info.offset;
+        // Up to 64 rows per call, all in flight together, each as its aligned pages.
+        for (c, chunk) in rows.chunks(64).enumerate() {
+            let spans: Vec<(u64, u64, u64)> = chunk
+                .iter()
+                .map(|&r| {
+                    let lo = start + r * row_bytes as u64;
+                    let hi = lo + row_bytes as u64;
+                    (lo, lo / a * a, hi.next_multiple_of(a))
+                })
+                .collect();
+            let total: u64 = spans.iter().map(|&(_, alo, ahi)| ahi - alo).sum();
+            let mut buf = AlignedBuf::zeroed(total as usize)
+                .map_err(|e| ResidencyError::Alloc { bytes: e.bytes })?;
+            {
+                let mut rest = buf.as_mut_slice();
+                let mut reqs = Vec::with_capacity(spans.len());
+                for &(lo, alo, ahi) in &spans {
+                    let (piece, tail) = rest.split_at_mut((ahi - alo) as usize);
+                    reqs.push(ReadReq {
+                        offset: alo,
+                        buf: piece,
+                        need: (lo - alo) as usize + row_bytes,
+                        fixed: None,
+                    });
+                    rest = tail;
+                }
+                cold.read(&mut reqs).map_err(read_err)?;
+            }
+            let mut at = 0usize;
+            for (k, &(lo, alo, ahi)) in spans.iter().enumerate() {
+                let skip = at + (lo - alo) as usize;
+                let d = c * 64 + k;
+                dst[d * row_bytes..(d + 1) * row_bytes]
+                    .copy_from_slice(&buf.as_slice()[skip..skip + row_bytes]);
+                at += (ahi - alo) as usize;
+            }
+        }
+        Ok(())
     }
 
     /// Bytes held per tier: RAM for the resident set and the window, SSD for what is streamed.
@@ -444,15 +619,25 @@ impl Weights {
     pub fn stats(&self) -> ResidencyStats {
         let mut s = self.summary.clone();
         s.hot_hits = self.hot_hits.load(Ordering::Relaxed);
-        if let Backing::Streamed { streamer, .. } = &self.backing {
-            let c = &streamer.shared().counters;
-            s.window_hits = c.hits.load(Ordering::Relaxed);
-            s.stalls = c.stalls.load(Ordering::Relaxed);
-            s.misses = c.misses.load(Ordering::Relaxed);
-            s.prefetches = c.prefetches.load(Ordering::Relaxed);
-            s.stall = stream::stall(c);
-            // The streamer's reader also read the resident set at load.
-            s.read = streamer.io_stats();
+        s.cold_rows = self.cold_rows.load(Ordering::Relaxed);
+        if let Backing::Read { streamer, cold, .. } = &self.backing {
+            if let Some(st) = streamer {
+                let c = &st.shared().counters;
+                s.window_hits = c.hits.load(Ordering::Relaxed);
+                s.stalls = c.stalls.load(Ordering::Relaxed);
+                s.misses = c.misses.load(Ordering::Relaxed);
+                s.prefetches = c.prefetches.load(Ordering::Relaxed);
+                s.stall = stream::stall(c);
+                // The streamer's reader also read the resident set at load.
+                s.read = st.io_stats();
+            }
+            if let Some(r) = cold {
+                let c = r.stats();
+                s.read.bytes += c.bytes;
+                s.read.chunks += c.chunks;
+                s.read.busy += c.busy;
+                s.read.resubmits += c.resubmits;
+            }
         }
         s
     }

@@ -332,7 +332,10 @@ fn io_thread(sh: &Shared) {
         st.slots[slot].status = match result {
             Ok(()) => Status::Ready,
             Err(e) => {
-                tracing::warn!("reading layer {}: {e}", sh.groups[group].layer);
+                tracing::warn!(
+                    "reading streamed group {group} (layer {:?}): {e}",
+                    sh.groups[group].layer
+                );
                 Status::Failed(Arc::new(e))
             }
         };

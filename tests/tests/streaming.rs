@@ -84,7 +84,7 @@ fn mmap_mode_gives_the_same_text() {
     let resident = run(&[]);
     let mapped = run(&["--mmap"]);
     assert!(
-        mapped.stderr.contains("weights = mmap"),
+        mapped.stderr.contains("weights = mmap,"),
         "{}",
         mapped.stderr
     );

@@ -51,7 +51,7 @@ pub struct Args {
     #[arg(long)]
     membw: bool,
     /// Also measure the read bandwidth of the disk holding the model (O_DIRECT, io_uring,
-    /// 64 reads of 1 MiB in flight; up to 4 GiB of the file, 3 times) and report the fraction of
+    /// 64 reads of 1 MiB in flight; up to 16 GiB of the file, 3 times) and report the fraction of
     /// it that streamed decode reaches.
     #[arg(long)]
     disk: bool,
@@ -149,7 +149,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The disk's sequential O_DIRECT read bandwidth over (up to) 4 GiB of `path`: every run's
+/// The disk's sequential O_DIRECT read bandwidth over (up to) 16 GiB of `path`: every run's
 /// GB/s, in order.
 fn measure_disk(path: &std::path::Path) -> anyhow::Result<Vec<f64>> {
     let opts = ReaderOptions {
@@ -158,7 +158,7 @@ fn measure_disk(path: &std::path::Path) -> anyhow::Result<Vec<f64>> {
     };
     (0..3)
         .map(|_| {
-            let (bytes, secs) = measure_read(path, 4 << 30, &opts)
+            let (bytes, secs) = measure_read(path, 16 << 30, &opts)
                 .with_context(|| format!("measuring the read bandwidth of {}", path.display()))?;
             Ok(bytes as f64 / secs / 1e9)
         })

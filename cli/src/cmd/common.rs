@@ -163,6 +163,19 @@ pub fn open_model(path: &std::path::Path, how: &LoadArgs) -> anyhow::Result<Mode
 pub fn print_residency(model: &Model) {
     let s = model.weights().stats();
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    if s.mode == "mmap" {
+        eprintln!(
+            "strata_perf_context_print:          weights = mmap, {:.1} MiB mapped (the page cache decides what stays in RAM)",
+            mib(s.ram_bytes)
+        );
+        if let Some(peak) = peak_rss() {
+            eprintln!(
+                "strata_perf_context_print:         peak RSS = {:.1} MiB",
+                mib(peak)
+            );
+        }
+        return;
+    }
     eprintln!(
         "strata_perf_context_print:          weights = {} ({}{}), {:.1} MiB in RAM, {} layers resident, {} streamed through {} buffers",
         s.mode,

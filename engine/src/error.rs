@@ -11,6 +11,8 @@ pub enum EngineError {
     #[error(transparent)]
     Residency(#[from] ResidencyError),
     #[error(transparent)]
+    Session(#[from] strata_storage::session::SessionError),
+    #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
     #[error(transparent)]
     Simd(#[from] strata_simd::matmul::SimdError),

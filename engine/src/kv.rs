@@ -70,4 +70,25 @@ impl KvCache {
     pub(crate) fn layer(&self, il: usize) -> (&[f16], &[f16]) {
         (&self.k[il], &self.v[il])
     }
+
+    /// The filled positions of layer `il` as little-endian f16 bytes: keys, then values.
+    pub(crate) fn export(&self, il: usize) -> (Vec<u8>, Vec<u8>) {
+        let n = self.len * self.kv_dim;
+        let bytes = |v: &[f16]| v[..n].iter().flat_map(|x| x.to_le_bytes()).collect();
+        (bytes(&self.k[il]), bytes(&self.v[il]))
+    }
+
+    /// Replaces layer `il`'s first `n` positions with `k` and `v` (as from [`KvCache::export`]);
+    /// the caller checked the lengths and calls [`KvCache::set_len`] after every layer.
+    pub(crate) fn import(&mut self, il: usize, k: &[u8], v: &[u8]) {
+        for (dst, src) in [(&mut self.k[il], k), (&mut self.v[il], v)] {
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = f16::from_le_bytes([s[0], s[1]]);
+            }
+        }
+    }
+
+    pub(crate) fn kv_dim(&self) -> usize {
+        self.kv_dim
+    }
 }

@@ -15,6 +15,7 @@ pub mod kv;
 pub mod model;
 pub mod perplexity;
 pub mod sampler;
+pub mod session;
 pub mod synth;
 pub mod tokenizer;
 

@@ -8,6 +8,8 @@
 //!   a [`residency::TensorHandle`] that says where the bytes live and keeps them there while held.
 //! - [`io`] reads byte ranges of a file with io_uring (`O_DIRECT`, many reads in flight) or a
 //!   pread pool, behind a seam for injected faults.
+//! - [`session`] saves a KV cache and its tokens crash-safely, with a checksum per chunk, and
+//!   validates a saved one completely before anything uses it.
 //! - [`store`] is the model store: pull (PyPI, HTTPS, local path) with SHA-256 verification,
 //!   list, remove, resolve a name to a file.
 //!
@@ -18,4 +20,5 @@ pub mod gguf;
 pub mod io;
 pub mod quant;
 pub mod residency;
+pub mod session;
 pub mod store;

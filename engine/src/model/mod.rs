@@ -66,6 +66,8 @@ pub struct Model {
     output_norm: Vec<f32>,
     rope_global: Rope,
     rope_swa: Rope,
+    /// Model and tokenizer identity for sessions, computed on first use.
+    pub(crate) session_ids: std::sync::OnceLock<([u8; 32], [u8; 32])>,
 }
 
 impl Model {
@@ -170,6 +172,7 @@ impl Model {
             output_norm,
             rope_global,
             rope_swa,
+            session_ids: std::sync::OnceLock::new(),
         })
     }
 

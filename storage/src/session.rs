@@ -259,6 +259,26 @@ impl SessionDir {
     pub fn open(root: &Path) -> Result<Self, SessionError> {
         fs::create_dir_all(root).map_err(io_err(root, "create directory"))?;
         let root = root.canonicalize().map_err(io_err(root, "resolve"))?;
+        // Temp files of saves killed midway (".NAME.kv.PID.tmp" of a process that is gone).
+        if let Ok(entries) = fs::read_dir(&root) {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let Some(n) = name.to_str() else { continue };
+                let pid = n
+                    .strip_prefix('.')
+                    .and_then(|r| r.strip_suffix(".tmp"))
+                    .and_then(|r| r.rsplit('.').next())
+                    .and_then(|p| p.parse::<i32>().ok());
+                // SAFETY: kill with signal 0 only checks whether the process exists.
+                if let Some(pid) = pid
+                    && pid > 0
+                    && unsafe { libc::kill(pid, 0) } != 0
+                    && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+                {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
         Ok(Self { root })
     }
 

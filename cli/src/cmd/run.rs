@@ -70,6 +70,13 @@ pub struct Args {
     /// Tokens per forward pass while reading the prompt.
     #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
     pub batch_size: usize,
+    /// Save the prompt's KV cache to FILE after reading the prompt, and on later runs resume
+    /// from the longest prefix the file shares with the new prompt (llama.cpp's flag).
+    #[arg(long = "prompt-cache", value_name = "FILE")]
+    pub prompt_cache: Option<std::path::PathBuf>,
+    /// Use --prompt-cache without updating the file.
+    #[arg(long = "prompt-cache-ro", requires = "prompt_cache")]
+    pub prompt_cache_ro: bool,
     #[command(flatten)]
     pub residency: LoadArgs,
     /// Also report how the weights are held, bytes read from disk, I/O stall time, read
@@ -154,9 +161,82 @@ fn complete(
         out.write_all(prompt.as_bytes())?;
         out.flush()?;
     }
-    generate(model, ctx, sampler, &tokens, args, perf, &mut out)?;
+    let start = match &args.prompt_cache {
+        Some(path) => prompt_cache(
+            model,
+            ctx,
+            sampler,
+            path,
+            &tokens,
+            args.prompt_cache_ro,
+            perf,
+        )?,
+        None => 0,
+    };
+    generate(model, ctx, sampler, &tokens[start..], args, perf, &mut out)?;
     writeln!(out)?;
     Ok(())
+}
+
+/// `--prompt-cache`: resumes from the longest prefix of `tokens` saved in `path` (a file of
+/// another model or a damaged one is an error, and is left alone), reads the rest of the prompt
+/// but its last token, and saves the cache for next time. Returns the index of the first token
+/// still to be fed.
+fn prompt_cache(
+    model: &Model,
+    ctx: &mut Context,
+    sampler: &mut Sampler,
+    path: &std::path::Path,
+    tokens: &[u32],
+    read_only: bool,
+    perf: &mut Perf,
+) -> anyhow::Result<usize> {
+    let shown = path.display();
+    let mut have = 0;
+    if path.exists() {
+        let t0 = Instant::now();
+        let saved = model.load_session(ctx, path).with_context(|| {
+            format!("loading the prompt cache {shown} (delete it to start over)")
+        })?;
+        have = saved.iter().zip(tokens).take_while(|(a, b)| a == b).count();
+        // At least the last prompt token is fed again, for its logits.
+        have = have.min(tokens.len() - 1);
+        ctx.truncate(have);
+        eprintln!(
+            "strata: loaded a prompt cache of {} tokens from {shown} in {:.1} ms; {have} of the prompt's {} tokens reused",
+            saved.len(),
+            t0.elapsed().as_secs_f64() * 1e3,
+            tokens.len()
+        );
+    }
+    let upto = tokens.len() - 1;
+    tokens[..have].iter().for_each(|&t| sampler.accept(t));
+    if have < upto {
+        if ctx.n_past() + upto - have > ctx.n_ctx() {
+            anyhow::bail!(
+                "the prompt needs {} tokens but the context has room for {} (raise --ctx-size)",
+                tokens.len(),
+                ctx.n_ctx()
+            );
+        }
+        let t0 = Instant::now();
+        model.forward(ctx, &tokens[have..upto], Logits::None)?;
+        perf.prompt_ms += t0.elapsed().as_secs_f64() * 1e3;
+        perf.prompt_tokens += upto - have;
+        tokens[have..upto].iter().for_each(|&t| sampler.accept(t));
+    }
+    if !read_only && have < upto {
+        let t0 = Instant::now();
+        let bytes = model
+            .save_session(ctx, &tokens[..upto], path)
+            .with_context(|| format!("saving the prompt cache {shown}"))?;
+        eprintln!(
+            "strata: saved {upto} tokens ({:.1} MiB) to {shown} in {:.1} ms",
+            bytes as f64 / 1048576.0,
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    Ok(upto)
 }
 
 /// Feeds `tokens` after what the context holds and samples until the end of the answer;

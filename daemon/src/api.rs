@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use strata_engine::sampler::SamplerConfig;
 
 use crate::error::ApiError;
+use crate::logprobs::{MAX_TOP, TokenLogprob};
 
 /// At most this many stop strings (OpenAI's limit).
 const MAX_STOPS: usize = 4;
@@ -98,6 +99,14 @@ pub enum StopField {
     Many(Vec<String>),
 }
 
+/// `logprobs`: a boolean on chat, a count of alternatives on legacy completions.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum LogprobsField {
+    Flag(bool),
+    Count(i64),
+}
+
 /// Sampling and length fields as a client sent them; wide numeric types so that an absurd
 /// value is reported by [`RawParams::validate`] with its name rather than as a parse error.
 #[derive(Deserialize, Default)]
@@ -124,6 +133,12 @@ pub struct RawParams {
     pub stop: Option<StopField>,
     #[serde(default)]
     pub n: Option<i64>,
+    #[serde(default)]
+    pub repeat_last_n: Option<i64>,
+    #[serde(default)]
+    pub logprobs: Option<LogprobsField>,
+    #[serde(default)]
+    pub top_logprobs: Option<i64>,
 }
 
 /// Checked parameters of one generation.
@@ -134,11 +149,48 @@ pub struct GenParams {
     pub max_tokens: Option<usize>,
     pub sampler: SamplerConfig,
     pub stop: Vec<String>,
+    /// `Some(k)`: report each token's log-probability and its `k` likeliest alternatives.
+    pub logprobs: Option<usize>,
 }
 
 impl RawParams {
-    pub fn validate(self) -> Result<GenParams, ApiError> {
+    /// `logprobs`/`top_logprobs` as `endpoint` spells them (OpenAI's chat: a flag and a
+    /// count; legacy completions: the count in `logprobs`).
+    fn logprobs(&self, endpoint: Endpoint) -> Result<Option<usize>, ApiError> {
         let bad = |m: String| Err(ApiError::BadRequest(m));
+        let count = |name: &str, n: i64| {
+            if (0..=MAX_TOP as i64).contains(&n) {
+                Ok(n as usize)
+            } else {
+                Err(ApiError::BadRequest(format!(
+                    "'{name}' must be in [0, {MAX_TOP}], got {n}"
+                )))
+            }
+        };
+        let top = self
+            .top_logprobs
+            .map(|n| count("top_logprobs", n))
+            .transpose()?;
+        match (&self.logprobs, endpoint) {
+            (None | Some(LogprobsField::Flag(false)), _) if top.is_some() => {
+                bad("'top_logprobs' needs 'logprobs': true".into())
+            }
+            (None | Some(LogprobsField::Flag(false)), _) => Ok(None),
+            (Some(LogprobsField::Flag(true)), _) => Ok(Some(top.unwrap_or(0))),
+            (Some(LogprobsField::Count(n)), Endpoint::Completion) => {
+                let n = count("logprobs", *n)?;
+                Ok(Some(top.unwrap_or(n)))
+            }
+            (Some(LogprobsField::Count(n)), Endpoint::Chat) => bad(format!(
+                "'logprobs' must be a boolean here (got {n}); ask for alternatives with \
+                 'top_logprobs'"
+            )),
+        }
+    }
+
+    pub fn validate(self, endpoint: Endpoint) -> Result<GenParams, ApiError> {
+        let bad = |m: String| Err(ApiError::BadRequest(m));
+        let logprobs = self.logprobs(endpoint)?;
         if let Some(n) = self.n
             && n != 1
         {
@@ -196,13 +248,19 @@ impl RawParams {
                 s.len()
             ));
         }
+        let repeat_last_n = self.repeat_last_n.unwrap_or(64);
+        if !(0..=65_536).contains(&repeat_last_n) {
+            return bad(format!(
+                "'repeat_last_n' must be in [0, 65536], got {repeat_last_n}"
+            ));
+        }
         let sampler = SamplerConfig {
             temp: temp as f32,
             top_k: top_k as usize,
             top_p: top_p as f32,
             min_p: min_p as f32,
             repeat_penalty: repeat_penalty as f32,
-            repeat_last_n: 64,
+            repeat_last_n: repeat_last_n as usize,
             seed,
         };
         sampler.validate().map_err(ApiError::BadRequest)?;
@@ -211,6 +269,7 @@ impl RawParams {
             max_tokens,
             sampler,
             stop,
+            logprobs,
         })
     }
 }
@@ -266,15 +325,23 @@ impl Shape {
         }
     }
 
-    pub fn full(&self, text: &str, finish: &str, usage: Usage) -> serde_json::Value {
+    /// The whole answer; `logprobs` is built by [`Shape::logprobs`].
+    pub fn full(
+        &self,
+        text: &str,
+        finish: &str,
+        usage: Usage,
+        logprobs: Option<serde_json::Value>,
+    ) -> serde_json::Value {
         let choice = match self.endpoint {
             Endpoint::Chat => serde_json::json!({
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
+                "logprobs": logprobs,
                 "finish_reason": finish,
             }),
             Endpoint::Completion => serde_json::json!({
-                "index": 0, "text": text, "logprobs": null, "finish_reason": finish,
+                "index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish,
             }),
         };
         serde_json::json!({
@@ -290,14 +357,15 @@ impl Shape {
         })
     }
 
-    /// One stream chunk: `text` as a delta (`role` too on a chat stream's first chunk), or the
-    /// final chunk when `finish` is given.
+    /// One stream chunk: `text` as a delta (`role` too on a chat stream's first chunk) with
+    /// the log-probabilities of its tokens, or the final chunk when `finish` is given.
     pub fn chunk(
         &self,
         text: Option<&str>,
         first: bool,
         finish: Option<&str>,
         usage: Option<Usage>,
+        logprobs: Option<serde_json::Value>,
     ) -> serde_json::Value {
         let choice = match self.endpoint {
             Endpoint::Chat => {
@@ -308,10 +376,13 @@ impl Shape {
                 if let Some(t) = text {
                     delta.insert("content".into(), t.into());
                 }
-                serde_json::json!({"index": 0, "delta": delta, "finish_reason": finish})
+                serde_json::json!({
+                    "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish,
+                })
             }
             Endpoint::Completion => serde_json::json!({
-                "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish,
+                "index": 0, "text": text.unwrap_or(""), "logprobs": logprobs,
+                "finish_reason": finish,
             }),
         };
         let mut v = serde_json::json!({
@@ -331,6 +402,78 @@ impl Shape {
     }
 }
 
+/// Turns token log-probabilities into OpenAI's JSON, one piece of an answer at a time.
+pub struct LogprobsWriter {
+    endpoint: Endpoint,
+    /// Characters of completion text before the next token (legacy `text_offset`).
+    offset: usize,
+}
+
+impl LogprobsWriter {
+    pub fn new(endpoint: Endpoint) -> Self {
+        Self {
+            endpoint,
+            offset: 0,
+        }
+    }
+
+    /// Chat: `{"content": [{token, logprob, bytes, top_logprobs}], "refusal": null}`. Legacy
+    /// completions: `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`, parallel
+    /// lists. `piece` gives a token's bytes.
+    pub fn json(
+        &mut self,
+        entries: &[TokenLogprob],
+        piece: &dyn Fn(u32) -> Vec<u8>,
+    ) -> serde_json::Value {
+        let text = |id: u32| {
+            let bytes = piece(id);
+            (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+        };
+        match self.endpoint {
+            Endpoint::Chat => {
+                let item = |id: u32, lp: f32| {
+                    let (token, bytes) = text(id);
+                    serde_json::json!({"token": token, "logprob": lp, "bytes": bytes})
+                };
+                let content: Vec<_> = entries
+                    .iter()
+                    .map(|e| {
+                        let mut v = item(e.id, e.logprob);
+                        let top: Vec<_> = e.top.iter().map(|&(id, lp)| item(id, lp)).collect();
+                        v["top_logprobs"] = top.into();
+                        v
+                    })
+                    .collect();
+                serde_json::json!({"content": content, "refusal": null})
+            }
+            Endpoint::Completion => {
+                let mut tokens = Vec::new();
+                let mut offsets = Vec::new();
+                for e in entries {
+                    let (t, _) = text(e.id);
+                    offsets.push(self.offset);
+                    self.offset += t.chars().count();
+                    tokens.push(t);
+                }
+                let top: Vec<serde_json::Map<String, serde_json::Value>> = entries
+                    .iter()
+                    .map(|e| {
+                        e.top
+                            .iter()
+                            .map(|&(id, lp)| (text(id).0, lp.into()))
+                            .collect()
+                    })
+                    .collect();
+                let lps: Vec<f32> = entries.iter().map(|e| e.logprob).collect();
+                serde_json::json!({
+                    "tokens": tokens, "token_logprobs": lps, "top_logprobs": top,
+                    "text_offset": offsets,
+                })
+            }
+        }
+    }
+}
+
 #[derive(Deserialize)]
 pub struct ModelRef {
     pub model: String,
@@ -341,7 +484,40 @@ mod tests {
     use super::*;
 
     fn params(json: &str) -> Result<GenParams, ApiError> {
-        parse_json::<RawParams>(json.as_bytes())?.validate()
+        parse_json::<RawParams>(json.as_bytes())?.validate(Endpoint::Chat)
+    }
+
+    fn completion_params(json: &str) -> Result<GenParams, ApiError> {
+        parse_json::<RawParams>(json.as_bytes())?.validate(Endpoint::Completion)
+    }
+
+    #[test]
+    fn logprobs_follow_each_endpoint() {
+        let ok = |r: Result<GenParams, ApiError>| r.map_err(|e| e.to_string()).map(|p| p.logprobs);
+        assert_eq!(ok(params("{}")), Ok(None));
+        assert_eq!(ok(params(r#"{"logprobs": true}"#)), Ok(Some(0)));
+        assert_eq!(
+            ok(params(r#"{"logprobs": true, "top_logprobs": 20}"#)),
+            Ok(Some(20))
+        );
+        assert_eq!(ok(completion_params(r#"{"logprobs": 5}"#)), Ok(Some(5)));
+        assert_eq!(ok(completion_params(r#"{"logprobs": 0}"#)), Ok(Some(0)));
+        for (json, field) in [
+            (r#"{"logprobs": true, "top_logprobs": 21}"#, "top_logprobs"),
+            (r#"{"logprobs": true, "top_logprobs": -1}"#, "top_logprobs"),
+            (r#"{"top_logprobs": 3}"#, "top_logprobs"),
+            (r#"{"logprobs": 3}"#, "'logprobs' must be a boolean"),
+        ] {
+            let err = ok(params(json)).err().unwrap_or_default();
+            assert!(err.contains(field), "{json}: {err}");
+        }
+        for json in [r#"{"logprobs": 21}"#, r#"{"logprobs": -1}"#] {
+            let err = ok(completion_params(json)).err().unwrap_or_default();
+            assert!(
+                err.contains("'logprobs' must be in [0, 20]"),
+                "{json}: {err}"
+            );
+        }
     }
 
     #[test]

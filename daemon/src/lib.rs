@@ -6,17 +6,24 @@
 //!   gives each one an engine thread ([`worker`]) that owns every sequence's state and is
 //!   reached only through a bounded queue of typed requests.
 //! - [`listen`] binds (or inherits, under socket activation) the sockets and runs the accept
-//!   loops; [`notify`] speaks systemd's readiness protocol; [`shutdown`] is the drain state.
+//!   loops; [`notify`] speaks systemd's readiness protocol and [`watchdog`] feeds systemd's
+//!   watchdog from the engine loops; [`shutdown`] is the drain state.
+//! - [`config`] merges defaults, `/etc/strata/strata.toml`, `STRATA_*` variables and flags;
+//!   [`pull`] serves `/api/pull`; [`logprobs`] computes OpenAI's token log-probabilities.
 //!
 //! The API is documented in `daemon/API.md`.
 
 pub mod api;
+pub mod config;
 pub mod error;
 pub mod listen;
+pub mod logprobs;
 pub mod manager;
 pub mod metrics;
 pub mod notify;
+pub mod pull;
 pub mod server;
 pub mod shutdown;
 pub mod stop;
+pub mod watchdog;
 pub mod worker;

@@ -62,17 +62,25 @@ pub fn activated_listener() -> std::io::Result<Option<std::os::unix::net::UnixLi
     Ok(Some(l))
 }
 
-/// Binds `path` mode 0660, creating its directory (0700) if needed. A stale socket file from
-/// a crashed daemon is replaced; a live one is an error.
-pub fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+/// Binds `path` mode 0660, creating its directory if needed (0700, or 0710 when a group is
+/// given so its members can reach the socket). With `group`, the socket (and a directory
+/// created here) belong to that group. A stale socket file from a crashed daemon is replaced;
+/// a live one is an error.
+pub fn bind_unix(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListener> {
     use anyhow::Context as _;
+    let gid = group.map(resolve_group).transpose()?;
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
         && !dir.exists()
     {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        let mode = if gid.is_some() { 0o710 } else { 0o700 };
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
             .with_context(|| format!("chmod {}", dir.display()))?;
+        if gid.is_some() {
+            std::os::unix::fs::chown(dir, None, gid)
+                .with_context(|| format!("chgrp {}", dir.display()))?;
+        }
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -84,7 +92,56 @@ pub fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
     let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("chmod 0660 {}", path.display()))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid)).with_context(|| {
+            format!(
+                "giving {} to group {} (is stratad a member?)",
+                path.display(),
+                group.unwrap_or_default()
+            )
+        })?;
+    }
     Ok(l)
+}
+
+/// A group name (or a numeric id) as a gid.
+pub fn resolve_group(group: &str) -> anyhow::Result<u32> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let name = std::ffi::CString::new(group)
+        .map_err(|_| anyhow::anyhow!("socket_group {group:?} contains a NUL byte"))?;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        // SAFETY: an all-zero `group` is a valid value of this plain C struct.
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut out: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call: `name` is NUL-terminated, `grp` and
+        // `out` are live locals, and `buf` is writable for `buf.len()` bytes.
+        let rc = unsafe {
+            libc::getgrnam_r(
+                name.as_ptr(),
+                &mut grp,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut out,
+            )
+        };
+        if rc == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 2, 0);
+            continue;
+        }
+        if rc != 0 {
+            anyhow::bail!(
+                "looking up group '{group}': {}",
+                std::io::Error::from_raw_os_error(rc)
+            );
+        }
+        if out.is_null() {
+            anyhow::bail!("socket_group '{group}': no such group");
+        }
+        return Ok(grp.gr_gid);
+    }
 }
 
 /// Reads the bearer token for TCP; the file must not be readable by group or others.

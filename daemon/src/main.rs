@@ -7,53 +7,101 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
+use strata_daemon::config::{self, Raw, Settings};
 use strata_daemon::listen;
 use strata_daemon::manager::{Manager, ManagerConfig};
 use strata_daemon::metrics::Metrics;
-use strata_daemon::notify::notify;
+use strata_daemon::notify::{self, notify};
 use strata_daemon::server::{AppState, router};
 use strata_daemon::shutdown::Shutdown;
+use strata_daemon::watchdog::Watchdog;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+/// Flags; each overrides the same key of the config file and of its `STRATA_*` variable
+/// (module `config`). Values are parsed there, so every layer gets the same messages.
 #[derive(Parser, Debug)]
 #[command(
     name = "stratad",
     version,
-    about = "strata's inference service over a Unix socket"
+    about = "strata's inference service over a Unix socket",
+    after_help = "Settings come from /etc/strata/strata.toml (or --config / $STRATA_CONFIG), \
+                  then STRATA_* environment variables (STRATA_MAX_QUEUE, ...), then these flags."
 )]
 struct Args {
+    /// Config file (default /etc/strata/strata.toml, read when present; $STRATA_CONFIG).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Unix socket to serve on (default: $XDG_RUNTIME_DIR/strata/strata.sock, else
     /// /run/strata/strata.sock as root under systemd, else /tmp/strata-$UID/strata.sock).
-    #[arg(long)]
-    socket: Option<PathBuf>,
+    #[arg(long, value_name = "PATH")]
+    socket: Option<String>,
+    /// Group (name or id) given to the socket file, so its members may connect.
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
     /// Also serve loopback TCP on this address (needs --token-file).
-    #[arg(long, requires = "token_file")]
-    listen: Option<std::net::SocketAddr>,
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<String>,
     /// File holding the bearer token TCP clients must send (mode 0600).
-    #[arg(long)]
-    token_file: Option<PathBuf>,
-    /// Store names of models to load at start (repeatable).
-    #[arg(short = 'm', long = "model")]
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<String>,
+    /// Store names of models to load at start (repeatable or comma-separated).
+    #[arg(short = 'm', long = "model", value_name = "NAME")]
     models: Vec<String>,
-    /// Seconds a model stays loaded while idle; 0 keeps it forever.
-    #[arg(long, default_value_t = 300)]
-    keep_alive: u64,
-    /// Requests that may wait per model before new ones get 503.
-    #[arg(long, default_value_t = 64)]
-    max_queue: usize,
-    /// Sequences generated at once per model.
-    #[arg(long, default_value_t = 4)]
-    parallel: usize,
-    /// Context size of each sequence; 0 means the model's trained length.
-    #[arg(short = 'c', long, default_value_t = 4096)]
-    ctx_size: usize,
-    /// Compute threads per model (default: one per core).
-    #[arg(short = 't', long)]
-    threads: Option<usize>,
-    /// Seconds running streams get to finish after SIGTERM before they are cut off.
-    #[arg(long, default_value_t = 10)]
-    drain_timeout: u64,
+    /// Seconds a model stays loaded while idle; 0 keeps it forever [default: 300].
+    #[arg(long, value_name = "SECONDS")]
+    keep_alive: Option<String>,
+    /// Requests that may wait per model before new ones get 503 [default: 64].
+    #[arg(long, value_name = "N")]
+    max_queue: Option<String>,
+    /// Sequences generated at once per model [default: 4].
+    #[arg(long, value_name = "N")]
+    parallel: Option<String>,
+    /// Context size of each sequence; 0 means the model's trained length [default: 4096].
+    #[arg(short = 'c', long, value_name = "TOKENS")]
+    ctx_size: Option<String>,
+    /// Compute threads per model [default: one per core].
+    #[arg(short = 't', long, value_name = "N")]
+    threads: Option<String>,
+    /// Seconds running streams get to finish after SIGTERM before they are cut off
+    /// [default: 10].
+    #[arg(long, value_name = "SECONDS")]
+    drain_timeout: Option<String>,
+    /// What `POST /api/pull` may fetch besides store names: `urls`, `paths`, or both
+    /// (comma-separated) [default: names only].
+    #[arg(long, value_name = "SOURCES")]
+    allow_pull: Option<String>,
+}
+
+impl Args {
+    /// The settings: defaults, the config file, the environment, then these flags.
+    fn settings(&self) -> Result<Settings, String> {
+        let env = |k: &str| std::env::var(k).ok();
+        let mut s = config::load(self.config.as_deref(), &env)?;
+        let text = [
+            ("socket", &self.socket),
+            ("socket_group", &self.socket_group),
+            ("listen", &self.listen),
+            ("token_file", &self.token_file),
+            ("keep_alive", &self.keep_alive),
+            ("max_queue", &self.max_queue),
+            ("parallel", &self.parallel),
+            ("ctx_size", &self.ctx_size),
+            ("threads", &self.threads),
+            ("drain_timeout", &self.drain_timeout),
+            ("allow_pull", &self.allow_pull),
+        ];
+        for (key, value) in text {
+            if let Some(v) = value {
+                s.set(key, Raw::Text(v), &config::flag(key))?;
+            }
+        }
+        if !self.models.is_empty() {
+            s.set("models", Raw::List(&self.models), "--model")?;
+        }
+        s.check()?;
+        Ok(s)
+    }
 }
 
 fn main() -> ExitCode {
@@ -75,7 +123,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(args)) {
+    let settings = match args.settings() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run(settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -84,26 +139,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn check_args(a: &Args) -> anyhow::Result<()> {
-    if a.parallel == 0 || a.parallel > 256 {
-        anyhow::bail!("--parallel must be in 1..=256");
-    }
-    if a.max_queue == 0 || a.max_queue > 1_000_000 {
-        anyhow::bail!("--max-queue must be in 1..=1000000");
-    }
-    if a.threads == Some(0) {
-        anyhow::bail!("--threads must be at least 1");
-    }
-    if let Some(addr) = a.listen
-        && !addr.ip().is_loopback()
-    {
-        anyhow::bail!("--listen {addr}: only loopback addresses are served");
-    }
-    Ok(())
-}
-
-async fn run(args: Args) -> anyhow::Result<()> {
-    check_args(&args)?;
+async fn run(args: Settings) -> anyhow::Result<()> {
     // Bind everything before doing anything slow, so a bad flag fails fast.
     let (unix, bound_path) = match listen::activated_listener().context("socket activation")? {
         Some(std_l) => {
@@ -115,7 +151,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .socket
                 .clone()
                 .unwrap_or_else(listen::default_socket_path);
-            let l = listen::bind_unix(&path)?;
+            let l = listen::bind_unix(&path, args.socket_group.as_deref())?;
             tracing::info!("listening on {}", path.display());
             (l, Some(path))
         }
@@ -137,6 +173,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let watchdog = Watchdog::from_env();
+    if watchdog.is_some() {
+        tracing::info!("systemd watchdog enabled; the engine threads ping it");
+    }
     let manager = Manager::new(
         ManagerConfig {
             ctx_size: args.ctx_size,
@@ -147,17 +187,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         metrics.clone(),
         shutdown.clone(),
+        watchdog.clone(),
     );
     let state = Arc::new(AppState {
         manager,
         metrics,
         shutdown: shutdown.clone(),
         started: Instant::now(),
+        allow_pull: args.allow_pull,
     });
     let app = router(state.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
 
     notify("READY=1");
+    state.manager.report_ready();
 
     for name in &args.models {
         let st = state.clone();
@@ -168,13 +211,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         });
     }
+    // Housekeeping: the keep-alive reaper, and the watchdog while no engine thread runs.
     let reaper = {
         let st = state.clone();
+        let wd = watchdog.clone();
+        let every = wd.as_ref().map_or(Duration::from_secs(1), |w| {
+            w.idle_wake().min(Duration::from_secs(1))
+        });
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
                 st.manager.reap_idle();
+                if let Some(w) = &wd {
+                    w.idle_tick();
+                }
             }
         })
     };
@@ -198,6 +249,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     wait_for_signal().await?;
     notify("STOPPING=1");
+    notify::status("stopping: draining open streams");
     let drain = Duration::from_secs(args.drain_timeout);
     tracing::info!("stopping: draining for up to {}s", drain.as_secs());
     shutdown.begin(drain);

@@ -13,7 +13,9 @@ use strata_storage::store::{Store, StoreError};
 
 use crate::error::ApiError;
 use crate::metrics::{Metrics, ModelGauges};
+use crate::notify;
 use crate::shutdown::Shutdown;
+use crate::watchdog::Watchdog;
 use crate::worker::{self, WorkerConfig, WorkerHandle};
 
 #[derive(Clone, Debug)]
@@ -72,6 +74,8 @@ pub struct Manager {
     load_lock: tokio::sync::Mutex<()>,
     metrics: Arc<Metrics>,
     shutdown: Arc<Shutdown>,
+    /// Each engine thread registers its heartbeat here (module `watchdog`).
+    watchdog: Option<Arc<Watchdog>>,
 }
 
 pub enum LoadOutcome {
@@ -80,14 +84,27 @@ pub enum LoadOutcome {
 }
 
 impl Manager {
-    pub fn new(cfg: ManagerConfig, metrics: Arc<Metrics>, shutdown: Arc<Shutdown>) -> Self {
+    pub fn new(
+        cfg: ManagerConfig,
+        metrics: Arc<Metrics>,
+        shutdown: Arc<Shutdown>,
+        watchdog: Option<Arc<Watchdog>>,
+    ) -> Self {
         Self {
             cfg,
             loaded: Mutex::new(BTreeMap::new()),
             load_lock: tokio::sync::Mutex::new(()),
             metrics,
             shutdown,
+            watchdog,
         }
+    }
+
+    /// Tells systemd how many models are ready (`STATUS=`, shown by `systemctl status`).
+    pub fn report_ready(&self) {
+        let n = self.loaded.lock().map_or(0, |m| m.len());
+        let plural = if n == 1 { "" } else { "s" };
+        notify::status(&format!("ready: {n} model{plural}"));
     }
 
     fn lookup(&self, name: &str) -> Option<Arc<LoadedModel>> {
@@ -118,6 +135,17 @@ impl Manager {
             return Ok((m, LoadOutcome::AlreadyLoaded));
         }
         let path = store_path(name)?;
+        notify::status(&format!("loading {name}\u{2026}"));
+        let result = self.load(name, path).await;
+        self.report_ready();
+        result
+    }
+
+    async fn load(
+        &self,
+        name: &str,
+        path: std::path::PathBuf,
+    ) -> Result<(Arc<LoadedModel>, LoadOutcome), ApiError> {
         let t0 = Instant::now();
         let cfg = self.cfg.clone();
         let owned = name.to_owned();
@@ -151,6 +179,7 @@ impl Manager {
             wcfg,
             self.metrics.clone(),
             self.shutdown.clone(),
+            self.watchdog.clone(),
         )
         .map_err(|e| ApiError::Internal(format!("starting the engine thread: {e}")))?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -179,6 +208,7 @@ impl Manager {
         let removed = self.loaded.lock().ok().and_then(|mut m| m.remove(name));
         if removed.is_some() {
             tracing::info!(model = name, "unloaded");
+            self.report_ready();
         }
         removed.is_some()
     }

@@ -4,10 +4,19 @@
 use std::os::unix::net::UnixDatagram;
 
 pub fn notify(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET").filter(|p| !p.is_empty()) else {
-        return;
-    };
-    if let Err(e) = send(&path, state) {
+    if let Some(path) = std::env::var_os("NOTIFY_SOCKET").filter(|p| !p.is_empty()) {
+        notify_to(&path, state);
+    }
+}
+
+/// `STATUS=`: the one-line state `systemctl status` shows.
+pub fn status(msg: &str) {
+    notify(&format!("STATUS={msg}"));
+}
+
+/// Sends `state` to the notify socket `path`; a failure is logged, never fatal.
+pub fn notify_to(path: &std::ffi::OsStr, state: &str) {
+    if let Err(e) = send(path, state) {
         tracing::warn!("sd_notify {state:?} to {}: {e}", path.to_string_lossy());
     }
 }

@@ -15,13 +15,17 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use strata_engine::Model;
 use strata_engine::chat::ChatMessage;
 use tokio::sync::mpsc;
 
 use crate::api::{
-    ChatRequest, CompletionRequest, Endpoint, GenParams, ModelRef, Shape, Usage, parse_json,
+    ChatRequest, CompletionRequest, Endpoint, GenParams, LogprobsWriter, ModelRef, Shape, Usage,
+    parse_json,
 };
+use crate::config::AllowPull;
 use crate::error::ApiError;
+use crate::logprobs::TokenLogprob;
 use crate::manager::{LoadOutcome, LoadedModel, Manager, store_models};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
@@ -35,6 +39,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub shutdown: Arc<Shutdown>,
     pub started: Instant,
+    /// What `/api/pull` may fetch besides store names.
+    pub allow_pull: AllowPull,
 }
 
 /// Who sent a request, attached by the listener for logging.
@@ -53,6 +59,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/ps", get(ps))
         .route("/api/load", post(load))
         .route("/api/unload", post(unload))
+        .route("/api/pull", post(crate::pull::pull))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -88,7 +95,7 @@ async fn observe(State(st): State<Arc<AppState>>, req: Request, next: Next) -> R
     resp
 }
 
-fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge { limit: MAX_BODY }
@@ -99,7 +106,7 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 }
 
 impl AppState {
-    fn accepting(&self) -> Result<(), ApiError> {
+    pub(crate) fn accepting(&self) -> Result<(), ApiError> {
         if self.shutdown.stopping() {
             self.metrics
                 .rejected_stopping
@@ -115,7 +122,7 @@ async fn chat(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: ChatRequest = parse_json(&body_bytes(body)?)?;
-    let params = req.params.validate()?;
+    let params = req.params.validate(Endpoint::Chat)?;
     if req.messages.is_empty() {
         return Err(ApiError::BadRequest("'messages' must not be empty".into()));
     }
@@ -139,7 +146,7 @@ async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse_json(&body_bytes(body)?)?;
-    let params = req.params.validate()?;
+    let params = req.params.validate(Endpoint::Completion)?;
     let text = req.prompt.into_text()?;
     st.accepting()?;
     let loaded = st.manager.get(&req.model).await?;
@@ -178,6 +185,7 @@ async fn generate(
         max_tokens,
         sampler: params.sampler,
         stop: params.stop,
+        logprobs: params.logprobs,
         events: tx,
     };
     loaded.worker.submit(req).map_err(|e| match e {
@@ -193,10 +201,15 @@ async fn generate(
         .prompt_tokens
         .fetch_add(n_prompt as u64, Ordering::Relaxed);
     let shape = Shape::new(endpoint, &loaded.name);
+    let answer = Answer {
+        shape,
+        model: loaded.model.clone(),
+        logprobs: params.logprobs.map(|_| LogprobsWriter::new(endpoint)),
+    };
     if params.stream {
         let stream = SseStream {
             rx,
-            shape,
+            answer,
             started: false,
             done: false,
         };
@@ -209,22 +222,45 @@ async fn generate(
         )
             .into_response());
     }
-    collect(rx, shape).await
+    collect(rx, answer).await
+}
+
+/// How one generation's events become JSON.
+struct Answer {
+    shape: Shape,
+    /// For the text of tokens named in log-probabilities.
+    model: Arc<Model>,
+    /// `Some` when the request asked for log-probabilities.
+    logprobs: Option<LogprobsWriter>,
+}
+
+impl Answer {
+    fn logprobs_json(&mut self, entries: &[TokenLogprob]) -> Option<serde_json::Value> {
+        let model = &self.model;
+        let piece = |id: u32| model.tokenizer.token_to_piece(id, true);
+        self.logprobs.as_mut().map(|w| w.json(entries, &piece))
+    }
 }
 
 /// Waits for a whole answer. If the client goes away, hyper drops this future and with it
 /// `rx`, which the engine thread sees as a cancellation.
 async fn collect(
     mut rx: mpsc::UnboundedReceiver<Event>,
-    shape: Shape,
+    mut answer: Answer,
 ) -> Result<Response, ApiError> {
     let mut text = String::new();
+    let mut entries = Vec::new();
     loop {
         match rx.recv().await {
-            Some(Event::Text(t)) => text.push_str(&t),
+            Some(Event::Text { text: t, logprob }) => {
+                text.push_str(&t);
+                entries.extend(logprob);
+            }
             Some(Event::Done(f)) => {
                 let usage = usage(f.prompt_tokens, f.completion_tokens);
-                return Ok(Json(shape.full(&text, f.reason.as_str(), usage)).into_response());
+                let lp = answer.logprobs_json(&entries);
+                let body = answer.shape.full(&text, f.reason.as_str(), usage, lp);
+                return Ok(Json(body).into_response());
             }
             Some(Event::Failed(m)) => return Err(ApiError::Internal(m)),
             None => return Err(ApiError::Internal("the engine thread stopped".into())),
@@ -244,7 +280,7 @@ fn usage(prompt: usize, completion: usize) -> Usage {
 /// disconnects) drops the receiver, which cancels the sequence.
 struct SseStream {
     rx: mpsc::UnboundedReceiver<Event>,
-    shape: Shape,
+    answer: Answer,
     started: bool,
     done: bool,
 }
@@ -260,10 +296,10 @@ impl tokio_stream::Stream for SseStream {
         if self.done {
             return Poll::Ready(None);
         }
-        if !self.started && self.shape.endpoint == Endpoint::Chat {
+        if !self.started && self.answer.shape.endpoint == Endpoint::Chat {
             // OpenAI opens a chat stream with the role, so clients can print a header early.
             self.started = true;
-            let first = sse(&self.shape.chunk(Some(""), true, None, None));
+            let first = sse(&self.answer.shape.chunk(Some(""), true, None, None, None));
             return Poll::Ready(Some(Ok(Bytes::from(first))));
         }
         self.started = true;
@@ -272,13 +308,17 @@ impl tokio_stream::Stream for SseStream {
             Poll::Ready(ev) => ev,
         };
         let out = match ev {
-            Some(Event::Text(t)) => sse(&self.shape.chunk(Some(&t), false, None, None)),
+            Some(Event::Text { text, logprob }) => {
+                let lp = self.answer.logprobs_json(logprob.as_slice());
+                sse(&self.answer.shape.chunk(Some(&text), false, None, None, lp))
+            }
             Some(Event::Done(f)) => {
                 self.done = true;
                 let u = usage(f.prompt_tokens, f.completion_tokens);
-                let last = self
-                    .shape
-                    .chunk(None, false, Some(f.reason.as_str()), Some(u));
+                let last =
+                    self.answer
+                        .shape
+                        .chunk(None, false, Some(f.reason.as_str()), Some(u), None);
                 format!("{}data: [DONE]\n\n", sse(&last))
             }
             Some(Event::Failed(m)) => {

@@ -10,7 +10,9 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, RecvTimeoutError, TryRecvError, TrySendError};
 
 use strata_engine::model::Scratch;
 use strata_engine::sampler::{Sampler, SamplerConfig};
@@ -19,9 +21,11 @@ use strata_engine::{Context, EngineError, Logits, Model};
 use strata_simd::pool::ThreadPool;
 use tokio::sync::mpsc;
 
+use crate::logprobs::{TokenLogprob, token_logprob};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::stop::StopMatcher;
+use crate::watchdog::{Heartbeat, Watchdog};
 
 /// One generation, fully checked by the HTTP side.
 pub struct GenRequest {
@@ -30,6 +34,8 @@ pub struct GenRequest {
     pub max_tokens: usize,
     pub sampler: SamplerConfig,
     pub stop: Vec<String>,
+    /// Report each token's log-probability and this many alternatives (`None`: no logprobs).
+    pub logprobs: Option<usize>,
     /// Unbounded on purpose: the engine thread must never wait on one slow client, and what a
     /// request can queue here is bounded by its `max_tokens`.
     pub events: mpsc::UnboundedSender<Event>,
@@ -37,7 +43,12 @@ pub struct GenRequest {
 
 #[derive(Debug)]
 pub enum Event {
-    Text(String),
+    /// Text ready to send (held back while it may still become a stop string), and the
+    /// log-probability of the token sampled in this step when the request asked for them.
+    Text {
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
     Done(Finish),
     Failed(String),
 }
@@ -120,7 +131,7 @@ pub enum SubmitError {
 /// active sequences are done.
 #[derive(Clone)]
 pub struct WorkerHandle {
-    tx: mpsc::Sender<GenRequest>,
+    tx: channel::Sender<GenRequest>,
     pub stats: Arc<WorkerStats>,
 }
 
@@ -128,14 +139,14 @@ impl WorkerHandle {
     pub fn submit(&self, req: GenRequest) -> Result<(), SubmitError> {
         self.stats.touch();
         self.tx.try_send(req).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => SubmitError::Full(self.tx.max_capacity()),
-            mpsc::error::TrySendError::Closed(_) => SubmitError::Closed,
+            TrySendError::Full(_) => SubmitError::Full(self.tx.capacity().unwrap_or(0)),
+            TrySendError::Disconnected(_) => SubmitError::Closed,
         })
     }
 
     /// Requests waiting for a free slot.
     pub fn queued(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        self.tx.len()
     }
 }
 
@@ -146,9 +157,11 @@ pub fn spawn(
     cfg: WorkerConfig,
     metrics: Arc<Metrics>,
     shutdown: Arc<Shutdown>,
+    watchdog: Option<Arc<Watchdog>>,
 ) -> std::io::Result<WorkerHandle> {
-    let (tx, rx) = mpsc::channel(cfg.max_queue.max(1));
+    let (tx, rx) = channel::bounded(cfg.max_queue.max(1));
     let stats = Arc::new(WorkerStats::new());
+    let heartbeat = watchdog.as_ref().map(|w| w.register());
     let worker = Worker {
         model,
         pool,
@@ -157,6 +170,7 @@ pub fn spawn(
         stats: stats.clone(),
         metrics,
         shutdown,
+        watchdog: watchdog.zip(heartbeat),
         active: Vec::with_capacity(cfg.parallel),
         batch: Scratch::new(),
     };
@@ -170,10 +184,12 @@ struct Worker {
     model: Arc<Model>,
     pool: Arc<ThreadPool>,
     cfg: WorkerConfig,
-    rx: mpsc::Receiver<GenRequest>,
+    rx: channel::Receiver<GenRequest>,
     stats: Arc<WorkerStats>,
     metrics: Arc<Metrics>,
     shutdown: Arc<Shutdown>,
+    /// This thread's heartbeat: each turn of the loop beats it (module `watchdog`).
+    watchdog: Option<(Arc<Watchdog>, Arc<Heartbeat>)>,
     active: Vec<Sequence>,
     /// Activations of the batched decode step, reused from step to step.
     batch: Scratch,
@@ -191,6 +207,7 @@ struct Sequence {
     sampler: Sampler,
     decoder: StreamDecoder,
     stop: StopMatcher,
+    logprobs: Option<usize>,
     events: mpsc::UnboundedSender<Event>,
     finished: bool,
 }
@@ -213,7 +230,10 @@ impl Sequence {
             tail.push_str(&self.stop.finish());
         }
         if !tail.is_empty() {
-            self.send(Event::Text(tail));
+            self.send(Event::Text {
+                text: tail,
+                logprob: None,
+            });
         }
         self.send(Event::Done(Finish {
             reason,
@@ -225,7 +245,7 @@ impl Sequence {
 
     /// Takes a freshly sampled token: ends the sequence on end-of-generation, a stop string,
     /// `max_tokens` or a full context; else streams its text and keeps it for the next step.
-    fn take(&mut self, model: &Model, tok: u32) {
+    fn take(&mut self, model: &Model, tok: u32, logprob: Option<TokenLogprob>) {
         if model.tokenizer.is_eog(tok) {
             self.finish(FinishReason::Stop);
             return;
@@ -236,8 +256,8 @@ impl Sequence {
             .decoder
             .push(&model.tokenizer.token_to_piece(tok, false));
         let (text, hit) = self.stop.push(&piece);
-        if !text.is_empty() {
-            self.send(Event::Text(text));
+        if !text.is_empty() || logprob.is_some() {
+            self.send(Event::Text { text, logprob });
         }
         if hit {
             // Whatever follows the stop string is not part of the answer.
@@ -254,6 +274,9 @@ impl Sequence {
 impl Worker {
     fn run(mut self) {
         loop {
+            if let Some((wd, hb)) = &self.watchdog {
+                wd.beat(hb);
+            }
             if !self.admit() {
                 tracing::debug!("engine thread exits: no handle left and nothing running");
                 return;
@@ -271,19 +294,25 @@ impl Worker {
         }
     }
 
-    /// Moves queued requests into free slots; blocks while there is nothing to do. Returns
-    /// false when the thread should exit.
+    /// Moves queued requests into free slots; waits while there is nothing to do (waking
+    /// for the watchdog's heartbeat). Returns false when the thread should exit.
     fn admit(&mut self) -> bool {
         while self.active.len() < self.cfg.parallel {
             let req = if self.active.is_empty() {
-                match self.rx.blocking_recv() {
-                    Some(r) => r,
-                    None => return false,
+                let wake = self
+                    .watchdog
+                    .as_ref()
+                    .map_or(Duration::from_secs(3600), |(wd, _)| wd.idle_wake());
+                match self.rx.recv_timeout(wake) {
+                    Ok(r) => r,
+                    // An idle turn: the loop beats the heartbeat and comes back.
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => return false,
                 }
             } else {
                 match self.rx.try_recv() {
                     Ok(r) => r,
-                    Err(_) => break,
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
             };
             if req.events.is_closed() {
@@ -304,6 +333,7 @@ impl Worker {
                 sampler,
                 decoder: StreamDecoder::new(),
                 stop: StopMatcher::new(req.stop),
+                logprobs: req.logprobs,
                 events: req.events,
                 finished: false,
             });
@@ -381,19 +411,14 @@ fn prefill(model: &Model, s: &mut Sequence, chunk: usize) {
     let end = (s.fed + chunk).min(s.prompt.len());
     let last = end == s.prompt.len();
     let logits = if last { Logits::Last } else { Logits::None };
-    let result = model
-        .forward(&mut s.ctx, &s.prompt[s.fed..end], logits)
-        .map(|l| {
-            if last {
-                Some(s.sampler.sample(l))
-            } else {
-                None
-            }
-        });
+    let result = model.forward(&mut s.ctx, &s.prompt[s.fed..end], logits);
     s.fed = end;
     match result {
-        Ok(Some(tok)) => s.take(model, tok),
-        Ok(None) => {}
+        Ok(l) if last => {
+            let (tok, lp) = pick(&mut s.sampler, s.logprobs, l);
+            s.take(model, tok, lp);
+        }
+        Ok(_) => {}
         Err(e) => fail(s, e),
     }
 }
@@ -408,8 +433,8 @@ fn decode(model: &Model, pool: &ThreadPool, batch: &mut Scratch, seqs: &mut [&mu
         if let Ok(logits) = model.decode_batch(pool, &mut ctxs, &tokens, batch) {
             let n_vocab = model.config.n_vocab;
             for (s, row) in seqs.iter_mut().zip(logits.chunks_exact(n_vocab)) {
-                let tok = s.sampler.sample(row);
-                s.take(model, tok);
+                let (tok, lp) = pick(&mut s.sampler, s.logprobs, row);
+                s.take(model, tok, lp);
             }
             return;
         }
@@ -420,12 +445,22 @@ fn decode(model: &Model, pool: &ThreadPool, batch: &mut Scratch, seqs: &mut [&mu
         let next = s.next;
         match model.forward(&mut s.ctx, &[next], Logits::Last) {
             Ok(logits) => {
-                let tok = s.sampler.sample(logits);
-                s.take(model, tok);
+                let (tok, lp) = pick(&mut s.sampler, s.logprobs, logits);
+                s.take(model, tok, lp);
             }
             Err(e) => fail(s, e),
         }
     }
+}
+
+/// Samples the next token, with its log-probability when the request asked for them.
+fn pick(
+    sampler: &mut Sampler,
+    logprobs: Option<usize>,
+    logits: &[f32],
+) -> (u32, Option<TokenLogprob>) {
+    let tok = sampler.sample(logits);
+    (tok, logprobs.map(|k| token_logprob(logits, tok, k)))
 }
 
 fn fail(s: &mut Sequence, e: EngineError) {

@@ -2,115 +2,12 @@
 //! gemma3-270m from the model store (`strata pull gemma3-270m` first).
 
 mod http;
+mod support;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-
-const MODEL: &str = "gemma3-270m";
-/// A prompt a base model continues for as long as it is allowed to.
-const COUNTING: &str = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,";
-
-/// The tests share two cores; one daemon at a time keeps their timing honest.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-struct Daemon {
-    child: Child,
-    _dir: tempfile::TempDir,
-    sock: PathBuf,
-}
-
-impl Daemon {
-    fn start(extra: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let sock = dir.path().join("strata.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_stratad"))
-            .arg("--socket")
-            .arg(&sock)
-            .args(["--model", MODEL, "--ctx-size", "512", "--threads", "2"])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting stratad");
-        let mut d = Daemon {
-            child,
-            _dir: dir,
-            sock,
-        };
-        d.wait_loaded();
-        d
-    }
-
-    /// Waits for the socket, then for the model named by --model to be loaded.
-    fn wait_loaded(&mut self) {
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(60) {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!("stratad exited early with {status}; is {MODEL} in the store?");
-            }
-            if let Ok(r) = http::get(&self.sock, "/api/ps")
-                && r.json()["models"]
-                    .as_array()
-                    .is_some_and(|m| m.iter().any(|m| m["name"] == MODEL))
-            {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("stratad did not load {MODEL} within 60 s");
-    }
-
-    fn ps_model(&self) -> Value {
-        let ps = http::get(&self.sock, "/api/ps")
-            .expect("GET /api/ps")
-            .json();
-        ps["models"]
-            .as_array()
-            .and_then(|m| m.iter().find(|m| m["name"] == MODEL).cloned())
-            .unwrap_or(Value::Null)
-    }
-
-    fn metric(&self, line_prefix: &str) -> f64 {
-        let m = http::get(&self.sock, "/metrics").expect("GET /metrics");
-        m.body
-            .lines()
-            .find_map(|l| l.strip_prefix(line_prefix)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no metric {line_prefix} in\n{}", m.body))
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn completion(prompt: &str, max_tokens: u32, stream: bool) -> Value {
-    json!({"model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
-           "temperature": 0, "stream": stream})
-}
-
-/// Parses an SSE body: the JSON events, and whether it ended with `[DONE]`.
-fn parse_stream(body: &str) -> (Vec<Value>, bool) {
-    let events = http::sse_events(body);
-    let done = events.last().is_some_and(|e| e == "[DONE]");
-    let json = events
-        .iter()
-        .filter(|e| *e != "[DONE]")
-        .map(|e| serde_json::from_str(e).unwrap_or_else(|err| panic!("bad event {e}: {err}")))
-        .collect();
-    (json, done)
-}
+use support::{COUNTING, Daemon, MODEL, completion, lock, parse_stream};
 
 #[test]
 fn chat_completion_whole_and_streamed_agree() {
@@ -425,17 +322,165 @@ fn sigterm_mid_stream_ends_it_and_exits_zero() {
         reason == "shutdown" || reason == "length" || reason == "stop",
         "{reason}"
     );
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = d.child.try_wait().expect("try_wait") {
-            break st;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "stratad did not exit"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = d.wait_exit(Duration::from_secs(15));
     assert!(status.success(), "{status}");
     assert!(!d.sock.exists(), "socket file left behind");
+}
+
+/// Checks one token's OpenAI chat logprob entry: a log-probability (≤ 0), its bytes, and
+/// `k` alternatives sorted most likely first.
+fn check_chat_entry(e: &Value, k: usize) {
+    let lp = e["logprob"].as_f64().expect("logprob");
+    assert!(lp <= 0.0, "{e}");
+    let bytes: Vec<u8> = e["bytes"]
+        .as_array()
+        .expect("bytes")
+        .iter()
+        .map(|b| b.as_u64().expect("byte") as u8)
+        .collect();
+    assert_eq!(
+        String::from_utf8_lossy(&bytes),
+        e["token"].as_str().expect("token")
+    );
+    let top = e["top_logprobs"].as_array().expect("top_logprobs");
+    assert_eq!(top.len(), k, "{e}");
+    let lps: Vec<f64> = top
+        .iter()
+        .map(|t| t["logprob"].as_f64().expect("lp"))
+        .collect();
+    assert!(lps.windows(2).all(|w| w[0] >= w[1]), "not sorted: {lps:?}");
+    assert!(lps.iter().all(|&l| l <= 0.0));
+    // The chosen token is among the alternatives or less likely than all of them.
+    assert!(lp <= lps[0] + 1e-6);
+}
+
+#[test]
+fn chat_logprobs_whole_and_streamed() {
+    let _g = lock();
+    let d = Daemon::start(&[]);
+    let req = |stream| {
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "Count to five."}],
+               "max_tokens": 6, "temperature": 0, "stream": stream,
+               "logprobs": true, "top_logprobs": 5})
+    };
+    let r = http::post(&d.sock, "/v1/chat/completions", &req(false)).expect("chat");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    let choice = &v["choices"][0];
+    let content = choice["logprobs"]["content"].as_array().expect("content");
+    assert_eq!(
+        Some(content.len() as u64),
+        v["usage"]["completion_tokens"].as_u64(),
+        "{v}"
+    );
+    for e in content {
+        check_chat_entry(e, 5);
+        // Greedy: the chosen token is the most likely one, with the same log-probability.
+        assert_eq!(e["token"], e["top_logprobs"][0]["token"], "{e}");
+        assert_eq!(e["logprob"], e["top_logprobs"][0]["logprob"], "{e}");
+    }
+    let joined: String = content.iter().filter_map(|e| e["token"].as_str()).collect();
+    assert_eq!(joined, choice["message"]["content"].as_str().unwrap_or(""));
+
+    let r = http::post(&d.sock, "/v1/chat/completions", &req(true)).expect("stream");
+    let (events, done) = parse_stream(&r.body);
+    assert!(done);
+    let streamed: Vec<Value> = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["logprobs"]["content"].as_array())
+        .flatten()
+        .cloned()
+        .collect();
+    assert_eq!(
+        &streamed, content,
+        "streamed logprobs differ from the whole answer's"
+    );
+    // Without the request, no logprobs.
+    let mut plain = req(false);
+    plain["logprobs"] = json!(false);
+    plain.as_object_mut().map(|o| o.remove("top_logprobs"));
+    let v = http::post(&d.sock, "/v1/chat/completions", &plain)
+        .expect("chat")
+        .json();
+    assert_eq!(v["choices"][0]["logprobs"], Value::Null);
+}
+
+#[test]
+fn completion_logprobs_in_the_legacy_shape() {
+    let _g = lock();
+    let d = Daemon::start(&[]);
+    let mut req = completion(COUNTING, 5, true);
+    req["logprobs"] = json!(3);
+    let r = http::post(&d.sock, "/v1/completions", &req).expect("stream");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (events, done) = parse_stream(&r.body);
+    assert!(done);
+    let (mut tokens, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
+    for e in &events {
+        let lp = &e["choices"][0]["logprobs"];
+        if lp.is_null() {
+            continue;
+        }
+        let list = |k: &str| lp[k].as_array().cloned().unwrap_or_default();
+        tokens.extend(list("tokens"));
+        lps.extend(list("token_logprobs"));
+        tops.extend(list("top_logprobs"));
+        offsets.extend(list("text_offset"));
+    }
+    assert_eq!(tokens.len(), 5);
+    assert_eq!(lps.len(), 5);
+    assert_eq!(offsets.first(), Some(&json!(0)));
+    let text: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["text"].as_str())
+        .collect();
+    let joined: String = tokens.iter().filter_map(|t| t.as_str()).collect();
+    assert_eq!(joined, text);
+    for ((t, lp), top) in tokens.iter().zip(&lps).zip(&tops) {
+        let lp = lp.as_f64().expect("logprob");
+        assert!(lp <= 0.0);
+        let top = top.as_object().expect("top_logprobs entry");
+        assert!(!top.is_empty() && top.len() <= 3, "{top:?}");
+        // Greedy: the chosen token is the likeliest.
+        let best = top
+            .values()
+            .filter_map(Value::as_f64)
+            .fold(f64::NEG_INFINITY, f64::max);
+        assert_eq!(lp, best, "{t}: {top:?}");
+        assert_eq!(
+            top.get(t.as_str().unwrap_or("")).and_then(Value::as_f64),
+            Some(lp)
+        );
+    }
+}
+
+#[test]
+fn logprobs_out_of_range_are_400() {
+    let _g = lock();
+    let d = Daemon::start(&[]);
+    let chat = |extra: Value| {
+        let mut v = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                           "max_tokens": 1});
+        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        http::post(&d.sock, "/v1/chat/completions", &v).expect("request")
+    };
+    for extra in [
+        json!({"logprobs": true, "top_logprobs": 21}),
+        json!({"logprobs": true, "top_logprobs": -1}),
+        json!({"top_logprobs": 2}),
+        json!({"logprobs": "yes"}),
+    ] {
+        let r = chat(extra.clone());
+        assert_eq!(r.status, 400, "{extra}: {}", r.body);
+        assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    }
+    let mut req = completion(COUNTING, 1, false);
+    req["logprobs"] = json!(21);
+    let r = http::post(&d.sock, "/v1/completions", &req).expect("request");
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("logprobs"), "{}", r.body);
+    let r = chat(json!({"logprobs": true, "top_logprobs": 20}));
+    assert_eq!(r.status, 200, "{}", r.body);
 }

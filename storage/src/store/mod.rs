@@ -243,8 +243,30 @@ impl Store {
         opts: &PullOptions,
         progress: &mut dyn Progress,
     ) -> Result<PathBuf> {
+        self.pull_spec(Spec::parse(spec)?, opts, progress)
+    }
+
+    /// Like [`Store::pull_with`] for a store name only (a built-in name is downloaded, a
+    /// present model verified). Unlike a spec, a name is never taken for a file path, even
+    /// when the working directory holds a file of that name: for callers such as the daemon
+    /// that must not read files a client names.
+    pub fn pull_name(
+        &self,
+        name: &str,
+        opts: &PullOptions,
+        progress: &mut dyn Progress,
+    ) -> Result<PathBuf> {
+        validate_name(name)?;
+        self.pull_spec(Spec::Name(name.to_owned()), opts, progress)
+    }
+
+    fn pull_spec(
+        &self,
+        parsed: Spec,
+        opts: &PullOptions,
+        progress: &mut dyn Progress,
+    ) -> Result<PathBuf> {
         let expected = opts.sha256.as_deref().map(parse_sha256).transpose()?;
-        let parsed = Spec::parse(spec)?;
         let name = match (&opts.name, &parsed) {
             (Some(n), _) => {
                 validate_name(n)?;

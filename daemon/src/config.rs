@@ -1,0 +1,433 @@
+//! stratad's settings, from four layers, each overriding the one before: built-in defaults,
+//! the config file (`/etc/strata/strata.toml`, or `--config` / `$STRATA_CONFIG`), `STRATA_*`
+//! environment variables, and flags. Every layer goes through the same parser per key, so a
+//! bad value gets the same message wherever it came from, and the message names the key and
+//! where it was set.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The config file read when neither `--config` nor `$STRATA_CONFIG` names one; its absence
+/// is not an error.
+pub const DEFAULT_CONFIG: &str = "/etc/strata/strata.toml";
+
+/// Every key of the config file; the environment variable is `STRATA_` + the key in capitals,
+/// the flag `--` + the key with `-` for `_`.
+pub const KEYS: [&str; 12] = [
+    "socket",
+    "socket_group",
+    "listen",
+    "token_file",
+    "models",
+    "keep_alive",
+    "max_queue",
+    "parallel",
+    "ctx_size",
+    "threads",
+    "drain_timeout",
+    "allow_pull",
+];
+
+/// Which non-name sources `POST /api/pull` may fetch from (names are always allowed).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllowPull {
+    /// `https://` URLs: the daemon downloads what a client names.
+    pub urls: bool,
+    /// Local file paths, read with the daemon's own permissions.
+    pub paths: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    /// `None`: the default path (daemon/API.md).
+    pub socket: Option<PathBuf>,
+    /// Group (name or number) the socket file is given; `None` keeps the daemon's own.
+    pub socket_group: Option<String>,
+    pub listen: Option<SocketAddr>,
+    pub token_file: Option<PathBuf>,
+    /// Store names loaded at start.
+    pub models: Vec<String>,
+    /// Seconds idle before a model is unloaded; 0 = never.
+    pub keep_alive: u64,
+    pub max_queue: usize,
+    pub parallel: usize,
+    /// 0 = the model's trained length.
+    pub ctx_size: usize,
+    /// `None`: one per core.
+    pub threads: Option<usize>,
+    pub drain_timeout: u64,
+    pub allow_pull: AllowPull,
+    /// Where each key that is not at its default was set ("--max-queue", "STRATA_MAX_QUEUE",
+    /// "/etc/strata/strata.toml"), for messages.
+    origin: BTreeMap<&'static str, String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            socket_group: None,
+            listen: None,
+            token_file: None,
+            models: Vec::new(),
+            keep_alive: 300,
+            max_queue: 64,
+            parallel: 4,
+            ctx_size: 4096,
+            threads: None,
+            drain_timeout: 10,
+            allow_pull: AllowPull::default(),
+            origin: BTreeMap::new(),
+        }
+    }
+}
+
+/// One value as a source gave it: typed in TOML, text in the environment and on the command
+/// line (where a list is comma-separated or a repeated flag).
+#[derive(Clone, Copy)]
+pub enum Raw<'a> {
+    Toml(&'a toml::Value),
+    Text(&'a str),
+    List(&'a [String]),
+}
+
+impl Raw<'_> {
+    fn kind(&self) -> &'static str {
+        match self {
+            Raw::Toml(v) => v.type_str(),
+            Raw::Text(_) => "text",
+            Raw::List(_) => "list",
+        }
+    }
+
+    fn string(&self) -> Result<String, String> {
+        match self {
+            Raw::Toml(toml::Value::String(s)) => Ok(s.clone()),
+            Raw::Text(s) => Ok((*s).to_owned()),
+            Raw::List([s]) => Ok(s.clone()),
+            other => Err(format!("expected a string, got {}", other.kind())),
+        }
+    }
+
+    fn int(&self, lo: u64, hi: u64) -> Result<u64, String> {
+        let n: i128 = match self {
+            Raw::Toml(toml::Value::Integer(i)) => (*i).into(),
+            Raw::Text(s) => s
+                .trim()
+                .parse()
+                .map_err(|_| format!("expected an integer, got {s:?}"))?,
+            Raw::List([s]) => s
+                .trim()
+                .parse()
+                .map_err(|_| format!("expected an integer, got {s:?}"))?,
+            other => return Err(format!("expected an integer, got {}", other.kind())),
+        };
+        if n < i128::from(lo) || n > i128::from(hi) {
+            return Err(format!("must be in {lo}..={hi}, got {n}"));
+        }
+        Ok(n as u64)
+    }
+
+    fn usize(&self, lo: usize, hi: usize) -> Result<usize, String> {
+        self.int(lo as u64, hi as u64).map(|n| n as usize)
+    }
+
+    fn list(&self) -> Result<Vec<String>, String> {
+        let split = |s: &str| {
+            s.split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        match self {
+            Raw::Toml(toml::Value::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    toml::Value::String(s) => Ok(s.clone()),
+                    other => Err(format!(
+                        "expected a list of strings, found {}",
+                        other.type_str()
+                    )),
+                })
+                .collect(),
+            Raw::Text(s) => Ok(split(s)),
+            Raw::List(items) => Ok(items.iter().flat_map(|s| split(s)).collect()),
+            other => Err(format!("expected a list of strings, got {}", other.kind())),
+        }
+    }
+}
+
+fn path(s: String) -> Result<PathBuf, String> {
+    if s.is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(PathBuf::from(s))
+    }
+}
+
+impl Settings {
+    /// Sets `key` from `raw`; `origin` says where it came from. The error names both.
+    pub fn set(&mut self, key: &str, raw: Raw<'_>, origin: &str) -> Result<(), String> {
+        let Some(&key) = KEYS.iter().find(|k| **k == key) else {
+            return Err(format!(
+                "unknown key '{key}' in {origin} (known keys: {})",
+                KEYS.join(", ")
+            ));
+        };
+        self.apply(key, raw)
+            .map_err(|e| format!("{} (set by {origin}): {e}", describe(key, origin)))?;
+        self.origin.insert(key, origin.to_owned());
+        Ok(())
+    }
+
+    fn apply(&mut self, key: &'static str, raw: Raw<'_>) -> Result<(), String> {
+        match key {
+            "socket" => self.socket = Some(path(raw.string()?)?),
+            "socket_group" => {
+                let g = raw.string()?;
+                if g.is_empty() {
+                    return Err("must not be empty".into());
+                }
+                self.socket_group = Some(g);
+            }
+            "listen" => {
+                let s = raw.string()?;
+                let addr: SocketAddr = s
+                    .parse()
+                    .map_err(|_| format!("expected ADDRESS:PORT, got {s:?}"))?;
+                if !addr.ip().is_loopback() {
+                    return Err(format!("{addr}: only loopback addresses are served"));
+                }
+                self.listen = Some(addr);
+            }
+            "token_file" => self.token_file = Some(path(raw.string()?)?),
+            "models" => {
+                let models = raw.list()?;
+                if let Some(bad) = models
+                    .iter()
+                    .find(|m| strata_storage::store::validate_name(m).is_err())
+                {
+                    return Err(format!("'{bad}' is not a store model name"));
+                }
+                self.models = models;
+            }
+            "keep_alive" => self.keep_alive = raw.int(0, 365 * 24 * 3600)?,
+            "max_queue" => self.max_queue = raw.usize(1, 1_000_000)?,
+            "parallel" => self.parallel = raw.usize(1, 256)?,
+            "ctx_size" => self.ctx_size = raw.usize(0, 1 << 24)?,
+            "threads" => self.threads = Some(raw.usize(1, 1024)?),
+            "drain_timeout" => self.drain_timeout = raw.int(0, 3600)?,
+            "allow_pull" => {
+                let mut allow = AllowPull::default();
+                for item in raw.list()? {
+                    match item.as_str() {
+                        "urls" => allow.urls = true,
+                        "paths" => allow.paths = true,
+                        "none" => {}
+                        other => {
+                            return Err(format!(
+                                "unknown source '{other}' (expected 'urls', 'paths' or 'none')"
+                            ));
+                        }
+                    }
+                }
+                self.allow_pull = allow;
+            }
+            other => return Err(format!("no parser for key '{other}'")),
+        }
+        Ok(())
+    }
+
+    /// Applies a config file's text; `origin` names the file.
+    pub fn apply_toml(&mut self, text: &str, origin: &str) -> Result<(), String> {
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| format!("{origin}: {}", e.to_string().trim_end()))?;
+        for (key, value) in &table {
+            self.set(key, Raw::Toml(value), origin)?;
+        }
+        Ok(())
+    }
+
+    /// Applies the `STRATA_*` variables of `env` that name keys.
+    pub fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), String> {
+        for key in KEYS {
+            let var = env_var(key);
+            if let Some(v) = env(&var) {
+                self.set(key, Raw::Text(&v), &var)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks what no single key can: combinations.
+    pub fn check(&self) -> Result<(), String> {
+        if self.listen.is_some() && self.token_file.is_none() {
+            return Err(format!(
+                "listen (set by {}) needs token_file: TCP clients must send a bearer token",
+                self.origin_of("listen")
+            ));
+        }
+        Ok(())
+    }
+
+    /// Where `key` was last set, or "the default".
+    pub fn origin_of(&self, key: &str) -> &str {
+        self.origin.get(key).map_or("the default", String::as_str)
+    }
+}
+
+/// `max_queue` → `STRATA_MAX_QUEUE`.
+pub fn env_var(key: &str) -> String {
+    format!("STRATA_{}", key.to_ascii_uppercase())
+}
+
+/// `max_queue` → `--max-queue`.
+pub fn flag(key: &str) -> String {
+    format!("--{}", key.replace('_', "-"))
+}
+
+/// How a key is called where it was set: its flag, its variable, or its name in a file.
+fn describe(key: &str, origin: &str) -> String {
+    if origin.starts_with("--") || origin.starts_with("STRATA_") {
+        origin.to_owned()
+    } else {
+        key.to_owned()
+    }
+}
+
+/// The config file to read: `--config`, else `$STRATA_CONFIG`, else the default. The bool
+/// says whether it must exist (it must when named explicitly).
+pub fn config_path(flag: Option<&Path>, env: Option<String>) -> (PathBuf, bool) {
+    match (flag, env.filter(|e| !e.is_empty())) {
+        (Some(p), _) => (p.to_path_buf(), true),
+        (None, Some(e)) => (PathBuf::from(e), true),
+        (None, None) => (PathBuf::from(DEFAULT_CONFIG), false),
+    }
+}
+
+/// Defaults, then the file, then the environment; the caller applies flags on top.
+pub fn load(flag: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, String> {
+    let mut s = Settings::default();
+    let (file, required) = config_path(flag, env("STRATA_CONFIG"));
+    match std::fs::read_to_string(&file) {
+        Ok(text) => s.apply_toml(&text, &file.display().to_string())?,
+        Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("reading the config file {}: {e}", file.display())),
+    }
+    s.apply_env(env)?;
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn file_then_env_then_flags() -> Result<(), String> {
+        let mut s = Settings::default();
+        s.apply_toml(
+            r#"
+            socket = "/run/x.sock"
+            max_queue = 8
+            keep_alive = 60
+            models = ["gemma3-270m", "qwen2.5-coder-1.5b"]
+            allow_pull = ["urls"]
+            "#,
+            "f.toml",
+        )?;
+        s.apply_env(&env_of(&[
+            ("STRATA_MAX_QUEUE", "16"),
+            ("STRATA_MODELS", "a,b"),
+        ]))?;
+        s.set("keep_alive", Raw::Text("0"), "--keep-alive")?;
+        assert_eq!(s.socket, Some(PathBuf::from("/run/x.sock")));
+        assert_eq!(s.max_queue, 16);
+        assert_eq!(s.keep_alive, 0);
+        assert_eq!(s.models, vec!["a".to_string(), "b".to_string()]);
+        assert!(s.allow_pull.urls && !s.allow_pull.paths);
+        assert_eq!(s.origin_of("max_queue"), "STRATA_MAX_QUEUE");
+        assert_eq!(s.origin_of("socket"), "f.toml");
+        assert_eq!(s.origin_of("parallel"), "the default");
+        Ok(())
+    }
+
+    #[test]
+    fn errors_name_the_key_and_where_it_was_set() {
+        let err = |toml: &str| {
+            Settings::default()
+                .apply_toml(toml, "/etc/strata/strata.toml")
+                .err()
+                .unwrap_or_default()
+        };
+        let e = err("max_qeue = 3");
+        assert!(
+            e.contains("unknown key 'max_qeue'") && e.contains("max_queue"),
+            "{e}"
+        );
+        let e = err("max_queue = 0");
+        assert!(e.contains("max_queue") && e.contains("1..=1000000"), "{e}");
+        let e = err("max_queue = \"many\"");
+        assert!(
+            e.contains("max_queue") && e.contains("expected an integer"),
+            "{e}"
+        );
+        let e = err("listen = \"0.0.0.0:80\"");
+        assert!(e.contains("listen") && e.contains("loopback"), "{e}");
+        let e = err("models = [\"../etc/passwd\"]");
+        assert!(
+            e.contains("models") && e.contains("not a store model name"),
+            "{e}"
+        );
+        let e = err("allow_pull = [\"ftp\"]");
+        assert!(e.contains("allow_pull") && e.contains("'ftp'"), "{e}");
+        let e = err("socket = ");
+        assert!(e.contains("/etc/strata/strata.toml"), "{e}");
+        let e = Settings::default()
+            .apply_env(&env_of(&[("STRATA_PARALLEL", "-1")]))
+            .err()
+            .unwrap_or_default();
+        assert!(
+            e.contains("STRATA_PARALLEL") && e.contains("1..=256"),
+            "{e}"
+        );
+        let e = Settings::default()
+            .set("threads", Raw::Text("x"), "--threads")
+            .err()
+            .unwrap_or_default();
+        assert!(e.starts_with("--threads"), "{e}");
+    }
+
+    #[test]
+    fn listen_needs_a_token_file() {
+        let mut s = Settings::default();
+        assert!(
+            s.set("listen", Raw::Text("127.0.0.1:8080"), "--listen")
+                .is_ok()
+        );
+        let e = s.check().err().unwrap_or_default();
+        assert!(e.contains("--listen") && e.contains("token_file"), "{e}");
+    }
+
+    #[test]
+    fn an_explicit_config_file_must_exist() {
+        let e = load(Some(Path::new("/nonexistent/strata.toml")), &env_of(&[]))
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("/nonexistent/strata.toml"), "{e}");
+        let e = load(None, &env_of(&[("STRATA_CONFIG", "/nonexistent/b.toml")]))
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("/nonexistent/b.toml"), "{e}");
+    }
+}

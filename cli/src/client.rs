@@ -41,20 +41,32 @@ impl std::fmt::Display for NoDaemon {
 
 impl std::error::Error for NoDaemon {}
 
-/// The daemon's socket when none is given, found the way `stratad` places it (daemon/API.md):
-/// `$XDG_RUNTIME_DIR/strata/strata.sock`, else `/run/strata/strata.sock` for root under
-/// systemd, else `/tmp/strata-$UID/strata.sock`.
+/// The system service's socket (`systemd/strata.socket`).
+pub const SYSTEM_SOCKET: &str = "/run/strata/strata.sock";
+
+/// The daemon's socket when none is given (daemon/API.md): `$STRATA_SOCKET` when set; else the
+/// first that exists of the user's daemon socket (`$XDG_RUNTIME_DIR/strata/strata.sock`, or
+/// `/tmp/strata-$UID/strata.sock` without a runtime dir) and the system service's
+/// `/run/strata/strata.sock`; else the user's path, which error messages then name.
 pub fn default_socket() -> PathBuf {
     let set = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
-    if let Some(dir) = set("XDG_RUNTIME_DIR") {
-        return PathBuf::from(dir).join("strata/strata.sock");
+    if let Some(path) = set("STRATA_SOCKET") {
+        return PathBuf::from(path);
     }
-    // SAFETY: getuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::getuid() };
-    if uid == 0 && (set("INVOCATION_ID").is_some() || set("NOTIFY_SOCKET").is_some()) {
-        return PathBuf::from("/run/strata/strata.sock");
+    let user = match set("XDG_RUNTIME_DIR") {
+        Some(dir) => PathBuf::from(dir).join("strata/strata.sock"),
+        None => {
+            // SAFETY: getuid has no preconditions and cannot fail.
+            let uid = unsafe { libc::getuid() };
+            PathBuf::from(format!("/tmp/strata-{uid}/strata.sock"))
+        }
+    };
+    let system = PathBuf::from(SYSTEM_SOCKET);
+    if !user.exists() && system.exists() {
+        system
+    } else {
+        user
     }
-    PathBuf::from(format!("/tmp/strata-{uid}/strata.sock"))
 }
 
 #[derive(Clone)]
@@ -202,6 +214,50 @@ pub fn error_message(status: u16, body: &[u8]) -> String {
                 let short: String = text.chars().take(300).collect();
                 format!("the daemon answered {status}: {short}")
             }
+        }
+    }
+}
+
+/// Reads server-sent events until `[DONE]`, giving each event's JSON to `on_event`, which
+/// returns false to stop reading. An `{"error": …}` event, a malformed event, or a stream
+/// that ends before `[DONE]` is an error.
+pub fn read_sse(
+    body: &mut dyn BufRead,
+    on_event: &mut dyn FnMut(&serde_json::Value) -> bool,
+) -> anyhow::Result<()> {
+    let mut data = String::new();
+    loop {
+        let line = read_line_bounded(body, MAX_LINE).context("reading the answer stream")?;
+        let Some(line) = line else {
+            bail!("the daemon closed the stream before [DONE]");
+        };
+        let line = String::from_utf8(line).context("the answer stream is not UTF-8")?;
+        if let Some(d) = line.strip_prefix("data:") {
+            if !data.is_empty() {
+                data.push('\n');
+            }
+            data.push_str(d.strip_prefix(' ').unwrap_or(d));
+            continue;
+        }
+        // Comments (`:`) and other fields are ignored; a blank line ends an event.
+        if !line.is_empty() || data.is_empty() {
+            continue;
+        }
+        let event = std::mem::take(&mut data);
+        if event == "[DONE]" {
+            return Ok(());
+        }
+        let v: serde_json::Value = serde_json::from_str(&event)
+            .with_context(|| format!("a malformed event in the answer stream: {event:.200}"))?;
+        if let Some(e) = v.get("error") {
+            let msg = e["message"]
+                .as_str()
+                .or(e.as_str())
+                .unwrap_or("unknown error");
+            bail!("the daemon failed mid-answer: {msg}");
+        }
+        if !on_event(&v) {
+            return Ok(());
         }
     }
 }

@@ -409,6 +409,27 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_valid_with_every_key_uncommented() -> Result<(), String> {
+        let example = include_str!("../../systemd/strata.toml");
+        let lines: Vec<&str> = example
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.split_once(" = ").is_some_and(|(k, _)| KEYS.contains(&k)))
+            .collect();
+        let mut s = Settings::default();
+        s.apply_toml(&lines.join("\n"), "systemd/strata.toml")?;
+        s.check()?;
+        for key in KEYS {
+            assert_eq!(
+                s.origin_of(key),
+                "systemd/strata.toml",
+                "{key} is not in the example"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
     fn listen_needs_a_token_file() {
         let mut s = Settings::default();
         assert!(

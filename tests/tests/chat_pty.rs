@@ -512,3 +512,40 @@ fn chat_through_the_daemon_with_ps_load_unload() {
     assert_eq!(code, Some(1));
     assert!(err.starts_with("error: the daemon answered 404"), "{err}");
 }
+
+#[test]
+fn run_through_the_daemon_prints_what_in_process_greedy_prints() {
+    const GEMMA: &str = "gemma3-270m";
+    model_path(GEMMA);
+    let mut daemon = Daemon::start(GEMMA);
+    daemon.wait_loaded(GEMMA);
+    for (prompt, extra) in [
+        ("The capital of France is", &[][..]),
+        ("1, 2, 3, 4, 5,", &["--no-display-prompt"][..]),
+    ] {
+        let run = ["run", "-m", GEMMA, "-p", prompt, "-n", "24", "--temp", "0"];
+        let local = Command::new(strata_bin())
+            .args(run)
+            .args(extra)
+            .args(["-t", "2"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run strata");
+        assert!(local.status.success());
+        let local = String::from_utf8_lossy(&local.stdout).into_owned();
+        let mut args = run.to_vec();
+        args.extend_from_slice(extra);
+        let (code, remote, err) = daemon.strata(&args);
+        assert_eq!(code, Some(0), "{err}");
+        assert_eq!(remote, local, "through the daemon vs in-process");
+        assert!(err.contains("through stratad at"), "{err}");
+    }
+    // In-process-only flags are refused, not ignored.
+    let (code, _, err) = daemon.strata(&["run", "-m", GEMMA, "-p", "hi", "-c", "64"]);
+    assert_eq!(code, Some(1));
+    assert!(err.starts_with("error: -c/--ctx-size"), "{err}");
+    // A path is not a store name: the daemon refuses it.
+    let (code, _, err) = daemon.strata(&["run", "-m", "/etc/passwd", "-p", "hi"]);
+    assert_eq!(code, Some(1));
+    assert!(err.starts_with("error: the daemon answered 400"), "{err}");
+}

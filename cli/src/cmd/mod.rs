@@ -11,5 +11,6 @@ pub mod ps;
 pub mod pull;
 pub mod rm;
 pub mod run;
+pub mod run_daemon;
 pub mod show;
 pub mod tokenize;

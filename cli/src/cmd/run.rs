@@ -83,6 +83,10 @@ pub struct Args {
     /// bandwidth, hits per tier and the peak RSS.
     #[arg(long)]
     pub verbose: bool,
+    /// Generate through the stratad listening on this Unix socket instead of in-process (the
+    /// model must then be a store name; the daemon's context and threads apply).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<std::path::PathBuf>,
 }
 
 /// Timings in llama.cpp's terms.
@@ -121,6 +125,9 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         }
         (None, None) => None,
     };
+    if let Some(socket) = args.socket.clone() {
+        return super::run_daemon::exec(&args, socket, prompt);
+    }
     let loaded = load_with(&args.model, args.threads, &args.residency)?;
     let n_ctx = match args.ctx_size {
         Some(c) => ctx_size(&loaded.model, c)?,

@@ -7,13 +7,13 @@ use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use serde_json::{Value, json};
 use strata_engine::chat::ChatMessage;
 
 use super::interrupt;
 use super::session::Stats;
-use crate::client::{Client, MAX_LINE, error_message, read_line_bounded};
+use crate::client::{Client, error_message, read_sse};
 
 /// How often the waiting loop looks at the Ctrl-C flag.
 const POLL: Duration = Duration::from_millis(50);
@@ -173,54 +173,18 @@ impl Remote {
 
 /// Reads `data:` events until `[DONE]` or the end of the stream, passing on text and usage.
 fn read_events(body: &mut dyn BufRead, tx: &mpsc::Sender<Event>) {
-    let result = (|| -> anyhow::Result<()> {
-        let mut data = String::new();
-        loop {
-            let line = read_line_bounded(body, MAX_LINE).context("reading the answer stream")?;
-            let Some(line) = line else {
-                bail!("the daemon closed the stream before [DONE]");
-            };
-            let line = String::from_utf8(line).context("the answer stream is not UTF-8")?;
-            if let Some(d) = line.strip_prefix("data:") {
-                if !data.is_empty() {
-                    data.push('\n');
-                }
-                data.push_str(d.strip_prefix(' ').unwrap_or(d));
-                continue;
-            }
-            // Comments (`:`) and other fields are ignored; a blank line ends an event.
-            if !line.is_empty() || data.is_empty() {
-                continue;
-            }
-            let event = std::mem::take(&mut data);
-            if event == "[DONE]" {
-                return Ok(());
-            }
-            let v: Value = serde_json::from_str(&event)
-                .with_context(|| format!("a malformed event in the answer stream: {event:.200}"))?;
-            for e in parse_chunk(&v)? {
-                if tx.send(e).is_err() {
-                    // The chat stopped listening (Ctrl-C).
-                    return Ok(());
-                }
-            }
-        }
-    })();
+    let result = read_sse(body, &mut |v| {
+        // A failed send: the chat stopped listening (Ctrl-C).
+        parse_chunk(v).into_iter().all(|e| tx.send(e).is_ok())
+    });
     let _ = tx.send(match result {
         Ok(()) => Event::Done,
         Err(e) => Event::Failed(e),
     });
 }
 
-/// The events in one `chat.completion.chunk` (or an error object).
-fn parse_chunk(v: &Value) -> anyhow::Result<Vec<Event>> {
-    if let Some(e) = v.get("error") {
-        let msg = e["message"]
-            .as_str()
-            .or(e.as_str())
-            .unwrap_or("unknown error");
-        bail!("the daemon failed mid-answer: {msg}");
-    }
+/// The events in one `chat.completion.chunk`.
+fn parse_chunk(v: &Value) -> Vec<Event> {
     let mut events = Vec::new();
     if let Some(choices) = v["choices"].as_array() {
         for c in choices {
@@ -236,7 +200,7 @@ fn parse_chunk(v: &Value) -> anyhow::Result<Vec<Event>> {
             completion_tokens: n("completion_tokens"),
         });
     }
-    Ok(events)
+    events
 }
 
 #[cfg(test)]

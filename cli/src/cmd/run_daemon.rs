@@ -34,6 +34,10 @@ fn refuse_local_flags(args: &Args) -> anyhow::Result<()> {
             "--ram-budget/--prefetch/--mmap/--io (the daemon loads the model)",
         ),
         (args.verbose, "--verbose"),
+        (
+            args.prompt_cache.is_some(),
+            "--prompt-cache (the daemon keeps its own KV caches)",
+        ),
     ];
     if let Some((_, flag)) = refused.iter().find(|(given, _)| *given) {
         bail!("{flag} cannot be used with --socket");

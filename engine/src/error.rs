@@ -16,7 +16,9 @@ pub enum EngineError {
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
     #[error(transparent)]
     Simd(#[from] strata_simd::matmul::SimdError),
-    #[error("unknown architecture '{0}' (supported: llama, qwen2, qwen3, gemma3)")]
+    #[error(
+        "unknown architecture '{0}' (supported: llama, qwen2, qwen3, gemma3, qwen2moe, qwen3moe, olmoe)"
+    )]
     UnknownArch(String),
     #[error("missing metadata key '{0}'")]
     MissingKey(String),

@@ -42,11 +42,21 @@ pub struct GenSpec {
     /// Fill quantized blocks with random bytes and sane scales instead of quantizing random
     /// floats: as valid, and fast enough that a 30 GB file is bound by the disk.
     pub random_blocks: bool,
+    /// Mixture of experts: experts per layer (0 = a dense FFN), experts per token, an
+    /// expert's hidden size, and the shared expert's (qwen2moe).
+    pub n_expert: usize,
+    pub n_expert_used: usize,
+    pub n_ff_exp: usize,
+    pub n_ff_shexp: Option<usize>,
 }
 
 impl GenSpec {
     /// A model of a few MB: every block present, dims that suit every block size.
     pub fn tiny(arch: Arch) -> Self {
+        Self::tiny_dense(arch).with_moe_defaults()
+    }
+
+    fn tiny_dense(arch: Arch) -> Self {
         Self {
             arch,
             n_layer: 6,
@@ -62,12 +72,20 @@ impl GenSpec {
             sliding_window: 4,
             seed: 1,
             random_blocks: false,
+            n_expert: 0,
+            n_expert_used: 0,
+            n_ff_exp: 0,
+            n_ff_shexp: None,
         }
     }
 
     /// About 30 GB in Q4_K/Q6_K (a 70B-class shape with 60 layers): larger than this
     /// machine's RAM.
     pub fn big(arch: Arch) -> Self {
+        Self::big_dense(arch).with_moe_defaults()
+    }
+
+    fn big_dense(arch: Arch) -> Self {
         Self {
             arch,
             n_layer: 60,
@@ -83,6 +101,60 @@ impl GenSpec {
             sliding_window: 1024,
             seed: 1,
             random_blocks: true,
+            n_expert: 0,
+            n_expert_used: 0,
+            n_ff_exp: 0,
+            n_ff_shexp: None,
+        }
+    }
+
+    /// A mixture-of-experts shape for `tiny` or `big`: 8 experts (2 per token) of hidden size
+    /// 256 for tests; for `big`, a Qwen3-30B-A3B-like layer (2048 wide, 128 experts of 768,
+    /// 8 per token) over 48 layers, about 31 GB with Q8_0 experts.
+    pub fn moe(arch: Arch, big: bool) -> Self {
+        let mut s = if big {
+            Self::big_dense(arch)
+        } else {
+            Self::tiny_dense(arch)
+        };
+        if big {
+            s.n_layer = 48;
+            s.n_embd = 2048;
+            s.n_head = 32;
+            s.n_head_kv = 4;
+            s.head_dim = 128;
+            s.n_ff = 6144;
+            s.n_expert = 128;
+            s.n_expert_used = 8;
+            s.n_ff_exp = 768;
+            s.weight_type = GgmlType::Q8_0;
+            s.down_type = GgmlType::Q8_0;
+        } else {
+            s.n_expert = 8;
+            s.n_expert_used = 2;
+            s.n_ff_exp = 256;
+        }
+        if arch == Arch::Qwen2Moe {
+            s.n_ff_shexp = Some(if big { 5632 } else { 512 });
+        }
+        // Mixtral (llama) and OLMoE size their experts with feed_forward_length; OLMoE has
+        // no GQA.
+        if matches!(arch, Arch::Llama | Arch::Olmoe) {
+            s.n_ff = s.n_ff_exp;
+        }
+        if arch == Arch::Olmoe {
+            s.n_head_kv = s.n_head;
+        }
+        s
+    }
+
+    /// MoE architectures always have experts.
+    fn with_moe_defaults(self) -> Self {
+        if matches!(self.arch, Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Olmoe) && self.n_expert == 0
+        {
+            Self::moe(self.arch, self.random_blocks)
+        } else {
+            self
         }
     }
 }
@@ -109,6 +181,8 @@ struct Plan {
     ty: GgmlType,
     cols: usize,
     rows: usize,
+    /// Matrices stacked along a third dimension (experts); 1 for a plain matrix.
+    stack: usize,
     fill: Fill,
 }
 
@@ -200,6 +274,23 @@ fn declare(spec: &GenSpec, vocab: Vocab<'_>) -> Result<(GgufBuilder, Vec<Plan>),
             u(s.sliding_window),
         );
     }
+    if s.n_expert > 0 {
+        if s.n_expert_used == 0
+            || s.n_expert_used > s.n_expert
+            || !s.n_ff_exp.is_multiple_of(s.weight_type.block_size())
+        {
+            return Err(EngineError::Invalid(format!(
+                "{} experts per token of {}, hidden size {}: not a valid MoE shape",
+                s.n_expert_used, s.n_expert, s.n_ff_exp
+            )));
+        }
+        b.kv(&format!("{arch}.expert_count"), u(s.n_expert));
+        b.kv(&format!("{arch}.expert_used_count"), u(s.n_expert_used));
+        b.kv(&format!("{arch}.expert_feed_forward_length"), u(s.n_ff_exp));
+        if let Some(sf) = s.n_ff_shexp {
+            b.kv(&format!("{arch}.expert_shared_feed_forward_length"), u(sf));
+        }
+    }
 
     let (e, q, kv, ff) = (
         s.n_embd,
@@ -213,6 +304,7 @@ fn declare(spec: &GenSpec, vocab: Vocab<'_>) -> Result<(GgufBuilder, Vec<Plan>),
         ty,
         cols,
         rows,
+        stack: 1,
         fill: Fill::Matrix {
             scale: scale.unwrap_or(1.0 / (cols as f32).sqrt()),
         },
@@ -232,10 +324,47 @@ fn declare(spec: &GenSpec, vocab: Vocab<'_>) -> Result<(GgufBuilder, Vec<Plan>),
             m(n(LayerTensor::K), wt, e, kv, None),
             m(n(LayerTensor::V), dt, e, kv, None),
             m(n(LayerTensor::Output), wt, q, e, None),
-            m(n(LayerTensor::Gate), wt, e, ff, None),
-            m(n(LayerTensor::Up), wt, e, ff, None),
-            m(n(LayerTensor::Down), dt, ff, e, None),
         ]);
+        if s.n_expert == 0 {
+            plans.extend([
+                m(n(LayerTensor::Gate), wt, e, ff, None),
+                m(n(LayerTensor::Up), wt, e, ff, None),
+                m(n(LayerTensor::Down), dt, ff, e, None),
+            ]);
+        } else {
+            let x = |t, ty, cols: usize, rows| Plan {
+                stack: s.n_expert,
+                ..m(n(t), ty, cols, rows, None)
+            };
+            plans.extend([
+                // The router in f32, as converters write it; scaled up so routing is decisive.
+                m(
+                    n(LayerTensor::GateInp),
+                    GgmlType::F32,
+                    e,
+                    s.n_expert,
+                    Some(4.0 / (e as f32).sqrt()),
+                ),
+                x(LayerTensor::GateExps, wt, e, s.n_ff_exp),
+                x(LayerTensor::UpExps, wt, e, s.n_ff_exp),
+                x(LayerTensor::DownExps, dt, s.n_ff_exp, e),
+            ]);
+            if let Some(sf) = s.n_ff_shexp {
+                plans.extend([
+                    m(n(LayerTensor::GateShexp), wt, e, sf, None),
+                    m(n(LayerTensor::UpShexp), wt, e, sf, None),
+                    m(n(LayerTensor::DownShexp), dt, sf, e, None),
+                ]);
+                plans.push(Plan {
+                    name: n(LayerTensor::GateInpShexp),
+                    ty: GgmlType::F32,
+                    cols: e,
+                    rows: 1,
+                    stack: 1,
+                    fill: Fill::Vector { base: 0.0 },
+                });
+            }
+        }
         for (t, len) in vectors(s.arch, &traits, e, q, kv, s.head_dim) {
             let base = if t.gguf_suffix().ends_with("bias") {
                 0.0
@@ -247,6 +376,7 @@ fn declare(spec: &GenSpec, vocab: Vocab<'_>) -> Result<(GgufBuilder, Vec<Plan>),
                 ty: GgmlType::F32,
                 cols: len,
                 rows: 1,
+                stack: 1,
                 fill: Fill::Vector { base },
             });
         }
@@ -256,12 +386,16 @@ fn declare(spec: &GenSpec, vocab: Vocab<'_>) -> Result<(GgufBuilder, Vec<Plan>),
         ty: GgmlType::F32,
         cols: e,
         rows: 1,
+        stack: 1,
         fill: Fill::Vector { base: 1.0 },
     });
     plans.push(m(names::OUTPUT.into(), s.down_type, e, n_vocab, None));
     for p in &plans {
         let dims: Vec<u64> = match p.fill {
             Fill::Vector { .. } => vec![p.cols as u64],
+            Fill::Matrix { .. } if p.stack > 1 => {
+                vec![p.cols as u64, p.rows as u64, p.stack as u64]
+            }
             Fill::Matrix { .. } => vec![p.cols as u64, p.rows as u64],
         };
         b.tensor_deferred(&p.name, &dims, p.ty).ok_or_else(|| {
@@ -280,7 +414,7 @@ fn produce(
     let rb = plan.ty.row_bytes(plan.cols);
     let mut row = vec![0f32; plan.cols];
     let mut bytes = vec![0u8; rb];
-    for _ in 0..plan.rows {
+    for _ in 0..plan.rows * plan.stack {
         match plan.fill {
             Fill::Vector { base } => row.iter_mut().for_each(|v| *v = base + 0.1 * rng.uniform()),
             Fill::Matrix { scale } => {
@@ -351,14 +485,16 @@ fn vectors(
     hd: usize,
 ) -> Vec<(LayerTensor, usize)> {
     let mut v = vec![(LayerTensor::AttnNorm, e), (LayerTensor::FfnNorm, e)];
-    if arch == Arch::Qwen2 {
+    if traits.qkv_bias {
         v.extend([
             (LayerTensor::QBias, q),
             (LayerTensor::KBias, kv),
             (LayerTensor::VBias, kv),
         ]);
     }
-    if traits.qk_norm {
+    if traits.qk_norm && arch == Arch::Olmoe {
+        v.extend([(LayerTensor::QNorm, q), (LayerTensor::KNorm, kv)]);
+    } else if traits.qk_norm {
         v.extend([(LayerTensor::QNorm, hd), (LayerTensor::KNorm, hd)]);
     }
     if traits.post_norms {

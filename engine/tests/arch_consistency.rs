@@ -109,6 +109,14 @@ fn gemma3_is_self_consistent_with_sliding_window() {
 }
 
 #[test]
+fn moe_architectures_are_self_consistent() {
+    // Routing is per token, so batched prefill must pick the same experts as decoding.
+    check(Arch::Qwen3Moe, GgmlType::Q8_0);
+    check(Arch::Qwen2Moe, GgmlType::Q4_0);
+    check(Arch::Olmoe, GgmlType::Q8_0);
+}
+
+#[test]
 fn context_overflow_and_bad_tokens_are_errors() {
     let (_dir, model) = load(&GenSpec::tiny(Arch::Llama));
     let mut ctx = model.new_context(8, Arc::new(ThreadPool::new(1)));
@@ -181,4 +189,5 @@ fn check_decode_batch(arch: Arch) {
 fn decode_batch_matches_single_sequences() {
     check_decode_batch(Arch::Llama);
     check_decode_batch(Arch::Gemma3);
+    check_decode_batch(Arch::Qwen3Moe);
 }

@@ -12,7 +12,8 @@ use super::common::resolve_model;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Architecture: llama, qwen2, qwen3 or gemma3.
+    /// Architecture: llama, qwen2, qwen3, gemma3, or with experts: mixtral (llama with 8
+    /// experts), qwen2moe, qwen3moe, olmoe.
     #[arg(long, default_value = "llama")]
     arch: String,
     /// tiny (a few MB, for tests) or big (about 30 GB, larger than this machine's RAM).
@@ -32,10 +33,16 @@ pub struct Args {
 }
 
 pub fn exec(args: Args) -> anyhow::Result<()> {
-    let arch = Arch::from_name(&args.arch)?;
-    let mut spec = match args.preset.as_str() {
-        "big" => GenSpec::big(arch),
-        _ => GenSpec::tiny(arch),
+    let big = args.preset == "big";
+    let mut spec = if args.arch == "mixtral" {
+        GenSpec::moe(Arch::Llama, big)
+    } else {
+        let arch = Arch::from_name(&args.arch)?;
+        if big {
+            GenSpec::big(arch)
+        } else {
+            GenSpec::tiny(arch)
+        }
     };
     spec.seed = args.seed;
     if let Some(l) = args.layers {
@@ -62,7 +69,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     eprintln!(
         "wrote {} ({}, {} layers, {:.2} GB) in {secs:.1} s ({:.2} GB/s)",
         args.output.display(),
-        arch.name(),
+        args.arch,
         spec.n_layer,
         bytes as f64 / 1e9,
         bytes as f64 / 1e9 / secs

@@ -8,10 +8,14 @@ use crate::error::EngineError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
+    /// Also Mixtral: llama with `expert_count` set.
     Llama,
     Qwen2,
     Qwen3,
     Gemma3,
+    Qwen2Moe,
+    Qwen3Moe,
+    Olmoe,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +41,10 @@ pub struct ArchTraits {
     pub swa_pattern: Option<usize>,
     /// RoPE base of sliding-window layers, when it differs from the global one.
     pub swa_rope_base: Option<f32>,
+    /// Q, K and V projections carry biases.
+    pub qkv_bias: bool,
+    /// Mixture-of-experts models: renormalise the chosen experts' weights to sum to 1.
+    pub moe_norm_topk: bool,
 }
 
 impl Arch {
@@ -46,6 +54,9 @@ impl Arch {
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
             "gemma3" => Arch::Gemma3,
+            "qwen2moe" => Arch::Qwen2Moe,
+            "qwen3moe" => Arch::Qwen3Moe,
+            "olmoe" => Arch::Olmoe,
             other => return Err(EngineError::UnknownArch(other.to_string())),
         })
     }
@@ -56,6 +67,9 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Gemma3 => "gemma3",
+            Arch::Qwen2Moe => "qwen2moe",
+            Arch::Qwen3Moe => "qwen3moe",
+            Arch::Olmoe => "olmoe",
         }
     }
 
@@ -68,14 +82,31 @@ impl Arch {
             embed_scale: false,
             swa_pattern: None,
             swa_rope_base: None,
+            qkv_bias: false,
+            moe_norm_topk: false,
         };
         match self {
+            // Mixtral's router keeps the softmax over the chosen experts: renormalised.
             Arch::Llama => ArchTraits {
                 rope: RopeKind::Norm,
+                moe_norm_topk: true,
                 ..base
             },
-            Arch::Qwen2 => base,
+            Arch::Qwen2 | Arch::Qwen2Moe => ArchTraits {
+                qkv_bias: true,
+                ..base
+            },
             Arch::Qwen3 => ArchTraits {
+                qk_norm: true,
+                ..base
+            },
+            Arch::Qwen3Moe => ArchTraits {
+                qk_norm: true,
+                moe_norm_topk: true,
+                ..base
+            },
+            // OLMoE normalises the whole Q and K vectors (not each head) before RoPE.
+            Arch::Olmoe => ArchTraits {
                 qk_norm: true,
                 ..base
             },
@@ -114,6 +145,21 @@ pub struct ModelConfig {
     /// Per layer: does it use the sliding window?
     pub swa_layers: Vec<bool>,
     pub attn_scale: f32,
+    /// Mixture-of-experts FFN, when the model has one.
+    pub moe: Option<MoeConfig>,
+}
+
+/// The expert FFN of a mixture-of-experts model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoeConfig {
+    pub n_expert: usize,
+    /// Experts each token is routed to.
+    pub n_expert_used: usize,
+    /// Hidden size of one expert.
+    pub n_ff_exp: usize,
+    /// Hidden size of the shared expert (qwen2moe), which every token also goes through.
+    pub n_ff_shexp: Option<usize>,
+    pub norm_topk: bool,
 }
 
 /// Upper bounds that no real model exceeds; a file claiming more is malformed, and checking
@@ -187,7 +233,34 @@ impl ModelConfig {
                 _ => false,
             })
             .collect();
+        let moe = match opt("expert_count")? {
+            None | Some(1) if !matches!(arch, Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Olmoe) => {
+                None
+            }
+            None => return Err(EngineError::MissingKey(key("expert_count"))),
+            Some(n_expert) => {
+                let n_expert_used = opt("expert_used_count")?.unwrap_or(2);
+                if n_expert_used > n_expert || n_expert > 4096 {
+                    return Err(EngineError::BadMetadata {
+                        key: key("expert_used_count"),
+                        problem: format!("{n_expert_used} of {n_expert} experts"),
+                    });
+                }
+                Some(MoeConfig {
+                    n_expert,
+                    n_expert_used,
+                    // Mixtral (llama) and OLMoE size experts with feed_forward_length.
+                    n_ff_exp: match arch {
+                        Arch::Llama | Arch::Olmoe => n_ff,
+                        _ => opt("expert_feed_forward_length")?.unwrap_or(n_ff),
+                    },
+                    n_ff_shexp: opt("expert_shared_feed_forward_length")?,
+                    norm_topk: traits.moe_norm_topk,
+                })
+            }
+        };
         Ok(Self {
+            moe,
             arch,
             traits,
             n_layer,

@@ -11,7 +11,7 @@ use strata_simd::ops::{
 use strata_simd::pool::ThreadPool;
 use strata_storage::quant::dequantize_row;
 
-use super::{Activation, Mat, Model, ModelConfig};
+use super::{Activation, Experts, Ffn, Mat, Model, ModelConfig, Moe};
 use crate::error::EngineError;
 use crate::kv::KvCache;
 
@@ -72,6 +72,14 @@ struct Buffers {
     att: Vec<f32>,
     g: Vec<f32>,
     u: Vec<f32>,
+    /// Mixture of experts: router logits, (expert, weight) per token and slot, the tokens of
+    /// one expert with their weights, their gathered inputs and outputs, the weighted sum.
+    router: Vec<f32>,
+    route: Vec<(usize, f32)>,
+    picked: Vec<(usize, f32)>,
+    ex_x: Vec<f32>,
+    ex_y: Vec<f32>,
+    acc: Vec<f32>,
     /// Token ids as embedding rows, and those rows' raw bytes.
     rows: Vec<u64>,
     raw: Vec<u8>,
@@ -313,11 +321,12 @@ impl Model {
                 }
             }
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                // Per head, or (OLMoE) over each row's whole projection.
                 buf.q
-                    .chunks_exact_mut(hd)
+                    .chunks_exact_mut(qn.len())
                     .for_each(|h| rms_norm_inplace(h, qn, c.rms_eps));
                 buf.k
-                    .chunks_exact_mut(hd)
+                    .chunks_exact_mut(kn.len())
                     .for_each(|h| rms_norm_inplace(h, kn, c.rms_eps));
             }
             let rope = if layer.swa {
@@ -375,13 +384,15 @@ impl Model {
                     &mut buf.xb[t * e..(t + 1) * e],
                 );
             }
-            self.matmul(pool, mm, layer.gate, &buf.xb, n, &mut buf.g)?;
-            self.matmul(pool, mm, layer.up, &buf.xb, n, &mut buf.u)?;
-            match c.traits.act {
-                Activation::Silu => silu_mul(&mut buf.g, &buf.u),
-                Activation::GeluTanh => gelu_tanh_mul(&mut buf.g, &buf.u),
+            match &layer.ffn {
+                Ffn::Dense { gate, up, down } => {
+                    self.matmul(pool, mm, *gate, &buf.xb, n, &mut buf.g)?;
+                    self.matmul(pool, mm, *up, &buf.xb, n, &mut buf.u)?;
+                    self.activate(&mut buf.g[..n * gate.rows], &buf.u[..n * gate.rows]);
+                    self.matmul(pool, mm, *down, &buf.g, n, &mut buf.xb)?;
+                }
+                Ffn::Moe(moe) => self.moe(pool, mm, buf, moe, n)?,
             }
-            self.matmul(pool, mm, layer.down, &buf.g, n, &mut buf.xb)?;
             residual(
                 &mut buf.x,
                 &mut buf.xb,
@@ -414,6 +425,126 @@ impl Model {
             );
         }
         self.matmul(pool, mm, self.output, &buf.xb[..m * e], m, out)
+    }
+
+    /// `g = act(g) * up`, the gated activation of every FFN.
+    fn activate(&self, g: &mut [f32], u: &[f32]) {
+        match self.config.traits.act {
+            Activation::Silu => silu_mul(g, u),
+            Activation::GeluTanh => gelu_tanh_mul(g, u),
+        }
+    }
+
+    /// The mixture-of-experts FFN on `buf.xb` (normed input, `n` rows), result in `buf.xb`:
+    /// each token goes to its top-k experts by router softmax; each expert runs once on the
+    /// tokens routed to it; outputs are summed with the routing weights (renormalised over the
+    /// chosen experts where the architecture does), plus the gated shared expert if any.
+    fn moe(
+        &self,
+        pool: &ThreadPool,
+        mm: &mut MatmulScratch,
+        buf: &mut Buffers,
+        moe: &Moe,
+        n: usize,
+    ) -> Result<(), EngineError> {
+        let c = &self.config;
+        let e = c.n_embd;
+        let Some(mc) = c.moe else {
+            return Err(EngineError::Invalid("MoE layer in a dense model".into()));
+        };
+        let (ne, k, nff) = (mc.n_expert, mc.n_expert_used, mc.n_ff_exp);
+        buf.router.resize(n * ne, 0.0);
+        self.matmul(pool, mm, moe.router, &buf.xb, n, &mut buf.router)?;
+        route(&mut buf.router, &mut buf.route, n, ne, k, mc.norm_topk);
+        buf.acc.clear();
+        buf.acc.resize(n * e, 0.0);
+        let (hg, hu, hd) = (
+            self.weights.acquire(moe.gate.mat.id)?,
+            self.weights.acquire(moe.up.mat.id)?,
+            self.weights.acquire(moe.down.mat.id)?,
+        );
+        fn slab<'h>(h: &'h [u8], x: &Experts, ex: usize) -> MatRef<'h> {
+            let bytes = x.mat.ty.row_bytes(x.mat.cols) * x.mat.rows;
+            MatRef {
+                ty: x.mat.ty,
+                data: &h[ex * bytes..(ex + 1) * bytes],
+                rows: x.mat.rows,
+                cols: x.mat.cols,
+            }
+        }
+        for ex in 0..ne.min(moe.gate.n_expert) {
+            buf.picked.clear();
+            buf.picked.extend(
+                buf.route
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.0 == ex)
+                    .map(|(i, r)| (i / k, r.1)),
+            );
+            let m = buf.picked.len();
+            if m == 0 {
+                continue;
+            }
+            buf.ex_x.resize(m * e, 0.0);
+            for (i, &(t, _)) in buf.picked.iter().enumerate() {
+                buf.ex_x[i * e..(i + 1) * e].copy_from_slice(&buf.xb[t * e..(t + 1) * e]);
+            }
+            buf.g.resize(m * nff, 0.0);
+            buf.u.resize(m * nff, 0.0);
+            matmul(
+                pool,
+                slab(hg.bytes(), &moe.gate, ex),
+                &buf.ex_x,
+                m,
+                &mut buf.g[..m * nff],
+                mm,
+            )?;
+            matmul(
+                pool,
+                slab(hu.bytes(), &moe.up, ex),
+                &buf.ex_x,
+                m,
+                &mut buf.u[..m * nff],
+                mm,
+            )?;
+            self.activate(&mut buf.g[..m * nff], &buf.u[..m * nff]);
+            buf.ex_y.resize(m * e, 0.0);
+            matmul(
+                pool,
+                slab(hd.bytes(), &moe.down, ex),
+                &buf.g[..m * nff],
+                m,
+                &mut buf.ex_y,
+                mm,
+            )?;
+            for (i, &(t, w)) in buf.picked.iter().enumerate() {
+                buf.acc[t * e..(t + 1) * e]
+                    .iter_mut()
+                    .zip(&buf.ex_y[i * e..(i + 1) * e])
+                    .for_each(|(a, y)| *a += w * y);
+            }
+        }
+        if let Some((gate, up, down, gate_inp)) = &moe.shared {
+            let sf = gate.rows;
+            buf.g.resize(n * sf, 0.0);
+            buf.u.resize(n * sf, 0.0);
+            self.matmul(pool, mm, *gate, &buf.xb, n, &mut buf.g)?;
+            self.matmul(pool, mm, *up, &buf.xb, n, &mut buf.u)?;
+            self.activate(&mut buf.g[..n * sf], &buf.u[..n * sf]);
+            buf.ex_y.resize(n * e, 0.0);
+            self.matmul(pool, mm, *down, &buf.g, n, &mut buf.ex_y)?;
+            for t in 0..n {
+                let x = &buf.xb[t * e..(t + 1) * e];
+                let z: f32 = x.iter().zip(gate_inp).map(|(a, b)| a * b).sum();
+                let s = 1.0 / (1.0 + (-z).exp());
+                buf.acc[t * e..(t + 1) * e]
+                    .iter_mut()
+                    .zip(&buf.ex_y[t * e..(t + 1) * e])
+                    .for_each(|(a, y)| *a += s * y);
+            }
+        }
+        buf.xb[..n * e].copy_from_slice(&buf.acc);
+        Ok(())
     }
 
     fn matmul(
@@ -465,6 +596,43 @@ impl Model {
     }
 }
 
+/// Top-`k` routing: for each of `n` rows of `ne` router logits, the softmax's `k` largest
+/// entries as `(expert, weight)`, renormalised to sum to 1 when `norm`. Writes `n * k` pairs.
+pub(crate) fn route(
+    logits: &mut [f32],
+    out: &mut Vec<(usize, f32)>,
+    n: usize,
+    ne: usize,
+    k: usize,
+    norm: bool,
+) {
+    out.clear();
+    for row in logits.chunks_exact_mut(ne).take(n) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let mut sum = 0.0;
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        row.iter_mut().for_each(|v| *v /= sum);
+        let start = out.len();
+        for _ in 0..k {
+            // Highest probability not yet taken; ties go to the lower expert id.
+            let best = (0..ne)
+                .filter(|i| !out[start..].iter().any(|p| p.0 == *i))
+                .max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a)))
+                .unwrap_or(0);
+            out.push((best, row[best]));
+        }
+        if norm {
+            let s: f32 = out[start..].iter().map(|p| p.1).sum();
+            if s > 0.0 {
+                out[start..].iter_mut().for_each(|p| p.1 /= s);
+            }
+        }
+    }
+}
+
 /// `x += norm(y)` (or `x += y` without a post-norm), row by row.
 fn residual(x: &mut [f32], y: &mut [f32], post_norm: Option<&[f32]>, e: usize, eps: f32) {
     let n = x.len() / e;
@@ -479,3 +647,6 @@ fn residual(x: &mut [f32], y: &mut [f32], post_norm: Option<&[f32]>, e: usize, e
             .for_each(|(a, b)| *a += b);
     }
 }
+
+#[cfg(test)]
+mod moe_tests;

@@ -49,11 +49,31 @@ pub(crate) struct Layer {
     pub o: Mat,
     pub post_attn_norm: Option<Vec<f32>>,
     pub ffn_norm: Vec<f32>,
-    pub gate: Mat,
-    pub up: Mat,
-    pub down: Mat,
+    pub ffn: Ffn,
     pub post_ffn_norm: Option<Vec<f32>>,
     pub swa: bool,
+}
+
+/// A block's feed-forward network: one gated FFN, or a router over experts.
+pub(crate) enum Ffn {
+    Dense { gate: Mat, up: Mat, down: Mat },
+    Moe(Moe),
+}
+
+/// Stacked expert matrices: expert `e`'s `rows × cols` matrix is the `e`-th slab.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Experts {
+    pub mat: Mat,
+    pub n_expert: usize,
+}
+
+pub(crate) struct Moe {
+    pub router: Mat,
+    pub gate: Experts,
+    pub up: Experts,
+    pub down: Experts,
+    /// qwen2moe's shared expert: gate, up, down and the sigmoid gate's weights.
+    pub shared: Option<(Mat, Mat, Mat, Vec<f32>)>,
 }
 
 pub struct Model {
@@ -134,6 +154,15 @@ impl Model {
                     Ok(got)
                 };
             let tr = &c.traits;
+            // Q/K norms act on each head (`head_dim` weights) or, in OLMoE, on the whole
+            // projection (`full` weights); the tensor's length says which.
+            let qk_norm = |t: LayerTensor, full: usize| -> Result<Option<Vec<f32>>, EngineError> {
+                let len = match weights.id(&name(t)).map(|id| weights.info(id)) {
+                    Some(Ok(info)) if info.dims == [full as u64] => full,
+                    _ => c.head_dim,
+                };
+                req(t, len, tr.qk_norm)
+            };
             layers.push(Layer {
                 attn_norm: v(LayerTensor::AttnNorm, e)?,
                 q: m(LayerTensor::Q, e, q)?,
@@ -142,14 +171,39 @@ impl Model {
                 q_bias: ov(LayerTensor::QBias, q)?,
                 k_bias: ov(LayerTensor::KBias, kv)?,
                 v_bias: ov(LayerTensor::VBias, kv)?,
-                q_norm: req(LayerTensor::QNorm, c.head_dim, tr.qk_norm)?,
-                k_norm: req(LayerTensor::KNorm, c.head_dim, tr.qk_norm)?,
+                q_norm: qk_norm(LayerTensor::QNorm, q)?,
+                k_norm: qk_norm(LayerTensor::KNorm, kv)?,
                 o: m(LayerTensor::Output, q, e)?,
                 post_attn_norm: req(LayerTensor::PostAttnNorm, e, tr.post_norms)?,
                 ffn_norm: v(LayerTensor::FfnNorm, e)?,
-                gate: m(LayerTensor::Gate, e, ff)?,
-                up: m(LayerTensor::Up, e, ff)?,
-                down: m(LayerTensor::Down, ff, e)?,
+                ffn: match &c.moe {
+                    None => Ffn::Dense {
+                        gate: m(LayerTensor::Gate, e, ff)?,
+                        up: m(LayerTensor::Up, e, ff)?,
+                        down: m(LayerTensor::Down, ff, e)?,
+                    },
+                    Some(mc) => {
+                        let x = |t: LayerTensor, cols, rows| {
+                            experts(&weights, &name(t), cols, rows, mc.n_expert)
+                        };
+                        let shared = match mc.n_ff_shexp {
+                            None => None,
+                            Some(sf) => Some((
+                                m(LayerTensor::GateShexp, e, sf)?,
+                                m(LayerTensor::UpShexp, e, sf)?,
+                                m(LayerTensor::DownShexp, sf, e)?,
+                                v(LayerTensor::GateInpShexp, e)?,
+                            )),
+                        };
+                        Ffn::Moe(Moe {
+                            router: m(LayerTensor::GateInp, e, mc.n_expert)?,
+                            gate: x(LayerTensor::GateExps, e, mc.n_ff_exp)?,
+                            up: x(LayerTensor::UpExps, e, mc.n_ff_exp)?,
+                            down: x(LayerTensor::DownExps, mc.n_ff_exp, e)?,
+                            shared,
+                        })
+                    }
+                },
                 post_ffn_norm: req(LayerTensor::PostFfnNorm, e, tr.post_norms)?,
                 swa: c.swa_layers[il],
             });
@@ -262,4 +316,40 @@ fn vector(weights: &Weights, name: &str, len: usize) -> Result<Vec<f32>, EngineE
         }
     })?;
     Ok(out)
+}
+
+fn experts(
+    weights: &Weights,
+    name: &str,
+    cols: usize,
+    rows: usize,
+    n_expert: usize,
+) -> Result<Experts, EngineError> {
+    let id = weights
+        .id(name)
+        .ok_or_else(|| EngineError::MissingTensor(name.to_string()))?;
+    let info = weights.info(id)?;
+    let expected = vec![cols as u64, rows as u64, n_expert as u64];
+    if info.dims != expected {
+        return Err(EngineError::TensorShape {
+            name: name.to_string(),
+            expected,
+            actual: info.dims.clone(),
+        });
+    }
+    if !strata_simd::matmul::supports(info.ty) {
+        return Err(EngineError::UnsupportedType {
+            name: name.to_string(),
+            ty: info.ty.to_string(),
+        });
+    }
+    Ok(Experts {
+        mat: Mat {
+            id,
+            ty: info.ty,
+            rows,
+            cols,
+        },
+        n_expert,
+    })
 }

@@ -19,10 +19,21 @@ pub enum LayerTensor {
     Up,
     Down,
     PostFfnNorm,
+    /// The router of a mixture-of-experts layer: `[n_embd, n_expert]`.
+    GateInp,
+    /// The experts' matrices, stacked: `[cols, rows, n_expert]`.
+    GateExps,
+    UpExps,
+    DownExps,
+    /// qwen2moe's shared expert and its sigmoid gate (`[n_embd]`).
+    GateInpShexp,
+    GateShexp,
+    UpShexp,
+    DownShexp,
 }
 
 impl LayerTensor {
-    pub const ALL: [LayerTensor; 16] = [
+    pub const ALL: [LayerTensor; 24] = [
         Self::AttnNorm,
         Self::Q,
         Self::K,
@@ -39,6 +50,14 @@ impl LayerTensor {
         Self::Up,
         Self::Down,
         Self::PostFfnNorm,
+        Self::GateInp,
+        Self::GateExps,
+        Self::UpExps,
+        Self::DownExps,
+        Self::GateInpShexp,
+        Self::GateShexp,
+        Self::UpShexp,
+        Self::DownShexp,
     ];
 
     /// The name's suffix after `blk.N.`.
@@ -60,6 +79,14 @@ impl LayerTensor {
             Self::Up => "ffn_up.weight",
             Self::Down => "ffn_down.weight",
             Self::PostFfnNorm => "post_ffw_norm.weight",
+            Self::GateInp => "ffn_gate_inp.weight",
+            Self::GateExps => "ffn_gate_exps.weight",
+            Self::UpExps => "ffn_up_exps.weight",
+            Self::DownExps => "ffn_down_exps.weight",
+            Self::GateInpShexp => "ffn_gate_inp_shexp.weight",
+            Self::GateShexp => "ffn_gate_shexp.weight",
+            Self::UpShexp => "ffn_up_shexp.weight",
+            Self::DownShexp => "ffn_down_shexp.weight",
         }
     }
 
@@ -71,7 +98,20 @@ impl LayerTensor {
     pub const fn is_vector(self) -> bool {
         !matches!(
             self,
-            Self::Q | Self::K | Self::V | Self::Output | Self::Gate | Self::Up | Self::Down
+            Self::Q
+                | Self::K
+                | Self::V
+                | Self::Output
+                | Self::Gate
+                | Self::Up
+                | Self::Down
+                | Self::GateInp
+                | Self::GateExps
+                | Self::UpExps
+                | Self::DownExps
+                | Self::GateShexp
+                | Self::UpShexp
+                | Self::DownShexp
         )
     }
 }

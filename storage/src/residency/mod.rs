@@ -185,7 +185,7 @@ enum Backing {
         hot: Arc<AlignedBuf>,
         streamer: Option<stream::Streamer>,
         /// Reads rows of cold tensors (its own reader, so it never waits behind a layer read).
-        cold: Option<Reader>,
+        cold: Option<Box<Reader>>,
     },
 }
 
@@ -349,7 +349,7 @@ impl Weights {
         }
         let has_cold = plan.places.iter().any(|p| matches!(p, Place::Cold));
         let cold = if has_cold {
-            Some(Reader::open(path, &opts.io).map_err(read_err)?)
+            Some(Box::new(Reader::open(path, &opts.io).map_err(read_err)?))
         } else {
             None
         };

@@ -154,3 +154,27 @@ fn a_truncated_file_is_caught_at_load() {
         );
     }
 }
+
+#[test]
+fn streamed_experts_give_identical_logits_and_are_predicted() {
+    let mut spec = GenSpec::tiny(Arch::Qwen3Moe);
+    spec.n_expert = 16;
+    spec.n_layer = 6;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("moe.gguf");
+    let bytes = to_bytes(&spec, Vocab::Bytes).expect("generate");
+    std::fs::write(&path, &bytes).expect("write");
+    let want = run(&Model::load(&path).expect("load"));
+    let m = Model::load_with(
+        &path,
+        &opts(Some(bytes.len() as u64 * 4 / 10), IoKind::Uring, None),
+    )
+    .expect("load streamed");
+    assert_eq!(run(&m), want);
+    let s = m.weights().stats();
+    assert!(s.expert_hits + s.expert_misses > 0, "{s:?}");
+    assert!(s.expert_prefetches > 0, "{s:?}");
+    let p = m.prediction_stats();
+    assert!(p.guessed > 0 && p.actual > 0, "{p:?}");
+    assert!(p.recall() > 0.0 && p.precision() <= 1.0);
+}

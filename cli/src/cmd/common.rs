@@ -203,6 +203,20 @@ pub fn print_residency(model: &Model) {
         "strata_perf_context_print:          acquire = {} resident, {} window hits, {} waited, {} missed ({} read ahead)",
         s.hot_hits, s.window_hits, s.stalls, s.misses, s.prefetches
     );
+    if s.expert_hits + s.expert_misses > 0 {
+        let p = model.prediction_stats();
+        eprintln!(
+            "strata_perf_context_print:          experts = {:.1} MiB cache ({}), {} hits ({} prefetched in time), {} read on demand, {} read ahead; prediction precision {:.1}%, recall {:.1}%",
+            mib(s.expert_cache_bytes),
+            s.expert_policy,
+            s.expert_hits,
+            s.expert_prefetch_hits,
+            s.expert_misses,
+            s.expert_prefetches,
+            100.0 * p.precision(),
+            100.0 * p.recall()
+        );
+    }
     if let Some(peak) = peak_rss() {
         eprintln!(
             "strata_perf_context_print:         peak RSS = {:.1} MiB",

@@ -11,6 +11,8 @@ use strata_simd::ops::{
 use strata_simd::pool::ThreadPool;
 use strata_storage::quant::dequantize_row;
 
+use strata_storage::residency::TensorHandle;
+
 use super::{Activation, Experts, Ffn, Mat, Model, ModelConfig, Moe};
 use crate::error::EngineError;
 use crate::kv::KvCache;
@@ -76,6 +78,8 @@ struct Buffers {
     /// one expert with their weights, their gathered inputs and outputs, the weighted sum.
     router: Vec<f32>,
     route: Vec<(usize, f32)>,
+    /// Experts guessed for the next layer (one flag per expert; empty when not predicting).
+    pred: Vec<bool>,
     picked: Vec<(usize, f32)>,
     ex_x: Vec<f32>,
     ex_y: Vec<f32>,
@@ -384,6 +388,7 @@ impl Model {
                     &mut buf.xb[t * e..(t + 1) * e],
                 );
             }
+            self.predict_experts(pool, mm, buf, il, n)?;
             match &layer.ffn {
                 Ffn::Dense { gate, up, down } => {
                     self.matmul(pool, mm, *gate, &buf.xb, n, &mut buf.g)?;
@@ -427,6 +432,62 @@ impl Model {
         self.matmul(pool, mm, self.output, &buf.xb[..m * e], m, out)
     }
 
+    /// Cross-layer expert prediction: when the next layer's experts stream from disk, apply its
+    /// router to this layer's FFN input (`buf.xb`) and read its likely experts (top-k plus a
+    /// margin of 2 per token) while this layer computes. The guess is kept in `buf.pred` and
+    /// scored against the real routing when the next layer runs.
+    fn predict_experts(
+        &self,
+        pool: &ThreadPool,
+        mm: &mut MatmulScratch,
+        buf: &mut Buffers,
+        il: usize,
+        n: usize,
+    ) -> Result<(), EngineError> {
+        buf.pred.clear();
+        let (Some(mc), Some(Ffn::Moe(next))) =
+            (self.config.moe, self.layers.get(il + 1).map(|l| &l.ffn))
+        else {
+            return Ok(());
+        };
+        if !self.weights.experts_streamed(next.gate.mat.id) {
+            return Ok(());
+        }
+        let ne = mc.n_expert;
+        buf.router.resize(n * ne, 0.0);
+        self.matmul(pool, mm, next.router, &buf.xb, n, &mut buf.router)?;
+        let k = (mc.n_expert_used + 2).min(ne);
+        route(&mut buf.router, &mut buf.route, n, ne, k, false);
+        buf.pred.resize(ne, false);
+        for &(ex, _) in &buf.route {
+            buf.pred[ex] = true;
+        }
+        let guess: Vec<usize> = (0..ne).filter(|&x| buf.pred[x]).collect();
+        for x in [&next.gate, &next.up, &next.down] {
+            self.weights.prefetch_experts(x.mat.id, &guess)?;
+        }
+        Ok(())
+    }
+
+    /// Precision and recall of the last guess against the routing in `buf.route`.
+    fn score_prediction(&self, buf: &Buffers, ne: usize) {
+        if buf.pred.len() != ne {
+            return;
+        }
+        let mut used = vec![false; ne];
+        buf.route.iter().for_each(|&(ex, _)| used[ex] = true);
+        let guessed = buf.pred.iter().filter(|&&p| p).count() as u64;
+        let actual = used.iter().filter(|&&u| u).count() as u64;
+        let right = (0..ne).filter(|&x| used[x] && buf.pred[x]).count() as u64;
+        let p = &self.prediction;
+        p.guessed
+            .fetch_add(guessed, std::sync::atomic::Ordering::Relaxed);
+        p.actual
+            .fetch_add(actual, std::sync::atomic::Ordering::Relaxed);
+        p.right
+            .fetch_add(right, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// `g = act(g) * up`, the gated activation of every FFN.
     fn activate(&self, g: &mut [f32], u: &[f32]) {
         match self.config.traits.act {
@@ -456,22 +517,9 @@ impl Model {
         buf.router.resize(n * ne, 0.0);
         self.matmul(pool, mm, moe.router, &buf.xb, n, &mut buf.router)?;
         route(&mut buf.router, &mut buf.route, n, ne, k, mc.norm_topk);
+        self.score_prediction(buf, ne);
         buf.acc.clear();
         buf.acc.resize(n * e, 0.0);
-        let (hg, hu, hd) = (
-            self.weights.acquire(moe.gate.mat.id)?,
-            self.weights.acquire(moe.up.mat.id)?,
-            self.weights.acquire(moe.down.mat.id)?,
-        );
-        fn slab<'h>(h: &'h [u8], x: &Experts, ex: usize) -> MatRef<'h> {
-            let bytes = x.mat.ty.row_bytes(x.mat.cols) * x.mat.rows;
-            MatRef {
-                ty: x.mat.ty,
-                data: &h[ex * bytes..(ex + 1) * bytes],
-                rows: x.mat.rows,
-                cols: x.mat.cols,
-            }
-        }
         for ex in 0..ne.min(moe.gate.n_expert) {
             buf.picked.clear();
             buf.picked.extend(
@@ -491,32 +539,24 @@ impl Model {
             }
             buf.g.resize(m * nff, 0.0);
             buf.u.resize(m * nff, 0.0);
-            matmul(
-                pool,
-                slab(hg.bytes(), &moe.gate, ex),
-                &buf.ex_x,
-                m,
-                &mut buf.g[..m * nff],
-                mm,
-            )?;
-            matmul(
-                pool,
-                slab(hu.bytes(), &moe.up, ex),
-                &buf.ex_x,
-                m,
-                &mut buf.u[..m * nff],
-                mm,
-            )?;
+            // One expert's three matrices, from the expert cache when experts stream.
+            let slab = |x: &Experts| -> Result<_, EngineError> {
+                Ok((self.weights.expert_slab(x.mat.id, ex)?, x.mat))
+            };
+            let (hg, hu, hd) = (slab(&moe.gate)?, slab(&moe.up)?, slab(&moe.down)?);
+            fn mat_ref(h: &(TensorHandle, Mat)) -> MatRef<'_> {
+                MatRef {
+                    ty: h.1.ty,
+                    data: h.0.bytes(),
+                    rows: h.1.rows,
+                    cols: h.1.cols,
+                }
+            }
+            matmul(pool, mat_ref(&hg), &buf.ex_x, m, &mut buf.g[..m * nff], mm)?;
+            matmul(pool, mat_ref(&hu), &buf.ex_x, m, &mut buf.u[..m * nff], mm)?;
             self.activate(&mut buf.g[..m * nff], &buf.u[..m * nff]);
             buf.ex_y.resize(m * e, 0.0);
-            matmul(
-                pool,
-                slab(hd.bytes(), &moe.down, ex),
-                &buf.g[..m * nff],
-                m,
-                &mut buf.ex_y,
-                mm,
-            )?;
+            matmul(pool, mat_ref(&hd), &buf.g[..m * nff], m, &mut buf.ex_y, mm)?;
             for (i, &(t, w)) in buf.picked.iter().enumerate() {
                 buf.acc[t * e..(t + 1) * e]
                     .iter_mut()

@@ -76,6 +76,42 @@ pub(crate) struct Moe {
     pub shared: Option<(Mat, Mat, Mat, Vec<f32>)>,
 }
 
+/// Experts guessed for the next layer, experts it really used, and guesses that were right.
+#[derive(Default)]
+pub(crate) struct PredictionCounters {
+    pub guessed: std::sync::atomic::AtomicU64,
+    pub actual: std::sync::atomic::AtomicU64,
+    pub right: std::sync::atomic::AtomicU64,
+}
+
+/// Precision and recall of expert prediction so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PredictionStats {
+    pub guessed: u64,
+    pub actual: u64,
+    pub right: u64,
+}
+
+impl PredictionStats {
+    /// Share of guessed experts that were used.
+    pub fn precision(&self) -> f64 {
+        if self.guessed == 0 {
+            0.0
+        } else {
+            self.right as f64 / self.guessed as f64
+        }
+    }
+
+    /// Share of used experts that were guessed.
+    pub fn recall(&self) -> f64 {
+        if self.actual == 0 {
+            0.0
+        } else {
+            self.right as f64 / self.actual as f64
+        }
+    }
+}
+
 pub struct Model {
     pub config: ModelConfig,
     pub tokenizer: Tokenizer,
@@ -86,6 +122,8 @@ pub struct Model {
     output_norm: Vec<f32>,
     rope_global: Rope,
     rope_swa: Rope,
+    /// How well cross-layer expert prediction guesses (MoE models with streamed experts).
+    pub(crate) prediction: PredictionCounters,
     /// Model and tokenizer identity for sessions, computed on first use.
     pub(crate) session_ids: std::sync::OnceLock<([u8; 32], [u8; 32])>,
 }
@@ -227,6 +265,7 @@ impl Model {
             rope_global,
             rope_swa,
             session_ids: std::sync::OnceLock::new(),
+            prediction: PredictionCounters::default(),
         })
     }
 
@@ -237,6 +276,17 @@ impl Model {
 
     pub fn weights(&self) -> &Weights {
         &self.weights
+    }
+
+    /// How well the next layer's experts were predicted (all zero unless experts stream).
+    pub fn prediction_stats(&self) -> PredictionStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let p = &self.prediction;
+        PredictionStats {
+            guessed: p.guessed.load(Relaxed),
+            actual: p.actual.load(Relaxed),
+            right: p.right.load(Relaxed),
+        }
     }
 
     /// Total bytes of the weight tensors.

@@ -477,7 +477,10 @@ pub fn measure_read(path: &Path, limit: u64, opts: &ReaderOptions) -> Result<(u6
         source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
     })?;
     // Fault the pages in first, so the timing is the disk's and not the page allocator's.
-    buf.as_mut_slice().iter_mut().step_by(4096).for_each(|b| *b = 1);
+    buf.as_mut_slice()
+        .iter_mut()
+        .step_by(4096)
+        .for_each(|b| *b = 1);
     let reader = Reader::open(path, opts)?;
     // SAFETY: `buf` is declared before `reader`, so it outlives the registration.
     unsafe { reader.register_buffers(&[(buf.as_ptr(), buf.len())]) };

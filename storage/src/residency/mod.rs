@@ -17,6 +17,7 @@
 //!
 //! A truncated file is caught at load (its size must match its header), never at a token.
 
+mod experts;
 mod mmap;
 pub mod plan;
 mod stream;
@@ -186,6 +187,8 @@ enum Backing {
         streamer: Option<stream::Streamer>,
         /// Reads rows of cold tensors (its own reader, so it never waits behind a layer read).
         cold: Option<Box<Reader>>,
+        /// Single experts of stacked MoE tensors that are not resident.
+        experts: Option<Box<experts::ExpertCache>>,
     },
 }
 
@@ -215,6 +218,14 @@ pub struct ResidencyStats {
     pub prefetches: u64,
     /// Rows read on demand from cold tensors.
     pub cold_rows: u64,
+    /// Expert cache (MoE models whose experts are not all resident): hits, misses (read on
+    /// demand), prefetches issued, hits on prefetched experts, bytes held.
+    pub expert_hits: u64,
+    pub expert_misses: u64,
+    pub expert_prefetches: u64,
+    pub expert_prefetch_hits: u64,
+    pub expert_cache_bytes: u64,
+    pub expert_policy: &'static str,
     /// Time acquires waited for reads.
     pub stall: Duration,
     /// Everything read since load (including the resident set).
@@ -317,7 +328,11 @@ impl Weights {
                 len: t.n_bytes,
                 n_dims: t.dims.len(),
                 rows: rows_of(t),
-                access: if opts.row_access.contains(&t.name) {
+                // Embedding tables read by rows, and (under a budget) stacked experts, of which
+                // a step uses a few: both stay on disk until needed.
+                access: if opts.row_access.contains(&t.name)
+                    || (budget.is_some() && t.dims.len() == 3 && t.dims[2] > 1)
+                {
                     Access::Rows
                 } else {
                     Access::Cycle(layer_of(&t.name))
@@ -350,6 +365,25 @@ impl Weights {
         let has_cold = plan.places.iter().any(|p| matches!(p, Place::Cold));
         let cold = if has_cold {
             Some(Box::new(Reader::open(path, &opts.io).map_err(read_err)?))
+        } else {
+            None
+        };
+        let stacked_cold = gguf
+            .tensors
+            .iter()
+            .zip(&plan.places)
+            .any(|(t, p)| matches!(p, Place::Cold) && t.dims.len() == 3);
+        let experts = if stacked_cold {
+            let cache_budget = budget.unwrap_or(0).saturating_sub(plan.ram_bytes());
+            tracing::info!(
+                "{}: experts stream from disk through a {} MiB cache",
+                path.display(),
+                cache_budget >> 20
+            );
+            let r = Reader::open(path, &opts.io).map_err(read_err)?;
+            Some(Box::new(
+                experts::ExpertCache::new(r, cache_budget).map_err(io)?,
+            ))
         } else {
             None
         };
@@ -401,6 +435,7 @@ impl Weights {
                 hot: Arc::new(hot),
                 streamer,
                 cold,
+                experts,
             },
             summary,
             hot_hits: AtomicU64::new(0),
@@ -605,6 +640,83 @@ impl Weights {
         Ok(())
     }
 
+    /// Expert `e` of a stacked `[cols, rows, n_expert]` tensor: from the expert cache when the
+    /// experts stream from disk, else a view into the held tensor.
+    pub fn expert_slab(&self, id: TensorId, e: usize) -> Result<TensorHandle, ResidencyError> {
+        let (start, len) = self.slab_range(id, e)?;
+        if let (
+            Backing::Read {
+                experts: Some(x), ..
+            },
+            Place::Cold,
+        ) = (&self.backing, self.place(id)?)
+        {
+            let (buf, skip) = x.get((id.0, e as u32), start, len).map_err(read_err)?;
+            return Ok(TensorHandle {
+                // SAFETY: the cache read `len` bytes at `skip` of `buf`.
+                ptr: unsafe { buf.as_ptr().add(skip) },
+                len,
+                tier: Tier::Ram,
+                _keep: Keep::Buf(buf),
+            });
+        }
+        let whole = self.acquire(id)?;
+        let at = e * len;
+        Ok(TensorHandle {
+            // SAFETY: `at + len` is within the tensor, which `whole` holds.
+            ptr: unsafe { whole.ptr.add(at) },
+            len,
+            tier: whole.tier,
+            _keep: whole._keep,
+        })
+    }
+
+    /// Whether the experts of a stacked tensor stream from disk (so predicting them pays).
+    pub fn experts_streamed(&self, id: TensorId) -> bool {
+        matches!(
+            (&self.backing, self.places.get(id.index())),
+            (
+                Backing::Read {
+                    experts: Some(_),
+                    ..
+                },
+                Some(Place::Cold)
+            )
+        )
+    }
+
+    /// Starts reading experts `es` of a stacked tensor ahead of need.
+    pub fn prefetch_experts(&self, id: TensorId, es: &[usize]) -> Result<(), ResidencyError> {
+        if let Backing::Read {
+            experts: Some(x), ..
+        } = &self.backing
+        {
+            let keys = es
+                .iter()
+                .map(|&e| {
+                    self.slab_range(id, e)
+                        .map(|(start, len)| ((id.0, e as u32), start, len))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            x.prefetch(&keys);
+        }
+        Ok(())
+    }
+
+    /// File offset and length of expert `e`'s slab.
+    fn slab_range(&self, id: TensorId, e: usize) -> Result<(u64, usize), ResidencyError> {
+        let info = self.info(id)?;
+        let n = match info.dims.as_slice() {
+            [_, _, n] if (e as u64) < *n => *n,
+            _ => return Err(ResidencyError::UnknownTensor(id.0)),
+        };
+        let len = info.n_bytes / n;
+        Ok((
+            self.gguf.data_offset + info.offset + e as u64 * len,
+            len as usize,
+        ))
+    }
+
     /// Bytes held per tier: RAM for the resident set and the window, SSD for what is streamed.
     pub fn resident_bytes(&self) -> Vec<(Tier, u64)> {
         let s = &self.summary;
@@ -620,6 +732,21 @@ impl Weights {
         let mut s = self.summary.clone();
         s.hot_hits = self.hot_hits.load(Ordering::Relaxed);
         s.cold_rows = self.cold_rows.load(Ordering::Relaxed);
+        if let Backing::Read {
+            experts: Some(x), ..
+        } = &self.backing
+        {
+            let c = &x.shared().counters;
+            s.expert_hits = c.hits.load(Ordering::Relaxed);
+            s.expert_misses = c.misses.load(Ordering::Relaxed);
+            s.expert_prefetches = c.prefetches.load(Ordering::Relaxed);
+            s.expert_prefetch_hits = c.prefetch_hits.load(Ordering::Relaxed);
+            s.expert_cache_bytes = x.bytes();
+            s.expert_policy = match x.policy() {
+                experts::Policy::Lru => "lru",
+                experts::Policy::LfuDecay => "lfu-decay",
+            };
+        }
         if let Backing::Read { streamer, cold, .. } = &self.backing {
             if let Some(st) = streamer {
                 let c = &st.shared().counters;

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use std::sync::Arc;
+use strata_engine::model::ExpertPrefetch;
 use strata_engine::{Logits, Model};
 use strata_simd::pool::ThreadPool;
 
@@ -55,6 +56,11 @@ pub struct Args {
     /// it that streamed decode reaches.
     #[arg(long)]
     disk: bool,
+    /// MoE models whose experts stream: run each decode test with expert read-ahead `on`
+    /// (cross-layer prediction), `off`, and `oracle` (the routing of a recorded run replayed:
+    /// the ceiling), comma-separated; reports hits, reads and prediction precision/recall.
+    #[arg(long = "moe-prefetch", value_delimiter = ',', value_parser = ["on", "off", "oracle"])]
+    moe_prefetch: Vec<String>,
     #[command(flatten)]
     residency: LoadArgs,
 }
@@ -93,6 +99,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     };
     let mut rows = Vec::new();
     let mut disk = None;
+    let mut expert_lines: Vec<String> = Vec::new();
     for spec in &args.model {
         let path = super::common::resolve_model(spec)?;
         if args.disk && disk.is_none() {
@@ -108,22 +115,78 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
                 .filter(|&&p| p > 0)
                 .map(|&p| (p, 0))
                 .chain(args.n_gen.iter().filter(|&&n| n > 0).map(|&n| (0, n)));
-            for (p, n) in tests {
-                let before = model.weights().stats().read;
+            let modes: Vec<Option<&str>> = if args.moe_prefetch.is_empty() {
+                vec![None]
+            } else {
+                args.moe_prefetch.iter().map(|m| Some(m.as_str())).collect()
+            };
+            let tests: Vec<(usize, usize, Option<&str>)> = tests
+                .flat_map(|(p, n)| {
+                    let ms = if n > 0 { modes.clone() } else { vec![None] };
+                    ms.into_iter().map(move |m| (p, n, m))
+                })
+                .collect();
+            for (p, n, mode) in tests {
+                match mode {
+                    Some("off") => {
+                        model.set_expert_prefetch(ExpertPrefetch::Off);
+                    }
+                    Some("oracle") => {
+                        // Record the routing of the same token stream, then replay it.
+                        model.set_expert_prefetch(ExpertPrefetch::Record);
+                        run_test(&model, &pool, p, n, args.repetitions)?;
+                        let log = model.set_expert_prefetch(ExpertPrefetch::Predict);
+                        model.set_expert_prefetch(ExpertPrefetch::Replay(log));
+                    }
+                    _ => {
+                        model.set_expert_prefetch(ExpertPrefetch::Predict);
+                    }
+                }
+                let before = model.weights().stats();
+                let pred0 = model.prediction_stats();
                 let t0 = Instant::now();
                 let samples = run_test(&model, &pool, p, n, args.repetitions)?;
                 let secs = t0.elapsed().as_secs_f64();
-                let read = model.weights().stats().read.bytes - before.bytes;
+                let after = model.weights().stats();
+                let read = after.read.bytes - before.read.bytes;
                 let tokens = ((p + n) * (args.repetitions + 1)) as f64;
+                if let Some(m) = mode {
+                    let pred = model.prediction_stats();
+                    let (g, a, r) = (
+                        pred.guessed - pred0.guessed,
+                        pred.actual - pred0.actual,
+                        pred.right - pred0.right,
+                    );
+                    let pct = |x: u64, y: u64| {
+                        if y == 0 {
+                            0.0
+                        } else {
+                            100.0 * x as f64 / y as f64
+                        }
+                    };
+                    let lookups = (after.expert_hits - before.expert_hits)
+                        + (after.expert_misses - before.expert_misses);
+                    expert_lines.push(format!(
+                        "{desc} tg{n} t={nt} prefetch {m}: {:.2} t/s, {:.1} MiB read per token, expert hit rate {:.1}% ({} of {} lookups, {} read on demand), prediction precision {:.1}% recall {:.1}%",
+                        tokens / secs,
+                        read as f64 / tokens / 1048576.0,
+                        pct(after.expert_hits - before.expert_hits, lookups),
+                        after.expert_hits - before.expert_hits,
+                        lookups,
+                        after.expert_misses - before.expert_misses,
+                        pct(r, g),
+                        pct(r, a),
+                    ));
+                }
                 rows.push(Row {
                     model: desc.clone(),
                     size: model.size_bytes(),
                     params: model.n_params(),
                     threads: nt,
-                    test: if p > 0 {
-                        format!("pp{p}")
-                    } else {
-                        format!("tg{n}")
+                    test: match (p, mode) {
+                        (0, Some(m)) => format!("tg{n} {m}"),
+                        (0, None) => format!("tg{n}"),
+                        _ => format!("pp{p}"),
                     },
                     n_prompt: p,
                     n_gen: n,
@@ -143,8 +206,12 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     }
     if args.output == "json" {
         print_disk(&mut std::io::stderr(), &rows, disk.as_ref())?;
+        expert_lines.iter().for_each(|l| eprintln!("{l}"));
     } else {
         print_disk(&mut out, &rows, disk.as_ref())?;
+        for l in &expert_lines {
+            writeln!(out, "{l}")?;
+        }
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ use strata_storage::quant::dequantize_row;
 
 use strata_storage::residency::TensorHandle;
 
-use super::{Activation, Experts, Ffn, Mat, Model, ModelConfig, Moe};
+use super::{Activation, ExpertPrefetch, Experts, Ffn, Mat, Model, ModelConfig, Moe};
 use crate::error::EngineError;
 use crate::kv::KvCache;
 
@@ -78,8 +78,10 @@ struct Buffers {
     /// one expert with their weights, their gathered inputs and outputs, the weighted sum.
     router: Vec<f32>,
     route: Vec<(usize, f32)>,
-    /// Experts guessed for the next layer (one flag per expert; empty when not predicting).
+    /// Experts guessed for this layer and for the next (one flag per expert; empty when not
+    /// predicting).
     pred: Vec<bool>,
+    pred_next: Vec<bool>,
     picked: Vec<(usize, f32)>,
     ex_x: Vec<f32>,
     ex_y: Vec<f32>,
@@ -398,6 +400,8 @@ impl Model {
                 }
                 Ffn::Moe(moe) => self.moe(pool, mm, buf, moe, n)?,
             }
+            // The guess made for the next layer is scored when it runs.
+            std::mem::swap(&mut buf.pred, &mut buf.pred_next);
             residual(
                 &mut buf.x,
                 &mut buf.xb,
@@ -444,7 +448,7 @@ impl Model {
         il: usize,
         n: usize,
     ) -> Result<(), EngineError> {
-        buf.pred.clear();
+        buf.pred_next.clear();
         let (Some(mc), Some(Ffn::Moe(next))) =
             (self.config.moe, self.layers.get(il + 1).map(|l| &l.ffn))
         else {
@@ -454,28 +458,55 @@ impl Model {
             return Ok(());
         }
         let ne = mc.n_expert;
-        buf.router.resize(n * ne, 0.0);
-        self.matmul(pool, mm, next.router, &buf.xb, n, &mut buf.router)?;
-        let k = (mc.n_expert_used + 2).min(ne);
-        route(&mut buf.router, &mut buf.route, n, ne, k, false);
-        buf.pred.resize(ne, false);
-        for &(ex, _) in &buf.route {
-            buf.pred[ex] = true;
+        let replay = {
+            let c = self.experts.lock().unwrap_or_else(|p| p.into_inner());
+            match &c.mode {
+                ExpertPrefetch::Off => return Ok(()),
+                // The next MoE call is the one after this layer's.
+                ExpertPrefetch::Replay(log) => {
+                    Some(log.get(c.calls + 1).cloned().unwrap_or_default())
+                }
+                _ => None,
+            }
+        };
+        buf.pred_next.resize(ne, false);
+        match replay {
+            Some(used) => used
+                .into_iter()
+                .filter(|&x| x < ne)
+                .for_each(|x| buf.pred_next[x] = true),
+            None => {
+                buf.router.resize(n * ne, 0.0);
+                self.matmul(pool, mm, next.router, &buf.xb, n, &mut buf.router)?;
+                let k = (mc.n_expert_used + 2).min(ne);
+                route(&mut buf.router, &mut buf.route, n, ne, k, false);
+                for &(ex, _) in &buf.route {
+                    buf.pred_next[ex] = true;
+                }
+            }
         }
-        let guess: Vec<usize> = (0..ne).filter(|&x| buf.pred[x]).collect();
+        let guess: Vec<usize> = (0..ne).filter(|&x| buf.pred_next[x]).collect();
         for x in [&next.gate, &next.up, &next.down] {
             self.weights.prefetch_experts(x.mat.id, &guess)?;
         }
         Ok(())
     }
 
-    /// Precision and recall of the last guess against the routing in `buf.route`.
+    /// Precision and recall of the last guess against the routing in `buf.route`; counts the
+    /// MoE call and records its experts when recording.
     fn score_prediction(&self, buf: &Buffers, ne: usize) {
+        let mut used = vec![false; ne];
+        buf.route.iter().for_each(|&(ex, _)| used[ex] = true);
+        {
+            let mut c = self.experts.lock().unwrap_or_else(|p| p.into_inner());
+            c.calls += 1;
+            if c.mode == ExpertPrefetch::Record {
+                c.log.push((0..ne).filter(|&x| used[x]).collect());
+            }
+        }
         if buf.pred.len() != ne {
             return;
         }
-        let mut used = vec![false; ne];
-        buf.route.iter().for_each(|&(ex, _)| used[ex] = true);
         let guessed = buf.pred.iter().filter(|&&p| p).count() as u64;
         let actual = used.iter().filter(|&&u| u).count() as u64;
         let right = (0..ne).filter(|&x| used[x] && buf.pred[x]).count() as u64;

@@ -76,6 +76,28 @@ pub(crate) struct Moe {
     pub shared: Option<(Mat, Mat, Mat, Vec<f32>)>,
 }
 
+/// How the next layer's experts are fetched ahead when they stream from disk.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ExpertPrefetch {
+    /// Guess with the next layer's router on this layer's input (the default).
+    #[default]
+    Predict,
+    /// No read-ahead: every expert is read when its layer needs it.
+    Off,
+    /// Predict, and record which experts each MoE layer call really used.
+    Record,
+    /// Read ahead exactly the experts a recorded run used (a perfect-knowledge oracle).
+    Replay(Vec<Vec<usize>>),
+}
+
+#[derive(Default)]
+pub(crate) struct ExpertControl {
+    pub mode: ExpertPrefetch,
+    /// MoE layer calls so far (the index into a recording).
+    pub calls: usize,
+    pub log: Vec<Vec<usize>>,
+}
+
 /// Experts guessed for the next layer, experts it really used, and guesses that were right.
 #[derive(Default)]
 pub(crate) struct PredictionCounters {
@@ -124,6 +146,7 @@ pub struct Model {
     rope_swa: Rope,
     /// How well cross-layer expert prediction guesses (MoE models with streamed experts).
     pub(crate) prediction: PredictionCounters,
+    pub(crate) experts: std::sync::Mutex<ExpertControl>,
     /// Model and tokenizer identity for sessions, computed on first use.
     pub(crate) session_ids: std::sync::OnceLock<([u8; 32], [u8; 32])>,
 }
@@ -266,6 +289,7 @@ impl Model {
             rope_swa,
             session_ids: std::sync::OnceLock::new(),
             prediction: PredictionCounters::default(),
+            experts: std::sync::Mutex::new(ExpertControl::default()),
         })
     }
 
@@ -276,6 +300,15 @@ impl Model {
 
     pub fn weights(&self) -> &Weights {
         &self.weights
+    }
+
+    /// Chooses how experts are read ahead (see [`ExpertPrefetch`]); resets the call count, and
+    /// returns the routing recorded since the last call.
+    pub fn set_expert_prefetch(&self, mode: ExpertPrefetch) -> Vec<Vec<usize>> {
+        let mut c = self.experts.lock().unwrap_or_else(|p| p.into_inner());
+        c.mode = mode;
+        c.calls = 0;
+        std::mem::take(&mut c.log)
     }
 
     /// How well the next layer's experts were predicted (all zero unless experts stream).

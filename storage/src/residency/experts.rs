@@ -30,7 +30,13 @@ struct Entry {
     skip: usize,
     score: f64,
     last: u64,
+    /// A prefetched slab not used yet is kept until this tick, so that newer guesses and
+    /// demand reads do not evict it before its layer runs.
+    protect_until: u64,
 }
+
+/// Uses a prefetched slab is protected for (a few layers' worth).
+const PROTECT: u64 = 512;
 
 struct State {
     entries: HashMap<Key, Entry>,
@@ -94,13 +100,49 @@ impl Shared {
         Ok((Arc::new(buf), (start - lo) as usize))
     }
 
+    /// Reads several slabs in one call (all in flight together).
+    fn read_many(
+        &self,
+        jobs: &[(Key, u64, usize)],
+    ) -> Result<Vec<(Arc<AlignedBuf>, usize)>, IoError> {
+        let a = DIRECT_ALIGN as u64;
+        let mut bufs = Vec::with_capacity(jobs.len());
+        for &(_, start, len) in jobs {
+            let lo = start / a * a;
+            let hi = (start + len as u64).next_multiple_of(a);
+            let buf = AlignedBuf::zeroed((hi - lo) as usize).map_err(|e| IoError::Read {
+                path: self.reader.path().to_path_buf(),
+                offset: start,
+                len,
+                source: std::io::Error::other(e),
+            })?;
+            bufs.push((buf, (start - lo) as usize, lo, len));
+        }
+        let mut reqs: Vec<ReadReq<'_>> = bufs
+            .iter_mut()
+            .map(|(buf, skip, lo, len)| ReadReq {
+                offset: *lo,
+                buf: buf.as_mut_slice(),
+                need: *skip + *len,
+                fixed: None,
+            })
+            .collect();
+        self.reader.read(&mut reqs)?;
+        drop(reqs);
+        Ok(bufs
+            .into_iter()
+            .map(|(b, skip, _, _)| (Arc::new(b), skip))
+            .collect())
+    }
+
     /// Makes room for `need` more bytes, evicting unused slabs by policy.
     fn make_room(&self, st: &mut State, need: u64) {
         while st.bytes + need > self.budget {
+            let tick = st.tick;
             let victim = st
                 .entries
                 .iter()
-                .filter(|(_, e)| Arc::strong_count(&e.buf) == 1)
+                .filter(|(_, e)| Arc::strong_count(&e.buf) == 1 && e.protect_until <= tick)
                 .min_by(|a, b| match self.policy {
                     Policy::Lru => a.1.last.cmp(&b.1.last),
                     Policy::LfuDecay => {
@@ -118,10 +160,16 @@ impl Shared {
         }
     }
 
-    fn insert(&self, st: &mut State, key: Key, buf: Arc<AlignedBuf>, skip: usize) {
+    fn insert(
+        &self,
+        st: &mut State,
+        key: Key,
+        buf: Arc<AlignedBuf>,
+        skip: usize,
+        prefetched: bool,
+    ) {
         self.make_room(st, buf.len() as u64);
         st.bytes += buf.len() as u64;
-        st.tick += 1;
         let tick = st.tick;
         st.entries.insert(
             key,
@@ -130,6 +178,7 @@ impl Shared {
                 skip,
                 score: 0.0,
                 last: tick,
+                protect_until: if prefetched { tick + PROTECT } else { 0 },
             },
         );
     }
@@ -143,6 +192,7 @@ impl Shared {
         let e = st.entries.get_mut(&key)?;
         e.score += 1.0;
         e.last = tick;
+        e.protect_until = 0;
         Some((Arc::clone(&e.buf), e.skip))
     }
 }
@@ -187,6 +237,10 @@ impl ExpertCache {
         self.shared.policy
     }
 
+    pub(super) fn io_stats(&self) -> crate::io::IoStats {
+        self.shared.reader.stats()
+    }
+
     pub(super) fn bytes(&self) -> u64 {
         self.shared.lock().bytes
     }
@@ -229,7 +283,7 @@ impl ExpertCache {
         st.loading.remove(&key);
         sh.cv.notify_all();
         let (buf, skip) = r?;
-        sh.insert(&mut st, key, Arc::clone(&buf), skip);
+        sh.insert(&mut st, key, Arc::clone(&buf), skip, false);
         sh.touch(&mut st, key);
         Ok((buf, skip))
     }
@@ -262,28 +316,32 @@ impl Drop for ExpertCache {
 
 fn prefetch_thread(sh: &Shared) {
     loop {
-        let (key, start, len) = {
+        // Every queued guess at once (up to 64), so the reads are all in flight together.
+        let jobs: Vec<(Key, u64, usize)> = {
             let mut st = sh.lock();
             loop {
                 if st.shutdown {
                     return;
                 }
-                if let Some(job) = st.queue.pop_front() {
-                    break job;
+                if !st.queue.is_empty() {
+                    let n = st.queue.len().min(64);
+                    break st.queue.drain(..n).collect();
                 }
                 st = sh.cv.wait(st).unwrap_or_else(|p| p.into_inner());
             }
         };
-        let r = sh.read(start, len);
+        let r = sh.read_many(&jobs);
         let mut st = sh.lock();
-        st.loading.remove(&key);
+        for (key, _, _) in &jobs {
+            st.loading.remove(key);
+        }
         match r {
-            Ok((buf, skip)) => {
-                sh.insert(&mut st, key, buf, skip);
-                sh.prefetched
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(key, ());
+            Ok(bufs) => {
+                let mut marks = sh.prefetched.lock().unwrap_or_else(|p| p.into_inner());
+                for ((key, _, _), (buf, skip)) in jobs.iter().zip(bufs) {
+                    sh.insert(&mut st, *key, buf, skip, true);
+                    marks.insert(*key, ());
+                }
             }
             // A failed prefetch is only a lost guess: the demand read reports the error.
             Err(e) => tracing::debug!("expert prefetch failed: {e}"),

@@ -747,7 +747,13 @@ impl Weights {
                 experts::Policy::LfuDecay => "lfu-decay",
             };
         }
-        if let Backing::Read { streamer, cold, .. } = &self.backing {
+        if let Backing::Read {
+            streamer,
+            cold,
+            experts,
+            ..
+        } = &self.backing
+        {
             if let Some(st) = streamer {
                 let c = &st.shared().counters;
                 s.window_hits = c.hits.load(Ordering::Relaxed);
@@ -758,8 +764,11 @@ impl Weights {
                 // The streamer's reader also read the resident set at load.
                 s.read = st.io_stats();
             }
-            if let Some(r) = cold {
-                let c = r.stats();
+            let extra = cold
+                .iter()
+                .map(|r| r.stats())
+                .chain(experts.iter().map(|x| x.io_stats()));
+            for c in extra {
                 s.read.bytes += c.bytes;
                 s.read.chunks += c.chunks;
                 s.read.busy += c.busy;

@@ -14,8 +14,14 @@ pub struct AllocError {
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
-    layout: Layout,
+    /// `Some`: allocated from the heap with this layout; `None`: an anonymous mapping of
+    /// `len` rounded up to pages (large buffers: returned to the kernel exactly on drop, so a
+    /// cache that churns through them keeps an honest resident size).
+    layout: Option<Layout>,
 }
+
+/// Buffers at least this large are mapped rather than taken from the heap.
+const MAP_THRESHOLD: usize = 256 << 10;
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Box<[u8]>; sharing `&AlignedBuf`
 // only hands out shared `&[u8]` views (writers through `as_ptr` synchronise themselves).
@@ -29,12 +35,38 @@ impl AlignedBuf {
     /// A zeroed buffer of `len` bytes; fails instead of aborting when memory is short.
     pub fn zeroed(len: usize) -> Result<Self, AllocError> {
         let size = len.max(1).next_multiple_of(Self::ALIGN);
+        if size >= MAP_THRESHOLD {
+            // SAFETY: a fresh private anonymous mapping; the result is checked before use.
+            let raw = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    size,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if raw == libc::MAP_FAILED {
+                return Err(AllocError { bytes: len as u64 });
+            }
+            let ptr = NonNull::new(raw.cast()).ok_or(AllocError { bytes: len as u64 })?;
+            return Ok(Self {
+                ptr,
+                len,
+                layout: None,
+            });
+        }
         let layout = Layout::from_size_align(size, Self::ALIGN)
             .map_err(|_| AllocError { bytes: len as u64 })?;
         // SAFETY: `layout` has a non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).ok_or(AllocError { bytes: len as u64 })?;
-        Ok(Self { ptr, len, layout })
+        Ok(Self {
+            ptr,
+            len,
+            layout: Some(layout),
+        })
     }
 
     pub fn as_slice(&self) -> &[u8] {
@@ -63,7 +95,16 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: `ptr` was allocated with exactly `layout` and is freed once.
-        unsafe { dealloc(self.ptr.as_ptr(), self.layout) }
+        match self.layout {
+            // SAFETY: `ptr` was allocated with exactly `layout` and is freed once.
+            Some(layout) => unsafe { dealloc(self.ptr.as_ptr(), layout) },
+            // SAFETY: unmaps exactly the mapping made in `zeroed`, once.
+            None => unsafe {
+                libc::munmap(
+                    self.ptr.as_ptr().cast(),
+                    self.len.max(1).next_multiple_of(Self::ALIGN),
+                );
+            },
+        }
     }
 }

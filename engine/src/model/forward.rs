@@ -438,7 +438,7 @@ impl Model {
 
     /// Cross-layer expert prediction: when the next layer's experts stream from disk, apply its
     /// router to this layer's FFN input (`buf.xb`) and read its likely experts (top-k plus a
-    /// margin of 2 per token) while this layer computes. The guess is kept in `buf.pred` and
+    /// margin, `STRATA_EXPERT_MARGIN`, default 0) while this layer computes. The guess is kept in `buf.pred` and
     /// scored against the real routing when the next layer runs.
     fn predict_experts(
         &self,
@@ -478,7 +478,7 @@ impl Model {
             None => {
                 buf.router.resize(n * ne, 0.0);
                 self.matmul(pool, mm, next.router, &buf.xb, n, &mut buf.router)?;
-                let k = (mc.n_expert_used + 2).min(ne);
+                let k = (mc.n_expert_used + prefetch_margin()).min(ne);
                 route(&mut buf.router, &mut buf.route, n, ne, k, false);
                 for &(ex, _) in &buf.route {
                     buf.pred_next[ex] = true;
@@ -721,3 +721,16 @@ fn residual(x: &mut [f32], y: &mut [f32], post_norm: Option<&[f32]>, e: usize, e
 
 #[cfg(test)]
 mod moe_tests;
+
+/// Extra experts guessed per token beyond the `k` the router will pick (`STRATA_EXPERT_MARGIN`,
+/// default 0): more guesses raise recall but spend disk bandwidth on wrong ones.
+fn prefetch_margin() -> usize {
+    static MARGIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MARGIN.get_or_init(|| {
+        std::env::var("STRATA_EXPERT_MARGIN")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+            .min(64)
+    })
+}

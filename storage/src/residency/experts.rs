@@ -289,9 +289,15 @@ impl ExpertCache {
     }
 
     /// Asks for slabs to be read in the background (those absent and not already coming).
+    /// Guesses still queued from before are dropped: they were for the layer computing now,
+    /// which reads what it lacks itself, and a backlog would only read stale guesses.
     pub(super) fn prefetch(&self, keys: &[(Key, u64, usize)]) {
         let sh = &*self.shared;
         let mut st = sh.lock();
+        let stale: Vec<Key> = st.queue.drain(..).map(|(k, _, _)| k).collect();
+        for k in stale {
+            st.loading.remove(&k);
+        }
         for &(key, start, len) in keys {
             if st.entries.contains_key(&key) || st.loading.contains_key(&key) {
                 continue;

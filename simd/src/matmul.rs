@@ -17,7 +17,7 @@ use strata_storage::quant::GgmlType;
 
 use crate::dispatch::{self, Level};
 use crate::pool::ThreadPool;
-use kernels::{Kernel, MULTI_TOKENS, kernel};
+use kernels::{GEMM_ROWS, Gemm, Kernel, MULTI_TOKENS, kernel};
 
 /// A borrowed weight matrix: `rows` rows of `cols` elements of type `ty`, row-major, each row
 /// `ty.row_bytes(cols)` bytes.
@@ -33,6 +33,8 @@ pub struct MatRef<'a> {
 #[derive(Debug, Default)]
 pub struct MatmulScratch {
     act: Vec<u8>,
+    /// Per-block side data of the activations for the tiled GEMM (legacy types).
+    side: Vec<u8>,
 }
 
 impl MatmulScratch {
@@ -65,6 +67,10 @@ const ROW_TILE: usize = 16;
 
 /// Below this many multiply-adds the pool's wake-up costs more than it saves.
 const MIN_PARALLEL_WORK: usize = 1 << 16;
+
+/// From this many tokens on, types with a tiled GEMM use it: packing a tile costs about as
+/// much as a few tokens' dot products, so below this the multi-token kernels win.
+const GEMM_MIN_TOKENS: usize = 8;
 
 /// `out[t * w.rows + r] = Σ_c W[r][c] · x[t * w.cols + c]` for `t` in `0..n_tok`, at the
 /// process's SIMD level ([`dispatch::level`]).
@@ -105,41 +111,91 @@ pub fn matmul_at(
         return Ok(());
     }
 
+    // The tiled GEMM takes whole tiles of rows; the remainder goes through the row kernels.
+    let gemm = k
+        .gemm
+        .filter(|_| n_tok >= GEMM_MIN_TOKENS && w.rows >= GEMM_ROWS);
+
     // Quantize the activations once; every row's dot product reads them.
     let act_row = k.act.ty().row_bytes(w.cols);
     let act_len = act_row * n_tok;
     if scratch.act.len() < act_len {
         scratch.act.resize(act_len, 0);
     }
+    let side_row = gemm.map_or(0, |g| w.cols / k.act.ty().block_size() * g.side_bytes);
+    if scratch.side.len() < side_row * n_tok {
+        scratch.side.resize(side_row * n_tok, 0);
+    }
     let act = &mut scratch.act[..act_len];
+    let side = &mut scratch.side[..side_row * n_tok];
+    let side_fn = gemm.and_then(|g| g.side);
+    let prepare = |t: usize, dst: &mut [u8], side: &mut [u8]| {
+        (k.quantize)(&x[t * w.cols..(t + 1) * w.cols], dst);
+        if let Some(f) = side_fn {
+            f(dst, side);
+        }
+    };
     let parallel = w.rows.saturating_mul(w.cols).saturating_mul(n_tok) >= MIN_PARALLEL_WORK
         && pool.n_threads() > 1;
     if parallel && n_tok >= pool.n_threads() {
         let act_ptr = SyncPtr(act.as_mut_ptr());
+        let side_ptr = SyncPtr(side.as_mut_ptr());
         pool.run(|ith, nth| {
             let (t0, t1) = split(n_tok, ith, nth);
             for t in t0..t1 {
-                // SAFETY: token t's slice of `act` is written by this thread only (token ranges
-                // are disjoint), and `run` returns before `act` is used again.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(act_ptr.get().add(t * act_row), act_row)
+                // SAFETY: token t's slices of `act` and `side` are written by this thread only
+                // (token ranges are disjoint), and `run` returns before they are used again.
+                let (dst, sd) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(act_ptr.get().add(t * act_row), act_row),
+                        std::slice::from_raw_parts_mut(side_ptr.get().add(t * side_row), side_row),
+                    )
                 };
-                (k.quantize)(&x[t * w.cols..(t + 1) * w.cols], dst);
+                prepare(t, dst, sd);
             }
         });
     } else {
-        for (xt, dst) in x.chunks_exact(w.cols).zip(act.chunks_exact_mut(act_row)) {
-            (k.quantize)(xt, dst);
+        for t in 0..n_tok {
+            let sd = &mut side[t * side_row..(t + 1) * side_row];
+            prepare(t, &mut act[t * act_row..(t + 1) * act_row], sd);
         }
     }
     let act: &[u8] = act;
+    let side: &[u8] = side;
 
     let out_ptr = SyncPtr(out.as_mut_ptr());
-    let job = |ith: usize, nth: usize| {
-        let (r0, r1) = split(w.rows, ith, nth);
-        // SAFETY: this thread writes only `out[t * rows + r]` for r in its own row range, which
-        // no other thread touches, and `out` outlives the pool run.
-        unsafe { rows_job(k, &w, act, act_row, n_tok, r0, r1, out_ptr.get()) };
+    let job = |ith: usize, nth: usize| match gemm {
+        Some(g) => {
+            let tiles = w.rows / GEMM_ROWS;
+            let (t0, t1) = split(tiles, ith, nth);
+            // SAFETY: this thread writes only the rows of its own tiles (and the last thread
+            // the rows after every tile), which no other thread touches; `out` outlives the
+            // pool run.
+            unsafe {
+                tiles_job(
+                    g,
+                    &w,
+                    act,
+                    act_row,
+                    side,
+                    side_row,
+                    n_tok,
+                    t0,
+                    t1,
+                    out_ptr.get(),
+                );
+                if ith + 1 == nth {
+                    let r0 = tiles * GEMM_ROWS;
+                    rows_job(k, &w, act, act_row, n_tok, r0, w.rows, out_ptr.get());
+                }
+            }
+        }
+        None => {
+            let (r0, r1) = split(w.rows, ith, nth);
+            // SAFETY: this thread writes only `out[t * rows + r]` for r in its own row range,
+            // which no other thread touches, and `out` outlives the pool run.
+            unsafe { rows_job(k, &w, act, act_row, n_tok, r0, r1, out_ptr.get()) };
+        }
     };
     if parallel {
         pool.run(job);
@@ -147,6 +203,62 @@ pub fn matmul_at(
         job(0, 1);
     }
     Ok(())
+}
+
+thread_local! {
+    // Pool threads are persistent, so each packs its tiles into one buffer for the process's
+    // life (the largest tile seen: 16 rows × 8960 Q4_K columns is 184 KiB, inside L2).
+    static PACKED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Tiles `tile0..tile1` of the output through the tiled GEMM, every token.
+///
+/// # Safety
+/// As [`rows_job`], for rows `tile0 * GEMM_ROWS..tile1 * GEMM_ROWS`; `side` holds `n_tok` rows
+/// of `side_row` bytes.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tiles_job(
+    g: Gemm,
+    w: &MatRef<'_>,
+    act: &[u8],
+    act_row: usize,
+    side: &[u8],
+    side_row: usize,
+    n_tok: usize,
+    tile0: usize,
+    tile1: usize,
+    out: *mut f32,
+) {
+    let row_bytes = w.ty.row_bytes(w.cols);
+    let packed_len = w.cols / g.block_k * g.packed_block;
+    PACKED.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        // 64 spare bytes to start the tile on a cache line.
+        if buf.len() < packed_len + 64 {
+            buf.resize(packed_len + 64, 0);
+        }
+        let align = buf.as_ptr().align_offset(64);
+        let packed = &mut buf[align..align + packed_len];
+        for tile in tile0..tile1 {
+            let r0 = tile * GEMM_ROWS;
+            (g.pack)(w.cols, &w.data[r0 * row_bytes..], row_bytes, packed);
+            // SAFETY: rows r0..r0 + 16 of every token are this thread's (caller's contract),
+            // and out + t * rows + r0 .. + 16 lies inside `out`.
+            unsafe {
+                (g.run)(
+                    w.cols,
+                    packed,
+                    act,
+                    act_row,
+                    side,
+                    side_row,
+                    n_tok,
+                    out.add(r0),
+                    w.rows,
+                )
+            };
+        }
+    });
 }
 
 fn check_shapes(

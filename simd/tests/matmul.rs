@@ -113,9 +113,9 @@ fn every_level_matches_scalar() {
     eprintln!("levels under test: {levels:?}");
     for ty in TYPES {
         for (rows, cols) in shapes(ty) {
-            // 1 is the decode path; 2..=5 and 17 cover every remainder of the multi-token
-            // kernels' groups of four.
-            for n_tok in [1, 2, 3, 4, 5, 17] {
+            // 1 is the decode path; 2..=5 and 7 cover every remainder of the multi-token
+            // kernels' groups of four; 8, 13 and 17 reach the tiled GEMM (groups of eight).
+            for n_tok in [1, 2, 3, 4, 5, 7, 8, 13, 17] {
                 for random_bytes in [false, true] {
                     let data = if random_bytes {
                         random_weights(&mut rng, ty, rows, cols)

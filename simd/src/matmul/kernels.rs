@@ -21,6 +21,42 @@ pub(crate) const MULTI_TOKENS: usize = 4;
 /// Quantizes a row of f32 activations into the partner format.
 pub(crate) type QuantFn = fn(&[f32], &mut [u8]);
 
+/// Weight rows in one tile of the tiled GEMM.
+pub(crate) const GEMM_ROWS: usize = 16;
+
+/// The tiled GEMM for prefill: a tile of [`GEMM_ROWS`] weight rows is packed once into a
+/// thread's scratch, then multiplied into every token (`arch::x86_64::gemm`).
+#[derive(Clone, Copy)]
+pub(crate) struct Gemm {
+    /// Columns per weight block.
+    pub(crate) block_k: usize,
+    /// Bytes of one packed block of a tile.
+    pub(crate) packed_block: usize,
+    /// Packs a tile: column count, the tile's first row onwards (`GEMM_ROWS` rows of
+    /// `row_bytes`), `row_bytes`, destination (`cols / block_k * packed_block` bytes).
+    pub(crate) pack: PackFn,
+    /// Side data computed from each quantized activation row, `side_bytes` per block, or
+    /// nothing.
+    pub(crate) side: Option<SideFn>,
+    /// Bytes of side data per activation block (0 without `side`).
+    pub(crate) side_bytes: usize,
+    /// Multiplies a packed tile into tokens; see [`GemmRunFn`].
+    pub(crate) run: GemmRunFn,
+}
+
+pub(crate) type PackFn = fn(usize, &[u8], usize, &mut [u8]);
+/// Computes a quantized activation row's side data.
+pub(crate) type SideFn = fn(&[u8], &mut [u8]);
+
+/// Column count, packed tile, activation rows (`act_row` bytes apart), side rows (`side_row`
+/// bytes apart), token count, and where token `t`'s 16 results go: `out + t * out_stride`.
+///
+/// # Safety
+/// `out + t * out_stride` must be valid for writing 16 f32 for every token `t`, and no other
+/// thread may access them during the call. The slices are checked.
+pub(crate) type GemmRunFn =
+    unsafe fn(usize, &[u8], &[u8], usize, &[u8], usize, usize, *mut f32, usize);
+
 /// The format activations are converted to before the dot products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Act {
@@ -67,6 +103,8 @@ pub(crate) struct Kernel {
     pub(crate) dot: DotFn,
     /// The multi-token kernel for prefill, where this type and level have one.
     pub(crate) multi: Option<MultiFn>,
+    /// The tiled GEMM for larger batches, where this type and level have one.
+    pub(crate) gemm: Option<Gemm>,
 }
 
 /// The kernel for `ty` at `level`, lowered to what this CPU has; `None` for unsupported types.
@@ -78,6 +116,7 @@ pub(crate) fn kernel(ty: GgmlType, level: Level) -> Option<Kernel> {
         quantize: quantizer(act, level),
         dot: dot(ty, level)?,
         multi: multi(ty, level),
+        gemm: gemm(ty, level),
     })
 }
 
@@ -137,13 +176,18 @@ fn multi(_ty: GgmlType, _level: Level) -> Option<MultiFn> {
     None
 }
 
+#[cfg(not(target_arch = "x86_64"))]
+fn gemm(_ty: GgmlType, _level: Level) -> Option<Gemm> {
+    None
+}
+
 #[cfg(target_arch = "x86_64")]
-use x86::{dot, multi, quantizer};
+use x86::{dot, gemm, multi, quantizer};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::*;
-    use crate::arch::x86_64::{avx2, avx512, multi};
+    use crate::arch::x86_64::{avx2, avx512, gemm as tiled, multi};
 
     /// A safe wrapper around an `unsafe` SIMD dot product. Sound because [`dot`] hands it out
     /// only when `dispatch::detected()` is at least the level the kernel needs, and the
@@ -261,6 +305,156 @@ mod x86 {
             };
         }
         None
+    }
+
+    /// A tile's packer, sound for the same reasons as `wrap_dot!`: handed out by [`gemm`] only
+    /// when the CPU has AVX-512 VNNI, and the lengths are checked here.
+    macro_rules! wrap_pack {
+        ($name:ident, $kernel:path, $wty:expr, $packed:expr) => {
+            fn $name(cols: usize, w: &[u8], row_bytes: usize, dst: &mut [u8]) {
+                let nb = cols / $wty.block_size();
+                assert!(
+                    cols.is_multiple_of($wty.block_size())
+                        && row_bytes >= $wty.row_bytes(cols)
+                        && GEMM_ROWS * row_bytes <= i32::MAX as usize
+                        && w.len() >= (GEMM_ROWS - 1) * row_bytes + $wty.row_bytes(cols)
+                        && dst.len() >= nb * $packed,
+                    "tile packer called with short rows"
+                );
+                // SAFETY: the CPU has the features (see the macro docs); 16 rows of `nb`
+                // blocks and `nb` packed blocks are in bounds (checked above).
+                unsafe { $kernel(w.as_ptr(), row_bytes, nb, dst.as_mut_ptr()) }
+            }
+        };
+    }
+
+    wrap_pack!(pack_q4_k, tiled::pack_q4_k, T::Q4K, tiled::Q4K_PACKED);
+    wrap_pack!(pack_q6_k, tiled::pack_q6_k, T::Q6K, tiled::Q6K_PACKED);
+    wrap_pack!(pack_q4_0, tiled::pack_q4_0, T::Q4_0, tiled::LEGACY_PACKED);
+    wrap_pack!(pack_q5_0, tiled::pack_q5_0, T::Q5_0, tiled::LEGACY_PACKED);
+    wrap_pack!(pack_q8_0, tiled::pack_q8_0, T::Q8_0, tiled::LEGACY_PACKED);
+
+    fn side_q4_0(act: &[u8], side: &mut [u8]) {
+        tiled::legacy_side(tiled::Legacy::Q4_0, act, side)
+    }
+    fn side_q5_0(act: &[u8], side: &mut [u8]) {
+        tiled::legacy_side(tiled::Legacy::Q5_0, act, side)
+    }
+    fn side_q8_0(act: &[u8], side: &mut [u8]) {
+        tiled::legacy_side(tiled::Legacy::Q8_0, act, side)
+    }
+
+    /// Runs a tile kernel over `n_tok` tokens in groups of `TILE_TOKENS`; `$call!(NT, a, side,
+    /// out)` is one group.
+    macro_rules! wrap_run {
+        ($name:ident, $packed:expr, $act:expr, $side_bytes:expr, $k:ident) => {
+            /// # Safety
+            /// See [`GemmRunFn`]; the CPU has AVX-512 VNNI (handed out by [`gemm`] only then).
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn $name(
+                cols: usize,
+                packed: &[u8],
+                act: &[u8],
+                act_row: usize,
+                side: &[u8],
+                side_row: usize,
+                n_tok: usize,
+                out: *mut f32,
+                out_stride: usize,
+            ) {
+                let ty = $act.ty();
+                let nb = cols / ty.block_size();
+                let side_bytes: usize = $side_bytes;
+                assert!(
+                    cols.is_multiple_of(ty.block_size())
+                        && packed.len() >= nb * $packed
+                        && act_row >= ty.row_bytes(cols)
+                        && (n_tok == 0 || act.len() >= (n_tok - 1) * act_row + ty.row_bytes(cols))
+                        && (side_bytes == 0
+                            || (side_row >= nb * side_bytes
+                                && (n_tok == 0
+                                    || side.len() >= (n_tok - 1) * side_row + nb * side_bytes))),
+                    "tile kernel called with short rows"
+                );
+                const NT: usize = tiled::TILE_TOKENS;
+                let (pk, a, s) = (packed.as_ptr(), act.as_ptr(), side.as_ptr());
+                let mut t0 = 0;
+                while t0 < n_tok {
+                    let nt = (n_tok - t0).min(NT);
+                    // SAFETY: the CPU has the features; tokens t0..t0 + nt are in bounds
+                    // (checked above) and their outputs writable (caller's contract).
+                    unsafe {
+                        let (a, s, o) = (
+                            a.add(t0 * act_row),
+                            s.add(t0 * side_row),
+                            out.add(t0 * out_stride),
+                        );
+                        match nt {
+                            1 => $k!(1, nb, pk, a, act_row, s, side_row, o, out_stride),
+                            2 => $k!(2, nb, pk, a, act_row, s, side_row, o, out_stride),
+                            3 => $k!(3, nb, pk, a, act_row, s, side_row, o, out_stride),
+                            4 => $k!(4, nb, pk, a, act_row, s, side_row, o, out_stride),
+                            5 => $k!(5, nb, pk, a, act_row, s, side_row, o, out_stride),
+                            6 => $k!(6, nb, pk, a, act_row, s, side_row, o, out_stride),
+                            7 => $k!(7, nb, pk, a, act_row, s, side_row, o, out_stride),
+                            _ => $k!(NT, nb, pk, a, act_row, s, side_row, o, out_stride),
+                        }
+                    }
+                    t0 += nt;
+                }
+            }
+        };
+    }
+
+    macro_rules! call_q4_k {
+        ($nt:expr, $nb:expr, $pk:expr, $a:expr, $ar:expr, $s:expr, $sr:expr, $o:expr, $os:expr) => {{
+            let _ = ($s, $sr);
+            tiled::q4_k::<$nt>($nb, $pk, $a, $ar, $o, $os)
+        }};
+    }
+    macro_rules! call_q6_k {
+        ($nt:expr, $nb:expr, $pk:expr, $a:expr, $ar:expr, $s:expr, $sr:expr, $o:expr, $os:expr) => {{
+            let _ = ($s, $sr);
+            tiled::q6_k::<$nt>($nb, $pk, $a, $ar, $o, $os)
+        }};
+    }
+    macro_rules! call_legacy {
+        ($nt:expr, $nb:expr, $pk:expr, $a:expr, $ar:expr, $s:expr, $sr:expr, $o:expr, $os:expr) => {
+            tiled::legacy::<$nt>($nb, $pk, $a, $ar, $s, $sr, $o, $os)
+        };
+    }
+    wrap_run!(run_q4_k, tiled::Q4K_PACKED, Act::Q8K, 0, call_q4_k);
+    wrap_run!(run_q6_k, tiled::Q6K_PACKED, Act::Q8K, 0, call_q6_k);
+    wrap_run!(run_legacy, tiled::LEGACY_PACKED, Act::Q8_0, 8, call_legacy);
+
+    pub(super) fn gemm(ty: GgmlType, level: Level) -> Option<Gemm> {
+        if level < Level::Avx512Vnni {
+            return None;
+        }
+        let k_quant = |pack: PackFn, packed_block, run| Gemm {
+            block_k: 256,
+            packed_block,
+            pack,
+            side: None,
+            side_bytes: 0,
+            run,
+        };
+        let legacy = |pack: PackFn, side: SideFn| Gemm {
+            block_k: 32,
+            packed_block: tiled::LEGACY_PACKED,
+            pack,
+            side: Some(side),
+            side_bytes: 8,
+            run: run_legacy,
+        };
+        Some(match ty {
+            T::Q4K => k_quant(pack_q4_k, tiled::Q4K_PACKED, run_q4_k),
+            T::Q6K => k_quant(pack_q6_k, tiled::Q6K_PACKED, run_q6_k),
+            T::Q4_0 => legacy(pack_q4_0, side_q4_0),
+            T::Q5_0 => legacy(pack_q5_0, side_q5_0),
+            T::Q8_0 => legacy(pack_q8_0, side_q8_0),
+            _ => return None,
+        })
     }
 
     wrap_dot!(avx2_f32, avx2::dot_f32, T::F32, Act::F32);

@@ -43,7 +43,7 @@ pub fn attention(
     let hd = p.head_dim;
     let stride = p.n_head_kv * hd;
     assert!(
-        p.n_head % p.n_head_kv == 0,
+        p.n_head.is_multiple_of(p.n_head_kv),
         "heads must be a multiple of KV heads"
     );
     assert!(q.len() >= n_tok * p.n_head * hd && out.len() >= n_tok * p.n_head * hd);

@@ -10,11 +10,11 @@ pub fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         let lvl = level();
-        if lvl >= Level::Avx512 && a.len() % 16 == 0 {
+        if lvl >= Level::Avx512 && a.len().is_multiple_of(16) {
             // SAFETY: AVX-512F is present (dispatch checked it) and the lengths match.
             return unsafe { x86::dot_avx512(a, b) };
         }
-        if lvl >= Level::Avx2 && a.len() % 8 == 0 {
+        if lvl >= Level::Avx2 && a.len().is_multiple_of(8) {
             // SAFETY: AVX2, FMA and F16C are present (dispatch checked them) and lengths match.
             return unsafe { x86::dot_avx2(a, b) };
         }
@@ -28,12 +28,12 @@ pub fn axpy_f16(y: &mut [f32], alpha: f32, x: &[f16]) {
     #[cfg(target_arch = "x86_64")]
     {
         let lvl = level();
-        if lvl >= Level::Avx512 && y.len() % 16 == 0 {
+        if lvl >= Level::Avx512 && y.len().is_multiple_of(16) {
             // SAFETY: AVX-512F is present and the lengths match.
             unsafe { x86::axpy_avx512(y, alpha, x) };
             return;
         }
-        if lvl >= Level::Avx2 && y.len() % 8 == 0 {
+        if lvl >= Level::Avx2 && y.len().is_multiple_of(8) {
             // SAFETY: AVX2, FMA and F16C are present and the lengths match.
             unsafe { x86::axpy_avx2(y, alpha, x) };
             return;

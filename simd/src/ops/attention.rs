@@ -1,6 +1,7 @@
 //! Attention over an f16 KV cache, for prefill (many queries, causal) and decode (one query).
 //!
-//! Work is split over (token, head) pairs across the pool. Numerics follow ggml's non-fused
+//! Work is split over (token, head) pairs across the pool; prefill on AVX-512 runs blocks of 16
+//! queries that share a KV head instead ([`tiled`]). Numerics follow ggml's non-fused
 //! CPU path, which the reference outputs come from: scores in f32 from an f16 key, a
 //! max-subtracted softmax in f32, and probabilities rounded to f16 before they weight the f16
 //! values.
@@ -10,7 +11,11 @@ use std::cell::RefCell;
 use half::f16;
 
 use super::f16v::{axpy_f16, dot_f16};
+use crate::dispatch::{Level, level};
 use crate::pool::ThreadPool;
+
+#[cfg(target_arch = "x86_64")]
+mod tiled;
 
 /// Shape and options of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -40,6 +45,25 @@ pub fn attention(
     v: &[f16],
     out: &mut [f32],
 ) {
+    attention_at(level(), pool, p, q, n_tok, pos0, k, v, out)
+}
+
+/// [`attention`] at an explicit SIMD level (lowered to what the CPU has), for tests and
+/// benches that compare the tiled prefill path with the per-query one.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn attention_at(
+    level: Level,
+    pool: &ThreadPool,
+    p: &AttnParams,
+    q: &[f32],
+    n_tok: usize,
+    pos0: usize,
+    k: &[f16],
+    v: &[f16],
+    out: &mut [f32],
+) {
+    let level = level.min(crate::dispatch::detected());
     let hd = p.head_dim;
     let stride = p.n_head_kv * hd;
     assert!(
@@ -49,8 +73,13 @@ pub fn attention(
     assert!(q.len() >= n_tok * p.n_head * hd && out.len() >= n_tok * p.n_head * hd);
     assert!(k.len() >= (pos0 + n_tok) * stride && v.len() >= (pos0 + n_tok) * stride);
     let group = p.n_head / p.n_head_kv;
-    let items = n_tok * p.n_head;
     let out_ptr = SyncPtr(out.as_mut_ptr());
+    #[cfg(target_arch = "x86_64")]
+    if n_tok > 1 && hd.is_multiple_of(16) && level >= Level::Avx512 {
+        tiled_attention(pool, p, q, n_tok, pos0, k, v, &out_ptr);
+        return;
+    }
+    let items = n_tok * p.n_head;
     pool.run(|tid, nth| {
         let (lo, hi) = split(items, tid, nth);
         SCRATCH.with(|cell| {
@@ -94,6 +123,43 @@ pub fn attention(
                 }
             }
         });
+    });
+}
+
+/// Prefill through [`tiled::block`]: each KV head's queries, (token, head) in order, cut into
+/// blocks of 16, dealt to the threads round-robin so that the long causal rows at the end are
+/// spread over all of them.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn tiled_attention(
+    pool: &ThreadPool,
+    p: &AttnParams,
+    q: &[f32],
+    n_tok: usize,
+    pos0: usize,
+    k: &[f16],
+    v: &[f16],
+    out: &SyncPtr,
+) {
+    let group = p.n_head / p.n_head_kv;
+    let per_head = n_tok * group;
+    let blocks_per_head = per_head.div_ceil(tiled::LANES);
+    let blocks = p.n_head_kv * blocks_per_head;
+    pool.run(|tid, nth| {
+        for bi in (tid..blocks).step_by(nth) {
+            let (g, blk) = (bi / blocks_per_head, bi % blocks_per_head);
+            let b = tiled::Block {
+                kv_head: g,
+                queries: std::array::from_fn(|l| {
+                    let i = blk * tiled::LANES + l;
+                    (i < per_head).then(|| (i / group, g * group + i % group))
+                }),
+            };
+            // SAFETY: AVX-512F is present (dispatch checked it) and hd is a multiple of 16;
+            // `attention` asserted the lengths of q, k, v and out; blocks partition the
+            // (token, head) pairs, so each output row is written by one thread only.
+            unsafe { tiled::block(p, q, pos0, k, v, &b, out.get()) };
+        }
     });
 }
 
@@ -210,6 +276,58 @@ mod tests {
             let want = naive(&p, &q, n_tok, pos0, &k, &v);
             for (a, b) in out.iter().zip(&want) {
                 assert!((a - b).abs() < 2e-3, "{a} vs {b}");
+            }
+        }
+    }
+
+    /// The tiled prefill path against the per-query one (its scalar twin) over head sizes,
+    /// GQA groups that do and do not divide the 16 lanes, cache offsets, windows and soft-capping.
+    #[test]
+    fn tiled_matches_per_query() {
+        if !crate::dispatch::available(Level::Avx512) {
+            eprintln!("skipped: no AVX-512");
+            return;
+        }
+        let pool = ThreadPool::new(2);
+        let mut seed = 777u32;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        for (n_head, n_head_kv, hd) in [(4, 1, 256), (12, 2, 128), (3, 3, 16), (8, 8, 64)] {
+            for (n_tok, pos0, window, softcap) in [
+                (2, 0, None, None),
+                (5, 3, None, None),
+                (37, 0, None, None),
+                (40, 21, Some(9), None),
+                (19, 50, None, Some(30.0)),
+            ] {
+                let total = pos0 + n_tok;
+                let stride = n_head_kv * hd;
+                let k: Vec<f16> = (0..total * stride).map(|_| f16::from_f32(rnd())).collect();
+                let v: Vec<f16> = (0..total * stride).map(|_| f16::from_f32(rnd())).collect();
+                let q: Vec<f32> = (0..n_tok * n_head * hd).map(|_| rnd() * 3.0).collect();
+                let p = AttnParams {
+                    n_head,
+                    n_head_kv,
+                    head_dim: hd,
+                    scale: 1.0 / (hd as f32).sqrt(),
+                    window,
+                    softcap,
+                };
+                let mut want = vec![0f32; q.len()];
+                let mut got = vec![f32::NAN; q.len()];
+                attention_at(Level::Scalar, &pool, &p, &q, n_tok, pos0, &k, &v, &mut want);
+                attention_at(Level::Avx512, &pool, &p, &q, n_tok, pos0, &k, &v, &mut got);
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    // Sums in a different order; probabilities rounded to f16 in both, so one
+                    // may land on the other side of an f16 rounding step (2^-11 relative).
+                    assert!(
+                        (a - b).abs() < 2e-4,
+                        "heads {n_head}/{n_head_kv} hd {hd} n_tok {n_tok} pos0 {pos0} \
+                         window {window:?} softcap {softcap:?} [{i}]: {a} vs {b}"
+                    );
+                }
             }
         }
     }

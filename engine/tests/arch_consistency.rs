@@ -29,6 +29,14 @@ fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
         / scale
 }
 
+/// How far batched and one-token results may drift apart. Batches of 8 or more tokens go
+/// through the tiled GEMM, which sums each exact integer block product in another f32 order
+/// than the single-token dot products (as llama.cpp's repacked GEMMs do): about 1e-7 relative
+/// per matmul, but where an activation sits on a rounding boundary of the next layer's 8-bit
+/// quantization it moves one step, which shows in the logits as a jump of a few 1e-3 (seen:
+/// 4.0e-3 on the Q5_0 gemma3 model). A wrong mask, position or cache row is O(1).
+const BATCH_TOLERANCE: f32 = 1e-2;
+
 fn check(arch: Arch, ty: GgmlType) {
     let mut spec = GenSpec::tiny(arch);
     spec.weight_type = ty;
@@ -57,7 +65,7 @@ fn check(arch: Arch, ty: GgmlType) {
             .expect("decode");
         let d = max_rel_diff(&all[t * n_vocab..(t + 1) * n_vocab], l);
         assert!(
-            d < 2e-3,
+            d < BATCH_TOLERANCE,
             "{arch:?} {ty}: token {t}: batched vs incremental differ by {d}"
         );
     }
@@ -68,7 +76,7 @@ fn check(arch: Arch, ty: GgmlType) {
         .forward(&mut split, &tokens, Logits::All)
         .expect("split prefill");
     let d = max_rel_diff(&all, s);
-    assert!(d < 2e-3, "{arch:?}: ubatch split differs by {d}");
+    assert!(d < BATCH_TOLERANCE, "{arch:?}: ubatch split differs by {d}");
 
     let mut one = model.new_context(64, Arc::new(ThreadPool::new(1)));
     let o = model
@@ -83,7 +91,10 @@ fn check(arch: Arch, ty: GgmlType) {
         .forward(&mut ctx, &tokens[7..], Logits::All)
         .expect("refill");
     let d = max_rel_diff(&all[7 * n_vocab..], again);
-    assert!(d < 2e-3, "{arch:?}: truncate + refill differs by {d}");
+    assert!(
+        d < BATCH_TOLERANCE,
+        "{arch:?}: truncate + refill differs by {d}"
+    );
 }
 
 #[test]

@@ -1,7 +1,10 @@
-//! matmul throughput on the shapes of a 1.5B model's FFN (1536 × 8960 and 8960 × 1536), in
-//! bytes of weights per second, so the numbers read against memory bandwidth: the K-quants of
-//! qwen2.5 and the legacy types of gemma3 (whose largest tensor is a Q8_0 output matrix).
-//! `n_tok=1` is decode (the single-token kernels), `n_tok=64` prefill (the multi-token ones).
+//! matmul throughput on the shapes of a 1.5B model's FFN (1536 × 8960 and 8960 × 1536): the
+//! K-quants of qwen2.5 and the legacy types of gemma3 (whose largest tensor is a Q8_0 output
+//! matrix). `n_tok=1` is decode (the single-token kernels), reported in weight bytes per second
+//! so it reads against memory bandwidth; `n_tok=4` the multi-token kernels (small batches),
+//! `n_tok=64` and `n_tok=256` prefill (the tiled GEMM where the level has one), reported as
+//! operations (`2 · n_tok · rows · cols` per call) in criterion's "elements": `Gelem/s` reads
+//! GFLOP/s.
 //!
 //! `cargo bench -p strata-simd --bench matmul`; `STRATA_BENCH_THREADS` sets the pool size
 //! (default 2) and `STRATA_SIMD` the level.
@@ -47,13 +50,17 @@ fn bench(c: &mut Criterion) {
                 rows,
                 cols,
             };
-            for n_tok in [1, 64] {
+            for n_tok in [1, 4, 64, 256] {
                 let x: Vec<f32> = (0..n_tok * cols)
                     .map(|_| rng.gen_range(-1.0..1.0))
                     .collect();
                 let mut out = vec![0f32; n_tok * rows];
                 let mut scratch = MatmulScratch::new();
-                g.throughput(Throughput::Bytes(data.len() as u64));
+                g.throughput(if n_tok == 1 {
+                    Throughput::Bytes(data.len() as u64)
+                } else {
+                    Throughput::Elements((2 * n_tok * rows * cols) as u64)
+                });
                 let id = BenchmarkId::new(format!("{ty}/{rows}x{cols}"), format!("n_tok={n_tok}"));
                 g.bench_function(id, |b| {
                     b.iter(|| matmul(&pool, w, &x, n_tok, &mut out, &mut scratch).expect("matmul"))

@@ -37,7 +37,8 @@ pub fn threads(requested: Option<usize>) -> anyhow::Result<usize> {
         Some(0) => anyhow::bail!("--threads must be at least 1"),
         Some(n) if n > 1024 => anyhow::bail!("--threads {n} is more than any machine has"),
         Some(n) => Ok(n),
-        None => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+        // One worker per physical core: SMT siblings share the units the kernels saturate.
+        None => Ok(strata_simd::topology::physical_cores()),
     }
 }
 

@@ -75,7 +75,10 @@ pub fn attention_at(
     let group = p.n_head / p.n_head_kv;
     let out_ptr = SyncPtr(out.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
-    if n_tok > 1 && hd.is_multiple_of(16) && level >= Level::Avx512 {
+    // Decode takes the same path as prefill: a query's result then does not depend on how
+    // many tokens came with it (the per-query path sums in another order and rounds
+    // probabilities to f16 at other points), so prefill and token-by-token agree closely.
+    if hd.is_multiple_of(16) && level >= Level::Avx512 {
         tiled_attention(pool, p, q, n_tok, pos0, k, v, &out_ptr);
         return;
     }

@@ -409,13 +409,13 @@ mod x86 {
     macro_rules! call_q4_k {
         ($nt:expr, $nb:expr, $pk:expr, $a:expr, $ar:expr, $s:expr, $sr:expr, $o:expr, $os:expr) => {{
             let _ = ($s, $sr);
-            tiled::q4_k::<$nt>($nb, $pk, $a, $ar, $o, $os)
+            tiled::k_quant::<$nt, 8>($nb, $pk, $a, $ar, $o, $os)
         }};
     }
     macro_rules! call_q6_k {
         ($nt:expr, $nb:expr, $pk:expr, $a:expr, $ar:expr, $s:expr, $sr:expr, $o:expr, $os:expr) => {{
             let _ = ($s, $sr);
-            tiled::q6_k::<$nt>($nb, $pk, $a, $ar, $o, $os)
+            tiled::k_quant::<$nt, 16>($nb, $pk, $a, $ar, $o, $os)
         }};
     }
     macro_rules! call_legacy {

@@ -32,12 +32,25 @@ pub(crate) const TILE_ROWS: usize = 16;
 /// Tokens per micro-kernel call: three accumulators each, within the 32 vector registers.
 pub(crate) const TILE_TOKENS: usize = 8;
 
-/// Bytes of one packed Q4_K block (256 columns of 16 rows): quants `[64][16][4]`, sub-block
-/// scales as f32 `[8][16]`, mins as i16 pairs `[8][16]`, d and dmin as f32 `[16]`.
-pub(crate) const Q4K_PACKED: usize = 4096 + 512 + 512 + 64 + 64;
-/// Bytes of one packed Q6_K block: quants `[64][16][4]`, scales as f32 `[16][16]`, scale
-/// pairs as i16 `[8][16][2]`, d as f32 `[16]`.
-pub(crate) const Q6K_PACKED: usize = 4096 + 1024 + 512 + 64;
+/// The packed layout of one K-quant block (256 columns of a 16-row tile) with `SUBS` scaled
+/// sub-blocks: quants `[64][16][4]` (unsigned), sub-block scales as f32 `[SUBS][16]`, eight
+/// i16 pairs per lane that multiply Q8_K's sixteen block sums `[8][16][2]` (Q4_K: each mins
+/// twice; Q6_K: the scales), d as f32 `[16]`, and the f32 factor of that block-sum term
+/// `[16]` (Q4_K: `-dmin`; Q6_K: `-32 d`, its quants' offset).
+struct KLayout<const SUBS: usize>;
+
+impl<const SUBS: usize> KLayout<SUBS> {
+    const SCALES: usize = 4096;
+    const PAIRS: usize = Self::SCALES + 64 * SUBS;
+    const D: usize = Self::PAIRS + 512;
+    const CORR: usize = Self::D + 64;
+    const BYTES: usize = Self::CORR + 64;
+}
+
+/// Bytes of one packed Q4_K block.
+pub(crate) const Q4K_PACKED: usize = KLayout::<8>::BYTES;
+/// Bytes of one packed Q6_K block.
+pub(crate) const Q6K_PACKED: usize = KLayout::<16>::BYTES;
 /// Bytes of one packed legacy block (32 columns of 16 rows): quants `[8][16][4]`, d `[16]`.
 pub(crate) const LEGACY_PACKED: usize = 512 + 64;
 
@@ -157,17 +170,18 @@ pub(crate) unsafe fn pack_q4_k(w: *const u8, row_bytes: usize, nb: usize, dst: *
             }
             let row = |r: usize| x.add(r * row_bytes);
             let sm = |r: usize| -> [u8; 12] { *row(r).add(4).cast::<[u8; 12]>() };
+            type L = KLayout<8>;
             for j in 0..8 {
-                put_lanes(p.add(4096 + 64 * j), |r| {
+                put_lanes(p.add(L::SCALES + 64 * j), |r| {
                     get_scale_min_k4(j, &sm(r)).0 as f32
                 });
-                put_lanes(p.add(4608 + 64 * j), |r| {
+                put_lanes(p.add(L::PAIRS + 64 * j), |r| {
                     let m = u32::from(get_scale_min_k4(j, &sm(r)).1);
                     m | (m << 16)
                 });
             }
-            put_lanes(p.add(5120), |r| f16_at(row(r)));
-            put_lanes(p.add(5184), |r| f16_at(row(r).add(2)));
+            put_lanes(p.add(L::D), |r| f16_at(row(r)));
+            put_lanes(p.add(L::CORR), |r| -f16_at(row(r).add(2)));
         }
     }
 }
@@ -215,17 +229,19 @@ pub(crate) unsafe fn pack_q6_k(w: *const u8, row_bytes: usize, nb: usize, dst: *
             }
             let row = |r: usize| x.add(r * row_bytes);
             let sc = |r: usize, s: usize| *row(r).add(192 + s).cast::<i8>();
+            type L = KLayout<16>;
             for s in 0..16 {
-                put_lanes(p.add(4096 + 64 * s), |r| sc(r, s) as f32);
+                put_lanes(p.add(L::SCALES + 64 * s), |r| sc(r, s) as f32);
             }
             for pair in 0..8 {
-                put_lanes(p.add(5120 + 64 * pair), |r| {
+                put_lanes(p.add(L::PAIRS + 64 * pair), |r| {
                     let lo = sc(r, 2 * pair) as i16 as u16 as u32;
                     let hi = sc(r, 2 * pair + 1) as i16 as u16 as u32;
                     lo | (hi << 16)
                 });
             }
-            put_lanes(p.add(5632), |r| f16_at(row(r).add(208)));
+            put_lanes(p.add(L::D), |r| f16_at(row(r).add(208)));
+            put_lanes(p.add(L::CORR), |r| -32.0 * f16_at(row(r).add(208)));
         }
     }
 }
@@ -353,14 +369,16 @@ pub(crate) fn legacy_side(ty: Legacy, act: &[u8], side: &mut [u8]) {
     }
 }
 
-/// Q4_K tile × `NT` Q8_K tokens: `out[t * out_stride + r] = Σ_c W[r][c] · a_t[c]` for the
-/// tile's 16 rows.
+/// A K-quant tile × `NT` Q8_K tokens: `out[t * out_stride + r] = Σ_c W[r][c] · a_t[c]` for
+/// the tile's 16 rows. `SUBS` is 8 for Q4_K ([`pack_q4_k`]) and 16 for Q6_K ([`pack_q6_k`]).
+/// Per block and token: `d · dy · Σ_s sc_s · (exact i32 sub-block sum) + corr · dy · Σ_p
+/// pair_p · bsums_p`.
 ///
 /// # Safety
-/// `pk` valid for `nb` packed blocks; `a` for `NT` Q8_K rows of `nb` blocks `act_row` bytes
-/// apart; `out + t * out_stride` writable for 16 f32 for each `t < NT`.
+/// `pk` valid for `nb` blocks packed as `KLayout<SUBS>`; `a` for `NT` Q8_K rows of `nb`
+/// blocks `act_row` bytes apart; `out + t * out_stride` writable for 16 f32 for each `t < NT`.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
-pub(crate) unsafe fn q4_k<const NT: usize>(
+pub(crate) unsafe fn k_quant<const NT: usize, const SUBS: usize>(
     nb: usize,
     pk: *const u8,
     a: *const u8,
@@ -368,98 +386,39 @@ pub(crate) unsafe fn q4_k<const NT: usize>(
     out: *mut f32,
     out_stride: usize,
 ) {
+    let words = 64 / SUBS;
     let mut acc = [_mm512_setzero_ps(); NT];
     for b in 0..nb {
         // SAFETY: packed block b and block b of every token's row are readable (contract).
         unsafe {
-            let p = pk.add(Q4K_PACKED * b);
+            let p = pk.add(KLayout::<SUBS>::BYTES * b);
             let y: [*const u8; NT] = std::array::from_fn(|t| a.add(t * act_row + 292 * b));
             let mut blk = [_mm512_setzero_ps(); NT];
-            for j in 0..8 {
+            for s in 0..SUBS {
                 let mut isum = [_mm512_setzero_si512(); NT];
-                for k in 0..8 {
-                    let c = 8 * j + k;
+                for k in 0..words {
+                    let c = words * s + k;
                     let wv = load(p.add(64 * c));
                     for t in 0..NT {
                         isum[t] = _mm512_dpbusd_epi32(isum[t], wv, bcast(y[t].add(4 + 4 * c)));
                     }
                 }
-                let sc = load_ps(p.add(4096 + 64 * j));
+                let sc = load_ps(p.add(KLayout::<SUBS>::SCALES + 64 * s));
                 for t in 0..NT {
                     blk[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), sc, blk[t]);
                 }
             }
-            let d = load_ps(p.add(5120));
-            let dmin = load_ps(p.add(5184));
+            let d = load_ps(p.add(KLayout::<SUBS>::D));
+            let corr = load_ps(p.add(KLayout::<SUBS>::CORR));
             for t in 0..NT {
                 let dy = bcast_f32(y[t]);
                 acc[t] = _mm512_fmadd_ps(blk[t], _mm512_mul_ps(d, dy), acc[t]);
                 let mut m = _mm512_setzero_si512();
-                for j in 0..8 {
-                    m = _mm512_dpwssd_epi32(
-                        m,
-                        load(p.add(4608 + 64 * j)),
-                        bcast(y[t].add(260 + 4 * j)),
-                    );
-                }
-                acc[t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(m), _mm512_mul_ps(dmin, dy), acc[t]);
-            }
-        }
-    }
-    for (t, v) in acc.iter().enumerate() {
-        // SAFETY: 16 writable f32 at out + t·out_stride (contract).
-        unsafe { _mm512_storeu_ps(out.add(t * out_stride), *v) };
-    }
-}
-
-/// Q6_K tile × `NT` Q8_K tokens.
-///
-/// # Safety
-/// As [`q4_k`], for packed Q6_K blocks.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
-pub(crate) unsafe fn q6_k<const NT: usize>(
-    nb: usize,
-    pk: *const u8,
-    a: *const u8,
-    act_row: usize,
-    out: *mut f32,
-    out_stride: usize,
-) {
-    let mut acc = [_mm512_setzero_ps(); NT];
-    let m32 = _mm512_set1_ps(-32.0);
-    for b in 0..nb {
-        // SAFETY: packed block b and block b of every token's row are readable (contract).
-        unsafe {
-            let p = pk.add(Q6K_PACKED * b);
-            let y: [*const u8; NT] = std::array::from_fn(|t| a.add(t * act_row + 292 * b));
-            let mut blk = [_mm512_setzero_ps(); NT];
-            for s in 0..16 {
-                let mut isum = [_mm512_setzero_si512(); NT];
-                for k in 0..4 {
-                    let c = 4 * s + k;
-                    let wv = load(p.add(64 * c));
-                    for t in 0..NT {
-                        isum[t] = _mm512_dpbusd_epi32(isum[t], wv, bcast(y[t].add(4 + 4 * c)));
-                    }
-                }
-                let sc = load_ps(p.add(4096 + 64 * s));
-                for t in 0..NT {
-                    blk[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), sc, blk[t]);
-                }
-            }
-            let d = load_ps(p.add(5632));
-            for t in 0..NT {
-                // The quants' - 32: Σ_s sc_s · 32 · bsum_s, exact in i32.
-                let mut m = _mm512_setzero_si512();
                 for pair in 0..8 {
-                    m = _mm512_dpwssd_epi32(
-                        m,
-                        load(p.add(5120 + 64 * pair)),
-                        bcast(y[t].add(260 + 4 * pair)),
-                    );
+                    let pv = load(p.add(KLayout::<SUBS>::PAIRS + 64 * pair));
+                    m = _mm512_dpwssd_epi32(m, pv, bcast(y[t].add(260 + 4 * pair)));
                 }
-                let v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(m), m32, blk[t]);
-                acc[t] = _mm512_fmadd_ps(v, _mm512_mul_ps(d, bcast_f32(y[t])), acc[t]);
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(m), _mm512_mul_ps(corr, dy), acc[t]);
             }
         }
     }
@@ -473,7 +432,7 @@ pub(crate) unsafe fn q6_k<const NT: usize>(
 /// ([`legacy_side`], `side_row` bytes per token).
 ///
 /// # Safety
-/// As [`q4_k`], for packed legacy blocks and Q8_0 rows; `side` valid for `NT` rows of `nb`
+/// As [`k_quant`], for packed legacy blocks and Q8_0 rows; `side` valid for `NT` rows of `nb`
 /// 8-byte entries `side_row` bytes apart.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
 #[allow(clippy::too_many_arguments)]

@@ -139,6 +139,9 @@ pub struct RawParams {
     pub logprobs: Option<LogprobsField>,
     #[serde(default)]
     pub top_logprobs: Option<i64>,
+    /// strata's own: resume from and save to this saved session.
+    #[serde(default)]
+    pub session: Option<String>,
 }
 
 /// Checked parameters of one generation.
@@ -151,6 +154,8 @@ pub struct GenParams {
     pub stop: Vec<String>,
     /// `Some(k)`: report each token's log-probability and its `k` likeliest alternatives.
     pub logprobs: Option<usize>,
+    /// A checked session name (module `sessions`).
+    pub session: Option<String>,
 }
 
 impl RawParams {
@@ -264,12 +269,17 @@ impl RawParams {
             seed,
         };
         sampler.validate().map_err(ApiError::BadRequest)?;
+        if let Some(name) = &self.session {
+            strata_storage::session::validate_name(name)
+                .map_err(|e| ApiError::BadRequest(format!("'session': {e}")))?;
+        }
         Ok(GenParams {
             stream: self.stream.unwrap_or(false),
             max_tokens,
             sampler,
             stop,
             logprobs,
+            session: self.session,
         })
     }
 }
@@ -291,6 +301,14 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    pub prompt_tokens_details: PromptDetails,
+}
+
+/// OpenAI's `usage.prompt_tokens_details`: `cached_tokens` are prompt tokens resumed from a
+/// saved session instead of computed.
+#[derive(Serialize, Clone, Copy)]
+pub struct PromptDetails {
+    pub cached_tokens: usize,
 }
 
 /// Which OpenAI endpoint a generation answers, which decides the shape of its chunks.
@@ -541,6 +559,9 @@ mod tests {
             (r#"{"stop": ""}"#, "stop"),
             (r#"{"stop": ["a","b","c","d","e"]}"#, "stop"),
             (r#"{"n": 3}"#, "'n'"),
+            (r#"{"session": "../etc"}"#, "'session'"),
+            (r#"{"session": ".hidden"}"#, "'session'"),
+            (r#"{"session": ""}"#, "'session'"),
         ] {
             let err = params(json)
                 .err()

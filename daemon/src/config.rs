@@ -14,7 +14,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/strata/strata.toml";
 
 /// Every key of the config file; the environment variable is `STRATA_` + the key in capitals,
 /// the flag `--` + the key with `-` for `_`.
-pub const KEYS: [&str; 12] = [
+pub const KEYS: [&str; 16] = [
     "socket",
     "socket_group",
     "listen",
@@ -27,6 +27,10 @@ pub const KEYS: [&str; 12] = [
     "threads",
     "drain_timeout",
     "allow_pull",
+    "ram_budget",
+    "mmap",
+    "prefetch",
+    "session_dir",
 ];
 
 /// Which non-name sources `POST /api/pull` may fetch from (names are always allowed).
@@ -58,6 +62,16 @@ pub struct Settings {
     pub threads: Option<usize>,
     pub drain_timeout: u64,
     pub allow_pull: AllowPull,
+    /// RAM each model's weights may use, as written ("300M", "30%" of the model's weights);
+    /// checked here, turned into bytes when a model loads. `None`: all of them when the model
+    /// fits in available memory.
+    pub ram_budget: Option<String>,
+    /// Map model files instead of reading them (the page cache decides what stays in RAM).
+    pub mmap: bool,
+    /// Streaming buffers per model (the layer computing plus those read ahead).
+    pub prefetch: Option<usize>,
+    /// Where saved sessions live; `None`: `$STRATA_HOME/sessions` (module `sessions`).
+    pub session_dir: Option<PathBuf>,
     /// Where each key that is not at its default was set ("--max-queue", "STRATA_MAX_QUEUE",
     /// "/etc/strata/strata.toml"), for messages.
     origin: BTreeMap<&'static str, String>,
@@ -78,6 +92,10 @@ impl Default for Settings {
             threads: None,
             drain_timeout: 10,
             allow_pull: AllowPull::default(),
+            ram_budget: None,
+            mmap: false,
+            prefetch: None,
+            session_dir: None,
             origin: BTreeMap::new(),
         }
     }
@@ -127,6 +145,20 @@ impl Raw<'_> {
             return Err(format!("must be in {lo}..={hi}, got {n}"));
         }
         Ok(n as u64)
+    }
+
+    fn bool(&self) -> Result<bool, String> {
+        let text = |s: &str| match s.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" => Ok(false),
+            _ => Err(format!("expected true or false, got {s:?}")),
+        };
+        match self {
+            Raw::Toml(toml::Value::Boolean(b)) => Ok(*b),
+            Raw::Text(s) => text(s),
+            Raw::List([s]) => text(s),
+            other => Err(format!("expected a boolean, got {}", other.kind())),
+        }
     }
 
     fn usize(&self, lo: usize, hi: usize) -> Result<usize, String> {
@@ -235,6 +267,16 @@ impl Settings {
                 }
                 self.allow_pull = allow;
             }
+            "ram_budget" => {
+                let s = raw.string()?;
+                // A percentage is of each model's weights, known only at load; check the
+                // spelling now so a typo stops the daemon at start, not at the first request.
+                strata_storage::residency::parse_size(&s, 1 << 40)?;
+                self.ram_budget = Some(s.trim().to_owned());
+            }
+            "mmap" => self.mmap = raw.bool()?,
+            "prefetch" => self.prefetch = Some(raw.usize(2, 64)?),
+            "session_dir" => self.session_dir = Some(path(raw.string()?)?),
             other => return Err(format!("no parser for key '{other}'")),
         }
         Ok(())
@@ -268,6 +310,19 @@ impl Settings {
             return Err(format!(
                 "listen (set by {}) needs token_file: TCP clients must send a bearer token",
                 self.origin_of("listen")
+            ));
+        }
+        if self.mmap && (self.ram_budget.is_some() || self.prefetch.is_some()) {
+            let other = if self.ram_budget.is_some() {
+                "ram_budget"
+            } else {
+                "prefetch"
+            };
+            return Err(format!(
+                "mmap (set by {}) cannot be combined with {other} (set by {}): a mapped file \
+                 is held by the page cache, not streamed under a budget",
+                self.origin_of("mmap"),
+                self.origin_of(other)
             ));
         }
         Ok(())
@@ -391,6 +446,14 @@ mod tests {
         );
         let e = err("allow_pull = [\"ftp\"]");
         assert!(e.contains("allow_pull") && e.contains("'ftp'"), "{e}");
+        let e = err("ram_budget = \"lots\"");
+        assert!(e.contains("ram_budget") && e.contains("K/M/G"), "{e}");
+        let e = err("ram_budget = \"150%\"");
+        assert!(e.contains("ram_budget") && e.contains("(0, 100]"), "{e}");
+        let e = err("prefetch = 1");
+        assert!(e.contains("prefetch") && e.contains("2..=64"), "{e}");
+        let e = err("mmap = \"maybe\"");
+        assert!(e.contains("mmap") && e.contains("boolean"), "{e}");
         let e = err("socket = ");
         assert!(e.contains("/etc/strata/strata.toml"), "{e}");
         let e = Settings::default()
@@ -426,6 +489,24 @@ mod tests {
                 "{key} is not in the example"
             );
         }
+        Ok(())
+    }
+
+    #[test]
+    fn residency_keys_parse_and_mmap_excludes_a_budget() -> Result<(), String> {
+        let mut s = Settings::default();
+        s.apply_toml("ram_budget = \"30%\"\nprefetch = 4", "f.toml")?;
+        s.apply_env(&env_of(&[("STRATA_SESSION_DIR", "/srv/sessions")]))?;
+        assert_eq!(s.ram_budget.as_deref(), Some("30%"));
+        assert_eq!(s.prefetch, Some(4));
+        assert_eq!(s.session_dir, Some(PathBuf::from("/srv/sessions")));
+        s.check()?;
+        s.set("mmap", Raw::Text("true"), "--mmap")?;
+        let e = s.check().err().unwrap_or_default();
+        assert!(
+            e.contains("--mmap") && e.contains("ram_budget") && e.contains("f.toml"),
+            "{e}"
+        );
         Ok(())
     }
 

@@ -20,6 +20,10 @@ pub enum ApiError {
     #[error("request body is larger than the {limit}-byte limit")]
     TooLarge { limit: usize },
     #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error("{0}")]
     Overloaded(String),
     #[error("{0}")]
     Internal(String),
@@ -34,6 +38,8 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -42,9 +48,11 @@ impl ApiError {
     /// OpenAI's `error.type`.
     pub fn kind(&self) -> &'static str {
         match self {
-            ApiError::BadRequest(_) | ApiError::MethodNotAllowed | ApiError::TooLarge { .. } => {
-                "invalid_request_error"
-            }
+            ApiError::BadRequest(_)
+            | ApiError::MethodNotAllowed
+            | ApiError::TooLarge { .. }
+            | ApiError::Unprocessable(_) => "invalid_request_error",
+            ApiError::Conflict(_) => "conflict_error",
             ApiError::Unauthorized(_) => "authentication_error",
             ApiError::Forbidden(_) => "permission_error",
             ApiError::NotFound(_) => "not_found_error",

@@ -10,6 +10,8 @@
 //!   watchdog from the engine loops; [`shutdown`] is the drain state.
 //! - [`config`] merges defaults, `/etc/strata/strata.toml`, `STRATA_*` variables and flags;
 //!   [`pull`] serves `/api/pull`; [`logprobs`] computes OpenAI's token log-probabilities.
+//! - [`sessions`] checks a request's `session` and reads the saved KV cache it resumes from;
+//!   the engine thread saves it after the answer.
 //!
 //! The API is documented in `daemon/API.md`.
 
@@ -23,6 +25,7 @@ pub mod metrics;
 pub mod notify;
 pub mod pull;
 pub mod server;
+pub mod sessions;
 pub mod shutdown;
 pub mod stop;
 pub mod watchdog;

@@ -9,12 +9,14 @@ use anyhow::Context as _;
 use clap::Parser;
 use strata_daemon::config::{self, Raw, Settings};
 use strata_daemon::listen;
-use strata_daemon::manager::{Manager, ManagerConfig};
+use strata_daemon::manager::{Manager, ManagerConfig, Residency};
 use strata_daemon::metrics::Metrics;
 use strata_daemon::notify::{self, notify};
 use strata_daemon::server::{AppState, router};
+use strata_daemon::sessions::Sessions;
 use strata_daemon::shutdown::Shutdown;
 use strata_daemon::watchdog::Watchdog;
+use strata_storage::session::SessionDir;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -71,6 +73,19 @@ struct Args {
     /// (comma-separated) [default: names only].
     #[arg(long, value_name = "SOURCES")]
     allow_pull: Option<String>,
+    /// RAM each model's weights may use: bytes with K/M/G, or a percentage of the model's
+    /// weights ("30%"); the rest streams from disk [default: all, when the model fits].
+    #[arg(long, value_name = "SIZE")]
+    ram_budget: Option<String>,
+    /// Streaming buffers per model: the layer computing plus those read ahead [default: 3].
+    #[arg(long, value_name = "N")]
+    prefetch: Option<String>,
+    /// Map model files and let the page cache decide what stays in RAM.
+    #[arg(long)]
+    mmap: bool,
+    /// Directory of saved sessions [default: $STRATA_HOME/sessions].
+    #[arg(long, value_name = "DIR")]
+    session_dir: Option<String>,
 }
 
 impl Args {
@@ -90,11 +105,17 @@ impl Args {
             ("threads", &self.threads),
             ("drain_timeout", &self.drain_timeout),
             ("allow_pull", &self.allow_pull),
+            ("ram_budget", &self.ram_budget),
+            ("prefetch", &self.prefetch),
+            ("session_dir", &self.session_dir),
         ];
         for (key, value) in text {
             if let Some(v) = value {
                 s.set(key, Raw::Text(v), &config::flag(key))?;
             }
+        }
+        if self.mmap {
+            s.set("mmap", Raw::Text("true"), "--mmap")?;
         }
         if !self.models.is_empty() {
             s.set("models", Raw::List(&self.models), "--model")?;
@@ -184,6 +205,11 @@ async fn run(args: Settings) -> anyhow::Result<()> {
             max_queue: args.max_queue,
             threads,
             keep_alive: (args.keep_alive > 0).then(|| Duration::from_secs(args.keep_alive)),
+            residency: Residency {
+                ram_budget: args.ram_budget.clone(),
+                prefetch: args.prefetch,
+                mmap: args.mmap,
+            },
         },
         metrics.clone(),
         shutdown.clone(),
@@ -195,6 +221,12 @@ async fn run(args: Settings) -> anyhow::Result<()> {
         shutdown: shutdown.clone(),
         started: Instant::now(),
         allow_pull: args.allow_pull,
+        sessions: Arc::new(Sessions::open(
+            &args
+                .session_dir
+                .clone()
+                .unwrap_or_else(SessionDir::default_root),
+        )),
     });
     let app = router(state.clone());
     let (stop_tx, stop_rx) = watch::channel(false);

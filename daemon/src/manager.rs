@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use strata_engine::Model;
 use strata_engine::chat::{ChatMessage, ChatTemplate};
 use strata_simd::pool::ThreadPool;
+use strata_storage::io::ReaderOptions;
+use strata_storage::residency::{LoadOptions, parse_size};
 use strata_storage::store::{Store, StoreError};
 
 use crate::error::ApiError;
@@ -27,6 +29,36 @@ pub struct ManagerConfig {
     pub threads: usize,
     /// `None`: never unload.
     pub keep_alive: Option<Duration>,
+    pub residency: Residency,
+}
+
+/// How each model's weights are held (`ram_budget`, `prefetch`, `mmap`), applied at load.
+#[derive(Clone, Debug, Default)]
+pub struct Residency {
+    /// As configured ("6G", "30%" of the model's weights); checked by `config`.
+    pub ram_budget: Option<String>,
+    pub prefetch: Option<usize>,
+    pub mmap: bool,
+}
+
+impl Residency {
+    /// The load options for a model whose file is `file_bytes` long. I/O settings
+    /// (`STRATA_IO`, and `STRATA_IO_FAULTS` in tests) come from the environment.
+    pub fn options(&self, file_bytes: u64) -> Result<LoadOptions, String> {
+        let io = ReaderOptions::from_env().map_err(|e| e.to_string())?;
+        let ram_budget = self
+            .ram_budget
+            .as_deref()
+            .map(|s| parse_size(s, file_bytes).map_err(|e| format!("ram_budget {s:?}: {e}")))
+            .transpose()?;
+        Ok(LoadOptions {
+            ram_budget,
+            window: self.prefetch,
+            mmap: self.mmap,
+            row_access: Vec::new(),
+            io,
+        })
+    }
 }
 
 pub struct LoadedModel {
@@ -35,6 +67,8 @@ pub struct LoadedModel {
     /// `Err` holds why the file's chat template cannot be used; only chat requests care.
     pub template: Result<ChatTemplate, String>,
     pub worker: WorkerHandle,
+    /// The model's compute threads; a resumed session's context is built on them.
+    pub pool: Arc<ThreadPool>,
     pub n_ctx: usize,
     pub parallel: usize,
 }
@@ -150,8 +184,12 @@ impl Manager {
         let cfg = self.cfg.clone();
         let owned = name.to_owned();
         let (model, template, pool) = tokio::task::spawn_blocking(move || {
-            let model = Model::load(&path)
-                .map_err(|e| ApiError::Internal(format!("loading model '{owned}': {e}")))?;
+            let failed = |e: String| ApiError::Internal(format!("loading model '{owned}': {e}"));
+            let file_bytes = std::fs::metadata(&path)
+                .map_err(|e| failed(format!("{}: {e}", path.display())))?
+                .len();
+            let opts = cfg.residency.options(file_bytes).map_err(failed)?;
+            let model = Model::load_with(&path, &opts).map_err(|e| failed(e.to_string()))?;
             let template =
                 ChatTemplate::from_gguf(&model.weights().gguf().metadata, model.config.arch.name())
                     .map_err(|e| e.to_string());
@@ -175,7 +213,7 @@ impl Manager {
         let worker = worker::spawn(
             name,
             model.clone(),
-            pool,
+            pool.clone(),
             wcfg,
             self.metrics.clone(),
             self.shutdown.clone(),
@@ -183,10 +221,14 @@ impl Manager {
         )
         .map_err(|e| ApiError::Internal(format!("starting the engine thread: {e}")))?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let w = model.weights().stats();
         tracing::info!(
             model = name,
             arch = model.config.arch.name(),
             n_ctx,
+            weights = w.mode,
+            ram_mib = w.ram_bytes >> 20,
+            streamed_mib = w.streamed_per_pass >> 20,
             "loaded in {ms:.0} ms"
         );
         let loaded = Arc::new(LoadedModel {
@@ -194,6 +236,7 @@ impl Manager {
             model,
             template,
             worker,
+            pool,
             n_ctx,
             parallel: self.cfg.parallel,
         });
@@ -254,6 +297,8 @@ impl Manager {
                     .stats
                     .kv_bytes
                     .load(std::sync::atomic::Ordering::Relaxed),
+                weights: m.model.weights().stats(),
+                tiers: m.model.weights().resident_bytes(),
             })
             .collect()
     }

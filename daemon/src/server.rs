@@ -20,16 +20,17 @@ use strata_engine::chat::ChatMessage;
 use tokio::sync::mpsc;
 
 use crate::api::{
-    ChatRequest, CompletionRequest, Endpoint, GenParams, LogprobsWriter, ModelRef, Shape, Usage,
-    parse_json,
+    ChatRequest, CompletionRequest, Endpoint, GenParams, LogprobsWriter, ModelRef, PromptDetails,
+    Shape, Usage, parse_json,
 };
 use crate::config::AllowPull;
 use crate::error::ApiError;
 use crate::logprobs::TokenLogprob;
 use crate::manager::{LoadOutcome, LoadedModel, Manager, store_models};
 use crate::metrics::Metrics;
+use crate::sessions::Sessions;
 use crate::shutdown::Shutdown;
-use crate::worker::{Event, GenRequest, SubmitError};
+use crate::worker::{Event, Finish, GenRequest, SubmitError};
 
 /// Request bodies past this get 413.
 pub const MAX_BODY: usize = 2 * 1024 * 1024;
@@ -41,6 +42,7 @@ pub struct AppState {
     pub started: Instant,
     /// What `/api/pull` may fetch besides store names.
     pub allow_pull: AllowPull,
+    pub sessions: Arc<Sessions>,
 }
 
 /// Who sent a request, attached by the listener for logging.
@@ -60,6 +62,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/load", post(load))
         .route("/api/unload", post(unload))
         .route("/api/pull", post(crate::pull::pull))
+        .route("/api/sessions", get(list_sessions))
+        .route(
+            "/api/sessions/{name}",
+            axum::routing::delete(delete_session),
+        )
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -138,7 +145,7 @@ async fn chat(
     let prompt = tokio::task::spawn_blocking(move || l.chat_tokens(&messages))
         .await
         .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))??;
-    generate(&st, &loaded, prompt, params, Endpoint::Chat).await
+    generate(&st, loaded, prompt, params, Endpoint::Chat).await
 }
 
 async fn completions(
@@ -159,12 +166,12 @@ async fn completions(
             "the prompt is empty and this model adds no BOS token".into(),
         ));
     }
-    generate(&st, &loaded, prompt, params, Endpoint::Completion).await
+    generate(&st, loaded, prompt, params, Endpoint::Completion).await
 }
 
 async fn generate(
     st: &AppState,
-    loaded: &LoadedModel,
+    loaded: Arc<LoadedModel>,
     prompt: Vec<u32>,
     params: GenParams,
     endpoint: Endpoint,
@@ -179,6 +186,20 @@ async fn generate(
             loaded.n_ctx
         )));
     }
+    // A session is read and checked before anything is queued, so a bad one gets its own
+    // status rather than a broken stream.
+    let (prompt, session) = match params.session.clone() {
+        None => (prompt, None),
+        Some(name) => {
+            let (sessions, l) = (st.sessions.clone(), loaded.clone());
+            tokio::task::spawn_blocking(move || {
+                let plan = sessions.plan(&name, &l.model, l.pool.clone(), l.n_ctx, &prompt)?;
+                Ok::<_, ApiError>((prompt, Some(plan)))
+            })
+            .await
+            .map_err(|e| ApiError::Internal(format!("session task failed: {e}")))??
+        }
+    };
     let (tx, rx) = mpsc::unbounded_channel();
     let req = GenRequest {
         prompt,
@@ -186,6 +207,7 @@ async fn generate(
         sampler: params.sampler,
         stop: params.stop,
         logprobs: params.logprobs,
+        session,
         events: tx,
     };
     loaded.worker.submit(req).map_err(|e| match e {
@@ -257,9 +279,9 @@ async fn collect(
                 entries.extend(logprob);
             }
             Some(Event::Done(f)) => {
-                let usage = usage(f.prompt_tokens, f.completion_tokens);
                 let lp = answer.logprobs_json(&entries);
-                let body = answer.shape.full(&text, f.reason.as_str(), usage, lp);
+                let mut body = answer.shape.full(&text, f.reason.as_str(), usage(&f), lp);
+                add_session(&mut body, &f);
                 return Ok(Json(body).into_response());
             }
             Some(Event::Failed(m)) => return Err(ApiError::Internal(m)),
@@ -268,11 +290,23 @@ async fn collect(
     }
 }
 
-fn usage(prompt: usize, completion: usize) -> Usage {
+fn usage(f: &Finish) -> Usage {
     Usage {
-        prompt_tokens: prompt,
-        completion_tokens: completion,
-        total_tokens: prompt + completion,
+        prompt_tokens: f.prompt_tokens,
+        completion_tokens: f.completion_tokens,
+        total_tokens: f.prompt_tokens + f.completion_tokens,
+        prompt_tokens_details: PromptDetails {
+            cached_tokens: f.cached_tokens,
+        },
+    }
+}
+
+/// The session's fate, as a top-level `session` object of the answer (or of the last stream
+/// chunk): `{"name", "saved": true, "tokens", "bytes", "reused_tokens"}`, or `"saved": false`
+/// with `error` when the save failed (the answer itself is complete).
+fn add_session(body: &mut serde_json::Value, f: &Finish) {
+    if let (Some(s), Some(obj)) = (&f.session, body.as_object_mut()) {
+        obj.insert("session".into(), s.json(f.cached_tokens));
     }
 }
 
@@ -314,11 +348,14 @@ impl tokio_stream::Stream for SseStream {
             }
             Some(Event::Done(f)) => {
                 self.done = true;
-                let u = usage(f.prompt_tokens, f.completion_tokens);
-                let last =
-                    self.answer
-                        .shape
-                        .chunk(None, false, Some(f.reason.as_str()), Some(u), None);
+                let mut last = self.answer.shape.chunk(
+                    None,
+                    false,
+                    Some(f.reason.as_str()),
+                    Some(usage(&f)),
+                    None,
+                );
+                add_session(&mut last, &f);
                 format!("{}data: [DONE]\n\n", sse(&last))
             }
             Some(Event::Failed(m)) => {
@@ -369,6 +406,14 @@ async fn ps(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
         .iter()
         .map(|m| {
             let s = &m.worker.stats;
+            let w = m.model.weights().stats();
+            let tiers: serde_json::Map<String, serde_json::Value> = m
+                .model
+                .weights()
+                .resident_bytes()
+                .iter()
+                .map(|(t, b)| (format!("{}_bytes", t.name()), (*b).into()))
+                .collect();
             serde_json::json!({
                 "name": m.name,
                 "arch": m.model.config.arch.name(),
@@ -381,6 +426,14 @@ async fn ps(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
                 "idle_s": s.idle_s(),
                 "keep_alive_s": keep,
                 "tokens_generated": s.tokens_generated.load(Ordering::Relaxed),
+                "weights": {
+                    "mode": w.mode,
+                    "io": w.io,
+                    "tiers": tiers,
+                    "resident_layers": w.resident_layers,
+                    "streamed_layers": w.streamed_layers,
+                    "window": w.window,
+                },
             })
         })
         .collect();
@@ -418,6 +471,27 @@ async fn unload(
             req.model
         )))
     }
+}
+
+async fn list_sessions(
+    State(st): State<Arc<AppState>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let sessions = st.sessions.clone();
+    let list = tokio::task::spawn_blocking(move || sessions.list())
+        .await
+        .map_err(|e| ApiError::Internal(format!("session task failed: {e}")))??;
+    Ok(Json(serde_json::json!({"sessions": list})))
+}
+
+async fn delete_session(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    st.sessions.remove(&name)?;
+    tracing::info!(session = %name, "session deleted");
+    Ok(Json(
+        serde_json::json!({"session": name, "status": "deleted"}),
+    ))
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {

@@ -19,10 +19,12 @@ use strata_engine::sampler::{Sampler, SamplerConfig};
 use strata_engine::tokenizer::StreamDecoder;
 use strata_engine::{Context, EngineError, Logits, Model};
 use strata_simd::pool::ThreadPool;
+use strata_storage::residency::ResidencyError;
 use tokio::sync::mpsc;
 
 use crate::logprobs::{TokenLogprob, token_logprob};
 use crate::metrics::Metrics;
+use crate::sessions::{SessionOutcome, SessionPlan};
 use crate::shutdown::Shutdown;
 use crate::stop::StopMatcher;
 use crate::watchdog::{Heartbeat, Watchdog};
@@ -36,6 +38,9 @@ pub struct GenRequest {
     pub stop: Vec<String>,
     /// Report each token's log-probability and this many alternatives (`None`: no logprobs).
     pub logprobs: Option<usize>,
+    /// Resume from (and after the answer save to) a session, already read and checked by
+    /// the HTTP side (module `sessions`).
+    pub session: Option<SessionPlan>,
     /// Unbounded on purpose: the engine thread must never wait on one slow client, and what a
     /// request can queue here is bounded by its `max_tokens`.
     pub events: mpsc::UnboundedSender<Event>,
@@ -70,11 +75,15 @@ impl FinishReason {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Finish {
     pub reason: FinishReason,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Prompt tokens taken from a saved session rather than computed.
+    pub cached_tokens: usize,
+    /// Whether the session (when the request named one) was saved.
+    pub session: Option<SessionOutcome>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -197,6 +206,12 @@ struct Worker {
 
 struct Sequence {
     prompt: Vec<u32>,
+    /// Tokens sampled so far, in order (each is fed on the step after it is sampled).
+    generated: Vec<u32>,
+    /// Prompt tokens resumed from a session.
+    cached: usize,
+    /// Where to save the session after the answer.
+    save_to: Option<(String, std::path::PathBuf)>,
     /// Prompt tokens already in the cache.
     fed: usize,
     /// The last sampled token, to be fed on the next decode step.
@@ -222,7 +237,8 @@ impl Sequence {
         let _ = self.events.send(ev);
     }
 
-    fn finish(&mut self, reason: FinishReason) {
+    fn finish(&mut self, model: &Model, metrics: &Metrics, reason: FinishReason) {
+        let session = self.save(model, metrics);
         // The decoder may hold the start of a UTF-8 sequence, the matcher a possible stop.
         let rest = self.decoder.finish();
         let (mut tail, hit) = self.stop.push(&rest);
@@ -239,19 +255,65 @@ impl Sequence {
             reason,
             prompt_tokens: self.prompt.len(),
             completion_tokens: self.produced,
+            cached_tokens: self.cached,
+            session,
         }));
         self.finished = true;
     }
 
+    /// Saves the cache (the prompt and the answer tokens fed so far) when the request named
+    /// a session. Runs on the engine thread before the final event, so a client that got
+    /// its answer can resume from it at once; a failure (disk full, say) is reported in the
+    /// final event and logged, and the previous file stays as it was.
+    fn save(&mut self, model: &Model, metrics: &Metrics) -> Option<SessionOutcome> {
+        let (name, path) = self.save_to.take()?;
+        let fed = self.ctx.n_past();
+        let mut tokens = self.prompt.clone();
+        tokens.extend(
+            self.generated
+                .iter()
+                .take(fed.saturating_sub(self.prompt.len())),
+        );
+        tokens.truncate(fed);
+        let t0 = Instant::now();
+        let outcome = match model.save_session(&self.ctx, &tokens, &path) {
+            Ok(bytes) => {
+                metrics.session_saves.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    session = %name,
+                    tokens = tokens.len(),
+                    bytes,
+                    "session saved in {:.1} ms",
+                    t0.elapsed().as_secs_f64() * 1e3
+                );
+                SessionOutcome::Saved {
+                    name,
+                    tokens: tokens.len(),
+                    bytes,
+                }
+            }
+            Err(e) => {
+                metrics.session_save_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(session = %name, "saving the session failed: {e}");
+                SessionOutcome::Failed {
+                    name,
+                    error: format!("saving the session failed: {e}"),
+                }
+            }
+        };
+        Some(outcome)
+    }
+
     /// Takes a freshly sampled token: ends the sequence on end-of-generation, a stop string,
     /// `max_tokens` or a full context; else streams its text and keeps it for the next step.
-    fn take(&mut self, model: &Model, tok: u32, logprob: Option<TokenLogprob>) {
+    fn take(&mut self, model: &Model, metrics: &Metrics, tok: u32, logprob: Option<TokenLogprob>) {
         if model.tokenizer.is_eog(tok) {
-            self.finish(FinishReason::Stop);
+            self.finish(model, metrics, FinishReason::Stop);
             return;
         }
         self.sampler.accept(tok);
         self.produced += 1;
+        self.generated.push(tok);
         let piece = self
             .decoder
             .push(&model.tokenizer.token_to_piece(tok, false));
@@ -262,9 +324,9 @@ impl Sequence {
         if hit {
             // Whatever follows the stop string is not part of the answer.
             self.decoder = StreamDecoder::new();
-            self.finish(FinishReason::Stop);
+            self.finish(model, metrics, FinishReason::Stop);
         } else if self.produced >= self.max_tokens || self.ctx.n_past() + 1 > self.ctx.n_ctx() {
-            self.finish(FinishReason::Length);
+            self.finish(model, metrics, FinishReason::Length);
         } else {
             self.next = tok;
         }
@@ -321,11 +383,27 @@ impl Worker {
             }
             let mut sampler = Sampler::new(req.sampler);
             req.prompt.iter().for_each(|&t| sampler.accept(t));
-            let mut ctx = self.model.new_context(self.cfg.n_ctx, self.pool.clone());
+            let (resumed, save_to) = match req.session {
+                Some(plan) => (plan.resume, Some((plan.name, plan.path))),
+                None => (None, None),
+            };
+            let (mut ctx, fed) = match resumed {
+                Some(r) => {
+                    self.metrics.session_resumes.fetch_add(1, Ordering::Relaxed);
+                    self.metrics
+                        .session_reused_tokens
+                        .fetch_add(r.reused as u64, Ordering::Relaxed);
+                    (r.ctx, r.reused)
+                }
+                None => (self.model.new_context(self.cfg.n_ctx, self.pool.clone()), 0),
+            };
             ctx.set_n_ubatch(self.cfg.prefill_chunk);
             self.active.push(Sequence {
                 prompt: req.prompt,
-                fed: 0,
+                generated: Vec::new(),
+                cached: fed,
+                save_to,
+                fed,
                 next: 0,
                 produced: 0,
                 max_tokens: req.max_tokens,
@@ -357,13 +435,15 @@ impl Worker {
 
     fn end_all(&mut self, reason: FinishReason) {
         for s in &mut self.active {
-            s.finish(reason);
+            s.finish(&self.model, &self.metrics, reason);
         }
         while let Ok(req) = self.rx.try_recv() {
             let _ = req.events.send(Event::Done(Finish {
                 reason,
                 prompt_tokens: req.prompt.len(),
                 completion_tokens: 0,
+                cached_tokens: 0,
+                session: None,
             }));
         }
         self.reap();
@@ -374,14 +454,15 @@ impl Worker {
         let chunk = self.cfg.prefill_chunk;
         let before: usize = self.active.iter().map(|s| s.produced).sum();
         let mut decoding: Vec<&mut Sequence> = Vec::with_capacity(self.active.len());
+        let metrics = &*self.metrics;
         for s in &mut self.active {
             if s.prefilling() {
-                prefill(&model, s, chunk);
+                prefill(&model, metrics, s, chunk);
             } else {
                 decoding.push(s);
             }
         }
-        decode(&model, &self.pool, &mut self.batch, &mut decoding);
+        decode(&model, metrics, &self.pool, &mut self.batch, &mut decoding);
         // Counted after the step: a prefill's last chunk also yields a token.
         let produced: usize = self.active.iter().map(|s| s.produced).sum::<usize>() - before;
         self.stats
@@ -407,7 +488,7 @@ impl Worker {
 }
 
 /// Feeds the next chunk of a sequence's prompt; the last chunk yields its first token.
-fn prefill(model: &Model, s: &mut Sequence, chunk: usize) {
+fn prefill(model: &Model, metrics: &Metrics, s: &mut Sequence, chunk: usize) {
     let end = (s.fed + chunk).min(s.prompt.len());
     let last = end == s.prompt.len();
     let logits = if last { Logits::Last } else { Logits::None };
@@ -416,41 +497,76 @@ fn prefill(model: &Model, s: &mut Sequence, chunk: usize) {
     match result {
         Ok(l) if last => {
             let (tok, lp) = pick(&mut s.sampler, s.logprobs, l);
-            s.take(model, tok, lp);
+            s.take(model, metrics, tok, lp);
         }
         Ok(_) => {}
-        Err(e) => fail(s, e),
+        Err(e) => fail(metrics, s, &e),
     }
 }
 
 /// One new token for every decoding sequence, in one forward pass over all of them
 /// (continuous batching: each weight matrix is read once per step, whatever the number of
 /// sequences).
-fn decode(model: &Model, pool: &ThreadPool, batch: &mut Scratch, seqs: &mut [&mut Sequence]) {
+///
+/// When the batched pass fails, every cache is first cut back to where the step began (an
+/// error after the layers, in the output projection, would otherwise leave the step's
+/// position in them). Then what failed decides:
+/// - a read of the weights (an I/O error) belongs to the step, not to any one sequence: all
+///   of them needed those bytes, so every sequence of the step fails with the error and is
+///   dropped, and the engine goes on with the next step (which reads again);
+/// - anything else is checked before any sequence is touched and concerns one of them (a full
+///   context, say), so they are stepped one by one and only the one at fault fails.
+fn decode(
+    model: &Model,
+    metrics: &Metrics,
+    pool: &ThreadPool,
+    batch: &mut Scratch,
+    seqs: &mut [&mut Sequence],
+) {
     if seqs.len() > 1 {
         let tokens: Vec<u32> = seqs.iter().map(|s| s.next).collect();
+        let before: Vec<usize> = seqs.iter().map(|s| s.ctx.n_past()).collect();
         let mut ctxs: Vec<&mut Context> = seqs.iter_mut().map(|s| &mut s.ctx).collect();
-        if let Ok(logits) = model.decode_batch(pool, &mut ctxs, &tokens, batch) {
-            let n_vocab = model.config.n_vocab;
-            for (s, row) in seqs.iter_mut().zip(logits.chunks_exact(n_vocab)) {
-                let (tok, lp) = pick(&mut s.sampler, s.logprobs, row);
-                s.take(model, tok, lp);
+        match model.decode_batch(pool, &mut ctxs, &tokens, batch) {
+            Ok(logits) => {
+                let n_vocab = model.config.n_vocab;
+                for (s, row) in seqs.iter_mut().zip(logits.chunks_exact(n_vocab)) {
+                    let (tok, lp) = pick(&mut s.sampler, s.logprobs, row);
+                    s.take(model, metrics, tok, lp);
+                }
+                return;
             }
-            return;
+            Err(e) => {
+                for (s, &n) in seqs.iter_mut().zip(&before) {
+                    s.ctx.truncate(n);
+                }
+                if is_io(&e) {
+                    for s in seqs.iter_mut() {
+                        fail(metrics, s, &e);
+                    }
+                    return;
+                }
+            }
         }
-        // A batch fails as a whole (one full context, say) before touching any sequence:
-        // step them one by one so only the one at fault fails.
     }
     for s in seqs.iter_mut() {
         let next = s.next;
         match model.forward(&mut s.ctx, &[next], Logits::Last) {
             Ok(logits) => {
                 let (tok, lp) = pick(&mut s.sampler, s.logprobs, logits);
-                s.take(model, tok, lp);
+                s.take(model, metrics, tok, lp);
             }
-            Err(e) => fail(s, e),
+            Err(e) => fail(metrics, s, &e),
         }
     }
+}
+
+/// Whether reading the weights failed (as opposed to a problem of one sequence).
+fn is_io(e: &EngineError) -> bool {
+    matches!(
+        e,
+        EngineError::Residency(ResidencyError::Read(_) | ResidencyError::Io { .. })
+    )
 }
 
 /// Samples the next token, with its log-probability when the request asked for them.
@@ -463,8 +579,16 @@ fn pick(
     (tok, logprobs.map(|k| token_logprob(logits, tok, k)))
 }
 
-fn fail(s: &mut Sequence, e: EngineError) {
-    tracing::error!("generation failed: {e}");
-    s.send(Event::Failed(e.to_string()));
+/// Ends a sequence with an error; it is dropped with its cache, and its session file (if it
+/// named one) is left as it was.
+fn fail(metrics: &Metrics, s: &mut Sequence, e: &EngineError) {
+    let msg = if is_io(e) {
+        format!("reading the model's weights failed: {e}")
+    } else {
+        format!("generation failed: {e}")
+    };
+    tracing::error!("{msg}");
+    metrics.failed.fetch_add(1, Ordering::Relaxed);
+    s.send(Event::Failed(msg));
     s.finished = true;
 }

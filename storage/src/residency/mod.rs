@@ -20,6 +20,7 @@
 mod experts;
 mod mmap;
 pub mod plan;
+mod size;
 mod stream;
 
 use std::collections::HashMap;
@@ -33,6 +34,7 @@ use crate::buf::AlignedBuf;
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::io::{IoError, IoKind, IoStats, ReadReq, Reader, ReaderOptions};
 use plan::{Access, BudgetTooSmall, Place, PlanTensor};
+pub use size::parse_size;
 
 /// Where a tensor's bytes are right now, fastest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -586,6 +588,11 @@ impl Weights {
         }
         let cold = match (&self.backing, self.place(id)?) {
             (Backing::Read { cold: Some(r), .. }, Place::Cold) => r,
+            // A tied embedding that is also the output, cut by rows: take each row from its
+            // part (`acquire` would assemble the whole tensor through this very function).
+            (_, Place::Parts { rows_per_part, .. }) => {
+                return self.rows_from_parts(id, *rows_per_part, rows, row_bytes, dst);
+            }
             _ => {
                 let h = self.acquire(id)?;
                 for (k, &r) in rows.iter().enumerate() {
@@ -699,6 +706,39 @@ impl Weights {
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             x.prefetch(&keys);
+        }
+        Ok(())
+    }
+
+    /// [`Weights::read_rows`] of a tensor held in parts: each part that holds a wanted row is
+    /// acquired once (parts in order, so a batch's rows cost one pass over them at most).
+    fn rows_from_parts(
+        &self,
+        id: TensorId,
+        rows_per_part: u64,
+        rows: &[u64],
+        row_bytes: usize,
+        dst: &mut [u8],
+    ) -> Result<(), ResidencyError> {
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        order.sort_by_key(|&k| rows[k]);
+        let mut held: Option<(u64, TensorHandle, u64)> = None;
+        for k in order {
+            let r = rows[k];
+            let part = r / rows_per_part.max(1);
+            if held.as_ref().is_none_or(|(p, _, _)| *p != part) {
+                let (h, range) = self.acquire_part(id, part as usize)?;
+                held = Some((part, h, range.start));
+            }
+            let Some((_, h, r0)) = &held else {
+                return Err(ResidencyError::UnknownTensor(id.0));
+            };
+            let at = (r - r0) as usize * row_bytes;
+            let src = h
+                .bytes()
+                .get(at..at + row_bytes)
+                .ok_or(ResidencyError::UnknownTensor(id.0))?;
+            dst[k * row_bytes..(k + 1) * row_bytes].copy_from_slice(src);
         }
         Ok(())
     }

@@ -28,8 +28,9 @@ const BLOCK: &str = "\"\"\"";
 const HELP: &str = "\
 /reset         forget the conversation (keeps the system prompt)
 /system TEXT   set the system prompt (without TEXT: show it)
-/save NAME     save the conversation as chats/NAME.json in the store
-/load NAME     continue a saved conversation
+/save NAME     save the conversation as chats/NAME.json in the store (through the daemon,
+               also its KV cache as session NAME, resumed by later answers)
+/load NAME     continue a saved conversation (through the daemon, from session NAME's cache)
 /stats         tokens and speed of the last answer
 /bye           leave (also Ctrl-D, or Ctrl-C twice)
 /help          this list
@@ -56,6 +57,11 @@ pub struct Args {
     /// Most tokens per answer (default: until the model ends it or the context is full).
     #[arg(short = 'n', long = "n-predict")]
     pub n_predict: Option<usize>,
+    /// Daemon session NAME: the KV cache is resumed from it and saved to it after each answer,
+    /// so a long conversation is not recomputed, also across daemon restarts; the
+    /// conversation itself is kept in chats/NAME.json.
+    #[arg(long, value_name = "NAME", conflicts_with = "local")]
+    pub session: Option<String>,
     /// --local: context size in tokens; 0 means the model's trained length.
     #[arg(
         short = 'c',
@@ -93,6 +99,14 @@ impl Backend {
     fn reset(&mut self) {
         if let Backend::Local(l) = self {
             l.reset();
+        }
+    }
+
+    /// The daemon session in use, if any.
+    fn session(&self) -> Option<&str> {
+        match self {
+            Backend::Daemon(r) => r.session.as_deref(),
+            Backend::Local(_) => None,
         }
     }
 }
@@ -144,6 +158,17 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         system: args.system.clone(),
         turns: Vec::new(),
     };
+    if let (Some(name), Backend::Daemon(r)) = (&args.session, &mut backend) {
+        let path = session::chat_path(&session::chats_dir()?, name)?;
+        if path.exists() {
+            conv = session::load(&path)?;
+            if args.system.is_some() {
+                conv.system = args.system.clone();
+            }
+            eprintln!("(continuing session {name}: {} messages)", conv.turns.len());
+        }
+        r.session = Some(name.clone());
+    }
     let result = repl(&mut rl, &mut backend, &mut conv, &model);
     if let Some(h) = &history {
         if let Some(dir) = h.parent() {
@@ -214,6 +239,15 @@ fn repl(
                     conv.turns.push(ChatMessage::new("assistant", answer));
                 }
                 last = Some(stats);
+                // The daemon saved the cache; keep the conversation that goes with it.
+                if let Some(name) = backend.session() {
+                    let saved = session::chats_dir()
+                        .and_then(|d| session::chat_path(&d, name))
+                        .and_then(|p| session::save(&p, conv, model));
+                    if let Err(e) = saved {
+                        eprintln!("warning: saving the conversation: {e:#}");
+                    }
+                }
             }
             Err(e) if crate::is_broken_pipe(&e) => return Err(e),
             Err(e) => {
@@ -261,6 +295,16 @@ fn command(
             let path = session::chat_path(&session::chats_dir()?, arg)?;
             session::save(&path, conv, model)?;
             println!("(saved to {})", path.display());
+            if let Backend::Daemon(r) = backend
+                && r.session.as_deref() != Some(arg)
+            {
+                if conv.turns.is_empty() {
+                    r.session = Some(arg.to_owned());
+                } else {
+                    r.save_session(arg, &conv.messages())?;
+                }
+                println!("(KV cache saved in the daemon as session {arg})");
+            }
         }
         "load" => {
             let path = session::chat_path(&session::chats_dir()?, arg)?;
@@ -271,6 +315,14 @@ fn command(
                 conv.turns.len(),
                 path.display()
             );
+            if let Backend::Daemon(r) = backend {
+                r.session = Some(arg.to_owned());
+                if r.has_session(arg)? {
+                    println!("(the next answer resumes from the daemon's session {arg})");
+                } else {
+                    println!("(the daemon has no session {arg}: the next answer computes it)");
+                }
+            }
         }
         "stats" => match last {
             Some(s) => println!("{}", s.describe()),

@@ -23,6 +23,8 @@ pub struct Remote {
     pub model: String,
     temperature: Option<f32>,
     max_tokens: Option<usize>,
+    /// The daemon session this chat's KV cache is resumed from and saved to after each answer.
+    pub session: Option<String>,
 }
 
 /// What the reader thread passes on.
@@ -34,6 +36,8 @@ enum Event {
         prompt_tokens: Option<usize>,
         completion_tokens: Option<usize>,
     },
+    /// The daemon's report on the session save (`"saved": false` with `error` on failure).
+    Session(Value),
     Failed(anyhow::Error),
     Done,
 }
@@ -71,7 +75,31 @@ impl Remote {
             model,
             temperature,
             max_tokens,
+            session: None,
         })
+    }
+
+    /// Computes the conversation's KV cache in the daemon and saves it as session `name`
+    /// (one token is generated and dropped), so later answers resume from it.
+    pub fn save_session(&mut self, name: &str, messages: &[ChatMessage]) -> anyhow::Result<()> {
+        let body = json!({
+            "model": self.model, "messages": messages, "max_tokens": 1, "temperature": 0,
+            "session": name,
+        });
+        let v = self
+            .client
+            .json("POST", "/v1/chat/completions", Some(&body))?;
+        session_saved(&v["session"])?;
+        self.session = Some(name.to_owned());
+        Ok(())
+    }
+
+    /// Whether the daemon holds a saved session `name`.
+    pub fn has_session(&self, name: &str) -> anyhow::Result<bool> {
+        let v = self.client.json("GET", "/api/sessions", None)?;
+        Ok(v["sessions"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|s| s["name"] == name)))
     }
 
     pub fn answer(
@@ -89,6 +117,9 @@ impl Remote {
         }
         if let Some(n) = self.max_tokens {
             body["max_tokens"] = json!(n);
+        }
+        if let Some(s) = &self.session {
+            body["session"] = json!(s);
         }
         let t0 = Instant::now();
         let (tx, rx) = mpsc::channel();
@@ -150,6 +181,12 @@ impl Remote {
                     usage_tokens = completion_tokens;
                 }
                 Ok(Event::Connected(c)) => conn = Some(c),
+                Ok(Event::Session(v)) => {
+                    // The answer is complete either way; a failed save only loses the cache.
+                    if let Err(e) = session_saved(&v) {
+                        eprintln!("\nwarning: {e:#}");
+                    }
+                }
                 Ok(Event::Failed(e)) => break Err(e),
                 Ok(Event::Done) | Err(mpsc::RecvTimeoutError::Disconnected) => break Ok(()),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -169,6 +206,16 @@ impl Remote {
         }
         Ok((answer, stats))
     }
+}
+
+/// Whether the daemon's `session` report says the save worked.
+fn session_saved(v: &Value) -> anyhow::Result<()> {
+    if v["saved"] == true {
+        return Ok(());
+    }
+    let name = v["name"].as_str().unwrap_or("?");
+    let why = v["error"].as_str().unwrap_or("no report from the daemon");
+    bail!("the daemon did not save session '{name}': {why}")
 }
 
 /// Reads `data:` events until `[DONE]` or the end of the stream, passing on text and usage.
@@ -192,6 +239,9 @@ fn parse_chunk(v: &Value) -> Vec<Event> {
                 events.push(Event::Piece(text.to_owned()));
             }
         }
+    }
+    if let Some(s) = v.get("session").filter(|s| s.is_object()) {
+        events.push(Event::Session(s.clone()));
     }
     if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
         let n = |k: &str| u[k].as_u64().and_then(|x| usize::try_from(x).ok());
@@ -218,7 +268,7 @@ mod tests {
                     completion_tokens, ..
                 } => usage = completion_tokens,
                 Event::Failed(e) => err = Some(format!("{e:#}")),
-                Event::Done | Event::Connected(_) => {}
+                Event::Done | Event::Connected(_) | Event::Session(_) => {}
             }
         }
         (text, usage, err)
@@ -233,6 +283,22 @@ mod tests {
                  data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\n\
                  data: [DONE]\n\n";
         assert_eq!(events(s), ("Hello\n".into(), Some(2), None));
+    }
+
+    #[test]
+    fn a_failed_session_save_is_reported_and_a_good_one_is_not() {
+        let v: Value = serde_json::from_str(
+            r#"{"choices":[{"delta":{},"finish_reason":"stop"}],
+                "session":{"name":"s","saved":false,"error":"No space left on device"}}"#,
+        )
+        .expect("json");
+        let report = parse_chunk(&v).into_iter().find_map(|e| match e {
+            Event::Session(s) => Some(s),
+            _ => None,
+        });
+        let err = session_saved(&report.expect("a session event")).err();
+        assert!(err.is_some_and(|e| e.to_string().contains("'s': No space left")));
+        assert!(session_saved(&serde_json::json!({"name": "s", "saved": true})).is_ok());
     }
 
     #[test]

@@ -91,8 +91,11 @@ fn a_read_error_mid_request_fails_that_request_and_the_daemon_serves_the_next() 
         "the request read {} chunks",
         after - at_load
     );
-    // The read that fails is in the middle of the first request's decoding.
-    let faults = format!("eio={}", at_load + (after - at_load) / 2);
+    // Reads fail for 12 chunks (a few streamed groups, more than the read-ahead window)
+    // from the middle of the first request's decoding on. A single failed chunk is not
+    // enough to be sure: when it is a read-ahead that gets evicted before use, storage
+    // quietly reads that layer again (nothing needed it yet).
+    let faults = format!("eio={}+12", at_load + (after - at_load) / 2);
     let mut d = Daemon::spawn(
         &[
             "--model",
@@ -108,19 +111,56 @@ fn a_read_error_mid_request_fails_that_request_and_the_daemon_serves_the_next() 
     );
     d.wait_loaded(MODEL);
 
-    let r = http::post(&d.sock, "/v1/completions", &completion(COUNTING, 8, false)).expect("req");
-    assert_eq!(r.status, 500, "{}", r.body);
-    let e = r.json();
-    let msg = e["error"]["message"].as_str().unwrap_or("");
-    assert_eq!(e["error"]["type"], "server_error");
-    assert!(
-        msg.contains("reading the model's weights failed") && msg.contains("Input/output error"),
-        "{msg}"
-    );
-    assert_eq!(d.metric("strata_failed_total"), 1.0);
-    // The failed sequence is gone with its cache; the daemon is up and the next request
-    // (streamed, this time) reads again and succeeds.
-    assert_eq!(d.ps_model()["active_sequences"], 0);
+    let io_failure = |r: &http::Response| {
+        assert_eq!(r.status, 500, "{}", r.body);
+        let e = r.json();
+        let msg = e["error"]["message"].as_str().unwrap_or("").to_owned();
+        assert_eq!(e["error"]["type"], "server_error");
+        assert!(
+            msg.contains("reading the model's weights failed")
+                && msg.contains("Input/output error"),
+            "{msg}"
+        );
+    };
+    // A fault that only hit read-ahead is absorbed (storage reads the layer again): allow the
+    // window a couple of requests to reach a demand read.
+    let mut tries = 0;
+    loop {
+        let r =
+            http::post(&d.sock, "/v1/completions", &completion(COUNTING, 8, false)).expect("req");
+        if r.status != 200 {
+            io_failure(&r);
+            break;
+        }
+        tries += 1;
+        assert!(
+            tries < 3,
+            "no request failed: the injected errors were all absorbed"
+        );
+    }
+    // The failed sequence is gone with its cache and the daemon is up. Requests that start
+    // while the fault window lasts fail the same clean way; once it has passed they succeed.
+    // (The engine publishes the count after the step that sent the error: wait, bounded.)
+    let t0 = std::time::Instant::now();
+    while d.ps_model()["active_sequences"] != 0 {
+        assert!(
+            t0.elapsed().as_secs() < 5,
+            "the failed sequence was not dropped"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut failed = 1;
+    loop {
+        let r =
+            http::post(&d.sock, "/v1/completions", &completion(COUNTING, 8, false)).expect("req");
+        if r.status == 200 {
+            break;
+        }
+        io_failure(&r);
+        failed += 1;
+        assert!(failed <= 12, "still failing after {failed} requests");
+    }
+    assert_eq!(d.metric("strata_failed_total"), f64::from(failed));
     let r = http::post(&d.sock, "/v1/completions", &completion(COUNTING, 8, true)).expect("req");
     assert_eq!(r.status, 200, "{}", r.body);
     let (events, done) = parse_stream(&r.body);

@@ -151,7 +151,10 @@ pub fn write_atomic(
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| SessionError::BadName(path.display().to_string()))?;
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    // Unique per process and per save, so concurrent saves of one name never share a file.
+    static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
@@ -259,7 +262,7 @@ impl SessionDir {
     pub fn open(root: &Path) -> Result<Self, SessionError> {
         fs::create_dir_all(root).map_err(io_err(root, "create directory"))?;
         let root = root.canonicalize().map_err(io_err(root, "resolve"))?;
-        // Temp files of saves killed midway (".NAME.kv.PID.tmp" of a process that is gone).
+        // Temp files of saves killed midway (".NAME.kv.PID.N.tmp" of a process that is gone).
         if let Ok(entries) = fs::read_dir(&root) {
             for e in entries.flatten() {
                 let name = e.file_name();
@@ -267,7 +270,7 @@ impl SessionDir {
                 let pid = n
                     .strip_prefix('.')
                     .and_then(|r| r.strip_suffix(".tmp"))
-                    .and_then(|r| r.rsplit('.').next())
+                    .and_then(|r| r.rsplit('.').nth(1))
                     .and_then(|p| p.parse::<i32>().ok());
                 // SAFETY: kill with signal 0 only checks whether the process exists.
                 if let Some(pid) = pid

@@ -90,8 +90,10 @@ fn session_saves_survive_kill_9() {
 fn temp_files_of_dead_savers_are_cleaned_up() {
     let tmp = tempfile::tempdir().expect("tempdir");
     // PID 2^22 + 1 is above the kernel's pid_max default; no such process.
-    let stale = tmp.path().join(".s.kv.4194305.tmp");
-    let live = tmp.path().join(format!(".s.kv.{}.tmp", std::process::id()));
+    let stale = tmp.path().join(".s.kv.4194305.0.tmp");
+    let live = tmp
+        .path()
+        .join(format!(".s.kv.{}.3.tmp", std::process::id()));
     std::fs::write(&stale, b"half").expect("write");
     std::fs::write(&live, b"in progress").expect("write");
     SessionDir::open(tmp.path()).expect("open");

@@ -113,17 +113,20 @@ fn a_failed_save_leaves_the_previous_file_intact() {
     let dir = SessionDir::open(t.path()).unwrap();
     save(&dir, "keep");
     let before = fs::read(dir.path("keep").unwrap()).unwrap();
-    // Make the directory read-only: creating the temp file fails (root ignores modes, so
-    // fall back to a temp path that already exists as a directory).
-    let blocker = t
-        .path()
-        .join(format!(".keep.kv.{}.tmp", std::process::id()));
-    fs::create_dir(&blocker).unwrap();
+    // Creating the temp file fails: every temp name this process could use next already
+    // exists as a directory (root ignores permission bits, so those cannot do it).
+    let blockers: Vec<_> = (0..4096)
+        .map(|n| {
+            t.path()
+                .join(format!(".keep.kv.{}.{n}.tmp", std::process::id()))
+        })
+        .collect();
+    blockers.iter().for_each(|b| fs::create_dir(b).unwrap());
     let c = chunks();
     let refs: Vec<&[u8]> = c.iter().map(|c| &c[..]).collect();
     assert!(dir.save("keep", &meta(9), &refs).is_err());
     assert_eq!(fs::read(dir.path("keep").unwrap()).unwrap(), before);
-    fs::remove_dir(&blocker).unwrap();
+    blockers.iter().for_each(|b| fs::remove_dir(b).unwrap());
 }
 
 #[test]

@@ -82,6 +82,9 @@ struct Buffers {
     /// predicting).
     pred: Vec<bool>,
     pred_next: Vec<bool>,
+    /// The experts a layer used, and a guess as a list (prediction scratch).
+    used: Vec<bool>,
+    guess: Vec<usize>,
     picked: Vec<(usize, f32)>,
     ex_x: Vec<f32>,
     ex_y: Vec<f32>,
@@ -485,22 +488,25 @@ impl Model {
                 }
             }
         }
-        let guess: Vec<usize> = (0..ne).filter(|&x| buf.pred_next[x]).collect();
+        buf.guess.clear();
+        buf.guess.extend((0..ne).filter(|&x| buf.pred_next[x]));
         for x in [&next.gate, &next.up, &next.down] {
-            self.weights.prefetch_experts(x.mat.id, &guess)?;
+            self.weights.prefetch_experts(x.mat.id, &buf.guess)?;
         }
         Ok(())
     }
 
     /// Precision and recall of the last guess against the routing in `buf.route`; counts the
     /// MoE call and records its experts when recording.
-    fn score_prediction(&self, buf: &Buffers, ne: usize) {
-        let mut used = vec![false; ne];
+    fn score_prediction(&self, buf: &mut Buffers, ne: usize) {
+        let used = &mut buf.used;
+        used.clear();
+        used.resize(ne, false);
         buf.route.iter().for_each(|&(ex, _)| used[ex] = true);
         {
             let mut c = self.experts.lock().unwrap_or_else(|p| p.into_inner());
             c.calls += 1;
-            if c.mode == ExpertPrefetch::Record {
+            if matches!(c.mode, ExpertPrefetch::Record) {
                 c.log.push((0..ne).filter(|&x| used[x]).collect());
             }
         }

@@ -352,11 +352,21 @@ impl Model {
 }
 
 fn mat(weights: &Weights, name: &str, cols: usize, rows: usize) -> Result<Mat, EngineError> {
+    let (id, ty) = matrix(weights, name, vec![cols as u64, rows as u64])?;
+    Ok(Mat { id, ty, rows, cols })
+}
+
+/// A weight matrix (or stack of them) by name, checked to have `expected` dims and a type the
+/// matmul computes with.
+fn matrix(
+    weights: &Weights,
+    name: &str,
+    expected: Vec<u64>,
+) -> Result<(TensorId, GgmlType), EngineError> {
     let id = weights
         .id(name)
         .ok_or_else(|| EngineError::MissingTensor(name.to_string()))?;
     let info = weights.info(id)?;
-    let expected = vec![cols as u64, rows as u64];
     if info.dims != expected {
         return Err(EngineError::TensorShape {
             name: name.to_string(),
@@ -370,12 +380,7 @@ fn mat(weights: &Weights, name: &str, cols: usize, rows: usize) -> Result<Mat, E
             ty: info.ty.to_string(),
         });
     }
-    Ok(Mat {
-        id,
-        ty: info.ty,
-        rows,
-        cols,
-    })
+    Ok((id, info.ty))
 }
 
 fn vector(weights: &Weights, name: &str, len: usize) -> Result<Vec<f32>, EngineError> {
@@ -408,31 +413,10 @@ fn experts(
     rows: usize,
     n_expert: usize,
 ) -> Result<Experts, EngineError> {
-    let id = weights
-        .id(name)
-        .ok_or_else(|| EngineError::MissingTensor(name.to_string()))?;
-    let info = weights.info(id)?;
-    let expected = vec![cols as u64, rows as u64, n_expert as u64];
-    if info.dims != expected {
-        return Err(EngineError::TensorShape {
-            name: name.to_string(),
-            expected,
-            actual: info.dims.clone(),
-        });
-    }
-    if !strata_simd::matmul::supports(info.ty) {
-        return Err(EngineError::UnsupportedType {
-            name: name.to_string(),
-            ty: info.ty.to_string(),
-        });
-    }
+    let dims = vec![cols as u64, rows as u64, n_expert as u64];
+    let (id, ty) = matrix(weights, name, dims)?;
     Ok(Experts {
-        mat: Mat {
-            id,
-            ty: info.ty,
-            rows,
-            cols,
-        },
+        mat: Mat { id, ty, rows, cols },
         n_expert,
     })
 }

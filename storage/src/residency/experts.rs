@@ -7,7 +7,7 @@
 //! Routing is skewed toward popular experts in real MoE models, which plain LRU forgets after
 //! one sweep of cold experts; `STRATA_EXPERT_POLICY=lru` switches to LRU for comparison.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -33,14 +33,16 @@ struct Entry {
     /// A prefetched slab not used yet is kept until this tick, so that newer guesses and
     /// demand reads do not evict it before its layer runs.
     protect_until: u64,
+    /// Brought in by a prefetch and not used yet (its first use counts as a prefetch hit).
+    unused_guess: bool,
 }
 
-/// Uses a prefetched slab is protected for (a few layers' worth).
+/// Cache uses (ticks) a prefetched, unused slab is protected for: a few layers' worth.
 const PROTECT: u64 = 512;
 
 struct State {
     entries: HashMap<Key, Entry>,
-    loading: HashMap<Key, ()>,
+    loading: HashSet<Key>,
     queue: VecDeque<(Key, u64, usize)>,
     bytes: u64,
     tick: u64,
@@ -64,7 +66,6 @@ pub(super) struct Shared {
     state: Mutex<State>,
     cv: Condvar,
     pub(super) counters: Counters,
-    prefetched: Mutex<HashMap<Key, ()>>,
 }
 
 pub(super) struct ExpertCache {
@@ -81,23 +82,13 @@ impl Shared {
 
     /// Reads `[start, start + len)` of the file into a fresh aligned buffer.
     fn read(&self, start: u64, len: usize) -> Result<(Arc<AlignedBuf>, usize), IoError> {
-        let a = DIRECT_ALIGN as u64;
-        let lo = start / a * a;
-        let hi = (start + len as u64).next_multiple_of(a);
-        let mut buf = AlignedBuf::zeroed((hi - lo) as usize).map_err(|e| IoError::Read {
+        let mut one = self.read_many(&[((0, 0), start, len)])?;
+        one.pop().ok_or_else(|| IoError::Read {
             path: self.reader.path().to_path_buf(),
             offset: start,
             len,
-            source: std::io::Error::other(e),
-        })?;
-        let need = (start - lo) as usize + len;
-        self.reader.read(&mut [ReadReq {
-            offset: lo,
-            buf: buf.as_mut_slice(),
-            need,
-            fixed: None,
-        }])?;
-        Ok((Arc::new(buf), (start - lo) as usize))
+            source: std::io::Error::other("no buffer"),
+        })
     }
 
     /// Reads several slabs in one call (all in flight together).
@@ -179,11 +170,13 @@ impl Shared {
                 score: 0.0,
                 last: tick,
                 protect_until: if prefetched { tick + PROTECT } else { 0 },
+                unused_guess: prefetched,
             },
         );
     }
 
-    fn touch(&self, st: &mut State, key: Key) -> Option<(Arc<AlignedBuf>, usize)> {
+    /// Records a use of `key`; its buffer, offset, and whether a prefetch brought it in.
+    fn touch(&self, st: &mut State, key: Key) -> Option<(Arc<AlignedBuf>, usize, bool)> {
         st.tick += 1;
         let tick = st.tick;
         if tick.is_multiple_of(DECAY_EVERY) {
@@ -193,7 +186,8 @@ impl Shared {
         e.score += 1.0;
         e.last = tick;
         e.protect_until = 0;
-        Some((Arc::clone(&e.buf), e.skip))
+        let guessed = std::mem::take(&mut e.unused_guess);
+        Some((Arc::clone(&e.buf), e.skip, guessed))
     }
 }
 
@@ -209,7 +203,7 @@ impl ExpertCache {
             policy,
             state: Mutex::new(State {
                 entries: HashMap::new(),
-                loading: HashMap::new(),
+                loading: HashSet::new(),
                 queue: VecDeque::new(),
                 bytes: 0,
                 tick: 0,
@@ -217,7 +211,6 @@ impl ExpertCache {
             }),
             cv: Condvar::new(),
             counters: Counters::default(),
-            prefetched: Mutex::new(HashMap::new()),
         });
         let worker = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -256,26 +249,20 @@ impl ExpertCache {
         let sh = &*self.shared;
         let mut st = sh.lock();
         loop {
-            if let Some(hit) = sh.touch(&mut st, key) {
+            if let Some((buf, skip, guessed)) = sh.touch(&mut st, key) {
                 drop(st);
                 sh.counters.hits.fetch_add(1, Ordering::Relaxed);
-                if sh
-                    .prefetched
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&key)
-                    .is_some()
-                {
+                if guessed {
                     sh.counters.prefetch_hits.fetch_add(1, Ordering::Relaxed);
                 }
-                return Ok(hit);
+                return Ok((buf, skip));
             }
-            if !st.loading.contains_key(&key) {
+            if !st.loading.contains(&key) {
                 break;
             }
             st = sh.cv.wait(st).unwrap_or_else(|p| p.into_inner());
         }
-        st.loading.insert(key, ());
+        st.loading.insert(key);
         drop(st);
         sh.counters.misses.fetch_add(1, Ordering::Relaxed);
         let r = sh.read(start, len);
@@ -299,10 +286,10 @@ impl ExpertCache {
             st.loading.remove(&k);
         }
         for &(key, start, len) in keys {
-            if st.entries.contains_key(&key) || st.loading.contains_key(&key) {
+            if st.entries.contains_key(&key) || st.loading.contains(&key) {
                 continue;
             }
-            st.loading.insert(key, ());
+            st.loading.insert(key);
             st.queue.push_back((key, start, len));
             sh.counters.prefetches.fetch_add(1, Ordering::Relaxed);
         }
@@ -343,10 +330,8 @@ fn prefetch_thread(sh: &Shared) {
         }
         match r {
             Ok(bufs) => {
-                let mut marks = sh.prefetched.lock().unwrap_or_else(|p| p.into_inner());
                 for ((key, _, _), (buf, skip)) in jobs.iter().zip(bufs) {
                     sh.insert(&mut st, *key, buf, skip, true);
-                    marks.insert(*key, ());
                 }
             }
             // A failed prefetch is only a lost guess: the demand read reports the error.

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
@@ -18,6 +18,7 @@ use axum::{Json, Router};
 use strata_engine::Model;
 use strata_engine::chat::ChatMessage;
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 
 use crate::api::{
     ChatRequest, CompletionRequest, Endpoint, GenParams, LogprobsWriter, ModelRef, PromptDetails,
@@ -71,6 +72,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(limit_body))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
@@ -100,6 +102,63 @@ async fn observe(State(st): State<Arc<AppState>>, req: Request, next: Next) -> R
         None => tracing::info!(%method, path, status, "request ({ms:.1} ms to headers)"),
     }
     resp
+}
+
+/// An over-limit body is read and thrown away up to this many bytes, so that the client sees
+/// the 413 rather than a reset connection (closing a socket with unread input resets it).
+const DRAIN_CAP: usize = 64 * 1024 * 1024;
+/// ... and for at most this long.
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+/// Reads each request body whole, up to [`MAX_BODY`]. Past the limit — declared by
+/// `Content-Length` or found while reading a chunked body — it answers 413 with
+/// `Connection: close` after draining what the client is still sending (bounded by
+/// [`DRAIN_CAP`] and [`DRAIN_TIME`]).
+async fn limit_body(req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut data = body.into_data_stream();
+    let mut kept = Vec::new();
+    let mut over = declared.is_some_and(|n| n > MAX_BODY as u64);
+    if !over {
+        while let Some(chunk) = data.next().await {
+            match chunk {
+                Ok(c) if kept.len() + c.len() <= MAX_BODY => kept.extend_from_slice(&c),
+                Ok(_) => {
+                    over = true;
+                    break;
+                }
+                Err(e) => {
+                    return ApiError::BadRequest(format!("reading the request body: {e}"))
+                        .into_response();
+                }
+            }
+        }
+    }
+    if over {
+        drop(kept);
+        let drain = async {
+            let mut seen = 0usize;
+            while let Some(Ok(c)) = data.next().await {
+                seen += c.len();
+                if seen > DRAIN_CAP {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+        let mut resp = ApiError::TooLarge { limit: MAX_BODY }.into_response();
+        resp.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+        return resp;
+    }
+    next.run(Request::from_parts(parts, Body::from(kept))).await
 }
 
 pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {

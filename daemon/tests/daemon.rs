@@ -209,6 +209,9 @@ fn bad_requests_get_4xx_and_the_daemon_keeps_serving() {
     check(raw(b"[1, 2, 3]"), 400, "invalid_request_error");
     let big = vec![b' '; 3 * 1024 * 1024];
     check(raw(&big), 413, "invalid_request_error");
+    // The same body without a length (chunked) is cut off while reading, and still answered.
+    let head = chunked_status(&d.sock, &big);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
     let chat = |model: &str, extra: Value| {
         let mut v = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
         if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
@@ -483,4 +486,29 @@ fn logprobs_out_of_range_are_400() {
     assert!(r.body.contains("logprobs"), "{}", r.body);
     let r = chat(json!({"logprobs": true, "top_logprobs": 20}));
     assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// Sends `body` as a chunked POST on a raw socket and returns the response's status line.
+fn chunked_status(sock: &std::path::Path, body: &[u8]) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let head = "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+                Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+    s.write_all(head.as_bytes()).expect("head");
+    for c in body.chunks(64 * 1024) {
+        // The server may answer and stop reading once past its limit.
+        if s.write_all(format!("{:x}\r\n", c.len()).as_bytes())
+            .is_err()
+            || s.write_all(c).is_err()
+            || s.write_all(b"\r\n").is_err()
+        {
+            break;
+        }
+    }
+    let _ = s.write_all(b"0\r\n\r\n");
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).expect("status line");
+    line
 }

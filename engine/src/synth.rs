@@ -237,7 +237,7 @@ fn declare(spec: &GenSpec, vocab: Vocab<'_>) -> Result<(GgufBuilder, Vec<Plan>),
             }
         }
     }
-    if s.n_head_kv == 0 || s.n_head % s.n_head_kv != 0 || s.n_layer == 0 {
+    if s.n_head_kv == 0 || !s.n_head.is_multiple_of(s.n_head_kv) || s.n_layer == 0 {
         return Err(EngineError::Invalid(
             "need at least one layer, and heads a multiple of KV heads".into(),
         ));

@@ -12,7 +12,7 @@
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use strata_simd::matmul::{MatRef, MatmulScratch, matmul};
+use strata_simd::matmul::{Layout, MatRef, MatmulScratch, interleave, matmul};
 use strata_simd::pool::ThreadPool;
 use strata_storage::quant::{GgmlType, quantize_row};
 
@@ -43,28 +43,41 @@ fn bench(c: &mut Criterion) {
     for ty in [GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q8_0, GgmlType::Q5_0] {
         // ffn_up/gate (8960 rows of 1536) and ffn_down (1536 rows of 8960).
         for (rows, cols) in [(8960, 1536), (1536, 8960)] {
-            let data = weights(ty, rows, cols, &mut rng);
-            let w = MatRef {
-                ty,
-                data: &data,
-                rows,
-                cols,
-            };
-            for n_tok in [1, 4, 64, 256] {
-                let x: Vec<f32> = (0..n_tok * cols)
-                    .map(|_| rng.gen_range(-1.0..1.0))
-                    .collect();
-                let mut out = vec![0f32; n_tok * rows];
-                let mut scratch = MatmulScratch::new();
-                g.throughput(if n_tok == 1 {
-                    Throughput::Bytes(data.len() as u64)
-                } else {
-                    Throughput::Elements((2 * n_tok * rows * cols) as u64)
-                });
-                let id = BenchmarkId::new(format!("{ty}/{rows}x{cols}"), format!("n_tok={n_tok}"));
-                g.bench_function(id, |b| {
-                    b.iter(|| matmul(&pool, w, &x, n_tok, &mut out, &mut scratch).expect("matmul"))
-                });
+            let rows_data = weights(ty, rows, cols, &mut rng);
+            let mut il_data = rows_data.clone();
+            let interleaved = interleave(ty, &mut il_data, rows, cols).expect("interleave");
+            for (layout, data) in [(Layout::Rows, &rows_data), (Layout::Interleaved, &il_data)] {
+                if layout == Layout::Interleaved && !interleaved {
+                    continue;
+                }
+                let w = MatRef {
+                    ty,
+                    data,
+                    rows,
+                    cols,
+                    layout,
+                };
+                for n_tok in [1, 4, 64, 256] {
+                    let x: Vec<f32> = (0..n_tok * cols)
+                        .map(|_| rng.gen_range(-1.0..1.0))
+                        .collect();
+                    let mut out = vec![0f32; n_tok * rows];
+                    let mut scratch = MatmulScratch::new();
+                    g.throughput(if n_tok == 1 {
+                        Throughput::Bytes(data.len() as u64)
+                    } else {
+                        Throughput::Elements((2 * n_tok * rows * cols) as u64)
+                    });
+                    let id = BenchmarkId::new(
+                        format!("{ty}/{rows}x{cols}/{layout:?}"),
+                        format!("n_tok={n_tok}"),
+                    );
+                    g.bench_function(id, |b| {
+                        b.iter(|| {
+                            matmul(&pool, w, &x, n_tok, &mut out, &mut scratch).expect("matmul")
+                        })
+                    });
+                }
             }
         }
     }

@@ -11,22 +11,95 @@
 //! token before moving on, so the tile's weight bytes are read from memory once and then
 //! served from cache.
 
+pub(crate) mod interleave;
 mod kernels;
 
 use strata_storage::quant::GgmlType;
 
 use crate::dispatch::{self, Level};
 use crate::pool::ThreadPool;
-use kernels::{GEMM_ROWS, Gemm, Kernel, MULTI_TOKENS, kernel};
+use kernels::{GEMM_ROWS, Gemm, INTERLEAVED_TOKENS, InterleavedFn, Kernel, MULTI_TOKENS, kernel};
 
-/// A borrowed weight matrix: `rows` rows of `cols` elements of type `ty`, row-major, each row
-/// `ty.row_bytes(cols)` bytes.
+pub use interleave::TILE_ROWS as INTERLEAVE_ROWS;
+
+/// A borrowed weight matrix: `rows` rows of `cols` elements of type `ty`, `ty.row_bytes(cols)`
+/// bytes per row, laid out as `layout` says.
 #[derive(Clone, Copy, Debug)]
 pub struct MatRef<'a> {
     pub ty: GgmlType,
     pub data: &'a [u8],
     pub rows: usize,
     pub cols: usize,
+    pub layout: Layout,
+}
+
+/// How a matrix's bytes are arranged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Layout {
+    /// One row after another, as in the GGUF file.
+    #[default]
+    Rows,
+    /// Whole tiles of 16 rows interleaved for the decode kernels ([`interleave`]), then the
+    /// remaining rows row-major: what [`interleave`] makes of a `Rows` matrix, in place and
+    /// in the same bytes.
+    Interleaved,
+}
+
+/// Whether matrices of `ty` can be interleaved at the process's SIMD level (the kernels that
+/// read that layout need AVX-512 VNNI).
+pub fn can_interleave(ty: GgmlType) -> bool {
+    interleave::has_layout(ty) && kernels::interleaved(ty, dispatch::level()).is_some()
+}
+
+/// Rearranges a row-major matrix of `rows` × `cols` elements of `ty` into
+/// [`Layout::Interleaved`], in place. Returns `false` (and leaves `data` alone) when `ty` has no
+/// such layout at this SIMD level ([`can_interleave`]).
+pub fn interleave(
+    ty: GgmlType,
+    data: &mut [u8],
+    rows: usize,
+    cols: usize,
+) -> Result<bool, SimdError> {
+    if !can_interleave(ty) {
+        return Ok(false);
+    }
+    check_bytes(ty, data.len(), rows, cols)?;
+    interleave::pack(ty, data, rows, cols);
+    Ok(true)
+}
+
+/// The inverse of [`interleave`] (for tests).
+#[doc(hidden)]
+pub fn deinterleave(
+    ty: GgmlType,
+    data: &mut [u8],
+    rows: usize,
+    cols: usize,
+) -> Result<(), SimdError> {
+    if interleave::has_layout(ty) {
+        check_bytes(ty, data.len(), rows, cols)?;
+        interleave::unpack(ty, data, rows, cols);
+    }
+    Ok(())
+}
+
+fn check_bytes(ty: GgmlType, len: usize, rows: usize, cols: usize) -> Result<(), SimdError> {
+    if !cols.is_multiple_of(ty.block_size()) {
+        return Err(SimdError::Shape {
+            what: "columns must be a multiple of the block size",
+            expected: ty.block_size(),
+            actual: cols,
+        });
+    }
+    let want = rows.saturating_mul(ty.row_bytes(cols));
+    if want != len {
+        return Err(SimdError::Shape {
+            what: "weight bytes",
+            expected: want,
+            actual: len,
+        });
+    }
+    Ok(())
 }
 
 /// Reusable buffers for [`matmul`]; once it has seen the largest shape, calls allocate nothing.
@@ -49,6 +122,8 @@ impl MatmulScratch {
 pub enum SimdError {
     #[error("matmul does not support weight type {ty}")]
     UnsupportedType { ty: GgmlType },
+    #[error("weight type {ty} has no interleaved kernel at SIMD level {level}")]
+    NoInterleavedKernel { ty: GgmlType, level: &'static str },
     #[error("matmul shape error: {what}: expected {expected}, got {actual}")]
     Shape {
         what: &'static str,
@@ -104,6 +179,13 @@ pub fn matmul_at(
 ) -> Result<(), SimdError> {
     let k = kernel(w.ty, level).ok_or(SimdError::UnsupportedType { ty: w.ty })?;
     check_shapes(&w, k, x, n_tok, out)?;
+    let interleaved = match w.layout {
+        Layout::Rows => None,
+        Layout::Interleaved => Some(k.interleaved.ok_or(SimdError::NoInterleavedKernel {
+            ty: w.ty,
+            level: level.min(dispatch::detected()).name(),
+        })?),
+    };
     if n_tok == 0 || w.rows == 0 {
         return Ok(());
     }
@@ -113,9 +195,14 @@ pub fn matmul_at(
     }
 
     // The tiled GEMM takes whole tiles of rows; the remainder goes through the row kernels.
+    // An interleaved matrix reaches it through its own packer.
     let gemm = k
         .gemm
-        .filter(|_| n_tok >= GEMM_MIN_TOKENS && w.rows >= GEMM_ROWS);
+        .filter(|_| n_tok >= GEMM_MIN_TOKENS && w.rows >= GEMM_ROWS)
+        .and_then(|g| match w.layout {
+            Layout::Rows => Some(g),
+            Layout::Interleaved => g.pack_interleaved.map(|pack| Gemm { pack, ..g }),
+        });
 
     // Quantize the activations once; every row's dot product reads them.
     let act_row = k.act.ty().row_bytes(w.cols);
@@ -165,8 +252,21 @@ pub fn matmul_at(
     let side: &[u8] = side;
 
     let out_ptr = SyncPtr(out.as_mut_ptr());
-    let job = |ith: usize, nth: usize| match gemm {
-        Some(g) => {
+    let job = |ith: usize, nth: usize| match (interleaved, gemm) {
+        (Some(il), None) => {
+            let tiles = w.rows / INTERLEAVE_ROWS;
+            let (t0, t1) = split(tiles, ith, nth);
+            // SAFETY: as for the tiled GEMM below: this thread writes only the rows of its own
+            // tiles (and the last thread the rows after every tile).
+            unsafe {
+                interleaved_job(il, &w, act, act_row, n_tok, t0, t1, out_ptr.get());
+                if ith + 1 == nth {
+                    let r0 = tiles * INTERLEAVE_ROWS;
+                    rows_job(k, &w, act, act_row, n_tok, r0, w.rows, out_ptr.get());
+                }
+            }
+        }
+        (_, Some(g)) => {
             let tiles = w.rows / GEMM_ROWS;
             let (t0, t1) = split(tiles, ith, nth);
             // SAFETY: this thread writes only the rows of its own tiles (and the last thread
@@ -191,7 +291,7 @@ pub fn matmul_at(
                 }
             }
         }
-        None => {
+        (None, None) => {
             let (r0, r1) = split(w.rows, ith, nth);
             // SAFETY: this thread writes only `out[t * rows + r]` for r in its own row range,
             // which no other thread touches, and `out` outlives the pool run.
@@ -204,6 +304,47 @@ pub fn matmul_at(
         job(0, 1);
     }
     Ok(())
+}
+
+/// Tiles `tile0..tile1` of an interleaved matrix, every token, in groups of
+/// [`INTERLEAVED_TOKENS`] (the tile stays in cache across the groups).
+///
+/// # Safety
+/// As [`rows_job`], for rows `tile0 * 16..tile1 * 16`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn interleaved_job(
+    il: InterleavedFn,
+    w: &MatRef<'_>,
+    act: &[u8],
+    act_row: usize,
+    n_tok: usize,
+    tile0: usize,
+    tile1: usize,
+    out: *mut f32,
+) {
+    let tile_bytes = INTERLEAVE_ROWS * w.ty.row_bytes(w.cols);
+    let nb = w.cols / w.ty.block_size();
+    for tile in tile0..tile1 {
+        let data = &w.data[tile * tile_bytes..(tile + 1) * tile_bytes];
+        let mut t0 = 0;
+        while t0 < n_tok {
+            let nt = (n_tok - t0).min(INTERLEAVED_TOKENS);
+            // SAFETY: rows tile * 16.. + 16 of tokens t0..t0 + nt are this thread's (caller's
+            // contract) and inside `out`.
+            unsafe {
+                il(
+                    nb,
+                    data,
+                    &act[t0 * act_row..],
+                    act_row,
+                    nt,
+                    out.add(t0 * w.rows + tile * INTERLEAVE_ROWS),
+                    w.rows,
+                )
+            };
+            t0 += nt;
+        }
+    }
 }
 
 thread_local! {

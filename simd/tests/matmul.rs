@@ -5,7 +5,9 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use strata_simd::dispatch::{self, Level};
-use strata_simd::matmul::{MatRef, MatmulScratch, SimdError, matmul, matmul_at, supports};
+use strata_simd::matmul::{
+    Layout, MatRef, MatmulScratch, SimdError, deinterleave, interleave, matmul, matmul_at, supports,
+};
 use strata_simd::pool::ThreadPool;
 use strata_storage::quant::{GgmlType, dequantize_row, quantize_row};
 
@@ -127,6 +129,7 @@ fn every_level_matches_scalar() {
                         data: &data,
                         rows,
                         cols,
+                        layout: Layout::Rows,
                     };
                     let x = random_f32(&mut rng, n_tok * cols);
                     let want = run(Level::Scalar, &pools[0], w, &x, n_tok, &mut scratch);
@@ -151,6 +154,84 @@ fn every_level_matches_scalar() {
             }
         }
     }
+}
+
+/// Interleaved matrices (where this CPU has the kernels) give what the scalar kernels give on
+/// the row-major bytes, for every token count and with tail rows past the last tile.
+#[test]
+fn interleaved_layout_matches_scalar_rows() {
+    let pools = [ThreadPool::new(1), ThreadPool::new(3)];
+    let mut scratch = MatmulScratch::new();
+    let mut rng = StdRng::seed_from_u64(23);
+    let mut tested = 0;
+    for ty in TYPES {
+        for (rows, cols) in [
+            (16, 256),
+            (33, 768),
+            (130, 512),
+            (64, 2560),
+            (256, 1536),
+            (64, 8960),
+        ] {
+            for random_bytes in [false, true] {
+                let data = if random_bytes {
+                    random_weights(&mut rng, ty, rows, cols)
+                } else {
+                    quantized_weights(&mut rng, ty, rows, cols)
+                };
+                let mut il = data.clone();
+                if !interleave(ty, &mut il, rows, cols).expect("interleave") {
+                    continue;
+                }
+                let mut back = il.clone();
+                deinterleave(ty, &mut back, rows, cols).expect("deinterleave");
+                assert_eq!(back, data, "{ty}: deinterleave is not the inverse");
+                tested += 1;
+                let rows_w = MatRef {
+                    ty,
+                    data: &data,
+                    rows,
+                    cols,
+                    layout: Layout::Rows,
+                };
+                let il_w = MatRef {
+                    data: &il,
+                    layout: Layout::Interleaved,
+                    ..rows_w
+                };
+                for n_tok in [1, 2, 3, 4, 5, 9, 11, 17] {
+                    let x = random_f32(&mut rng, n_tok * cols);
+                    let want = run(Level::Scalar, &pools[0], rows_w, &x, n_tok, &mut scratch);
+                    for pool in &pools {
+                        let got = run(Level::Avx512Vnni, pool, il_w, &x, n_tok, &mut scratch);
+                        let e = nmse(&got, &want);
+                        assert!(
+                            e < 5e-6,
+                            "{ty} interleaved {rows}x{cols} n_tok={n_tok} threads={} \
+                             random_bytes={random_bytes}: nmse {e:e}",
+                            pool.n_threads()
+                        );
+                    }
+                }
+                // A lower level has no kernel for this layout: an error, not wrong numbers.
+                let x = random_f32(&mut rng, cols);
+                let mut out = vec![0f32; rows];
+                assert!(matches!(
+                    matmul_at(
+                        Level::Scalar,
+                        &pools[0],
+                        il_w,
+                        &x,
+                        1,
+                        &mut out,
+                        &mut scratch
+                    ),
+                    Err(SimdError::NoInterleavedKernel { .. })
+                ));
+            }
+        }
+    }
+    eprintln!("interleaved cases tested: {tested} (0: this CPU has no kernel for the layout)");
 }
 
 /// The error the activation quantization may add, per weight type: squared error against an
@@ -180,6 +261,7 @@ fn scalar_matches_dequantized_reference() {
                     data: &data,
                     rows,
                     cols,
+                    layout: Layout::Rows,
                 };
                 let x = random_f32(&mut rng, n_tok * cols);
                 let got = run(Level::Scalar, &pool, w, &x, n_tok, &mut scratch);
@@ -235,6 +317,7 @@ fn public_entry_uses_the_process_level() {
         data: &data,
         rows,
         cols,
+        layout: Layout::Rows,
     };
     let x = random_f32(&mut rng, n_tok * cols);
     let mut out = vec![0f32; n_tok * rows];
@@ -255,6 +338,7 @@ fn bad_shapes_are_errors() {
         data: &data,
         rows: 4,
         cols: 256,
+        layout: Layout::Rows,
     };
     assert!(matmul(&pool, w, &x, 1, &mut out, &mut s).is_ok());
 
@@ -296,6 +380,7 @@ fn bad_shapes_are_errors() {
         data: &data,
         rows: 1,
         cols: 256,
+        layout: Layout::Rows,
     };
     assert!(matches!(
         matmul(&pool, q8k, &x, 1, &mut out[..1], &mut s),
@@ -330,6 +415,7 @@ fn batched_tokens_equal_one_at_a_time() {
                 data: &data,
                 rows,
                 cols,
+                layout: Layout::Rows,
             };
             for level in Level::ALL.into_iter().filter(|&l| dispatch::available(l)) {
                 for n_tok in [2, 4, 7, 17] {

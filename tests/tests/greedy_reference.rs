@@ -1,6 +1,14 @@
 //! Greedy decoding matches llama.cpp's on both real models: the same prompt tokens, and the
-//! same 32 generated tokens up to llama.cpp's first near tie (where a different but correct
-//! engine may take the other branch).
+//! same 32 generated tokens up to the first near tie (where a different but correct engine may
+//! take the other branch).
+//!
+//! A near tie is a step where the top two logits are within [`TIE`] of each other in
+//! llama.cpp's run (the reference lists them) or in ours. Ours count too because the logits of
+//! a correct engine move by that much with rounding alone: on qwen2.5-coder-1.5b, kernels that
+//! agree to 1e-7 relative per matrix product (AVX2, AVX-512, the interleaved layout) give
+//! logits up to 0.1 apart, since the 8-bit activation quantization before every product turns
+//! a last-bit difference into a one-step change of a quantized value now and then, and 28
+//! layers carry it on. At our own near tie llama.cpp's token must still be one of our top two.
 
 use std::sync::Arc;
 
@@ -8,6 +16,27 @@ use strata_engine::sampler::argmax;
 use strata_engine::{Logits, Model};
 use strata_simd::pool::ThreadPool;
 use strata_tests::{GEMMA, QWEN, ids, model_path, reference};
+
+/// Top-two logits closer than this make a near tie.
+const TIE: f32 = 0.1;
+
+struct TopTwo {
+    first: usize,
+    second: usize,
+    margin: f32,
+}
+
+fn top_two(logits: &[f32]) -> Option<TopTwo> {
+    let first = argmax(logits) as usize;
+    let second = (0..logits.len())
+        .filter(|&i| i != first)
+        .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))?;
+    Some(TopTwo {
+        first,
+        second,
+        margin: logits[first] - logits[second],
+    })
+}
 
 fn check_model(name: &str) {
     let model = Model::load(&model_path(name)).expect("load model");
@@ -49,17 +78,39 @@ fn check_model(name: &str) {
             logits[top_id]
         );
         let mut got = vec![argmax(logits)];
+        let mut our_tie = top_two(logits).filter(|t| t.margin < TIE).map(|t| (0, t));
         while got.len() < want.len() {
             let last = *got.last().expect("a token");
             let logits = model
                 .forward(&mut ctx, &[last], Logits::Last)
                 .expect("decode");
             got.push(argmax(logits));
+            if our_tie.is_none() {
+                let step = got.len() - 1;
+                our_tie = top_two(logits)
+                    .filter(|t| t.margin < TIE)
+                    .map(|t| (step, t));
+            }
         }
+        let must_match = match our_tie {
+            Some((step, t)) if step < must_match => {
+                let w = want[step] as usize;
+                assert!(
+                    got[..step] != want[..step] || w == t.first || w == t.second,
+                    "{name} {prompt:?}: at our near tie (step {step}, margin {:.3}) llama.cpp's \
+                     token {w} is not one of our top two ({}, {})",
+                    t.margin,
+                    t.first,
+                    t.second
+                );
+                step
+            }
+            _ => must_match,
+        };
         assert_eq!(
             got[..must_match],
             want[..must_match],
-            "{name} {prompt:?}: greedy tokens differ before llama.cpp's first near tie (step {must_match})"
+            "{name} {prompt:?}: greedy tokens differ before the first near tie (step {must_match})"
         );
         let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
         eprintln!(

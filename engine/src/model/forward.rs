@@ -4,7 +4,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use strata_simd::matmul::{MatRef, MatmulScratch, matmul};
+use strata_simd::matmul::{Layout, MatRef, MatmulScratch, matmul};
 use strata_simd::ops::{
     AttnParams, attention, gelu_tanh_mul, rms_norm, rms_norm_inplace, silu_mul,
 };
@@ -587,6 +587,7 @@ impl Model {
                     data: h.0.bytes(),
                     rows: h.1.rows,
                     cols: h.1.cols,
+                    layout: Layout::Rows,
                 }
             }
             matmul(pool, mat_ref(&hg), &buf.ex_x, m, &mut buf.g[..m * nff], mm)?;
@@ -643,6 +644,7 @@ impl Model {
                 data: h.bytes(),
                 rows: m.rows,
                 cols: m.cols,
+                layout: m.layout,
             };
             matmul(pool, w, x, n, out, mm)?;
             return Ok(());
@@ -658,6 +660,7 @@ impl Model {
                 data: h.bytes(),
                 rows: r1 - r0,
                 cols: m.cols,
+                layout: Layout::Rows,
             };
             if n == 1 {
                 matmul(pool, w, x, 1, &mut out[r0..r1], mm)?;

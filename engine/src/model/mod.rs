@@ -9,6 +9,7 @@ pub mod names;
 use std::path::Path;
 use std::sync::Arc;
 
+use strata_simd::matmul::{INTERLEAVE_ROWS, Layout};
 use strata_simd::ops::Rope;
 use strata_simd::pool::ThreadPool;
 use strata_storage::gguf::GgufFile;
@@ -32,6 +33,8 @@ pub(crate) struct Mat {
     pub rows: usize,
     /// Input features (the contiguous dimension).
     pub cols: usize,
+    /// Row-major as in the file, or interleaved for the decode kernels at load.
+    pub layout: Layout,
 }
 
 /// One transformer block's tensors. Vectors (norms, biases) are decoded to f32 at load; the
@@ -58,6 +61,23 @@ pub(crate) struct Layer {
 pub(crate) enum Ffn {
     Dense { gate: Mat, up: Mat, down: Mat },
     Moe(Moe),
+}
+
+impl Layer {
+    /// The layer's dense matrices (not the stacked experts, nor the router, which expert
+    /// prediction reads on its own).
+    fn dense_mats_mut(&mut self) -> Vec<&mut Mat> {
+        let mut v = vec![&mut self.q, &mut self.k, &mut self.v, &mut self.o];
+        match &mut self.ffn {
+            Ffn::Dense { gate, up, down } => v.extend([gate, up, down]),
+            Ffn::Moe(m) => {
+                if let Some((g, u, d, _)) = &mut m.shared {
+                    v.extend([g, u, d]);
+                }
+            }
+        }
+        v
+    }
 }
 
 /// Stacked expert matrices: expert `e`'s `rows × cols` matrix is the `e`-th slab.
@@ -184,12 +204,12 @@ impl Model {
     fn from_weights(
         config: ModelConfig,
         tokenizer: Tokenizer,
-        weights: Weights,
+        mut weights: Weights,
     ) -> Result<Self, EngineError> {
         let c = &config;
         let (e, q, kv, ff) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff);
         let token_embd = mat(&weights, names::TOKEN_EMBD, e, c.n_vocab)?;
-        let output = if weights.id(names::OUTPUT).is_some() {
+        let mut output = if weights.id(names::OUTPUT).is_some() {
             mat(&weights, names::OUTPUT, e, c.n_vocab)?
         } else {
             token_embd
@@ -268,6 +288,19 @@ impl Model {
                 post_ffn_norm: req(LayerTensor::PostFfnNorm, e, tr.post_norms)?,
                 swa: c.swa_layers[il],
             });
+        }
+        // Resident matrices are interleaved for the decode kernels where the CPU has them; the
+        // embedding table keeps its rows (they are looked up one by one), and so does an output
+        // projection tied to it.
+        if interleave_enabled() {
+            for l in &mut layers {
+                for m in l.dense_mats_mut() {
+                    interleave_mat(&mut weights, m)?;
+                }
+            }
+            if output.id != token_embd.id {
+                interleave_mat(&mut weights, &mut output)?;
+            }
         }
         let kind = c.traits.rope;
         let rope_global = Rope::new(kind, c.n_rot, c.rope_base, c.rope_freq_scale);
@@ -351,9 +384,36 @@ impl Model {
     }
 }
 
+/// Whether to interleave resident matrices at load (`STRATA_INTERLEAVE=0` keeps the file's
+/// row-major layout, for comparisons).
+fn interleave_enabled() -> bool {
+    std::env::var("STRATA_INTERLEAVE").map_or(true, |v| v != "0")
+}
+
+/// Interleaves `m` in place when it is resident and its type has the layout at this SIMD level.
+fn interleave_mat(weights: &mut Weights, m: &mut Mat) -> Result<(), EngineError> {
+    if m.rows < INTERLEAVE_ROWS || !strata_simd::matmul::can_interleave(m.ty) {
+        return Ok(());
+    }
+    let (ty, rows, cols) = (m.ty, m.rows, m.cols);
+    let done = weights.rewrite_resident(m.id, |bytes| {
+        strata_simd::matmul::interleave(ty, bytes, rows, cols)
+    })?;
+    if done {
+        m.layout = Layout::Interleaved;
+    }
+    Ok(())
+}
+
 fn mat(weights: &Weights, name: &str, cols: usize, rows: usize) -> Result<Mat, EngineError> {
     let (id, ty) = matrix(weights, name, vec![cols as u64, rows as u64])?;
-    Ok(Mat { id, ty, rows, cols })
+    Ok(Mat {
+        id,
+        ty,
+        rows,
+        cols,
+        layout: Layout::Rows,
+    })
 }
 
 /// A weight matrix (or stack of them) by name, checked to have `expected` dims and a type the
@@ -416,7 +476,13 @@ fn experts(
     let dims = vec![cols as u64, rows as u64, n_expert as u64];
     let (id, ty) = matrix(weights, name, dims)?;
     Ok(Experts {
-        mat: Mat { id, ty, rows, cols },
+        mat: Mat {
+            id,
+            ty,
+            rows,
+            cols,
+            layout: Layout::Rows,
+        },
         n_expert,
     })
 }

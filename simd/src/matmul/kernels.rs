@@ -21,6 +21,18 @@ pub(crate) const MULTI_TOKENS: usize = 4;
 /// Quantizes a row of f32 activations into the partner format.
 pub(crate) type QuantFn = fn(&[f32], &mut [u8]);
 
+/// One 16-row tile of an interleaved matrix (`matmul::interleave`) against 1..=
+/// [`INTERLEAVED_TOKENS`] tokens: block count, the tile's bytes, the first token's activation
+/// row onwards, the stride between activation rows, the token count, where token `t`'s 16
+/// results go (`out + t * out_stride`), and `out_stride`.
+///
+/// # Safety
+/// `out + t * out_stride` must be valid for writing 16 f32 for every token `t`, and no other
+/// thread may access them during the call. The slices are checked.
+pub(crate) type InterleavedFn = unsafe fn(usize, &[u8], &[u8], usize, usize, *mut f32, usize);
+/// The most tokens one [`InterleavedFn`] call takes.
+pub(crate) const INTERLEAVED_TOKENS: usize = 4;
+
 /// Weight rows in one tile of the tiled GEMM.
 pub(crate) const GEMM_ROWS: usize = 16;
 
@@ -42,6 +54,9 @@ pub(crate) struct Gemm {
     pub(crate) side_bytes: usize,
     /// Multiplies a packed tile into tokens; see [`GemmRunFn`].
     pub(crate) run: GemmRunFn,
+    /// Packs a tile of an interleaved matrix (same arguments as `pack`, the tile's bytes
+    /// from its start), for the types that have that layout.
+    pub(crate) pack_interleaved: Option<PackFn>,
 }
 
 pub(crate) type PackFn = fn(usize, &[u8], usize, &mut [u8]);
@@ -105,6 +120,9 @@ pub(crate) struct Kernel {
     pub(crate) multi: Option<MultiFn>,
     /// The tiled GEMM for larger batches, where this type and level have one.
     pub(crate) gemm: Option<Gemm>,
+    /// The kernel over the interleaved layout, where this type and level have one (matrices
+    /// are only interleaved then).
+    pub(crate) interleaved: Option<InterleavedFn>,
 }
 
 /// The kernel for `ty` at `level`, lowered to what this CPU has; `None` for unsupported types.
@@ -117,6 +135,7 @@ pub(crate) fn kernel(ty: GgmlType, level: Level) -> Option<Kernel> {
         dot: dot(ty, level)?,
         multi: multi(ty, level),
         gemm: gemm(ty, level),
+        interleaved: interleaved(ty, level),
     })
 }
 
@@ -181,13 +200,20 @@ fn gemm(_ty: GgmlType, _level: Level) -> Option<Gemm> {
     None
 }
 
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) fn interleaved(_ty: GgmlType, _level: Level) -> Option<InterleavedFn> {
+    None
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::interleaved;
 #[cfg(target_arch = "x86_64")]
 use x86::{dot, gemm, multi, quantizer};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::*;
-    use crate::arch::x86_64::{avx2, avx512, gemm as tiled, multi};
+    use crate::arch::x86_64::{avx2, avx512, gemm as tiled, interleaved as il, multi};
 
     /// A safe wrapper around an `unsafe` SIMD dot product. Sound because [`dot`] hands it out
     /// only when `dispatch::detected()` is at least the level the kernel needs, and the
@@ -330,6 +356,40 @@ mod x86 {
 
     wrap_pack!(pack_q4_k, tiled::pack_q4_k, T::Q4K, tiled::Q4K_PACKED);
     wrap_pack!(pack_q6_k, tiled::pack_q6_k, T::Q6K, tiled::Q6K_PACKED);
+
+    /// Packers of interleaved tiles, sound as `wrap_pack!`'s: handed out by [`gemm`] only
+    /// with AVX-512 VNNI, lengths checked here.
+    macro_rules! wrap_pack_interleaved {
+        ($name:ident, $kernel:path, $wty:expr, $tile_block:expr, $packed:expr) => {
+            fn $name(cols: usize, w: &[u8], row_bytes: usize, dst: &mut [u8]) {
+                let nb = cols / 256;
+                assert!(
+                    cols.is_multiple_of(256)
+                        && row_bytes == $wty.row_bytes(cols)
+                        && w.len() >= nb * $tile_block
+                        && dst.len() >= nb * $packed,
+                    "interleaved tile packer called with short rows"
+                );
+                // SAFETY: the CPU has the features; `nb` tile blocks and packed blocks are in
+                // bounds (checked above).
+                unsafe { $kernel(w.as_ptr(), nb, dst.as_mut_ptr()) }
+            }
+        };
+    }
+    wrap_pack_interleaved!(
+        pack_q4_k_interleaved,
+        tiled::pack_q4_k_interleaved,
+        T::Q4K,
+        crate::matmul::interleave::Q4K_TILE_BLOCK,
+        tiled::Q4K_PACKED
+    );
+    wrap_pack_interleaved!(
+        pack_q6_k_interleaved,
+        tiled::pack_q6_k_interleaved,
+        T::Q6K,
+        crate::matmul::interleave::Q6K_TILE_BLOCK,
+        tiled::Q6K_PACKED
+    );
     wrap_pack!(pack_q4_0, tiled::pack_q4_0, T::Q4_0, tiled::LEGACY_PACKED);
     wrap_pack!(pack_q5_0, tiled::pack_q5_0, T::Q5_0, tiled::LEGACY_PACKED);
     wrap_pack!(pack_q8_0, tiled::pack_q8_0, T::Q8_0, tiled::LEGACY_PACKED);
@@ -431,13 +491,14 @@ mod x86 {
         if level < Level::Avx512Vnni {
             return None;
         }
-        let k_quant = |pack: PackFn, packed_block, run| Gemm {
+        let k_quant = |pack: PackFn, packed_block, run, pack_interleaved| Gemm {
             block_k: 256,
             packed_block,
             pack,
             side: None,
             side_bytes: 0,
             run,
+            pack_interleaved,
         };
         let legacy = |pack: PackFn, side: SideFn| Gemm {
             block_k: 32,
@@ -446,15 +507,75 @@ mod x86 {
             side: Some(side),
             side_bytes: 8,
             run: run_legacy,
+            pack_interleaved: None,
         };
         Some(match ty {
-            T::Q4K => k_quant(pack_q4_k, tiled::Q4K_PACKED, run_q4_k),
-            T::Q6K => k_quant(pack_q6_k, tiled::Q6K_PACKED, run_q6_k),
+            T::Q4K => k_quant(
+                pack_q4_k,
+                tiled::Q4K_PACKED,
+                run_q4_k,
+                Some(pack_q4_k_interleaved as PackFn),
+            ),
+            T::Q6K => k_quant(
+                pack_q6_k,
+                tiled::Q6K_PACKED,
+                run_q6_k,
+                Some(pack_q6_k_interleaved as PackFn),
+            ),
             T::Q4_0 => legacy(pack_q4_0, side_q4_0),
             T::Q5_0 => legacy(pack_q5_0, side_q5_0),
             T::Q8_0 => legacy(pack_q8_0, side_q8_0),
             _ => return None,
         })
+    }
+
+    /// A safe-to-hand-out wrapper around an interleaved kernel family
+    /// (`interleaved::$k::<NT>`), sound as `wrap_dot!`'s: [`interleaved`] hands it out only
+    /// when the CPU has AVX-512 VNNI, and the lengths are checked here.
+    macro_rules! wrap_interleaved {
+        ($name:ident, $k:ident, $tile_block:expr) => {
+            /// # Safety
+            /// See [`InterleavedFn`].
+            unsafe fn $name(
+                nb: usize,
+                tile: &[u8],
+                act: &[u8],
+                act_row: usize,
+                nt: usize,
+                out: *mut f32,
+                out_stride: usize,
+            ) {
+                let row = T::Q8K.row_bytes(nb * 256);
+                assert!(
+                    (1..=INTERLEAVED_TOKENS).contains(&nt)
+                        && tile.len() >= nb * $tile_block
+                        && act_row >= row
+                        && act.len() >= (nt - 1) * act_row + row,
+                    "interleaved kernel called with short rows"
+                );
+                let (w, a) = (tile.as_ptr(), act.as_ptr());
+                // SAFETY: the CPU has the features (see above); the tile and `nt` activation
+                // rows hold `nb` blocks (checked); the outputs are the caller's.
+                unsafe {
+                    match nt {
+                        1 => il::$k::<1>(nb, w, a, act_row, out, out_stride),
+                        2 => il::$k::<2>(nb, w, a, act_row, out, out_stride),
+                        3 => il::$k::<3>(nb, w, a, act_row, out, out_stride),
+                        _ => il::$k::<4>(nb, w, a, act_row, out, out_stride),
+                    }
+                }
+            }
+        };
+    }
+    wrap_interleaved!(il_q4_k, q4k, crate::matmul::interleave::Q4K_TILE_BLOCK);
+    wrap_interleaved!(il_q6_k, q6k, crate::matmul::interleave::Q6K_TILE_BLOCK);
+
+    pub(crate) fn interleaved(ty: GgmlType, level: Level) -> Option<InterleavedFn> {
+        match ty {
+            T::Q4K if level.min(dispatch::detected()) >= Level::Avx512Vnni => Some(il_q4_k),
+            T::Q6K if level.min(dispatch::detected()) >= Level::Avx512Vnni => Some(il_q6_k),
+            _ => None,
+        }
     }
 
     wrap_dot!(avx2_f32, avx2::dot_f32, T::F32, Act::F32);

@@ -471,6 +471,32 @@ impl Weights {
             .ok_or(ResidencyError::UnknownTensor(id.0))
     }
 
+    /// Rewrites a resident tensor's bytes in place with `f` (a layout change of the same size,
+    /// such as interleaving rows for the decode kernels), before any handle to it exists.
+    /// Returns `Ok(false)` without calling `f` when the tensor is not resident in this
+    /// process's own memory (streamed, cold, mapped from the file, or already handed out):
+    /// such bytes are read again from the file and must keep the file's layout.
+    pub fn rewrite_resident<E>(
+        &mut self,
+        id: TensorId,
+        f: impl FnOnce(&mut [u8]) -> Result<bool, E>,
+    ) -> Result<bool, E> {
+        let (Some(info), Some(Place::Hot(off))) = (
+            self.gguf.tensors.get(id.index()),
+            self.places.get(id.index()),
+        ) else {
+            return Ok(false);
+        };
+        let (off, len) = (*off as usize, info.n_bytes as usize);
+        let Backing::Read { hot, .. } = &mut self.backing else {
+            return Ok(false);
+        };
+        match Arc::get_mut(hot) {
+            Some(buf) if off + len <= buf.len() => f(&mut buf.as_mut_slice()[off..off + len]),
+            _ => Ok(false),
+        }
+    }
+
     /// In how many row ranges the tensor is held; [`Weights::acquire_part`] takes each. A
     /// tensor larger than a streaming buffer is cut by rows; every other tensor has one part.
     pub fn parts(&self, id: TensorId) -> Result<usize, ResidencyError> {

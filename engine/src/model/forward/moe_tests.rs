@@ -15,9 +15,14 @@ fn dense(m: &Model, mat: Mat, slab: usize) -> Vec<f32> {
     let h = m.weights.acquire(mat.id).expect("acquire");
     let rb = mat.ty.row_bytes(mat.cols);
     let base = slab * mat.rows * rb;
+    let mut bytes = h.bytes()[base..base + mat.rows * rb].to_vec();
+    if mat.layout == strata_simd::matmul::Layout::Interleaved {
+        strata_simd::matmul::deinterleave(mat.ty, &mut bytes, mat.rows, mat.cols)
+            .expect("deinterleave");
+    }
     let mut out = vec![0f32; mat.rows * mat.cols];
     for r in 0..mat.rows {
-        let src = &h.bytes()[base + r * rb..base + (r + 1) * rb];
+        let src = &bytes[r * rb..(r + 1) * rb];
         dequantize_row(mat.ty, src, &mut out[r * mat.cols..(r + 1) * mat.cols])
             .expect("dequantize");
     }

@@ -186,6 +186,100 @@ pub(crate) unsafe fn pack_q4_k(w: *const u8, row_bytes: usize, nb: usize, dst: *
     }
 }
 
+/// Packs one interleaved Q4_K tile (`matmul::interleave`: `nb` tile blocks at `w`) into `nb`
+/// blocks of [`Q4K_PACKED`] bytes at `dst`: the quants are already grouped by row lanes, so
+/// this is masks and stores, no gathers.
+///
+/// # Safety
+/// `w` must be valid for `nb * Q4K_TILE_BLOCK` bytes; `dst` for `nb * Q4K_PACKED` bytes.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+pub(crate) unsafe fn pack_q4_k_interleaved(w: *const u8, nb: usize, dst: *mut u8) {
+    use crate::matmul::interleave::Q4K_TILE_BLOCK;
+    let m4 = _mm512_set1_epi8(0xF);
+    for b in 0..nb {
+        // SAFETY: tile block b and packed block b are in bounds (contract).
+        unsafe {
+            let x = w.add(Q4K_TILE_BLOCK * b);
+            let p = dst.add(Q4K_PACKED * b);
+            for g in 0..32 {
+                let v = load(x.add(256 + 64 * g));
+                store(p.add(64 * (2 * g)), _mm512_and_si512(v, m4));
+                let hi = _mm512_and_si512(_mm512_srli_epi32::<4>(v), m4);
+                store(p.add(64 * (2 * g + 1)), hi);
+            }
+            let sm = |r: usize| -> [u8; 12] { std::array::from_fn(|j| *x.add(64 + 16 * j + r)) };
+            type L = KLayout<8>;
+            for j in 0..8 {
+                put_lanes(p.add(L::SCALES + 64 * j), |r| {
+                    get_scale_min_k4(j, &sm(r)).0 as f32
+                });
+                put_lanes(p.add(L::PAIRS + 64 * j), |r| {
+                    let m = u32::from(get_scale_min_k4(j, &sm(r)).1);
+                    m | (m << 16)
+                });
+            }
+            put_lanes(p.add(L::D), |r| f16_at(x.add(2 * r)));
+            put_lanes(p.add(L::CORR), |r| -f16_at(x.add(32 + 2 * r)));
+        }
+    }
+}
+
+/// Packs one interleaved Q6_K tile (`nb` tile blocks at `w`) into `nb` blocks of
+/// [`Q6K_PACKED`] bytes at `dst`.
+///
+/// # Safety
+/// `w` must be valid for `nb * Q6K_TILE_BLOCK` bytes; `dst` for `nb * Q6K_PACKED` bytes.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+pub(crate) unsafe fn pack_q6_k_interleaved(w: *const u8, nb: usize, dst: *mut u8) {
+    use crate::matmul::interleave::{Q6K_HIGH, Q6K_LOW, Q6K_SCALES, Q6K_TILE_BLOCK};
+    let m4 = _mm512_set1_epi8(0xF);
+    let m48 = _mm512_set1_epi8(0x30);
+    for b in 0..nb {
+        // SAFETY: tile block b and packed block b are in bounds (contract).
+        unsafe {
+            let x = w.add(Q6K_TILE_BLOCK * b);
+            let p = dst.add(Q6K_PACKED * b);
+            for s in 0..16 {
+                let w0 = load(x.add(Q6K_LOW + 128 * s));
+                let w1 = load(x.add(Q6K_LOW + 128 * s + 64));
+                let h = load(x.add(Q6K_HIGH + 64 * s));
+                let q = [
+                    _mm512_or_si512(
+                        _mm512_and_si512(w0, m4),
+                        _mm512_and_si512(_mm512_slli_epi16::<4>(h), m48),
+                    ),
+                    _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(w0), m4),
+                        _mm512_and_si512(_mm512_slli_epi16::<2>(h), m48),
+                    ),
+                    _mm512_or_si512(_mm512_and_si512(w1, m4), _mm512_and_si512(h, m48)),
+                    _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(w1), m4),
+                        _mm512_and_si512(_mm512_srli_epi16::<2>(h), m48),
+                    ),
+                ];
+                for (i, qi) in q.into_iter().enumerate() {
+                    store(p.add(64 * (4 * s + i)), qi);
+                }
+            }
+            let sc = |r: usize, s: usize| *x.add(Q6K_SCALES + 16 * s + r).cast::<i8>();
+            type L = KLayout<16>;
+            for s in 0..16 {
+                put_lanes(p.add(L::SCALES + 64 * s), |r| sc(r, s) as f32);
+            }
+            for pair in 0..8 {
+                put_lanes(p.add(L::PAIRS + 64 * pair), |r| {
+                    let lo = sc(r, 2 * pair) as i16 as u16 as u32;
+                    let hi = sc(r, 2 * pair + 1) as i16 as u16 as u32;
+                    lo | (hi << 16)
+                });
+            }
+            put_lanes(p.add(L::D), |r| f16_at(x.add(2 * r)));
+            put_lanes(p.add(L::CORR), |r| -32.0 * f16_at(x.add(2 * r)));
+        }
+    }
+}
+
 /// Packs 16 Q6_K rows of `nb` blocks into `nb` blocks of [`Q6K_PACKED`] bytes at `dst`.
 ///
 /// # Safety

@@ -1,0 +1,210 @@
+//! Kernels over the interleaved weight layout (`matmul::interleave`): one tile of 16 rows against 1 to 4
+//! tokens, AVX-512 VNNI. Each 512-bit weight vector holds 4 columns of each of the 16 rows;
+//! an activation's 4 bytes are broadcast and one `vpdpbusd` adds 16 rows × 4 products, so the
+//! 16 results build up in the lanes without any horizontal reduction.
+//!
+//! Contract of every `unsafe fn` here: the CPU has AVX-512 F/BW/VL/DQ and VNNI (plus AVX2,
+//! FMA, F16C); the pointers are valid for the bytes the function's docs name.
+
+use std::arch::x86_64::*;
+
+use crate::matmul::interleave::{Q4K_TILE_BLOCK, Q6K_HIGH, Q6K_LOW, Q6K_SCALES, Q6K_TILE_BLOCK};
+
+/// Bytes of one Q8_K activation block: d (f32), 256 quants, 16 block sums (i16).
+const Q8K_BLOCK: usize = 292;
+
+/// The 4 bytes at `p` in every 32-bit lane.
+///
+/// # Safety
+/// `p` must be valid for reading 4 bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+unsafe fn bcast4(p: *const u8) -> __m512i {
+    // SAFETY: the caller guarantees 4 readable bytes.
+    _mm512_set1_epi32(unsafe { p.cast::<i32>().read_unaligned() })
+}
+
+/// 16 lanes × `NT` tokens of a Q4_K tile: `out + t * out_stride` receives the 16 rows'
+/// results for token `t`.
+///
+/// # Safety
+/// See the module docs; `tile` holds `nb` tile blocks, `act + t * act_row` holds `nb` Q8_K
+/// blocks for every `t < NT`, and `out + t * out_stride` is valid for writing 16 f32.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+#[expect(
+    clippy::needless_range_loop,
+    reason = "token and sub-block indices address several register arrays in step"
+)]
+pub(crate) unsafe fn q4k<const NT: usize>(
+    nb: usize,
+    tile: *const u8,
+    act: *const u8,
+    act_row: usize,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    let m4 = _mm512_set1_epi8(0xF);
+    let m63 = _mm_set1_epi8(63);
+    let m15 = _mm_set1_epi8(15);
+    let m48 = _mm_set1_epi8(0x30);
+    // vpermd indices broadcasting i32 lane p of a 128-bit vector.
+    let pick = [
+        _mm512_set1_epi32(0),
+        _mm512_set1_epi32(1),
+        _mm512_set1_epi32(2),
+        _mm512_set1_epi32(3),
+    ];
+    let mut acc = [_mm512_setzero_ps(); NT];
+    for b in 0..nb {
+        // SAFETY: block b of the tile and of every token's activations is in bounds (caller);
+        // every offset below stays inside them.
+        unsafe {
+            let x = tile.add(b * Q4K_TILE_BLOCK);
+            let dvec = _mm512_cvtph_ps(_mm256_loadu_si256(x.cast()));
+            let mvec = _mm512_cvtph_ps(_mm256_loadu_si256(x.add(32).cast()));
+            let q = |j: usize| _mm_loadu_si128(x.add(64 + 16 * j).cast());
+            // The 6-bit scales and mins of the 8 sub-blocks, one byte per row.
+            let mut sc = [_mm_setzero_si128(); 8];
+            let mut mn = [_mm_setzero_si128(); 8];
+            for s in 0..4 {
+                sc[s] = _mm_and_si128(q(s), m63);
+                mn[s] = _mm_and_si128(q(s + 4), m63);
+            }
+            for s in 4..8 {
+                // (byte >> 6) << 4 is (byte >> 2) & 0x30.
+                let top_s = _mm_and_si128(_mm_srli_epi16::<2>(q(s - 4)), m48);
+                let top_m = _mm_and_si128(_mm_srli_epi16::<2>(q(s)), m48);
+                sc[s] = _mm_or_si128(_mm_and_si128(q(s + 4), m15), top_s);
+                mn[s] = _mm_or_si128(_mm_and_si128(_mm_srli_epi16::<4>(q(s + 4)), m15), top_m);
+            }
+            // Mins against the block sums: Σ_s min_s · bsum_s per row, as i16 pairs.
+            let mut mins = [_mm512_setzero_si512(); 4];
+            for p in 0..4 {
+                let lo = _mm_unpacklo_epi8(mn[2 * p], mn[2 * p + 1]);
+                let hi = _mm_unpackhi_epi8(mn[2 * p], mn[2 * p + 1]);
+                mins[p] = _mm512_cvtepu8_epi16(_mm256_set_m128i(hi, lo));
+            }
+            for t in 0..NT {
+                let y = act.add(t * act_row + b * Q8K_BLOCK);
+                let bs = _mm256_loadu_si256(y.add(260).cast());
+                // bsum of sub-block s (32 columns) = the two 16-column sums.
+                let bsum = _mm_hadd_epi16(
+                    _mm256_castsi256_si128(bs),
+                    _mm256_extracti128_si256::<1>(bs),
+                );
+                let bsum = _mm512_castsi128_si512(bsum);
+                let mut m = _mm512_setzero_si512();
+                for p in 0..4 {
+                    let pair = _mm512_permutexvar_epi32(pick[p], bsum);
+                    m = _mm512_add_epi32(m, _mm512_madd_epi16(mins[p], pair));
+                }
+                let dy = _mm512_set1_ps(y.cast::<f32>().read_unaligned());
+                acc[t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(m), _mm512_mul_ps(mvec, dy), acc[t]);
+            }
+            let mut accb = [_mm512_setzero_ps(); NT];
+            for s in 0..8 {
+                let g0 = x.add(256 + 256 * s);
+                let mut lo = [_mm512_setzero_si512(); 4];
+                let mut hi = [_mm512_setzero_si512(); 4];
+                for g in 0..4 {
+                    let w = _mm512_loadu_si512(g0.add(64 * g).cast());
+                    lo[g] = _mm512_and_si512(w, m4);
+                    hi[g] = _mm512_and_si512(_mm512_srli_epi16::<4>(w), m4);
+                }
+                let scf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(sc[s]));
+                for t in 0..NT {
+                    let a = act.add(t * act_row + b * Q8K_BLOCK + 4 + 32 * s);
+                    let mut isum = _mm512_setzero_si512();
+                    for g in 0..4 {
+                        isum = _mm512_dpbusd_epi32(isum, lo[g], bcast4(a.add(8 * g)));
+                        isum = _mm512_dpbusd_epi32(isum, hi[g], bcast4(a.add(8 * g + 4)));
+                    }
+                    accb[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scf, accb[t]);
+                }
+            }
+            for t in 0..NT {
+                let y = act.add(t * act_row + b * Q8K_BLOCK);
+                let dy = _mm512_set1_ps(y.cast::<f32>().read_unaligned());
+                acc[t] = _mm512_fmadd_ps(accb[t], _mm512_mul_ps(dvec, dy), acc[t]);
+            }
+        }
+    }
+    for (t, a) in acc.iter().enumerate() {
+        // SAFETY: 16 writable f32 at out + t * out_stride (caller).
+        unsafe { _mm512_storeu_ps(out.add(t * out_stride), *a) };
+    }
+}
+
+/// As [`q4k`], for a Q6_K tile. The quants' `- 32` comes out per 16-column sub-block as
+/// `32 · bsum` (Q8_K's block sums are exactly those 16-column sums).
+///
+/// # Safety
+/// As [`q4k`], with Q6_K tile blocks.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+#[expect(
+    clippy::needless_range_loop,
+    reason = "token indices address several register arrays in step"
+)]
+pub(crate) unsafe fn q6k<const NT: usize>(
+    nb: usize,
+    tile: *const u8,
+    act: *const u8,
+    act_row: usize,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    let m4 = _mm512_set1_epi8(0xF);
+    let m48 = _mm512_set1_epi8(0x30);
+    let mut acc = [_mm512_setzero_ps(); NT];
+    for b in 0..nb {
+        // SAFETY: block b of the tile and of every token's activations is in bounds (caller);
+        // every offset below stays inside them.
+        unsafe {
+            let x = tile.add(b * Q6K_TILE_BLOCK);
+            let dvec = _mm512_cvtph_ps(_mm256_loadu_si256(x.cast()));
+            let mut accb = [_mm512_setzero_ps(); NT];
+            for s in 0..16 {
+                let w0 = _mm512_loadu_si512(x.add(Q6K_LOW + 128 * s).cast());
+                let w1 = _mm512_loadu_si512(x.add(Q6K_LOW + 128 * s + 64).cast());
+                let h = _mm512_loadu_si512(x.add(Q6K_HIGH + 64 * s).cast());
+                // Top bits 2q..2q + 2 of each byte moved to bits 4..6.
+                let q = [
+                    _mm512_or_si512(
+                        _mm512_and_si512(w0, m4),
+                        _mm512_and_si512(_mm512_slli_epi16::<4>(h), m48),
+                    ),
+                    _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(w0), m4),
+                        _mm512_and_si512(_mm512_slli_epi16::<2>(h), m48),
+                    ),
+                    _mm512_or_si512(_mm512_and_si512(w1, m4), _mm512_and_si512(h, m48)),
+                    _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(w1), m4),
+                        _mm512_and_si512(_mm512_srli_epi16::<2>(h), m48),
+                    ),
+                ];
+                let sc = _mm_loadu_si128(x.add(Q6K_SCALES + 16 * s).cast());
+                let scf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc));
+                for t in 0..NT {
+                    let y = act.add(t * act_row + b * Q8K_BLOCK);
+                    let a = y.add(4 + 16 * s);
+                    let bsum = i32::from(y.add(260 + 2 * s).cast::<i16>().read_unaligned());
+                    let mut isum = _mm512_set1_epi32(-32 * bsum);
+                    for (i, qi) in q.iter().enumerate() {
+                        isum = _mm512_dpbusd_epi32(isum, *qi, bcast4(a.add(4 * i)));
+                    }
+                    accb[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scf, accb[t]);
+                }
+            }
+            for t in 0..NT {
+                let y = act.add(t * act_row + b * Q8K_BLOCK);
+                let dy = _mm512_set1_ps(y.cast::<f32>().read_unaligned());
+                acc[t] = _mm512_fmadd_ps(accb[t], _mm512_mul_ps(dvec, dy), acc[t]);
+            }
+        }
+    }
+    for (t, a) in acc.iter().enumerate() {
+        // SAFETY: 16 writable f32 at out + t * out_stride (caller).
+        unsafe { _mm512_storeu_ps(out.add(t * out_stride), *a) };
+    }
+}

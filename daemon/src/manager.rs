@@ -57,6 +57,7 @@ impl Residency {
             mmap: self.mmap,
             row_access: Vec::new(),
             io,
+            keep_file_layout: false,
         })
     }
 }

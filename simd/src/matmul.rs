@@ -83,6 +83,26 @@ pub fn deinterleave(
     Ok(())
 }
 
+/// The 16 row-major rows of one tile of an interleaved matrix (`tile` and `dst` are both
+/// `16 * ty.row_bytes(cols)` bytes): how an interleaved embedding table gives a token's row.
+pub fn deinterleave_tile(
+    ty: GgmlType,
+    tile: &[u8],
+    cols: usize,
+    dst: &mut [u8],
+) -> Result<(), SimdError> {
+    if !interleave::has_layout(ty) {
+        return Err(SimdError::NoInterleavedKernel {
+            ty,
+            level: dispatch::level().name(),
+        });
+    }
+    check_bytes(ty, tile.len(), INTERLEAVE_ROWS, cols)?;
+    check_bytes(ty, dst.len(), INTERLEAVE_ROWS, cols)?;
+    interleave::unpack_tile(ty, tile, cols, dst);
+    Ok(())
+}
+
 fn check_bytes(ty: GgmlType, len: usize, rows: usize, cols: usize) -> Result<(), SimdError> {
     if !cols.is_multiple_of(ty.block_size()) {
         return Err(SimdError::Shape {

@@ -2,6 +2,11 @@
 //! qwen2.5-coder-1.5b: with `--ram-budget 30%` the layers and the output projection stream
 //! from disk (O_DIRECT, io_uring and the pread fallback), the greedy text is identical to the
 //! resident run's, and the process's peak RSS stays inside the budget plus a stated overhead.
+//!
+//! Streamed layers are computed in the file's row-major layout; a resident model repacks its
+//! matrices for faster kernels, whose rounding differs (logits within about 0.1, see
+//! `greedy_reference.rs`). The exact comparison is therefore with the resident run in the
+//! file's layout (`STRATA_INTERLEAVE=0`): the same arithmetic, only the placement differs.
 
 use std::process::Command;
 
@@ -18,8 +23,13 @@ struct Run {
 }
 
 fn run(extra: &[&str]) -> Run {
+    run_env(extra, &[])
+}
+
+fn run_env(extra: &[&str], env: &[(&str, &str)]) -> Run {
     let path = model_path(QWEN);
     let out = Command::new(strata_bin())
+        .envs(env.iter().copied())
         .args([
             "run",
             "-m",
@@ -55,11 +65,16 @@ fn run(extra: &[&str]) -> Run {
 fn thirty_percent_budget_gives_the_resident_text_inside_the_budget() {
     let size_mib = std::fs::metadata(model_path(QWEN)).expect("model").len() as f64 / 1048576.0;
     let budget_mib = size_mib * 0.3;
-    let resident = run(&[]);
+    let resident = run_env(&[], &[("STRATA_INTERLEAVE", "0")]);
     assert!(
         resident.stderr.contains("weights = resident"),
         "{}",
         resident.stderr
+    );
+    let repacked = run(&[]);
+    eprintln!(
+        "resident with repacked matrices gives the same text: {}",
+        repacked.text == resident.text
     );
     for io in ["uring", "pread"] {
         let streamed = run(&["--ram-budget", "30%", "--io", io]);
@@ -75,13 +90,13 @@ fn thirty_percent_budget_gives_the_resident_text_inside_the_budget() {
             streamed.peak_rss_mib
         );
         // The resident run holds the whole model; streaming must hold much less.
-        assert!(streamed.peak_rss_mib < resident.peak_rss_mib * 0.6);
+        assert!(streamed.peak_rss_mib < repacked.peak_rss_mib * 0.6);
     }
 }
 
 #[test]
 fn mmap_mode_gives_the_same_text() {
-    let resident = run(&[]);
+    let resident = run_env(&[], &[("STRATA_INTERLEAVE", "0")]);
     let mapped = run(&["--mmap"]);
     assert!(
         mapped.stderr.contains("weights = mmap,"),

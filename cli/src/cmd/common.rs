@@ -90,6 +90,7 @@ impl LoadArgs {
             mmap: self.mmap,
             row_access: Vec::new(),
             io,
+            keep_file_layout: false,
         })
     }
 }

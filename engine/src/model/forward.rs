@@ -4,7 +4,9 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use strata_simd::matmul::{Layout, MatRef, MatmulScratch, matmul};
+use strata_simd::matmul::{
+    INTERLEAVE_ROWS, Layout, MatRef, MatmulScratch, deinterleave_tile, matmul,
+};
 use strata_simd::ops::{
     AttnParams, attention, gelu_tanh_mul, rms_norm, rms_norm_inplace, silu_mul,
 };
@@ -92,6 +94,8 @@ struct Buffers {
     /// Token ids as embedding rows, and those rows' raw bytes.
     rows: Vec<u64>,
     raw: Vec<u8>,
+    /// An interleaved embedding tile and its rows, for the lookup.
+    tile: Vec<u8>,
 }
 
 impl Context {
@@ -290,11 +294,15 @@ impl Model {
 
         // Token embeddings: only their rows are read.
         let row_bytes = self.token_embd.ty.row_bytes(e);
-        buf.rows.clear();
-        buf.rows.extend(tokens.iter().map(|&t| u64::from(t)));
         buf.raw.resize(n * row_bytes, 0);
-        self.weights
-            .read_rows(self.token_embd.id, &buf.rows, &mut buf.raw)?;
+        if self.token_embd.layout == Layout::Interleaved {
+            self.embedding_rows_interleaved(tokens, buf)?;
+        } else {
+            buf.rows.clear();
+            buf.rows.extend(tokens.iter().map(|&t| u64::from(t)));
+            self.weights
+                .read_rows(self.token_embd.id, &buf.rows, &mut buf.raw)?;
+        }
         let scale = (e as f32).sqrt();
         for (t, src) in buf.raw.chunks_exact(row_bytes).enumerate() {
             let dst = &mut buf.x[t * e..(t + 1) * e];
@@ -622,6 +630,37 @@ impl Model {
             }
         }
         buf.xb[..n * e].copy_from_slice(&buf.acc);
+        Ok(())
+    }
+
+    /// The embedding rows of `tokens` into `buf.raw` from an interleaved table: each token's
+    /// whole tile is read and taken apart (rows past the last tile are row-major).
+    fn embedding_rows_interleaved(
+        &self,
+        tokens: &[u32],
+        buf: &mut Buffers,
+    ) -> Result<(), EngineError> {
+        let m = self.token_embd;
+        let row_bytes = m.ty.row_bytes(m.cols);
+        let tiles = m.rows / INTERLEAVE_ROWS;
+        buf.tile.resize(2 * INTERLEAVE_ROWS * row_bytes, 0);
+        let (tile, rows) = buf.tile.split_at_mut(INTERLEAVE_ROWS * row_bytes);
+        for (i, &t) in tokens.iter().enumerate() {
+            let t = t as usize;
+            let dst = &mut buf.raw[i * row_bytes..(i + 1) * row_bytes];
+            buf.rows.clear();
+            if t / INTERLEAVE_ROWS < tiles {
+                let first = (t / INTERLEAVE_ROWS * INTERLEAVE_ROWS) as u64;
+                buf.rows.extend(first..first + INTERLEAVE_ROWS as u64);
+                self.weights.read_rows(m.id, &buf.rows, tile)?;
+                deinterleave_tile(m.ty, tile, m.cols, rows)?;
+                let r = t % INTERLEAVE_ROWS;
+                dst.copy_from_slice(&rows[r * row_bytes..(r + 1) * row_bytes]);
+            } else {
+                buf.rows.push(t as u64);
+                self.weights.read_rows(m.id, &buf.rows, dst)?;
+            }
+        }
         Ok(())
     }
 

@@ -197,14 +197,16 @@ impl Model {
         if gguf.tensors.iter().any(|t| t.name == names::OUTPUT) {
             opts.row_access.push(names::TOKEN_EMBD.to_string());
         }
+        let interleave = !opts.keep_file_layout && interleave_enabled();
         let weights = Weights::open(path, gguf, &opts)?;
-        Self::from_weights(config, tokenizer, weights)
+        Self::from_weights(config, tokenizer, weights, interleave)
     }
 
     fn from_weights(
         config: ModelConfig,
         tokenizer: Tokenizer,
         mut weights: Weights,
+        interleave: bool,
     ) -> Result<Self, EngineError> {
         let c = &config;
         let (e, q, kv, ff) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff);
@@ -289,17 +291,21 @@ impl Model {
                 swa: c.swa_layers[il],
             });
         }
-        // Resident matrices are interleaved for the decode kernels where the CPU has them; the
-        // embedding table keeps its rows (they are looked up one by one), and so does an output
-        // projection tied to it.
-        if interleave_enabled() {
+        // Resident matrices are interleaved for the decode kernels where the CPU has them. An
+        // embedding table that is also the output projection is too (the output is the largest
+        // product of a step); its rows are then taken out of their tile at lookup. A separate
+        // embedding table keeps its rows.
+        let mut token_embd = token_embd;
+        if interleave {
             for l in &mut layers {
                 for m in l.dense_mats_mut() {
                     interleave_mat(&mut weights, m)?;
                 }
             }
-            if output.id != token_embd.id {
-                interleave_mat(&mut weights, &mut output)?;
+            let tied = output.id == token_embd.id;
+            interleave_mat(&mut weights, &mut output)?;
+            if tied {
+                token_embd = output;
             }
         }
         let kind = c.traits.rope;

@@ -45,9 +45,126 @@ pub(crate) const Q6K_SCALES: usize = 32;
 pub(crate) const Q6K_LOW: usize = 288;
 pub(crate) const Q6K_HIGH: usize = 2336;
 
+/// Legacy 32-column blocks: Q8_0 (34 bytes) and Q5_0 (22 bytes) per row.
+const Q8_0_BLOCK: usize = 34;
+const Q5_0_BLOCK: usize = 22;
+/// Bytes of one tile block of Q8_0 / Q5_0 (16 rows × 32 columns).
+pub(crate) const Q8_0_TILE_BLOCK: usize = TILE_ROWS * Q8_0_BLOCK;
+pub(crate) const Q5_0_TILE_BLOCK: usize = TILE_ROWS * Q5_0_BLOCK;
+/// Where the top bits of Q5_0's quants start in its tile block.
+pub(crate) const Q5_0_HIGH: usize = 288;
+
 /// The weight types that have an interleaved layout.
 pub(crate) fn has_layout(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4K | GgmlType::Q6K)
+    matches!(
+        ty,
+        GgmlType::Q4K | GgmlType::Q6K | GgmlType::Q8_0 | GgmlType::Q5_0
+    )
+}
+
+/// Q8_0 tile block: the rows' `d` (f16) in `[0, 32)`, then the quants plus 128 (unsigned) in 8
+/// groups of 4 columns: byte `32 + 64 g + 4 r + k` is column `4 g + k` of row `r`.
+fn pack_q8_0_tile(src: &[u8], nb: usize, dst: &mut [u8]) {
+    let row_bytes = nb * Q8_0_BLOCK;
+    for b in 0..nb {
+        let out = &mut dst[b * Q8_0_TILE_BLOCK..(b + 1) * Q8_0_TILE_BLOCK];
+        for r in 0..TILE_ROWS {
+            let blk = &src[r * row_bytes + b * Q8_0_BLOCK..][..Q8_0_BLOCK];
+            out[2 * r..2 * r + 2].copy_from_slice(&blk[0..2]);
+            for c in 0..32 {
+                out[32 + 64 * (c / 4) + 4 * r + c % 4] = blk[2 + c] ^ 0x80;
+            }
+        }
+    }
+}
+
+fn unpack_q8_0_tile(src: &[u8], nb: usize, dst: &mut [u8]) {
+    let row_bytes = nb * Q8_0_BLOCK;
+    for b in 0..nb {
+        let tile = &src[b * Q8_0_TILE_BLOCK..(b + 1) * Q8_0_TILE_BLOCK];
+        for r in 0..TILE_ROWS {
+            let blk = &mut dst[r * row_bytes + b * Q8_0_BLOCK..][..Q8_0_BLOCK];
+            blk[0..2].copy_from_slice(&tile[2 * r..2 * r + 2]);
+            for c in 0..32 {
+                blk[2 + c] = tile[32 + 64 * (c / 4) + 4 * r + c % 4] ^ 0x80;
+            }
+        }
+    }
+}
+
+/// Q5_0 tile block: `d` (f16) in `[0, 32)`; the low 4 bits in 4 groups of 8 columns, byte
+/// `32 + 64 g + 4 r + k` holding column `8 g + k` (low nibble) and `8 g + 4 + k` (high); the
+/// 5th bits from [`Q5_0_HIGH`]: bit `i` of byte `4 r + k` is column `4 i + k`'s.
+fn q5_0_value(blk: &[u8], c: usize) -> u8 {
+    let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+    let nib = if c < 16 {
+        blk[6 + c] & 0xF
+    } else {
+        blk[6 + c - 16] >> 4
+    };
+    nib | ((((qh >> c) & 1) as u8) << 4)
+}
+
+fn pack_q5_0_tile(src: &[u8], nb: usize, dst: &mut [u8]) {
+    let row_bytes = nb * Q5_0_BLOCK;
+    for b in 0..nb {
+        let out = &mut dst[b * Q5_0_TILE_BLOCK..(b + 1) * Q5_0_TILE_BLOCK];
+        out[32..].fill(0);
+        for r in 0..TILE_ROWS {
+            let blk = &src[r * row_bytes + b * Q5_0_BLOCK..][..Q5_0_BLOCK];
+            out[2 * r..2 * r + 2].copy_from_slice(&blk[0..2]);
+            for c in 0..32 {
+                let v = q5_0_value(blk, c);
+                let (g, k) = (c / 8, c % 8);
+                let at = 32 + 64 * g + 4 * r + k % 4;
+                out[at] |= if k >= 4 { (v & 0xF) << 4 } else { v & 0xF };
+                out[Q5_0_HIGH + 4 * r + c % 4] |= (v >> 4) << (c / 4);
+            }
+        }
+    }
+}
+
+fn unpack_q5_0_tile(src: &[u8], nb: usize, dst: &mut [u8]) {
+    let row_bytes = nb * Q5_0_BLOCK;
+    for b in 0..nb {
+        let tile = &src[b * Q5_0_TILE_BLOCK..(b + 1) * Q5_0_TILE_BLOCK];
+        for r in 0..TILE_ROWS {
+            let blk = &mut dst[r * row_bytes + b * Q5_0_BLOCK..][..Q5_0_BLOCK];
+            blk[0..2].copy_from_slice(&tile[2 * r..2 * r + 2]);
+            blk[2..].fill(0);
+            let mut qh = 0u32;
+            for c in 0..32 {
+                let (g, k) = (c / 8, c % 8);
+                let byte = tile[32 + 64 * g + 4 * r + k % 4];
+                let nib = if k >= 4 { byte >> 4 } else { byte & 0xF };
+                let top = (tile[Q5_0_HIGH + 4 * r + c % 4] >> (c / 4)) & 1;
+                qh |= u32::from(top) << c;
+                if c < 16 {
+                    blk[6 + c] |= nib;
+                } else {
+                    blk[6 + c - 16] |= nib << 4;
+                }
+            }
+            blk[2..6].copy_from_slice(&qh.to_le_bytes());
+        }
+    }
+}
+
+/// The packer and unpacker of a type's tiles, and its block size in columns.
+fn tile_fns(ty: GgmlType) -> (TileFn, TileFn) {
+    match ty {
+        GgmlType::Q6K => (pack_q6k_tile, unpack_q6k_tile),
+        GgmlType::Q8_0 => (pack_q8_0_tile, unpack_q8_0_tile),
+        GgmlType::Q5_0 => (pack_q5_0_tile, unpack_q5_0_tile),
+        _ => (pack_q4k_tile, unpack_q4k_tile),
+    }
+}
+
+type TileFn = fn(&[u8], usize, &mut [u8]);
+
+/// One interleaved tile back to its 16 row-major rows (`tile` and `dst` are 16 rows' bytes).
+pub(crate) fn unpack_tile(ty: GgmlType, tile: &[u8], cols: usize, dst: &mut [u8]) {
+    (tile_fns(ty).1)(tile, cols / ty.block_size(), dst);
 }
 
 /// Element `e` of a row-major Q6_K block: (byte of `ql`, high nibble?, byte of `qh`, shift).
@@ -225,23 +342,15 @@ fn each_tile(
 /// that `ty` has one ([`has_layout`]) and that `data` is `rows` rows of `cols` columns.
 pub(crate) fn pack(ty: GgmlType, data: &mut [u8], rows: usize, cols: usize) {
     debug_assert!(has_layout(ty));
-    let f = if ty == GgmlType::Q6K {
-        pack_q6k_tile
-    } else {
-        pack_q4k_tile
-    };
-    each_tile(data, rows, ty.row_bytes(cols), cols / QK_K, f);
+    let nb = cols / ty.block_size();
+    each_tile(data, rows, ty.row_bytes(cols), nb, tile_fns(ty).0);
 }
 
 /// The inverse of [`pack`].
 pub(crate) fn unpack(ty: GgmlType, data: &mut [u8], rows: usize, cols: usize) {
     debug_assert!(has_layout(ty));
-    let f = if ty == GgmlType::Q6K {
-        unpack_q6k_tile
-    } else {
-        unpack_q4k_tile
-    };
-    each_tile(data, rows, ty.row_bytes(cols), cols / QK_K, f);
+    let nb = cols / ty.block_size();
+    each_tile(data, rows, ty.row_bytes(cols), nb, tile_fns(ty).1);
 }
 
 #[cfg(test)]
@@ -250,7 +359,7 @@ mod tests {
 
     #[test]
     fn pack_round_trips_and_leaves_the_tail() {
-        for ty in [GgmlType::Q4K, GgmlType::Q6K] {
+        for ty in [GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q8_0, GgmlType::Q5_0] {
             let (rows, cols) = (37, 512);
             let bytes = ty.row_bytes(cols) * rows;
             let orig: Vec<u8> = (0..bytes).map(|i| (i * 7919 % 251) as u8).collect();

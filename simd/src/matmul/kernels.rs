@@ -390,6 +390,30 @@ mod x86 {
         crate::matmul::interleave::Q6K_TILE_BLOCK,
         tiled::Q6K_PACKED
     );
+    fn pack_legacy_interleaved(ty: tiled::Legacy, cols: usize, w: &[u8], dst: &mut [u8]) {
+        use crate::matmul::interleave::{Q5_0_TILE_BLOCK, Q8_0_TILE_BLOCK};
+        let nb = cols / 32;
+        let block = if ty == tiled::Legacy::Q5_0 {
+            Q5_0_TILE_BLOCK
+        } else {
+            Q8_0_TILE_BLOCK
+        };
+        assert!(
+            cols.is_multiple_of(32)
+                && w.len() >= nb * block
+                && dst.len() >= nb * tiled::LEGACY_PACKED,
+            "interleaved tile packer called with short rows"
+        );
+        // SAFETY: the CPU has the features (handed out by [`gemm`] only with AVX-512 VNNI);
+        // `nb` tile blocks and packed blocks are in bounds (checked above).
+        unsafe { tiled::pack_legacy_interleaved(ty, w.as_ptr(), nb, dst.as_mut_ptr()) }
+    }
+    fn pack_q8_0_interleaved(cols: usize, w: &[u8], _row_bytes: usize, dst: &mut [u8]) {
+        pack_legacy_interleaved(tiled::Legacy::Q8_0, cols, w, dst)
+    }
+    fn pack_q5_0_interleaved(cols: usize, w: &[u8], _row_bytes: usize, dst: &mut [u8]) {
+        pack_legacy_interleaved(tiled::Legacy::Q5_0, cols, w, dst)
+    }
     wrap_pack!(pack_q4_0, tiled::pack_q4_0, T::Q4_0, tiled::LEGACY_PACKED);
     wrap_pack!(pack_q5_0, tiled::pack_q5_0, T::Q5_0, tiled::LEGACY_PACKED);
     wrap_pack!(pack_q8_0, tiled::pack_q8_0, T::Q8_0, tiled::LEGACY_PACKED);
@@ -500,14 +524,14 @@ mod x86 {
             run,
             pack_interleaved,
         };
-        let legacy = |pack: PackFn, side: SideFn| Gemm {
+        let legacy = |pack: PackFn, side: SideFn, pack_interleaved| Gemm {
             block_k: 32,
             packed_block: tiled::LEGACY_PACKED,
             pack,
             side: Some(side),
             side_bytes: 8,
             run: run_legacy,
-            pack_interleaved: None,
+            pack_interleaved,
         };
         Some(match ty {
             T::Q4K => k_quant(
@@ -522,9 +546,9 @@ mod x86 {
                 run_q6_k,
                 Some(pack_q6_k_interleaved as PackFn),
             ),
-            T::Q4_0 => legacy(pack_q4_0, side_q4_0),
-            T::Q5_0 => legacy(pack_q5_0, side_q5_0),
-            T::Q8_0 => legacy(pack_q8_0, side_q8_0),
+            T::Q4_0 => legacy(pack_q4_0, side_q4_0, None),
+            T::Q5_0 => legacy(pack_q5_0, side_q5_0, Some(pack_q5_0_interleaved as PackFn)),
+            T::Q8_0 => legacy(pack_q8_0, side_q8_0, Some(pack_q8_0_interleaved as PackFn)),
             _ => return None,
         })
     }
@@ -533,7 +557,7 @@ mod x86 {
     /// (`interleaved::$k::<NT>`), sound as `wrap_dot!`'s: [`interleaved`] hands it out only
     /// when the CPU has AVX-512 VNNI, and the lengths are checked here.
     macro_rules! wrap_interleaved {
-        ($name:ident, $k:ident, $tile_block:expr) => {
+        ($name:ident, $k:ident $(, $q5:literal)?; $tile_block:expr, $act:expr, $bs:expr) => {
             /// # Safety
             /// See [`InterleavedFn`].
             unsafe fn $name(
@@ -545,7 +569,7 @@ mod x86 {
                 out: *mut f32,
                 out_stride: usize,
             ) {
-                let row = T::Q8K.row_bytes(nb * 256);
+                let row = $act.row_bytes(nb * $bs);
                 assert!(
                     (1..=INTERLEAVED_TOKENS).contains(&nt)
                         && tile.len() >= nb * $tile_block
@@ -558,22 +582,27 @@ mod x86 {
                 // rows hold `nb` blocks (checked); the outputs are the caller's.
                 unsafe {
                     match nt {
-                        1 => il::$k::<1>(nb, w, a, act_row, out, out_stride),
-                        2 => il::$k::<2>(nb, w, a, act_row, out, out_stride),
-                        3 => il::$k::<3>(nb, w, a, act_row, out, out_stride),
-                        _ => il::$k::<4>(nb, w, a, act_row, out, out_stride),
+                        1 => il::$k::<1 $(, $q5)?>(nb, w, a, act_row, out, out_stride),
+                        2 => il::$k::<2 $(, $q5)?>(nb, w, a, act_row, out, out_stride),
+                        3 => il::$k::<3 $(, $q5)?>(nb, w, a, act_row, out, out_stride),
+                        _ => il::$k::<4 $(, $q5)?>(nb, w, a, act_row, out, out_stride),
                     }
                 }
             }
         };
     }
-    wrap_interleaved!(il_q4_k, q4k, crate::matmul::interleave::Q4K_TILE_BLOCK);
-    wrap_interleaved!(il_q6_k, q6k, crate::matmul::interleave::Q6K_TILE_BLOCK);
+    use crate::matmul::interleave as ilv;
+    wrap_interleaved!(il_q4_k, q4k; ilv::Q4K_TILE_BLOCK, T::Q8K, 256);
+    wrap_interleaved!(il_q6_k, q6k; ilv::Q6K_TILE_BLOCK, T::Q8K, 256);
+    wrap_interleaved!(il_q8_0, legacy, false; ilv::Q8_0_TILE_BLOCK, T::Q8_0, 32);
+    wrap_interleaved!(il_q5_0, legacy, true; ilv::Q5_0_TILE_BLOCK, T::Q8_0, 32);
 
     pub(crate) fn interleaved(ty: GgmlType, level: Level) -> Option<InterleavedFn> {
         match ty {
             T::Q4K if level.min(dispatch::detected()) >= Level::Avx512Vnni => Some(il_q4_k),
             T::Q6K if level.min(dispatch::detected()) >= Level::Avx512Vnni => Some(il_q6_k),
+            T::Q8_0 if level.min(dispatch::detected()) >= Level::Avx512Vnni => Some(il_q8_0),
+            T::Q5_0 if level.min(dispatch::detected()) >= Level::Avx512Vnni => Some(il_q5_0),
             _ => None,
         }
     }

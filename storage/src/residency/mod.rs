@@ -180,6 +180,10 @@ pub struct LoadOptions {
     /// also the output): under a budget these stay on disk and rows are read on demand.
     pub row_access: Vec<String>,
     pub io: ReaderOptions,
+    /// Keep every matrix in the file's row-major layout, even where the engine would repack a
+    /// resident one for its kernels (for comparisons that need identical arithmetic whatever
+    /// the placement).
+    pub keep_file_layout: bool,
 }
 
 enum Backing {

@@ -436,6 +436,59 @@ pub(crate) unsafe fn pack_legacy(
     }
 }
 
+/// Packs one interleaved Q8_0 or Q5_0 tile (`matmul::interleave`: `nb` tile blocks at `w`)
+/// into `nb` blocks of [`LEGACY_PACKED`] bytes: the interleaved quants are the packed ones
+/// already (same offsets), only Q5_0's fifth bits are merged in.
+///
+/// # Safety
+/// `w` must be valid for `nb` tile blocks of `ty`; `dst` for `nb * LEGACY_PACKED` bytes; `ty`
+/// is Q8_0 or Q5_0.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+pub(crate) unsafe fn pack_legacy_interleaved(ty: Legacy, w: *const u8, nb: usize, dst: *mut u8) {
+    use crate::matmul::interleave::{Q5_0_HIGH, Q5_0_TILE_BLOCK, Q8_0_TILE_BLOCK};
+    let m4 = _mm512_set1_epi8(0xF);
+    let m16 = _mm512_set1_epi8(0x10);
+    let block = if ty == Legacy::Q5_0 {
+        Q5_0_TILE_BLOCK
+    } else {
+        Q8_0_TILE_BLOCK
+    };
+    for b in 0..nb {
+        // SAFETY: tile block b and packed block b are in bounds (contract).
+        unsafe {
+            let x = w.add(block * b);
+            let p = dst.add(LEGACY_PACKED * b);
+            if ty == Legacy::Q5_0 {
+                let h = load(x.add(Q5_0_HIGH));
+                // Bit i of each byte to bit 4: i = 2g for the low nibbles, 2g + 1 for the high.
+                let bit = |i: u32| {
+                    let v = if i <= 4 {
+                        _mm512_sllv_epi16(h, _mm512_set1_epi16(4 - i as i16))
+                    } else {
+                        _mm512_srlv_epi16(h, _mm512_set1_epi16(i as i16 - 4))
+                    };
+                    _mm512_and_si512(v, m16)
+                };
+                for g in 0..4 {
+                    let v = load(x.add(32 + 64 * g));
+                    let lo = _mm512_or_si512(_mm512_and_si512(v, m4), bit(2 * g as u32));
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+                    store(p.add(64 * (2 * g)), lo);
+                    store(
+                        p.add(64 * (2 * g + 1)),
+                        _mm512_or_si512(hi, bit(2 * g as u32 + 1)),
+                    );
+                }
+            } else {
+                for c in 0..8 {
+                    store(p.add(64 * c), load(x.add(32 + 64 * c)));
+                }
+            }
+            put_lanes(p.add(512), |r| f16_at(x.add(2 * r)));
+        }
+    }
+}
+
 macro_rules! legacy_packers {
     ($($name:ident => $ty:ident),*) => {$(
         /// [`pack_legacy`] for one type.

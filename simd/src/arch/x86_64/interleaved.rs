@@ -8,7 +8,11 @@
 
 use std::arch::x86_64::*;
 
-use crate::matmul::interleave::{Q4K_TILE_BLOCK, Q6K_HIGH, Q6K_LOW, Q6K_SCALES, Q6K_TILE_BLOCK};
+use super::avx2::f16_at;
+use crate::matmul::interleave::{
+    Q4K_TILE_BLOCK, Q5_0_HIGH, Q5_0_TILE_BLOCK, Q6K_HIGH, Q6K_LOW, Q6K_SCALES, Q6K_TILE_BLOCK,
+    Q8_0_TILE_BLOCK,
+};
 
 /// Bytes of one Q8_K activation block: d (f32), 256 quants, 16 block sums (i16).
 const Q8K_BLOCK: usize = 292;
@@ -200,6 +204,97 @@ pub(crate) unsafe fn q6k<const NT: usize>(
                 let y = act.add(t * act_row + b * Q8K_BLOCK);
                 let dy = _mm512_set1_ps(y.cast::<f32>().read_unaligned());
                 acc[t] = _mm512_fmadd_ps(accb[t], _mm512_mul_ps(dvec, dy), acc[t]);
+            }
+        }
+    }
+    for (t, a) in acc.iter().enumerate() {
+        // SAFETY: 16 writable f32 at out + t * out_stride (caller).
+        unsafe { _mm512_storeu_ps(out.add(t * out_stride), *a) };
+    }
+}
+
+/// Bytes of one Q8_0 activation block: d (f16) and 32 quants.
+const Q8_0_ACT: usize = 34;
+
+/// As [`q4k`], for a Q8_0 (`Q5 = false`) or Q5_0 (`Q5 = true`) tile against Q8_0
+/// activations. The weights are stored unsigned with an offset (Q8_0 + 128, Q5_0 + 16), which
+/// comes out as `offset · Σ a` per block.
+///
+/// # Safety
+/// As [`q4k`], with Q8_0 / Q5_0 tile blocks and Q8_0 activation blocks.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+#[expect(
+    clippy::needless_range_loop,
+    reason = "token indices address several register arrays in step"
+)]
+pub(crate) unsafe fn legacy<const NT: usize, const Q5: bool>(
+    nb: usize,
+    tile: *const u8,
+    act: *const u8,
+    act_row: usize,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    let (block, offset) = if Q5 {
+        (Q5_0_TILE_BLOCK, 16)
+    } else {
+        (Q8_0_TILE_BLOCK, 128)
+    };
+    let m4 = _mm512_set1_epi8(0xF);
+    let m16 = _mm512_set1_epi8(0x10);
+    let ones8 = _mm256_set1_epi8(1);
+    let ones16 = _mm256_set1_epi16(1);
+    let mut acc = [_mm512_setzero_ps(); NT];
+    for b in 0..nb {
+        // SAFETY: block b of the tile and of every token's activations is in bounds (caller);
+        // every offset below stays inside them.
+        unsafe {
+            let x = tile.add(b * block);
+            let dvec = _mm512_cvtph_ps(_mm256_loadu_si256(x.cast()));
+            // w[i]: columns 4i..4i + 4 of the 16 rows, unsigned.
+            let mut w = [_mm512_setzero_si512(); 8];
+            if Q5 {
+                let h = _mm512_loadu_si512(x.add(Q5_0_HIGH).cast());
+                // Bit i of each byte moved to bit 4.
+                let top = [
+                    _mm512_and_si512(_mm512_slli_epi16::<4>(h), m16),
+                    _mm512_and_si512(_mm512_slli_epi16::<3>(h), m16),
+                    _mm512_and_si512(_mm512_slli_epi16::<2>(h), m16),
+                    _mm512_and_si512(_mm512_slli_epi16::<1>(h), m16),
+                    _mm512_and_si512(h, m16),
+                    _mm512_and_si512(_mm512_srli_epi16::<1>(h), m16),
+                    _mm512_and_si512(_mm512_srli_epi16::<2>(h), m16),
+                    _mm512_and_si512(_mm512_srli_epi16::<3>(h), m16),
+                ];
+                for g in 0..4 {
+                    let v = _mm512_loadu_si512(x.add(32 + 64 * g).cast());
+                    w[2 * g] = _mm512_or_si512(_mm512_and_si512(v, m4), top[2 * g]);
+                    w[2 * g + 1] = _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4),
+                        top[2 * g + 1],
+                    );
+                }
+            } else {
+                for (i, wi) in w.iter_mut().enumerate() {
+                    *wi = _mm512_loadu_si512(x.add(32 + 64 * i).cast());
+                }
+            }
+            for t in 0..NT {
+                let y = act.add(t * act_row + b * Q8_0_ACT);
+                let mut isum = _mm512_setzero_si512();
+                for (i, wi) in w.iter().enumerate() {
+                    isum = _mm512_dpbusd_epi32(isum, *wi, bcast4(y.add(2 + 4 * i)));
+                }
+                // Σ a over the block, times the offset.
+                let a = _mm256_loadu_si256(y.add(2).cast());
+                let s = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, a), ones16);
+                let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+                let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+                let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+                let corr = _mm512_broadcastd_epi32(_mm_mullo_epi32(s, _mm_set1_epi32(offset)));
+                let isum = _mm512_sub_epi32(isum, corr);
+                let dy = _mm512_set1_ps(f16_at(y));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dvec, dy), acc[t]);
             }
         }
     }

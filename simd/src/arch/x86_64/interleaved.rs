@@ -28,6 +28,23 @@ unsafe fn bcast4(p: *const u8) -> __m512i {
     _mm512_set1_epi32(unsafe { p.cast::<i32>().read_unaligned() })
 }
 
+/// How far ahead of the block computing the kernels prefetch the tile: decode streams the
+/// weights from DRAM once, and with the hardware prefetcher alone qwen2.5-1.5B decoded at 6.9
+/// (1 thread) and 12.5 t/s (2 threads) instead of 9.0 and 15.5.
+const PREFETCH_BYTES: usize = 4608;
+
+/// Asks for the `len` bytes at `p` to be brought into the cache (a hint: never faults).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+fn prefetch(p: *const u8, len: usize) {
+    let mut off = 0;
+    while off < len {
+        // A hint: it does not fault, even past the end of an allocation.
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast());
+        off += 64;
+    }
+}
+
 /// 16 lanes × `NT` tokens of a Q4_K tile: `out + t * out_stride` receives the 16 rows'
 /// results for token `t`.
 ///
@@ -64,6 +81,9 @@ pub(crate) unsafe fn q4k<const NT: usize>(
         // every offset below stays inside them.
         unsafe {
             let x = tile.add(b * Q4K_TILE_BLOCK);
+            if (b + 1) * Q4K_TILE_BLOCK + PREFETCH_BYTES <= nb * Q4K_TILE_BLOCK {
+                prefetch(x.wrapping_add(PREFETCH_BYTES), Q4K_TILE_BLOCK);
+            }
             let dvec = _mm512_cvtph_ps(_mm256_loadu_si256(x.cast()));
             let mvec = _mm512_cvtph_ps(_mm256_loadu_si256(x.add(32).cast()));
             let q = |j: usize| _mm_loadu_si128(x.add(64 + 16 * j).cast());
@@ -165,6 +185,9 @@ pub(crate) unsafe fn q6k<const NT: usize>(
         // every offset below stays inside them.
         unsafe {
             let x = tile.add(b * Q6K_TILE_BLOCK);
+            if (b + 1) * Q6K_TILE_BLOCK + PREFETCH_BYTES <= nb * Q6K_TILE_BLOCK {
+                prefetch(x.wrapping_add(PREFETCH_BYTES), Q6K_TILE_BLOCK);
+            }
             let dvec = _mm512_cvtph_ps(_mm256_loadu_si256(x.cast()));
             let mut accb = [_mm512_setzero_ps(); NT];
             for s in 0..16 {
@@ -250,6 +273,9 @@ pub(crate) unsafe fn legacy<const NT: usize, const Q5: bool>(
         // every offset below stays inside them.
         unsafe {
             let x = tile.add(b * block);
+            if (b + 1) * block + PREFETCH_BYTES <= nb * block {
+                prefetch(x.wrapping_add(PREFETCH_BYTES), block);
+            }
             let dvec = _mm512_cvtph_ps(_mm256_loadu_si256(x.cast()));
             // w[i]: columns 4i..4i + 4 of the 16 rows, unsigned.
             let mut w = [_mm512_setzero_si512(); 8];

@@ -5,6 +5,7 @@
 //! (range reduction to `|r| ≤ ln2/2`, a degree-7 polynomial, `vscalefps` for the power of
 //! two: within 2 ulp of libm); the scalar twins call libm.
 
+#[cfg(target_arch = "x86_64")]
 use crate::dispatch::{Level, level};
 
 /// `gate = silu(gate) * up` (SwiGLU).

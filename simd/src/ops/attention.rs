@@ -63,6 +63,10 @@ pub fn attention_at(
     v: &[f16],
     out: &mut [f32],
 ) {
+    #[cfg_attr(
+        not(target_arch = "x86_64"),
+        expect(unused_variables, reason = "only x86 has a wider attention kernel")
+    )]
     let level = level.min(crate::dispatch::detected());
     let hd = p.head_dim;
     let stride = p.n_head_kv * hd;

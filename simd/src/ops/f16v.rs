@@ -2,6 +2,7 @@
 
 use half::f16;
 
+#[cfg(target_arch = "x86_64")]
 use crate::dispatch::{Level, level};
 
 /// `sum_i a[i] * b[i]`.

@@ -38,6 +38,8 @@ pub enum EngineError {
     BadToken { id: u32, n_vocab: usize },
     #[error("context is full: {needed} tokens needed, context size is {n_ctx}")]
     ContextFull { needed: usize, n_ctx: usize },
+    #[error("KV cache: {0}")]
+    Kv(String),
     #[error("{0}")]
     Invalid(String),
 }

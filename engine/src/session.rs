@@ -7,13 +7,26 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 use strata_storage::gguf::Value;
+use strata_storage::quant::GgmlType;
 use strata_storage::session::{self, SessionError, SessionMeta};
 
 use crate::error::EngineError;
 use crate::model::{Context, Model};
 
-/// ggml's type id of the f16 KV cache this engine keeps.
-const KV_F16: u32 = 1;
+/// The cache types as a session records them: a GGML type id when keys and values share it
+/// (f16 is 1, as files before per-side types wrote it), else `k | v << 8`.
+fn kv_type_code((k, v): (GgmlType, GgmlType)) -> u32 {
+    if k == v { k.id() } else { k.id() | v.id() << 8 }
+}
+
+fn kv_type_name(code: u32) -> String {
+    let name = |id: u32| GgmlType::from_id(id).map_or(format!("#{id}"), |t| t.name().to_string());
+    if code < 256 {
+        name(code)
+    } else {
+        format!("{}/{}", name(code & 0xff), name(code >> 8))
+    }
+}
 
 impl Model {
     /// The model and tokenizer identity a session of this model carries.
@@ -60,7 +73,7 @@ impl Model {
         let meta = SessionMeta {
             model_id,
             tokenizer_id,
-            kv_type: KV_F16,
+            kv_type: kv_type_code(ctx.kv.types()),
             n_layer: self.config.n_layer as u32,
             kv_dim: ctx.kv.kv_dim() as u32,
             tokens: tokens.to_vec(),
@@ -68,7 +81,7 @@ impl Model {
         };
         let layers: Vec<(Vec<u8>, Vec<u8>)> = (0..self.config.n_layer)
             .map(|il| ctx.kv.export(il))
-            .collect();
+            .collect::<Result<_, _>>()?;
         let chunks: Vec<&[u8]> = layers.iter().flat_map(|(k, v)| [&k[..], &v[..]]).collect();
         Ok(session::write_atomic(path, &meta, &chunks)?)
     }
@@ -92,13 +105,18 @@ impl Model {
             return Err(mismatch("saved with a different tokenizer".into()));
         }
         let kv_dim = ctx.kv.kv_dim();
-        if meta.kv_type != KV_F16
+        let types = ctx.kv.types();
+        if meta.kv_type != kv_type_code(types)
             || meta.n_layer as usize != self.config.n_layer
             || meta.kv_dim as usize != kv_dim
         {
             return Err(mismatch(format!(
-                "cache shape (type {}, {} layers × {}) differs from this model's (type {KV_F16}, {} × {kv_dim})",
-                meta.kv_type, meta.n_layer, meta.kv_dim, self.config.n_layer
+                "cache shape (type {}, {} layers × {}) differs from this context's (type {}, {} × {kv_dim})",
+                kv_type_name(meta.kv_type),
+                meta.n_layer,
+                meta.kv_dim,
+                kv_type_name(kv_type_code(types)),
+                self.config.n_layer
             )));
         }
         let n = meta.tokens.len();
@@ -115,17 +133,21 @@ impl Model {
         {
             return Err(mismatch(format!("token id {t} is outside the vocabulary")));
         }
-        let want = n * kv_dim * 2;
-        if chunks.len() != 2 * self.config.n_layer || chunks.iter().any(|c| c.len() != want) {
+        let (want_k, want_v) = ctx.kv.export_len(n);
+        if chunks.len() != 2 * self.config.n_layer
+            || chunks
+                .chunks_exact(2)
+                .any(|c| c[0].len() != want_k || c[1].len() != want_v)
+        {
             return Err(mismatch(format!(
-                "expected {} chunks of {want} bytes",
+                "expected {} chunks of {want_k} and {want_v} bytes",
                 2 * self.config.n_layer
             )));
         }
+        ctx.kv.begin_import(n);
         for il in 0..self.config.n_layer {
-            ctx.kv.import(il, &chunks[2 * il], &chunks[2 * il + 1]);
+            ctx.kv.import(il, &chunks[2 * il], &chunks[2 * il + 1])?;
         }
-        ctx.kv.set_len(n);
         Ok(meta.tokens)
     }
 }

@@ -8,7 +8,7 @@ use strata_simd::matmul::{
     INTERLEAVE_ROWS, Layout, MatRef, MatmulScratch, deinterleave_tile, matmul,
 };
 use strata_simd::ops::{
-    AttnParams, attention, gelu_tanh_mul, rms_norm, rms_norm_inplace, silu_mul,
+    AttnParams, attention::attention_paged, gelu_tanh_mul, rms_norm, rms_norm_inplace, silu_mul,
 };
 use strata_simd::pool::ThreadPool;
 use strata_storage::quant::dequantize_row;
@@ -17,7 +17,7 @@ use strata_storage::residency::TensorHandle;
 
 use super::{Activation, ExpertPrefetch, Experts, Ffn, Mat, Model, ModelConfig, Moe};
 use crate::error::EngineError;
-use crate::kv::KvCache;
+use crate::kv::{KvCache, KvOptions, SpillStats};
 
 /// Which of a call's tokens get logits.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,13 +99,18 @@ struct Buffers {
 }
 
 impl Context {
-    pub(crate) fn new(c: &ModelConfig, n_ctx: usize, pool: Arc<ThreadPool>) -> Self {
-        Self {
-            kv: KvCache::new(c.n_layer, n_ctx, c.kv_dim()),
+    pub(crate) fn new(
+        c: &ModelConfig,
+        n_ctx: usize,
+        pool: Arc<ThreadPool>,
+        kv: &KvOptions,
+    ) -> Result<Self, EngineError> {
+        Ok(Self {
+            kv: KvCache::new(c.n_layer, n_ctx, c.kv_dim(), c.head_dim, kv)?,
             pool,
             scratch: Scratch::default(),
             n_ubatch: 512,
-        }
+        })
     }
 
     /// Positions already in the cache.
@@ -130,8 +135,31 @@ impl Context {
         &self.pool
     }
 
+    /// Bytes the cached positions take, wherever they are.
     pub fn kv_bytes(&self) -> usize {
         self.kv.size_bytes()
+    }
+
+    /// Bytes of KV pages held in RAM.
+    pub fn kv_ram_bytes(&self) -> usize {
+        self.kv.ram_bytes()
+    }
+
+    /// The KV cache's SSD tier, when it has one.
+    pub fn kv_spill_stats(&self) -> Option<SpillStats> {
+        self.kv.spill_stats()
+    }
+
+    /// Writes the whole cache to its SSD tier and gives the RAM back (an idle sequence);
+    /// it is read again when next used. Does nothing without a spill directory.
+    pub fn kv_spill_all(&mut self) -> Result<(), EngineError> {
+        self.kv.spill_all()
+    }
+
+    /// Makes this context hold the first `n` positions of `other`'s cache (a shared prompt
+    /// prefix) without recomputing them: full pages are shared, not copied.
+    pub fn share_prefix(&mut self, other: &Context, n: usize) -> Result<(), EngineError> {
+        self.kv.share_prefix(&other.kv, n)
     }
 
     /// Sets how many tokens one pass through the layers takes at most (prefill chunking).
@@ -196,7 +224,7 @@ impl Model {
                 n: end - start,
             }];
             self.run_layers(pool, scratch, &tokens[start..end], &mut slot)?;
-            kv.set_len(pos0 + end);
+            kv.set_len(pos0 + end)?;
             let (lo, hi) = (want.start.max(start), want.end.min(end));
             if lo < hi {
                 let out = &mut logits[(lo - want.start) * c.n_vocab..(hi - want.start) * c.n_vocab];
@@ -253,9 +281,13 @@ impl Model {
             })
             .collect();
         self.run_layers(pool, scratch, tokens, &mut slots)?;
+        let mut spilled = Ok(());
         for s in slots {
-            s.kv.set_len(s.pos0 + 1);
+            // Every length moves on; a failed write to disk only leaves pages in RAM.
+            let r = s.kv.set_len(s.pos0 + 1);
+            spilled = spilled.and(r);
         }
+        spilled?;
         let n = tokens.len();
         let mut logits = std::mem::take(&mut scratch.logits);
         logits.resize(n * c.n_vocab, 0.0);
@@ -370,16 +402,18 @@ impl Model {
                     rows.start * kvd..rows.end * kvd,
                     rows.start * qd..rows.end * qd,
                 );
-                slot.kv.store(il, slot.pos0, &buf.k[kr.clone()], &buf.v[kr]);
-                let (kc, vc) = slot.kv.layer(il);
-                attention(
+                slot.kv
+                    .store(il, slot.pos0, &buf.k[kr.clone()], &buf.v[kr])?;
+                slot.kv.prepare(il)?;
+                let (kpages, vpages) = slot.kv.view(il, slot.pos0 + slot.n);
+                attention_paged(
                     pool,
                     &params,
                     &buf.q[qr.clone()],
                     slot.n,
                     slot.pos0,
-                    kc,
-                    vc,
+                    &slot.kv.pages(0, &kpages),
+                    &slot.kv.pages(1, &vpages),
                     &mut buf.att[qr],
                 );
             }

@@ -22,6 +22,7 @@ pub use forward::{Context, Logits, Scratch};
 use names::LayerTensor;
 
 use crate::error::EngineError;
+use crate::kv::KvOptions;
 use crate::tokenizer::Tokenizer;
 
 /// A matrix the forward pass multiplies by: which tensor, and its shape.
@@ -334,7 +335,20 @@ impl Model {
 
     /// A fresh context (KV cache and scratch buffers) of `n_ctx` positions, computing on `pool`.
     pub fn new_context(&self, n_ctx: usize, pool: Arc<ThreadPool>) -> Context {
-        Context::new(&self.config, n_ctx, pool)
+        match Context::new(&self.config, n_ctx, pool, &KvOptions::default()) {
+            Ok(c) => c,
+            Err(e) => unreachable!("an f16 cache in RAM needs nothing that can fail: {e}"),
+        }
+    }
+
+    /// [`Model::new_context`] with a KV cache of other types, or one that may spill to SSD.
+    pub fn new_context_with(
+        &self,
+        n_ctx: usize,
+        pool: Arc<ThreadPool>,
+        kv: &KvOptions,
+    ) -> Result<Context, EngineError> {
+        Context::new(&self.config, n_ctx, pool, kv)
     }
 
     pub fn weights(&self) -> &Weights {

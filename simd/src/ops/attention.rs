@@ -1,4 +1,4 @@
-//! Attention over an f16 KV cache, for prefill (many queries, causal) and decode (one query).
+//! Attention over a KV cache (f16, Q8_0 or Q4_0, in pages), for prefill (many queries, causal) and decode (one query).
 //!
 //! Work is split over (token, head) pairs across the pool; prefill on AVX-512 runs blocks of 16
 //! queries that share a KV head instead ([`tiled`]). Numerics follow ggml's non-fused
@@ -9,13 +9,17 @@
 use std::cell::RefCell;
 
 use half::f16;
+use strata_storage::quant::GgmlType;
 
 use super::f16v::{axpy_f16, dot_f16};
 use crate::dispatch::{Level, level};
 use crate::pool::ThreadPool;
 
+mod kv;
 #[cfg(target_arch = "x86_64")]
 mod tiled;
+
+pub use kv::{KV_TYPES, KvPages, f16_bytes, kv_store_row, kv_type_fits};
 
 /// Shape and options of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -33,7 +37,7 @@ pub struct AttnParams {
 
 /// `q` holds `n_tok` tokens × `n_head` heads × `head_dim`; token `t` sits at position
 /// `pos0 + t`. `k` and `v` hold at least `pos0 + n_tok` positions laid out
-/// `[position][n_head_kv][head_dim]`. Writes `out` in q's layout.
+/// `[position][n_head_kv][head_dim]` in f16. Writes `out` in q's layout.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     pool: &ThreadPool,
@@ -45,11 +49,30 @@ pub fn attention(
     v: &[f16],
     out: &mut [f32],
 ) {
+    let width = p.n_head_kv * p.head_dim;
+    let (kb, vb) = ([f16_bytes(k)], [f16_bytes(v)]);
+    let kp = KvPages::new(GgmlType::F16, k.len() / width, width, &kb);
+    let vp = KvPages::new(GgmlType::F16, v.len() / width, width, &vb);
+    attention_at(level(), pool, p, q, n_tok, pos0, &kp, &vp, out)
+}
+
+/// [`attention`] over a paged cache of any of [`KV_TYPES`] (keys and values may differ).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_paged(
+    pool: &ThreadPool,
+    p: &AttnParams,
+    q: &[f32],
+    n_tok: usize,
+    pos0: usize,
+    k: &KvPages,
+    v: &KvPages,
+    out: &mut [f32],
+) {
     attention_at(level(), pool, p, q, n_tok, pos0, k, v, out)
 }
 
-/// [`attention`] at an explicit SIMD level (lowered to what the CPU has), for tests and
-/// benches that compare the tiled prefill path with the per-query one.
+/// [`attention_paged`] at an explicit SIMD level (lowered to what the CPU has), for tests and
+/// benches that compare the tiled path with the per-query one.
 #[doc(hidden)]
 #[allow(clippy::too_many_arguments)]
 pub fn attention_at(
@@ -59,8 +82,8 @@ pub fn attention_at(
     q: &[f32],
     n_tok: usize,
     pos0: usize,
-    k: &[f16],
-    v: &[f16],
+    k: &KvPages,
+    v: &KvPages,
     out: &mut [f32],
 ) {
     #[cfg_attr(
@@ -69,13 +92,13 @@ pub fn attention_at(
     )]
     let level = level.min(crate::dispatch::detected());
     let hd = p.head_dim;
-    let stride = p.n_head_kv * hd;
     assert!(
         p.n_head.is_multiple_of(p.n_head_kv),
         "heads must be a multiple of KV heads"
     );
     assert!(q.len() >= n_tok * p.n_head * hd && out.len() >= n_tok * p.n_head * hd);
-    assert!(k.len() >= (pos0 + n_tok) * stride && v.len() >= (pos0 + n_tok) * stride);
+    assert!(k.positions() >= pos0 + n_tok && v.positions() >= pos0 + n_tok);
+    assert!(kv_type_fits(k.ty(), hd) && kv_type_fits(v.ty(), hd));
     let group = p.n_head / p.n_head_kv;
     let out_ptr = SyncPtr(out.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
@@ -87,12 +110,14 @@ pub fn attention_at(
         return;
     }
     let items = n_tok * p.n_head;
+    let f16_kv = (k.ty(), v.ty()) == (GgmlType::F16, GgmlType::F16);
     pool.run(|tid, nth| {
         let (lo, hi) = split(items, tid, nth);
         SCRATCH.with(|cell| {
             let mut scratch = cell.borrow_mut();
-            let Scratch { scores, qh } = &mut *scratch;
+            let Scratch { scores, qh, row } = &mut *scratch;
             qh.resize(hd, 0.0);
+            row.resize(hd, 0.0);
             for item in lo..hi {
                 let (t, h) = (item / p.n_head, item % p.n_head);
                 let kvh = h / group;
@@ -105,8 +130,12 @@ pub fn attention_at(
                 scores.clear();
                 let mut max = f32::NEG_INFINITY;
                 for kp in start..=pos {
-                    let off = kp * stride + kvh * hd;
-                    let mut s = dot_f16(qh, &k[off..off + hd]) * p.scale;
+                    let mut s = if f16_kv {
+                        dot_f16(qh, k.head_f16(kp, kvh, hd))
+                    } else {
+                        k.head_to_f32(kp, kvh, hd, row);
+                        qh.iter().zip(row.iter()).map(|(a, b)| a * b).sum()
+                    } * p.scale;
                     if let Some(cap) = p.softcap {
                         s = cap * (s / cap).tanh();
                     }
@@ -125,8 +154,12 @@ pub fn attention_at(
                 o.fill(0.0);
                 for (j, &s) in scores.iter().enumerate() {
                     let w = f16::from_f32(s * inv).to_f32();
-                    let off = (start + j) * stride + kvh * hd;
-                    axpy_f16(o, w, &v[off..off + hd]);
+                    if f16_kv {
+                        axpy_f16(o, w, v.head_f16(start + j, kvh, hd));
+                    } else {
+                        v.head_to_f32(start + j, kvh, hd, row);
+                        o.iter_mut().zip(row.iter()).for_each(|(o, x)| *o += w * x);
+                    }
                 }
             }
         });
@@ -144,8 +177,8 @@ fn tiled_attention(
     q: &[f32],
     n_tok: usize,
     pos0: usize,
-    k: &[f16],
-    v: &[f16],
+    k: &KvPages,
+    v: &KvPages,
     out: &SyncPtr,
 ) {
     let group = p.n_head / p.n_head_kv;
@@ -174,6 +207,8 @@ fn tiled_attention(
 struct Scratch {
     scores: Vec<f32>,
     qh: Vec<f32>,
+    /// One key or value row in f32 (a quantized cache).
+    row: Vec<f32>,
 }
 
 thread_local! {
@@ -324,8 +359,31 @@ mod tests {
                 };
                 let mut want = vec![0f32; q.len()];
                 let mut got = vec![f32::NAN; q.len()];
-                attention_at(Level::Scalar, &pool, &p, &q, n_tok, pos0, &k, &v, &mut want);
-                attention_at(Level::Avx512, &pool, &p, &q, n_tok, pos0, &k, &v, &mut got);
+                let (kb, vb) = ([f16_bytes(&k)], [f16_bytes(&v)]);
+                let kp = KvPages::new(GgmlType::F16, total, stride, &kb);
+                let vp = KvPages::new(GgmlType::F16, total, stride, &vb);
+                attention_at(
+                    Level::Scalar,
+                    &pool,
+                    &p,
+                    &q,
+                    n_tok,
+                    pos0,
+                    &kp,
+                    &vp,
+                    &mut want,
+                );
+                attention_at(
+                    Level::Avx512,
+                    &pool,
+                    &p,
+                    &q,
+                    n_tok,
+                    pos0,
+                    &kp,
+                    &vp,
+                    &mut got,
+                );
                 for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                     // Sums in a different order; probabilities rounded to f16 in both, so one
                     // may land on the other side of an f16 rounding step (2^-11 relative).
@@ -337,6 +395,112 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A paged cache of each type: f16 pages give exactly the contiguous result; quantized
+    /// ones match the naive attention over their dequantized values, on every level present.
+    #[test]
+    fn paged_and_quantized_caches() {
+        let pool = ThreadPool::new(2);
+        let mut seed = 99u32;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        let (n_head, n_head_kv, hd, page) = (6usize, 2usize, 64usize, 16usize);
+        let width = n_head_kv * hd;
+        let (n_tok, pos0) = (9usize, 40usize);
+        let total = pos0 + n_tok;
+        let n_pages = total.div_ceil(page);
+        let kf: Vec<f32> = (0..n_pages * page * width).map(|_| rnd()).collect();
+        let vf: Vec<f32> = (0..n_pages * page * width).map(|_| rnd()).collect();
+        let q: Vec<f32> = (0..n_tok * n_head * hd).map(|_| rnd() * 3.0).collect();
+        let p = AttnParams {
+            n_head,
+            n_head_kv,
+            head_dim: hd,
+            scale: 0.125,
+            window: None,
+            softcap: None,
+        };
+        for ty in KV_TYPES {
+            let rb = ty.row_bytes(width);
+            // Pages as separate allocations of u16 (aligned for f16), rows quantized one by one.
+            let pages = |src: &[f32]| -> Vec<Vec<u16>> {
+                (0..n_pages)
+                    .map(|pi| {
+                        let mut buf = vec![0u16; (page * rb).div_ceil(2)];
+                        // SAFETY: u16 storage viewed as bytes, same memory.
+                        let bytes = unsafe {
+                            std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), page * rb)
+                        };
+                        for r in 0..page {
+                            let pos = pi * page + r;
+                            kv_store_row(
+                                ty,
+                                &src[pos * width..][..width],
+                                &mut bytes[r * rb..][..rb],
+                            );
+                        }
+                        buf
+                    })
+                    .collect()
+            };
+            let (kpg, vpg) = (pages(&kf), pages(&vf));
+            let as_bytes = |v: &Vec<Vec<u16>>| -> Vec<Vec<u8>> {
+                v.iter()
+                    .map(|b| b.iter().flat_map(|x| x.to_ne_bytes()).collect())
+                    .collect()
+            };
+            let (kraw, vraw) = (as_bytes(&kpg), as_bytes(&vpg));
+            let kslices: Vec<&[u8]> = kpg
+                .iter()
+                .map(|b| &f16_bytes(u16_as_f16(b))[..page * rb])
+                .collect();
+            let vslices: Vec<&[u8]> = vpg
+                .iter()
+                .map(|b| &f16_bytes(u16_as_f16(b))[..page * rb])
+                .collect();
+            let kp = KvPages::new(ty, page, width, &kslices);
+            let vp = KvPages::new(ty, page, width, &vslices);
+            // What the cache holds, in f16 for the naive reference (exact for Q8_0/Q4_0 values
+            // up to f16 rounding of the product).
+            let deq = |raw: &Vec<Vec<u8>>| -> Vec<f16> {
+                let mut all = Vec::new();
+                for pg in raw {
+                    for r in 0..page {
+                        let mut row = vec![0f32; width];
+                        strata_storage::quant::dequantize_row(ty, &pg[r * rb..][..rb], &mut row)
+                            .unwrap();
+                        all.extend(row.iter().map(|&x| f16::from_f32(x)));
+                    }
+                }
+                all
+            };
+            let (kd, vd) = (deq(&kraw), deq(&vraw));
+            let want = naive(&p, &q, n_tok, pos0, &kd, &vd);
+            for lvl in [Level::Scalar, Level::Avx2, Level::Avx512] {
+                let mut got = vec![f32::NAN; q.len()];
+                attention_at(lvl, &pool, &p, &q, n_tok, pos0, &kp, &vp, &mut got);
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert!((a - b).abs() < 3e-3, "{ty:?} {lvl:?} [{i}]: {a} vs {b}");
+                }
+                if ty == GgmlType::F16 {
+                    // Bit for bit what one contiguous page gives.
+                    let (kb, vb) = ([f16_bytes(&kd)], [f16_bytes(&vd)]);
+                    let kc = KvPages::new(ty, n_pages * page, width, &kb);
+                    let vc = KvPages::new(ty, n_pages * page, width, &vb);
+                    let mut flat = vec![f32::NAN; q.len()];
+                    attention_at(lvl, &pool, &p, &q, n_tok, pos0, &kc, &vc, &mut flat);
+                    assert_eq!(got, flat, "{lvl:?}");
+                }
+            }
+        }
+    }
+
+    fn u16_as_f16(x: &[u16]) -> &[f16] {
+        // SAFETY: f16 is a transparent u16.
+        unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f16>(), x.len()) }
     }
 
     #[test]

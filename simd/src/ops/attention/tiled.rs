@@ -17,7 +17,10 @@ use std::cell::RefCell;
 
 use half::f16;
 
+use strata_storage::quant::GgmlType;
+
 use super::AttnParams;
+use super::kv::KvPages;
 use crate::ops::act::x86::exp;
 
 /// Queries per block: one per lane.
@@ -58,13 +61,12 @@ pub(super) unsafe fn block(
     p: &AttnParams,
     q: &[f32],
     pos0: usize,
-    k: &[f16],
-    v: &[f16],
+    k: &KvPages,
+    v: &KvPages,
     b: &Block,
     out: *mut f32,
 ) {
     let hd = p.head_dim;
-    let stride = p.n_head_kv * hd;
     let Some((first_t, _)) = b.queries[0] else {
         return;
     };
@@ -116,7 +118,7 @@ pub(super) unsafe fn block(
             let mut j0 = kmin;
             while j0 <= kmax {
                 let nt = (kmax + 1 - j0).min(KEY_TILE);
-                convert_rows(k, j0, nt, stride, b.kv_head * hd, hd, kv.as_mut_ptr());
+                convert_rows(k, j0, nt, b.kv_head, hd, kv.as_mut_ptr());
                 let mut jj = 0;
                 while jj < nt {
                     let n4 = (nt - jj).min(4);
@@ -177,7 +179,7 @@ pub(super) unsafe fn block(
             let mut j0 = kmin;
             while j0 <= kmax {
                 let nt = (kmax + 1 - j0).min(KEY_TILE);
-                convert_rows(v, j0, nt, stride, b.kv_head * hd, hd, kv.as_mut_ptr());
+                convert_rows(v, j0, nt, b.kv_head, hd, kv.as_mut_ptr());
                 for d0 in (0..hd).step_by(16) {
                     let op = ot.as_mut_ptr().add(d0 * LANES);
                     let mut acc: [__m512; 16] =
@@ -223,30 +225,68 @@ fn softcap(s: __m512, cap: f32) -> __m512 {
     _mm512_mul_ps(th, _mm512_set1_ps(cap))
 }
 
-/// Converts `n` rows (positions `j0..j0 + n`, `hd` values at `off` in each `stride`-long
-/// position) of an f16 cache to f32 rows of `hd` at `dst`.
+/// Converts `n` rows (positions `j0..j0 + n`, KV head `kvh`, `hd` values each) of a cache to
+/// f32 rows of `hd` at `dst`.
 ///
 /// # Safety
-/// The CPU must support AVX-512F; the rows are inside `src`, `dst` is valid for `n * hd` f32,
-/// `hd` is a multiple of 16.
+/// The CPU must support AVX-512F/BW; the positions are inside `src`, `dst` is valid for
+/// `n * hd` f32, `hd` is a multiple of 32 for a quantized cache and of 16 for f16.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-unsafe fn convert_rows(
-    src: &[f16],
-    j0: usize,
-    n: usize,
-    stride: usize,
-    off: usize,
-    hd: usize,
-    dst: *mut f32,
-) {
-    for jj in 0..n {
-        let row = &src[(j0 + jj) * stride + off..][..hd];
-        for d in (0..hd).step_by(16) {
-            // SAFETY: d + 16 <= hd, inside `row` and inside `dst`'s row jj (contract).
-            unsafe {
-                let h = _mm256_loadu_si256(row.as_ptr().add(d).cast());
-                _mm512_storeu_ps(dst.add(jj * hd + d), _mm512_cvtph_ps(h));
+unsafe fn convert_rows(src: &KvPages, j0: usize, n: usize, kvh: usize, hd: usize, dst: *mut f32) {
+    match src.ty() {
+        GgmlType::Q8_0 => {
+            for jj in 0..n {
+                let row = src.head(j0 + jj, kvh, hd);
+                for (b, blk) in row.chunks_exact(34).enumerate() {
+                    let d = _mm512_set1_ps(f16::from_le_bytes([blk[0], blk[1]]).to_f32());
+                    for half in 0..2 {
+                        // SAFETY: 16 quants at 2 + 16 * half inside the 34-byte block; the
+                        // destination is this row's block b, inside `dst` (contract).
+                        unsafe {
+                            let q = _mm_loadu_si128(blk.as_ptr().add(2 + 16 * half).cast());
+                            let x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+                            _mm512_storeu_ps(
+                                dst.add(jj * hd + 32 * b + 16 * half),
+                                _mm512_mul_ps(x, d),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        GgmlType::Q4_0 => {
+            let mask = _mm_set1_epi8(0x0f);
+            let eight = _mm512_set1_epi32(8);
+            for jj in 0..n {
+                let row = src.head(j0 + jj, kvh, hd);
+                for (b, blk) in row.chunks_exact(18).enumerate() {
+                    let d = _mm512_set1_ps(f16::from_le_bytes([blk[0], blk[1]]).to_f32());
+                    // SAFETY: 16 quant bytes at 2 inside the 18-byte block; the destination is
+                    // this row's block b, inside `dst` (contract).
+                    unsafe {
+                        let q = _mm_loadu_si128(blk.as_ptr().add(2).cast());
+                        let lo = _mm_and_si128(q, mask);
+                        let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
+                        for (half, nib) in [lo, hi].into_iter().enumerate() {
+                            let x = _mm512_sub_epi32(_mm512_cvtepu8_epi32(nib), eight);
+                            let x = _mm512_mul_ps(_mm512_cvtepi32_ps(x), d);
+                            _mm512_storeu_ps(dst.add(jj * hd + 32 * b + 16 * half), x);
+                        }
+                    }
+                }
+            }
+        }
+        _ => {
+            for jj in 0..n {
+                let row = src.head_f16(j0 + jj, kvh, hd);
+                for d in (0..hd).step_by(16) {
+                    // SAFETY: d + 16 <= hd, inside `row` and inside `dst`'s row jj (contract).
+                    unsafe {
+                        let h = _mm256_loadu_si256(row.as_ptr().add(d).cast());
+                        _mm512_storeu_ps(dst.add(jj * hd + d), _mm512_cvtph_ps(h));
+                    }
+                }
             }
         }
     }

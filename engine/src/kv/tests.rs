@@ -1,0 +1,128 @@
+use super::*;
+
+const LAYERS: usize = 3;
+const KV_DIM: usize = 64;
+const HD: usize = 32;
+
+fn fill(cache: &mut KvCache, from: usize, to: usize) {
+    for pos in from..to {
+        for il in 0..LAYERS {
+            let k: Vec<f32> = (0..KV_DIM)
+                .map(|i| ((pos * 31 + il * 7 + i) % 97) as f32 / 50.0 - 1.0)
+                .collect();
+            let v: Vec<f32> = k.iter().map(|x| -x * 0.5).collect();
+            cache.store(il, pos, &k, &v).unwrap();
+        }
+        cache.set_len(pos + 1).unwrap();
+    }
+}
+
+/// Every layer's rows as attention sees them, after `prepare`.
+fn rows(cache: &mut KvCache) -> Vec<Vec<u8>> {
+    let n = cache.len();
+    let mut out = Vec::new();
+    for il in 0..LAYERS {
+        cache.prepare(il).unwrap();
+        let (k, v) = cache.view(il, n);
+        for side in [k, v] {
+            let mut all: Vec<u8> = side.iter().flat_map(|p| p.iter().copied()).collect();
+            let rb = all.len() / (side.len() * PAGE_TOKENS);
+            all.truncate(n * rb);
+            out.push(all);
+        }
+    }
+    out
+}
+
+fn opts(ty: GgmlType, spill: Option<SpillConfig>) -> KvOptions {
+    KvOptions {
+        type_k: ty,
+        type_v: ty,
+        spill,
+    }
+}
+
+#[test]
+fn pages_fill_share_and_copy_on_write() {
+    let mut a = KvCache::new(LAYERS, 2048, KV_DIM, HD, &opts(GgmlType::F16, None)).unwrap();
+    fill(&mut a, 0, 600);
+    assert_eq!(a.ram_bytes(), LAYERS * 2 * 3 * PAGE_TOKENS * KV_DIM * 2);
+    let before = rows(&mut a);
+    let mut b = KvCache::new(LAYERS, 2048, KV_DIM, HD, &opts(GgmlType::F16, None)).unwrap();
+    b.share_prefix(&a, 520).unwrap();
+    assert_eq!(b.len(), 520);
+    // The two full pages are shared, the third copied.
+    let (Page::Ram(pa), Page::Ram(pb)) = (&a.layers[0][0].pages[1], &b.layers[0][0].pages[1])
+    else {
+        panic!("in RAM")
+    };
+    assert!(Arc::ptr_eq(pa, pb));
+    // Writing into a shared page copies it: the other cache keeps its bytes.
+    b.truncate(300);
+    fill(&mut b, 300, 700);
+    assert_eq!(rows(&mut a), before);
+    let (Page::Ram(pa), Page::Ram(pb)) = (&a.layers[0][0].pages[1], &b.layers[0][0].pages[1])
+    else {
+        panic!("in RAM")
+    };
+    assert!(!Arc::ptr_eq(pa, pb));
+    // Shapes must agree.
+    let mut c = KvCache::new(LAYERS, 2048, KV_DIM, HD, &opts(GgmlType::Q8_0, None)).unwrap();
+    assert!(c.share_prefix(&a, 10).is_err());
+}
+
+#[test]
+fn unsupported_head_size_is_refused() {
+    let e = KvCache::new(LAYERS, 64, 48, 16, &opts(GgmlType::Q4_0, None));
+    assert!(matches!(e, Err(EngineError::Invalid(m)) if m.contains("multiple of 32")));
+    assert!(parse_cache_type("q5_1").is_err());
+    assert_eq!(parse_cache_type("Q8_0"), Ok(GgmlType::Q8_0));
+}
+
+#[test]
+fn spilled_pages_read_back_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    for ty in [GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0] {
+        let mut ram = KvCache::new(LAYERS, 4096, KV_DIM, HD, &opts(ty, None)).unwrap();
+        let page = ram_page_bytes(ty);
+        let cfg = SpillConfig {
+            dir: dir.path().to_path_buf(),
+            ram_budget: 2 * LAYERS * 2 * page,
+        };
+        let mut ssd = KvCache::new(LAYERS, 4096, KV_DIM, HD, &opts(ty, Some(cfg))).unwrap();
+        fill(&mut ram, 0, 1300);
+        fill(&mut ssd, 0, 1300);
+        // 6 pages per side, 2 in RAM: the 4 oldest full ones went to disk.
+        assert!(ssd.ram_bytes() <= 2 * LAYERS * 2 * page, "{ty:?}");
+        assert_eq!(ssd.disk_bytes(), (4 * LAYERS * 2 * page) as u64);
+        assert_eq!(rows(&mut ssd), rows(&mut ram), "{ty:?}");
+        // A second pass uses the read-ahead.
+        assert_eq!(rows(&mut ssd), rows(&mut ram), "{ty:?}");
+        let st = ssd.spill_stats().unwrap();
+        assert!(st.ahead_hits > 0 && st.bytes_read > 0, "{st:?}");
+        // Cutting into a page on disk and writing again brings it back, then re-spills.
+        ram.truncate(400);
+        ssd.truncate(400);
+        fill(&mut ram, 400, 900);
+        fill(&mut ssd, 400, 900);
+        assert_eq!(rows(&mut ssd), rows(&mut ram), "{ty:?}");
+        assert_eq!(ssd.export(1).unwrap(), ram.export(1).unwrap());
+        // An idle cache gives all its RAM back and still reads the same.
+        ssd.spill_all().unwrap();
+        assert_eq!(ssd.ram_bytes(), 0);
+        assert_eq!(rows(&mut ssd), rows(&mut ram), "{ty:?}");
+        fill(&mut ram, 900, 1000);
+        fill(&mut ssd, 900, 1000);
+        assert_eq!(rows(&mut ssd), rows(&mut ram), "{ty:?}");
+        // A prefix shared out of pages on disk.
+        let mut c = KvCache::new(LAYERS, 4096, KV_DIM, HD, &opts(ty, None)).unwrap();
+        c.share_prefix(&ssd, 1000).unwrap();
+        assert_eq!(rows(&mut c), rows(&mut ram), "{ty:?}");
+    }
+    // The spill files were unlinked at once.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+fn ram_page_bytes(ty: GgmlType) -> usize {
+    (PAGE_TOKENS * ty.row_bytes(KV_DIM)).next_multiple_of(AlignedBuf::ALIGN)
+}

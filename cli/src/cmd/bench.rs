@@ -10,12 +10,13 @@ use std::time::Instant;
 use anyhow::Context as _;
 use std::sync::Arc;
 use strata_engine::model::ExpertPrefetch;
-use strata_engine::{Logits, Model};
+use strata_engine::{Context, Logits, Model};
 use strata_simd::pool::ThreadPool;
 
 use strata_storage::io::{IoKind, ReaderOptions, measure_read};
 
 use super::common::{DEFAULT_MODEL, LoadArgs, open_model, threads};
+use super::kvargs::KvArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -61,8 +62,18 @@ pub struct Args {
     /// the ceiling), comma-separated; reports hits, reads and prediction precision/recall.
     #[arg(long = "moe-prefetch", value_delimiter = ',', value_parser = ["on", "off", "oracle"])]
     moe_prefetch: Vec<String>,
+    /// Context already filled before each test (llama-bench's -d): random tokens prefilled
+    /// once per thread count, cut back to this depth between runs.
+    #[arg(short = 'd', long = "n-depth", default_value_t = 0)]
+    depth: usize,
+    /// With --n-depth: take the depth's KV cache from this session file when it holds
+    /// exactly that many tokens of this model, else prefill and save it there.
+    #[arg(long = "depth-session", value_name = "FILE", requires = "depth")]
+    depth_session: Option<std::path::PathBuf>,
     #[command(flatten)]
     residency: LoadArgs,
+    #[command(flatten)]
+    kv: KvArgs,
 }
 
 struct Row {
@@ -109,6 +120,12 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         let desc = describe(&model);
         for &nt in &thread_counts {
             let pool = Arc::new(ThreadPool::new(nt));
+            let longest = args.n_prompt.iter().chain(&args.n_gen).copied().max().unwrap_or(0);
+            let n_ctx = (args.depth + longest).max(1);
+            let mut ctx = args.kv.context(&model, n_ctx, pool.clone())?;
+            if args.depth > 0 {
+                fill_depth(&model, &mut ctx, args.depth, args.depth_session.as_deref())?;
+            }
             let tests = args
                 .n_prompt
                 .iter()
@@ -134,7 +151,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
                     Some("oracle") => {
                         // Record the routing of the same token stream, then replay it.
                         model.set_expert_prefetch(ExpertPrefetch::Record);
-                        run_test(&model, &pool, p, n, args.repetitions)?;
+                        run_test(&model, &mut ctx, args.depth, p, n, args.repetitions)?;
                         let log = model.set_expert_prefetch(ExpertPrefetch::Predict);
                         model.set_expert_prefetch(ExpertPrefetch::Replay(log));
                     }
@@ -144,8 +161,9 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
                 }
                 let before = model.weights().stats();
                 let pred0 = model.prediction_stats();
+                let kv0 = ctx.kv_spill_stats();
                 let t0 = Instant::now();
-                let samples = run_test(&model, &pool, p, n, args.repetitions)?;
+                let samples = run_test(&model, &mut ctx, args.depth, p, n, args.repetitions)?;
                 let secs = t0.elapsed().as_secs_f64();
                 let after = model.weights().stats();
                 let read = after.read.bytes - before.read.bytes;
@@ -178,6 +196,23 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
                         pct(r, a),
                     ));
                 }
+                if let (Some(a), Some(b)) = (kv0, ctx.kv_spill_stats()) {
+                    let mib = |x: f64| x / 1048576.0;
+                    expert_lines.push(format!(
+                        "{desc} {} @ d{} t={nt} KV cache: {:.0} MiB, {:.0} MiB in RAM (budget {:.0} MiB), {:.0} MiB on SSD; {:.1} MiB read per token, {:.1} MiB written per token; waited {:.1}% of the time for reads ({} pages read ahead, {} on demand)",
+                        if p > 0 { format!("pp{p}") } else { format!("tg{n}") },
+                        args.depth,
+                        mib(ctx.kv_bytes() as f64),
+                        mib(ctx.kv_ram_bytes() as f64),
+                        mib(b.ram_budget as f64),
+                        mib(b.disk_bytes as f64),
+                        mib((b.bytes_read - a.bytes_read) as f64) / tokens,
+                        mib((b.bytes_written - a.bytes_written) as f64) / tokens,
+                        100.0 * (b.wait - a.wait).as_secs_f64() / secs,
+                        b.ahead_hits - a.ahead_hits,
+                        b.ahead_misses - a.ahead_misses,
+                    ));
+                }
                 rows.push(Row {
                     model: desc.clone(),
                     size: model.size_bytes(),
@@ -187,6 +222,10 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
                         (0, Some(m)) => format!("tg{n} {m}"),
                         (0, None) => format!("tg{n}"),
                         _ => format!("pp{p}"),
+                    } + &if args.depth > 0 {
+                        format!(" @ d{}", args.depth)
+                    } else {
+                        String::new()
                     },
                     n_prompt: p,
                     n_gen: n,
@@ -266,36 +305,87 @@ fn print_disk(out: &mut impl Write, rows: &[Row], disk: Option<&Vec<f64>>) -> an
     Ok(())
 }
 
-fn run_test(
-    model: &Model,
-    pool: &Arc<ThreadPool>,
-    n_prompt: usize,
-    n_gen: usize,
-    reps: usize,
-) -> anyhow::Result<Vec<f64>> {
+/// Random tokens, the same for every run (llama-bench draws its prompts the same way).
+fn token_stream(model: &Model, seed: u64) -> impl FnMut() -> u32 {
     let n_vocab = model.config.n_vocab as u64;
-    let mut seed = 0x5EED_u64;
-    let mut next_token = move || {
+    let mut seed = seed;
+    move || {
         seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         ((seed >> 33) % n_vocab) as u32
-    };
-    let n_ctx = (n_prompt + n_gen).max(1);
-    let mut ctx = model.new_context(n_ctx, pool.clone());
+    }
+}
+
+/// Fills `ctx` with `depth` positions: from `session` when it holds exactly that, else by
+/// prefilling random tokens (and saving them to `session`).
+fn fill_depth(
+    model: &Model,
+    ctx: &mut Context,
+    depth: usize,
+    session: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    if let Some(path) = session
+        && path.exists()
+    {
+        let t0 = Instant::now();
+        match model.load_session(ctx, path) {
+            Ok(tokens) if tokens.len() == depth => {
+                eprintln!(
+                    "depth {depth}: KV cache loaded from {} in {:.1} s",
+                    path.display(),
+                    t0.elapsed().as_secs_f64()
+                );
+                return Ok(());
+            }
+            Ok(tokens) => eprintln!(
+                "{} holds {} tokens, not {depth}: prefilling",
+                path.display(),
+                tokens.len()
+            ),
+            Err(e) => eprintln!("{}: {e}; prefilling", path.display()),
+        }
+    }
+    ctx.clear();
+    let mut next = token_stream(model, 0xDEE9);
+    let tokens: Vec<u32> = (0..depth).map(|_| next()).collect();
+    let t0 = Instant::now();
+    for chunk in tokens.chunks(512) {
+        model.forward(ctx, chunk, Logits::None)?;
+    }
+    eprintln!(
+        "depth {depth}: prefilled in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    if let Some(path) = session {
+        let bytes = model.save_session(ctx, &tokens, path)?;
+        eprintln!("depth {depth}: saved {bytes} bytes to {}", path.display());
+    }
+    Ok(())
+}
+
+fn run_test(
+    model: &Model,
+    ctx: &mut Context,
+    depth: usize,
+    n_prompt: usize,
+    n_gen: usize,
+    reps: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let mut next_token = token_stream(model, 0x5EED);
     let mut samples = Vec::with_capacity(reps);
     // One warm-up run, then the measured ones.
     for rep in 0..=reps {
-        ctx.clear();
+        ctx.truncate(depth);
         let secs = if n_prompt > 0 {
             let tokens: Vec<u32> = (0..n_prompt).map(|_| next_token()).collect();
             let t0 = Instant::now();
-            model.forward(&mut ctx, &tokens, Logits::Last)?;
+            model.forward(ctx, &tokens, Logits::Last)?;
             t0.elapsed().as_secs_f64()
         } else {
             let t0 = Instant::now();
             for _ in 0..n_gen {
-                model.forward(&mut ctx, &[next_token()], Logits::Last)?;
+                model.forward(ctx, &[next_token()], Logits::Last)?;
             }
             t0.elapsed().as_secs_f64()
         };

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod chat;
 pub mod common;
 pub mod generate;
+pub mod kvargs;
 pub mod list;
 pub mod load;
 pub mod perplexity;

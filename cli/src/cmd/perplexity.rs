@@ -25,6 +25,8 @@ pub struct Args {
     chunks: Option<usize>,
     #[command(flatten)]
     residency: LoadArgs,
+    #[command(flatten)]
+    kv: super::kvargs::KvArgs,
 }
 
 pub fn exec(args: Args) -> anyhow::Result<()> {
@@ -49,7 +51,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         tokens.len(),
         args.ctx_size
     );
-    let mut ctx = model.new_context(args.ctx_size, loaded.pool.clone());
+    let mut ctx = args.kv.context(model, args.ctx_size, loaded.pool.clone())?;
     let t0 = Instant::now();
     let mut out = std::io::stdout().lock();
     let result = perplexity(model, &mut ctx, &tokens, args.ctx_size, |i, ppl| {

@@ -79,6 +79,8 @@ pub struct Args {
     pub prompt_cache_ro: bool,
     #[command(flatten)]
     pub residency: LoadArgs,
+    #[command(flatten)]
+    pub kv: super::kvargs::KvArgs,
     /// Also report how the weights are held, bytes read from disk, I/O stall time, read
     /// bandwidth, hits per tier and the peak RSS.
     #[arg(long)]
@@ -133,7 +135,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         Some(c) => ctx_size(&loaded.model, c)?,
         None => loaded.model.config.n_ctx_train.min(4096),
     };
-    let mut ctx = loaded.model.new_context(n_ctx, loaded.pool.clone());
+    let mut ctx = args.kv.context(&loaded.model, n_ctx, loaded.pool.clone())?;
     ctx.set_n_ubatch(args.batch_size);
     let mut sampler = Sampler::new(sampler_cfg);
     let mut perf = Perf::default();
@@ -145,6 +147,18 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     print_perf(loaded.load_ms, &perf);
     if args.verbose || loaded.model.weights().stats().mode != "resident" {
         print_residency(&loaded.model);
+    }
+    if let Some(s) = ctx.kv_spill_stats() {
+        let mib = |b: f64| b / 1048576.0;
+        eprintln!(
+            "strata_perf_context_print:    KV cache = {:.1} MiB, {:.1} MiB in RAM (budget {:.1} MiB), {:.1} MiB on SSD; {:.1} MiB read back, waited {:.1} ms",
+            mib(ctx.kv_bytes() as f64),
+            mib(ctx.kv_ram_bytes() as f64),
+            mib(s.ram_budget as f64),
+            mib(s.disk_bytes as f64),
+            mib(s.bytes_read as f64),
+            s.wait.as_secs_f64() * 1e3
+        );
     }
     result
 }

@@ -33,6 +33,12 @@ fn refuse_local_flags(args: &Args) -> anyhow::Result<()> {
                 || args.residency.io.is_some(),
             "--ram-budget/--prefetch/--mmap/--io (the daemon loads the model)",
         ),
+        (
+            args.kv.cache_type_k.is_some()
+                || args.kv.cache_type_v.is_some()
+                || args.kv.kv_budget.is_some(),
+            "--cache-type-k/--cache-type-v/--kv-budget (the daemon's kv settings apply)",
+        ),
         (args.verbose, "--verbose"),
         (
             args.prompt_cache.is_some(),

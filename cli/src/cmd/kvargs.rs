@@ -1,0 +1,75 @@
+//! The KV cache flags `run`, `perplexity`, `bench` and `chat` share: llama.cpp's cache types,
+//! and strata's RAM budget with the SSD tier beneath it.
+
+use std::path::PathBuf;
+
+use strata_engine::kv::{KvOptions, SpillConfig, parse_cache_type};
+use strata_engine::{Context, Model};
+use strata_simd::pool::ThreadPool;
+use strata_storage::store::Store;
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct KvArgs {
+    /// KV cache type for keys: f16 (default), q8_0 or q4_0 (llama.cpp's -ctk).
+    #[arg(long = "cache-type-k", value_name = "TYPE")]
+    pub cache_type_k: Option<String>,
+    /// KV cache type for values: f16 (default), q8_0 or q4_0 (llama.cpp's -ctv).
+    #[arg(long = "cache-type-v", value_name = "TYPE")]
+    pub cache_type_v: Option<String>,
+    /// RAM the KV cache may hold: bytes with a K/M/G suffix, or a percentage of the full
+    /// cache of the context ("25%"). Older pages go to SSD and are read back for attention.
+    /// Default: all of it in RAM.
+    #[arg(long = "kv-budget", value_name = "SIZE")]
+    pub kv_budget: Option<String>,
+    /// Directory for KV pages on SSD (an unlinked file; default: kv/ in the model store).
+    #[arg(long = "kv-dir", value_name = "DIR", requires = "kv_budget")]
+    pub kv_dir: Option<PathBuf>,
+}
+
+impl KvArgs {
+    /// The cache options for `n_ctx` positions of `model`.
+    pub fn options(&self, model: &Model, n_ctx: usize) -> anyhow::Result<KvOptions> {
+        let ty = |flag: &str, v: &Option<String>| -> anyhow::Result<_> {
+            match v {
+                Some(s) => parse_cache_type(s).map_err(|e| anyhow::anyhow!("--{flag}: {e}")),
+                None => Ok(strata_storage::quant::GgmlType::F16),
+            }
+        };
+        let type_k = ty("cache-type-k", &self.cache_type_k)?;
+        let type_v = ty("cache-type-v", &self.cache_type_v)?;
+        let spill = match &self.kv_budget {
+            None => None,
+            Some(s) => {
+                let c = &model.config;
+                let full = (c.n_layer * n_ctx * (type_k.row_bytes(c.kv_dim()) + type_v.row_bytes(c.kv_dim())))
+                    as u64;
+                let budget = strata_storage::residency::parse_size(s, full)
+                    .map_err(|e| anyhow::anyhow!("--kv-budget {s:?}: {e}"))?;
+                let dir = match &self.kv_dir {
+                    Some(d) => d.clone(),
+                    None => Store::open_default()?.root().join("kv"),
+                };
+                Some(SpillConfig {
+                    dir,
+                    ram_budget: usize::try_from(budget).unwrap_or(usize::MAX),
+                })
+            }
+        };
+        Ok(KvOptions {
+            type_k,
+            type_v,
+            spill,
+        })
+    }
+
+    /// A context of `n_ctx` positions with these options.
+    pub fn context(
+        &self,
+        model: &Model,
+        n_ctx: usize,
+        pool: std::sync::Arc<ThreadPool>,
+    ) -> anyhow::Result<Context> {
+        let opts = self.options(model, n_ctx)?;
+        Ok(model.new_context_with(n_ctx, pool, &opts)?)
+    }
+}

@@ -7,6 +7,8 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use strata_engine::kv::parse_cache_type;
+use strata_storage::quant::GgmlType;
 
 /// The config file read when neither `--config` nor `$STRATA_CONFIG` names one; its absence
 /// is not an error.
@@ -14,7 +16,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/strata/strata.toml";
 
 /// Every key of the config file; the environment variable is `STRATA_` + the key in capitals,
 /// the flag `--` + the key with `-` for `_`.
-pub const KEYS: [&str; 16] = [
+pub const KEYS: [&str; 21] = [
     "socket",
     "socket_group",
     "listen",
@@ -31,6 +33,11 @@ pub const KEYS: [&str; 16] = [
     "mmap",
     "prefetch",
     "session_dir",
+    "cache_type_k",
+    "cache_type_v",
+    "kv_budget",
+    "kv_dir",
+    "prompt_cache",
 ];
 
 /// Which non-name sources `POST /api/pull` may fetch from (names are always allowed).
@@ -72,6 +79,17 @@ pub struct Settings {
     pub prefetch: Option<usize>,
     /// Where saved sessions live; `None`: `$STRATA_HOME/sessions` (module `sessions`).
     pub session_dir: Option<PathBuf>,
+    /// KV cache types of keys and values (f16, q8_0, q4_0).
+    pub cache_type_k: GgmlType,
+    pub cache_type_v: GgmlType,
+    /// RAM each sequence's KV cache may hold ("64M", or "25%" of a full context's cache); the
+    /// older pages go to SSD. `None`: all in RAM (and idle caches stay there).
+    pub kv_budget: Option<String>,
+    /// Where KV pages on SSD go; `None`: `$STRATA_HOME/kv`.
+    pub kv_dir: Option<PathBuf>,
+    /// Finished sequences' caches kept per model so that a request sharing their prefix
+    /// (a system prompt, the earlier turns of a chat) does not recompute it (0: none).
+    pub prompt_cache: usize,
     /// Where each key that is not at its default was set ("--max-queue", "STRATA_MAX_QUEUE",
     /// "/etc/strata/strata.toml"), for messages.
     origin: BTreeMap<&'static str, String>,
@@ -96,6 +114,11 @@ impl Default for Settings {
             mmap: false,
             prefetch: None,
             session_dir: None,
+            cache_type_k: GgmlType::F16,
+            cache_type_v: GgmlType::F16,
+            kv_budget: None,
+            kv_dir: None,
+            prompt_cache: 4,
             origin: BTreeMap::new(),
         }
     }
@@ -277,6 +300,15 @@ impl Settings {
             "mmap" => self.mmap = raw.bool()?,
             "prefetch" => self.prefetch = Some(raw.usize(2, 64)?),
             "session_dir" => self.session_dir = Some(path(raw.string()?)?),
+            "cache_type_k" => self.cache_type_k = parse_cache_type(raw.string()?.trim())?,
+            "cache_type_v" => self.cache_type_v = parse_cache_type(raw.string()?.trim())?,
+            "kv_budget" => {
+                let s = raw.string()?;
+                strata_storage::residency::parse_size(&s, 1 << 40)?;
+                self.kv_budget = Some(s.trim().to_owned());
+            }
+            "kv_dir" => self.kv_dir = Some(path(raw.string()?)?),
+            "prompt_cache" => self.prompt_cache = raw.usize(0, 1024)?,
             other => return Err(format!("no parser for key '{other}'")),
         }
         Ok(())

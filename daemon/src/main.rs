@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use strata_daemon::config::{self, Raw, Settings};
 use strata_daemon::listen;
-use strata_daemon::manager::{Manager, ManagerConfig, Residency};
+use strata_daemon::manager::{KvSettings, Manager, ManagerConfig, Residency};
 use strata_daemon::metrics::Metrics;
 use strata_daemon::notify::{self, notify};
 use strata_daemon::server::{AppState, router};
@@ -86,6 +86,24 @@ struct Args {
     /// Directory of saved sessions [default: $STRATA_HOME/sessions].
     #[arg(long, value_name = "DIR")]
     session_dir: Option<String>,
+    /// KV cache type of keys: f16, q8_0 or q4_0 [default: f16].
+    #[arg(long = "cache-type-k", visible_alias = "ctk", value_name = "TYPE")]
+    cache_type_k: Option<String>,
+    /// KV cache type of values: f16, q8_0 or q4_0 [default: f16].
+    #[arg(long = "cache-type-v", visible_alias = "ctv", value_name = "TYPE")]
+    cache_type_v: Option<String>,
+    /// RAM each sequence's KV cache may hold: bytes with K/M/G, or a percentage of a full
+    /// context's cache; older pages go to SSD, and idle caches give their RAM back
+    /// [default: all in RAM].
+    #[arg(long, value_name = "SIZE")]
+    kv_budget: Option<String>,
+    /// Directory for KV pages on SSD [default: $STRATA_HOME/kv].
+    #[arg(long, value_name = "DIR")]
+    kv_dir: Option<String>,
+    /// Finished sequences' KV caches kept per model, reused by requests that share their
+    /// prefix [default: 4; 0 turns prefix reuse off].
+    #[arg(long, value_name = "N")]
+    prompt_cache: Option<String>,
 }
 
 impl Args {
@@ -108,6 +126,11 @@ impl Args {
             ("ram_budget", &self.ram_budget),
             ("prefetch", &self.prefetch),
             ("session_dir", &self.session_dir),
+            ("cache_type_k", &self.cache_type_k),
+            ("cache_type_v", &self.cache_type_v),
+            ("kv_budget", &self.kv_budget),
+            ("kv_dir", &self.kv_dir),
+            ("prompt_cache", &self.prompt_cache),
         ];
         for (key, value) in text {
             if let Some(v) = value {
@@ -209,6 +232,16 @@ async fn run(args: Settings) -> anyhow::Result<()> {
                 ram_budget: args.ram_budget.clone(),
                 prefetch: args.prefetch,
                 mmap: args.mmap,
+            },
+            kv: KvSettings {
+                type_k: args.cache_type_k,
+                type_v: args.cache_type_v,
+                budget: args.kv_budget.clone(),
+                dir: args
+                    .kv_dir
+                    .clone()
+                    .unwrap_or_else(|| SessionDir::default_root().with_file_name("kv")),
+                prompt_cache: args.prompt_cache,
             },
         },
         metrics.clone(),

@@ -8,8 +8,10 @@ use std::time::{Duration, Instant};
 
 use strata_engine::Model;
 use strata_engine::chat::{ChatMessage, ChatTemplate};
+use strata_engine::kv::{KvOptions, SpillConfig};
 use strata_simd::pool::ThreadPool;
 use strata_storage::io::ReaderOptions;
+use strata_storage::quant::GgmlType;
 use strata_storage::residency::{LoadOptions, parse_size};
 use strata_storage::store::{Store, StoreError};
 
@@ -30,6 +32,57 @@ pub struct ManagerConfig {
     /// `None`: never unload.
     pub keep_alive: Option<Duration>,
     pub residency: Residency,
+    pub kv: KvSettings,
+}
+
+/// How each sequence's KV cache is kept (`cache_type_k/v`, `kv_budget`, `kv_dir`) and how
+/// many finished ones stay for prefix reuse (`prompt_cache`).
+#[derive(Clone, Debug)]
+pub struct KvSettings {
+    pub type_k: GgmlType,
+    pub type_v: GgmlType,
+    /// As configured ("64M", "25%" of a full context's cache); checked by `config`.
+    pub budget: Option<String>,
+    pub dir: std::path::PathBuf,
+    pub prompt_cache: usize,
+}
+
+impl Default for KvSettings {
+    fn default() -> Self {
+        Self {
+            type_k: GgmlType::F16,
+            type_v: GgmlType::F16,
+            budget: None,
+            dir: std::env::temp_dir(),
+            prompt_cache: 4,
+        }
+    }
+}
+
+impl KvSettings {
+    /// The cache options for sequences of `n_ctx` positions of `model`.
+    pub fn options(&self, model: &Model, n_ctx: usize) -> Result<KvOptions, String> {
+        let c = &model.config;
+        let full = (c.n_layer
+            * n_ctx
+            * (self.type_k.row_bytes(c.kv_dim()) + self.type_v.row_bytes(c.kv_dim())))
+            as u64;
+        let spill = match &self.budget {
+            None => None,
+            Some(s) => Some(SpillConfig {
+                dir: self.dir.clone(),
+                ram_budget: parse_size(s, full)
+                    .map_err(|e| format!("kv_budget {s:?}: {e}"))?
+                    .try_into()
+                    .unwrap_or(usize::MAX),
+            }),
+        };
+        Ok(KvOptions {
+            type_k: self.type_k,
+            type_v: self.type_v,
+            spill,
+        })
+    }
 }
 
 /// How each model's weights are held (`ram_budget`, `prefetch`, `mmap`), applied at load.
@@ -72,6 +125,8 @@ pub struct LoadedModel {
     pub pool: Arc<ThreadPool>,
     pub n_ctx: usize,
     pub parallel: usize,
+    /// How its sequences' KV caches are kept (a resumed session's too).
+    pub kv: KvOptions,
 }
 
 impl LoadedModel {
@@ -205,11 +260,29 @@ impl Manager {
         } else {
             self.cfg.ctx_size.min(train)
         };
+        let kv = self
+            .cfg
+            .kv
+            .options(&model, n_ctx)
+            .map_err(ApiError::Internal)?;
+        // A cache type the model cannot hold is the configuration's fault: say so at load.
+        model
+            .new_context_with(
+                1,
+                pool.clone(),
+                &KvOptions {
+                    spill: None,
+                    ..kv.clone()
+                },
+            )
+            .map_err(|e| ApiError::Internal(format!("model '{name}': {e}")))?;
         let wcfg = WorkerConfig {
             n_ctx,
             parallel: self.cfg.parallel,
             max_queue: self.cfg.max_queue,
             prefill_chunk: 256,
+            kv: kv.clone(),
+            prompt_cache: self.cfg.kv.prompt_cache,
         };
         let worker = worker::spawn(
             name,
@@ -240,6 +313,7 @@ impl Manager {
             pool,
             n_ctx,
             parallel: self.cfg.parallel,
+            kv,
         });
         if let Ok(mut map) = self.loaded.lock() {
             map.insert(name.to_owned(), loaded.clone());

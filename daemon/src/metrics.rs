@@ -24,6 +24,10 @@ pub struct Metrics {
     pub session_reused_tokens: AtomicU64,
     pub session_saves: AtomicU64,
     pub session_save_errors: AtomicU64,
+    /// Requests that took a shared prefix from another sequence's cache (prompt cache), and
+    /// the tokens they did not recompute.
+    pub prefix_hits: AtomicU64,
+    pub prefix_reused_tokens: AtomicU64,
 }
 
 /// Reads one gauge of a model.
@@ -92,6 +96,16 @@ impl Metrics {
                 "strata_session_reused_tokens_total",
                 "Prompt tokens taken from saved sessions instead of recomputed.",
                 c(&self.session_reused_tokens),
+            ),
+            (
+                "strata_prefix_hits_total",
+                "Requests that reused a prompt prefix cached from another sequence.",
+                c(&self.prefix_hits),
+            ),
+            (
+                "strata_prefix_reused_tokens_total",
+                "Prompt tokens taken from cached prefixes instead of recomputed.",
+                c(&self.prefix_reused_tokens),
             ),
             (
                 "strata_session_saves_total",

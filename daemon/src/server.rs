@@ -252,7 +252,8 @@ async fn generate(
         Some(name) => {
             let (sessions, l) = (st.sessions.clone(), loaded.clone());
             tokio::task::spawn_blocking(move || {
-                let plan = sessions.plan(&name, &l.model, l.pool.clone(), l.n_ctx, &prompt)?;
+                let plan =
+                    sessions.plan(&name, &l.model, l.pool.clone(), l.n_ctx, &l.kv, &prompt)?;
                 Ok::<_, ApiError>((prompt, Some(plan)))
             })
             .await

@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use strata_engine::kv::KvOptions;
 use strata_engine::{Context, EngineError, Model};
 use strata_simd::pool::ThreadPool;
 use strata_storage::session::{SessionDir, SessionError};
@@ -98,6 +99,7 @@ impl Sessions {
         model: &Model,
         pool: Arc<ThreadPool>,
         n_ctx: usize,
+        kv: &KvOptions,
         prompt: &[u32],
     ) -> Result<SessionPlan, ApiError> {
         let path = self.path(name)?;
@@ -109,7 +111,9 @@ impl Sessions {
         if !path.exists() {
             return Ok(plan(None));
         }
-        let mut ctx = model.new_context(n_ctx, pool);
+        let mut ctx = model
+            .new_context_with(n_ctx, pool, kv)
+            .map_err(|e| ApiError::Internal(format!("session '{name}': {e}")))?;
         let saved = model.load_session(&mut ctx, &path).map_err(|e| match e {
             EngineError::Session(e) => api_error(name, e),
             other => ApiError::Internal(format!("session '{name}': {other}")),

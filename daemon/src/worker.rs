@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, RecvTimeoutError, TryRecvError, TrySendError};
 
+use strata_engine::kv::KvOptions;
 use strata_engine::model::Scratch;
 use strata_engine::sampler::{Sampler, SamplerConfig};
 use strata_engine::tokenizer::StreamDecoder;
@@ -86,13 +87,17 @@ pub struct Finish {
     pub session: Option<SessionOutcome>,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct WorkerConfig {
     pub n_ctx: usize,
     pub parallel: usize,
     pub max_queue: usize,
     /// Prompt tokens per step.
     pub prefill_chunk: usize,
+    /// Each sequence's KV cache: types, and the RAM budget with the SSD beneath it.
+    pub kv: KvOptions,
+    /// Finished sequences' caches kept for prefix reuse.
+    pub prompt_cache: usize,
 }
 
 /// What the engine thread publishes for `/api/ps` and `/metrics`.
@@ -174,14 +179,15 @@ pub fn spawn(
     let worker = Worker {
         model,
         pool,
-        cfg,
         rx,
         stats: stats.clone(),
         metrics,
         shutdown,
         watchdog: watchdog.zip(heartbeat),
         active: Vec::with_capacity(cfg.parallel),
+        idle: Vec::new(),
         batch: Scratch::new(),
+        cfg,
     };
     std::thread::Builder::new()
         .name(format!("engine-{name}"))
@@ -200,9 +206,21 @@ struct Worker {
     /// This thread's heartbeat: each turn of the loop beats it (module `watchdog`).
     watchdog: Option<(Arc<Watchdog>, Arc<Heartbeat>)>,
     active: Vec<Sequence>,
+    /// Caches of finished sequences, oldest first, kept so that a request that shares their
+    /// prefix does not recompute it; with a KV budget their pages wait on SSD.
+    idle: Vec<Idle>,
     /// Activations of the batched decode step, reused from step to step.
     batch: Scratch,
 }
+
+/// A finished sequence's cache and the tokens it holds, in order.
+struct Idle {
+    tokens: Vec<u32>,
+    ctx: Context,
+}
+
+/// Shorter common prefixes are recomputed rather than taken (a lone BOS, say).
+const MIN_REUSE: usize = 4;
 
 struct Sequence {
     prompt: Vec<u32>,
@@ -228,6 +246,19 @@ struct Sequence {
 }
 
 impl Sequence {
+    /// The tokens whose keys and values the cache holds: the prompt and the answer tokens
+    /// fed so far.
+    fn held(&self) -> Vec<u32> {
+        let fed = self.ctx.n_past();
+        let mut tokens: Vec<u32> = self.prompt.iter().take(fed).copied().collect();
+        tokens.extend(
+            self.generated
+                .iter()
+                .take(fed.saturating_sub(self.prompt.len())),
+        );
+        tokens
+    }
+
     fn prefilling(&self) -> bool {
         self.fed < self.prompt.len()
     }
@@ -267,14 +298,7 @@ impl Sequence {
     /// final event and logged, and the previous file stays as it was.
     fn save(&mut self, model: &Model, metrics: &Metrics) -> Option<SessionOutcome> {
         let (name, path) = self.save_to.take()?;
-        let fed = self.ctx.n_past();
-        let mut tokens = self.prompt.clone();
-        tokens.extend(
-            self.generated
-                .iter()
-                .take(fed.saturating_sub(self.prompt.len())),
-        );
-        tokens.truncate(fed);
+        let tokens = self.held();
         let t0 = Instant::now();
         let outcome = match model.save_session(&self.ctx, &tokens, &path) {
             Ok(bytes) => {
@@ -395,7 +419,22 @@ impl Worker {
                         .fetch_add(r.reused as u64, Ordering::Relaxed);
                     (r.ctx, r.reused)
                 }
-                None => (self.model.new_context(self.cfg.n_ctx, self.pool.clone()), 0),
+                None => match self.reuse_prefix(&req.prompt) {
+                    Some(x) => x,
+                    None => match self.model.new_context_with(
+                        self.cfg.n_ctx,
+                        self.pool.clone(),
+                        &self.cfg.kv,
+                    ) {
+                        Ok(ctx) => (ctx, 0),
+                        Err(e) => {
+                            tracing::error!("a new KV cache: {e}");
+                            self.metrics.failed.fetch_add(1, Ordering::Relaxed);
+                            let _ = req.events.send(Event::Failed(format!("KV cache: {e}")));
+                            continue;
+                        }
+                    },
+                },
             };
             ctx.set_n_ubatch(self.cfg.prefill_chunk);
             self.active.push(Sequence {
@@ -473,8 +512,79 @@ impl Worker {
             .fetch_add(produced as u64, Ordering::Relaxed);
     }
 
+    /// The longest prefix of `prompt` that a cache already holds (an idle one is taken; an
+    /// active sequence's full pages are shared), leaving at least one token to compute.
+    fn reuse_prefix(&mut self, prompt: &[u32]) -> Option<(Context, usize)> {
+        let limit = prompt.len().saturating_sub(1);
+        let common = |held: &[u32]| held.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let best_idle = self
+            .idle
+            .iter()
+            .enumerate()
+            .map(|(i, x)| (common(&x.tokens).min(limit), i))
+            .max();
+        let best_active = self
+            .active
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.finished)
+            .map(|(i, s)| (common(&s.held()).min(limit), i))
+            .max();
+        let (n, from_idle, i) = match (best_idle, best_active) {
+            (Some((a, i)), Some((b, _))) if a >= b => (a, true, i),
+            (_, Some((b, j))) => (b, false, j),
+            (Some((a, i)), None) => (a, true, i),
+            (None, None) => return None,
+        };
+        if n < MIN_REUSE {
+            return None;
+        }
+        let ctx = if from_idle {
+            let mut ctx = self.idle.remove(i).ctx;
+            ctx.truncate(n);
+            ctx
+        } else {
+            let mut ctx = self
+                .model
+                .new_context_with(self.cfg.n_ctx, self.pool.clone(), &self.cfg.kv)
+                .ok()?;
+            if let Err(e) = ctx.share_prefix(&self.active[i].ctx, n) {
+                tracing::warn!("sharing a prefix failed ({e}); recomputing it");
+                return None;
+            }
+            ctx
+        };
+        self.metrics.prefix_hits.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .prefix_reused_tokens
+            .fetch_add(n as u64, Ordering::Relaxed);
+        tracing::debug!(tokens = n, from_idle, "prompt prefix reused");
+        Some((ctx, n))
+    }
+
     fn reap(&mut self) {
-        self.active.retain(|s| !s.finished);
+        let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.active)
+            .into_iter()
+            .partition(|s| s.finished);
+        self.active = running;
+        if self.cfg.prompt_cache > 0 {
+            for s in done {
+                let tokens = s.held();
+                if tokens.len() < MIN_REUSE {
+                    continue;
+                }
+                let mut ctx = s.ctx;
+                // An idle cache gives its RAM back when there is an SSD tier for it.
+                if let Err(e) = ctx.kv_spill_all() {
+                    tracing::warn!("writing an idle KV cache to disk failed: {e}");
+                    continue;
+                }
+                self.idle.push(Idle { tokens, ctx });
+                if self.idle.len() > self.cfg.prompt_cache {
+                    self.idle.remove(0);
+                }
+            }
+        }
         self.publish();
     }
 

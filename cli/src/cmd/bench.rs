@@ -120,7 +120,13 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         let desc = describe(&model);
         for &nt in &thread_counts {
             let pool = Arc::new(ThreadPool::new(nt));
-            let longest = args.n_prompt.iter().chain(&args.n_gen).copied().max().unwrap_or(0);
+            let longest = args
+                .n_prompt
+                .iter()
+                .chain(&args.n_gen)
+                .copied()
+                .max()
+                .unwrap_or(0);
             let n_ctx = (args.depth + longest).max(1);
             let mut ctx = args.kv.context(&model, n_ctx, pool.clone())?;
             if args.depth > 0 {

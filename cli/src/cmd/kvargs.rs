@@ -41,7 +41,9 @@ impl KvArgs {
             None => None,
             Some(s) => {
                 let c = &model.config;
-                let full = (c.n_layer * n_ctx * (type_k.row_bytes(c.kv_dim()) + type_v.row_bytes(c.kv_dim())))
+                let full = (c.n_layer
+                    * n_ctx
+                    * (type_k.row_bytes(c.kv_dim()) + type_v.row_bytes(c.kv_dim())))
                     as u64;
                 let budget = strata_storage::residency::parse_size(s, full)
                     .map_err(|e| anyhow::anyhow!("--kv-budget {s:?}: {e}"))?;

@@ -16,7 +16,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/strata/strata.toml";
 
 /// Every key of the config file; the environment variable is `STRATA_` + the key in capitals,
 /// the flag `--` + the key with `-` for `_`.
-pub const KEYS: [&str; 21] = [
+pub const KEYS: [&str; 22] = [
     "socket",
     "socket_group",
     "listen",
@@ -31,6 +31,7 @@ pub const KEYS: [&str; 21] = [
     "allow_pull",
     "ram_budget",
     "mmap",
+    "override_tensor",
     "prefetch",
     "session_dir",
     "cache_type_k",
@@ -75,6 +76,8 @@ pub struct Settings {
     pub ram_budget: Option<String>,
     /// Map model files instead of reading them (the page cache decides what stays in RAM).
     pub mmap: bool,
+    /// Tensor placement rules (`PATTERN=TYPE`, as `strata run -ot`), checked at start.
+    pub override_tensor: Vec<String>,
     /// Streaming buffers per model (the layer computing plus those read ahead).
     pub prefetch: Option<usize>,
     /// Where saved sessions live; `None`: `$STRATA_HOME/sessions` (module `sessions`).
@@ -112,6 +115,7 @@ impl Default for Settings {
             allow_pull: AllowPull::default(),
             ram_budget: None,
             mmap: false,
+            override_tensor: Vec::new(),
             prefetch: None,
             session_dir: None,
             cache_type_k: GgmlType::F16,
@@ -298,6 +302,13 @@ impl Settings {
                 self.ram_budget = Some(s.trim().to_owned());
             }
             "mmap" => self.mmap = raw.bool()?,
+            "override_tensor" => {
+                let rules = raw.list()?;
+                for r in &rules {
+                    strata_storage::residency::overrides::parse_overrides(r)?;
+                }
+                self.override_tensor = rules;
+            }
             "prefetch" => self.prefetch = Some(raw.usize(2, 64)?),
             "session_dir" => self.session_dir = Some(path(raw.string()?)?),
             "cache_type_k" => self.cache_type_k = parse_cache_type(raw.string()?.trim())?,

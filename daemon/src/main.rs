@@ -83,6 +83,10 @@ struct Args {
     /// Map model files and let the page cache decide what stays in RAM.
     #[arg(long)]
     mmap: bool,
+    /// Tensor placement as `strata run -ot`: PATTERN=TYPE rules, comma-separated (TYPE: CPU,
+    /// RAM to hold a tensor in RAM whatever ram_budget says, CUDA0… refused without a GPU).
+    #[arg(long, visible_alias = "ot", value_name = "PATTERN=TYPE")]
+    override_tensor: Option<String>,
     /// Directory of saved sessions [default: $STRATA_HOME/sessions].
     #[arg(long, value_name = "DIR")]
     session_dir: Option<String>,
@@ -125,6 +129,7 @@ impl Args {
             ("allow_pull", &self.allow_pull),
             ("ram_budget", &self.ram_budget),
             ("prefetch", &self.prefetch),
+            ("override_tensor", &self.override_tensor),
             ("session_dir", &self.session_dir),
             ("cache_type_k", &self.cache_type_k),
             ("cache_type_v", &self.cache_type_v),
@@ -232,6 +237,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
                 ram_budget: args.ram_budget.clone(),
                 prefetch: args.prefetch,
                 mmap: args.mmap,
+                override_tensor: args.override_tensor.clone(),
             },
             kv: KvSettings {
                 type_k: args.cache_type_k,

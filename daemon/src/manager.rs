@@ -12,6 +12,7 @@ use strata_engine::kv::{KvOptions, SpillConfig};
 use strata_simd::pool::ThreadPool;
 use strata_storage::io::ReaderOptions;
 use strata_storage::quant::GgmlType;
+use strata_storage::residency::overrides::parse_overrides;
 use strata_storage::residency::{LoadOptions, parse_size};
 use strata_storage::store::{Store, StoreError};
 
@@ -92,6 +93,8 @@ pub struct Residency {
     pub ram_budget: Option<String>,
     pub prefetch: Option<usize>,
     pub mmap: bool,
+    /// `PATTERN=TYPE` rules; checked by `config`.
+    pub override_tensor: Vec<String>,
 }
 
 impl Residency {
@@ -104,6 +107,10 @@ impl Residency {
             .as_deref()
             .map(|s| parse_size(s, file_bytes).map_err(|e| format!("ram_budget {s:?}: {e}")))
             .transpose()?;
+        let mut overrides = Vec::new();
+        for r in &self.override_tensor {
+            overrides.extend(parse_overrides(r).map_err(|e| format!("override_tensor: {e}"))?);
+        }
         Ok(LoadOptions {
             ram_budget,
             window: self.prefetch,
@@ -111,6 +118,7 @@ impl Residency {
             row_access: Vec::new(),
             io,
             keep_file_layout: false,
+            overrides,
         })
     }
 }

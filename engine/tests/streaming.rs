@@ -62,6 +62,7 @@ fn opts(budget: Option<u64>, kind: IoKind, faults: Option<&str>) -> LoadOptions 
         // Streamed layers keep the file's layout, so the resident run that every placement
         // must match bit for bit keeps it too.
         keep_file_layout: true,
+        overrides: Vec::new(),
     }
 }
 

@@ -217,3 +217,66 @@ fn malformed_model_files_are_clean_errors() {
         text(&out.stderr)
     );
 }
+
+/// The RAM the weights hold, from `--verbose`'s "weights = …, X MiB in RAM" line.
+fn weights_ram_mib(stderr: &str) -> f64 {
+    stderr
+        .lines()
+        .find(|l| l.contains("weights = "))
+        .and_then(|l| l.split(", ").find(|p| p.ends_with(" MiB in RAM")))
+        .and_then(|p| p.trim_end_matches(" MiB in RAM").parse().ok())
+        .unwrap_or_else(|| panic!("no weights line in: {stderr}"))
+}
+
+#[test]
+fn tensor_overrides_place_tensors_and_bad_ones_are_clean_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("moe.gguf");
+    let m = model.to_str().expect("path");
+    let out = strata(&["gen", "--arch", "qwen3moe", "--preset", "tiny", "-o", m]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "-m",
+            m,
+            "-p",
+            "hello world",
+            "-n",
+            "8",
+            "--temp",
+            "0",
+            "--verbose",
+            "--no-display-prompt",
+        ];
+        args.extend_from_slice(extra);
+        strata(&args)
+    };
+    // Under a budget the experts are cached; pinning two layers' experts holds them in RAM.
+    let base = run(&["--ram-budget", "60%"]);
+    assert!(base.status.success(), "{}", text(&base.stderr));
+    let pinned = run(&["--ram-budget", "60%", "-ot", r"blk\.[01]\.ffn_.*_exps=RAM"]);
+    assert!(pinned.status.success(), "{}", text(&pinned.stderr));
+    assert_eq!(text(&pinned.stdout), text(&base.stdout));
+    let (b, p) = (
+        weights_ram_mib(&text(&base.stderr)),
+        weights_ram_mib(&text(&pinned.stderr)),
+    );
+    assert!(p > b + 1.0, "pinned experts hold {p} MiB, unpinned {b} MiB");
+    // llama.cpp's MoE flags: on the CPU, where every tensor is without a GPU.
+    for flags in [
+        &["--cpu-moe"][..],
+        &["--n-cpu-moe", "2"],
+        &["-ot", "exps=CPU"],
+    ] {
+        let out = run(flags);
+        assert!(out.status.success(), "{flags:?}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), text(&base.stdout), "{flags:?}");
+    }
+    assert_clean_error(&run(&["-ot", "exps=CUDA0"]), "no GPU backend");
+    assert_clean_error(&run(&["-ot", "exps=VRAM"]), "unknown buffer type");
+    assert_clean_error(&run(&["-ot", "(exps=CPU"]), "pattern");
+    assert_clean_error(&run(&["-ot", "exps"]), "PATTERN=BUFFER_TYPE");
+    assert_clean_error(&run(&["--mmap", "-ot", "exps=RAM"]), "--mmap");
+    assert_clean_error(&run(&["--cpu-moe", "--n-cpu-moe", "1"]), "cpu-moe");
+}

@@ -10,6 +10,7 @@ use strata_engine::Model;
 use strata_simd::pool::ThreadPool;
 use strata_storage::io::{IoKind, ReaderOptions};
 use strata_storage::residency::LoadOptions;
+use strata_storage::residency::overrides::{cpu_moe, parse_overrides};
 use strata_storage::store::Store;
 
 /// The model `strata run` uses when none is named.
@@ -61,6 +62,18 @@ pub struct LoadArgs {
     /// also STRATA_IO).
     #[arg(long, value_name = "ENGINE", value_parser = ["uring", "pread"])]
     pub io: Option<String>,
+    /// Tensor placement as llama.cpp's -ot: PATTERN=TYPE[,…], a regular expression searched in
+    /// each tensor's name, the first matching rule deciding. TYPE: CPU (host memory; RAM or
+    /// SSD as the budget says), RAM (held in RAM whatever the budget), CUDA0… (a GPU; refused
+    /// while strata has no GPU backend). Repeatable.
+    #[arg(long = "override-tensor", value_name = "PATTERN=TYPE")]
+    pub override_tensor: Vec<String>,
+    /// Keep every MoE expert tensor on the CPU (llama.cpp's --cpu-moe).
+    #[arg(long = "cpu-moe")]
+    pub cpu_moe: bool,
+    /// Keep the expert tensors of the first N layers on the CPU (llama.cpp's --n-cpu-moe).
+    #[arg(long = "n-cpu-moe", value_name = "N", conflicts_with = "cpu_moe")]
+    pub n_cpu_moe: Option<usize>,
 }
 
 impl LoadArgs {
@@ -84,6 +97,21 @@ impl LoadArgs {
             ),
             None => None,
         };
+        let mut overrides = Vec::new();
+        for spec in &self.override_tensor {
+            overrides.extend(
+                parse_overrides(spec).map_err(|e| anyhow::anyhow!("--override-tensor: {e}"))?,
+            );
+        }
+        if self.cpu_moe {
+            overrides.push(cpu_moe(None));
+        }
+        if let Some(n) = self.n_cpu_moe {
+            if n > 4096 {
+                anyhow::bail!("--n-cpu-moe {n}: more layers than any model has");
+            }
+            overrides.push(cpu_moe(Some(n)));
+        }
         Ok(LoadOptions {
             ram_budget,
             window: self.prefetch,
@@ -91,6 +119,7 @@ impl LoadArgs {
             row_access: Vec::new(),
             io,
             keep_file_layout: false,
+            overrides,
         })
     }
 }

@@ -19,6 +19,7 @@
 
 mod experts;
 mod mmap;
+pub mod overrides;
 pub mod plan;
 mod size;
 mod stream;
@@ -85,6 +86,9 @@ pub enum ResidencyError {
     Budget(#[from] BudgetTooSmall),
     #[error("unknown tensor id {0}")]
     UnknownTensor(u32),
+    /// A placement override that cannot be carried out (`-ot`, `--cpu-moe`).
+    #[error("{0}")]
+    Override(String),
 }
 
 /// Bytes this process can still fill without being reclaimed or killed: the kernel's
@@ -184,6 +188,8 @@ pub struct LoadOptions {
     /// resident one for its kernels (for comparisons that need identical arithmetic whatever
     /// the placement).
     pub keep_file_layout: bool,
+    /// Placement rules (`-ot`, `--cpu-moe`), tried in order against each tensor's name.
+    pub overrides: Vec<overrides::TensorOverride>,
 }
 
 enum Backing {
@@ -250,6 +256,68 @@ pub struct Weights {
     cold_rows: AtomicU64,
 }
 
+/// Applies the placement rules to the tensor table: the names held in RAM whatever the budget,
+/// or an error naming a tensor sent where it cannot go. Logs what each rule matched, and warns
+/// of a rule that matched nothing (llama.cpp ignores those silently).
+fn check_overrides(
+    gguf: &GgufFile,
+    rules: &[overrides::TensorOverride],
+    mmap: bool,
+) -> Result<std::collections::HashSet<String>, ResidencyError> {
+    use overrides::Target;
+    let mut pins = std::collections::HashSet::new();
+    if rules.is_empty() {
+        return Ok(pins);
+    }
+    let mut matched = vec![0usize; rules.len()];
+    for t in &gguf.tensors {
+        let Some(i) = rules.iter().position(|r| r.pattern.is_match(&t.name)) else {
+            continue;
+        };
+        matched[i] += 1;
+        match rules[i].target {
+            Target::Cpu => {}
+            Target::Ram if mmap => {
+                return Err(ResidencyError::Override(format!(
+                    "tensor {} is placed in RAM by the override {:?}, but --mmap leaves \
+                     residency to the page cache (drop --mmap, or use CPU)",
+                    t.name,
+                    rules[i].pattern.as_str()
+                )));
+            }
+            Target::Ram => {
+                pins.insert(t.name.clone());
+            }
+            Target::Gpu(d) => {
+                return Err(ResidencyError::Override(format!(
+                    "tensor {} is sent to buffer type {} by the override {:?}, but this \
+                     strata has no GPU backend: every tensor computes on the CPU (use CPU or \
+                     RAM)",
+                    t.name,
+                    Target::Gpu(d),
+                    rules[i].pattern.as_str()
+                )));
+            }
+        }
+    }
+    for (r, n) in rules.iter().zip(matched) {
+        if n == 0 {
+            tracing::warn!(
+                "tensor override {:?}={} matches no tensor",
+                r.pattern.as_str(),
+                r.target
+            );
+        } else {
+            tracing::info!(
+                "tensor override {:?}={}: {n} tensors",
+                r.pattern.as_str(),
+                r.target
+            );
+        }
+    }
+    Ok(pins)
+}
+
 /// The layer a tensor belongs to: `blk.N.…` → N.
 fn layer_of(name: &str) -> Option<usize> {
     name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
@@ -288,6 +356,7 @@ impl Weights {
             .collect();
         // The parser guarantees every tensor lies inside [data_offset, file_size).
         let data_len = gguf.file_size.saturating_sub(gguf.data_offset);
+        let pins = check_overrides(&gguf, &opts.overrides, opts.mmap)?;
         if opts.mmap {
             let len = usize::try_from(gguf.file_size).map_err(|_| ResidencyError::Alloc {
                 bytes: gguf.file_size,
@@ -334,6 +403,7 @@ impl Weights {
                 len: t.n_bytes,
                 n_dims: t.dims.len(),
                 rows: rows_of(t),
+                pin: pins.contains(&t.name),
                 // Embedding tables read by rows, and (under a budget) stacked experts, of which
                 // a step uses a few: both stay on disk until needed.
                 access: if opts.row_access.contains(&t.name)

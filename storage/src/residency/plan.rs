@@ -3,7 +3,7 @@
 //!
 //! Each step uses the weights in a cycle: layer 0, 1, …, n−1, then the tensors outside the
 //! layers (the output projection), then layer 0 again for the next token.
-//! - Small tensors (1-D: norms, biases) are always resident.
+//! - Small tensors (1-D: norms, biases) and pinned ones (`-ot …=RAM`) are always resident.
 //! - Each layer's matrices form a *group*, read together as a few large aligned extents; the
 //!   matrices outside the layers form the last group. A group larger than the largest layer is
 //!   cut by rows into *parts* (each its own group) so that one slot size fits all.
@@ -37,6 +37,8 @@ pub struct PlanTensor {
     /// Rows (the outermost dimension); the tensor is `rows` equal runs of bytes.
     pub rows: u64,
     pub access: Access,
+    /// Held in RAM whatever the budget (an `-ot PATTERN=RAM` override).
+    pub pin: bool,
 }
 
 /// One large aligned read: `[start, start + len)` of the file lands at `dst` in its buffer;
@@ -148,7 +150,7 @@ pub fn plan(
         Some(b) if b < total => b,
         _ => return Ok(resident(tensors, file_size, n_layers)),
     };
-    let small = |t: &PlanTensor| t.n_dims < 2;
+    let small = |t: &PlanTensor| t.n_dims < 2 || t.pin;
     let pinned: Vec<usize> = everything
         .iter()
         .copied()

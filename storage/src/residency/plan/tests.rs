@@ -12,6 +12,7 @@ fn toy(layers: usize, output_rows: u64) -> (Vec<PlanTensor>, u64) {
             n_dims,
             rows,
             access,
+            pin: false,
         });
         off += len.next_multiple_of(32);
     };
@@ -134,4 +135,35 @@ fn explicit_window_is_used() {
     let p = plan(&t, size, Some(full / 2), Some(2)).unwrap();
     assert_eq!(p.window, 2);
     check_invariants(&t, &p);
+}
+
+#[test]
+fn pinned_tensors_stay_resident_under_a_budget_and_leave_their_layer_group() {
+    let (mut t, size) = toy(8, 6000);
+    let full = plan(&t, size, None, None).unwrap().hot_bytes;
+    let budget = full * 4 / 10;
+    // Pin the embedding table (read by rows) and one matrix of the last layer.
+    let last_layer_mat = t.len() - 2;
+    t[0].pin = true;
+    t[last_layer_mat].pin = true;
+    let p = plan(&t, size, Some(budget), None).unwrap();
+    check_invariants(&t, &p);
+    assert!(p.ram_bytes() <= budget);
+    assert!(matches!(p.places[0], Place::Hot(_)), "{:?}", p.places[0]);
+    assert!(
+        matches!(p.places[last_layer_mat], Place::Hot(_)),
+        "{:?}",
+        p.places[last_layer_mat]
+    );
+    // Its layer still streams, without it.
+    let Place::Group { group, .. } = p.places[last_layer_mat - 1] else {
+        panic!("{:?}", p.places[last_layer_mat - 1])
+    };
+    assert_eq!(p.groups[group].layer, Some(7));
+    // A budget that cannot hold the pinned tensors beside a window is refused.
+    t[1..]
+        .iter_mut()
+        .filter(|x| x.n_dims == 2)
+        .for_each(|x| x.pin = true);
+    assert!(plan(&t, size, Some(budget), None).is_err());
 }

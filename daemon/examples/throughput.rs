@@ -13,12 +13,12 @@
 //! token to the first stream's end), per second — and the end-to-end rate (all tokens over
 //! the whole wall time, prompt processing included).
 
-#[path = "../tests/http.rs"]
-mod http;
+#[path = "support/spawn.rs"]
+mod spawn;
 
+use spawn::http;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 struct Opts {
     socket: Option<PathBuf>,
@@ -70,57 +70,20 @@ fn parse_args() -> Opts {
     o
 }
 
-/// A daemon this program started; killed on drop.
-struct Spawned {
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_daemon(o: &Opts, parallel: usize) -> Result<(Spawned, PathBuf), String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let stratad = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("stratad"))
-        .filter(|p| p.is_file())
-        .ok_or("no stratad next to this binary: cargo build --release -p strata-daemon")?;
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let sock = dir.path().join("strata.sock");
-    let mut cmd = Command::new(stratad);
-    cmd.arg("--socket")
-        .arg(&sock)
-        .args(["--model", &o.model, "--parallel", &parallel.to_string()])
-        .args(["--ctx-size", "1024", "--max-queue", "256"])
-        .env("STRATA_CONFIG", "/dev/null")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+fn start(o: &Opts, parallel: usize) -> Result<spawn::Spawned, String> {
+    let parallel = parallel.to_string();
+    let mut args = vec![
+        "--parallel",
+        &parallel,
+        "--ctx-size",
+        "1024",
+        "--max-queue",
+        "256",
+    ];
     if let Some(t) = &o.threads {
-        cmd.args(["--threads", t]);
+        args.extend(["--threads", t]);
     }
-    let child = cmd.spawn().map_err(|e| format!("starting stratad: {e}"))?;
-    let mut d = Spawned { child, _dir: dir };
-    let t0 = Instant::now();
-    loop {
-        if let Ok(Some(st)) = d.child.try_wait() {
-            return Err(format!("stratad exited with {st}"));
-        }
-        if let Ok(r) = http::get(&sock, "/api/ps")
-            && r.body.contains(&format!("\"name\":\"{}\"", o.model))
-        {
-            return Ok((d, sock));
-        }
-        if t0.elapsed() > Duration::from_secs(300) {
-            return Err("stratad did not load the model within 300 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    spawn::start_daemon(&o.model, &args)
 }
 
 /// One stream: its token count, and when each text event arrived (seconds from `t0`).
@@ -213,8 +176,11 @@ fn main() {
     let max_clients = o.clients.iter().copied().max().unwrap_or(1);
     let (_daemon, sock) = match &o.socket {
         Some(s) => (None, s.clone()),
-        None => match start_daemon(&o, max_clients) {
-            Ok((d, s)) => (Some(d), s),
+        None => match start(&o, max_clients) {
+            Ok(d) => {
+                let s = d.sock.clone();
+                (Some(d), s)
+            }
             Err(e) => {
                 eprintln!("error: {e}");
                 std::process::exit(1);

@@ -293,7 +293,11 @@ fn chat_local_loads_a_saved_chat_and_leaves_on_double_ctrl_c() {
         r#"{"messages": [{"role": "user"}]}"#,
     )
     .expect("write a chat");
-    let mut pty = chat_local(home.path(), &["-n", "8"]);
+    // The KV cache flags of `run` apply to --local too.
+    let mut pty = chat_local(
+        home.path(),
+        &["-n", "8", "--cache-type-k", "q8_0", "--kv-budget", "1M"],
+    );
     pty.expect(">>> ", SLOW);
     pty.send("/load good\r");
     pty.expect("loaded 2 messages", QUICK);

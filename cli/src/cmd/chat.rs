@@ -76,6 +76,12 @@ pub struct Args {
     /// --local: random seed (default: a new one each run).
     #[arg(short = 's', long, requires = "local")]
     pub seed: Option<u64>,
+    /// --local: how the weights are held (the daemon's own settings apply otherwise).
+    #[command(flatten)]
+    pub residency: super::common::LoadArgs,
+    /// --local: the KV cache's types and RAM budget.
+    #[command(flatten)]
+    pub kv: super::kvargs::KvArgs,
 }
 
 /// Where the answers come from.
@@ -115,6 +121,12 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     if args.n_predict == Some(0) {
         anyhow::bail!("-n must be at least 1");
     }
+    if !args.local && (args.residency.is_given() || args.kv.is_given()) {
+        anyhow::bail!(
+            "weight and KV cache flags (--ram-budget, -ot, --cache-type-k, --kv-budget, …) \
+             apply to --local; a daemon uses its own settings"
+        );
+    }
     let (mut backend, model, via) = if args.local {
         let model = args
             .model
@@ -131,7 +143,15 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         if let Some(t) = args.temp {
             cfg.temp = t;
         }
-        let l = local::Local::new(&model, cfg, args.n_predict, args.ctx_size, args.threads)?;
+        let l = local::Local::new(
+            &model,
+            cfg,
+            args.n_predict,
+            args.ctx_size,
+            args.threads,
+            &args.residency,
+            &args.kv,
+        )?;
         (Backend::Local(Box::new(l)), model, "in-process".to_owned())
     } else {
         let client = Client::new(args.socket.clone());

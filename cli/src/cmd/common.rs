@@ -77,6 +77,17 @@ pub struct LoadArgs {
 }
 
 impl LoadArgs {
+    /// Whether any of these flags was given.
+    pub fn is_given(&self) -> bool {
+        self.ram_budget.is_some()
+            || self.prefetch.is_some()
+            || self.mmap
+            || self.io.is_some()
+            || !self.override_tensor.is_empty()
+            || self.cpu_moe
+            || self.n_cpu_moe.is_some()
+    }
+
     /// The residency options for a model whose weights take `weight_bytes`.
     pub fn options(&self, weight_bytes: u64) -> anyhow::Result<LoadOptions> {
         let mut io = ReaderOptions::from_env()?;
@@ -125,10 +136,6 @@ impl LoadArgs {
 }
 
 pub use strata_storage::residency::parse_size;
-
-pub fn load(spec: &str, threads_req: Option<usize>) -> anyhow::Result<Loaded> {
-    load_with(spec, threads_req, &LoadArgs::default())
-}
 
 pub fn load_with(spec: &str, threads_req: Option<usize>, how: &LoadArgs) -> anyhow::Result<Loaded> {
     let path = resolve_model(spec)?;

@@ -27,6 +27,11 @@ pub struct KvArgs {
 }
 
 impl KvArgs {
+    /// Whether any of these flags was given.
+    pub fn is_given(&self) -> bool {
+        self.cache_type_k.is_some() || self.cache_type_v.is_some() || self.kv_budget.is_some()
+    }
+
     /// The cache options for `n_ctx` positions of `model`.
     pub fn options(&self, model: &Model, n_ctx: usize) -> anyhow::Result<KvOptions> {
         let ty = |flag: &str, v: &Option<String>| -> anyhow::Result<_> {

@@ -27,16 +27,11 @@ fn refuse_local_flags(args: &Args) -> anyhow::Result<()> {
             "-t/--threads (the daemon's threads apply)",
         ),
         (
-            args.residency.ram_budget.is_some()
-                || args.residency.prefetch.is_some()
-                || args.residency.mmap
-                || args.residency.io.is_some(),
-            "--ram-budget/--prefetch/--mmap/--io (the daemon loads the model)",
+            args.residency.is_given(),
+            "--ram-budget/--prefetch/--mmap/--io/-ot/--cpu-moe (the daemon loads the model)",
         ),
         (
-            args.kv.cache_type_k.is_some()
-                || args.kv.cache_type_v.is_some()
-                || args.kv.kv_budget.is_some(),
+            args.kv.is_given(),
             "--cache-type-k/--cache-type-v/--kv-budget (the daemon's kv settings apply)",
         ),
         (args.verbose, "--verbose"),

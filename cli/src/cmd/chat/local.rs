@@ -11,7 +11,8 @@ use strata_engine::{Context, Logits};
 
 use super::interrupt;
 use super::session::Stats;
-use crate::cmd::common::{Loaded, ctx_size, load};
+use crate::cmd::common::{LoadArgs, Loaded, ctx_size, load_with};
+use crate::cmd::kvargs::KvArgs;
 
 pub struct Local {
     loaded: Loaded,
@@ -31,14 +32,16 @@ impl Local {
         max_tokens: Option<usize>,
         n_ctx: usize,
         threads: Option<usize>,
+        residency: &LoadArgs,
+        kv: &KvArgs,
     ) -> anyhow::Result<Local> {
         sampler.validate().map_err(anyhow::Error::msg)?;
-        let loaded = load(model, threads)?;
+        let loaded = load_with(model, threads, residency)?;
         let n_ctx = ctx_size(&loaded.model, n_ctx)?;
         let md = &loaded.model.weights().gguf().metadata;
         let template = ChatTemplate::from_gguf(md, loaded.model.config.arch.name())
             .context("the model's chat template")?;
-        let ctx = loaded.model.new_context(n_ctx, loaded.pool.clone());
+        let ctx = kv.context(&loaded.model, n_ctx, loaded.pool.clone())?;
         Ok(Local {
             loaded,
             ctx,

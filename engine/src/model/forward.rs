@@ -597,6 +597,15 @@ impl Model {
         self.matmul(pool, mm, moe.router, &buf.xb, n, &mut buf.router)?;
         route(&mut buf.router, &mut buf.route, n, ne, k, mc.norm_topk);
         self.score_prediction(buf, ne);
+        if self.weights.experts_streamed(moe.gate.mat.id) {
+            // The cache learns the routing before the experts are asked for: it keeps those
+            // it holds and reads the rest together.
+            buf.guess.clear();
+            buf.guess
+                .extend((0..ne.min(moe.gate.n_expert)).filter(|&x| buf.used[x]));
+            let ids = [moe.gate.mat.id, moe.up.mat.id, moe.down.mat.id];
+            self.weights.route_experts(&ids, &buf.guess)?;
+        }
         buf.acc.clear();
         buf.acc.resize(n * e, 0.0);
         for ex in 0..ne.min(moe.gate.n_expert) {

@@ -2,10 +2,21 @@
 //! from disk as one aligned request when first needed or when predicted, and kept under a byte
 //! budget. A slab in use (a handle holds it) is never evicted.
 //!
-//! Policy: LFU with decay — each use adds 1 to an expert's score, every score halves each time
-//! `decay_every` uses have passed, and the lowest score goes first (ties: least recently used).
-//! Routing is skewed toward popular experts in real MoE models, which plain LRU forgets after
-//! one sweep of cold experts; `STRATA_EXPERT_POLICY=lru` switches to LRU for comparison.
+//! The forward pass tells the cache each layer's routing before it computes the layer
+//! ([`ExpertCache::route`]): the experts it will use are kept until used, and those absent are
+//! read together in the background (all in flight at once) while the first ones compute.
+//!
+//! Policy (measured in `experts/tests.rs` on uniform, skewed and drifting routing traces):
+//! evict the slab whose next use is estimated furthest away — Belady's rule with an estimate.
+//! Layers run in a cycle, so a slab of tensor `t` that is not used in `t`'s current pass is
+//! next needed at `t`'s next pass at the earliest, and with per-pass probability `p` after
+//! `1/p` passes on average: its distance is `1/p − f` cycles, `f` the fraction of a cycle since
+//! `t`'s pass began. `p` is the slab's use count over the passes since its first use, both
+//! decayed by `GAMMA` per pass (popularity drifts with the text), shrunk toward a prior. Under
+//! uniform routing this keeps whole layers (what Belady does for a cycle, where LRU evicts
+//! each slab just before its layer comes round); under skewed routing it keeps the popular
+//! experts (as LFU does), and decay lets go of those that stop being used.
+//! `STRATA_EXPERT_POLICY=lru` or `lfu` (LFU with decay by uses) switch for comparison.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +33,24 @@ pub(super) type Key = (u32, u32);
 pub(super) enum Policy {
     Lru,
     LfuDecay,
+    NextUse,
 }
+
+impl Policy {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Policy::Lru => "lru",
+            Policy::LfuDecay => "lfu-decay",
+            Policy::NextUse => "next-use",
+        }
+    }
+}
+
+/// Per-pass decay of an expert's use count and of the passes it is counted over.
+const GAMMA: f64 = 0.98;
+/// The prior the use rate is shrunk toward, and its weight in passes.
+const PRIOR_RATE: f64 = 0.1;
+const PRIOR_PASSES: f64 = 4.0;
 
 struct Entry {
     buf: Arc<AlignedBuf>,
@@ -35,6 +63,30 @@ struct Entry {
     protect_until: u64,
     /// Brought in by a prefetch and not used yet (its first use counts as a prefetch hit).
     unused_guess: bool,
+    /// Brought in by [`ExpertCache::route`] and not used yet (its first use is a miss).
+    routed_read: bool,
+    /// Routed for the pass under way and not used yet: never evicted.
+    needed: bool,
+    /// Decayed uses, as of pass `seen` of the slab's tensor.
+    uses: f64,
+    seen: u64,
+    /// The tensor's pass of the slab's first use (`None`: not used yet).
+    first: Option<u64>,
+}
+
+/// The passes of one tensor (a layer's gate, up or down experts).
+#[derive(Clone, Copy, Default)]
+struct Passes {
+    count: u64,
+    /// Tick of the last pass's start.
+    start: u64,
+}
+
+/// What a queued read is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Why {
+    Guess,
+    Routed,
 }
 
 /// Cache uses (ticks) a prefetched, unused slab is protected for: a few layers' worth.
@@ -43,10 +95,35 @@ const PROTECT: u64 = 512;
 struct State {
     entries: HashMap<Key, Entry>,
     loading: HashSet<Key>,
-    queue: VecDeque<(Key, u64, usize)>,
+    queue: VecDeque<(Key, u64, usize, Why)>,
     bytes: u64,
     tick: u64,
+    passes: HashMap<u32, Passes>,
+    /// Ticks between two passes of one tensor (a moving average): one cycle of the layers.
+    cycle: f64,
     shutdown: bool,
+}
+
+impl State {
+    /// Ticks to the estimated next use of `e` (key `k`), in cycles; larger goes first.
+    fn distance(&self, k: Key, e: &Entry) -> f64 {
+        let p = self.passes.get(&k.0).copied().unwrap_or_default();
+        let (uses, n) = match e.first {
+            Some(first) => {
+                let since = p.count.saturating_sub(first) as f64;
+                let uses = e.uses * GAMMA.powf(p.count.saturating_sub(e.seen) as f64);
+                (uses, (1.0 - GAMMA.powf(since + 1.0)) / (1.0 - GAMMA))
+            }
+            None => (0.0, 0.0),
+        };
+        let rate = (uses + PRIOR_RATE * PRIOR_PASSES) / (n + PRIOR_PASSES);
+        let into_cycle = if self.cycle > 0.0 {
+            ((self.tick.saturating_sub(p.start)) as f64 / self.cycle).min(1.0)
+        } else {
+            0.0
+        };
+        1.0 / rate - into_cycle
+    }
 }
 
 #[derive(Default)]
@@ -78,6 +155,17 @@ const DECAY_EVERY: u64 = 4096;
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops the guesses still queued (stale once newer ones or the real routing come).
+    fn drop_guesses(&self, st: &mut State) {
+        let (guesses, keep): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut st.queue)
+            .into_iter()
+            .partition(|j| j.3 == Why::Guess);
+        st.queue = keep;
+        for (k, _, _, _) in guesses {
+            st.loading.remove(&k);
+        }
     }
 
     /// Reads `[start, start + len)` of the file into a fresh aligned buffer.
@@ -130,19 +218,23 @@ impl Shared {
     fn make_room(&self, st: &mut State, need: u64) {
         while st.bytes + need > self.budget {
             let tick = st.tick;
-            let victim = st
-                .entries
-                .iter()
-                .filter(|(_, e)| Arc::strong_count(&e.buf) == 1 && e.protect_until <= tick)
-                .min_by(|a, b| match self.policy {
-                    Policy::Lru => a.1.last.cmp(&b.1.last),
-                    Policy::LfuDecay => {
+            let free = st.entries.iter().filter(|(_, e)| {
+                Arc::strong_count(&e.buf) == 1 && e.protect_until <= tick && !e.needed
+            });
+            let victim = match self.policy {
+                Policy::Lru => free.min_by_key(|(_, e)| e.last).map(|(k, _)| *k),
+                Policy::LfuDecay => free
+                    .min_by(|a, b| {
                         a.1.score
                             .total_cmp(&b.1.score)
                             .then(a.1.last.cmp(&b.1.last))
-                    }
-                })
-                .map(|(k, _)| *k);
+                    })
+                    .map(|(k, _)| *k),
+                Policy::NextUse => free
+                    .map(|(k, e)| (*k, st.distance(*k, e), e.last))
+                    .max_by(|a, b| a.1.total_cmp(&b.1).then(b.2.cmp(&a.2)))
+                    .map(|(k, _, _)| k),
+            };
             let Some(k) = victim else { return };
             if let Some(e) = st.entries.remove(&k) {
                 st.bytes -= e.buf.len() as u64;
@@ -157,11 +249,12 @@ impl Shared {
         key: Key,
         buf: Arc<AlignedBuf>,
         skip: usize,
-        prefetched: bool,
+        why: Option<Why>,
     ) {
         self.make_room(st, buf.len() as u64);
         st.bytes += buf.len() as u64;
         let tick = st.tick;
+        let seen = st.passes.get(&key.0).map_or(0, |p| p.count);
         st.entries.insert(
             key,
             Entry {
@@ -169,34 +262,75 @@ impl Shared {
                 skip,
                 score: 0.0,
                 last: tick,
-                protect_until: if prefetched { tick + PROTECT } else { 0 },
-                unused_guess: prefetched,
+                protect_until: if why == Some(Why::Guess) {
+                    tick + PROTECT
+                } else {
+                    0
+                },
+                unused_guess: why == Some(Why::Guess),
+                routed_read: why == Some(Why::Routed),
+                needed: why == Some(Why::Routed),
+                uses: 0.0,
+                seen,
+                first: None,
             },
         );
     }
 
-    /// Records a use of `key`; its buffer, offset, and whether a prefetch brought it in.
-    fn touch(&self, st: &mut State, key: Key) -> Option<(Arc<AlignedBuf>, usize, bool)> {
+    /// Records a use of `key`; its buffer, offset, and how it came to be there.
+    fn touch(&self, st: &mut State, key: Key) -> Option<Touched> {
         st.tick += 1;
         let tick = st.tick;
         if tick.is_multiple_of(DECAY_EVERY) {
             st.entries.values_mut().for_each(|e| e.score *= 0.5);
         }
+        let pass = st.passes.get(&key.0).map_or(0, |p| p.count);
         let e = st.entries.get_mut(&key)?;
         e.score += 1.0;
         e.last = tick;
         e.protect_until = 0;
-        let guessed = std::mem::take(&mut e.unused_guess);
-        Some((Arc::clone(&e.buf), e.skip, guessed))
+        e.needed = false;
+        // One use per pass counts (a batch's several tokens on one expert are one use).
+        if e.first.is_none() || e.seen != pass || e.uses == 0.0 {
+            e.uses = e.uses * GAMMA.powf(pass.saturating_sub(e.seen) as f64) + 1.0;
+            e.seen = pass;
+            e.first.get_or_insert(pass);
+        }
+        Some(Touched {
+            buf: Arc::clone(&e.buf),
+            skip: e.skip,
+            guessed: std::mem::take(&mut e.unused_guess),
+            routed_read: std::mem::take(&mut e.routed_read),
+        })
     }
 }
 
+struct Touched {
+    buf: Arc<AlignedBuf>,
+    skip: usize,
+    guessed: bool,
+    routed_read: bool,
+}
+
+impl Shared {}
+
 impl ExpertCache {
+    /// A cache under `budget` bytes, with the policy `STRATA_EXPERT_POLICY` names (`lru`,
+    /// `lfu`) or the next-use estimate.
     pub(super) fn new(reader: Reader, budget: u64) -> Result<Self, std::io::Error> {
         let policy = match std::env::var("STRATA_EXPERT_POLICY").ok().as_deref() {
             Some("lru") => Policy::Lru,
-            _ => Policy::LfuDecay,
+            Some("lfu") => Policy::LfuDecay,
+            _ => Policy::NextUse,
         };
+        Self::with_policy(reader, budget, policy)
+    }
+
+    pub(super) fn with_policy(
+        reader: Reader,
+        budget: u64,
+        policy: Policy,
+    ) -> Result<Self, std::io::Error> {
         let shared = Arc::new(Shared {
             reader,
             budget,
@@ -207,6 +341,8 @@ impl ExpertCache {
                 queue: VecDeque::new(),
                 bytes: 0,
                 tick: 0,
+                passes: HashMap::new(),
+                cycle: 0.0,
                 shutdown: false,
             }),
             cv: Condvar::new(),
@@ -249,13 +385,17 @@ impl ExpertCache {
         let sh = &*self.shared;
         let mut st = sh.lock();
         loop {
-            if let Some((buf, skip, guessed)) = sh.touch(&mut st, key) {
+            if let Some(t) = sh.touch(&mut st, key) {
                 drop(st);
-                sh.counters.hits.fetch_add(1, Ordering::Relaxed);
-                if guessed {
+                if t.routed_read {
+                    sh.counters.misses.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    sh.counters.hits.fetch_add(1, Ordering::Relaxed);
+                }
+                if t.guessed {
                     sh.counters.prefetch_hits.fetch_add(1, Ordering::Relaxed);
                 }
-                return Ok((buf, skip));
+                return Ok((t.buf, t.skip));
             }
             if !st.loading.contains(&key) {
                 break;
@@ -270,9 +410,47 @@ impl ExpertCache {
         st.loading.remove(&key);
         sh.cv.notify_all();
         let (buf, skip) = r?;
-        sh.insert(&mut st, key, Arc::clone(&buf), skip, false);
+        sh.insert(&mut st, key, Arc::clone(&buf), skip, None);
         sh.touch(&mut st, key);
         Ok((buf, skip))
+    }
+
+    /// The routing of a pass about to run: `keys` are the slabs it will use, of one or more
+    /// tensors (each tensor's pass is counted once). Slabs present are kept until used; absent
+    /// ones are read in the background, together, and count as misses when used. Guesses
+    /// still queued are dropped (this pass's routing is known now).
+    pub(super) fn route(&self, keys: &[(Key, u64, usize)]) {
+        let sh = &*self.shared;
+        let mut st = sh.lock();
+        sh.drop_guesses(&mut st);
+        let tick = st.tick;
+        let mut tensors: Vec<u32> = keys.iter().map(|k| k.0.0).collect();
+        tensors.sort_unstable();
+        tensors.dedup();
+        for t in tensors {
+            let p = st.passes.entry(t).or_default();
+            let gap = tick.saturating_sub(p.start) as f64;
+            let first = p.count == 0;
+            p.count += 1;
+            p.start = tick;
+            if !first && gap > 0.0 {
+                st.cycle = if st.cycle == 0.0 {
+                    gap
+                } else {
+                    0.9 * st.cycle + 0.1 * gap
+                };
+            }
+        }
+        for &(key, start, len) in keys {
+            if let Some(e) = st.entries.get_mut(&key) {
+                e.needed = true;
+                continue;
+            }
+            if st.loading.insert(key) {
+                st.queue.push_back((key, start, len, Why::Routed));
+            }
+        }
+        sh.cv.notify_all();
     }
 
     /// Asks for slabs to be read in the background (those absent and not already coming).
@@ -281,16 +459,13 @@ impl ExpertCache {
     pub(super) fn prefetch(&self, keys: &[(Key, u64, usize)]) {
         let sh = &*self.shared;
         let mut st = sh.lock();
-        let stale: Vec<Key> = st.queue.drain(..).map(|(k, _, _)| k).collect();
-        for k in stale {
-            st.loading.remove(&k);
-        }
+        sh.drop_guesses(&mut st);
         for &(key, start, len) in keys {
             if st.entries.contains_key(&key) || st.loading.contains(&key) {
                 continue;
             }
             st.loading.insert(key);
-            st.queue.push_back((key, start, len));
+            st.queue.push_back((key, start, len, Why::Guess));
             sh.counters.prefetches.fetch_add(1, Ordering::Relaxed);
         }
         sh.cv.notify_all();
@@ -310,7 +485,7 @@ impl Drop for ExpertCache {
 fn prefetch_thread(sh: &Shared) {
     loop {
         // Every queued guess at once (up to 64), so the reads are all in flight together.
-        let jobs: Vec<(Key, u64, usize)> = {
+        let jobs: Vec<(Key, u64, usize, Why)> = {
             let mut st = sh.lock();
             loop {
                 if st.shutdown {
@@ -323,15 +498,16 @@ fn prefetch_thread(sh: &Shared) {
                 st = sh.cv.wait(st).unwrap_or_else(|p| p.into_inner());
             }
         };
-        let r = sh.read_many(&jobs);
+        let reads: Vec<(Key, u64, usize)> = jobs.iter().map(|&(k, s, l, _)| (k, s, l)).collect();
+        let r = sh.read_many(&reads);
         let mut st = sh.lock();
-        for (key, _, _) in &jobs {
+        for (key, _, _, _) in &jobs {
             st.loading.remove(key);
         }
         match r {
             Ok(bufs) => {
-                for ((key, _, _), (buf, skip)) in jobs.iter().zip(bufs) {
-                    sh.insert(&mut st, *key, buf, skip, true);
+                for ((key, _, _, why), (buf, skip)) in jobs.iter().zip(bufs) {
+                    sh.insert(&mut st, *key, buf, skip, Some(*why));
                 }
             }
             // A failed prefetch is only a lost guess: the demand read reports the error.
@@ -340,3 +516,6 @@ fn prefetch_thread(sh: &Shared) {
         sh.cv.notify_all();
     }
 }
+
+#[cfg(test)]
+mod tests;

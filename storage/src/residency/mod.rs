@@ -792,6 +792,31 @@ impl Weights {
         )
     }
 
+    /// The routing of the MoE pass about to run: experts `es` of each of the stacked tensors
+    /// `ids` (a layer's gate, up and down). Where experts stream, those cached are kept until
+    /// used and the rest are read together in the background; otherwise nothing happens.
+    pub fn route_experts(&self, ids: &[TensorId], es: &[usize]) -> Result<(), ResidencyError> {
+        if let Backing::Read {
+            experts: Some(x), ..
+        } = &self.backing
+        {
+            let mut keys = Vec::with_capacity(ids.len() * es.len());
+            for &id in ids {
+                if !matches!(self.place(id)?, Place::Cold) {
+                    continue;
+                }
+                for &e in es {
+                    let (start, len) = self.slab_range(id, e)?;
+                    keys.push(((id.0, e as u32), start, len));
+                }
+            }
+            if !keys.is_empty() {
+                x.route(&keys);
+            }
+        }
+        Ok(())
+    }
+
     /// Starts reading experts `es` of a stacked tensor ahead of need.
     pub fn prefetch_experts(&self, id: TensorId, es: &[usize]) -> Result<(), ResidencyError> {
         if let Backing::Read {
@@ -882,10 +907,7 @@ impl Weights {
             s.expert_prefetches = c.prefetches.load(Ordering::Relaxed);
             s.expert_prefetch_hits = c.prefetch_hits.load(Ordering::Relaxed);
             s.expert_cache_bytes = x.bytes();
-            s.expert_policy = match x.policy() {
-                experts::Policy::Lru => "lru",
-                experts::Policy::LfuDecay => "lfu-decay",
-            };
+            s.expert_policy = x.policy().name();
         }
         if let Backing::Read {
             streamer,

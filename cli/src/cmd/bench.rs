@@ -165,6 +165,11 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
                         model.set_expert_prefetch(ExpertPrefetch::Predict);
                     }
                 }
+                if mode.is_some() {
+                    // Each mode decodes the same token stream: it starts from an empty expert
+                    // cache, so that none profits from what the one before read.
+                    model.weights().clear_expert_cache();
+                }
                 let before = model.weights().stats();
                 let pred0 = model.prediction_stats();
                 let kv0 = ctx.kv_spill_stats();

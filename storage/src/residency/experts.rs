@@ -48,6 +48,13 @@ impl Policy {
 
 /// Per-pass decay of an expert's use count and of the passes it is counted over.
 const GAMMA: f64 = 0.98;
+/// `GAMMA^d` for the first passes (0 beyond: a use that long ago no longer counts).
+fn gamma_pow(d: u64) -> f64 {
+    static TABLE: std::sync::OnceLock<Vec<f64>> = std::sync::OnceLock::new();
+    let t = TABLE.get_or_init(|| (0..1024).map(|i| GAMMA.powi(i)).collect());
+    t.get(d as usize).copied().unwrap_or(0.0)
+}
+
 /// The prior the use rate is shrunk toward, and its weight in passes.
 const PRIOR_RATE: f64 = 0.1;
 const PRIOR_PASSES: f64 = 4.0;
@@ -67,6 +74,8 @@ struct Entry {
     routed_read: bool,
     /// Routed for the pass under way and not used yet: never evicted.
     needed: bool,
+    /// Brought in by a guess that its pass's routing proved wrong, and not used since.
+    wrong_guess: bool,
     /// Decayed uses, as of pass `seen` of the slab's tensor.
     uses: f64,
     seen: u64,
@@ -99,6 +108,10 @@ struct State {
     bytes: u64,
     tick: u64,
     passes: HashMap<u32, Passes>,
+    /// Buffers of evicted slabs, by length, reused for the next reads (no allocation, zeroing
+    /// or page faults per miss once the cache is full); at most `POOL_BYTES`.
+    pool: HashMap<usize, Vec<AlignedBuf>>,
+    pool_bytes: u64,
     /// Ticks between two passes of one tensor (a moving average): one cycle of the layers.
     cycle: f64,
     shutdown: bool,
@@ -107,12 +120,15 @@ struct State {
 impl State {
     /// Ticks to the estimated next use of `e` (key `k`), in cycles; larger goes first.
     fn distance(&self, k: Key, e: &Entry) -> f64 {
+        if e.wrong_guess {
+            return f64::INFINITY;
+        }
         let p = self.passes.get(&k.0).copied().unwrap_or_default();
         let (uses, n) = match e.first {
             Some(first) => {
-                let since = p.count.saturating_sub(first) as f64;
-                let uses = e.uses * GAMMA.powf(p.count.saturating_sub(e.seen) as f64);
-                (uses, (1.0 - GAMMA.powf(since + 1.0)) / (1.0 - GAMMA))
+                let since = p.count.saturating_sub(first);
+                let uses = e.uses * gamma_pow(p.count.saturating_sub(e.seen));
+                (uses, (1.0 - gamma_pow(since + 1)) / (1.0 - GAMMA))
             }
             None => (0.0, 0.0),
         };
@@ -189,7 +205,7 @@ impl Shared {
         for &(_, start, len) in jobs {
             let lo = start / a * a;
             let hi = (start + len as u64).next_multiple_of(a);
-            let buf = AlignedBuf::zeroed((hi - lo) as usize).map_err(|e| IoError::Read {
+            let buf = self.buffer((hi - lo) as usize).map_err(|e| IoError::Read {
                 path: self.reader.path().to_path_buf(),
                 offset: start,
                 len,
@@ -216,31 +232,56 @@ impl Shared {
 
     /// Makes room for `need` more bytes, evicting unused slabs by policy.
     fn make_room(&self, st: &mut State, need: u64) {
-        while st.bytes + need > self.budget {
-            let tick = st.tick;
-            let free = st.entries.iter().filter(|(_, e)| {
-                Arc::strong_count(&e.buf) == 1 && e.protect_until <= tick && !e.needed
-            });
-            let victim = match self.policy {
-                Policy::Lru => free.min_by_key(|(_, e)| e.last).map(|(k, _)| *k),
-                Policy::LfuDecay => free
-                    .min_by(|a, b| {
-                        a.1.score
-                            .total_cmp(&b.1.score)
-                            .then(a.1.last.cmp(&b.1.last))
-                    })
-                    .map(|(k, _)| *k),
-                Policy::NextUse => free
-                    .map(|(k, e)| (*k, st.distance(*k, e), e.last))
-                    .max_by(|a, b| a.1.total_cmp(&b.1).then(b.2.cmp(&a.2)))
-                    .map(|(k, _, _)| k),
-            };
-            let Some(k) = victim else { return };
+        if st.bytes + need <= self.budget {
+            return;
+        }
+        // Ranking every slab costs a pass over the cache: evict down to a little below the
+        // budget at once, so that the next few inserts need none.
+        let target = self.budget.saturating_sub(need + self.budget / 64);
+        let tick = st.tick;
+        let mut ranked: Vec<(Key, f64, u64)> = st
+            .entries
+            .iter()
+            .filter(|(_, e)| Arc::strong_count(&e.buf) == 1 && e.protect_until <= tick && !e.needed)
+            .map(|(k, e)| {
+                // Larger first, then the least recently used.
+                let first = match self.policy {
+                    Policy::Lru => 0.0,
+                    Policy::LfuDecay => -e.score,
+                    Policy::NextUse => st.distance(*k, e),
+                };
+                (*k, first, e.last)
+            })
+            .collect();
+        ranked.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.2.cmp(&b.2)));
+        for (k, _, _) in ranked {
+            if st.bytes <= target {
+                break;
+            }
             if let Some(e) = st.entries.remove(&k) {
-                st.bytes -= e.buf.len() as u64;
+                let len = e.buf.len();
+                st.bytes -= len as u64;
                 self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+                if st.pool_bytes + len as u64 <= self.budget / 16
+                    && let Ok(buf) = Arc::try_unwrap(e.buf)
+                {
+                    st.pool_bytes += len as u64;
+                    st.pool.entry(len).or_default().push(buf);
+                }
             }
         }
+    }
+
+    /// A buffer of `len` bytes: one from the pool, else a new one.
+    fn buffer(&self, len: usize) -> Result<AlignedBuf, crate::buf::AllocError> {
+        {
+            let mut st = self.lock();
+            if let Some(buf) = st.pool.get_mut(&len).and_then(Vec::pop) {
+                st.pool_bytes -= len as u64;
+                return Ok(buf);
+            }
+        }
+        AlignedBuf::zeroed(len)
     }
 
     fn insert(
@@ -270,6 +311,7 @@ impl Shared {
                 unused_guess: why == Some(Why::Guess),
                 routed_read: why == Some(Why::Routed),
                 needed: why == Some(Why::Routed),
+                wrong_guess: false,
                 uses: 0.0,
                 seen,
                 first: None,
@@ -290,9 +332,10 @@ impl Shared {
         e.last = tick;
         e.protect_until = 0;
         e.needed = false;
+        e.wrong_guess = false;
         // One use per pass counts (a batch's several tokens on one expert are one use).
         if e.first.is_none() || e.seen != pass || e.uses == 0.0 {
-            e.uses = e.uses * GAMMA.powf(pass.saturating_sub(e.seen) as f64) + 1.0;
+            e.uses = e.uses * gamma_pow(pass.saturating_sub(e.seen)) + 1.0;
             e.seen = pass;
             e.first.get_or_insert(pass);
         }
@@ -342,6 +385,8 @@ impl ExpertCache {
                 bytes: 0,
                 tick: 0,
                 passes: HashMap::new(),
+                pool: HashMap::new(),
+                pool_bytes: 0,
                 cycle: 0.0,
                 shutdown: false,
             }),
@@ -418,16 +463,22 @@ impl ExpertCache {
     /// The routing of a pass about to run: `keys` are the slabs it will use, of one or more
     /// tensors (each tensor's pass is counted once). Slabs present are kept until used; absent
     /// ones are read in the background, together, and count as misses when used. Guesses
-    /// still queued are dropped (this pass's routing is known now).
+    /// still queued are kept when right (they count as prefetch hits) and dropped when wrong:
+    /// this pass's routing is known now.
     pub(super) fn route(&self, keys: &[(Key, u64, usize)]) {
         let sh = &*self.shared;
         let mut st = sh.lock();
-        sh.drop_guesses(&mut st);
+        let routed: HashSet<Key> = keys.iter().map(|k| k.0).collect();
+        let tensors: HashSet<u32> = keys.iter().map(|k| k.0.0).collect();
+        let (wrong, keep): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut st.queue)
+            .into_iter()
+            .partition(|j| j.3 == Why::Guess && tensors.contains(&j.0.0) && !routed.contains(&j.0));
+        st.queue = keep;
+        for (k, _, _, _) in wrong {
+            st.loading.remove(&k);
+        }
         let tick = st.tick;
-        let mut tensors: Vec<u32> = keys.iter().map(|k| k.0.0).collect();
-        tensors.sort_unstable();
-        tensors.dedup();
-        for t in tensors {
+        for &t in &tensors {
             let p = st.passes.entry(t).or_default();
             let gap = tick.saturating_sub(p.start) as f64;
             let first = p.count == 0;
@@ -439,6 +490,16 @@ impl ExpertCache {
                 } else {
                     0.9 * st.cycle + 0.1 * gap
                 };
+            }
+        }
+        // Slabs of these tensors guessed and not routed were wrong guesses: unprotected, and
+        // the first to go.
+        for (k, e) in st.entries.iter_mut() {
+            if e.unused_guess && tensors.contains(&k.0) && !routed.contains(k) {
+                e.unused_guess = false;
+                e.protect_until = 0;
+                e.last = 0;
+                e.wrong_guess = true;
             }
         }
         for &(key, start, len) in keys {
@@ -453,13 +514,24 @@ impl ExpertCache {
         sh.cv.notify_all();
     }
 
-    /// Asks for slabs to be read in the background (those absent and not already coming).
-    /// Guesses still queued from before are dropped: they were for the layer computing now,
-    /// which reads what it lacks itself, and a backlog would only read stale guesses.
-    pub(super) fn prefetch(&self, keys: &[(Key, u64, usize)]) {
+    /// Drops every slab not in use (a cold start for a measurement); counters are kept.
+    pub(super) fn clear(&self) {
         let sh = &*self.shared;
         let mut st = sh.lock();
         sh.drop_guesses(&mut st);
+        let before = st.entries.len();
+        st.entries
+            .retain(|_, e| Arc::strong_count(&e.buf) > 1 || e.needed);
+        st.bytes = st.entries.values().map(|e| e.buf.len() as u64).sum();
+        tracing::debug!(dropped = before - st.entries.len(), "expert cache cleared");
+    }
+
+    /// Asks for slabs to be read in the background (those absent and not already coming).
+    /// The guesses for a pass stay queued until its routing comes ([`ExpertCache::route`]
+    /// drops the wrong ones not read yet).
+    pub(super) fn prefetch(&self, keys: &[(Key, u64, usize)]) {
+        let sh = &*self.shared;
+        let mut st = sh.lock();
         for &(key, start, len) in keys {
             if st.entries.contains_key(&key) || st.loading.contains(&key) {
                 continue;
@@ -482,9 +554,35 @@ impl Drop for ExpertCache {
     }
 }
 
+/// Bytes of slabs read in one batch (at least one slab).
+const BATCH_BYTES: usize = 32 << 20;
+
+/// The next reads to issue: routed ones first, then guesses, in queue order, up to 64 slabs
+/// and [`BATCH_BYTES`].
+fn take_batch(queue: &mut VecDeque<(Key, u64, usize, Why)>) -> Vec<(Key, u64, usize, Why)> {
+    let mut order: Vec<usize> = (0..queue.len()).collect();
+    order.sort_by_key(|&i| queue[i].3 != Why::Routed);
+    let (mut bytes, mut take) = (0usize, Vec::new());
+    for i in order {
+        if take.len() == 64 || (!take.is_empty() && bytes + queue[i].2 > BATCH_BYTES) {
+            break;
+        }
+        bytes += queue[i].2;
+        take.push(i);
+    }
+    take.sort_unstable();
+    let batch = take.iter().map(|&i| queue[i]).collect();
+    for &i in take.iter().rev() {
+        queue.remove(i);
+    }
+    batch
+}
+
 fn prefetch_thread(sh: &Shared) {
     loop {
-        // Every queued guess at once (up to 64), so the reads are all in flight together.
+        // Several queued reads at once, so that they are in flight together: routed ones (a
+        // pass waits for them) before guesses, and no more than `BATCH_BYTES`, so that a
+        // routing that comes while a batch is read does not wait long behind it.
         let jobs: Vec<(Key, u64, usize, Why)> = {
             let mut st = sh.lock();
             loop {
@@ -492,8 +590,7 @@ fn prefetch_thread(sh: &Shared) {
                     return;
                 }
                 if !st.queue.is_empty() {
-                    let n = st.queue.len().min(64);
-                    break st.queue.drain(..n).collect();
+                    break take_batch(&mut st.queue);
                 }
                 st = sh.cv.wait(st).unwrap_or_else(|p| p.into_inner());
             }

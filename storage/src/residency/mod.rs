@@ -817,6 +817,17 @@ impl Weights {
         Ok(())
     }
 
+    /// Empties the expert cache of every expert not in use, so that a measurement starts
+    /// cold (`strata bench --moe-prefetch` between modes).
+    pub fn clear_expert_cache(&self) {
+        if let Backing::Read {
+            experts: Some(x), ..
+        } = &self.backing
+        {
+            x.clear();
+        }
+    }
+
     /// Starts reading experts `es` of a stacked tensor ahead of need.
     pub fn prefetch_experts(&self, id: TensorId, es: &[usize]) -> Result<(), ResidencyError> {
         if let Backing::Read {

@@ -77,15 +77,15 @@ fn run() -> Result<(), String> {
             _ => usage(),
         }
     }
-    // About 14 tokens a line.
-    let lines = (tokens / 14).max(4);
+    // About 14 tokens a line for short lists, 18 once the numbers have four digits.
+    let lines = (tokens / if tokens > 2000 { 18 } else { 14 }).max(4);
     let mut prefix = String::from("A list of facts, one per line.\n");
     for i in 1..lines {
         prefix.push_str(&format!("Fact {i}: the number {i} doubled is {}.\n", 2 * i));
     }
     let full = format!("{prefix}Fact {lines}:");
     let sessions = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let ctx = (tokens + tokens / 4 + 64).to_string();
+    let ctx = (tokens + tokens / 2 + 64).to_string();
     let dir = sessions.path().to_str().ok_or("temp path is not UTF-8")?;
     let mut flags = vec!["--ctx-size", &ctx, "--session-dir", dir, "--parallel", "1"];
     if let Some(t) = &threads {

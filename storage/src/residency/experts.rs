@@ -554,8 +554,9 @@ impl Drop for ExpertCache {
     }
 }
 
-/// Bytes of slabs read in one batch (at least one slab).
+/// Bytes of slabs read in one batch (at least one slab), and of guesses.
 const BATCH_BYTES: usize = 32 << 20;
+const GUESS_BATCH_BYTES: usize = 8 << 20;
 
 /// The next reads to issue: routed ones first, then guesses, in queue order, up to 64 slabs
 /// and [`BATCH_BYTES`].
@@ -564,7 +565,13 @@ fn take_batch(queue: &mut VecDeque<(Key, u64, usize, Why)>) -> Vec<(Key, u64, us
     order.sort_by_key(|&i| queue[i].3 != Why::Routed);
     let (mut bytes, mut take) = (0usize, Vec::new());
     for i in order {
-        if take.len() == 64 || (!take.is_empty() && bytes + queue[i].2 > BATCH_BYTES) {
+        // Guesses go in smaller batches: a routing that comes meanwhile waits for the batch.
+        let cap = if queue[i].3 == Why::Routed {
+            BATCH_BYTES
+        } else {
+            GUESS_BATCH_BYTES
+        };
+        if take.len() == 64 || (!take.is_empty() && bytes + queue[i].2 > cap) {
             break;
         }
         bytes += queue[i].2;

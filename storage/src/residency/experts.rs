@@ -109,7 +109,7 @@ struct State {
     tick: u64,
     passes: HashMap<u32, Passes>,
     /// Buffers of evicted slabs, by length, reused for the next reads (no allocation, zeroing
-    /// or page faults per miss once the cache is full); at most `POOL_BYTES`.
+    /// or page faults per miss once the cache is full); at most 1/16 of the budget.
     pool: HashMap<usize, Vec<AlignedBuf>>,
     pool_bytes: u64,
     /// Ticks between two passes of one tensor (a moving average): one cycle of the layers.
@@ -118,7 +118,8 @@ struct State {
 }
 
 impl State {
-    /// Ticks to the estimated next use of `e` (key `k`), in cycles; larger goes first.
+    /// The estimated distance to the next use of `e` (key `k`), in layer cycles; the
+    /// largest is evicted first.
     fn distance(&self, k: Key, e: &Entry) -> f64 {
         if e.wrong_guess {
             return f64::INFINITY;
@@ -184,9 +185,9 @@ impl Shared {
         }
     }
 
-    /// Reads `[start, start + len)` of the file into a fresh aligned buffer.
+    /// Reads `[start, start + len)` of the file into an aligned buffer (from the pool or new).
     fn read(&self, start: u64, len: usize) -> Result<(Arc<AlignedBuf>, usize), IoError> {
-        let mut one = self.read_many(&[((0, 0), start, len)])?;
+        let mut one = self.read_many(&[(start, len)])?;
         one.pop().ok_or_else(|| IoError::Read {
             path: self.reader.path().to_path_buf(),
             offset: start,
@@ -195,14 +196,11 @@ impl Shared {
         })
     }
 
-    /// Reads several slabs in one call (all in flight together).
-    fn read_many(
-        &self,
-        jobs: &[(Key, u64, usize)],
-    ) -> Result<Vec<(Arc<AlignedBuf>, usize)>, IoError> {
+    /// Reads several `(start, len)` ranges in one call (all in flight together).
+    fn read_many(&self, ranges: &[(u64, usize)]) -> Result<Vec<(Arc<AlignedBuf>, usize)>, IoError> {
         let a = DIRECT_ALIGN as u64;
-        let mut bufs = Vec::with_capacity(jobs.len());
-        for &(_, start, len) in jobs {
+        let mut bufs = Vec::with_capacity(ranges.len());
+        for &(start, len) in ranges {
             let lo = start / a * a;
             let hi = (start + len as u64).next_multiple_of(a);
             let buf = self.buffer((hi - lo) as usize).map_err(|e| IoError::Read {
@@ -334,7 +332,7 @@ impl Shared {
         e.needed = false;
         e.wrong_guess = false;
         // One use per pass counts (a batch's several tokens on one expert are one use).
-        if e.first.is_none() || e.seen != pass || e.uses == 0.0 {
+        if e.first.is_none() || e.seen != pass {
             e.uses = e.uses * gamma_pow(pass.saturating_sub(e.seen)) + 1.0;
             e.seen = pass;
             e.first.get_or_insert(pass);
@@ -354,8 +352,6 @@ struct Touched {
     guessed: bool,
     routed_read: bool,
 }
-
-impl Shared {}
 
 impl ExpertCache {
     /// A cache under `budget` bytes, with the policy `STRATA_EXPERT_POLICY` names (`lru`,
@@ -602,7 +598,7 @@ fn prefetch_thread(sh: &Shared) {
                 st = sh.cv.wait(st).unwrap_or_else(|p| p.into_inner());
             }
         };
-        let reads: Vec<(Key, u64, usize)> = jobs.iter().map(|&(k, s, l, _)| (k, s, l)).collect();
+        let reads: Vec<(u64, usize)> = jobs.iter().map(|&(_, s, l, _)| (s, l)).collect();
         let r = sh.read_many(&reads);
         let mut st = sh.lock();
         for (key, _, _, _) in &jobs {

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use strata_engine::model::Arch;
+use strata_engine::model::ExpertPrefetch;
 use strata_engine::synth::{GenSpec, Vocab, to_bytes};
 use strata_engine::{Logits, Model};
 use strata_simd::pool::ThreadPool;
@@ -200,4 +201,23 @@ fn streamed_experts_give_identical_logits_and_are_predicted() {
     let p = m.prediction_stats();
     assert!(p.guessed > 0 && p.actual > 0, "{p:?}");
     assert!(p.recall() > 0.0 && p.precision() <= 1.0);
+
+    // Without read-ahead, and with a recorded routing replayed (the oracle): the same logits
+    // whatever the cache held when each expert ran, and the replayed guesses all right.
+    m.set_expert_prefetch(ExpertPrefetch::Off);
+    m.weights().clear_expert_cache();
+    assert_eq!(run(&m), want);
+    m.set_expert_prefetch(ExpertPrefetch::Record);
+    assert_eq!(run(&m), want);
+    let log = m.set_expert_prefetch(ExpertPrefetch::Predict);
+    m.set_expert_prefetch(ExpertPrefetch::Replay(Arc::new(log)));
+    m.weights().clear_expert_cache();
+    let before = m.prediction_stats();
+    assert_eq!(run(&m), want);
+    let after = m.prediction_stats();
+    let (guessed, right) = (after.guessed - before.guessed, after.right - before.right);
+    assert!(
+        guessed > 0 && right == guessed,
+        "{guessed} guessed, {right} right"
+    );
 }

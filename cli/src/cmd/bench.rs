@@ -159,7 +159,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
                         model.set_expert_prefetch(ExpertPrefetch::Record);
                         run_test(&model, &mut ctx, args.depth, p, n, args.repetitions)?;
                         let log = model.set_expert_prefetch(ExpertPrefetch::Predict);
-                        model.set_expert_prefetch(ExpertPrefetch::Replay(log));
+                        model.set_expert_prefetch(ExpertPrefetch::Replay(std::sync::Arc::new(log)));
                     }
                     _ => {
                         model.set_expert_prefetch(ExpertPrefetch::Predict);
@@ -196,13 +196,14 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
                     let lookups = (after.expert_hits - before.expert_hits)
                         + (after.expert_misses - before.expert_misses);
                     expert_lines.push(format!(
-                        "{desc} tg{n} t={nt} prefetch {m}: {:.2} t/s, {:.1} MiB read per token, expert hit rate {:.1}% ({} of {} lookups, {} read on demand), prediction precision {:.1}% recall {:.1}%",
+                        "{desc} tg{n} t={nt} prefetch {m}: {:.2} t/s, {:.1} MiB read per token, expert hit rate {:.1}% ({} of {} lookups, {} read on demand), waited {:.0}% of the time for experts, prediction precision {:.1}% recall {:.1}%",
                         tokens / secs,
                         read as f64 / tokens / 1048576.0,
                         pct(after.expert_hits - before.expert_hits, lookups),
                         after.expert_hits - before.expert_hits,
                         lookups,
                         after.expert_misses - before.expert_misses,
+                        100.0 * (after.expert_wait - before.expert_wait).as_secs_f64() / secs,
                         pct(r, g),
                         pct(r, a),
                     ));

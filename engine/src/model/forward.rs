@@ -88,6 +88,10 @@ struct Buffers {
     used: Vec<bool>,
     guess: Vec<usize>,
     picked: Vec<(usize, f32)>,
+    /// Per expert: guessed for the layer being predicted, and the guess's summed probability.
+    pick: Vec<bool>,
+    score: Vec<f32>,
+    slots: Vec<f32>,
     ex_x: Vec<f32>,
     ex_y: Vec<f32>,
     acc: Vec<f32>,
@@ -481,10 +485,12 @@ impl Model {
         self.matmul(pool, mm, self.output, &buf.xb[..m * e], m, out)
     }
 
-    /// Cross-layer expert prediction: when the next layer's experts stream from disk, apply its
-    /// router to this layer's FFN input (`buf.xb`) and read its likely experts (top-k plus a
-    /// margin, `STRATA_EXPERT_MARGIN`, default 0) while this layer computes. The guess is kept in `buf.pred` and
-    /// scored against the real routing when the next layer runs.
+    /// Cross-layer expert prediction: when the next layers' experts stream from disk, apply
+    /// the routers of the next [`lookahead`] MoE layers to this layer's FFN input (`buf.xb`;
+    /// the residual stream changes little from layer to layer) and read their likely experts
+    /// (top-k plus a margin, `STRATA_EXPERT_MARGIN`, default 0) while this layer computes,
+    /// the next layer's first and the likeliest first. The next layer's guess is kept in
+    /// `buf.pred` and scored against the real routing when that layer runs.
     fn predict_experts(
         &self,
         pool: &ThreadPool,
@@ -494,46 +500,71 @@ impl Model {
         n: usize,
     ) -> Result<(), EngineError> {
         buf.pred_next.clear();
-        let (Some(mc), Some(Ffn::Moe(next))) =
-            (self.config.moe, self.layers.get(il + 1).map(|l| &l.ffn))
-        else {
+        let Some(mc) = self.config.moe else {
             return Ok(());
         };
-        if !self.weights.experts_streamed(next.gate.mat.id) {
-            return Ok(());
-        }
         let ne = mc.n_expert;
-        let replay = {
+        // The MoE calls made so far, and the recorded routing when replaying.
+        let (calls, log) = {
             let c = self.experts.lock().unwrap_or_else(|p| p.into_inner());
             match &c.mode {
                 ExpertPrefetch::Off => return Ok(()),
-                // The next MoE call is the one after this layer's.
-                ExpertPrefetch::Replay(log) => {
-                    Some(log.get(c.calls + 1).cloned().unwrap_or_default())
-                }
-                _ => None,
+                ExpertPrefetch::Replay(log) => (c.calls, Some(Arc::clone(log))),
+                _ => (c.calls, None),
             }
         };
-        buf.pred_next.resize(ne, false);
-        match replay {
-            Some(used) => used
-                .into_iter()
-                .filter(|&x| x < ne)
-                .for_each(|x| buf.pred_next[x] = true),
-            None => {
-                buf.router.resize(n * ne, 0.0);
-                self.matmul(pool, mm, next.router, &buf.xb, n, &mut buf.router)?;
-                let k = (mc.n_expert_used + prefetch_margin()).min(ne);
-                route(&mut buf.router, &mut buf.route, n, ne, k, false);
-                for &(ex, _) in &buf.route {
-                    buf.pred_next[ex] = true;
+        let is_moe = matches!(self.layers.get(il).map(|l| &l.ffn), Some(Ffn::Moe(_)));
+        let mut ahead = 0;
+        for (d, layer) in self.layers.iter().enumerate().skip(il + 1) {
+            let Ffn::Moe(next) = &layer.ffn else {
+                continue;
+            };
+            ahead += 1;
+            if ahead > lookahead() {
+                break;
+            }
+            if !self.weights.experts_streamed(next.gate.mat.id) {
+                continue;
+            }
+            buf.pick.clear();
+            buf.pick.resize(ne, false);
+            buf.score.clear();
+            buf.score.resize(ne, 0.0);
+            match &log {
+                // The MoE call of layer `d` is `ahead` calls after this layer's (or, when
+                // this layer is dense, after the last one).
+                Some(log) => {
+                    let call = calls + ahead - usize::from(!is_moe);
+                    for &x in log.get(call).map(Vec::as_slice).unwrap_or(&[]) {
+                        if x < ne {
+                            buf.pick[x] = true;
+                        }
+                    }
+                }
+                None => {
+                    buf.router.resize(n * ne, 0.0);
+                    self.matmul(pool, mm, next.router, &buf.xb, n, &mut buf.router)?;
+                    let k = (mc.n_expert_used + prefetch_margin()).min(ne);
+                    route(&mut buf.router, &mut buf.route, n, ne, k, false);
+                    // Ranked by probability summed over the batch's tokens.
+                    for &(ex, w) in &buf.route {
+                        buf.pick[ex] = true;
+                        buf.score[ex] += w;
+                    }
                 }
             }
-        }
-        buf.guess.clear();
-        buf.guess.extend((0..ne).filter(|&x| buf.pred_next[x]));
-        for x in [&next.gate, &next.up, &next.down] {
-            self.weights.prefetch_experts(x.mat.id, &buf.guess)?;
+            if d == il + 1 {
+                buf.pred_next.clone_from(&buf.pick);
+            }
+            // The likeliest first: read first, and the last to be dropped when the routing
+            // comes before they are read.
+            buf.guess.clear();
+            buf.guess.extend((0..ne).filter(|&x| buf.pick[x]));
+            let score = &buf.score;
+            buf.guess
+                .sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
+            let ids = [next.gate.mat.id, next.up.mat.id, next.down.mat.id];
+            self.weights.prefetch_experts(&ids, &buf.guess)?;
         }
         Ok(())
     }
@@ -597,32 +628,40 @@ impl Model {
         self.matmul(pool, mm, moe.router, &buf.xb, n, &mut buf.router)?;
         route(&mut buf.router, &mut buf.route, n, ne, k, mc.norm_topk);
         self.score_prediction(buf, ne);
+        // The experts this call uses, in the order they are computed: where they stream, those
+        // held first, so that they compute while the rest are read.
+        buf.guess.clear();
+        buf.guess
+            .extend((0..ne.min(moe.gate.n_expert)).filter(|&x| buf.used[x]));
+        let ids = [moe.gate.mat.id, moe.up.mat.id, moe.down.mat.id];
         if self.weights.experts_streamed(moe.gate.mat.id) {
+            let w = &self.weights;
+            buf.guess.sort_by_key(|&x| !w.experts_held(&ids, x));
             // The cache learns the routing before the experts are asked for: it keeps those
-            // it holds and reads the rest together.
-            buf.guess.clear();
-            buf.guess
-                .extend((0..ne.min(moe.gate.n_expert)).filter(|&x| buf.used[x]));
-            let ids = [moe.gate.mat.id, moe.up.mat.id, moe.down.mat.id];
+            // it holds and reads the rest in the order they will run.
             self.weights.route_experts(&ids, &buf.guess)?;
         }
-        buf.acc.clear();
-        buf.acc.resize(n * e, 0.0);
-        for ex in 0..ne.min(moe.gate.n_expert) {
+        // Each (token, slot)'s weighted expert output, summed per token in slot order below,
+        // so that the result does not depend on the order the experts ran in.
+        buf.slots.clear();
+        buf.slots.resize(n * k * e, 0.0);
+        for gi in 0..buf.guess.len() {
+            let ex = buf.guess[gi];
             buf.picked.clear();
             buf.picked.extend(
                 buf.route
                     .iter()
                     .enumerate()
                     .filter(|(_, r)| r.0 == ex)
-                    .map(|(i, r)| (i / k, r.1)),
+                    .map(|(i, r)| (i, r.1)),
             );
             let m = buf.picked.len();
             if m == 0 {
                 continue;
             }
             buf.ex_x.resize(m * e, 0.0);
-            for (i, &(t, _)) in buf.picked.iter().enumerate() {
+            for (i, &(s, _)) in buf.picked.iter().enumerate() {
+                let t = s / k;
                 buf.ex_x[i * e..(i + 1) * e].copy_from_slice(&buf.xb[t * e..(t + 1) * e]);
             }
             buf.g.resize(m * nff, 0.0);
@@ -646,12 +685,21 @@ impl Model {
             self.activate(&mut buf.g[..m * nff], &buf.u[..m * nff]);
             buf.ex_y.resize(m * e, 0.0);
             matmul(pool, mat_ref(&hd), &buf.g[..m * nff], m, &mut buf.ex_y, mm)?;
-            for (i, &(t, w)) in buf.picked.iter().enumerate() {
-                buf.acc[t * e..(t + 1) * e]
+            for (i, &(s, w)) in buf.picked.iter().enumerate() {
+                buf.slots[s * e..(s + 1) * e]
                     .iter_mut()
                     .zip(&buf.ex_y[i * e..(i + 1) * e])
-                    .for_each(|(a, y)| *a += w * y);
+                    .for_each(|(a, y)| *a = w * y);
             }
+        }
+        buf.acc.clear();
+        buf.acc.resize(n * e, 0.0);
+        for (s, y) in buf.slots.chunks_exact(e).enumerate() {
+            let t = s / k;
+            buf.acc[t * e..(t + 1) * e]
+                .iter_mut()
+                .zip(y)
+                .for_each(|(a, y)| *a += y);
         }
         if let Some((gate, up, down, gate_inp)) = &moe.shared {
             let sf = gate.rows;
@@ -823,5 +871,18 @@ fn prefetch_margin() -> usize {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
             .min(64)
+    })
+}
+
+/// MoE layers ahead whose experts are guessed and read (`STRATA_EXPERT_LOOKAHEAD`, default 2,
+/// 1 to 8): further guesses are less often right but give the disk more time.
+fn lookahead() -> usize {
+    static AHEAD: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *AHEAD.get_or_init(|| {
+        std::env::var("STRATA_EXPERT_LOOKAHEAD")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2)
+            .clamp(1, 8)
     })
 }

@@ -108,7 +108,7 @@ pub enum ExpertPrefetch {
     /// Predict, and record which experts each MoE layer call really used.
     Record,
     /// Read ahead exactly the experts a recorded run used (a perfect-knowledge oracle).
-    Replay(Vec<Vec<usize>>),
+    Replay(std::sync::Arc<Vec<Vec<usize>>>),
 }
 
 #[derive(Default)]

@@ -4,7 +4,9 @@
 //!
 //! The forward pass tells the cache each layer's routing before it computes the layer
 //! ([`ExpertCache::route`]): the experts it will use are kept until used, and those absent are
-//! read together in the background (all in flight at once) while the first ones compute.
+//! read in the background, in the order they will be used, by [`IO_THREADS`] threads with a
+//! reader each, while the ones held compute. Guesses ([`ExpertCache::prefetch`], the likeliest
+//! first) are read only while no routed read is under way.
 //!
 //! Policy (measured in `experts/tests.rs` on uniform, skewed and drifting routing traces):
 //! evict the slab whose next use is estimated furthest away — Belady's rule with an estimate.
@@ -91,6 +93,9 @@ struct Passes {
     start: u64,
 }
 
+/// A queued read: the slab, its file range, and what it is for.
+type Job = (Key, u64, usize, Why);
+
 /// What a queued read is for.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Why {
@@ -104,7 +109,7 @@ const PROTECT: u64 = 512;
 struct State {
     entries: HashMap<Key, Entry>,
     loading: HashSet<Key>,
-    queue: VecDeque<(Key, u64, usize, Why)>,
+    queue: VecDeque<Job>,
     bytes: u64,
     tick: u64,
     passes: HashMap<u32, Passes>,
@@ -114,6 +119,10 @@ struct State {
     pool_bytes: u64,
     /// Ticks between two passes of one tensor (a moving average): one cycle of the layers.
     cycle: f64,
+    /// I/O threads reading guesses now (at most [`GUESS_THREADS`]).
+    guessing: usize,
+    /// I/O threads reading routed slabs now: guesses wait until there are none.
+    routing: usize,
     shutdown: bool,
 }
 
@@ -151,10 +160,14 @@ pub(super) struct Counters {
     pub prefetch_hits: AtomicU64,
     pub prefetches: AtomicU64,
     pub evictions: AtomicU64,
+    /// Nanoseconds callers of [`ExpertCache::get`] waited for a slab being read.
+    pub wait_ns: AtomicU64,
 }
 
 pub(super) struct Shared {
-    reader: Reader,
+    /// The first reads on demand ([`ExpertCache::get`]); each of the others serves one I/O
+    /// thread (the first too when it is alone).
+    readers: Vec<Reader>,
     budget: u64,
     policy: Policy,
     state: Mutex<State>,
@@ -164,7 +177,7 @@ pub(super) struct Shared {
 
 pub(super) struct ExpertCache {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 const DECAY_EVERY: u64 = 4096;
@@ -187,9 +200,9 @@ impl Shared {
 
     /// Reads `[start, start + len)` of the file into an aligned buffer (from the pool or new).
     fn read(&self, start: u64, len: usize) -> Result<(Arc<AlignedBuf>, usize), IoError> {
-        let mut one = self.read_many(&[(start, len)])?;
+        let mut one = self.read_many(&self.readers[0], &[(start, len)])?;
         one.pop().ok_or_else(|| IoError::Read {
-            path: self.reader.path().to_path_buf(),
+            path: self.readers[0].path().to_path_buf(),
             offset: start,
             len,
             source: std::io::Error::other("no buffer"),
@@ -197,14 +210,18 @@ impl Shared {
     }
 
     /// Reads several `(start, len)` ranges in one call (all in flight together).
-    fn read_many(&self, ranges: &[(u64, usize)]) -> Result<Vec<(Arc<AlignedBuf>, usize)>, IoError> {
+    fn read_many(
+        &self,
+        reader: &Reader,
+        ranges: &[(u64, usize)],
+    ) -> Result<Vec<(Arc<AlignedBuf>, usize)>, IoError> {
         let a = DIRECT_ALIGN as u64;
         let mut bufs = Vec::with_capacity(ranges.len());
         for &(start, len) in ranges {
             let lo = start / a * a;
             let hi = (start + len as u64).next_multiple_of(a);
             let buf = self.buffer((hi - lo) as usize).map_err(|e| IoError::Read {
-                path: self.reader.path().to_path_buf(),
+                path: reader.path().to_path_buf(),
                 offset: start,
                 len,
                 source: std::io::Error::other(e),
@@ -220,7 +237,7 @@ impl Shared {
                 fixed: None,
             })
             .collect();
-        self.reader.read(&mut reqs)?;
+        reader.read(&mut reqs)?;
         drop(reqs);
         Ok(bufs
             .into_iter()
@@ -356,22 +373,28 @@ struct Touched {
 impl ExpertCache {
     /// A cache under `budget` bytes, with the policy `STRATA_EXPERT_POLICY` names (`lru`,
     /// `lfu`) or the next-use estimate.
-    pub(super) fn new(reader: Reader, budget: u64) -> Result<Self, std::io::Error> {
+    pub(super) fn new(readers: Vec<Reader>, budget: u64) -> Result<Self, std::io::Error> {
         let policy = match std::env::var("STRATA_EXPERT_POLICY").ok().as_deref() {
             Some("lru") => Policy::Lru,
             Some("lfu") => Policy::LfuDecay,
             _ => Policy::NextUse,
         };
-        Self::with_policy(reader, budget, policy)
+        Self::with_policy(readers, budget, policy)
     }
 
+    /// `readers` (at least one): the first for reads on demand, one I/O thread for each of the
+    /// others (or one on the first when it is alone).
     pub(super) fn with_policy(
-        reader: Reader,
+        readers: Vec<Reader>,
         budget: u64,
         policy: Policy,
     ) -> Result<Self, std::io::Error> {
+        if readers.is_empty() {
+            return Err(std::io::Error::other("expert cache: no reader"));
+        }
+        let n_threads = (readers.len() - 1).max(1);
         let shared = Arc::new(Shared {
-            reader,
+            readers,
             budget,
             policy,
             state: Mutex::new(State {
@@ -384,19 +407,32 @@ impl ExpertCache {
                 pool: HashMap::new(),
                 pool_bytes: 0,
                 cycle: 0.0,
+                guessing: 0,
+                routing: 0,
                 shutdown: false,
             }),
             cv: Condvar::new(),
             counters: Counters::default(),
         });
-        let worker = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name("strata-experts".into())
-            .spawn(move || prefetch_thread(&worker))?;
-        Ok(Self {
+        let mut cache = Self {
             shared,
-            thread: Some(thread),
-        })
+            threads: Vec::with_capacity(n_threads),
+        };
+        for i in 0..n_threads {
+            let worker = Arc::clone(&cache.shared);
+            let r = if n_threads == 1 && worker.readers.len() == 1 {
+                0
+            } else {
+                i + 1
+            };
+            // On failure `cache` is dropped, which stops the threads already started.
+            cache.threads.push(
+                std::thread::Builder::new()
+                    .name(format!("strata-experts-{i}"))
+                    .spawn(move || io_thread(&worker, r))?,
+            );
+        }
+        Ok(cache)
     }
 
     pub(super) fn shared(&self) -> &Shared {
@@ -408,7 +444,15 @@ impl ExpertCache {
     }
 
     pub(super) fn io_stats(&self) -> crate::io::IoStats {
-        self.shared.reader.stats()
+        let mut s = crate::io::IoStats::default();
+        for r in &self.shared.readers {
+            let c = r.stats();
+            s.bytes += c.bytes;
+            s.chunks += c.chunks;
+            s.busy += c.busy;
+            s.resubmits += c.resubmits;
+        }
+        s
     }
 
     pub(super) fn bytes(&self) -> u64 {
@@ -425,9 +469,15 @@ impl ExpertCache {
     ) -> Result<(Arc<AlignedBuf>, usize), IoError> {
         let sh = &*self.shared;
         let mut st = sh.lock();
+        let mut waited: Option<std::time::Instant> = None;
         loop {
             if let Some(t) = sh.touch(&mut st, key) {
                 drop(st);
+                if let Some(w) = waited {
+                    sh.counters
+                        .wait_ns
+                        .fetch_add(w.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                }
                 if t.routed_read {
                     sh.counters.misses.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -441,12 +491,17 @@ impl ExpertCache {
             if !st.loading.contains(&key) {
                 break;
             }
+            waited.get_or_insert_with(std::time::Instant::now);
             st = sh.cv.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         st.loading.insert(key);
         drop(st);
         sh.counters.misses.fetch_add(1, Ordering::Relaxed);
+        let t0 = waited.unwrap_or_else(std::time::Instant::now);
         let r = sh.read(start, len);
+        sh.counters
+            .wait_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let mut st = sh.lock();
         st.loading.remove(&key);
         sh.cv.notify_all();
@@ -458,19 +513,22 @@ impl ExpertCache {
 
     /// The routing of a pass about to run: `keys` are the slabs it will use, of one or more
     /// tensors (each tensor's pass is counted once). Slabs present are kept until used; absent
-    /// ones are read in the background, together, and count as misses when used. Guesses
-    /// still queued are kept when right (they count as prefetch hits) and dropped when wrong:
-    /// this pass's routing is known now.
+    /// ones are read in the background in the order of `keys`, and count as misses when used.
+    /// Guesses still queued join them when right (they too count as misses) and are dropped
+    /// when wrong: this pass's routing is known now.
     pub(super) fn route(&self, keys: &[(Key, u64, usize)]) {
         let sh = &*self.shared;
         let mut st = sh.lock();
         let routed: HashSet<Key> = keys.iter().map(|k| k.0).collect();
         let tensors: HashSet<u32> = keys.iter().map(|k| k.0.0).collect();
-        let (wrong, keep): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut st.queue)
+        // This pass's guesses not read yet leave the queue: the wrong ones for good, the right
+        // ones to be read with the routed slabs below, in this pass's order (they count as
+        // misses: they were not there in time).
+        let (stale, keep): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut st.queue)
             .into_iter()
-            .partition(|j| j.3 == Why::Guess && tensors.contains(&j.0.0) && !routed.contains(&j.0));
+            .partition(|j| j.3 == Why::Guess && tensors.contains(&j.0.0));
         st.queue = keep;
-        for (k, _, _, _) in wrong {
+        for (k, _, _, _) in stale {
             st.loading.remove(&k);
         }
         let tick = st.tick;
@@ -510,6 +568,11 @@ impl ExpertCache {
         sh.cv.notify_all();
     }
 
+    /// Whether slab `key` is in the cache now (a `get` would not wait).
+    pub(super) fn held(&self, key: Key) -> bool {
+        self.shared.lock().entries.contains_key(&key)
+    }
+
     /// Drops every slab not in use (a cold start for a measurement); counters are kept.
     pub(super) fn clear(&self) {
         let sh = &*self.shared;
@@ -544,67 +607,91 @@ impl Drop for ExpertCache {
     fn drop(&mut self) {
         self.shared.lock().shutdown = true;
         self.shared.cv.notify_all();
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
 }
 
-/// Bytes of slabs read in one batch (at least one slab), and of guesses.
-const BATCH_BYTES: usize = 32 << 20;
-const GUESS_BATCH_BYTES: usize = 8 << 20;
+/// I/O threads reading experts (each its own reader, so that their reads are in flight
+/// together); at most [`GUESS_THREADS`] of them read guesses at a time, and only while no
+/// routed read is under way, so that a routing's reads find a thread free and the disk
+/// spends on guesses only the time the passes leave it.
+pub(super) const IO_THREADS: usize = 4;
+const GUESS_THREADS: usize = 2;
 
-/// The next reads to issue: routed ones first, then guesses, in queue order, up to 64 slabs
-/// and [`BATCH_BYTES`].
-fn take_batch(queue: &mut VecDeque<(Key, u64, usize, Why)>) -> Vec<(Key, u64, usize, Why)> {
-    let mut order: Vec<usize> = (0..queue.len()).collect();
-    order.sort_by_key(|&i| queue[i].3 != Why::Routed);
+/// Bytes of routed slabs read in one batch (at least one slab), and of guesses: small, so
+/// that a pass's misses arrive as they are read and spread over the threads, and wrong
+/// guesses not read yet can still be dropped.
+const BATCH_BYTES: usize = 4 << 20;
+const GUESS_BATCH_BYTES: usize = 4 << 20;
+
+/// The next reads to issue: routed ones if any are queued (in queue order, up to
+/// [`BATCH_BYTES`]), else guesses when `guesses` allows (up to [`GUESS_BATCH_BYTES`]); `None`
+/// when there is nothing to take.
+fn take_batch(queue: &mut VecDeque<Job>, guesses: bool) -> Option<(Vec<Job>, Why)> {
+    let why = if queue.iter().any(|j| j.3 == Why::Routed) {
+        Why::Routed
+    } else if guesses && !queue.is_empty() {
+        Why::Guess
+    } else {
+        return None;
+    };
+    let cap = match why {
+        Why::Routed => BATCH_BYTES,
+        Why::Guess => GUESS_BATCH_BYTES,
+    };
     let (mut bytes, mut take) = (0usize, Vec::new());
-    for i in order {
-        // Guesses go in smaller batches: a routing that comes meanwhile waits for the batch.
-        let cap = if queue[i].3 == Why::Routed {
-            BATCH_BYTES
-        } else {
-            GUESS_BATCH_BYTES
-        };
-        if take.len() == 64 || (!take.is_empty() && bytes + queue[i].2 > cap) {
+    for (i, j) in queue.iter().enumerate() {
+        if j.3 != why {
+            continue;
+        }
+        if take.len() == 64 || (!take.is_empty() && bytes + j.2 > cap) {
             break;
         }
-        bytes += queue[i].2;
+        bytes += j.2;
         take.push(i);
     }
-    take.sort_unstable();
     let batch = take.iter().map(|&i| queue[i]).collect();
     for &i in take.iter().rev() {
         queue.remove(i);
     }
-    batch
+    Some((batch, why))
 }
 
-fn prefetch_thread(sh: &Shared) {
+/// One I/O thread: takes batches off the queue and reads them with reader `r`.
+fn io_thread(sh: &Shared, r: usize) {
     loop {
-        // Several queued reads at once, so that they are in flight together: routed ones (a
-        // pass waits for them) before guesses, and no more than `BATCH_BYTES`, so that a
-        // routing that comes while a batch is read does not wait long behind it.
-        let jobs: Vec<(Key, u64, usize, Why)> = {
+        let (jobs, why) = {
             let mut st = sh.lock();
             loop {
                 if st.shutdown {
                     return;
                 }
-                if !st.queue.is_empty() {
-                    break take_batch(&mut st.queue);
+                // Guesses only while no routed read is under way: a pass waits for those, and
+                // a wrong guess is bandwidth taken from them.
+                let guesses = st.guessing < GUESS_THREADS && st.routing == 0;
+                if let Some(b) = take_batch(&mut st.queue, guesses) {
+                    match b.1 {
+                        Why::Guess => st.guessing += 1,
+                        Why::Routed => st.routing += 1,
+                    }
+                    break b;
                 }
                 st = sh.cv.wait(st).unwrap_or_else(|p| p.into_inner());
             }
         };
         let reads: Vec<(u64, usize)> = jobs.iter().map(|&(_, s, l, _)| (s, l)).collect();
-        let r = sh.read_many(&reads);
+        let res = sh.read_many(&sh.readers[r], &reads);
         let mut st = sh.lock();
+        match why {
+            Why::Guess => st.guessing -= 1,
+            Why::Routed => st.routing -= 1,
+        }
         for (key, _, _, _) in &jobs {
             st.loading.remove(key);
         }
-        match r {
+        match res {
             Ok(bufs) => {
                 for ((key, _, _, why), (buf, skip)) in jobs.iter().zip(bufs) {
                     sh.insert(&mut st, *key, buf, skip, Some(*why));

@@ -237,6 +237,8 @@ pub struct ResidencyStats {
     pub expert_prefetches: u64,
     pub expert_prefetch_hits: u64,
     pub expert_cache_bytes: u64,
+    /// Time the forward pass waited for experts being read.
+    pub expert_wait: std::time::Duration,
     pub expert_policy: &'static str,
     /// Time acquires waited for reads.
     pub stall: Duration,
@@ -456,9 +458,11 @@ impl Weights {
                 path.display(),
                 cache_budget >> 20
             );
-            let r = Reader::open(path, &opts.io).map_err(read_err)?;
+            let readers = (0..=experts::IO_THREADS)
+                .map(|_| Reader::open(path, &opts.io).map_err(read_err))
+                .collect::<Result<Vec<_>, _>>()?;
             Some(Box::new(
-                experts::ExpertCache::new(r, cache_budget).map_err(io)?,
+                experts::ExpertCache::new(readers, cache_budget).map_err(io)?,
             ))
         } else {
             None
@@ -793,28 +797,54 @@ impl Weights {
     }
 
     /// The routing of the MoE pass about to run: experts `es` of each of the stacked tensors
-    /// `ids` (a layer's gate, up and down). Where experts stream, those cached are kept until
-    /// used and the rest are read together in the background; otherwise nothing happens.
+    /// `ids` (a layer's gate, up and down), in the order they will be used. Where experts
+    /// stream, those cached are kept until used and the rest are read in the background, an
+    /// expert's slabs together; otherwise nothing happens.
     pub fn route_experts(&self, ids: &[TensorId], es: &[usize]) -> Result<(), ResidencyError> {
         if let Backing::Read {
             experts: Some(x), ..
         } = &self.backing
         {
-            let mut keys = Vec::with_capacity(ids.len() * es.len());
-            for &id in ids {
-                if !matches!(self.place(id)?, Place::Cold) {
-                    continue;
-                }
-                for &e in es {
-                    let (start, len) = self.slab_range(id, e)?;
-                    keys.push(((id.0, e as u32), start, len));
-                }
-            }
+            let keys = self.expert_keys(ids, es)?;
             if !keys.is_empty() {
                 x.route(&keys);
             }
         }
         Ok(())
+    }
+
+    /// The cache keys and file ranges of experts `es` of the streamed tensors among `ids`,
+    /// expert by expert.
+    fn expert_keys(
+        &self,
+        ids: &[TensorId],
+        es: &[usize],
+    ) -> Result<Vec<(experts::Key, u64, usize)>, ResidencyError> {
+        let mut keys = Vec::with_capacity(ids.len() * es.len());
+        for &e in es {
+            for &id in ids {
+                if !matches!(self.place(id)?, Place::Cold) {
+                    continue;
+                }
+                let (start, len) = self.slab_range(id, e)?;
+                keys.push(((id.0, e as u32), start, len));
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Whether expert `e` of every stacked tensor in `ids` can be had without waiting for a
+    /// read (always, unless the experts stream from disk).
+    pub fn experts_held(&self, ids: &[TensorId], e: usize) -> bool {
+        let Backing::Read {
+            experts: Some(x), ..
+        } = &self.backing
+        else {
+            return true;
+        };
+        ids.iter().all(|&id| {
+            !matches!(self.places.get(id.index()), Some(Place::Cold)) || x.held((id.0, e as u32))
+        })
     }
 
     /// Empties the expert cache of every expert not in use, so that a measurement starts
@@ -828,20 +858,14 @@ impl Weights {
         }
     }
 
-    /// Starts reading experts `es` of a stacked tensor ahead of need.
-    pub fn prefetch_experts(&self, id: TensorId, es: &[usize]) -> Result<(), ResidencyError> {
+    /// Starts reading experts `es` of the stacked tensors `ids` ahead of need, in that order
+    /// (the likeliest first), an expert's slabs together.
+    pub fn prefetch_experts(&self, ids: &[TensorId], es: &[usize]) -> Result<(), ResidencyError> {
         if let Backing::Read {
             experts: Some(x), ..
         } = &self.backing
         {
-            let keys = es
-                .iter()
-                .map(|&e| {
-                    self.slab_range(id, e)
-                        .map(|(start, len)| ((id.0, e as u32), start, len))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            x.prefetch(&keys);
+            x.prefetch(&self.expert_keys(ids, es)?);
         }
         Ok(())
     }
@@ -918,6 +942,7 @@ impl Weights {
             s.expert_prefetches = c.prefetches.load(Ordering::Relaxed);
             s.expert_prefetch_hits = c.prefetch_hits.load(Ordering::Relaxed);
             s.expert_cache_bytes = x.bytes();
+            s.expert_wait = std::time::Duration::from_nanos(c.wait_ns.load(Ordering::Relaxed));
             s.expert_policy = x.policy().name();
         }
         if let Backing::Read {

@@ -90,8 +90,8 @@ fn trace(tokens: usize, skew: f64, shift: usize, seed: u64) -> Vec<(u32, Vec<u32
 /// Replays `passes` through a cache of `slabs` slabs under `policy` as the forward pass uses
 /// it (the routing first, then each expert); the hit rate.
 fn hit_rate(reader: Reader, passes: &[(u32, Vec<u32>)], slabs: usize, policy: Policy) -> f64 {
-    let cache =
-        ExpertCache::with_policy(reader, (slabs * SLAB) as u64, policy).expect("cache thread");
+    let cache = ExpertCache::with_policy(vec![reader], (slabs * SLAB) as u64, policy)
+        .expect("cache thread");
     let range = |layer: u32, expert: u32| ((layer * EXPERTS + expert) as usize * SLAB) as u64;
     for (layer, experts) in passes {
         let keys: Vec<(Key, u64, usize)> = experts
@@ -164,4 +164,27 @@ fn expert_policy_next_use_beats_lru_on_skewed_routing_and_keeps_up_elsewhere() {
             );
         }
     }
+}
+
+#[test]
+fn batches_take_routed_reads_first_in_their_order_and_guesses_only_when_allowed() {
+    use super::{GUESS_BATCH_BYTES, Why, take_batch};
+    use std::collections::VecDeque;
+    let slab = GUESS_BATCH_BYTES / 2;
+    let mut q: VecDeque<super::Job> = VecDeque::new();
+    q.push_back(((0, 1), 0, slab, Why::Guess));
+    q.push_back(((1, 7), 0, slab, Why::Routed));
+    q.push_back(((0, 2), 0, slab, Why::Guess));
+    q.push_back(((1, 3), 0, slab, Why::Routed));
+    q.push_back(((0, 3), 0, slab, Why::Guess));
+    // Routed reads go first, in queue order, whatever `guesses` says.
+    let (b, why) = take_batch(&mut q, false).expect("routed batch");
+    assert!(why == Why::Routed);
+    assert_eq!(b.iter().map(|j| j.0).collect::<Vec<_>>(), [(1, 7), (1, 3)]);
+    // Guesses only when allowed, and no more than a batch's bytes.
+    assert!(take_batch(&mut q, false).is_none());
+    let (b, why) = take_batch(&mut q, true).expect("guess batch");
+    assert!(why == Why::Guess);
+    assert_eq!(b.iter().map(|j| j.0).collect::<Vec<_>>(), [(0, 1), (0, 2)]);
+    assert_eq!(q.len(), 1);
 }

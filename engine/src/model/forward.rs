@@ -447,7 +447,10 @@ impl Model {
                     self.activate(&mut buf.g[..n * gate.rows], &buf.u[..n * gate.rows]);
                     self.matmul(pool, mm, *down, &buf.g, n, &mut buf.xb)?;
                 }
-                Ffn::Moe(moe) => self.moe(pool, mm, buf, moe, n)?,
+                Ffn::Moe(moe) => {
+                    self.moe(pool, mm, buf, moe, n)?;
+                    self.learn_prior(buf, il);
+                }
             }
             // The guess made for the next layer is scored when it runs.
             std::mem::swap(&mut buf.pred, &mut buf.pred_next);
@@ -544,7 +547,28 @@ impl Model {
                 None => {
                     buf.router.resize(n * ne, 0.0);
                     self.matmul(pool, mm, next.router, &buf.xb, n, &mut buf.router)?;
+                    softmax_rows(&mut buf.router[..n * ne], ne);
+                    // Blended with the layer's activation-frequency prior:
+                    // (1 − λ)·p(router) + λ·π(layer).
+                    let lambda = prior_weight();
+                    if lambda > 0.0 {
+                        let c = self.experts.lock().unwrap_or_else(|p| p.into_inner());
+                        if let Some(f) = c.prior.get(d).filter(|f| f.len() == ne) {
+                            let total: f32 = f.iter().sum();
+                            if total > 0.0 {
+                                for row in buf.router[..n * ne].chunks_exact_mut(ne) {
+                                    row.iter_mut().zip(f).for_each(|(p, &v)| {
+                                        *p = (1.0 - lambda) * *p + lambda * v / total
+                                    });
+                                }
+                            }
+                        }
+                    }
                     let k = (mc.n_expert_used + prefetch_margin()).min(ne);
+                    // `route` takes logits: the logarithm keeps the order.
+                    buf.router[..n * ne]
+                        .iter_mut()
+                        .for_each(|p| *p = p.max(f32::MIN_POSITIVE).ln());
                     route(&mut buf.router, &mut buf.route, n, ne, k, false);
                     // Ranked by probability summed over the batch's tokens.
                     for &(ex, w) in &buf.route {
@@ -567,6 +591,27 @@ impl Model {
             self.weights.prefetch_experts(&ids, &buf.guess)?;
         }
         Ok(())
+    }
+
+    /// Adds this layer's routing (in `buf.route`) to its activation-frequency prior, decayed
+    /// per call so that it follows the text. Only while predicting.
+    fn learn_prior(&self, buf: &Buffers, il: usize) {
+        let Some(mc) = self.config.moe else { return };
+        let mut c = self.experts.lock().unwrap_or_else(|p| p.into_inner());
+        if !matches!(c.mode, ExpertPrefetch::Predict) || !self.weights.experts_streamed_any() {
+            return;
+        }
+        if c.prior.len() <= il {
+            c.prior.resize_with(il + 1, Vec::new);
+        }
+        let f = &mut c.prior[il];
+        f.resize(mc.n_expert, 0.0);
+        f.iter_mut().for_each(|v| *v *= PRIOR_DECAY);
+        for &(ex, _) in &buf.route {
+            if let Some(v) = f.get_mut(ex) {
+                *v += 1.0;
+            }
+        }
     }
 
     /// Precision and recall of the last guess against the routing in `buf.route`; counts the
@@ -872,6 +917,34 @@ fn prefetch_margin() -> usize {
             .unwrap_or(0)
             .min(64)
     })
+}
+
+/// Per-call decay of the activation-frequency prior (a half-life of about 14 calls).
+const PRIOR_DECAY: f32 = 0.95;
+
+/// λ, the weight of the activation-frequency prior in a guess (`STRATA_EXPERT_PRIOR`, 0 to 1).
+fn prior_weight() -> f32 {
+    static W: std::sync::OnceLock<f32> = std::sync::OnceLock::new();
+    *W.get_or_init(|| {
+        std::env::var("STRATA_EXPERT_PRIOR")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.2f32)
+            .clamp(0.0, 1.0)
+    })
+}
+
+/// Softmax of each row of `ne` values, in place.
+fn softmax_rows(x: &mut [f32], ne: usize) {
+    for row in x.chunks_exact_mut(ne) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let mut sum = 0.0;
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        row.iter_mut().for_each(|v| *v /= sum);
+    }
 }
 
 /// MoE layers ahead whose experts are guessed and read (`STRATA_EXPERT_LOOKAHEAD`, default 2,

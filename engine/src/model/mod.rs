@@ -117,6 +117,9 @@ pub(crate) struct ExpertControl {
     /// MoE layer calls so far (the index into a recording).
     pub calls: usize,
     pub log: Vec<Vec<usize>>,
+    /// Per layer, each expert's decayed count of routed tokens: the activation-frequency
+    /// prior that predictions are blended with.
+    pub prior: Vec<Vec<f32>>,
 }
 
 /// Experts guessed for the next layer, experts it really used, and guesses that were right.
@@ -361,6 +364,7 @@ impl Model {
         let mut c = self.experts.lock().unwrap_or_else(|p| p.into_inner());
         c.mode = mode;
         c.calls = 0;
+        c.prior.clear();
         std::mem::take(&mut c.log)
     }
 

@@ -782,6 +782,17 @@ impl Weights {
         })
     }
 
+    /// Whether any experts stream from disk.
+    pub fn experts_streamed_any(&self) -> bool {
+        matches!(
+            &self.backing,
+            Backing::Read {
+                experts: Some(_),
+                ..
+            }
+        )
+    }
+
     /// Whether the experts of a stacked tensor stream from disk (so predicting them pays).
     pub fn experts_streamed(&self, id: TensorId) -> bool {
         matches!(

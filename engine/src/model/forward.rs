@@ -862,14 +862,8 @@ pub(crate) fn route(
     norm: bool,
 ) {
     out.clear();
+    softmax_rows(&mut logits[..n * ne], ne);
     for row in logits.chunks_exact_mut(ne).take(n) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let mut sum = 0.0;
-        for v in row.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        row.iter_mut().for_each(|v| *v /= sum);
         let start = out.len();
         for _ in 0..k {
             // Highest probability not yet taken; ties go to the lower expert id.
@@ -910,13 +904,12 @@ mod moe_tests;
 /// default 0): more guesses raise recall but spend disk bandwidth on wrong ones.
 fn prefetch_margin() -> usize {
     static MARGIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *MARGIN.get_or_init(|| {
-        std::env::var("STRATA_EXPERT_MARGIN")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-            .min(64)
-    })
+    *MARGIN.get_or_init(|| env_parse("STRATA_EXPERT_MARGIN").unwrap_or(0).min(64))
+}
+
+/// The value of environment variable `name`, when it parses.
+fn env_parse<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
 /// Per-call decay of the activation-frequency prior (a half-life of about 14 calls).
@@ -926,9 +919,7 @@ const PRIOR_DECAY: f32 = 0.95;
 fn prior_weight() -> f32 {
     static W: std::sync::OnceLock<f32> = std::sync::OnceLock::new();
     *W.get_or_init(|| {
-        std::env::var("STRATA_EXPERT_PRIOR")
-            .ok()
-            .and_then(|v| v.parse().ok())
+        env_parse("STRATA_EXPERT_PRIOR")
             .unwrap_or(0.2f32)
             .clamp(0.0, 1.0)
     })
@@ -952,9 +943,7 @@ fn softmax_rows(x: &mut [f32], ne: usize) {
 fn lookahead() -> usize {
     static AHEAD: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *AHEAD.get_or_init(|| {
-        std::env::var("STRATA_EXPERT_LOOKAHEAD")
-            .ok()
-            .and_then(|v| v.parse().ok())
+        env_parse("STRATA_EXPERT_LOOKAHEAD")
             .unwrap_or(2)
             .clamp(1, 8)
     })

@@ -332,7 +332,14 @@ impl Model {
             rope_swa,
             session_ids: std::sync::OnceLock::new(),
             prediction: PredictionCounters::default(),
-            experts: std::sync::Mutex::new(ExpertControl::default()),
+            experts: std::sync::Mutex::new(ExpertControl {
+                // `STRATA_EXPERT_PREFETCH=off`: no guesses (a disk too slow to spare reads).
+                mode: match std::env::var("STRATA_EXPERT_PREFETCH").as_deref() {
+                    Ok("off") => ExpertPrefetch::Off,
+                    _ => ExpertPrefetch::Predict,
+                },
+                ..ExpertControl::default()
+            }),
         })
     }
 

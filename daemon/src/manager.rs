@@ -12,7 +12,6 @@ use strata_engine::kv::{KvOptions, SpillConfig};
 use strata_simd::pool::ThreadPool;
 use strata_storage::io::ReaderOptions;
 use strata_storage::quant::GgmlType;
-use strata_storage::residency::overrides::parse_overrides;
 use strata_storage::residency::{LoadOptions, parse_size};
 use strata_storage::store::{Store, StoreError};
 
@@ -101,25 +100,16 @@ impl Residency {
     /// The load options for a model whose file is `file_bytes` long. I/O settings
     /// (`STRATA_IO`, and `STRATA_IO_FAULTS` in tests) come from the environment.
     pub fn options(&self, file_bytes: u64) -> Result<LoadOptions, String> {
-        let io = ReaderOptions::from_env().map_err(|e| e.to_string())?;
-        let ram_budget = self
-            .ram_budget
-            .as_deref()
-            .map(|s| parse_size(s, file_bytes).map_err(|e| format!("ram_budget {s:?}: {e}")))
-            .transpose()?;
-        let mut overrides = Vec::new();
-        for r in &self.override_tensor {
-            overrides.extend(parse_overrides(r).map_err(|e| format!("override_tensor: {e}"))?);
-        }
-        Ok(LoadOptions {
-            ram_budget,
-            window: self.prefetch,
-            mmap: self.mmap,
-            row_access: Vec::new(),
-            io,
-            keep_file_layout: false,
-            overrides,
-        })
+        let mut opts = LoadOptions::from_settings(
+            self.ram_budget.as_deref(),
+            file_bytes,
+            &self.override_tensor,
+            ("ram_budget", "override_tensor"),
+        )?;
+        opts.io = ReaderOptions::from_env().map_err(|e| e.to_string())?;
+        opts.window = self.prefetch;
+        opts.mmap = self.mmap;
+        Ok(opts)
     }
 }
 

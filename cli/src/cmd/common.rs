@@ -10,7 +10,7 @@ use strata_engine::Model;
 use strata_simd::pool::ThreadPool;
 use strata_storage::io::{IoKind, ReaderOptions};
 use strata_storage::residency::LoadOptions;
-use strata_storage::residency::overrides::{cpu_moe, parse_overrides};
+use strata_storage::residency::overrides::cpu_moe;
 use strata_storage::store::Store;
 
 /// The model `strata run` uses when none is named.
@@ -101,41 +101,28 @@ impl LoadArgs {
         {
             anyhow::bail!("--prefetch must be between 2 and 64 buffers, not {w}");
         }
-        let ram_budget = match &self.ram_budget {
-            Some(s) => Some(
-                parse_size(s, weight_bytes)
-                    .map_err(|e| anyhow::anyhow!("--ram-budget {s:?}: {e}"))?,
-            ),
-            None => None,
-        };
-        let mut overrides = Vec::new();
-        for spec in &self.override_tensor {
-            overrides.extend(
-                parse_overrides(spec).map_err(|e| anyhow::anyhow!("--override-tensor: {e}"))?,
-            );
-        }
+        let mut opts = LoadOptions::from_settings(
+            self.ram_budget.as_deref(),
+            weight_bytes,
+            &self.override_tensor,
+            ("--ram-budget", "--override-tensor"),
+        )
+        .map_err(|e| anyhow::anyhow!(e))?;
         if self.cpu_moe {
-            overrides.push(cpu_moe(None));
+            opts.overrides.push(cpu_moe(None));
         }
         if let Some(n) = self.n_cpu_moe {
             if n > 4096 {
                 anyhow::bail!("--n-cpu-moe {n}: more layers than any model has");
             }
-            overrides.push(cpu_moe(Some(n)));
+            opts.overrides.push(cpu_moe(Some(n)));
         }
-        Ok(LoadOptions {
-            ram_budget,
-            window: self.prefetch,
-            mmap: self.mmap,
-            row_access: Vec::new(),
-            io,
-            keep_file_layout: false,
-            overrides,
-        })
+        opts.window = self.prefetch;
+        opts.mmap = self.mmap;
+        opts.io = io;
+        Ok(opts)
     }
 }
-
-pub use strata_storage::residency::parse_size;
 
 pub fn load_with(spec: &str, threads_req: Option<usize>, how: &LoadArgs) -> anyhow::Result<Loaded> {
     let path = resolve_model(spec)?;

@@ -192,6 +192,32 @@ pub struct LoadOptions {
     pub overrides: Vec<overrides::TensorOverride>,
 }
 
+impl LoadOptions {
+    /// Options from settings as a user writes them: the RAM budget as a size or a share of
+    /// `whole` bytes ("6G", "30%") and `PATTERN=TYPE` placement rules. An error names the
+    /// setting as the caller calls it (`names`: the budget's, the rules').
+    pub fn from_settings(
+        ram_budget: Option<&str>,
+        whole: u64,
+        rules: &[String],
+        names: (&str, &str),
+    ) -> Result<Self, String> {
+        let ram_budget = ram_budget
+            .map(|s| parse_size(s, whole).map_err(|e| format!("{} {s:?}: {e}", names.0)))
+            .transpose()?;
+        let mut overrides = Vec::new();
+        for r in rules {
+            overrides
+                .extend(overrides::parse_overrides(r).map_err(|e| format!("{}: {e}", names.1))?);
+        }
+        Ok(Self {
+            ram_budget,
+            overrides,
+            ..Self::default()
+        })
+    }
+}
+
 enum Backing {
     Mapped(Arc<mmap::Mmap>),
     Read {

@@ -597,8 +597,11 @@ impl Model {
     /// per call so that it follows the text. Only while predicting.
     fn learn_prior(&self, buf: &Buffers, il: usize) {
         let Some(mc) = self.config.moe else { return };
+        if !self.weights.experts_streamed_any() {
+            return;
+        }
         let mut c = self.experts.lock().unwrap_or_else(|p| p.into_inner());
-        if !matches!(c.mode, ExpertPrefetch::Predict) || !self.weights.experts_streamed_any() {
+        if !matches!(c.mode, ExpertPrefetch::Predict) {
             return;
         }
         if c.prior.len() <= il {
@@ -680,8 +683,7 @@ impl Model {
             .extend((0..ne.min(moe.gate.n_expert)).filter(|&x| buf.used[x]));
         let ids = [moe.gate.mat.id, moe.up.mat.id, moe.down.mat.id];
         if self.weights.experts_streamed(moe.gate.mat.id) {
-            let w = &self.weights;
-            buf.guess.sort_by_key(|&x| !w.experts_held(&ids, x));
+            self.weights.experts_held_first(&ids, &mut buf.guess);
             // The cache learns the routing before the experts are asked for: it keeps those
             // it holds and reads the rest in the order they will run.
             self.weights.route_experts(&ids, &buf.guess)?;

@@ -157,6 +157,16 @@ pub struct IoStats {
     pub resubmits: u64,
 }
 
+impl std::ops::AddAssign for IoStats {
+    /// Counters of several readers together.
+    fn add_assign(&mut self, o: Self) {
+        self.bytes += o.bytes;
+        self.chunks += o.chunks;
+        self.busy += o.busy;
+        self.resubmits += o.resubmits;
+    }
+}
+
 impl IoStats {
     /// Bytes per second while reading.
     pub fn bandwidth(&self) -> f64 {

@@ -420,11 +420,7 @@ impl ExpertCache {
         };
         for i in 0..n_threads {
             let worker = Arc::clone(&cache.shared);
-            let r = if n_threads == 1 && worker.readers.len() == 1 {
-                0
-            } else {
-                i + 1
-            };
+            let r = if worker.readers.len() == 1 { 0 } else { i + 1 };
             // On failure `cache` is dropped, which stops the threads already started.
             cache.threads.push(
                 std::thread::Builder::new()
@@ -446,11 +442,7 @@ impl ExpertCache {
     pub(super) fn io_stats(&self) -> crate::io::IoStats {
         let mut s = crate::io::IoStats::default();
         for r in &self.shared.readers {
-            let c = r.stats();
-            s.bytes += c.bytes;
-            s.chunks += c.chunks;
-            s.busy += c.busy;
-            s.resubmits += c.resubmits;
+            s += r.stats();
         }
         s
     }
@@ -568,9 +560,19 @@ impl ExpertCache {
         sh.cv.notify_all();
     }
 
-    /// Whether slab `key` is in the cache now (a `get` would not wait).
-    pub(super) fn held(&self, key: Key) -> bool {
-        self.shared.lock().entries.contains_key(&key)
+    /// Orders experts `es` so that those whose slabs of every tensor in `tensors` are in the
+    /// cache now (a `get` would not wait) come first, keeping the order within each part.
+    pub(super) fn sort_held_first(
+        &self,
+        tensors: impl Iterator<Item = u32> + Clone,
+        es: &mut [usize],
+    ) {
+        let st = self.shared.lock();
+        es.sort_by_key(|&e| {
+            !tensors
+                .clone()
+                .all(|t| st.entries.contains_key(&(t, e as u32)))
+        });
     }
 
     /// Drops every slab not in use (a cold start for a measurement); counters are kept.

@@ -870,18 +870,21 @@ impl Weights {
         Ok(keys)
     }
 
-    /// Whether expert `e` of every stacked tensor in `ids` can be had without waiting for a
-    /// read (always, unless the experts stream from disk).
-    pub fn experts_held(&self, ids: &[TensorId], e: usize) -> bool {
+    /// Orders experts `es` of the stacked tensors `ids` so that those that can be had without
+    /// waiting for a read come first (the order within each part kept); nothing moves unless
+    /// the experts stream from disk.
+    pub fn experts_held_first(&self, ids: &[TensorId], es: &mut [usize]) {
         let Backing::Read {
             experts: Some(x), ..
         } = &self.backing
         else {
-            return true;
+            return;
         };
-        ids.iter().all(|&id| {
-            !matches!(self.places.get(id.index()), Some(Place::Cold)) || x.held((id.0, e as u32))
-        })
+        let cold = ids
+            .iter()
+            .filter(|id| matches!(self.places.get(id.index()), Some(Place::Cold)))
+            .map(|id| id.0);
+        x.sort_held_first(cold, es);
     }
 
     /// Empties the expert cache of every expert not in use, so that a measurement starts
@@ -1004,10 +1007,7 @@ impl Weights {
                 .map(|r| r.stats())
                 .chain(experts.iter().map(|x| x.io_stats()));
             for c in extra {
-                s.read.bytes += c.bytes;
-                s.read.chunks += c.chunks;
-                s.read.busy += c.busy;
-                s.read.resubmits += c.resubmits;
+                s.read += c;
             }
         }
         s

@@ -1,5 +1,5 @@
 //! `strata`: the llama.cpp-style command line (`run`, `tokenize`, `perplexity`, `bench`,
-//! `gen`) running the engine in-process, the model store commands (`pull`, `list`, `rm`,
+//! `gen`, `optimize`) running the engine in-process, the model store commands (`pull`, `list`, `rm`,
 //! `show`), and the daemon's client (`chat`, `ps`, `load`, `unload`).
 
 // A binary has no public API: `pub` inside it only means "shared between its modules".
@@ -33,6 +33,8 @@ enum Command {
     Gen(cmd::generate::Args),
     /// Perplexity of a text file (llama-perplexity).
     Perplexity(cmd::perplexity::Args),
+    /// Lay each expert of a MoE model out as one record, read from disk in one request.
+    Optimize(cmd::optimize::Args),
     /// Fetch a model into the store: a built-in name, an https URL or a local path.
     Pull(cmd::pull::Args),
     /// List the models in the store.
@@ -98,6 +100,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => cmd::bench::exec(a),
         Command::Gen(a) => cmd::generate::exec(a),
         Command::Perplexity(a) => cmd::perplexity::exec(a),
+        Command::Optimize(a) => cmd::optimize::exec(a),
         Command::Pull(a) => cmd::pull::exec(a),
         Command::List(a) => cmd::list::exec(a),
         Command::Rm(a) => cmd::rm::exec(a),

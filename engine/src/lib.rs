@@ -13,6 +13,7 @@ pub mod chat;
 pub mod error;
 pub mod kv;
 pub mod model;
+pub mod optimize;
 pub mod perplexity;
 pub mod sampler;
 pub mod session;

@@ -37,7 +37,7 @@ impl Model {
                 .tensors
                 .iter()
                 .filter(|t| t.n_bytes > 0)
-                .map(|t| (g.data_offset + t.offset, t.n_bytes))
+                .map(|t| (g.data_offset + t.offset, t.span()))
                 .collect();
             let model =
                 session::model_identity(self.weights().path(), g.data_offset, g.file_size, &ranges);

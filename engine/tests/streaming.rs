@@ -221,3 +221,51 @@ fn streamed_experts_give_identical_logits_and_are_predicted() {
         "{guessed} guessed, {right} right"
     );
 }
+
+#[test]
+fn optimized_experts_are_read_in_one_request_each_with_identical_logits() {
+    let mut spec = GenSpec::tiny(Arch::Qwen3Moe);
+    spec.n_expert = 16;
+    spec.n_layer = 4;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("moe.gguf");
+    let bytes = to_bytes(&spec, Vocab::Bytes).expect("generate");
+    std::fs::write(&path, &bytes).expect("write");
+    let fused = dir.path().join("moe-optimized.gguf");
+    let done =
+        strata_engine::optimize::optimize(&path, &fused, &mut strata_storage::store::NoProgress)
+            .expect("optimize");
+    assert_eq!(done.layers, 4);
+    assert_eq!(done.record_bytes % 4096, 0);
+
+    let want = run(&Model::load_with(&path, &opts(None, IoKind::Uring, None)).expect("load"));
+    let resident = Model::load_with(&fused, &opts(None, IoKind::Uring, None)).expect("load");
+    assert_eq!(run(&resident), want, "resident");
+    let mapped = LoadOptions {
+        mmap: true,
+        ..opts(None, IoKind::Uring, None)
+    };
+    assert_eq!(
+        run(&Model::load_with(&fused, &mapped).expect("mmap")),
+        want,
+        "mapped"
+    );
+    // Streamed: every miss is one request (a chunk, the experts are small), for a slab of the
+    // original and for a whole expert of the optimized file, which counts one use per expert
+    // where the original counts three.
+    let mut uses = Vec::new();
+    for file in [&path, &fused] {
+        let len = std::fs::metadata(file).expect("size").len();
+        for kind in [IoKind::Uring, IoKind::Pread] {
+            let m = Model::load_with(file, &opts(Some(len * 4 / 10), kind, None)).expect("load");
+            m.set_expert_prefetch(ExpertPrefetch::Off);
+            assert_eq!(run(&m), want, "{} on {kind:?}", file.display());
+            let s = m.weights().stats();
+            assert!(s.expert_misses > 0, "{s:?}");
+            assert_eq!(s.expert_read.chunks, s.expert_misses, "{s:?}");
+            uses.push(s.expert_hits + s.expert_misses);
+        }
+    }
+    assert_eq!(uses[0], 3 * uses[2], "{uses:?}");
+    assert_eq!((uses[0], uses[2]), (uses[1], uses[3]));
+}

@@ -280,3 +280,64 @@ fn tensor_overrides_place_tensors_and_bad_ones_are_clean_errors() {
     assert_clean_error(&run(&["--mmap", "-ot", "exps=RAM"]), "--mmap");
     assert_clean_error(&run(&["--cpu-moe", "--n-cpu-moe", "1"]), "cpu-moe");
 }
+
+#[test]
+fn optimize_lays_experts_out_for_one_read_and_runs_the_same() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |n: &str| dir.path().join(n).to_str().expect("path").to_owned();
+    let (m, o) = (path("moe.gguf"), path("moe-opt.gguf"));
+    let out = strata(&["gen", "--arch", "olmoe", "-o", &m]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = strata(&["optimize", &m, "-o", &o]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("each expert one read"),
+        "{}",
+        text(&out.stderr)
+    );
+    let show = strata(&["show", &o]);
+    assert!(text(&show.stdout).contains("laid out expert by expert"));
+    let run = |model: &str, extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "-m",
+            model,
+            "-p",
+            "hello world",
+            "-n",
+            "8",
+            "--temp",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        let out = strata(&args);
+        assert!(out.status.success(), "{extra:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let want = run(&m, &[]);
+    for extra in [
+        &[][..],
+        &["--ram-budget", "60%"],
+        &["--ram-budget", "60%", "-ot", r"blk\.1\.ffn_gate_exps=RAM"],
+        &["--mmap"],
+    ] {
+        assert_eq!(run(&o, extra), want, "{extra:?}");
+    }
+    // Bad requests: already optimized, no experts, the model itself, no such file.
+    assert_clean_error(
+        &strata(&["optimize", &o, "-o", &path("x.gguf")]),
+        "already optimized",
+    );
+    let dense = path("dense.gguf");
+    assert!(strata(&["gen", "-o", &dense]).status.success());
+    assert_clean_error(
+        &strata(&["optimize", &dense, "-o", &path("x.gguf")]),
+        "no layer has stacked expert tensors",
+    );
+    assert_clean_error(&strata(&["optimize", &m, "-o", &m]), "must be a new file");
+    assert_clean_error(
+        &strata(&["optimize", &path("absent.gguf"), "-o", &path("x.gguf")]),
+        "absent.gguf",
+    );
+    assert!(!dir.path().join("x.gguf").exists());
+}

@@ -7,6 +7,7 @@ pub mod generate;
 pub mod kvargs;
 pub mod list;
 pub mod load;
+pub mod optimize;
 pub mod perplexity;
 pub mod ps;
 pub mod pull;

@@ -106,6 +106,13 @@ fn dump(
             t.name
         )?;
     }
+    let strided = gguf.tensors.iter().filter(|t| t.stride.is_some()).count();
+    if strided > 0 {
+        writeln!(
+            out,
+            "* {strided} expert tensor(s) laid out expert by expert (strata optimize): only strata reads this file"
+        )?;
+    }
     writeln!(
         out,
         "* Tensor data: {} bytes",

@@ -190,6 +190,10 @@ pub enum GgufError {
         other_end: u64,
     },
 
+    /// A tensor of strata's strided layout that the file does not describe consistently.
+    #[error("strided tensor '{tensor}': {reason}")]
+    Strided { tensor: String, reason: String },
+
     /// The same tensor name appears twice.
     #[error("tensor name '{tensor}' at byte {offset} appears twice")]
     DuplicateTensor { tensor: String, offset: u64 },

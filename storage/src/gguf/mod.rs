@@ -24,7 +24,7 @@ use std::path::Path;
 
 pub use error::GgufError;
 pub use value::{ArrayValue, Metadata, Value};
-pub use write::GgufBuilder;
+pub use write::{GgufBuilder, record_layout};
 
 use crate::quant::GgmlType;
 
@@ -54,8 +54,24 @@ pub struct GgufFile {
     index: HashMap<String, usize>,
 }
 
+/// The metadata keys of strata's strided layout (`strata optimize`): the names of the strided
+/// tensors and, in the same order, the bytes from one slice of each to the next.
+pub const STRIDED_NAMES_KEY: &str = "strata.strided.names";
+pub const STRIDED_STRIDES_KEY: &str = "strata.strided.strides";
+
+/// What a strided tensor's name carries in the file's tensor table, after its own name: other
+/// GGUF readers, which would take its bytes as back to back, find no tensor of the name they
+/// look for and stop (llama.cpp: "missing tensor"), instead of reading wrong weights.
+pub const STRIDED_SUFFIX: &str = ".strided";
+
 /// One entry of the tensor table, validated: known type, whole blocks per row, data inside the
 /// file and overlapping no other tensor.
+///
+/// A *strided* tensor (`stride: Some(s)`, strata's own layout, written by `strata optimize`)
+/// keeps its slices along the outermost dimension `s` bytes apart instead of back to back, so
+/// that other tensors' slices can sit between them: a MoE layer's gate, up and down experts
+/// interleaved expert by expert, each expert one contiguous read. Its name in the file ends in
+/// [`STRIDED_SUFFIX`] (taken off here) and the metadata lists it under [`STRIDED_NAMES_KEY`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorInfo {
     pub name: String,
@@ -65,13 +81,35 @@ pub struct TensorInfo {
     /// Relative to [`GgufFile::data_offset`]; a multiple of the alignment.
     pub offset: u64,
     pub n_elements: u64,
+    /// The tensor's own bytes (in a strided tensor, its slices' bytes together).
     pub n_bytes: u64,
+    /// Bytes from one slice along the outermost dimension to the next, when they are not back
+    /// to back (see above); `None` for every ordinary tensor.
+    pub stride: Option<u64>,
 }
 
 impl TensorInfo {
     /// Number of rows: the product of all dimensions after the first.
     pub fn n_rows(&self) -> u64 {
         self.dims.iter().skip(1).product()
+    }
+
+    /// Slices along the outermost dimension (experts of a stacked tensor), and the bytes of one.
+    pub fn slices(&self) -> (u64, u64) {
+        let n = self.dims.last().copied().unwrap_or(1).max(1);
+        (n, self.n_bytes / n)
+    }
+
+    /// The bytes of the file from the tensor's first byte to its last: `n_bytes`, or for a
+    /// strided tensor the slices and what lies between them (saturating for hand-made infos).
+    pub fn span(&self) -> u64 {
+        match self.stride {
+            None => self.n_bytes,
+            Some(s) => {
+                let (n, slice) = self.slices();
+                (n - 1).saturating_mul(s).saturating_add(slice)
+            }
+        }
     }
 }
 
@@ -109,14 +147,16 @@ impl GgufFile {
         self.metadata.require_str("general.architecture")
     }
 
-    /// The absolute byte range of `t`'s data in the file.
+    /// The absolute byte range of `t`'s data in the file ([`TensorInfo::span`]: for a strided
+    /// tensor, other tensors' slices lie between its own).
     pub fn tensor_range(&self, t: &TensorInfo) -> Range<u64> {
         // Validated at parse time for this file's tensors; saturate for hand-made infos.
         let start = self.data_offset.saturating_add(t.offset);
-        start..start.saturating_add(t.n_bytes)
+        start..start.saturating_add(t.span())
     }
 
-    /// `t`'s bytes within the whole file `file_bytes`, or `None` if they are not all there.
+    /// `t`'s bytes within the whole file `file_bytes` (its [`GgufFile::tensor_range`]), or
+    /// `None` if they are not all there.
     pub fn tensor_bytes<'a>(&self, file_bytes: &'a [u8], t: &TensorInfo) -> Option<&'a [u8]> {
         let r = self.tensor_range(t);
         let start = usize::try_from(r.start).ok()?;

@@ -9,7 +9,10 @@ use std::collections::HashMap;
 use std::io::{ErrorKind, Read};
 
 use super::value::type_id;
-use super::{ArrayValue, GgufError, GgufFile, Metadata, TensorInfo, Value};
+use super::{
+    ArrayValue, GgufError, GgufFile, Metadata, STRIDED_NAMES_KEY, STRIDED_STRIDES_KEY,
+    STRIDED_SUFFIX, TensorInfo, Value,
+};
 use crate::quant::GgmlType;
 
 /// Alignment when `general.alignment` is absent (GGUF's default).
@@ -268,7 +271,9 @@ pub(crate) fn parse<R: Read>(r: R, file_size: u64) -> Result<GgufFile, GgufError
     }
 
     let (metadata, alignment) = parse_metadata(&mut src, kv_count)?;
-    let (tensors, index, entry_offsets) = parse_tensor_table(&mut src, tensor_count, alignment)?;
+    let strides = strided_table(&metadata, alignment)?;
+    let (tensors, index, entry_offsets) =
+        parse_tensor_table(&mut src, tensor_count, alignment, &strides)?;
 
     let Some(data_offset) = src.pos.checked_next_multiple_of(alignment) else {
         return Err(GgufError::BadAlignment {
@@ -503,6 +508,61 @@ fn read_array<R: Read>(src: &mut Src<R>, key: &str, depth: usize) -> Result<Arra
     })
 }
 
+/// The strided tensors the metadata declares (strata's layout, `TensorInfo::stride`): name →
+/// bytes from one slice to the next. Empty when the file has none.
+fn strided_table(metadata: &Metadata, alignment: u64) -> Result<HashMap<String, u64>, GgufError> {
+    let names = metadata.get_str_array(STRIDED_NAMES_KEY)?;
+    let strides: Option<Vec<u64>> = match metadata.get_array(STRIDED_STRIDES_KEY)? {
+        None => None,
+        Some(ArrayValue::U64(v)) => Some(v.clone()),
+        Some(ArrayValue::U32(v)) => Some(v.iter().map(|&s| u64::from(s)).collect()),
+        Some(other) => {
+            return Err(GgufError::WrongType {
+                key: STRIDED_STRIDES_KEY.into(),
+                expected: "an array of u64",
+                found: format!("an array of {}", other.type_name()),
+            });
+        }
+    };
+    let (names, strides) = match (names, strides) {
+        (None, None) => return Ok(HashMap::new()),
+        (Some(n), Some(s)) if n.len() == s.len() => (n, s),
+        (Some(n), Some(s)) => {
+            return Err(GgufError::WrongType {
+                key: STRIDED_STRIDES_KEY.into(),
+                expected: "one stride per name",
+                found: format!("{} strides for {} names", s.len(), n.len()),
+            });
+        }
+        (None, Some(_)) => {
+            return Err(GgufError::MissingKey {
+                key: STRIDED_NAMES_KEY.into(),
+            });
+        }
+        (Some(_), None) => {
+            return Err(GgufError::MissingKey {
+                key: STRIDED_STRIDES_KEY.into(),
+            });
+        }
+    };
+    let mut table = HashMap::with_capacity(names.len());
+    for (name, &stride) in names.iter().zip(&strides) {
+        let bad = |reason: String| GgufError::Strided {
+            tensor: name.clone(),
+            reason,
+        };
+        if stride == 0 || stride % alignment != 0 {
+            return Err(bad(format!(
+                "stride {stride} is not a positive multiple of the alignment {alignment}"
+            )));
+        }
+        if table.insert(name.clone(), stride).is_some() {
+            return Err(bad(format!("listed twice in {STRIDED_NAMES_KEY}")));
+        }
+    }
+    Ok(table)
+}
+
 /// The tensor table, its name index, and the byte offset of each entry's `offset` field (where
 /// bounds and overlap errors point).
 type TensorTable = (Vec<TensorInfo>, HashMap<String, usize>, Vec<u64>);
@@ -511,6 +571,7 @@ fn parse_tensor_table<R: Read>(
     src: &mut Src<R>,
     tensor_count: u64,
     alignment: u64,
+    strides: &HashMap<String, u64>,
 ) -> Result<TensorTable, GgufError> {
     let cap = tensor_count.min(MAX_PREALLOC as u64) as usize;
     let mut tensors = Vec::with_capacity(cap);
@@ -594,6 +655,28 @@ fn parse_tensor_table<R: Read>(
                 alignment,
             });
         }
+        let (name, stride) = match name.strip_suffix(STRIDED_SUFFIX) {
+            None => (name, None),
+            Some(own) => {
+                let bad = |reason: String| GgufError::Strided {
+                    tensor: own.to_owned(),
+                    reason,
+                };
+                let Some(&stride) = strides.get(own) else {
+                    return Err(bad(format!("not listed in {STRIDED_NAMES_KEY}")));
+                };
+                let slice = match dims.as_slice() {
+                    [.., n] if dims.len() >= 2 => n_bytes / n,
+                    _ => return Err(bad("a 1-D tensor has no slices to stride".into())),
+                };
+                if slice > stride {
+                    return Err(bad(format!(
+                        "its slices are {slice} bytes, more than the stride {stride}"
+                    )));
+                }
+                (own.to_owned(), Some(stride))
+            }
+        };
         if index.contains_key(&name) {
             return Err(GgufError::DuplicateTensor {
                 tensor: name,
@@ -609,12 +692,29 @@ fn parse_tensor_table<R: Read>(
             offset,
             n_elements,
             n_bytes,
+            stride,
+        });
+    }
+    if let Some(missing) = strides.keys().find(|n| {
+        index
+            .get(n.as_str())
+            .and_then(|&i| tensors.get(i))
+            .is_none_or(|t| t.stride.is_none())
+    }) {
+        return Err(GgufError::Strided {
+            tensor: missing.clone(),
+            reason: format!(
+                "listed in {STRIDED_NAMES_KEY}, but the file has no tensor '{missing}{STRIDED_SUFFIX}'"
+            ),
         });
     }
     Ok((tensors, index, offsets))
 }
 
-/// Every tensor inside the file, and no two sharing a byte.
+/// Every tensor inside the file, and no two sharing a byte. Strided tensors are checked as
+/// groups: those with the same stride and slice count whose first slices lie within one stride
+/// of the group's first share its records, where their slices must not overlap; the group's
+/// whole span is then one range among the others.
 fn check_tensor_bounds(
     tensors: &[TensorInfo],
     entry_offsets: &[u64],
@@ -622,11 +722,25 @@ fn check_tensor_bounds(
     file_size: u64,
 ) -> Result<(), GgufError> {
     let mut ranges = Vec::with_capacity(tensors.len());
+    let mut strided = Vec::new();
     for (i, t) in tensors.iter().enumerate() {
         let start = data_offset.checked_add(t.offset);
-        let end = start.and_then(|s| s.checked_add(t.n_bytes));
+        let span = match t.stride {
+            None => Some(t.n_bytes),
+            Some(s) => {
+                let (n, slice) = t.slices();
+                (n - 1).checked_mul(s).and_then(|b| b.checked_add(slice))
+            }
+        };
+        let end = start.zip(span).and_then(|(s, n)| s.checked_add(n));
         match (start, end) {
-            (Some(start), Some(end)) if end <= file_size => ranges.push((start, end, i)),
+            (Some(start), Some(end)) if end <= file_size => {
+                if t.stride.is_some() {
+                    strided.push((start, end, i));
+                } else {
+                    ranges.push((start, end, i));
+                }
+            }
             _ => {
                 return Err(GgufError::TensorOutOfBounds {
                     tensor: t.name.clone(),
@@ -637,6 +751,53 @@ fn check_tensor_bounds(
                 });
             }
         }
+    }
+    // Strided groups: by stride, slice count and start.
+    let key = |&(start, _, i): &(u64, u64, usize)| {
+        let t = &tensors[i];
+        (t.stride, t.slices().0, start)
+    };
+    strided.sort_unstable_by_key(key);
+    let mut g = 0;
+    while g < strided.len() {
+        let (base, mut end, first) = strided[g];
+        let (stride, n, _) = key(&strided[g]);
+        let stride = stride.unwrap_or(0);
+        let mut prev = (base, base + tensors[first].slices().1, first);
+        let mut k = g + 1;
+        while k < strided.len() {
+            let (start, e, i) = strided[k];
+            let (s, m, _) = key(&strided[k]);
+            if s != Some(stride) || m != n || start >= base + stride {
+                break;
+            }
+            let slice_end = start + tensors[i].slices().1;
+            if start < prev.1 || slice_end > base + stride {
+                let (o_start, o_end, o) = if start < prev.1 {
+                    prev
+                } else {
+                    (
+                        base + stride,
+                        base + stride + tensors[first].slices().1,
+                        first,
+                    )
+                };
+                return Err(GgufError::TensorOverlap {
+                    tensor: tensors[i].name.clone(),
+                    offset: entry_offsets[i],
+                    start,
+                    end: slice_end,
+                    other: tensors[o].name.clone(),
+                    other_start: o_start,
+                    other_end: o_end,
+                });
+            }
+            end = end.max(e);
+            prev = (start, slice_end, i);
+            k += 1;
+        }
+        ranges.push((base, end, first));
+        g = k;
     }
     ranges.sort_unstable();
     for w in ranges.windows(2) {

@@ -8,7 +8,7 @@ use std::io::{self, Write};
 
 use super::read::DEFAULT_ALIGNMENT;
 use super::value::type_id;
-use super::{ArrayValue, Value};
+use super::{ArrayValue, STRIDED_NAMES_KEY, STRIDED_STRIDES_KEY, STRIDED_SUFFIX, Value};
 use crate::quant::GgmlType;
 
 /// One tensor to be written.
@@ -18,6 +18,42 @@ struct PendingTensor {
     dims: Vec<u64>,
     ty: GgmlType,
     data: Data,
+    place: Place,
+}
+
+/// Where a tensor's bytes go in the data section.
+#[derive(Clone, Copy, Debug)]
+enum Place {
+    /// Back to back, at the next aligned position.
+    Own,
+    /// The first tensor of a strided group: the group's records start at the next multiple of
+    /// `align`, `stride` bytes each, and this tensor's slices open them.
+    First { stride: u64, align: u64 },
+    /// A later tensor of the group declared just before: its slices lie at `at` of each record.
+    Member { stride: u64, at: u64 },
+}
+
+impl Place {
+    fn stride(self) -> Option<u64> {
+        match self {
+            Place::Own => None,
+            Place::First { stride, .. } | Place::Member { stride, .. } => Some(stride),
+        }
+    }
+}
+
+/// Where each tensor's slices lie in a record of a strided group, and the record's length:
+/// `slices` (bytes of one slice of each tensor) one after another, each at a multiple of
+/// `alignment`, the record padded to a multiple of `record_align`.
+pub fn record_layout(slices: &[u64], alignment: u64, record_align: u64) -> (Vec<u64>, u64) {
+    let mut at = Vec::with_capacity(slices.len());
+    let mut end = 0u64;
+    for &s in slices {
+        let a = end.next_multiple_of(alignment.max(1));
+        at.push(a);
+        end = a + s;
+    }
+    (at, end.next_multiple_of(record_align.max(alignment).max(1)))
 }
 
 /// A tensor's bytes: given up front, or produced while the file is written (files larger than
@@ -26,6 +62,8 @@ struct PendingTensor {
 enum Data {
     Bytes(Vec<u8>),
     Deferred(u64),
+    /// Written with the first tensor of its strided group.
+    InGroup,
 }
 
 impl Data {
@@ -33,6 +71,7 @@ impl Data {
         match self {
             Data::Bytes(b) => b.len() as u64,
             Data::Deferred(n) => *n,
+            Data::InGroup => 0,
         }
     }
 }
@@ -104,6 +143,7 @@ impl GgufBuilder {
             dims: dims.to_vec(),
             ty,
             data: Data::Bytes(data),
+            place: Place::Own,
         });
         self
     }
@@ -119,8 +159,84 @@ impl GgufBuilder {
             dims: dims.to_vec(),
             ty,
             data: Data::Deferred(len),
+            place: Place::Own,
         });
         Some(self)
+    }
+
+    /// Declares tensors of strata's strided layout (`strata optimize`, see
+    /// [`super::TensorInfo`]): all with the same outermost dimension `n`, their slices written
+    /// record by record — record `i` holds slice `i` of each tensor at the offsets
+    /// [`record_layout`] gives, and records start at a multiple of `record_align` (4096 for
+    /// direct I/O, when the alignment is at least that). [`GgufBuilder::write_with`] asks for
+    /// the whole group's `n` records under the first tensor's name. Returns `None` when the
+    /// tensors disagree on `n`, are 1-D, or their sizes overflow.
+    pub fn strided_group(
+        &mut self,
+        parts: &[(&str, &[u64], GgmlType)],
+        record_align: u64,
+    ) -> Option<&mut Self> {
+        let n = *parts.first()?.1.last()?;
+        let mut slices = Vec::with_capacity(parts.len());
+        for &(_, dims, ty) in parts {
+            if dims.len() < 2 || dims.last() != Some(&n) || n == 0 {
+                return None;
+            }
+            let elems = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d))?;
+            slices.push(ty.bytes_for(elems)? / n);
+        }
+        let (at, stride) = record_layout(&slices, self.pad_unit(), record_align);
+        let total = stride.checked_mul(n)?;
+        for (k, &(name, dims, ty)) in parts.iter().enumerate() {
+            let (data, place) = if k == 0 {
+                (
+                    Data::Deferred(total),
+                    Place::First {
+                        stride,
+                        align: record_align.max(1),
+                    },
+                )
+            } else {
+                (Data::InGroup, Place::Member { stride, at: at[k] })
+            };
+            self.tensors.push(PendingTensor {
+                name: name.to_owned(),
+                dims: dims.to_vec(),
+                ty,
+                data,
+                place,
+            });
+        }
+        Some(self)
+    }
+
+    /// Each tensor's offset in the data section, and where the data of a strided group starts.
+    fn offsets(&self) -> Vec<u64> {
+        let (mut next, mut base) = (0u64, 0u64);
+        let mut out = Vec::with_capacity(self.tensors.len());
+        for t in &self.tensors {
+            let off = match t.place {
+                Place::Own => next,
+                Place::First { align, .. } => {
+                    base = next.next_multiple_of(align);
+                    base
+                }
+                Place::Member { at, .. } => base + at,
+            };
+            out.push(off);
+            if !matches!(t.place, Place::Member { .. }) {
+                next = (off + t.data.len()).next_multiple_of(self.pad_unit());
+            }
+        }
+        out
+    }
+
+    /// The strided tensors' names and strides, for the metadata.
+    fn strided(&self) -> (Vec<String>, Vec<u64>) {
+        self.tensors
+            .iter()
+            .filter_map(|t| Some((t.name.clone(), t.place.stride()?)))
+            .unzip()
     }
 
     /// The alignment used for padding; 0 would make padding meaningless.
@@ -140,7 +256,8 @@ impl GgufBuilder {
         h.extend_from_slice(b"GGUF");
         h.extend_from_slice(&self.version.to_le_bytes());
         h.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
-        let extra = u64::from(self.writes_alignment_key());
+        let (strided, strides) = self.strided();
+        let extra = u64::from(self.writes_alignment_key()) + 2 * u64::from(!strided.is_empty());
         h.extend_from_slice(&(self.kvs.len() as u64 + extra).to_le_bytes());
         if self.writes_alignment_key() {
             put_str(&mut h, "general.alignment");
@@ -154,16 +271,28 @@ impl GgufBuilder {
             h.extend_from_slice(&v.type_id().to_le_bytes());
             put_value(&mut h, v);
         }
-        let mut offset = 0u64;
-        for t in &self.tensors {
-            put_str(&mut h, &t.name);
+        if !strided.is_empty() {
+            let kvs = [
+                (STRIDED_NAMES_KEY, Value::Array(ArrayValue::String(strided))),
+                (STRIDED_STRIDES_KEY, Value::Array(ArrayValue::U64(strides))),
+            ];
+            for (k, v) in &kvs {
+                put_str(&mut h, k);
+                h.extend_from_slice(&v.type_id().to_le_bytes());
+                put_value(&mut h, v);
+            }
+        }
+        for (t, offset) in self.tensors.iter().zip(self.offsets()) {
+            match t.place {
+                Place::Own => put_str(&mut h, &t.name),
+                _ => put_str(&mut h, &format!("{}{STRIDED_SUFFIX}", t.name)),
+            }
             h.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
             for d in &t.dims {
                 h.extend_from_slice(&d.to_le_bytes());
             }
             h.extend_from_slice(&t.ty.id().to_le_bytes());
             h.extend_from_slice(&offset.to_le_bytes());
-            offset = (offset + t.data.len()).next_multiple_of(self.pad_unit());
         }
         h
     }
@@ -178,7 +307,8 @@ impl GgufBuilder {
     }
 
     /// Like [`GgufBuilder::write_to`], calling `produce(name, out)` for each deferred tensor to
-    /// write exactly its declared number of bytes (checked).
+    /// write exactly its declared number of bytes (checked); for a strided group, once under
+    /// its first tensor's name for all its records.
     pub fn write_with<W: Write>(
         &self,
         mut w: W,
@@ -188,7 +318,15 @@ impl GgufBuilder {
         w.write_all(&header)?;
         let mut pos = header.len() as u64;
         pos += pad(&mut w, pos, self.pad_unit())?;
-        for t in &self.tensors {
+        let data_start = pos;
+        for (t, offset) in self.tensors.iter().zip(self.offsets()) {
+            if matches!(t.place, Place::Member { .. }) {
+                continue;
+            }
+            // A strided group's records start at their own alignment.
+            let to = data_start + offset;
+            zeros(&mut w, to.saturating_sub(pos))?;
+            pos = pos.max(to);
             match &t.data {
                 Data::Bytes(b) => w.write_all(b)?,
                 Data::Deferred(len) => {
@@ -204,6 +342,7 @@ impl GgufBuilder {
                         )));
                     }
                 }
+                Data::InGroup => {}
             }
             pos += t.data.len();
             pos += pad(&mut w, pos, self.pad_unit())?;
@@ -221,7 +360,6 @@ impl GgufBuilder {
     }
 }
 
-/// Writes zeros up to the next multiple of `align`; returns how many.
 /// Counts the bytes written through it.
 struct Counting<'a, W: Write> {
     inner: &'a mut W,
@@ -240,16 +378,23 @@ impl<W: Write> Write for Counting<'_, W> {
     }
 }
 
+/// Writes zeros up to the next multiple of `align`; returns how many.
 fn pad<W: Write>(w: &mut W, pos: u64, align: u64) -> io::Result<u64> {
     let n = pos.next_multiple_of(align) - pos;
-    let zeros = [0u8; 256];
+    zeros(w, n)?;
+    Ok(n)
+}
+
+/// Writes `n` zero bytes.
+pub(crate) fn zeros<W: Write + ?Sized>(w: &mut W, n: u64) -> io::Result<()> {
+    let zeros = [0u8; 4096];
     let mut left = n;
     while left > 0 {
         let k = left.min(zeros.len() as u64) as usize;
         w.write_all(&zeros[..k])?;
         left -= k as u64;
     }
-    Ok(n)
+    Ok(())
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {

@@ -334,8 +334,9 @@ impl Shared {
         );
     }
 
-    /// Records a use of `key`; its buffer, offset, and how it came to be there.
-    fn touch(&self, st: &mut State, key: Key) -> Option<Touched> {
+    /// Records a use of `key`; its buffer, offset, and how it came to be there (told once, to
+    /// the first use that `counts`).
+    fn touch(&self, st: &mut State, key: Key, counts: bool) -> Option<Touched> {
         st.tick += 1;
         let tick = st.tick;
         if tick.is_multiple_of(DECAY_EVERY) {
@@ -357,8 +358,8 @@ impl Shared {
         Some(Touched {
             buf: Arc::clone(&e.buf),
             skip: e.skip,
-            guessed: std::mem::take(&mut e.unused_guess),
-            routed_read: std::mem::take(&mut e.routed_read),
+            guessed: counts && std::mem::take(&mut e.unused_guess),
+            routed_read: counts && std::mem::take(&mut e.routed_read),
         })
     }
 }
@@ -452,31 +453,35 @@ impl ExpertCache {
     }
 
     /// The slab `key` (file range `start..start + len`): from the cache, waiting for a prefetch
-    /// under way, or read now.
+    /// under way, or read now. `count`: the use counts as a hit or a miss (a record that
+    /// serves several tensors counts once).
     pub(super) fn get(
         &self,
         key: Key,
         start: u64,
         len: usize,
+        count: bool,
     ) -> Result<(Arc<AlignedBuf>, usize), IoError> {
         let sh = &*self.shared;
         let mut st = sh.lock();
         let mut waited: Option<std::time::Instant> = None;
         loop {
-            if let Some(t) = sh.touch(&mut st, key) {
+            if let Some(t) = sh.touch(&mut st, key, count) {
                 drop(st);
                 if let Some(w) = waited {
                     sh.counters
                         .wait_ns
                         .fetch_add(w.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 }
-                if t.routed_read {
-                    sh.counters.misses.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    sh.counters.hits.fetch_add(1, Ordering::Relaxed);
-                }
-                if t.guessed {
-                    sh.counters.prefetch_hits.fetch_add(1, Ordering::Relaxed);
+                if count {
+                    if t.routed_read {
+                        sh.counters.misses.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        sh.counters.hits.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if t.guessed {
+                        sh.counters.prefetch_hits.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 return Ok((t.buf, t.skip));
             }
@@ -488,7 +493,9 @@ impl ExpertCache {
         }
         st.loading.insert(key);
         drop(st);
-        sh.counters.misses.fetch_add(1, Ordering::Relaxed);
+        if count {
+            sh.counters.misses.fetch_add(1, Ordering::Relaxed);
+        }
         let t0 = waited.unwrap_or_else(std::time::Instant::now);
         let r = sh.read(start, len);
         sh.counters
@@ -499,7 +506,7 @@ impl ExpertCache {
         sh.cv.notify_all();
         let (buf, skip) = r?;
         sh.insert(&mut st, key, Arc::clone(&buf), skip, None);
-        sh.touch(&mut st, key);
+        sh.touch(&mut st, key, count);
         Ok((buf, skip))
     }
 

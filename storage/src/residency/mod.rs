@@ -265,11 +265,69 @@ pub struct ResidencyStats {
     pub expert_cache_bytes: u64,
     /// Time the forward pass waited for experts being read.
     pub expert_wait: std::time::Duration,
+    /// What the expert cache read (its requests are `chunks` when each is at most a chunk).
+    pub expert_read: IoStats,
     pub expert_policy: &'static str,
     /// Time acquires waited for reads.
     pub stall: Duration,
     /// Everything read since load (including the resident set).
     pub read: IoStats,
+}
+
+/// A strided tensor's place in its group's records (strata's layout, `strata optimize`): the
+/// group's first tensor (whose index names the record in the expert cache), where this
+/// tensor's slice lies in a record, and how many bytes of a record hold slices.
+#[derive(Clone, Copy, Debug)]
+struct Record {
+    first: u32,
+    at: u64,
+    len: u64,
+}
+
+/// Where expert `e` of a stacked tensor is read from: the cache key, the file range read for
+/// it (the slab, or its whole record when strided) and where the slab lies in that range.
+struct SlabLoc {
+    key: experts::Key,
+    start: u64,
+    len: usize,
+    at: usize,
+    slab: usize,
+}
+
+/// The records of every strided tensor (indexed as the tensor table), grouped as the parser
+/// checked them: same stride and slice count, first slices within one stride of the group's.
+fn records(gguf: &GgufFile) -> Vec<Option<Record>> {
+    let mut out = vec![None; gguf.tensors.len()];
+    let mut strided: Vec<(u64, u64, u64, usize)> = gguf
+        .tensors
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| Some((t.stride?, t.slices().0, t.offset, i)))
+        .collect();
+    strided.sort_unstable();
+    let mut g = 0;
+    while g < strided.len() {
+        let (stride, n, base, first) = strided[g];
+        let mut k = g;
+        let mut len = 0;
+        while k < strided.len() {
+            let (s, m, off, i) = strided[k];
+            if s != stride || m != n || off >= base + stride {
+                break;
+            }
+            len = len.max(off - base + gguf.tensors[i].slices().1);
+            k += 1;
+        }
+        for &(_, _, off, i) in &strided[g..k] {
+            out[i] = Some(Record {
+                first: first as u32,
+                at: off - base,
+                len,
+            });
+        }
+        g = k;
+    }
+    out
 }
 
 /// The weights of one model file and where each tensor lives.
@@ -278,6 +336,8 @@ pub struct Weights {
     gguf: GgufFile,
     ids: HashMap<String, TensorId>,
     places: Vec<Place>,
+    /// Per tensor: its record, when strided.
+    records: Vec<Option<Record>>,
     backing: Backing,
     summary: ResidencyStats,
     hot_hits: AtomicU64,
@@ -360,6 +420,30 @@ fn read_err(e: IoError) -> ResidencyError {
     ResidencyError::Read(Arc::new(e))
 }
 
+/// Reads `len` bytes at `start` of the file into a buffer of their aligned pages; returns it
+/// and where the bytes begin in it.
+fn read_span(
+    reader: &Reader,
+    start: u64,
+    len: usize,
+) -> Result<(Arc<AlignedBuf>, usize), ResidencyError> {
+    let a = crate::io::DIRECT_ALIGN as u64;
+    let lo = start / a * a;
+    let hi = (start + len as u64).next_multiple_of(a);
+    let mut buf = AlignedBuf::zeroed((hi - lo) as usize)
+        .map_err(|e| ResidencyError::Alloc { bytes: e.bytes })?;
+    let skip = (start - lo) as usize;
+    reader
+        .read(&mut [ReadReq {
+            offset: lo,
+            buf: buf.as_mut_slice(),
+            need: skip + len,
+            fixed: None,
+        }])
+        .map_err(read_err)?;
+    Ok((Arc::new(buf), skip))
+}
+
 impl Weights {
     /// Loads `gguf` (already parsed from `path`) as `opts` say.
     pub fn open(path: &Path, gguf: GgufFile, opts: &LoadOptions) -> Result<Self, ResidencyError> {
@@ -397,6 +481,7 @@ impl Weights {
                 .collect();
             return Ok(Self {
                 path: path.to_path_buf(),
+                records: records(&gguf),
                 gguf,
                 ids,
                 places,
@@ -428,14 +513,18 @@ impl Weights {
             .iter()
             .map(|t| PlanTensor {
                 start: gguf.data_offset + t.offset,
-                len: t.n_bytes,
+                // A strided tensor's range holds its group's other tensors too: the planner
+                // merges the overlapping ranges and places each tensor in them.
+                len: t.span(),
                 n_dims: t.dims.len(),
                 rows: rows_of(t),
                 pin: pins.contains(&t.name),
                 // Embedding tables read by rows, and (under a budget) stacked experts, of which
-                // a step uses a few: both stay on disk until needed.
+                // a step uses a few: both stay on disk until needed (strided ones always: they
+                // cannot be cut by rows).
                 access: if opts.row_access.contains(&t.name)
-                    || (budget.is_some() && t.dims.len() == 3 && t.dims[2] > 1)
+                    || (budget.is_some()
+                        && ((t.dims.len() == 3 && t.dims[2] > 1) || t.stride.is_some()))
                 {
                     Access::Rows
                 } else {
@@ -534,6 +623,7 @@ impl Weights {
         }
         Ok(Self {
             path: path.to_path_buf(),
+            records: records(&gguf),
             gguf,
             ids,
             places: plan.places,
@@ -591,6 +681,9 @@ impl Weights {
         ) else {
             return Ok(false);
         };
+        if info.stride.is_some() {
+            return Ok(false);
+        }
         let (off, len) = (*off as usize, info.n_bytes as usize);
         let Backing::Read { hot, .. } = &mut self.backing else {
             return Ok(false);
@@ -650,10 +743,11 @@ impl Weights {
 
     /// Holds a whole tensor in memory and returns a view of its bytes; for a streamed layer
     /// this may wait for (or start) its read. A tensor held in parts is assembled into a fresh
-    /// buffer (use [`Weights::acquire_part`] to avoid that copy).
+    /// buffer (use [`Weights::acquire_part`] to avoid that copy). A strided tensor's view is
+    /// its [`TensorInfo::span`], other tensors' slices between its own.
     pub fn acquire(&self, id: TensorId) -> Result<TensorHandle, ResidencyError> {
         let info = self.info(id)?;
-        let len = info.n_bytes as usize;
+        let len = info.span() as usize;
         let from_buf = |buf: &Arc<AlignedBuf>, off: u64| {
             self.hot_hits.fetch_add(1, Ordering::Relaxed);
             TensorHandle {
@@ -683,6 +777,18 @@ impl Weights {
                 },
                 Place::Group { group, offset },
             ) => s.acquire(*group, *offset as usize, len),
+            (Backing::Read { cold: Some(r), .. }, Place::Cold) if info.stride.is_some() => {
+                // Rare: read the whole span into a buffer of its own.
+                let start = self.gguf.data_offset + info.offset;
+                let (buf, skip) = read_span(r, start, len)?;
+                Ok(TensorHandle {
+                    // SAFETY: `buf` holds the span's `len` bytes from `skip` on.
+                    ptr: unsafe { buf.as_ptr().add(skip) },
+                    len,
+                    tier: Tier::Ram,
+                    _keep: Keep::Buf(buf),
+                })
+            }
             (Backing::Read { .. }, Place::Cold | Place::Parts { .. }) => {
                 // Rare: read the whole tensor into a buffer of its own.
                 let mut buf = AlignedBuf::zeroed(len)
@@ -713,7 +819,10 @@ impl Weights {
         let info = self.info(id)?;
         let n_rows = rows_of(info);
         let row_bytes = (info.n_bytes / n_rows) as usize;
-        if dst.len() != rows.len() * row_bytes || rows.iter().any(|&r| r >= n_rows) {
+        if dst.len() != rows.len() * row_bytes
+            || rows.iter().any(|&r| r >= n_rows)
+            || info.stride.is_some()
+        {
             return Err(ResidencyError::UnknownTensor(id.0));
         }
         let cold = match (&self.backing, self.place(id)?) {
@@ -780,7 +889,7 @@ impl Weights {
     /// Expert `e` of a stacked `[cols, rows, n_expert]` tensor: from the expert cache when the
     /// experts stream from disk, else a view into the held tensor.
     pub fn expert_slab(&self, id: TensorId, e: usize) -> Result<TensorHandle, ResidencyError> {
-        let (start, len) = self.slab_range(id, e)?;
+        let loc = self.slab_loc(id, e)?;
         if let (
             Backing::Read {
                 experts: Some(x), ..
@@ -788,21 +897,26 @@ impl Weights {
             Place::Cold,
         ) = (&self.backing, self.place(id)?)
         {
-            let (buf, skip) = x.get((id.0, e as u32), start, len).map_err(read_err)?;
+            // A record serves its group's tensors: its first slab's use is the one counted.
+            let (buf, skip) = x
+                .get(loc.key, loc.start, loc.len, loc.at == 0)
+                .map_err(read_err)?;
             return Ok(TensorHandle {
-                // SAFETY: the cache read `len` bytes at `skip` of `buf`.
-                ptr: unsafe { buf.as_ptr().add(skip) },
-                len,
+                // SAFETY: the cache read `loc.len` bytes at `skip` of `buf`, and the slab lies
+                // inside them.
+                ptr: unsafe { buf.as_ptr().add(skip + loc.at) },
+                len: loc.slab,
                 tier: Tier::Ram,
                 _keep: Keep::Buf(buf),
             });
         }
         let whole = self.acquire(id)?;
-        let at = e * len;
+        let info = self.info(id)?;
+        let at = e as u64 * info.stride.unwrap_or(loc.slab as u64);
         Ok(TensorHandle {
-            // SAFETY: `at + len` is within the tensor, which `whole` holds.
-            ptr: unsafe { whole.ptr.add(at) },
-            len,
+            // SAFETY: slab `e` lies inside the tensor's span, which `whole` holds.
+            ptr: unsafe { whole.ptr.add(at as usize) },
+            len: loc.slab,
             tier: whole.tier,
             _keep: whole._keep,
         })
@@ -857,14 +971,18 @@ impl Weights {
         ids: &[TensorId],
         es: &[usize],
     ) -> Result<Vec<(experts::Key, u64, usize)>, ResidencyError> {
-        let mut keys = Vec::with_capacity(ids.len() * es.len());
+        let mut keys: Vec<(experts::Key, u64, usize)> = Vec::with_capacity(ids.len() * es.len());
         for &e in es {
+            let this = keys.len();
             for &id in ids {
                 if !matches!(self.place(id)?, Place::Cold) {
                     continue;
                 }
-                let (start, len) = self.slab_range(id, e)?;
-                keys.push(((id.0, e as u32), start, len));
+                let loc = self.slab_loc(id, e)?;
+                // The tensors of one record share it.
+                if !keys[this..].iter().any(|k| k.0 == loc.key) {
+                    keys.push((loc.key, loc.start, loc.len));
+                }
             }
         }
         Ok(keys)
@@ -880,11 +998,19 @@ impl Weights {
         else {
             return;
         };
-        let cold = ids
+        let mut cold: Vec<u32> = ids
             .iter()
             .filter(|id| matches!(self.places.get(id.index()), Some(Place::Cold)))
-            .map(|id| id.0);
-        x.sort_held_first(cold, es);
+            .map(|id| {
+                self.records
+                    .get(id.index())
+                    .copied()
+                    .flatten()
+                    .map_or(id.0, |r| r.first)
+            })
+            .collect();
+        cold.dedup();
+        x.sort_held_first(cold.iter().copied(), es);
     }
 
     /// Empties the expert cache of every expert not in use, so that a measurement starts
@@ -943,18 +1069,34 @@ impl Weights {
         Ok(())
     }
 
-    /// File offset and length of expert `e`'s slab.
-    fn slab_range(&self, id: TensorId, e: usize) -> Result<(u64, usize), ResidencyError> {
+    /// Where expert `e`'s slab is read from: the slab itself, or the record it shares with its
+    /// group's other tensors when strided.
+    fn slab_loc(&self, id: TensorId, e: usize) -> Result<SlabLoc, ResidencyError> {
         let info = self.info(id)?;
         let n = match info.dims.as_slice() {
             [_, _, n] if (e as u64) < *n => *n,
             _ => return Err(ResidencyError::UnknownTensor(id.0)),
         };
-        let len = info.n_bytes / n;
-        Ok((
-            self.gguf.data_offset + info.offset + e as u64 * len,
-            len as usize,
-        ))
+        let slab = info.n_bytes / n;
+        let base = self.gguf.data_offset + info.offset;
+        Ok(
+            match (info.stride, self.records.get(id.index()).copied().flatten()) {
+                (Some(stride), Some(r)) => SlabLoc {
+                    key: (r.first, e as u32),
+                    start: base - r.at + e as u64 * stride,
+                    len: r.len as usize,
+                    at: r.at as usize,
+                    slab: slab as usize,
+                },
+                _ => SlabLoc {
+                    key: (id.0, e as u32),
+                    start: base + e as u64 * slab,
+                    len: slab as usize,
+                    at: 0,
+                    slab: slab as usize,
+                },
+            },
+        )
     }
 
     /// Bytes held per tier: RAM for the resident set and the window, SSD for what is streamed.
@@ -983,6 +1125,7 @@ impl Weights {
             s.expert_prefetch_hits = c.prefetch_hits.load(Ordering::Relaxed);
             s.expert_cache_bytes = x.bytes();
             s.expert_wait = std::time::Duration::from_nanos(c.wait_ns.load(Ordering::Relaxed));
+            s.expert_read = x.io_stats();
             s.expert_policy = x.policy().name();
         }
         if let Backing::Read {

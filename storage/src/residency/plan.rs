@@ -246,18 +246,18 @@ pub fn plan(
     }];
     hot_units.extend(units[..kept].iter().cloned());
     let mut cold_left = Vec::new();
-    for i in cold {
-        let bytes = extents(tensors, &[i], None, file_size).1;
+    for ix in overlapping(tensors, &cold) {
+        let bytes = extents(tensors, &ix, None, file_size).1;
         if kept == units.len() && used + bytes <= budget {
             used += bytes;
             hot_units.push(Unit {
-                tensors: vec![i],
+                tensors: ix,
                 rows: None,
                 layer: None,
                 bytes,
             });
         } else {
-            cold_left.push(i);
+            cold_left.extend(ix);
         }
     }
     if kept == units.len() && cold_left.is_empty() {
@@ -280,6 +280,25 @@ pub fn plan(
         resident_layers,
         n_layers,
     ))
+}
+
+/// `ix` in clusters whose file ranges overlap (strided tensors share their group's range: one
+/// decision, and one read, for all of them), in file order.
+fn overlapping(tensors: &[PlanTensor], ix: &[usize]) -> Vec<Vec<usize>> {
+    let mut sorted = ix.to_vec();
+    sorted.sort_by_key(|&i| tensors[i].start);
+    let mut out: Vec<(u64, Vec<usize>)> = Vec::new();
+    for i in sorted {
+        let t = &tensors[i];
+        match out.last_mut() {
+            Some((end, v)) if t.start < *end => {
+                *end = (*end).max(t.start + t.len);
+                v.push(i);
+            }
+            _ => out.push((t.start + t.len, vec![i])),
+        }
+    }
+    out.into_iter().map(|(_, v)| v).collect()
 }
 
 /// Everything resident.

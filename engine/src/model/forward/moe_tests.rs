@@ -11,11 +11,14 @@ use super::{Buffers, route};
 use crate::model::{Arch, Ffn, Mat, Model};
 use crate::synth::{GenSpec, Vocab, to_bytes};
 
-fn dense(m: &Model, mat: Mat, slab: usize) -> Vec<f32> {
-    let h = m.weights.acquire(mat.id).expect("acquire");
+fn dense(m: &Model, mat: Mat, slab: usize, stacked: bool) -> Vec<f32> {
+    let h = if stacked {
+        m.weights.expert_slab(mat.id, slab).expect("slab")
+    } else {
+        m.weights.acquire(mat.id).expect("acquire")
+    };
     let rb = mat.ty.row_bytes(mat.cols);
-    let base = slab * mat.rows * rb;
-    let mut bytes = h.bytes()[base..base + mat.rows * rb].to_vec();
+    let mut bytes = h.bytes()[..mat.rows * rb].to_vec();
     if mat.layout == strata_simd::matmul::Layout::Interleaved {
         strata_simd::matmul::deinterleave(mat.ty, &mut bytes, mat.rows, mat.cols)
             .expect("deinterleave");
@@ -39,7 +42,16 @@ fn check(spec: GenSpec) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("m.gguf");
     std::fs::write(&path, to_bytes(&spec, Vocab::Bytes).expect("generate")).expect("write");
-    let m = Model::load(&path).expect("load");
+    // And with its experts laid out expert by expert (`strata optimize`).
+    let fused = dir.path().join("fused.gguf");
+    let mut quiet = strata_storage::store::NoProgress;
+    crate::optimize::optimize(&path, &fused, &mut quiet).expect("optimize");
+    check_file(&spec, &path);
+    check_file(&spec, &fused);
+}
+
+fn check_file(spec: &GenSpec, path: &std::path::Path) {
+    let m = Model::load(path).expect("load");
     let mc = m.config.moe.expect("a MoE model");
     let e = m.config.n_embd;
     let Ffn::Moe(moe) = &m.layers[0].ffn else {
@@ -61,7 +73,7 @@ fn check(spec: GenSpec) {
     m.moe(&pool, &mut MatmulScratch::default(), &mut buf, moe, n)
         .expect("moe");
 
-    let router = dense(&m, moe.router, 0);
+    let router = dense(&m, moe.router, 0, false);
     let act = |g: f32, u: f32| g / (1.0 + (-g).exp()) * u;
     for t in 0..n {
         let xt = &x[t * e..(t + 1) * e];
@@ -77,17 +89,17 @@ fn check(spec: GenSpec) {
         );
         let mut want = vec![0f32; e];
         for (ex, w) in chosen {
-            let g = matvec(&dense(&m, moe.gate.mat, ex), e, xt);
-            let u = matvec(&dense(&m, moe.up.mat, ex), e, xt);
+            let g = matvec(&dense(&m, moe.gate.mat, ex, true), e, xt);
+            let u = matvec(&dense(&m, moe.up.mat, ex, true), e, xt);
             let h: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| act(g, u)).collect();
-            let y = matvec(&dense(&m, moe.down.mat, ex), mc.n_ff_exp, &h);
+            let y = matvec(&dense(&m, moe.down.mat, ex, true), mc.n_ff_exp, &h);
             want.iter_mut().zip(&y).for_each(|(a, y)| *a += w * y);
         }
         if let Some((gate, up, down, gi)) = &moe.shared {
-            let g = matvec(&dense(&m, *gate, 0), e, xt);
-            let u = matvec(&dense(&m, *up, 0), e, xt);
+            let g = matvec(&dense(&m, *gate, 0, false), e, xt);
+            let u = matvec(&dense(&m, *up, 0, false), e, xt);
             let h: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| act(g, u)).collect();
-            let y = matvec(&dense(&m, *down, 0), gate.rows, &h);
+            let y = matvec(&dense(&m, *down, 0, false), gate.rows, &h);
             let z: f32 = xt.iter().zip(gi).map(|(a, b)| a * b).sum();
             let s = 1.0 / (1.0 + (-z).exp());
             want.iter_mut().zip(&y).for_each(|(a, y)| *a += s * y);

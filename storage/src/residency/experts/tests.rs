@@ -101,7 +101,7 @@ fn hit_rate(reader: Reader, passes: &[(u32, Vec<u32>)], slabs: usize, policy: Po
         cache.route(&keys);
         for &e in experts {
             let (buf, skip) = cache
-                .get((*layer, e), range(*layer, e), SLAB)
+                .get((*layer, e), range(*layer, e), SLAB, true)
                 .expect("read");
             // The slab read is the slab asked for (each is filled with its own number).
             assert_eq!(buf.as_slice()[skip], ((layer * EXPERTS + e) % 251) as u8);

@@ -186,6 +186,22 @@ fn hostile_strided_tables_are_refused_by_name() {
         says(&r.data(128), &["'g'", needle]);
     }
 
+    // A stride near 2^64: its span overflows (2 slices), or is just its one slice.
+    let huge = u64::MAX / 32 * 32;
+    let mut r = Raw::new(1, 2);
+    r.names(&["g"])
+        .strides(&[huge])
+        .tensor("g.strided", &[8, 1, 2], 0);
+    assert!(matches!(r.data(128), GgufError::TensorOutOfBounds { .. }));
+    let mut r = Raw::new(2, 2);
+    r.names(&["g", "u"]).strides(&[huge, huge]);
+    r.tensor("g.strided", &[8, 1, 1], 0)
+        .tensor("u.strided", &[8, 1, 1], 32);
+    let pad = r.0.len().next_multiple_of(32) - r.0.len();
+    r.0.extend(std::iter::repeat_n(0u8, pad + 64));
+    let f = GgufFile::from_bytes(&r.0).expect("one slice each");
+    assert_eq!(f.tensor("u").map(|t| t.span()), Some(32));
+
     // A 1-D strided tensor.
     let mut r = Raw::new(1, 2);
     r.names(&["g"]).strides(&[64]).tensor("g.strided", &[8], 0);
@@ -225,4 +241,19 @@ fn hostile_strided_tables_are_refused_by_name() {
     r.names(&["g"]).strides(&[64]);
     r.tensor("g.strided", &[8, 1, 2], 0).tensor("p", &[8], 32);
     says(&r.data(128), &["overlaps"]);
+}
+
+/// Every byte of a strided file's header set to values that break counts, strides and
+/// offsets: each parse succeeds or fails cleanly, never panics.
+#[test]
+fn every_header_byte_of_a_strided_file_mutated_parses_or_fails_cleanly() {
+    let bytes = file(256);
+    let header = GgufFile::from_bytes(&bytes).expect("parse").data_offset as usize;
+    for at in 0..header {
+        for v in [0x00, 0x01, 0x7f, 0x80, 0xff] {
+            let mut b = bytes.clone();
+            b[at] = v;
+            let _ = GgufFile::from_bytes(&b);
+        }
+    }
 }

@@ -768,17 +768,19 @@ fn check_tensor_bounds(
         while k < strided.len() {
             let (start, e, i) = strided[k];
             let (s, m, _) = key(&strided[k]);
-            if s != Some(stride) || m != n || start >= base + stride {
+            // The stride comes from the file: a huge one must not overflow.
+            let record_end = base.saturating_add(stride);
+            if s != Some(stride) || m != n || start >= record_end {
                 break;
             }
             let slice_end = start + tensors[i].slices().1;
-            if start < prev.1 || slice_end > base + stride {
+            if start < prev.1 || slice_end > record_end {
                 let (o_start, o_end, o) = if start < prev.1 {
                     prev
                 } else {
                     (
-                        base + stride,
-                        base + stride + tensors[first].slices().1,
+                        record_end,
+                        record_end.saturating_add(tensors[first].slices().1),
                         first,
                     )
                 };

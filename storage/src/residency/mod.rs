@@ -312,7 +312,7 @@ fn records(gguf: &GgufFile) -> Vec<Option<Record>> {
         let mut len = 0;
         while k < strided.len() {
             let (s, m, off, i) = strided[k];
-            if s != stride || m != n || off >= base + stride {
+            if s != stride || m != n || off >= base.saturating_add(stride) {
                 break;
             }
             len = len.max(off - base + gguf.tensors[i].slices().1);

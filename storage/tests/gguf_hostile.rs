@@ -3,7 +3,9 @@
 
 use std::io::Read;
 
-use strata_storage::gguf::{ArrayValue, GgufBuilder, GgufError, GgufFile, Value};
+use strata_storage::gguf::{
+    ArrayValue, GgufBuilder, GgufError, GgufFile, STRIDED_NAMES_KEY, STRIDED_STRIDES_KEY, Value,
+};
 use strata_storage::quant::GgmlType;
 
 /// A hand encoder for files the builder would not write.
@@ -31,6 +33,27 @@ impl Raw {
     }
     fn kv_u32(&mut self, key: &str, v: u32) -> &mut Self {
         self.str(key).u32(4).u32(v)
+    }
+    /// strata's strided layout: the names of the strided tensors, and their strides.
+    fn names(&mut self, names: &[&str]) -> &mut Self {
+        self.str(STRIDED_NAMES_KEY)
+            .u32(9)
+            .u32(8)
+            .u64(names.len() as u64);
+        for n in names {
+            self.str(n);
+        }
+        self
+    }
+    fn strides(&mut self, strides: &[u64]) -> &mut Self {
+        self.str(STRIDED_STRIDES_KEY)
+            .u32(9)
+            .u32(10)
+            .u64(strides.len() as u64);
+        for &s in strides {
+            self.u64(s);
+        }
+        self
     }
     fn tensor(&mut self, name: &str, dims: &[u64], ty: u32, offset: u64) -> &mut Self {
         self.str(name).u32(dims.len() as u32);
@@ -542,4 +565,115 @@ fn sample_messages() {
     eprintln!("{}", r.parse());
     eprintln!("{}", Raw::header(1, 0, 0).parse());
     eprintln!("{}", Raw::header(3, 1 << 40, 0).parse());
+}
+
+/// strata's strided layout (`strata optimize`): each inconsistency named.
+#[test]
+fn hostile_strided_tables_are_refused_by_name() {
+    // Two tensors of 2 slices of 32 bytes ([8, 1, 2] f32), records of 64 bytes: valid.
+    let good = || {
+        let mut r = Raw::header(3, 2, 2);
+        r.names(&["g", "u"]).strides(&[64, 64]);
+        r.tensor("g.strided", &[8, 1, 2], 0, 0)
+            .tensor("u.strided", &[8, 1, 2], 0, 32);
+        r
+    };
+    let mut ok = good();
+    ok.data(128);
+    let f = GgufFile::from_bytes(&ok.0).expect("the valid table");
+    assert_eq!(f.tensor("u").and_then(|t| t.stride), Some(64));
+
+    // The data ends before the last record does.
+    let e = good().data(96).parse();
+    assert!(matches!(e, GgufError::TensorOutOfBounds { .. }), "{e}");
+
+    // A strided name the metadata does not list.
+    let mut r = Raw::header(3, 1, 2);
+    r.names(&["x"])
+        .strides(&[64])
+        .tensor("g.strided", &[8, 1, 2], 0, 0);
+    let e = r.data(128).parse();
+    says(&e, &["'g'", "not listed"]);
+
+    // Listed, but no such tensor (or only its plain namesake).
+    let mut r = Raw::header(3, 1, 2);
+    r.names(&["g"]).strides(&[64]).tensor("g", &[8, 1, 2], 0, 0);
+    says(&r.data(128).parse(), &["'g'", "no tensor 'g.strided'"]);
+
+    // A stride shorter than a slice, or off the alignment, or zero.
+    for (stride, needle) in [
+        (32, "more than the stride"),
+        (48, "multiple"),
+        (0, "positive"),
+    ] {
+        let mut r = Raw::header(3, 1, 2);
+        r.names(&["g"])
+            .strides(&[stride])
+            .tensor("g.strided", &[8, 2, 2], 0, 0);
+        says(&r.data(128).parse(), &["'g'", needle]);
+    }
+
+    // A stride near 2^64: its span overflows (2 slices), or is just its one slice.
+    let huge = u64::MAX / 32 * 32;
+    let mut r = Raw::header(3, 1, 2);
+    r.names(&["g"])
+        .strides(&[huge])
+        .tensor("g.strided", &[8, 1, 2], 0, 0);
+    assert!(matches!(
+        r.data(128).parse(),
+        GgufError::TensorOutOfBounds { .. }
+    ));
+    let mut r = Raw::header(3, 2, 2);
+    r.names(&["g", "u"]).strides(&[huge, huge]);
+    r.tensor("g.strided", &[8, 1, 1], 0, 0)
+        .tensor("u.strided", &[8, 1, 1], 0, 32);
+    r.data(64);
+    let f = GgufFile::from_bytes(&r.0).expect("one slice each");
+    assert_eq!(f.tensor("u").map(|t| t.span()), Some(32));
+
+    // A 1-D strided tensor.
+    let mut r = Raw::header(3, 1, 2);
+    r.names(&["g"])
+        .strides(&[64])
+        .tensor("g.strided", &[8], 0, 0);
+    says(&r.data(128).parse(), &["'g'", "1-D"]);
+
+    // Names and strides that do not pair up, or one without the other.
+    let mut r = Raw::header(3, 0, 2);
+    r.names(&["g", "u"]).strides(&[64]);
+    says(
+        &r.data(0).parse(),
+        &[STRIDED_STRIDES_KEY, "1 strides for 2 names"],
+    );
+    let mut r = Raw::header(3, 0, 1);
+    r.names(&["g"]);
+    says(&r.data(0).parse(), &[STRIDED_STRIDES_KEY, "missing"]);
+
+    // The same name twice.
+    let mut r = Raw::header(3, 0, 2);
+    r.names(&["g", "g"]).strides(&[64, 64]);
+    says(&r.data(0).parse(), &["'g'", "twice"]);
+
+    // Two group members whose slices overlap in a record.
+    let mut r = Raw::header(3, 2, 2);
+    r.names(&["g", "u"]).strides(&[64, 64]);
+    r.tensor("g.strided", &[8, 1, 2], 0, 0)
+        .tensor("u.strided", &[8, 2, 2], 0, 32);
+    let e = r.data(256).parse();
+    assert!(matches!(e, GgufError::TensorOverlap { .. }), "{e}");
+    says(&e, &["'u'", "overlaps tensor 'g'"]);
+
+    // A member that starts inside another's slice.
+    let mut r = Raw::header(3, 2, 2);
+    r.names(&["g", "u"]).strides(&[128, 128]);
+    r.tensor("g.strided", &[8, 2, 2], 0, 0)
+        .tensor("u.strided", &[8, 1, 2], 0, 32);
+    says(&r.data(256).parse(), &["'u'", "overlaps tensor 'g'"]);
+
+    // A plain tensor inside a group's records.
+    let mut r = Raw::header(3, 2, 2);
+    r.names(&["g"]).strides(&[64]);
+    r.tensor("g.strided", &[8, 1, 2], 0, 0)
+        .tensor("p", &[8], 0, 32);
+    says(&r.data(128).parse(), &["overlaps"]);
 }

@@ -228,6 +228,23 @@ fn weights_ram_mib(stderr: &str) -> f64 {
         .unwrap_or_else(|| panic!("no weights line in: {stderr}"))
 }
 
+/// `strata run` of 8 greedy tokens after "hello world", with `extra` flags.
+fn greedy8(model: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "run",
+        "-m",
+        model,
+        "-p",
+        "hello world",
+        "-n",
+        "8",
+        "--temp",
+        "0",
+    ];
+    args.extend_from_slice(extra);
+    strata(&args)
+}
+
 #[test]
 fn tensor_overrides_place_tensors_and_bad_ones_are_clean_errors() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -235,23 +252,7 @@ fn tensor_overrides_place_tensors_and_bad_ones_are_clean_errors() {
     let m = model.to_str().expect("path");
     let out = strata(&["gen", "--arch", "qwen3moe", "--preset", "tiny", "-o", m]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let run = |extra: &[&str]| {
-        let mut args = vec![
-            "run",
-            "-m",
-            m,
-            "-p",
-            "hello world",
-            "-n",
-            "8",
-            "--temp",
-            "0",
-            "--verbose",
-            "--no-display-prompt",
-        ];
-        args.extend_from_slice(extra);
-        strata(&args)
-    };
+    let run = |extra: &[&str]| greedy8(m, &[&["--verbose", "--no-display-prompt"], extra].concat());
     // Under a budget the experts are cached; pinning two layers' experts holds them in RAM.
     let base = run(&["--ram-budget", "60%"]);
     assert!(base.status.success(), "{}", text(&base.stderr));
@@ -298,19 +299,7 @@ fn optimize_lays_experts_out_for_one_read_and_runs_the_same() {
     let show = strata(&["show", &o]);
     assert!(text(&show.stdout).contains("laid out expert by expert"));
     let run = |model: &str, extra: &[&str]| {
-        let mut args = vec![
-            "run",
-            "-m",
-            model,
-            "-p",
-            "hello world",
-            "-n",
-            "8",
-            "--temp",
-            "0",
-        ];
-        args.extend_from_slice(extra);
-        let out = strata(&args);
+        let out = greedy8(model, extra);
         assert!(out.status.success(), "{extra:?}: {}", text(&out.stderr));
         text(&out.stdout)
     };

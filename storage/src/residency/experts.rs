@@ -1,6 +1,7 @@
 //! The expert cache: single experts of stacked MoE tensors (`[cols, rows, n_expert]`), each read
-//! from disk as one aligned request when first needed or when predicted, and kept under a byte
-//! budget. A slab in use (a handle holds it) is never evicted.
+//! from disk as one aligned request when first needed or when predicted (a slab per tensor, or
+//! one record for gate, up and down in an optimized file), and kept under a byte budget. A slab
+//! in use (a handle holds it) is never evicted.
 //!
 //! The forward pass tells the cache each layer's routing before it computes the layer
 //! ([`ExpertCache::route`]): the experts it will use are kept until used, and those absent are
@@ -28,7 +29,9 @@ use std::thread::JoinHandle;
 use crate::buf::AlignedBuf;
 use crate::io::{DIRECT_ALIGN, IoError, ReadReq, Reader};
 
-/// (tensor index, expert).
+/// (tensor index, expert): one slab, or in strata's strided layout (`strata optimize`) the
+/// record of an expert that holds its slabs of every tensor in the group, keyed by the group's
+/// first tensor.
 pub(super) type Key = (u32, u32);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

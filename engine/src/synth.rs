@@ -207,11 +207,16 @@ pub fn write(spec: &GenSpec, vocab: Vocab<'_>, w: impl Write) -> Result<u64, Eng
 pub fn write_file(spec: &GenSpec, vocab: Vocab<'_>, path: &Path) -> Result<u64, EngineError> {
     let file = std::fs::File::create(path)
         .map_err(|e| EngineError::Invalid(format!("{}: {e}", path.display())))?;
-    write(
+    let written = write(
         spec,
         vocab,
         std::io::BufWriter::with_capacity(8 << 20, file),
-    )
+    );
+    // A shape refused, or a write that failed, leaves no file behind.
+    if written.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    written
 }
 
 /// The whole model in memory (test-sized models).

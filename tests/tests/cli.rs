@@ -287,7 +287,18 @@ fn optimize_lays_experts_out_for_one_read_and_runs_the_same() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = |n: &str| dir.path().join(n).to_str().expect("path").to_owned();
     let (m, o) = (path("moe.gguf"), path("moe-opt.gguf"));
-    let out = strata(&["gen", "--arch", "olmoe", "-o", &m]);
+    // Q4_K gate and up with Q6_K down: records of mixed types.
+    let out = strata(&[
+        "gen",
+        "--arch",
+        "olmoe",
+        "--weight-type",
+        "q4_k_m",
+        "--expert-ff",
+        "512",
+        "-o",
+        &m,
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = strata(&["optimize", &m, "-o", &o]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -327,6 +338,14 @@ fn optimize_lays_experts_out_for_one_read_and_runs_the_same() {
     assert_clean_error(
         &strata(&["optimize", &path("absent.gguf"), "-o", &path("x.gguf")]),
         "absent.gguf",
+    );
+    assert_clean_error(
+        &strata(&["gen", "--weight-type", "q9", "-o", &path("x.gguf")]),
+        "not a ggml type",
+    );
+    assert_clean_error(
+        &strata(&["gen", "--expert-ff", "256", "-o", &path("x.gguf")]),
+        "has no experts",
     );
     assert!(!dir.path().join("x.gguf").exists());
 }

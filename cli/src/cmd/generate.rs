@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use strata_engine::model::Arch;
 use strata_engine::synth::{GenSpec, Vocab, write_file};
 use strata_storage::gguf::GgufFile;
+use strata_storage::quant::GgmlType;
 
 use super::common::resolve_model;
 
@@ -30,6 +31,13 @@ pub struct Args {
     /// Override the number of layers (to size a file).
     #[arg(long)]
     layers: Option<usize>,
+    /// Override each expert's hidden size (MoE architectures; smaller experts, smaller reads).
+    #[arg(long, value_name = "N")]
+    expert_ff: Option<usize>,
+    /// The matrices' quant type (q8_0, q4_k, ...; q4_k_m: q4_k with q6_k for the down and
+    /// value projections, as llama-quantize's Q4_K_M).
+    #[arg(long, value_name = "TYPE")]
+    weight_type: Option<String>,
 }
 
 pub fn exec(args: Args) -> anyhow::Result<()> {
@@ -50,6 +58,40 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
             anyhow::bail!("--layers must be between 1 and 1024");
         }
         spec.n_layer = l;
+    }
+    if let Some(ff) = args.expert_ff {
+        if spec.n_expert == 0 {
+            anyhow::bail!("--expert-ff: {} has no experts", args.arch);
+        }
+        if ff == 0 || ff > 1 << 16 {
+            anyhow::bail!("--expert-ff must be between 1 and 65536");
+        }
+        spec.n_ff_exp = ff;
+        // Mixtral (llama) and OLMoE size their experts with feed_forward_length.
+        if matches!(spec.arch, Arch::Llama | Arch::Olmoe) {
+            spec.n_ff = ff;
+        }
+    }
+    if let Some(t) = &args.weight_type {
+        let name = t.to_ascii_lowercase();
+        let find = |n: &str| {
+            GgmlType::ALL
+                .into_iter()
+                .find(|ty| ty.name().eq_ignore_ascii_case(n))
+        };
+        let (w, d) = match name.as_str() {
+            "q4_k_m" => (GgmlType::Q4K, GgmlType::Q6K),
+            n => {
+                let ty = find(n).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--weight-type {t:?}: not a ggml type (q8_0, q4_k, q4_k_m, ...)"
+                    )
+                })?;
+                (ty, ty)
+            }
+        };
+        spec.weight_type = w;
+        spec.down_type = d;
     }
     let vocab_file = match &args.vocab_from {
         Some(spec) => {

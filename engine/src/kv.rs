@@ -329,28 +329,38 @@ impl KvCache {
         Ok(())
     }
 
-    /// Layer `il`'s keys and values for attention over `n` positions.
-    pub(crate) fn view(&self, il: usize, n: usize) -> (Vec<&[u8]>, Vec<&[u8]>) {
+    /// Layer `il`'s keys and values for attention over `n` positions, into `k` and `v`
+    /// (cleared first).
+    pub(crate) fn view<'a>(
+        &'a self,
+        il: usize,
+        n: usize,
+        k: &mut Vec<&'a [u8]>,
+        v: &mut Vec<&'a [u8]>,
+    ) {
         let n_pages = n.div_ceil(PAGE_TOKENS);
-        let side = |si: usize| -> Vec<&[u8]> {
+        let side = |si: usize, out: &mut Vec<&'a [u8]>| {
             let s = &self.layers[il][si];
             let len = PAGE_TOKENS * s.row_bytes;
-            s.pages[..n_pages]
-                .iter()
-                .enumerate()
-                .map(|(pi, p)| match p {
-                    Page::Ram(b) => &b.as_slice()[..len],
-                    Page::Disk(_) => {
-                        let spill = self
-                            .spill
-                            .as_ref()
-                            .expect("a page on disk has a spill file");
-                        &spill.staged(il, si, pi)[..len]
-                    }
-                })
-                .collect()
+            out.clear();
+            out.extend(
+                s.pages[..n_pages]
+                    .iter()
+                    .enumerate()
+                    .map(|(pi, p)| match p {
+                        Page::Ram(b) => &b.as_slice()[..len],
+                        Page::Disk(_) => {
+                            let spill = self
+                                .spill
+                                .as_ref()
+                                .expect("a page on disk has a spill file");
+                            &spill.staged(il, si, pi)[..len]
+                        }
+                    }),
+            );
         };
-        (side(0), side(1))
+        side(0, k);
+        side(1, v);
     }
 
     /// Wraps [`KvCache::view`]'s pages for attention.

@@ -23,7 +23,8 @@ fn rows(cache: &mut KvCache) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     for il in 0..LAYERS {
         cache.prepare(il).unwrap();
-        let (k, v) = cache.view(il, n);
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        cache.view(il, n, &mut k, &mut v);
         for side in [k, v] {
             let mut all: Vec<u8> = side.iter().flat_map(|p| p.iter().copied()).collect();
             let rb = all.len() / (side.len() * PAGE_TOKENS);

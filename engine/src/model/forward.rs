@@ -100,6 +100,17 @@ struct Buffers {
     raw: Vec<u8>,
     /// An interleaved embedding tile and its rows, for the lookup.
     tile: Vec<u8>,
+    /// The KV pages of the layer attending (keys, values): kept empty between layers, only
+    /// for their allocation ([`recycle`]).
+    kpages: Vec<&'static [u8]>,
+    vpages: Vec<&'static [u8]>,
+}
+
+/// An empty list of slices of another lifetime in the same allocation (collecting in place
+/// reuses it), so that a layer's page list costs no allocation once warm.
+fn recycle<'b>(mut v: Vec<&[u8]>) -> Vec<&'b [u8]> {
+    v.clear();
+    v.into_iter().filter_map(|_| None).collect()
 }
 
 impl Context {
@@ -409,7 +420,10 @@ impl Model {
                 slot.kv
                     .store(il, slot.pos0, &buf.k[kr.clone()], &buf.v[kr])?;
                 slot.kv.prepare(il)?;
-                let (kpages, vpages) = slot.kv.view(il, slot.pos0 + slot.n);
+                let mut kpages = recycle(std::mem::take(&mut buf.kpages));
+                let mut vpages = recycle(std::mem::take(&mut buf.vpages));
+                slot.kv
+                    .view(il, slot.pos0 + slot.n, &mut kpages, &mut vpages);
                 attention_paged(
                     pool,
                     &params,
@@ -420,6 +434,8 @@ impl Model {
                     &slot.kv.pages(1, &vpages),
                     &mut buf.att[qr],
                 );
+                buf.kpages = recycle(kpages);
+                buf.vpages = recycle(vpages);
             }
             self.matmul(pool, mm, layer.o, &buf.att, n, &mut buf.xb)?;
             residual(

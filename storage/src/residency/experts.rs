@@ -126,6 +126,10 @@ struct State {
     guessing: usize,
     /// I/O threads reading routed slabs now: guesses wait until there are none.
     routing: usize,
+    /// [`ExpertCache::route`]'s sets of the keys and tensors routed, kept for their capacity
+    /// (a routing allocates nothing once warm).
+    routed: HashSet<Key>,
+    tensors: Vec<u32>,
     shutdown: bool,
 }
 
@@ -192,13 +196,14 @@ impl Shared {
 
     /// Drops the guesses still queued (stale once newer ones or the real routing come).
     fn drop_guesses(&self, st: &mut State) {
-        let (guesses, keep): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut st.queue)
-            .into_iter()
-            .partition(|j| j.3 == Why::Guess);
-        st.queue = keep;
-        for (k, _, _, _) in guesses {
-            st.loading.remove(&k);
-        }
+        let State { queue, loading, .. } = st;
+        queue.retain(|j| {
+            let stale = j.3 == Why::Guess;
+            if stale {
+                loading.remove(&j.0);
+            }
+            !stale
+        });
     }
 
     /// Reads `[start, start + len)` of the file into an aligned buffer (from the pool or new).
@@ -413,6 +418,8 @@ impl ExpertCache {
                 cycle: 0.0,
                 guessing: 0,
                 routing: 0,
+                routed: HashSet::new(),
+                tensors: Vec::new(),
                 shutdown: false,
             }),
             cv: Condvar::new(),
@@ -521,17 +528,28 @@ impl ExpertCache {
     pub(super) fn route(&self, keys: &[(Key, u64, usize)]) {
         let sh = &*self.shared;
         let mut st = sh.lock();
-        let routed: HashSet<Key> = keys.iter().map(|k| k.0).collect();
-        let tensors: HashSet<u32> = keys.iter().map(|k| k.0.0).collect();
+        let mut routed = std::mem::take(&mut st.routed);
+        let mut tensors = std::mem::take(&mut st.tensors);
+        routed.clear();
+        routed.extend(keys.iter().map(|k| k.0));
+        tensors.clear();
+        for k in keys {
+            if !tensors.contains(&k.0.0) {
+                tensors.push(k.0.0);
+            }
+        }
         // This pass's guesses not read yet leave the queue: the wrong ones for good, the right
         // ones to be read with the routed slabs below, in this pass's order (they count as
         // misses: they were not there in time).
-        let (stale, keep): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut st.queue)
-            .into_iter()
-            .partition(|j| j.3 == Why::Guess && tensors.contains(&j.0.0));
-        st.queue = keep;
-        for (k, _, _, _) in stale {
-            st.loading.remove(&k);
+        {
+            let State { queue, loading, .. } = &mut *st;
+            queue.retain(|j| {
+                let stale = j.3 == Why::Guess && tensors.contains(&j.0.0);
+                if stale {
+                    loading.remove(&j.0);
+                }
+                !stale
+            });
         }
         let tick = st.tick;
         for &t in &tensors {
@@ -567,6 +585,8 @@ impl ExpertCache {
                 st.queue.push_back((key, start, len, Why::Routed));
             }
         }
+        st.routed = routed;
+        st.tensors = tensors;
         sh.cv.notify_all();
     }
 

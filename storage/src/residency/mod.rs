@@ -338,6 +338,8 @@ pub struct Weights {
     places: Vec<Place>,
     /// Per tensor: its record, when strided.
     records: Vec<Option<Record>>,
+    /// The expert keys of a routing or a guess, kept for their capacity.
+    keys: std::sync::Mutex<Vec<(experts::Key, u64, usize)>>,
     backing: Backing,
     summary: ResidencyStats,
     hot_hits: AtomicU64,
@@ -482,6 +484,7 @@ impl Weights {
             return Ok(Self {
                 path: path.to_path_buf(),
                 records: records(&gguf),
+                keys: Default::default(),
                 gguf,
                 ids,
                 places,
@@ -624,6 +627,7 @@ impl Weights {
         Ok(Self {
             path: path.to_path_buf(),
             records: records(&gguf),
+            keys: Default::default(),
             gguf,
             ids,
             places: plan.places,
@@ -956,7 +960,8 @@ impl Weights {
             experts: Some(x), ..
         } = &self.backing
         {
-            let keys = self.expert_keys(ids, es)?;
+            let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+            self.expert_keys(ids, es, &mut keys)?;
             if !keys.is_empty() {
                 x.route(&keys);
             }
@@ -970,8 +975,9 @@ impl Weights {
         &self,
         ids: &[TensorId],
         es: &[usize],
-    ) -> Result<Vec<(experts::Key, u64, usize)>, ResidencyError> {
-        let mut keys: Vec<(experts::Key, u64, usize)> = Vec::with_capacity(ids.len() * es.len());
+        keys: &mut Vec<(experts::Key, u64, usize)>,
+    ) -> Result<(), ResidencyError> {
+        keys.clear();
         for &e in es {
             let this = keys.len();
             for &id in ids {
@@ -985,7 +991,7 @@ impl Weights {
                 }
             }
         }
-        Ok(keys)
+        Ok(())
     }
 
     /// Orders experts `es` of the stacked tensors `ids` so that those that can be had without
@@ -998,7 +1004,9 @@ impl Weights {
         else {
             return;
         };
-        let mut cold: Vec<u32> = ids
+        // The cache keys' tensors (a record's is its group's first; one repeated is only
+        // looked up again).
+        let cold = ids
             .iter()
             .filter(|id| matches!(self.places.get(id.index()), Some(Place::Cold)))
             .map(|id| {
@@ -1007,10 +1015,8 @@ impl Weights {
                     .copied()
                     .flatten()
                     .map_or(id.0, |r| r.first)
-            })
-            .collect();
-        cold.dedup();
-        x.sort_held_first(cold.iter().copied(), es);
+            });
+        x.sort_held_first(cold, es);
     }
 
     /// Empties the expert cache of every expert not in use, so that a measurement starts
@@ -1031,7 +1037,9 @@ impl Weights {
             experts: Some(x), ..
         } = &self.backing
         {
-            x.prefetch(&self.expert_keys(ids, es)?);
+            let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+            self.expert_keys(ids, es, &mut keys)?;
+            x.prefetch(&keys);
         }
         Ok(())
     }

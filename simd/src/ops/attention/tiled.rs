@@ -87,6 +87,11 @@ pub(super) unsafe fn block(
         let mut scratch = cell.borrow_mut();
         let Scratch { qt, s, kv, ot } = &mut *scratch;
         qt.resize(hd * LANES, 0.0);
+        // Grown 256 keys at a time (a KV cache page), so that decode allocates here only when
+        // the cache itself takes a new page.
+        if s.capacity() < nk * LANES {
+            s.reserve_exact(nk.next_multiple_of(256) * LANES - s.len());
+        }
         s.resize(nk * LANES, 0.0);
         kv.resize(KEY_TILE * hd, 0.0);
         ot.resize(hd * LANES, 0.0);

@@ -108,6 +108,10 @@ struct Buffers {
 
 /// An empty list of slices of another lifetime in the same allocation (collecting in place
 /// reuses it), so that a layer's page list costs no allocation once warm.
+#[expect(
+    clippy::unnecessary_filter_map,
+    reason = "it changes the element's lifetime, which filter cannot"
+)]
 fn recycle<'b>(mut v: Vec<&[u8]>) -> Vec<&'b [u8]> {
     v.clear();
     v.into_iter().filter_map(|_| None).collect()

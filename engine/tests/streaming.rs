@@ -268,4 +268,19 @@ fn optimized_experts_are_read_in_one_request_each_with_identical_logits() {
     }
     assert_eq!(uses[0], 3 * uses[2], "{uses:?}");
     assert_eq!((uses[0], uses[2]), (uses[1], uses[3]));
+    // One layer's gate experts pinned in RAM (`-ot`): the same logits, and its up and down
+    // still count one use per expert.
+    let len = std::fs::metadata(&fused).expect("size").len();
+    let pinned = LoadOptions {
+        overrides: strata_storage::residency::overrides::parse_overrides(
+            r"blk\.1\.ffn_gate_exps=RAM",
+        )
+        .expect("rule"),
+        ..opts(Some(len * 4 / 10), IoKind::Uring, None)
+    };
+    let m = Model::load_with(&fused, &pinned).expect("load pinned");
+    m.set_expert_prefetch(ExpertPrefetch::Off);
+    assert_eq!(run(&m), want, "one part pinned");
+    let s = m.weights().stats();
+    assert_eq!(s.expert_hits + s.expert_misses, uses[2], "{s:?}");
 }

@@ -128,6 +128,11 @@ pub fn attention_at(
                     *d = f16::from_f32(s).to_f32();
                 }
                 scores.clear();
+                // Grown 256 positions at a time (a KV cache page), as the tiled kernel's.
+                let n_keys = pos + 1 - start;
+                if scores.capacity() < n_keys {
+                    scores.reserve_exact(n_keys.next_multiple_of(256));
+                }
                 let mut max = f32::NEG_INFINITY;
                 for kp in start..=pos {
                     let mut s = if f16_kv {

@@ -276,27 +276,33 @@ pub struct ResidencyStats {
 
 /// A strided tensor's place in its group's records (strata's layout, `strata optimize`): the
 /// group's first tensor (whose index names the record in the expert cache), where this
-/// tensor's slice lies in a record, and how many bytes of a record hold slices.
+/// tensor's slice lies in a record, and how many bytes of a record hold slices. `counts`: this
+/// tensor's use of a record is the one counted in the cache's hits and misses (the first of
+/// the group that streams; the others are pinned by `-ot` or share the read).
 #[derive(Clone, Copy, Debug)]
 struct Record {
     first: u32,
     at: u64,
     len: u64,
+    counts: bool,
 }
 
 /// Where expert `e` of a stacked tensor is read from: the cache key, the file range read for
-/// it (the slab, or its whole record when strided) and where the slab lies in that range.
+/// it (the slab, or its whole record when strided), where the slab lies in that range, and
+/// whether its use is the one counted in hit rates.
 struct SlabLoc {
     key: experts::Key,
     start: u64,
     len: usize,
     at: usize,
     slab: usize,
+    counts: bool,
 }
 
 /// The records of every strided tensor (indexed as the tensor table), grouped as the parser
 /// checked them: same stride and slice count, first slices within one stride of the group's.
-fn records(gguf: &GgufFile) -> Vec<Option<Record>> {
+/// `cold`: whether a tensor streams through the expert cache.
+fn records(gguf: &GgufFile, cold: impl Fn(usize) -> bool) -> Vec<Option<Record>> {
     let mut out = vec![None; gguf.tensors.len()];
     let mut strided: Vec<(u64, u64, u64, usize)> = gguf
         .tensors
@@ -318,11 +324,14 @@ fn records(gguf: &GgufFile) -> Vec<Option<Record>> {
             len = len.max(off - base + gguf.tensors[i].slices().1);
             k += 1;
         }
+        // Sorted by offset within the group: the first that streams counts.
+        let counted = strided[g..k].iter().find(|m| cold(m.3)).map(|m| m.3);
         for &(_, _, off, i) in &strided[g..k] {
             out[i] = Some(Record {
                 first: first as u32,
                 at: off - base,
                 len,
+                counts: counted == Some(i),
             });
         }
         g = k;
@@ -483,7 +492,7 @@ impl Weights {
                 .collect();
             return Ok(Self {
                 path: path.to_path_buf(),
-                records: records(&gguf),
+                records: records(&gguf, |_| false),
                 keys: Default::default(),
                 gguf,
                 ids,
@@ -626,7 +635,7 @@ impl Weights {
         }
         Ok(Self {
             path: path.to_path_buf(),
-            records: records(&gguf),
+            records: records(&gguf, |i| matches!(plan.places.get(i), Some(Place::Cold))),
             keys: Default::default(),
             gguf,
             ids,
@@ -901,9 +910,9 @@ impl Weights {
             Place::Cold,
         ) = (&self.backing, self.place(id)?)
         {
-            // A record serves its group's tensors: its first slab's use is the one counted.
+            // A record serves its group's tensors: one use of it is counted.
             let (buf, skip) = x
-                .get(loc.key, loc.start, loc.len, loc.at == 0)
+                .get(loc.key, loc.start, loc.len, loc.counts)
                 .map_err(read_err)?;
             return Ok(TensorHandle {
                 // SAFETY: the cache read `loc.len` bytes at `skip` of `buf`, and the slab lies
@@ -1095,6 +1104,7 @@ impl Weights {
                     len: r.len as usize,
                     at: r.at as usize,
                     slab: slab as usize,
+                    counts: r.counts,
                 },
                 _ => SlabLoc {
                     key: (id.0, e as u32),
@@ -1102,6 +1112,7 @@ impl Weights {
                     len: slab as usize,
                     at: 0,
                     slab: slab as usize,
+                    counts: true,
                 },
             },
         )

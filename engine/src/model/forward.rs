@@ -744,7 +744,8 @@ impl Model {
                     data: h.0.bytes(),
                     rows: h.1.rows,
                     cols: h.1.cols,
-                    layout: Layout::Rows,
+                    // Interleaved when the experts are resident (a streamed slab never is).
+                    layout: h.1.layout,
                 }
             }
             matmul(pool, mat_ref(&hg), &buf.ex_x, m, &mut buf.g[..m * nff], mm)?;

@@ -305,6 +305,12 @@ impl Model {
                 for m in l.dense_mats_mut() {
                     interleave_mat(&mut weights, m)?;
                 }
+                // Resident experts too, slab by slab (streamed ones keep the file's layout).
+                if let Ffn::Moe(m) = &mut l.ffn {
+                    for x in [&mut m.gate, &mut m.up, &mut m.down] {
+                        interleave_experts(&mut weights, x)?;
+                    }
+                }
             }
             let tied = output.id == token_embd.id;
             interleave_mat(&mut weights, &mut output)?;
@@ -392,7 +398,8 @@ impl Model {
     }
 
     /// Weight bytes one decode step reads: every tensor once, except the embedding table of
-    /// which only one row is read (unless it doubles as the output projection).
+    /// which only one row is read (unless it doubles as the output projection), and stacked
+    /// experts, of which a token uses `n_expert_used` of `n_expert`.
     pub fn decode_bytes_per_token(&self) -> u64 {
         let tensors = &self.weights.gguf().tensors;
         let embd = self
@@ -400,7 +407,15 @@ impl Model {
             .info(self.token_embd.id)
             .map_or(0, |t| t.n_bytes);
         let tied = self.output.id == self.token_embd.id;
-        let all: u64 = tensors.iter().map(|t| t.n_bytes).sum();
+        let all: u64 = tensors
+            .iter()
+            .map(|t| match (self.config.moe, t.dims.as_slice()) {
+                (Some(mc), [_, _, n]) if *n as usize == mc.n_expert && mc.n_expert > 0 => {
+                    t.n_bytes / mc.n_expert as u64 * mc.n_expert_used as u64
+                }
+                _ => t.n_bytes,
+            })
+            .sum();
         if tied { all } else { all - embd }
     }
 
@@ -429,6 +444,32 @@ fn interleave_mat(weights: &mut Weights, m: &mut Mat) -> Result<(), EngineError>
     let (ty, rows, cols) = (m.ty, m.rows, m.cols);
     let done = weights.rewrite_resident(m.id, |bytes| {
         strata_simd::matmul::interleave(ty, bytes, rows, cols)
+    })?;
+    if done {
+        m.layout = Layout::Interleaved;
+    }
+    Ok(())
+}
+
+/// Interleaves each expert's slab of a resident stacked tensor in place, as
+/// [`interleave_mat`] does a matrix.
+fn interleave_experts(weights: &mut Weights, x: &mut Experts) -> Result<(), EngineError> {
+    let m = &mut x.mat;
+    if m.rows < INTERLEAVE_ROWS || !strata_simd::matmul::can_interleave(m.ty) {
+        return Ok(());
+    }
+    let (ty, rows, cols) = (m.ty, m.rows, m.cols);
+    let slab = ty.row_bytes(cols) * rows;
+    let done = weights.rewrite_resident(m.id, |bytes| {
+        if slab == 0 || bytes.len() != slab * x.n_expert {
+            return Ok::<_, strata_simd::matmul::SimdError>(false);
+        }
+        for s in bytes.chunks_exact_mut(slab) {
+            if !strata_simd::matmul::interleave(ty, s, rows, cols)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     })?;
     if done {
         m.layout = Layout::Interleaved;

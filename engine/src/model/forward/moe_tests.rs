@@ -48,7 +48,11 @@ fn check(spec: GenSpec) {
     crate::optimize::optimize(&path, &fused, &mut quiet).expect("optimize");
     // Resident experts are interleaved where the CPU has the kernels; strided ones keep the
     // file's layout.
-    check_file(&spec, &path, strata_simd::matmul::can_interleave(spec.weight_type));
+    check_file(
+        &spec,
+        &path,
+        strata_simd::matmul::can_interleave(spec.weight_type),
+    );
     check_file(&spec, &fused, false);
 }
 

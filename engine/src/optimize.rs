@@ -5,9 +5,10 @@
 //! as they are, and the weights are the same bytes: the model computes exactly what the
 //! original does.
 //!
-//! The rewrite streams: it holds one record and one copy buffer, so a file larger than RAM is
-//! rewritten in place of nothing. The output is written to a temporary file beside the target,
-//! synced, checked by parsing it back, and renamed only then.
+//! The rewrite streams: it holds one record and one copy buffer, so a file larger than RAM can
+//! be rewritten. The output is written to a temporary file beside the target (the store's
+//! `TempFile`: removed unless kept), checked by parsing it back, then synced and renamed into
+//! place.
 //!
 //! Other GGUF readers cannot read the result (a strided tensor's name carries a suffix, so
 //! llama.cpp stops at a missing tensor instead of reading wrong weights): keep the original.
@@ -15,11 +16,11 @@
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use strata_storage::gguf::{GgufBuilder, GgufFile, TensorInfo, record_layout};
 use strata_storage::io::DIRECT_ALIGN;
-use strata_storage::store::Progress;
+use strata_storage::store::{Progress, TempFile};
 
 use crate::EngineError;
 use crate::model::names::LayerTensor;
@@ -170,14 +171,22 @@ pub fn optimize(
     // One descriptor per tensor of a record, so that each keeps its own read-ahead.
     let srcs = [open()?, open()?, open()?];
     let src = &srcs[0];
-    let partial = partial_path(output);
-    let file =
-        File::create(&partial).map_err(|e| invalid(format!("{}: {e}", partial.display())))?;
+    // Beside the output, so that the rename into place is atomic; removed unless kept.
+    let dir = match output.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let stem = output
+        .file_name()
+        .map_or_else(|| "model".into(), |n| format!(".{}", n.to_string_lossy()));
+    let store_err = |e: strata_storage::store::StoreError| invalid(e.to_string());
+    let mut tmp = TempFile::create(dir, &stem).map_err(store_err)?;
     let total: u64 = g.tensors.iter().map(|t| t.n_bytes).sum();
     progress.start("optimizing", Some(total));
     let mut buf = vec![0u8; 8 << 20];
     let mut next = 0usize;
-    let written = b.write_with(BufWriter::with_capacity(8 << 20, &file), |_, out| {
+    let file = tmp.file().map_err(store_err)?;
+    let written = b.write_with(BufWriter::with_capacity(8 << 20, file), |_, out| {
         let item = items
             .get(next)
             .ok_or_else(|| std::io::Error::other("more tensors written than declared"))?;
@@ -206,36 +215,21 @@ pub fn optimize(
         }
         Ok(())
     });
-    let done = written.and_then(|n| {
-        file.sync_all()?;
-        Ok(n)
-    });
     progress.finish();
-    let cleanup = |e: String| {
-        let _ = std::fs::remove_file(&partial);
-        invalid(e)
-    };
-    let bytes_written = done.map_err(|e| cleanup(format!("writing {}: {e}", partial.display())))?;
+    let bytes_written =
+        written.map_err(|e| invalid(format!("writing {}: {e}", tmp.path().display())))?;
     // The result must read back as a valid file with the same tensors.
-    match GgufFile::open(&partial) {
+    match GgufFile::open(tmp.path()) {
         Ok(o) if o.tensors.len() == g.tensors.len() => {}
-        Ok(_) => return Err(cleanup("the rewritten file lost tensors".into())),
-        Err(e) => return Err(cleanup(format!("the rewritten file does not parse: {e}"))),
+        Ok(_) => return Err(invalid("the rewritten file lost tensors".into())),
+        Err(e) => return Err(invalid(format!("the rewritten file does not parse: {e}"))),
     }
-    std::fs::rename(&partial, output).map_err(|e| cleanup(format!("{}: {e}", output.display())))?;
+    tmp.persist(output).map_err(store_err)?;
     Ok(Optimized {
         layers: groups.len(),
         record_bytes,
         bytes_written,
     })
-}
-
-/// Where the output is written before it is complete: beside it, so the rename is atomic.
-fn partial_path(output: &Path) -> PathBuf {
-    let name = output
-        .file_name()
-        .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
-    output.with_file_name(format!(".{name}.partial"))
 }
 
 /// Copies `len` bytes at `at` of `src` to `out` through `buf`.

@@ -17,16 +17,17 @@ use super::progress::{Progress, Transfer};
 /// progress moves smoothly.
 const CHUNK: usize = 1 << 20;
 
-/// A file under the store's `tmp/` that is deleted when dropped unless [`TempFile::persist`]
-/// moved it into place. This is what guarantees a failed pull leaves nothing behind.
-pub(crate) struct TempFile {
+/// A file under the store's `tmp/` (or beside any file being written, as `strata optimize`
+/// does) that is deleted when dropped unless [`TempFile::persist`] moved it into place. This
+/// is what guarantees a failed pull leaves nothing behind.
+pub struct TempFile {
     path: PathBuf,
     file: Option<File>,
 }
 
 impl TempFile {
     /// Creates a fresh, empty temp file in `dir` whose name starts with `stem`.
-    pub(crate) fn create(dir: &Path, stem: &str) -> Result<TempFile> {
+    pub fn create(dir: &Path, stem: &str) -> Result<TempFile> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         fs::create_dir_all(dir).io("create directory", dir)?;
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -53,12 +54,12 @@ impl TempFile {
         Ok(t)
     }
 
-    pub(crate) fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         &self.path
     }
 
     /// The open handle; `None` only after `persist`, which consumes `self`.
-    pub(crate) fn file(&mut self) -> Result<&mut File> {
+    pub fn file(&mut self) -> Result<&mut File> {
         let path = &self.path;
         self.file.as_mut().ok_or_else(|| StoreError::Io {
             op: "use",
@@ -69,7 +70,7 @@ impl TempFile {
 
     /// Flushes the data to disk and renames the file to `dest`, then syncs `dest`'s directory so
     /// the rename itself survives a crash.
-    pub(crate) fn persist(mut self, dest: &Path) -> Result<()> {
+    pub fn persist(mut self, dest: &Path) -> Result<()> {
         if let Some(f) = self.file.take() {
             f.sync_all().io("sync", &self.path)?;
         }

@@ -28,12 +28,12 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 pub use error::{Result, StoreError};
-pub use files::{Manifest, format_utc};
+pub use files::{Manifest, TempFile, format_utc};
 pub use progress::{NoProgress, Progress};
 pub use spec::validate_name;
 
 use error::IoContext;
-use files::{NameLock, TempFile, hash_file};
+use files::{NameLock, hash_file};
 use registry::BuiltinModel;
 use spec::{Spec, name_from_file_name, name_from_url, parse_sha256};
 

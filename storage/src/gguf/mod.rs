@@ -113,6 +113,33 @@ impl TensorInfo {
     }
 }
 
+/// The strided tensors of `tensors` in the groups that share records: the same stride and
+/// slice count, and first slices less than one stride after the group's first. Each group is
+/// a list of indices into `tensors` in offset order, its base first. The parser checks each
+/// group's slices against each other; residency reads a group's records whole.
+pub(crate) fn strided_groups(tensors: &[TensorInfo]) -> Vec<Vec<usize>> {
+    let mut strided: Vec<(u64, u64, u64, usize)> = tensors
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| Some((t.stride?, t.slices().0, t.offset, i)))
+        .collect();
+    strided.sort_unstable();
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut base: Option<(u64, u64, u64)> = None;
+    for (stride, n, off, i) in strided {
+        match (base, groups.last_mut()) {
+            (Some((s, m, b)), Some(g)) if s == stride && m == n && off < b.saturating_add(s) => {
+                g.push(i);
+            }
+            _ => {
+                base = Some((stride, n, off));
+                groups.push(vec![i]);
+            }
+        }
+    }
+    groups
+}
+
 impl GgufFile {
     /// Reads the header and tensor table of the file at `path` through a buffered reader; the
     /// tensor data is never read.

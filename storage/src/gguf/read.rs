@@ -722,7 +722,8 @@ fn check_tensor_bounds(
     file_size: u64,
 ) -> Result<(), GgufError> {
     let mut ranges = Vec::with_capacity(tensors.len());
-    let mut strided = Vec::new();
+    // Each strided tensor's first and last byte, checked with its group below.
+    let mut spans = vec![(0u64, 0u64); tensors.len()];
     for (i, t) in tensors.iter().enumerate() {
         let start = data_offset.checked_add(t.offset);
         let span = match t.stride {
@@ -736,7 +737,7 @@ fn check_tensor_bounds(
         match (start, end) {
             (Some(start), Some(end)) if end <= file_size => {
                 if t.stride.is_some() {
-                    strided.push((start, end, i));
+                    spans[i] = (start, end);
                 } else {
                     ranges.push((start, end, i));
                 }
@@ -752,54 +753,40 @@ fn check_tensor_bounds(
             }
         }
     }
-    // Strided groups: by stride, slice count and start.
-    let key = |&(start, _, i): &(u64, u64, usize)| {
-        let t = &tensors[i];
-        (t.stride, t.slices().0, start)
-    };
-    strided.sort_unstable_by_key(key);
-    let mut g = 0;
-    while g < strided.len() {
-        let (base, mut end, first) = strided[g];
-        let (stride, n, _) = key(&strided[g]);
-        let stride = stride.unwrap_or(0);
-        let mut prev = (base, base + tensors[first].slices().1, first);
-        let mut k = g + 1;
-        while k < strided.len() {
-            let (start, e, i) = strided[k];
-            let (s, m, _) = key(&strided[k]);
-            // The stride comes from the file: a huge one must not overflow.
-            let record_end = base.saturating_add(stride);
-            if s != Some(stride) || m != n || start >= record_end {
-                break;
-            }
+    for group in super::strided_groups(tensors) {
+        let first = group[0];
+        let (base, _) = spans[first];
+        // The stride comes from the file: a huge one must not overflow.
+        let record_end = base.saturating_add(tensors[first].stride.unwrap_or(0));
+        let mut end = base;
+        let mut prev: Option<(u64, u64, usize)> = None;
+        for &i in &group {
+            let (start, span_end) = spans[i];
             let slice_end = start + tensors[i].slices().1;
-            if start < prev.1 || slice_end > record_end {
-                let (o_start, o_end, o) = if start < prev.1 {
-                    prev
-                } else {
-                    (
-                        record_end,
-                        record_end.saturating_add(tensors[first].slices().1),
-                        first,
-                    )
-                };
+            let clash = match prev {
+                Some(p) if start < p.1 => Some(p),
+                _ if slice_end > record_end => Some((
+                    record_end,
+                    record_end.saturating_add(tensors[first].slices().1),
+                    first,
+                )),
+                _ => None,
+            };
+            if let Some((other_start, other_end, o)) = clash {
                 return Err(GgufError::TensorOverlap {
                     tensor: tensors[i].name.clone(),
                     offset: entry_offsets[i],
                     start,
                     end: slice_end,
                     other: tensors[o].name.clone(),
-                    other_start: o_start,
-                    other_end: o_end,
+                    other_start,
+                    other_end,
                 });
             }
-            end = end.max(e);
-            prev = (start, slice_end, i);
-            k += 1;
+            end = end.max(span_end);
+            prev = Some((start, slice_end, i));
         }
         ranges.push((base, end, first));
-        g = k;
     }
     ranges.sort_unstable();
     for w in ranges.windows(2) {

@@ -299,42 +299,30 @@ struct SlabLoc {
     counts: bool,
 }
 
-/// The records of every strided tensor (indexed as the tensor table), grouped as the parser
-/// checked them: same stride and slice count, first slices within one stride of the group's.
-/// `cold`: whether a tensor streams through the expert cache.
+/// The records of every strided tensor (indexed as the tensor table), in the groups the parser
+/// checked ([`crate::gguf::strided_groups`]). `cold`: whether a tensor streams through the
+/// expert cache.
 fn records(gguf: &GgufFile, cold: impl Fn(usize) -> bool) -> Vec<Option<Record>> {
     let mut out = vec![None; gguf.tensors.len()];
-    let mut strided: Vec<(u64, u64, u64, usize)> = gguf
-        .tensors
-        .iter()
-        .enumerate()
-        .filter_map(|(i, t)| Some((t.stride?, t.slices().0, t.offset, i)))
-        .collect();
-    strided.sort_unstable();
-    let mut g = 0;
-    while g < strided.len() {
-        let (stride, n, base, first) = strided[g];
-        let mut k = g;
-        let mut len = 0;
-        while k < strided.len() {
-            let (s, m, off, i) = strided[k];
-            if s != stride || m != n || off >= base.saturating_add(stride) {
-                break;
-            }
-            len = len.max(off - base + gguf.tensors[i].slices().1);
-            k += 1;
-        }
-        // Sorted by offset within the group: the first that streams counts.
-        let counted = strided[g..k].iter().find(|m| cold(m.3)).map(|m| m.3);
-        for &(_, _, off, i) in &strided[g..k] {
+    for group in crate::gguf::strided_groups(&gguf.tensors) {
+        let first = group[0];
+        let base = gguf.tensors[first].offset;
+        let at = |i: usize| gguf.tensors[i].offset - base;
+        let len = group
+            .iter()
+            .map(|&i| at(i) + gguf.tensors[i].slices().1)
+            .max()
+            .unwrap_or(0);
+        // In offset order: the first that streams counts.
+        let counted = group.iter().copied().find(|&i| cold(i));
+        for &i in &group {
             out[i] = Some(Record {
                 first: first as u32,
-                at: off - base,
+                at: at(i),
                 len,
                 counts: counted == Some(i),
             });
         }
-        g = k;
     }
     out
 }

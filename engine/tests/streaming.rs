@@ -179,15 +179,22 @@ fn a_truncated_file_is_caught_at_load() {
     }
 }
 
-#[test]
-fn streamed_experts_give_identical_logits_and_are_predicted() {
+/// A tiny qwen3moe of 16 experts and `n_layer` layers, written to a file: its directory, path
+/// and bytes.
+fn moe_file(n_layer: usize) -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
     let mut spec = GenSpec::tiny(Arch::Qwen3Moe);
     spec.n_expert = 16;
-    spec.n_layer = 6;
+    spec.n_layer = n_layer;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("moe.gguf");
     let bytes = to_bytes(&spec, Vocab::Bytes).expect("generate");
     std::fs::write(&path, &bytes).expect("write");
+    (dir, path, bytes)
+}
+
+#[test]
+fn streamed_experts_give_identical_logits_and_are_predicted() {
+    let (_dir, path, bytes) = moe_file(6);
     let want = run(&Model::load_with(&path, &opts(None, IoKind::Uring, None)).expect("load"));
     let m = Model::load_with(
         &path,
@@ -224,13 +231,7 @@ fn streamed_experts_give_identical_logits_and_are_predicted() {
 
 #[test]
 fn optimized_experts_are_read_in_one_request_each_with_identical_logits() {
-    let mut spec = GenSpec::tiny(Arch::Qwen3Moe);
-    spec.n_expert = 16;
-    spec.n_layer = 4;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("moe.gguf");
-    let bytes = to_bytes(&spec, Vocab::Bytes).expect("generate");
-    std::fs::write(&path, &bytes).expect("write");
+    let (dir, path, _) = moe_file(4);
     let fused = dir.path().join("moe-optimized.gguf");
     let done =
         strata_engine::optimize::optimize(&path, &fused, &mut strata_storage::store::NoProgress)

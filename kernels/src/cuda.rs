@@ -1,0 +1,298 @@
+//! A GPU through the CUDA driver (cudarc, loaded at run time). The driver library is probed
+//! before any call, since cudarc panics on the first call where it is missing. Kernels come
+//! from the embedded PTX ([`crate::ptx`]), JIT-compiled by the driver for this GPU on first use
+//! and cached per device.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use cudarc::driver::{CudaContext, CudaModule, result, sys};
+use cudarc::nvrtc::Ptx;
+
+use crate::device::{Arg, DeviceInfo, KernelError, LaunchConfig, TransferStats};
+use crate::{Backend, ptx};
+
+pub(crate) fn driver_present() -> bool {
+    // SAFETY: only tries to open the library; makes no driver call.
+    unsafe { sys::is_culib_present() }
+}
+
+fn err(op: &'static str) -> impl Fn(result::DriverError) -> KernelError {
+    move |e| KernelError::Driver {
+        op,
+        msg: format!("{e:?}"),
+    }
+}
+
+/// A kernel handle (valid while its device lives: the device keeps its module loaded).
+#[derive(Clone, Copy, Debug)]
+pub struct Function(sys::CUfunction);
+// SAFETY: a CUfunction is an opaque handle the driver allows on any thread of its context.
+unsafe impl Send for Function {}
+// SAFETY: as above.
+unsafe impl Sync for Function {}
+
+pub(crate) struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    info: DeviceInfo,
+    modules: Mutex<Modules>,
+    h2d: AtomicU64,
+    d2h: AtomicU64,
+    launches: AtomicU64,
+}
+
+#[derive(Default)]
+struct Modules {
+    loaded: HashMap<&'static str, Arc<CudaModule>>,
+    functions: HashMap<String, Function>,
+}
+
+impl CudaDevice {
+    pub(crate) fn new(ordinal: usize) -> Result<CudaDevice, KernelError> {
+        if !driver_present() {
+            return Err(KernelError::NoDriver);
+        }
+        let ctx = CudaContext::new(ordinal).map_err(err("context"))?;
+        let (major, minor) = ctx.compute_capability().map_err(err("device attributes"))?;
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(err("device attributes"))?;
+        let info = DeviceInfo {
+            name: ctx.name().map_err(err("device name"))?,
+            backend: Backend::Cuda,
+            compute_capability: (major.max(0) as u32, minor.max(0) as u32),
+            total_memory: ctx.total_mem().map_err(err("device memory"))?,
+            multiprocessors: sms.max(0) as u32,
+        };
+        Ok(CudaDevice {
+            ctx,
+            info,
+            modules: Mutex::new(Modules::default()),
+            h2d: AtomicU64::new(0),
+            d2h: AtomicU64::new(0),
+            launches: AtomicU64::new(0),
+        })
+    }
+
+    fn bind(&self) -> Result<(), KernelError> {
+        self.ctx.bind_to_thread().map_err(err("bind context"))
+    }
+
+    pub(crate) fn info(&self) -> DeviceInfo {
+        self.info.clone()
+    }
+
+    pub(crate) fn memory(&self) -> Result<(usize, usize), KernelError> {
+        self.ctx.mem_get_info().map_err(err("memory info"))
+    }
+
+    pub(crate) fn stats(&self) -> TransferStats {
+        TransferStats {
+            h2d_bytes: self.h2d.load(Ordering::Relaxed),
+            d2h_bytes: self.d2h.load(Ordering::Relaxed),
+            launches: self.launches.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn alloc(&self, bytes: usize) -> Result<u64, KernelError> {
+        self.bind()?;
+        // SAFETY: a plain allocation in the bound context.
+        unsafe { result::malloc_sync(bytes.max(1)) }.map_err(|e| match e.0 {
+            sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY => {
+                let (free, total) = self.memory().unwrap_or((0, self.info.total_memory));
+                KernelError::OutOfMemory {
+                    device: self.info.name.clone(),
+                    requested: bytes,
+                    free,
+                    total,
+                }
+            }
+            _ => err("allocate")(e),
+        })
+    }
+
+    pub(crate) fn free(&self, ptr: u64) {
+        if self.bind().is_ok() {
+            // SAFETY: `ptr` came from `alloc` and is freed once (DeviceBuffer's drop).
+            let _ = unsafe { result::free_sync(ptr) };
+        }
+    }
+
+    pub(crate) fn alloc_host(&self, bytes: usize) -> Result<*mut u8, KernelError> {
+        self.bind()?;
+        // SAFETY: page-locked, cached (flags 0: not write-combined) host memory.
+        let p =
+            unsafe { result::malloc_host(bytes.max(1), 0) }.map_err(err("pinned allocation"))?;
+        // Zeroed, so that it is initialised memory for `HostBuffer::as_slice`.
+        // SAFETY: p points to `bytes` writable bytes just allocated.
+        unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0, bytes) };
+        Ok(p.cast())
+    }
+
+    pub(crate) fn free_host(&self, p: *mut u8) {
+        if self.bind().is_ok() {
+            // SAFETY: `p` came from `alloc_host` and is freed once.
+            let _ = unsafe { result::free_host(p.cast()) };
+        }
+    }
+
+    pub(crate) fn stream(self: &Arc<Self>) -> Result<CudaStream, KernelError> {
+        self.bind()?;
+        let s = self.ctx.new_stream().map_err(err("create stream"))?;
+        Ok(CudaStream {
+            dev: Arc::clone(self),
+            s,
+        })
+    }
+
+    pub(crate) fn kernel(&self, name: &str) -> Result<Function, KernelError> {
+        let mut m = self.modules.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(f) = m.functions.get(name) {
+            return Ok(*f);
+        }
+        let Some(module) = ptx::module_of(name) else {
+            return Err(KernelError::UnknownKernel(name.to_string()));
+        };
+        let loaded = match m.loaded.get(module.name) {
+            Some(l) => Arc::clone(l),
+            None => {
+                self.bind()?;
+                let l = self
+                    .ctx
+                    .load_module(Ptx::from_src(module.ptx))
+                    .map_err(|e| KernelError::Driver {
+                        op: "load module (JIT of the embedded PTX)",
+                        msg: format!(
+                            "{}: {e:?} (the PTX is ISA {}: the driver must support CUDA {} or later)",
+                            module.name,
+                            ptx::PTX_ISA,
+                            ptx::CUDA_VERSION
+                        ),
+                    })?;
+                m.loaded.insert(module.name, Arc::clone(&l));
+                l
+            }
+        };
+        let f = loaded.load_function(name).map_err(err("load function"))?;
+        let f = Function(f.cu_function());
+        m.functions.insert(name.to_string(), f);
+        Ok(f)
+    }
+}
+
+pub(crate) struct CudaStream {
+    dev: Arc<CudaDevice>,
+    s: Arc<cudarc::driver::CudaStream>,
+}
+
+pub(crate) struct CudaEvent(cudarc::driver::CudaEvent);
+
+impl CudaEvent {
+    pub(crate) fn synchronize(&self) -> Result<(), KernelError> {
+        self.0.synchronize().map_err(err("event synchronize"))
+    }
+
+    pub(crate) fn is_done(&self) -> Result<bool, KernelError> {
+        self.0.try_is_complete().map_err(err("event query"))
+    }
+
+    pub(crate) fn elapsed_ms(&self, end: &CudaEvent) -> Result<f32, KernelError> {
+        self.0.elapsed_ms(&end.0).map_err(err("event elapsed time"))
+    }
+}
+
+impl CudaStream {
+    fn raw(&self) -> sys::CUstream {
+        self.s.cu_stream()
+    }
+
+    pub(crate) fn launch(
+        &self,
+        f: Function,
+        cfg: LaunchConfig,
+        args: &[Arg],
+    ) -> Result<(), KernelError> {
+        self.dev.bind()?;
+        let mut slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
+        let mut params: Vec<*mut std::ffi::c_void> = slots
+            .iter_mut()
+            .map(|s| std::ptr::from_mut(s).cast())
+            .collect();
+        self.dev.launches.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: `f` is a function of a module this device keeps loaded; each parameter slot
+        // holds the argument's value in its first bytes (little-endian) and the driver copies
+        // them before returning.
+        unsafe { result::launch_kernel(f.0, cfg.grid, cfg.block, 0, self.raw(), &mut params) }
+            .map_err(err("launch"))
+    }
+
+    pub(crate) fn upload(&self, dst: u64, src: &[u8]) -> Result<(), KernelError> {
+        self.dev.bind()?;
+        self.dev.h2d.fetch_add(src.len() as u64, Ordering::Relaxed);
+        // SAFETY: dst..dst+len is a checked range of a live device buffer; from pageable memory
+        // the driver stages the source before returning, so it may be reused at once.
+        unsafe { result::memcpy_htod_async(dst, src, self.raw()) }.map_err(err("copy to device"))
+    }
+
+    /// # Safety
+    ///
+    /// `src..src+len` (pinned) must stay valid and unmodified until the copy completes.
+    pub(crate) unsafe fn upload_async(
+        &self,
+        dst: u64,
+        src: *const u8,
+        len: usize,
+    ) -> Result<(), KernelError> {
+        self.dev.bind()?;
+        self.dev.h2d.fetch_add(len as u64, Ordering::Relaxed);
+        // SAFETY: the caller keeps the source alive; the range was checked.
+        let s = unsafe { std::slice::from_raw_parts(src, len) };
+        // SAFETY: as above.
+        unsafe { result::memcpy_htod_async(dst, s, self.raw()) }.map_err(err("copy to device"))
+    }
+
+    pub(crate) fn download(&self, src: u64, dst: &mut [u8]) -> Result<(), KernelError> {
+        self.dev.bind()?;
+        self.dev.d2h.fetch_add(dst.len() as u64, Ordering::Relaxed);
+        // SAFETY: a checked range of a live buffer; `dst` outlives the copy because the stream
+        // is synchronized before returning.
+        unsafe { result::memcpy_dtoh_async(dst, src, self.raw()) }.map_err(err("copy to host"))?;
+        self.synchronize()
+    }
+
+    pub(crate) fn copy(&self, dst: u64, src: u64, len: usize) -> Result<(), KernelError> {
+        self.dev.bind()?;
+        // SAFETY: both ranges were checked against live buffers.
+        unsafe { result::memcpy_dtod_async(dst, src, len, self.raw()) }.map_err(err("device copy"))
+    }
+
+    pub(crate) fn memset(&self, dst: u64, len: usize, value: u8) -> Result<(), KernelError> {
+        self.dev.bind()?;
+        // SAFETY: a checked range of a live buffer.
+        unsafe { result::memset_d8_async(dst, value, len, self.raw()) }.map_err(err("memset"))
+    }
+
+    pub(crate) fn record(&self) -> Result<CudaEvent, KernelError> {
+        self.dev.bind()?;
+        let e = self.s.record_event(None).map_err(err("record event"))?;
+        Ok(CudaEvent(e))
+    }
+
+    pub(crate) fn record_timed(&self) -> Result<CudaEvent, KernelError> {
+        self.dev.bind()?;
+        let e = self
+            .s
+            .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(err("record event"))?;
+        Ok(CudaEvent(e))
+    }
+
+    pub(crate) fn wait(&self, e: &CudaEvent) -> Result<(), KernelError> {
+        self.s.wait(&e.0).map_err(err("wait event"))
+    }
+
+    pub(crate) fn synchronize(&self) -> Result<(), KernelError> {
+        self.s.synchronize().map_err(err("synchronize"))
+    }
+}

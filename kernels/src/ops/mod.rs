@@ -1,0 +1,31 @@
+//! Typed launchers, one module per kernel file. Each checks its arguments' sizes against the
+//! buffers before anything is queued, so a wrong shape is an error here, not an out-of-bounds
+//! access on the device.
+
+pub mod norm;
+
+use crate::device::{DeviceBuffer, KernelError};
+
+/// Checks that `buf` holds at least `elems` values of `size` bytes (`what` names it).
+pub(crate) fn need(
+    buf: &DeviceBuffer,
+    elems: usize,
+    size: usize,
+    what: &str,
+) -> Result<(), KernelError> {
+    let bytes = elems
+        .checked_mul(size)
+        .ok_or_else(|| KernelError::Invalid(format!("{what}: {elems} elements overflow")))?;
+    if buf.len() < bytes {
+        return Err(KernelError::Invalid(format!(
+            "{what}: needs {bytes} bytes, the buffer has {}",
+            buf.len()
+        )));
+    }
+    Ok(())
+}
+
+/// A dimension as the kernels take it (`int`).
+pub(crate) fn dim(v: usize, what: &str) -> Result<i32, KernelError> {
+    i32::try_from(v).map_err(|_| KernelError::Invalid(format!("{what} = {v} is too large")))
+}

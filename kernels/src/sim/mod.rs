@@ -1,0 +1,413 @@
+//! The simulated GPU: kernels run by the simulator (`kernels/sim/`), device memory in an
+//! [`arena::Arena`], each stream a thread that runs its queue in order, copies slowed to a
+//! modelled link speed so that work that forgets to wait for a copy reads stale memory.
+
+mod arena;
+mod ffi;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use arena::Arena;
+
+use crate::device::{DeviceInfo, KernelError, LaunchConfig, SimConfig, TransferStats};
+use crate::{Arg, Backend};
+
+pub(crate) fn available() -> bool {
+    ffi::AVAILABLE
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+pub(crate) struct SimDevice {
+    config: SimConfig,
+    arena: Mutex<Arena>,
+    kernels: HashMap<String, u32>,
+    launches: AtomicU64,
+    h2d: AtomicU64,
+    d2h: AtomicU64,
+}
+
+impl SimDevice {
+    pub(crate) fn new(config: SimConfig) -> Result<SimDevice, KernelError> {
+        if !ffi::AVAILABLE {
+            return Err(KernelError::NoSimulator);
+        }
+        let arena = Arena::new(config.memory as u64)?;
+        ffi::register_arena(arena.base(), arena.size(), arena.shadow());
+        Ok(SimDevice {
+            config,
+            arena: Mutex::new(arena),
+            kernels: ffi::kernels(),
+            launches: AtomicU64::new(0),
+            h2d: AtomicU64::new(0),
+            d2h: AtomicU64::new(0),
+        })
+    }
+
+    pub(crate) fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            name: "strata GPU simulator".into(),
+            backend: Backend::Sim,
+            compute_capability: (9, 0),
+            total_memory: self.config.memory,
+            multiprocessors: 1,
+        }
+    }
+
+    pub(crate) fn memory(&self) -> (usize, usize) {
+        lock(&self.arena).memory()
+    }
+
+    pub(crate) fn stats(&self) -> TransferStats {
+        TransferStats {
+            h2d_bytes: self.h2d.load(Ordering::Relaxed),
+            d2h_bytes: self.d2h.load(Ordering::Relaxed),
+            launches: self.launches.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn alloc(&self, bytes: usize) -> Result<u64, KernelError> {
+        lock(&self.arena).alloc(bytes as u64, "the simulated GPU")
+    }
+
+    pub(crate) fn free(&self, ptr: u64, _len: usize) {
+        lock(&self.arena).free(ptr);
+    }
+
+    pub(crate) fn kernel(&self, name: &str) -> Result<u32, KernelError> {
+        self.kernels
+            .get(name)
+            .copied()
+            .ok_or_else(|| KernelError::UnknownKernel(name.to_string()))
+    }
+
+    pub(crate) fn stream(self: &Arc<Self>) -> Result<SimStream, KernelError> {
+        let (tx, rx) = channel();
+        let shared = Arc::new(Shared::default());
+        let dev = Arc::clone(self);
+        let sh = Arc::clone(&shared);
+        let handle = std::thread::Builder::new()
+            .name("strata-sim-stream".into())
+            .spawn(move || run_stream(&dev, &sh, &rx))
+            .map_err(|e| KernelError::Invalid(format!("cannot start a stream thread: {e}")))?;
+        Ok(SimStream {
+            dev: Arc::clone(self),
+            tx,
+            shared,
+            handle: Some(handle),
+        })
+    }
+
+    fn link_delay(&self, bytes: usize) {
+        if let Some(bps) = self.config.link_bytes_per_sec
+            && bps > 0.0
+        {
+            std::thread::sleep(Duration::from_secs_f64(bytes as f64 / bps));
+        }
+    }
+}
+
+impl Drop for SimDevice {
+    fn drop(&mut self) {
+        ffi::unregister_arena(lock(&self.arena).base());
+    }
+}
+
+/// A raw pointer moved to a stream thread (the caller of the unsafe copy promised liveness).
+struct SendPtr(*mut u8);
+// SAFETY: the pointee is plain bytes that the enqueuing caller keeps alive until the copy is
+// done (the `unsafe` contract of `Stream::upload_async` and the synchronous waits of downloads).
+unsafe impl Send for SendPtr {}
+
+enum Op {
+    Launch {
+        kernel: u32,
+        cfg: LaunchConfig,
+        args: Vec<u64>,
+        seed: u64,
+    },
+    Upload {
+        dst: u64,
+        data: Vec<u8>,
+    },
+    UploadRaw {
+        dst: u64,
+        src: SendPtr,
+        len: usize,
+    },
+    Download {
+        src: u64,
+        dst: SendPtr,
+        len: usize,
+    },
+    Copy {
+        dst: u64,
+        src: u64,
+        len: usize,
+    },
+    Memset {
+        dst: u64,
+        len: usize,
+        value: u8,
+    },
+    Signal(Arc<EvState>),
+    Wait(Arc<EvState>),
+}
+
+#[derive(Default)]
+struct Shared {
+    error: Mutex<Option<KernelError>>,
+}
+
+#[derive(Default)]
+struct EvState {
+    done: Mutex<bool>,
+    at: Mutex<Option<std::time::Instant>>,
+    cv: Condvar,
+}
+
+impl EvState {
+    fn signal(&self) {
+        *lock(&self.at) = Some(std::time::Instant::now());
+        *lock(&self.done) = true;
+        self.cv.notify_all();
+    }
+
+    fn wait(&self) {
+        let mut d = lock(&self.done);
+        while !*d {
+            d = self.cv.wait(d).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+fn run_stream(dev: &SimDevice, sh: &Shared, rx: &Receiver<Op>) {
+    while let Ok(op) = rx.recv() {
+        match op {
+            Op::Launch {
+                kernel,
+                cfg,
+                mut args,
+                seed,
+            } => {
+                if lock(&sh.error).is_some() {
+                    continue; // a failed kernel leaves the stream failed, as on a GPU
+                }
+                let mut flags = 0;
+                if dev.config.check_races {
+                    flags |= ffi::FLAG_RACES;
+                }
+                if dev.config.check_host_access {
+                    flags |= ffi::FLAG_HOST;
+                }
+                if let Err(msg) = ffi::launch(kernel, cfg, &mut args, seed, flags) {
+                    lock(&sh.error).get_or_insert(KernelError::Launch(msg));
+                }
+            }
+            Op::Upload { dst, data } => {
+                dev.link_delay(data.len());
+                // SAFETY: dst..dst+len was checked against a live device buffer when queued.
+                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst as *mut u8, data.len()) };
+            }
+            Op::UploadRaw { dst, src, len } => {
+                dev.link_delay(len);
+                // SAFETY: bounds checked when queued; the source's liveness is the caller's
+                // promise (`Stream::upload_async`).
+                unsafe { std::ptr::copy_nonoverlapping(src.0, dst as *mut u8, len) };
+            }
+            Op::Download { src, dst, len } => {
+                dev.link_delay(len);
+                // SAFETY: bounds checked when queued; the destination outlives the copy
+                // because `download` waits for it.
+                unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.0, len) };
+            }
+            Op::Copy { dst, src, len } => {
+                // SAFETY: both ranges were checked against live device buffers when queued.
+                unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, len) };
+            }
+            Op::Memset { dst, len, value } => {
+                // SAFETY: checked against a live device buffer when queued.
+                unsafe { std::ptr::write_bytes(dst as *mut u8, value, len) };
+            }
+            Op::Signal(ev) => ev.signal(),
+            Op::Wait(ev) => ev.wait(),
+        }
+    }
+}
+
+pub(crate) struct SimStream {
+    dev: Arc<SimDevice>,
+    tx: Sender<Op>,
+    shared: Arc<Shared>,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// A recorded point of a simulated stream.
+#[derive(Clone)]
+pub(crate) struct SimEventMark(Arc<EvState>);
+
+impl SimEventMark {
+    pub(crate) fn wait_host(&self) {
+        self.0.wait();
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
+        *lock(&self.0.done)
+    }
+
+    pub(crate) fn elapsed_ms(&self, end: &SimEventMark) -> f32 {
+        self.wait_host();
+        end.wait_host();
+        match (*lock(&self.0.at), *lock(&end.0.at)) {
+            (Some(a), Some(b)) => b.saturating_duration_since(a).as_secs_f32() * 1e3,
+            _ => 0.0,
+        }
+    }
+}
+
+impl SimStream {
+    fn send(&self, op: Op) -> Result<(), KernelError> {
+        self.tx
+            .send(op)
+            .map_err(|_| KernelError::Invalid("the simulated stream's thread has stopped".into()))
+    }
+
+    pub(crate) fn launch(
+        &self,
+        kernel: u32,
+        cfg: LaunchConfig,
+        args: &[Arg],
+    ) -> Result<(), KernelError> {
+        let n = self.dev.launches.fetch_add(1, Ordering::Relaxed);
+        // Each launch its own schedule, reproducible from the device's seed.
+        let seed = splitmix(self.dev.config.seed ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        self.send(Op::Launch {
+            kernel,
+            cfg,
+            args: args.iter().map(|a| a.slot()).collect(),
+            seed,
+        })
+    }
+
+    pub(crate) fn upload(&self, dst: u64, src: &[u8]) -> Result<(), KernelError> {
+        self.dev.h2d.fetch_add(src.len() as u64, Ordering::Relaxed);
+        self.send(Op::Upload {
+            dst,
+            data: src.to_vec(),
+        })
+    }
+
+    /// # Safety
+    ///
+    /// `src..src+len` must stay valid and unmodified until the copy has run.
+    pub(crate) unsafe fn upload_async(
+        &self,
+        dst: u64,
+        src: *const u8,
+        len: usize,
+    ) -> Result<(), KernelError> {
+        self.dev.h2d.fetch_add(len as u64, Ordering::Relaxed);
+        self.send(Op::UploadRaw {
+            dst,
+            src: SendPtr(src.cast_mut()),
+            len,
+        })
+    }
+
+    pub(crate) fn download(&self, src: u64, dst: &mut [u8]) -> Result<(), KernelError> {
+        self.dev.d2h.fetch_add(dst.len() as u64, Ordering::Relaxed);
+        self.send(Op::Download {
+            src,
+            dst: SendPtr(dst.as_mut_ptr()),
+            len: dst.len(),
+        })?;
+        // `dst` must outlive the copy: wait for it even when an earlier error is reported.
+        let mark = self.record();
+        mark.wait_host();
+        self.error()
+    }
+
+    pub(crate) fn copy(&self, dst: u64, src: u64, len: usize) -> Result<(), KernelError> {
+        self.send(Op::Copy { dst, src, len })
+    }
+
+    pub(crate) fn memset(&self, dst: u64, len: usize, value: u8) -> Result<(), KernelError> {
+        self.send(Op::Memset { dst, len, value })
+    }
+
+    pub(crate) fn record(&self) -> SimEventMark {
+        let ev = Arc::new(EvState::default());
+        if self.send(Op::Signal(Arc::clone(&ev))).is_err() {
+            ev.signal(); // nothing left to wait for on a stopped stream
+        }
+        SimEventMark(ev)
+    }
+
+    pub(crate) fn wait(&self, e: &SimEventMark) -> Result<(), KernelError> {
+        self.send(Op::Wait(Arc::clone(&e.0)))
+    }
+
+    pub(crate) fn synchronize(&self) -> Result<(), KernelError> {
+        self.record().wait_host();
+        self.error()
+    }
+
+    fn error(&self) -> Result<(), KernelError> {
+        match &*lock(&self.shared.error) {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for SimStream {
+    fn drop(&mut self) {
+        // Finish the queue (copies may still read buffers their owners keep until now), then
+        // stop the thread by closing the channel.
+        self.record().wait_host();
+        let (tx, _) = channel();
+        drop(std::mem::replace(&mut self.tx, tx));
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Host memory for the simulator's "pinned" buffers: zeroed, 4 KiB-aligned.
+pub(crate) fn alloc_host(bytes: usize) -> Result<*mut u8, KernelError> {
+    let layout = host_layout(bytes)?;
+    // SAFETY: the layout has a non-zero size.
+    let p = unsafe { std::alloc::alloc_zeroed(layout) };
+    if p.is_null() {
+        return Err(KernelError::Invalid(format!(
+            "cannot allocate {bytes} bytes of host memory"
+        )));
+    }
+    Ok(p)
+}
+
+pub(crate) fn free_host(p: *mut u8, bytes: usize) {
+    if let Ok(layout) = host_layout(bytes) {
+        // SAFETY: `p` came from `alloc_host` with the same size, hence the same layout.
+        unsafe { std::alloc::dealloc(p, layout) };
+    }
+}
+
+fn host_layout(bytes: usize) -> Result<std::alloc::Layout, KernelError> {
+    std::alloc::Layout::from_size_align(bytes.max(1), 4096)
+        .map_err(|e| KernelError::Invalid(format!("host buffer of {bytes} bytes: {e}")))
+}

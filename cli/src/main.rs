@@ -31,6 +31,10 @@ enum Command {
     /// Write a GGUF model with deterministic random weights (tests, larger-than-RAM files).
     #[command(name = "gen")]
     Gen(cmd::generate::Args),
+    /// Where a model's weights, KV cache and work would go on a machine, and how fast it runs.
+    Plan(cmd::plan::Args),
+    /// Measure this machine into a hardware profile for `strata plan`.
+    Calibrate(cmd::calibrate::Args),
     /// Perplexity of a text file (llama-perplexity).
     Perplexity(cmd::perplexity::Args),
     /// Lay each expert of a MoE model out as one record, read from disk in one request.
@@ -100,6 +104,8 @@ fn main() -> ExitCode {
         Command::Bench(a) => cmd::bench::exec(a),
         Command::Gen(a) => cmd::generate::exec(a),
         Command::Perplexity(a) => cmd::perplexity::exec(a),
+        Command::Plan(a) => cmd::plan::exec(a),
+        Command::Calibrate(a) => cmd::calibrate::exec(a),
         Command::Optimize(a) => cmd::optimize::exec(a),
         Command::Pull(a) => cmd::pull::exec(a),
         Command::List(a) => cmd::list::exec(a),

@@ -15,6 +15,7 @@ pub mod kv;
 pub mod model;
 pub mod optimize;
 pub mod perplexity;
+pub mod plan;
 pub mod sampler;
 pub mod session;
 pub mod synth;

@@ -269,7 +269,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
 
 /// The disk's sequential O_DIRECT read bandwidth over (up to) 16 GiB of `path`: every run's
 /// GB/s, in order.
-fn measure_disk(path: &std::path::Path) -> anyhow::Result<Vec<f64>> {
+pub(crate) fn measure_disk(path: &std::path::Path) -> anyhow::Result<Vec<f64>> {
     let opts = ReaderOptions {
         kind: Some(IoKind::Uring),
         ..ReaderOptions::default()

@@ -1,0 +1,202 @@
+//! Hardware profiles: what the planner's cost model knows about a machine. Shipped profiles
+//! come from published figures (and, for the 2-core CPU machine, from `strata calibrate` on
+//! this project's machines); `strata calibrate` measures the machine it runs on.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use strata_storage::quant::GgmlType;
+
+use crate::error::EngineError;
+
+/// A machine as the cost model sees it. Rates are bytes per second of weights (or KV cache)
+/// processed, so that a phase's time is its bytes over its rate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HwProfile {
+    pub name: String,
+    /// Where the figures come from (a measurement's command, or the published sources).
+    pub source: String,
+    pub ram_bytes: u64,
+    pub cpu: CpuProfile,
+    pub disk: DiskProfile,
+    #[serde(default)]
+    pub gpu: Option<GpuProfile>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuProfile {
+    pub description: String,
+    pub threads: u32,
+    /// Measured read bandwidth of the threads together.
+    pub mem_read_gbs: f64,
+    /// Decode (one token): GB of weights per second through a matrix-vector product, by type
+    /// name (`q4_k`, `q6_k`, `q8_0`, `f16`, …); `default` for types not listed.
+    pub matvec_gbs: BTreeMap<String, f64>,
+    /// Fixed cost of one matrix product (thread-pool hand-off, activation quantization), µs.
+    pub matvec_overhead_us: f64,
+    /// Prefill: tokens × weight-GB per second through the batched kernels (a batch of n tokens
+    /// over a matrix of b bytes takes n·b / (1e9 · rate) seconds), by type name.
+    pub gemm_token_gbs: BTreeMap<String, f64>,
+    /// Attention in decode: GB of f16 KV cache read per second.
+    pub attention_gbs: f64,
+    /// Everything else in a layer (norms, RoPE, activation, residuals) per token, µs.
+    pub layer_overhead_us: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskProfile {
+    pub description: String,
+    /// Sequential O_DIRECT read bandwidth.
+    pub read_gbs: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuProfile {
+    pub name: String,
+    pub vram_bytes: u64,
+    /// Device memory bandwidth (published peak).
+    pub mem_gbs: f64,
+    /// Fraction of `mem_gbs` decode kernels reach (matrix-vector products and attention).
+    pub matvec_efficiency: f64,
+    /// Dense tensor-core throughput, TFLOPS (f16 with f32 accumulation) and TOPS (int8).
+    pub f16_tflops: f64,
+    pub int8_tops: f64,
+    /// Fraction of the tensor-core peak prefill GEMMs reach.
+    pub gemm_efficiency: f64,
+    /// Host-to-device copy bandwidth from pinned memory.
+    pub h2d_gbs: f64,
+    /// Device-to-host.
+    pub d2h_gbs: f64,
+    /// One kernel launch (within a captured graph), µs.
+    pub launch_us: f64,
+    /// One small copy across PCIe and its synchronisation (a crossing), µs.
+    pub crossing_us: f64,
+}
+
+impl HwProfile {
+    /// A profile by shipped name, or from a TOML file at that path.
+    pub fn load(name_or_path: &str) -> Result<HwProfile, EngineError> {
+        if let Some(p) = shipped(name_or_path) {
+            return Ok(p);
+        }
+        let path = std::path::Path::new(name_or_path);
+        if !path.exists() {
+            return Err(EngineError::Invalid(format!(
+                "no hardware profile `{name_or_path}`: not a file, nor one of {}",
+                SHIPPED
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let meta = std::fs::metadata(path)
+            .map_err(|e| EngineError::Invalid(format!("{name_or_path}: {e}")))?;
+        if meta.len() > 1 << 20 {
+            return Err(EngineError::Invalid(format!(
+                "{name_or_path}: {} bytes is too large for a hardware profile",
+                meta.len()
+            )));
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| EngineError::Invalid(format!("{name_or_path}: {e}")))?;
+        Self::from_toml(&text).map_err(|e| EngineError::Invalid(format!("{name_or_path}: {e}")))
+    }
+
+    pub fn from_toml(text: &str) -> Result<HwProfile, String> {
+        let p: HwProfile = toml::from_str(text).map_err(|e| e.to_string())?;
+        p.validate()?;
+        Ok(p)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Rates must be positive and finite: a zero would make the model predict infinite time.
+    fn validate(&self) -> Result<(), String> {
+        let pos = |what: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{what} must be a positive number, not {v}"))
+            }
+        };
+        pos("cpu.mem_read_gbs", self.cpu.mem_read_gbs)?;
+        pos("cpu.attention_gbs", self.cpu.attention_gbs)?;
+        pos("disk.read_gbs", self.disk.read_gbs)?;
+        if !self.cpu.matvec_gbs.contains_key("default") {
+            return Err("cpu.matvec_gbs needs a `default` rate".into());
+        }
+        if !self.cpu.gemm_token_gbs.contains_key("default") {
+            return Err("cpu.gemm_token_gbs needs a `default` rate".into());
+        }
+        for (k, v) in self.cpu.matvec_gbs.iter().chain(&self.cpu.gemm_token_gbs) {
+            pos(&format!("cpu rate `{k}`"), *v)?;
+        }
+        if let Some(g) = &self.gpu {
+            for (what, v) in [
+                ("gpu.mem_gbs", g.mem_gbs),
+                ("gpu.matvec_efficiency", g.matvec_efficiency),
+                ("gpu.f16_tflops", g.f16_tflops),
+                ("gpu.int8_tops", g.int8_tops),
+                ("gpu.gemm_efficiency", g.gemm_efficiency),
+                ("gpu.h2d_gbs", g.h2d_gbs),
+                ("gpu.d2h_gbs", g.d2h_gbs),
+            ] {
+                pos(what, v)?;
+            }
+            if g.vram_bytes == 0 {
+                return Err("gpu.vram_bytes must not be 0".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Decode rate of the CPU for weights of `ty`, GB/s.
+    pub fn cpu_matvec_gbs(&self, ty: GgmlType) -> f64 {
+        rate(&self.cpu.matvec_gbs, ty)
+    }
+
+    /// Prefill rate of the CPU for weights of `ty` (tokens × GB / s).
+    pub fn cpu_gemm_token_gbs(&self, ty: GgmlType) -> f64 {
+        rate(&self.cpu.gemm_token_gbs, ty)
+    }
+}
+
+/// The type's key in the rate tables (`q4_k`, `f16`, …).
+pub fn type_key(ty: GgmlType) -> String {
+    ty.name().to_ascii_lowercase()
+}
+
+fn rate(table: &BTreeMap<String, f64>, ty: GgmlType) -> f64 {
+    table
+        .get(&type_key(ty))
+        .or_else(|| table.get("default"))
+        .copied()
+        .unwrap_or(1.0)
+}
+
+/// The profiles strata ships, by name.
+pub const SHIPPED: &[(&str, &str)] = &[
+    ("cpu-2core", include_str!("../../profiles/cpu-2core.toml")),
+    ("h100-sxm", include_str!("../../profiles/h100-sxm.toml")),
+    ("h200", include_str!("../../profiles/h200.toml")),
+    ("a100-80g", include_str!("../../profiles/a100-80g.toml")),
+    ("l40s", include_str!("../../profiles/l40s.toml")),
+    ("rtx4090", include_str!("../../profiles/rtx4090.toml")),
+    ("rtx3090", include_str!("../../profiles/rtx3090.toml")),
+    ("laptop-8g", include_str!("../../profiles/laptop-8g.toml")),
+];
+
+/// A shipped profile by name.
+pub fn shipped(name: &str) -> Option<HwProfile> {
+    SHIPPED
+        .iter()
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, text)| HwProfile::from_toml(text).ok())
+}

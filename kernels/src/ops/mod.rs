@@ -3,6 +3,7 @@
 //! access on the device.
 
 pub mod act;
+pub mod moe;
 pub mod norm;
 
 use crate::device::{DeviceBuffer, KernelError};

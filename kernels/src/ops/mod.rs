@@ -5,6 +5,7 @@
 pub mod act;
 pub mod moe;
 pub mod norm;
+pub mod sample;
 
 use crate::device::{DeviceBuffer, KernelError};
 

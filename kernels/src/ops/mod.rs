@@ -2,7 +2,10 @@
 //! buffers before anything is queued, so a wrong shape is an error here, not an out-of-bounds
 //! access on the device.
 
+pub mod act;
+pub mod moe;
 pub mod norm;
+pub mod sample;
 
 use crate::device::{DeviceBuffer, KernelError};
 
@@ -28,4 +31,10 @@ pub(crate) fn need(
 /// A dimension as the kernels take it (`int`).
 pub(crate) fn dim(v: usize, what: &str) -> Result<i32, KernelError> {
     i32::try_from(v).map_err(|_| KernelError::Invalid(format!("{what} = {v} is too large")))
+}
+
+/// `a · b` elements, or an error naming `what` when the product overflows.
+pub(crate) fn elems(a: usize, b: usize, what: &str) -> Result<usize, KernelError> {
+    a.checked_mul(b)
+        .ok_or_else(|| KernelError::Invalid(format!("{what}: {a} × {b} elements overflow")))
 }

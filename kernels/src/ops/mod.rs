@@ -2,7 +2,10 @@
 //! buffers before anything is queued, so a wrong shape is an error here, not an out-of-bounds
 //! access on the device.
 
+pub mod attention;
+pub mod kv;
 pub mod norm;
+pub mod rope;
 
 use crate::device::{DeviceBuffer, KernelError};
 

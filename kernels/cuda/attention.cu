@@ -80,9 +80,11 @@ __device__ __forceinline__ void attn_decode(
   if (j >= rg.n_split) return;  // the whole block: before any barrier
   const int lo = window > 0 ? max(0, rg.len - window) : 0;
   const int a = max(lo, rg.s0 + j * split), b = min(rg.len, rg.s0 + (j + 1) * split);
-  const uint64_t* kp = k_pages + seqs[2 * seq];
-  const uint64_t* vp = v_pages + seqs[2 * seq];
-  const int np = n_pages - seqs[2 * seq];
+  // The sequence's own tables; a first page outside the tables reads as no pages (zeros).
+  const int first = seqs[2 * seq];
+  const uint64_t* kp = k_pages + max(0, first);
+  const uint64_t* vp = v_pages + max(0, first);
+  const int np = first < 0 ? 0 : n_pages - first;
   const int kv_dim = n_head_kv * HD;
   const int k_row = kv_bytes(k_type, kv_dim), v_row = kv_bytes(v_type, kv_dim);
   const int k_off = kvh * kv_bytes(k_type, HD), v_off = kvh * kv_bytes(v_type, HD);

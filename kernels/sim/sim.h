@@ -309,6 +309,24 @@ inline float __fdividef(float a, float b) { return a / b; }
 inline float __frcp_rn(float a) { return 1.0f / a; }
 inline float rsqrtf(float f) { return 1.0f / std::sqrt(f); }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+// The rounded operations that CUDA never contracts into an fma (kernels use them where a
+// result must match the CPU bit for bit). The empty asm keeps the host compiler from
+// contracting them either, whatever -march it is given.
+inline float __fmul_rn(float a, float b) {
+  float r = a * b;
+  asm("" : "+x"(r));
+  return r;
+}
+inline float __fadd_rn(float a, float b) {
+  float r = a + b;
+  asm("" : "+x"(r));
+  return r;
+}
+inline float __fsub_rn(float a, float b) {
+  float r = a - b;
+  asm("" : "+x"(r));
+  return r;
+}
 using std::max;
 using std::min;
 inline int max(int a, int b) { return a > b ? a : b; }

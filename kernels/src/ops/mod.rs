@@ -3,8 +3,11 @@
 //! access on the device.
 
 pub mod act;
+pub mod attention;
+pub mod kv;
 pub mod moe;
 pub mod norm;
+pub mod rope;
 pub mod sample;
 
 use crate::device::{DeviceBuffer, KernelError};

@@ -71,15 +71,36 @@ struct SharedVar {
     name: String,
 }
 
+/// A shared variable outside the file's section (a template's static): reached by its
+/// symbol; pads are kept to mark memory that belongs to no variable.
+struct ExtraVar {
+    symbol: String,
+    size: u64,
+    name: String,
+    pad: bool,
+}
+
 struct KernelFile {
     stem: String,
     vars: Vec<SharedVar>,
+    extra: Vec<ExtraVar>,
     kernels: Vec<String>,
 }
 
 fn build_sim() -> Result<(), String> {
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").map_err(|e| e.to_string())?);
     let out = PathBuf::from(env::var("OUT_DIR").map_err(|e| e.to_string())?);
+    let compiler = cc::Build::new()
+        .cpp(true)
+        .try_get_compiler()
+        .map_err(|e| format!("no C++ compiler: {e}"))?;
+    let probe = std::process::Command::new(compiler.path()).arg("--version").output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        return Err(format!(
+            "the C++ compiler {} does not run (install g++)",
+            compiler.path().display()
+        ));
+    }
     let mut sources = cu_files(&root.join("cuda"))?;
     sources.extend(cu_files(&root.join("sim/broken"))?);
 
@@ -99,8 +120,23 @@ fn build_sim() -> Result<(), String> {
         }
         // A wrapper so that the compiler takes the `.cu` file as C++ and messages name it.
         let wrapper = out.join(format!("sim_{stem}.cpp"));
-        fs::write(&wrapper, format!("#include \"{}\"\n", src.display()))
-            .map_err(|e| e.to_string())?;
+        // Pads at both ends of the file's shared section, so that running off its first or
+        // last variable never lands in the next file's.
+        let pad = |which: &str| {
+            format!(
+                "__attribute__((section(\"sim_smem_{stem}\"), used)) static char sim_pad_{which}[64];\n"
+            )
+        };
+        fs::write(
+            &wrapper,
+            format!(
+                "{}#include \"{}\"\n{}",
+                pad("begin"),
+                src.display(),
+                pad("end")
+            ),
+        )
+        .map_err(|e| e.to_string())?;
         let objs = cc::Build::new()
             .cpp(true)
             .std("c++17")
@@ -111,6 +147,10 @@ fn build_sim() -> Result<(), String> {
             .flag("-fsanitize=thread")
             .flag("--param=tsan-instrument-func-entry-exit=0")
             .flag("-fno-toplevel-reorder")
+            // Template and inline functions' statics (shared variables among them) then get
+            // a section or a plain common symbol instead of a COMDAT group, which a named
+            // section cannot hold; the table below reaches the common ones by name.
+            .flag("-fno-weak")
             .flag("-fno-exceptions")
             .flag("-fno-rtti")
             .flag("-Wall")
@@ -118,16 +158,27 @@ fn build_sim() -> Result<(), String> {
             .flag("-Wno-unused-variable")
             .flag("-Wno-unknown-pragmas")
             .try_compile_intermediates()
-            .map_err(|e| format!("{}: {e}", src.display()))?;
+            .unwrap_or_else(|e| {
+                // A compiler is there (probed above): the kernel text is wrong. Fail loudly
+                // rather than build without the simulator.
+                panic!(
+                    "{} does not compile for the simulator (the compiler's messages are above): {e}",
+                    src.display()
+                )
+            });
         let text = fs::read_to_string(src).map_err(|e| e.to_string())?;
         let mut vars = Vec::new();
+        let mut extra = Vec::new();
         for obj in &objs {
-            vars.extend(shared_vars(obj, &stem)?);
+            let (v, x) = shared_vars(obj, &stem)?;
+            vars.extend(v);
+            extra.extend(x);
         }
         check_pads(&stem, &mut vars)?;
         files.push(KernelFile {
             stem,
             vars,
+            extra,
             kernels: exports(&text),
         });
         objects.extend(objs);
@@ -176,30 +227,58 @@ fn exports(text: &str) -> Vec<String> {
 }
 
 /// The shared variables of one compiled kernel file: the symbols in its `sim_smem_<stem>`
-/// section, with their offsets in it.
-fn shared_vars(obj: &Path, stem: &str) -> Result<Vec<SharedVar>, String> {
+/// section, with their offsets in it; and those of template functions, which are common
+/// symbols elsewhere (found through their pads: every `__shared__` declaration comes with a
+/// `sim_pad_N` static of the same function).
+fn shared_vars(obj: &Path, stem: &str) -> Result<(Vec<SharedVar>, Vec<ExtraVar>), String> {
     let data = fs::read(obj).map_err(|e| format!("{}: {e}", obj.display()))?;
     let file = object::File::parse(&*data).map_err(|e| format!("{}: {e}", obj.display()))?;
-    let Some(section) = file.section_by_name(&format!("sim_smem_{stem}")) else {
-        return Ok(Vec::new());
+    let section = file.section_by_name(&format!("sim_smem_{stem}"));
+    let demangle = |raw: &str| {
+        cpp_demangle::Symbol::new(raw)
+            .ok()
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| raw.to_string())
     };
     let mut vars = Vec::new();
+    let mut outside = Vec::new();
     for sym in file.symbols() {
-        if sym.section_index() != Some(section.index()) || sym.size() == 0 {
+        if sym.size() == 0 {
             continue;
         }
         let raw = sym.name().map_err(|e| e.to_string())?;
-        let name = cpp_demangle::Symbol::new(raw)
-            .ok()
-            .map(|s| s.to_string())
-            .unwrap_or_else(|| raw.to_string());
-        vars.push(SharedVar {
-            offset: sym.address() - section.address(),
-            size: sym.size(),
-            name,
-        });
+        match &section {
+            Some(sec) if sym.section_index() == Some(sec.index()) => vars.push(SharedVar {
+                offset: sym.address() - sec.address(),
+                size: sym.size(),
+                name: demangle(raw),
+            }),
+            _ if raw.starts_with("_ZZ") && sym.is_global() => {
+                outside.push((raw.to_string(), sym.size()))
+            }
+            _ => {}
+        }
     }
-    Ok(vars)
+    // The functions (mangled prefixes `_ZZ…E`) whose pads lie outside the section.
+    let prefixes: Vec<String> = outside
+        .iter()
+        .filter_map(|(raw, _)| {
+            let i = raw.find("sim_pad_")?;
+            let digits = raw[..i].trim_end_matches(|c: char| c.is_ascii_digit());
+            digits.ends_with('E').then(|| digits.to_string())
+        })
+        .collect();
+    let extra = outside
+        .into_iter()
+        .filter(|(raw, _)| prefixes.iter().any(|p| raw.starts_with(p.as_str())))
+        .map(|(raw, size)| ExtraVar {
+            pad: raw.contains("sim_pad_"),
+            name: demangle(&raw),
+            symbol: raw,
+            size,
+        })
+        .collect();
+    Ok((vars, extra))
 }
 
 /// Keeps the real variables, sorted, and checks that a pad lies between any two of them, so
@@ -227,11 +306,14 @@ fn tables_cpp(files: &[KernelFile]) -> Result<String, String> {
         "// Generated by strata-kernels' build script: the simulator's kernels and shared \
          variables.\n#include <cstddef>\n#include <cstdint>\nextern \"C\" {\n\
          struct SimVar { uint32_t offset; uint32_t size; const char* name; };\n\
+         struct SimExtra { char* addr; uint32_t size; const char* name; uint32_t pad; };\n\
          struct SimTu { const char* name; char* lo; char* hi; const SimVar* vars; uint32_t \
-         n_vars; };\n\
+         n_vars; const SimExtra* extra; uint32_t n_extra; };\n\
          struct SimKernel { const char* name; void (*thunk)(void**); uint32_t tu; };\n",
     );
     let mut seen = BTreeMap::new();
+    // One declaration per symbol: a template instantiated in two files is one variable.
+    let mut symbols: BTreeMap<&str, usize> = BTreeMap::new();
     for (i, f) in files.iter().enumerate() {
         let st = &f.stem;
         let _ = writeln!(
@@ -244,6 +326,22 @@ fn tables_cpp(files: &[KernelFile]) -> Result<String, String> {
             for v in &f.vars {
                 let name = v.name.replace('\\', "\\\\").replace('"', "\\\"");
                 let _ = write!(s, "{{{}, {}, \"{name}\"}}, ", v.offset, v.size);
+            }
+            s.push_str("};\n");
+        }
+        if !f.extra.is_empty() {
+            for x in &f.extra {
+                let next = symbols.len();
+                if let std::collections::btree_map::Entry::Vacant(e) = symbols.entry(&x.symbol) {
+                    e.insert(next);
+                    let _ = writeln!(s, "extern char sx_{next}[] asm(\"{}\");", x.symbol);
+                }
+            }
+            let _ = write!(s, "static const SimExtra extra_{st}[] = {{");
+            for x in &f.extra {
+                let j = symbols[x.symbol.as_str()];
+                let name = x.name.replace('\\', "\\\\").replace('"', "\\\"");
+                let _ = write!(s, "{{sx_{j}, {}, \"{name}\", {}}}, ", x.size, u32::from(x.pad));
             }
             s.push_str("};\n");
         }
@@ -265,9 +363,14 @@ fn tables_cpp(files: &[KernelFile]) -> Result<String, String> {
         } else {
             (format!("vars_{st}"), f.vars.len())
         };
+        let (extra, nx) = if f.extra.is_empty() {
+            ("nullptr".to_string(), 0)
+        } else {
+            (format!("extra_{st}"), f.extra.len())
+        };
         let _ = writeln!(
             s,
-            "  {{\"{st}\", __start_sim_smem_{st}, __stop_sim_smem_{st}, {vars}, {n}}},"
+            "  {{\"{st}\", __start_sim_smem_{st}, __stop_sim_smem_{st}, {vars}, {n}, {extra}, {nx}}},"
         );
     }
     s.push_str("};\nstatic const SimKernel kernels[] = {\n");

@@ -37,12 +37,12 @@ __device__ __forceinline__ DecodeRange decode_range(const int* seqs, int seq, in
 // The tile geometry of heads of HD values.
 template <int HD>
 struct DecodeGeom {
-  static constexpr int T = 8192 / HD;               // positions per tile: 16 KiB of f16 a side
-  static constexpr int TPH = DEC_THREADS / T;       // score phase: threads per position
-  static constexpr int HPT = DEC_GMAX / TPH;        // ... heads per thread
-  static constexpr int CP = HD / 2;                 // value phase: column pairs
-  static constexpr int HSTRIDE = DEC_THREADS / CP;  // ... threads per column pair
-  static constexpr int HPV = DEC_GMAX / HSTRIDE;    // ... heads per thread
+  enum : int { T = 8192 / HD };               // positions per tile: 16 KiB of f16 a side
+  enum : int { TPH = DEC_THREADS / T };       // score phase: threads per position
+  enum : int { HPT = DEC_GMAX / TPH };        // ... heads per thread
+  enum : int { CP = HD / 2 };                 // value phase: column pairs
+  enum : int { HSTRIDE = DEC_THREADS / CP };  // ... threads per column pair
+  enum : int { HPV = DEC_GMAX / HSTRIDE };    // ... heads per thread
   static_assert(TPH * HPT == DEC_GMAX && HSTRIDE * HPV == DEC_GMAX, "head split");
 };
 

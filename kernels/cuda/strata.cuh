@@ -6,7 +6,9 @@
 //  - every kernel is `extern "C" __global__` and is followed by `SIM_EXPORT(name)`;
 //  - `__shared__` only for fixed-size arrays inside kernels (no `extern __shared__`);
 //  - inline PTX only through the functions of ptx.cuh;
-//  - no `printf`, no dynamic allocation, no recursion.
+//  - no `printf`, no dynamic allocation, no recursion;
+//  - compile-time constants in templates as `enum` members, not `static constexpr` data (the
+//    simulator's build gives template statics plain storage, see kernels/build.rs).
 
 #pragma once
 

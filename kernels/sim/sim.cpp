@@ -40,12 +40,20 @@ struct SimVar {
   uint32_t size;
   const char* name;
 };
+struct SimExtra {
+  char* addr;
+  uint32_t size;
+  const char* name;
+  uint32_t pad;
+};
 struct SimTu {
   const char* name;
   char* lo;
   char* hi;
   const SimVar* vars;
   uint32_t n_vars;
+  const SimExtra* extra;
+  uint32_t n_extra;
 };
 struct SimKernel {
   const char* name;
@@ -199,8 +207,13 @@ struct Cell {
   uint8_t w_atomic, r_atomic[2], n_r;
 };
 
-struct Tu {
-  const SimTu* info;
+// One shared variable (or a pad, which belongs to no variable: an access there is out of
+// bounds): from a file's shared section, or a template's static found by its symbol.
+struct Region {
+  uintptr_t lo, hi;
+  const char* name;
+  bool pad;
+  uint32_t stamp;  // the block run that poisoned it last
   std::vector<Cell> shadow;
 };
 
@@ -224,7 +237,6 @@ struct Rng {
 struct Run {
   const SimLaunch* L;
   const SimKernel* kernel;
-  Tu* tu;
   uint3 bid;
   unsigned block_linear;
   uint32_t block_run;  // a counter over all blocks ever run, for the shadow cells
@@ -243,7 +255,9 @@ struct Run {
 std::mutex g_lock;              // one launch at a time (shared variables are statics)
 thread_local Fiber* t_cur;      // the fiber running on this thread, if any
 Run* g_run;                     // the launch in progress (under g_lock)
-std::vector<Tu> g_tus;          // per kernel file
+std::vector<Region> g_regions;  // every shared variable, by address
+std::vector<std::pair<uintptr_t, uintptr_t>> g_sections;  // the files' shared sections
+uintptr_t g_smem_lo = UINTPTR_MAX, g_smem_hi = 0;  // all of it, with a margin after each
 std::vector<Arena> g_arenas;    // device memory (registered by the Rust side)
 std::vector<char*> g_stacks;    // fiber stacks, reused across launches
 std::vector<std::pair<uintptr_t, uintptr_t>> g_image;  // the program's loaded segments
@@ -308,21 +322,18 @@ Fiber* cur() {
 
 enum Access : uint8_t { A_READ, A_WRITE, A_ATOMIC };
 
-const SimVar* find_var(const Tu& tu, uintptr_t off) {
-  const SimVar* v = tu.info->vars;
-  for (uint32_t i = 0; i < tu.info->n_vars; i++)
-    if (off >= v[i].offset && off < v[i].offset + v[i].size) return &v[i];
-  return nullptr;
+// The region `a` falls in or, failing that, the nearest one below it (nullptr when none).
+Region* region_at_or_below(uintptr_t a) {
+  auto it = std::upper_bound(g_regions.begin(), g_regions.end(), a,
+                             [](uintptr_t v, const Region& r) { return v < r.lo; });
+  if (it == g_regions.begin()) return nullptr;
+  return &*(it - 1);
 }
 
-// The variable nearest below `off`, for messages about accesses that land in padding.
-const SimVar* var_before(const Tu& tu, uintptr_t off) {
-  const SimVar* best = nullptr;
-  for (uint32_t i = 0; i < tu.info->n_vars; i++) {
-    const SimVar& v = tu.info->vars[i];
-    if (v.offset <= off && (!best || v.offset > best->offset)) best = &v;
-  }
-  return best;
+// The real variable at or below `r` (skipping pads), for messages.
+const Region* var_at_or_below(const Region* r) {
+  while (r && r >= g_regions.data() && r->pad) r = r == g_regions.data() ? nullptr : r - 1;
+  return r;
 }
 
 const char* access_name(Access a) {
@@ -347,33 +358,46 @@ bool ordered(const Fiber* f, uint16_t tid, uint32_t epoch, uint16_t wep) {
   return false;
 }
 
-void shared_access(Fiber* f, Tu& tu, uintptr_t a, size_t n, Access kind) {
-  uintptr_t off = a - (uintptr_t)tu.info->lo;
-  const SimVar* v = find_var(tu, off);
-  if (!v || off + n > (uintptr_t)v->offset + v->size) {
-    const SimVar* b = v ? v : var_before(tu, off);
-    if (b)
-      fail("out-of-bounds shared-memory %s of %zu bytes at byte %zd of `%s` (%u bytes)",
-           access_name(kind), n, (ssize_t)(off - b->offset), b->name, b->size);
+// An access at `a` that may be shared memory: returns false when it is not.
+bool shared_access(Fiber* f, uintptr_t a, size_t n, Access kind) {
+  if (a - g_smem_lo >= g_smem_hi - g_smem_lo) return false;
+  Region* r = region_at_or_below(a);
+  bool inside = r && a < r->hi;
+  if (!inside || r->pad || a + n > r->hi) {
+    bool in_section = false;
+    for (auto& s : g_sections) in_section |= a >= s.first && a < s.second;
+    const Region* v = var_at_or_below(r);
+    // Past a variable's end by less than a pad's width, inside a pad, straddling a variable's
+    // end, or in a shared section's gaps: out of bounds. Anything else is not shared memory.
+    if (!inside && !in_section && !(v && a < v->hi + 64)) return false;
+    if (v)
+      fail("out-of-bounds shared-memory %s of %zu bytes at byte %zd of `%s` (%zu bytes)",
+           access_name(kind), n, (ssize_t)(a - v->lo), v->name, (size_t)(v->hi - v->lo));
     fail("out-of-bounds shared-memory %s of %zu bytes before any shared variable",
          access_name(kind), n);
   }
-  Run* r = g_run;
-  if (!(r->L->flags & FLAG_RACES)) return;
-  if (tu.shadow.empty()) tu.shadow.resize(tu.info->hi - tu.info->lo);
-  uint16_t wep = r->warps[f->warp].epoch;
+  Run* run = g_run;
+  // Fresh shared memory is poison (NaN in every float type, -1 in every integer): each block
+  // finds it so on its first touch.
+  if (r->stamp != run->block_run) {
+    memset((void*)r->lo, 0xff, r->hi - r->lo);
+    r->stamp = run->block_run;
+  }
+  if (!(run->L->flags & FLAG_RACES)) return true;
+  if (r->shadow.empty()) r->shadow.resize(r->hi - r->lo);
+  uintptr_t off = a - r->lo;
+  uint16_t wep = run->warps[f->warp].epoch;
   for (size_t i = 0; i < n; i++) {
-    Cell& c = tu.shadow[off + i];
-    if (c.block != r->block_run) {
+    Cell& c = r->shadow[off + i];
+    if (c.block != run->block_run) {
       c = Cell{};
-      c.block = r->block_run;
+      c.block = run->block_run;
       c.w_tid = 0xffff;
     }
     auto race = [&](uint16_t other, const char* what) {
       fail("shared-memory race on `%s` (byte %zu): this thread %ss it, but %s %s it since the "
            "last __syncthreads",
-           v->name, (size_t)(off + i - v->offset), access_name(kind), thread_name(other).c_str(),
-           what);
+           r->name, (size_t)(off + i), access_name(kind), thread_name(other).c_str(), what);
     };
     bool atomic = kind == A_ATOMIC;
     if (c.w_tid != 0xffff && !(atomic && c.w_atomic) && !ordered(f, c.w_tid, c.w_epoch, c.w_wep))
@@ -383,7 +407,7 @@ void shared_access(Fiber* f, Tu& tu, uintptr_t a, size_t n, Access kind) {
         if (!(atomic && c.r_atomic[k]) && !ordered(f, c.r_tid[k], c.r_epoch[k], c.r_wep[k]))
           race(c.r_tid[k], "read");
       c.w_tid = (uint16_t)f->linear;
-      c.w_epoch = r->epoch;
+      c.w_epoch = run->epoch;
       c.w_wep = wep;
       c.w_atomic = atomic;
       c.n_r = 0;
@@ -392,11 +416,12 @@ void shared_access(Fiber* f, Tu& tu, uintptr_t a, size_t n, Access kind) {
       int slot = c.n_r < 2 ? c.n_r++ : (c.r_tid[0] == f->linear ? 0 : 1);
       if (c.n_r == 2 && c.r_tid[0] == f->linear) slot = 0;
       c.r_tid[slot] = (uint16_t)f->linear;
-      c.r_epoch[slot] = r->epoch;
+      c.r_epoch[slot] = run->epoch;
       c.r_wep[slot] = wep;
       c.r_atomic[slot] = 0;
     }
   }
+  return true;
 }
 
 void global_access(const Arena& ar, uintptr_t a, size_t n, Access kind) {
@@ -430,9 +455,7 @@ inline void check(uintptr_t a, size_t n, Access kind) {
   Fiber* f = t_cur;
   if (!f) return;
   if (a - (uintptr_t)f->stack_lo < kStack) return;  // the thread's own locals
-  for (Tu& tu : g_tus)
-    if (a - (uintptr_t)tu.info->lo < (uintptr_t)(tu.info->hi - tu.info->lo))
-      return shared_access(f, tu, a, n, kind);
+  if (shared_access(f, a, n, kind)) return;
   for (const Arena& ar : g_arenas)
     if (a - ar.base < ar.size) return global_access(ar, a, n, kind);
   for (auto& s : g_image)
@@ -466,7 +489,33 @@ void init_once() {
   g_init = true;
   size_t n = 0;
   const SimTu* tus = strata_sim_tus(&n);
-  for (size_t i = 0; i < n; i++) g_tus.push_back(Tu{&tus[i], {}});
+  for (size_t i = 0; i < n; i++) {
+    const SimTu& t = tus[i];
+    if (t.lo && t.hi > t.lo) g_sections.push_back({(uintptr_t)t.lo, (uintptr_t)t.hi});
+    for (uint32_t j = 0; j < t.n_vars; j++)
+      g_regions.push_back(Region{(uintptr_t)t.lo + t.vars[j].offset,
+                                 (uintptr_t)t.lo + t.vars[j].offset + t.vars[j].size,
+                                 t.vars[j].name, false, 0, {}});
+    for (uint32_t j = 0; j < t.n_extra; j++)
+      g_regions.push_back(Region{(uintptr_t)t.extra[j].addr,
+                                 (uintptr_t)t.extra[j].addr + t.extra[j].size, t.extra[j].name,
+                                 t.extra[j].pad != 0, 0, {}});
+  }
+  std::sort(g_regions.begin(), g_regions.end(),
+            [](const Region& a, const Region& b) { return a.lo < b.lo; });
+  // A template instantiated in two files is listed twice: keep one.
+  g_regions.erase(std::unique(g_regions.begin(), g_regions.end(),
+                              [](const Region& a, const Region& b) { return a.lo == b.lo; }),
+                  g_regions.end());
+  for (const Region& r : g_regions) {
+    g_smem_lo = std::min(g_smem_lo, r.lo);
+    g_smem_hi = std::max(g_smem_hi, r.hi + 64);
+  }
+  for (auto& s : g_sections) {
+    g_smem_lo = std::min(g_smem_lo, s.first);
+    g_smem_hi = std::max(g_smem_hi, s.second);
+  }
+  if (g_smem_lo > g_smem_hi) g_smem_lo = g_smem_hi = 0;
   dl_iterate_phdr(find_image, (void*)&init_once);
 }
 
@@ -572,8 +621,6 @@ void run_block(Run& r) {
   r.epoch = 1;
   r.block_run = ++g_block_counter;
   memset(r.warps, 0, sizeof r.warps);
-  // Fresh shared memory is poison (NaN in every float type, -1 in every integer).
-  if (r.tu) memset(r.tu->info->lo, 0xff, r.tu->info->hi - r.tu->info->lo);
   r.ready.clear();
   for (unsigned i = 0; i < r.n; i++) {
     Fiber& f = r.fibers[i];
@@ -1081,7 +1128,6 @@ int strata_sim_launch(const SimLaunch* L, char* err, size_t err_len) {
   Run& r = run;
   r.L = L;
   r.kernel = k;
-  r.tu = k->tu < g_tus.size() ? &g_tus[k->tu] : nullptr;
   r.n = (unsigned)threads;
   r.fibers = fibers.data();
   r.failed = false;

@@ -184,3 +184,37 @@ extern "C" __global__ void broken_host_pointer(unsigned long long host, float* y
   y[threadIdx.x] = ((const float*)host)[threadIdx.x];
 }
 SIM_EXPORT(broken_host_pointer)
+
+// Shared memory inside a template (and an inline function) lives in its own COMDAT section, not
+// the file's shared section: the simulator must check it all the same.
+template <int N>
+__device__ float template_sum(float v, int sync) {
+  __shared__ float part[N];
+  part[threadIdx.x] = v;
+  if (sync) __syncthreads();
+  float s = 0.0f;
+  for (int i = 0; i < N; i++) s += part[i];
+  return s;
+}
+
+extern "C" __global__ void template_sum_ok(const float* x, float* y) {
+  y[threadIdx.x] = template_sum<64>(x[threadIdx.x], 1);
+}
+SIM_EXPORT(template_sum_ok)
+
+extern "C" __global__ void broken_template_race(const float* x, float* y) {
+  y[threadIdx.x] = template_sum<32>(x[threadIdx.x], 0);
+}
+SIM_EXPORT(broken_template_race)
+
+__device__ __forceinline__ float inline_shift(float v) {
+  __shared__ float line[32];
+  line[threadIdx.x] = v;
+  __syncthreads();
+  return line[threadIdx.x + 1];
+}
+
+extern "C" __global__ void broken_inline_oob(const float* x, float* y) {
+  y[threadIdx.x] = inline_shift(x[threadIdx.x]);
+}
+SIM_EXPORT(broken_inline_oob)

@@ -2,7 +2,12 @@
 //! buffers before anything is queued, so a wrong shape is an error here, not an out-of-bounds
 //! access on the device.
 
+pub mod dequant;
+pub mod gemm;
+pub mod matmul;
+pub mod matvec;
 pub mod norm;
+pub mod quantize;
 
 use crate::device::{DeviceBuffer, KernelError};
 

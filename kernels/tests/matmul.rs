@@ -23,19 +23,6 @@ use support::*;
 /// strata-simd's tests bound it): uniform rounding to 8 bits predicts about 1.5e-5.
 const Q8_BOUND: f64 = 3e-4;
 
-/// Error bound of a quantized-weight product against the q8_1 reference (the weights times the
-/// activations' q8_1 values), `f16_s`: whether the kernel used the f16 `s = d·Σq` of the decode
-/// layout. Where the type has an offset per 32 weights (Q4_1, Q5_1, Q4_K, Q5_K) its term is
-/// `m·s`, and s rounded to f16 is off by up to 2⁻¹² relative: an error of order 1e-9 of the sum
-/// of squared products here. Everything else is f32 rounding (order 1e-14).
-fn q8_tight(ty: GgmlType, f16_s: bool) -> f64 {
-    let offset_per_32 = matches!(
-        ty,
-        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K
-    );
-    if f16_s && offset_per_32 { 1e-7 } else { 1e-10 }
-}
-
 #[test]
 fn quantize_q8_1_is_byte_exact() {
     for dev in common::devices() {
@@ -130,7 +117,7 @@ fn matvec_every_type_and_token_count() {
                                 "matvec {ty}: {tight:.2e} against q8_1 values, {loose:.2e} against f32"
                             );
                         }
-                        if tight >= q8_tight(ty, true) || loose >= Q8_BOUND {
+                        if tight >= tight_bound(ty, true) || loose >= Q8_BOUND {
                             failures.push(format!(
                                 "{ty} n={n}: {tight:e} against q8_1 values, {loose:e} against f32"
                             ));
@@ -220,7 +207,7 @@ fn gemm_every_type_on_ragged_shapes() {
                             At::from(&y),
                         )
                         .unwrap();
-                        (q8_values(&x, false), q8_tight(ty, false))
+                        (q8_values(&x, false), tight_bound(ty, false))
                     }
                 };
                 let got: Vec<f32> = get(&s, &y, 0, n * rows);

@@ -1,6 +1,7 @@
 //! Every family's cases, gathered. Each kernel family adds a module here with a
 //! `cases(dev, quick) -> Result<Vec<Case>, KernelError>` function.
 
+mod matmul;
 mod norm;
 
 use strata_kernels::{Device, KernelError};
@@ -10,5 +11,6 @@ use crate::Case;
 pub(crate) fn all(dev: &Device, quick: bool) -> Result<Vec<Case>, KernelError> {
     let mut v = Vec::new();
     v.extend(norm::cases(dev, quick)?);
+    v.extend(matmul::cases(dev, quick)?);
     Ok(v)
 }

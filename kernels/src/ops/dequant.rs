@@ -1,7 +1,7 @@
 //! `dequant.cu`: weights back to floats — whole matrices to f16 (the cuBLAS comparison path),
 //! rows picked by token id to f32 (the embedding lookup), and f32 activations to f16/bf16.
 
-use super::matmul::{At, Weight, check_weight, is_quantized, kernel_names};
+use super::matmul::{At, Weight, check_weight, is_quantized, kernel_names, size};
 use crate::device::{Arg, KernelError, LaunchConfig, Stream};
 
 const THREADS: usize = 256;
@@ -20,7 +20,7 @@ fn items(quantized: bool, rows: usize, cols: usize) -> Result<usize, KernelError
 /// `y` f16 `[rows][cols]` = `w` dequantized (each value rounded once to f16, to nearest).
 pub fn dequant_f16(s: &Stream, w: &Weight, y: At<'_>) -> Result<(), KernelError> {
     let ti = check_weight(w.ty, w.ptr, w.rows, w.cols, "dequant_f16 weights")?;
-    let yp = y.check(w.rows * w.cols * 2, 16, "dequant_f16 y")?;
+    let yp = y.check(size(&[w.rows, w.cols, 2]), 16, "dequant_f16 y")?;
     let n = items(is_quantized(w.ty), w.rows, w.cols)?;
     if n == 0 {
         return Ok(());
@@ -56,8 +56,8 @@ pub fn get_rows(
         table.cols,
         "get_rows table",
     )?;
-    let ip = ids.check(n_ids * 4, 4, "get_rows ids")?;
-    let yp = y.check(n_ids * table.cols * 4, 16, "get_rows y")?;
+    let ip = ids.check(size(&[n_ids, 4]), 4, "get_rows ids")?;
+    let yp = y.check(size(&[n_ids, table.cols, 4]), 16, "get_rows y")?;
     let n = items(is_quantized(table.ty), n_ids, table.cols)?;
     if n == 0 {
         return Ok(());
@@ -79,8 +79,8 @@ pub fn get_rows(
 }
 
 fn convert(s: &Stream, kernel: &str, x: At<'_>, y: At<'_>, n: usize) -> Result<(), KernelError> {
-    let xp = x.check(n * 4, 4, "convert x")?;
-    let yp = y.check(n * 2, 2, "convert y")?;
+    let xp = x.check(size(&[n, 4]), 4, "convert x")?;
+    let yp = y.check(size(&[n, 2]), 2, "convert y")?;
     let blocks = n.div_ceil(THREADS);
     if blocks > i32::MAX as usize {
         return Err(KernelError::Invalid(format!(

@@ -3,7 +3,7 @@
 
 use strata_storage::quant::GgmlType;
 
-use super::matmul::{At, Experts, Weight, check_weight, is_quantized, kernel_names};
+use super::matmul::{At, Experts, Weight, check_weight, is_quantized, kernel_names, size};
 use super::matvec::check_experts;
 use super::quantize::q8_1_mmq_bytes;
 use crate::device::{Arg, KernelError, LaunchConfig, Stream};
@@ -48,11 +48,15 @@ fn check_acts(
                      of 8)"
                 )));
             }
-            Ok((x.check(x_rows * cols * 2, 16, "gemm activations")?, None))
+            Ok((
+                x.check(size(&[x_rows, cols, 2]), 16, "gemm activations")?,
+                None,
+            ))
         }
-        (Acts::F32(x), GgmlType::F32) => {
-            Ok((x.check(x_rows * cols * 4, 4, "gemm activations")?, None))
-        }
+        (Acts::F32(x), GgmlType::F32) => Ok((
+            x.check(size(&[x_rows, cols, 4]), 4, "gemm activations")?,
+            None,
+        )),
         _ => Err(KernelError::Invalid(format!(
             "gemm: these activations do not go with {ty} weights"
         ))),
@@ -85,7 +89,7 @@ pub fn gemm(
 ) -> Result<(), KernelError> {
     let ti = check_weight(w.ty, w.ptr, w.rows, w.cols, "gemm weights")?;
     let (xa, xb) = check_acts(acts, w.ty, n, w.cols)?;
-    let yp = y.check(n * w.rows * 4, 4, "gemm y")?;
+    let yp = y.check(size(&[n, w.rows, 4]), 4, "gemm y")?;
     super::dim(n, "gemm tokens")?;
     if n == 0 || w.rows == 0 {
         return Ok(());
@@ -125,7 +129,10 @@ pub fn gemm(
 /// Tiles `moe_group` may make for `n_pairs` pairs among `n_expert` experts (and the bucket of
 /// ids out of range): each expert's last tile may be partial.
 pub fn moe_max_tiles(n_pairs: usize, n_expert: usize) -> usize {
-    n_pairs.div_ceil(TILE) + n_expert + 1
+    n_pairs
+        .div_ceil(TILE)
+        .saturating_add(n_expert)
+        .saturating_add(1)
 }
 
 /// The experts `moe_group` takes at most.
@@ -149,9 +156,9 @@ pub fn moe_group(
         )));
     }
     let max_tiles = moe_max_tiles(n_pairs, n_expert);
-    let ip = ids.check(n_pairs * 4, 4, "moe_group ids")?;
-    let pp = pairs.check(n_pairs * 4, 4, "moe_group pairs")?;
-    let tp = tiles.check(max_tiles * 16, 16, "moe_group tiles")?;
+    let ip = ids.check(size(&[n_pairs, 4]), 4, "moe_group ids")?;
+    let pp = pairs.check(size(&[n_pairs, 4]), 4, "moe_group pairs")?;
+    let tp = tiles.check(size(&[max_tiles, 16]), 16, "moe_group tiles")?;
     super::dim(max_tiles, "moe_group tiles")?;
     let k = s.device().kernel("moe_group")?;
     s.launch(
@@ -185,13 +192,13 @@ pub fn gemm_id(
 ) -> Result<(), KernelError> {
     let ti = check_weight(w.ty, w.ptr, w.rows, w.cols, "gemm_id experts")?;
     check_experts(w)?;
-    let n_pairs = n_tok * n_slot;
+    let n_pairs = size(&[n_tok, n_slot]);
     let x_rows = if x_per_slot { n_pairs } else { n_tok };
     let (xa, xb) = check_acts(acts, w.ty, x_rows, w.cols)?;
     let max_tiles = moe_max_tiles(n_pairs, w.n_expert);
-    let pp = pairs.check(n_pairs * 4, 4, "gemm_id pairs")?;
-    let tp = tiles.check(max_tiles * 16, 16, "gemm_id tiles")?;
-    let yp = y.check(n_pairs * w.rows * 4, 4, "gemm_id y")?;
+    let pp = pairs.check(size(&[n_pairs, 4]), 4, "gemm_id pairs")?;
+    let tp = tiles.check(size(&[max_tiles, 16]), 16, "gemm_id tiles")?;
+    let yp = y.check(size(&[n_pairs, w.rows, 4]), 4, "gemm_id y")?;
     super::dim(n_pairs, "gemm_id pairs")?;
     if n_pairs == 0 || w.rows == 0 {
         return Ok(());

@@ -96,7 +96,7 @@ impl Experts {
     /// Expert `e`'s matrix.
     pub fn expert(&self, e: usize) -> Weight {
         Weight {
-            ptr: self.ptr + (e * self.stride) as u64,
+            ptr: self.ptr.wrapping_add(e.saturating_mul(self.stride) as u64),
             ty: self.ty,
             rows: self.rows,
             cols: self.cols,
@@ -190,7 +190,13 @@ pub(crate) fn check_weight(
 }
 
 fn align256(v: usize) -> usize {
-    v.div_ceil(256) * 256
+    v.div_ceil(256).saturating_mul(256)
+}
+
+/// The product of `parts`, saturating: a size too large for memory then fails the bounds
+/// checks with its number instead of wrapping around.
+pub(crate) fn size(parts: &[usize]) -> usize {
+    parts.iter().fold(1usize, |a, &b| a.saturating_mul(b))
 }
 
 /// How [`matmul`] computes `n` tokens against weights of type `ty`.
@@ -234,9 +240,9 @@ pub fn matmul_scratch_bytes(ty: GgmlType, cols: usize, n: usize) -> usize {
         Plan::Q8Matvec => quantize::q8_1_bytes(n, cols),
         Plan::Q8Gemm => {
             let (qs, ds) = quantize::q8_1_mmq_bytes(n, cols);
-            align256(qs) + ds
+            align256(qs).saturating_add(ds)
         }
-        Plan::HalfGemm => n * cols * 2,
+        Plan::HalfGemm => size(&[n, cols, 2]),
         Plan::FloatMatvec | Plan::F32Gemm => 0,
     }
 }
@@ -253,6 +259,7 @@ pub fn matmul(
     scratch: At<'_>,
 ) -> Result<(), KernelError> {
     check_weight(w.ty, w.ptr, w.rows, w.cols, "matmul weights")?;
+    super::dim(n, "matmul tokens")?;
     if n == 0 {
         return Ok(());
     }
@@ -273,21 +280,41 @@ pub fn matmul(
             let mut t = 0;
             while t < n {
                 let k = (n - t).min(MATVEC_MAX_TOKENS);
-                matvec::matvec(s, w, x.skip(t * cols * 4), k, y.skip(t * w.rows * 4))?;
+                let (xs, ys) = (size(&[t, cols, 4]), size(&[t, w.rows, 4]));
+                matvec::matvec(s, w, x.skip(xs), k, y.skip(ys))?;
                 t += k;
             }
             Ok(())
         }
         Plan::HalfGemm => {
-            if w.ty == GgmlType::Bf16 {
-                dequant::convert_f32_bf16(s, x, scratch, n * cols)?;
-            } else {
-                dequant::convert_f32_f16(s, x, scratch, n * cols)?;
-            }
+            convert_half(s, w.ty, x, scratch, size(&[n, cols]))?;
             gemm::gemm(s, w, gemm::Acts::Half(scratch), n, y)
         }
         Plan::F32Gemm => gemm::gemm(s, w, gemm::Acts::F32(x), n, y),
     }
+}
+
+/// f32 activations to the f16 or bf16 of `ty`'s weights.
+fn convert_half(
+    s: &Stream,
+    ty: GgmlType,
+    x: At<'_>,
+    y: At<'_>,
+    n: usize,
+) -> Result<(), KernelError> {
+    if ty == GgmlType::Bf16 {
+        dequant::convert_f32_bf16(s, x, y, n)
+    } else {
+        dequant::convert_f32_f16(s, x, y, n)
+    }
+}
+
+/// Whether [`matmul_id`] groups the pairs for the GEMM (else each pair is a matrix-vector
+/// product): past [`MATVEC_MAX_TOKENS`] tokens, where the GEMM takes the weights (float rows of
+/// 16 bytes for the tensor cores).
+fn id_grouped(ty: GgmlType, cols: usize, n_tok: usize, ptr_aligned: bool) -> bool {
+    n_tok > MATVEC_MAX_TOKENS
+        && (is_quantized(ty) || ty == GgmlType::F32 || (cols.is_multiple_of(8) && ptr_aligned))
 }
 
 /// Scratch bytes [`matmul_id`] needs (see there for the arguments).
@@ -299,9 +326,9 @@ pub fn matmul_id_scratch_bytes(
     n_expert: usize,
     x_per_slot: bool,
 ) -> usize {
-    let x_rows = if x_per_slot { n_tok * n_slot } else { n_tok };
-    let n_pairs = n_tok * n_slot;
-    if n_tok <= MATVEC_MAX_TOKENS {
+    let n_pairs = size(&[n_tok, n_slot]);
+    let x_rows = if x_per_slot { n_pairs } else { n_tok };
+    if !id_grouped(ty, cols, n_tok, true) {
         return if is_quantized(ty) {
             quantize::q8_1_bytes(x_rows, cols)
         } else {
@@ -310,13 +337,14 @@ pub fn matmul_id_scratch_bytes(
     }
     let acts = if is_quantized(ty) {
         let (qs, ds) = quantize::q8_1_mmq_bytes(x_rows, cols);
-        align256(qs) + align256(ds)
+        align256(qs).saturating_add(align256(ds))
     } else if ty == GgmlType::F32 {
         0
     } else {
-        align256(x_rows * cols * 2)
+        align256(size(&[x_rows, cols, 2]))
     };
-    acts + align256(n_pairs * 4) + gemm::moe_max_tiles(n_pairs, n_expert) * 16
+    acts.saturating_add(align256(size(&[n_pairs, 4])))
+        .saturating_add(size(&[gemm::moe_max_tiles(n_pairs, n_expert), 16]))
 }
 
 /// Mixture of experts (ggml's MUL_MAT_ID): for every token `t` and slot `k`,
@@ -342,58 +370,73 @@ pub fn matmul_id(
     scratch: At<'_>,
 ) -> Result<(), KernelError> {
     check_weight(w.ty, w.ptr, w.rows, w.cols, "matmul_id experts")?;
-    if n_tok == 0 || n_slot == 0 {
+    let n_pairs = size(&[n_tok, n_slot]);
+    super::dim(n_pairs, "matmul_id (token, slot) pairs")?;
+    if n_pairs == 0 {
         return Ok(());
     }
     let cols = w.cols;
-    let x_rows = if x_per_slot { n_tok * n_slot } else { n_tok };
-    let n_pairs = n_tok * n_slot;
+    let x_rows = if x_per_slot { n_pairs } else { n_tok };
     let quant = is_quantized(w.ty);
-    if n_tok <= MATVEC_MAX_TOKENS {
+    if !id_grouped(w.ty, cols, n_tok, w.ptr.is_multiple_of(16)) {
         let xa = if quant {
             quantize::quantize_q8_1(s, x, scratch, x_rows, cols)?;
             scratch
         } else {
             x
         };
-        return matvec::matvec_id(s, w, xa, x_per_slot, ids, n_tok, n_slot, y);
+        // One launch takes up to 65535 pairs (its grid's y): whole tokens at a time.
+        let per = (65535 / n_slot).max(1);
+        let row = if quant {
+            quantize::q8_1_bytes(1, cols)
+        } else {
+            cols * 4
+        };
+        let mut t = 0;
+        while t < n_tok {
+            let k = (n_tok - t).min(per);
+            let xs = size(&[if x_per_slot { t * n_slot } else { t }, row]);
+            matvec::matvec_id(
+                s,
+                w,
+                xa.skip(xs),
+                x_per_slot,
+                ids.skip(size(&[t, n_slot, 4])),
+                k,
+                n_slot,
+                y.skip(size(&[t, n_slot, w.rows, 4])),
+            )?;
+            t += k;
+        }
+        return Ok(());
     }
     let (acts, used) = if quant {
         let (qs, ds) = quantize::q8_1_mmq_bytes(x_rows, cols);
         let dsat = scratch.skip(align256(qs));
         quantize::quantize_q8_1_mmq(s, x, scratch, dsat, x_rows, cols)?;
-        (
-            gemm::Acts::Q8_1 {
-                qs: scratch,
-                ds: dsat,
-            },
-            align256(qs) + align256(ds),
-        )
+        let acts = gemm::Acts::Q8_1 {
+            qs: scratch,
+            ds: dsat,
+        };
+        (acts, align256(qs).saturating_add(align256(ds)))
     } else if w.ty == GgmlType::F32 {
         (gemm::Acts::F32(x), 0)
     } else {
-        if !cols.is_multiple_of(8) {
-            return Err(KernelError::Invalid(format!(
-                "matmul_id: {} experts of {cols} columns (the GEMM takes multiples of 8)",
-                w.ty
-            )));
-        }
-        if w.ty == GgmlType::Bf16 {
-            dequant::convert_f32_bf16(s, x, scratch, x_rows * cols)?;
-        } else {
-            dequant::convert_f32_f16(s, x, scratch, x_rows * cols)?;
-        }
-        (gemm::Acts::Half(scratch), align256(x_rows * cols * 2))
+        convert_half(s, w.ty, x, scratch, size(&[x_rows, cols]))?;
+        (
+            gemm::Acts::Half(scratch),
+            align256(size(&[x_rows, cols, 2])),
+        )
     };
     let pairs = scratch.skip(used);
-    let tiles = pairs.skip(align256(n_pairs * 4));
+    let tiles = pairs.skip(align256(size(&[n_pairs, 4])));
     gemm::moe_group(s, ids, n_pairs, w.n_expert, pairs, tiles)?;
     gemm::gemm_id(s, w, acts, x_per_slot, pairs, tiles, n_tok, n_slot, y)
 }
 
 /// Scratch bytes [`matmul_cublas`] needs.
 pub fn matmul_cublas_scratch_bytes(rows: usize, cols: usize, n: usize) -> usize {
-    align256(rows * cols * 2) + n * cols * 2
+    align256(size(&[rows, cols, 2])).saturating_add(size(&[n, cols, 2]))
 }
 
 /// The comparison path: the weights dequantized to f16, the activations converted to f16, and
@@ -408,13 +451,14 @@ pub fn matmul_cublas(
     scratch: At<'_>,
 ) -> Result<(), KernelError> {
     check_weight(w.ty, w.ptr, w.rows, w.cols, "matmul_cublas weights")?;
+    super::dim(n, "matmul_cublas tokens")?;
     if n == 0 {
         return Ok(());
     }
     let wh = scratch;
-    let xh = scratch.skip(align256(w.rows * w.cols * 2));
+    let xh = scratch.skip(align256(size(&[w.rows, w.cols, 2])));
     dequant::dequant_f16(s, w, wh)?;
-    dequant::convert_f32_f16(s, x, xh, n * w.cols)?;
+    dequant::convert_f32_f16(s, x, xh, size(&[n, w.cols]))?;
     s.gemm_f16(
         w.rows,
         n,

@@ -2,7 +2,7 @@
 //! mixture-of-experts form.
 
 use super::matmul::{
-    At, Experts, MATVEC_MAX_TOKENS, Weight, check_weight, is_quantized, kernel_names,
+    At, Experts, MATVEC_MAX_TOKENS, Weight, check_weight, is_quantized, kernel_names, size,
 };
 use super::quantize::q8_1_bytes;
 use crate::device::{Arg, KernelError, LaunchConfig, Stream};
@@ -33,7 +33,7 @@ fn check_x(
     if quantized {
         Ok((x.check(q8_1_bytes(rows, cols), 4, "matvec x (q8_1)")?, 0))
     } else {
-        let p = x.check(rows * cols * 4, 4, "matvec x (f32)")?;
+        let p = x.check(size(&[rows, cols, 4]), 4, "matvec x (f32)")?;
         // Eight values per lane and step need 16-byte rows of weights (address checked by
         // check_weight) and of activations.
         Ok((p, i32::from(cols.is_multiple_of(8) && p.is_multiple_of(16))))
@@ -52,7 +52,7 @@ pub fn matvec(s: &Stream, w: &Weight, x: At<'_>, n: usize, y: At<'_>) -> Result<
     }
     let quant = is_quantized(w.ty);
     let (xp, vec) = check_x(x, quant, n, w.cols)?;
-    let yp = y.check(n * w.rows * 4, 4, "matvec y")?;
+    let yp = y.check(size(&[n, w.rows, 4]), 4, "matvec y")?;
     if n == 0 || w.rows == 0 {
         return Ok(());
     }
@@ -98,7 +98,7 @@ pub fn matvec_id(
 ) -> Result<(), KernelError> {
     let ti = check_weight(w.ty, w.ptr, w.rows, w.cols, "matvec_id experts")?;
     check_experts(w)?;
-    let n_pairs = n_tok * n_slot;
+    let n_pairs = size(&[n_tok, n_slot]);
     if n_pairs > 65535 {
         return Err(KernelError::Invalid(format!(
             "matvec_id: {n_pairs} (token, slot) pairs (at most 65535 per launch)"
@@ -107,8 +107,8 @@ pub fn matvec_id(
     let quant = is_quantized(w.ty);
     let x_rows = if x_per_slot { n_pairs } else { n_tok };
     let (xp, vec) = check_x(x, quant, x_rows, w.cols)?;
-    let ip = ids.check(n_pairs * 4, 4, "matvec_id ids")?;
-    let yp = y.check(n_pairs * w.rows * 4, 4, "matvec_id y")?;
+    let ip = ids.check(size(&[n_pairs, 4]), 4, "matvec_id ids")?;
+    let yp = y.check(size(&[n_pairs, w.rows, 4]), 4, "matvec_id y")?;
     if n_pairs == 0 || w.rows == 0 {
         return Ok(());
     }
@@ -136,7 +136,7 @@ pub fn matvec_id(
 
 /// Checks an expert stack's count and stride.
 pub(crate) fn check_experts(w: &Experts) -> Result<(), KernelError> {
-    let bytes = w.rows * w.ty.row_bytes(w.cols);
+    let bytes = size(&[w.rows, w.ty.row_bytes(w.cols)]);
     if w.n_expert == 0 || w.n_expert > i32::MAX as usize {
         return Err(KernelError::Invalid(format!(
             "experts: {} experts",

@@ -2,7 +2,7 @@
 //! (ggml's `block_q8_1`) or the prefill layout the GEMM copies from (quants and f32 scales apart).
 
 use super::dim;
-use super::matmul::At;
+use super::matmul::{At, size};
 use crate::device::{Arg, KernelError, LaunchConfig, Stream};
 
 /// Warps (q8_1 blocks) per launched block of 256 threads.
@@ -12,13 +12,13 @@ pub const Q8_1_BLOCK: usize = 36;
 
 /// Bytes of `n` rows of `cols` values as q8_1 blocks.
 pub fn q8_1_bytes(n: usize, cols: usize) -> usize {
-    n * (cols / 32) * Q8_1_BLOCK
+    size(&[n, cols / 32, Q8_1_BLOCK])
 }
 
 /// Bytes of the prefill layout's two parts: the quants (`n · cols`) and the scales (`n · cols / 32`
 /// float4s).
 pub fn q8_1_mmq_bytes(n: usize, cols: usize) -> (usize, usize) {
-    (n * cols, n * (cols / 32) * 16)
+    (size(&[n, cols]), size(&[n, cols / 32, 16]))
 }
 
 fn check_shape(n: usize, cols: usize, what: &str) -> Result<usize, KernelError> {
@@ -45,7 +45,7 @@ pub fn quantize_q8_1(
     cols: usize,
 ) -> Result<(), KernelError> {
     let blocks = check_shape(n, cols, "quantize_q8_1")?;
-    let xp = x.check(n * cols * 4, 4, "quantize_q8_1 x")?;
+    let xp = x.check(size(&[n, cols, 4]), 4, "quantize_q8_1 x")?;
     let yp = y.check(q8_1_bytes(n, cols), 4, "quantize_q8_1 y")?;
     if blocks == 0 {
         return Ok(());
@@ -71,7 +71,7 @@ pub fn quantize_q8_1_mmq(
 ) -> Result<(), KernelError> {
     let blocks = check_shape(n, cols, "quantize_q8_1_mmq")?;
     let (qb, db) = q8_1_mmq_bytes(n, cols);
-    let xp = x.check(n * cols * 4, 4, "quantize_q8_1_mmq x")?;
+    let xp = x.check(size(&[n, cols, 4]), 4, "quantize_q8_1_mmq x")?;
     let qp = qs.check(qb, 16, "quantize_q8_1_mmq qs")?;
     let dp = ds.check(db, 16, "quantize_q8_1_mmq ds")?;
     if blocks == 0 {

@@ -99,29 +99,29 @@ __device__ __forceinline__ void get_rows_f(const uint8_t* __restrict__ w,
 // dequant_f16_<type>(w, y, cols, subs) and get_rows_<type>(w, ids, y, n_rows, cols, subs,
 // scale) for quantized types (a thread per sub-block); for float types the last count is of
 // values (a thread per value). Blocks of 256 threads.
-#define DQ_Q(NAME)                                                                          \
-  extern "C" __global__ void __launch_bounds__(DQ_THREADS)                                  \
-      dequant_f16_##NAME(const uint8_t* __restrict__ w, uint16_t* __restrict__ y, int cols, \
-                         long long subs) {                                                  \
-    dq_f16_q<t##NAME>(w, y, cols, subs);                                                    \
-  }                                                                                         \
-  extern "C" __global__ void __launch_bounds__(DQ_THREADS)                                  \
-      get_rows_##NAME(const uint8_t* __restrict__ w, const int* __restrict__ ids,           \
-                      float* __restrict__ y, int n_rows, int cols, long long subs,          \
-                      float scale) {                                                        \
-    get_rows_q<t##NAME>(w, ids, y, n_rows, cols, subs, scale);                              \
+#define DQ_Q(NAME)                                                                                \
+  extern "C" __global__ void __launch_bounds__(DQ_THREADS)                                        \
+      dequant_f16_##NAME(const uint8_t* __restrict__ w, uint16_t* __restrict__ y, int cols,       \
+                         long long subs) {                                                        \
+    dq_f16_q<t##NAME>(w, y, cols, subs);                                                          \
+  }                                                                                               \
+  extern "C" __global__ void __launch_bounds__(DQ_THREADS)                                        \
+      get_rows_##NAME(const uint8_t* __restrict__ w, const int* __restrict__ ids,                 \
+                      float* __restrict__ y, int n_rows, int cols, long long subs,                \
+                      float scale) {                                                              \
+    get_rows_q<t##NAME>(w, ids, y, n_rows, cols, subs, scale);                                    \
   }
-#define DQ_F(NAME)                                                                          \
-  extern "C" __global__ void __launch_bounds__(DQ_THREADS)                                  \
-      dequant_f16_##NAME(const uint8_t* __restrict__ w, uint16_t* __restrict__ y,           \
-                         int /* cols */, long long n) {                                     \
-    dq_f16_f<wty_##NAME>(w, y, n);                                                          \
-  }                                                                                         \
-  extern "C" __global__ void __launch_bounds__(DQ_THREADS)                                  \
-      get_rows_##NAME(const uint8_t* __restrict__ w, const int* __restrict__ ids,           \
-                      float* __restrict__ y, int n_rows, int cols, long long n,             \
-                      float scale) {                                                        \
-    get_rows_f<wty_##NAME>(w, ids, y, n_rows, cols, n, scale);                              \
+#define DQ_F(NAME)                                                                                \
+  extern "C" __global__ void __launch_bounds__(DQ_THREADS)                                        \
+      dequant_f16_##NAME(const uint8_t* __restrict__ w, uint16_t* __restrict__ y,                 \
+                         int /* cols */, long long n) {                                           \
+    dq_f16_f<wty_##NAME>(w, y, n);                                                                \
+  }                                                                                               \
+  extern "C" __global__ void __launch_bounds__(DQ_THREADS)                                        \
+      get_rows_##NAME(const uint8_t* __restrict__ w, const int* __restrict__ ids,                 \
+                      float* __restrict__ y, int n_rows, int cols, long long n,                   \
+                      float scale) {                                                              \
+    get_rows_f<wty_##NAME>(w, ids, y, n_rows, cols, n, scale);                                    \
   }
 
 // convert_f32_bf16(x, y, n): y[i] = x[i] rounded to bf16 (nearest even).

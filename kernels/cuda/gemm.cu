@@ -30,6 +30,7 @@
 // about that much) and 4 × 27 KiB of shared memory; stated so that ptxas does not pick a lower
 // register target of its own and spill.
 #define GEMM_MIN_BLOCKS 4
+#define GEMM_KERNEL extern "C" __global__ void __launch_bounds__(GEMM_THREADS, GEMM_MIN_BLOCKS)
 
 // The block's token columns: col[c] the activation row of column c, out[c] its output row (-1:
 // none). Returns the expert (0 without ids), or -1 when the block has nothing to compute.
@@ -216,37 +217,37 @@ __device__ __forceinline__ void gemm_q(const uint8_t* __restrict__ w, long long 
       }
 }
 
-#define GQ_SMEM                                                  \
-  __shared__ __align__(16) int8_t s_a[GEMM_BM * GQ_LDS];         \
-  __shared__ __align__(16) int8_t s_b[GEMM_BN * GQ_LDS];         \
-  __shared__ float s_ad[GQ_SUBS * 2 * GEMM_BM];                  \
-  __shared__ float s_am[GQ_SUBS * 2 * GEMM_BM];                  \
-  __shared__ __align__(16) float4 s_bds[GQ_SUBS * GEMM_BN];      \
-  __shared__ int s_col[GEMM_BN];                                 \
-  __shared__ int s_out[GEMM_BN];                                 \
+#define GQ_SMEM                                                                                   \
+  __shared__ __align__(16) int8_t s_a[GEMM_BM * GQ_LDS];                                          \
+  __shared__ __align__(16) int8_t s_b[GEMM_BN * GQ_LDS];                                          \
+  __shared__ float s_ad[GQ_SUBS * 2 * GEMM_BM];                                                   \
+  __shared__ float s_am[GQ_SUBS * 2 * GEMM_BM];                                                   \
+  __shared__ __align__(16) float4 s_bds[GQ_SUBS * GEMM_BN];                                       \
+  __shared__ int s_col[GEMM_BN];                                                                  \
+  __shared__ int s_out[GEMM_BN];                                                                  \
   const GqSmem sm = {s_a, s_b, s_ad, s_am, s_bds, s_col, s_out};
 
 // gemm_<type>(w, xq, xds, y, rows, cols, n): xq int8 [n][cols] and xds float4 [n][cols/32]
 // (quantize_q8_1_mmq), y f32 [n][rows]; grid (ceil(n / 64), ceil(rows / 64)), 128 threads.
-#define GEMM_Q(NAME)                                                                        \
-  extern "C" __global__ void __launch_bounds__(GEMM_THREADS, GEMM_MIN_BLOCKS)                                \
-      gemm_##NAME(const uint8_t* __restrict__ w, const int8_t* __restrict__ xq,             \
-                  const float4* __restrict__ xds, float* __restrict__ y, int rows, int cols, \
-                  int n) {                                                                  \
-    GQ_SMEM                                                                                 \
-    gemm_q<t##NAME, false>(w, 0, xq, xds, nullptr, nullptr, 1, 0, y, rows, cols, n, sm);   \
+#define GEMM_Q(NAME)                                                                              \
+  GEMM_KERNEL                                                                                     \
+      gemm_##NAME(const uint8_t* __restrict__ w, const int8_t* __restrict__ xq,                   \
+                  const float4* __restrict__ xds, float* __restrict__ y, int rows, int cols,      \
+                  int n) {                                                                        \
+    GQ_SMEM                                                                                       \
+    gemm_q<t##NAME, false>(w, 0, xq, xds, nullptr, nullptr, 1, 0, y, rows, cols, n, sm);          \
   }
 // gemm_id_<type>(w, expert_stride, xq, xds, pairs, tiles, n_slot, x_per_slot, y, rows, cols):
 // pairs and tiles from moe_group; y f32 [n_tok][n_slot][rows]; grid (max tiles, ceil(rows / 64)).
-#define GEMM_Q_ID(NAME)                                                                    \
-  extern "C" __global__ void __launch_bounds__(GEMM_THREADS, GEMM_MIN_BLOCKS) gemm_id_##NAME(               \
-      const uint8_t* __restrict__ w, long long expert_stride, const int8_t* __restrict__ xq, \
-      const float4* __restrict__ xds, const int* __restrict__ pairs,                        \
-      const int4* __restrict__ tiles, int n_slot, int x_per_slot, float* __restrict__ y,    \
-      int rows, int cols) {                                                                 \
-    GQ_SMEM                                                                                 \
-    gemm_q<t##NAME, true>(w, expert_stride, xq, xds, pairs, tiles, n_slot, x_per_slot, y,   \
-                          rows, cols, 0, sm);                                               \
+#define GEMM_Q_ID(NAME)                                                                           \
+  GEMM_KERNEL gemm_id_##NAME(                                                                     \
+      const uint8_t* __restrict__ w, long long expert_stride, const int8_t* __restrict__ xq,      \
+      const float4* __restrict__ xds, const int* __restrict__ pairs,                              \
+      const int4* __restrict__ tiles, int n_slot, int x_per_slot, float* __restrict__ y,          \
+      int rows, int cols) {                                                                       \
+    GQ_SMEM                                                                                       \
+    gemm_q<t##NAME, true>(w, expert_stride, xq, xds, pairs, tiles, n_slot, x_per_slot, y,         \
+                          rows, cols, 0, sm);                                                     \
   }
 
 // ---------------------------------------------------------------------------------------------
@@ -351,15 +352,15 @@ __device__ __forceinline__ void gemm_h(const uint16_t* __restrict__ w, long long
       }
 }
 
-#define GH_SMEM                                                 \
-  __shared__ __align__(16) uint16_t s_a[2 * GEMM_BM * GH_LDS];  \
-  __shared__ __align__(16) uint16_t s_b[2 * GEMM_BN * GH_LDS];  \
-  __shared__ int s_col[GEMM_BN];                                \
+#define GH_SMEM                                                                                   \
+  __shared__ __align__(16) uint16_t s_a[2 * GEMM_BM * GH_LDS];                                    \
+  __shared__ __align__(16) uint16_t s_b[2 * GEMM_BN * GH_LDS];                                    \
+  __shared__ int s_col[GEMM_BN];                                                                  \
   __shared__ int s_out[GEMM_BN];
 
 // gemm_f16 / gemm_bf16(w, x, y, rows, cols, n): w [rows][cols] and x [n][cols] of the type
 // (cols % 8 == 0, both 16-byte aligned), y f32 [n][rows]; grid as gemm_<type>.
-extern "C" __global__ void __launch_bounds__(GEMM_THREADS, GEMM_MIN_BLOCKS)
+GEMM_KERNEL
     gemm_f16(const uint16_t* __restrict__ w, const uint16_t* __restrict__ x,
              float* __restrict__ y, int rows, int cols, int n) {
   GH_SMEM
@@ -367,7 +368,7 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, GEMM_MIN_BLOCKS)
 }
 SIM_EXPORT(gemm_f16)
 
-extern "C" __global__ void __launch_bounds__(GEMM_THREADS, GEMM_MIN_BLOCKS)
+GEMM_KERNEL
     gemm_bf16(const uint16_t* __restrict__ w, const uint16_t* __restrict__ x,
               float* __restrict__ y, int rows, int cols, int n) {
   GH_SMEM
@@ -377,7 +378,7 @@ SIM_EXPORT(gemm_bf16)
 
 // gemm_id_f16 / gemm_id_bf16(w, expert_stride, x, pairs, tiles, n_slot, x_per_slot, y, rows,
 // cols): as gemm_id_<type>, with x [rows of activations][cols] of the weights' type.
-extern "C" __global__ void __launch_bounds__(GEMM_THREADS, GEMM_MIN_BLOCKS)
+GEMM_KERNEL
     gemm_id_f16(const uint16_t* __restrict__ w, long long expert_stride,
                 const uint16_t* __restrict__ x, const int* __restrict__ pairs,
                 const int4* __restrict__ tiles, int n_slot, int x_per_slot, float* __restrict__ y,
@@ -388,7 +389,7 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, GEMM_MIN_BLOCKS)
 }
 SIM_EXPORT(gemm_id_f16)
 
-extern "C" __global__ void __launch_bounds__(GEMM_THREADS, GEMM_MIN_BLOCKS)
+GEMM_KERNEL
     gemm_id_bf16(const uint16_t* __restrict__ w, long long expert_stride,
                  const uint16_t* __restrict__ x, const int* __restrict__ pairs,
                  const int4* __restrict__ tiles, int n_slot, int x_per_slot,
@@ -456,10 +457,10 @@ __device__ __forceinline__ void gemm_f(const float* __restrict__ w, long long ex
     }
 }
 
-#define GF_SMEM                              \
-  __shared__ float s_a[GF_KT * GF_LD];       \
-  __shared__ float s_b[GF_KT * GF_LD];       \
-  __shared__ int s_col[GEMM_BN];             \
+#define GF_SMEM                                                                                   \
+  __shared__ float s_a[GF_KT * GF_LD];                                                            \
+  __shared__ float s_b[GF_KT * GF_LD];                                                            \
+  __shared__ int s_col[GEMM_BN];                                                                  \
   __shared__ int s_out[GEMM_BN];
 
 // gemm_f32(w, x, y, rows, cols, n): w [rows][cols], x [n][cols], y [n][rows], f32; grid as

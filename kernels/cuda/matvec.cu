@@ -202,40 +202,43 @@ __device__ __forceinline__ void mv_f_id(const uint8_t* __restrict__ w, long long
   mv_store<1>(acc, out, 0);
 }
 
+// Every kernel of this file: 128 threads, MV_MIN_BLOCKS blocks per SM.
+#define MV_KERNEL extern "C" __global__ void __launch_bounds__(MV_THREADS, MV_MIN_BLOCKS)
+
 #define wty_f32 WF32
 #define wty_f16 WF16
 #define wty_bf16 WBF16
 
 // matvec_<type>_n<NT>(w, x, y, rows, cols): x block_q8_1 [NT][cols/32] or f32 [NT][cols],
 // y f32 [NT][rows]; grid ceil(rows / 4) blocks of 128 threads.
-#define MV_Q(NAME, NT)                                                                      \
-  extern "C" __global__ void __launch_bounds__(MV_THREADS, MV_MIN_BLOCKS)                                  \
-      matvec_##NAME##_n##NT(const uint8_t* __restrict__ w, const block_q8_1* __restrict__ x, \
-                            float* __restrict__ y, int rows, int cols) {                    \
-    mv_q<t##NAME, NT>(w, x, y, rows, cols);                                                 \
+#define MV_Q(NAME, NT)                                                                            \
+  MV_KERNEL                                                                                       \
+      matvec_##NAME##_n##NT(const uint8_t* __restrict__ w, const block_q8_1* __restrict__ x,      \
+                            float* __restrict__ y, int rows, int cols) {                          \
+    mv_q<t##NAME, NT>(w, x, y, rows, cols);                                                       \
   }
-#define MV_F(NAME, NT)                                                                    \
-  extern "C" __global__ void __launch_bounds__(MV_THREADS, MV_MIN_BLOCKS)                                \
-      matvec_##NAME##_n##NT(const uint8_t* __restrict__ w, const float* __restrict__ x,    \
-                            float* __restrict__ y, int rows, int cols, int vec) {         \
-    mv_f<wty_##NAME, NT>(w, x, y, rows, cols, vec);                                       \
+#define MV_F(NAME, NT)                                                                            \
+  MV_KERNEL                                                                                       \
+      matvec_##NAME##_n##NT(const uint8_t* __restrict__ w, const float* __restrict__ x,           \
+                            float* __restrict__ y, int rows, int cols, int vec) {                 \
+    mv_f<wty_##NAME, NT>(w, x, y, rows, cols, vec);                                               \
   }
 // matvec_id_<type>(w, expert_stride, n_expert, ids, n_slot, x, x_per_slot, y, rows, cols[, vec]):
 // grid (ceil(rows / 4), n_tok · n_slot) blocks of 128 threads.
-#define MV_Q_ID(NAME)                                                                        \
-  extern "C" __global__ void __launch_bounds__(MV_THREADS, MV_MIN_BLOCKS) matvec_id_##NAME(                 \
-      const uint8_t* __restrict__ w, long long expert_stride, int n_expert,                  \
-      const int* __restrict__ ids, int n_slot, const block_q8_1* __restrict__ x,             \
-      int x_per_slot, float* __restrict__ y, int rows, int cols) {                           \
-    mv_q_id<t##NAME>(w, expert_stride, n_expert, ids, n_slot, x, x_per_slot, y, rows, cols); \
+#define MV_Q_ID(NAME)                                                                             \
+  MV_KERNEL matvec_id_##NAME(                                                                     \
+      const uint8_t* __restrict__ w, long long expert_stride, int n_expert,                       \
+      const int* __restrict__ ids, int n_slot, const block_q8_1* __restrict__ x,                  \
+      int x_per_slot, float* __restrict__ y, int rows, int cols) {                                \
+    mv_q_id<t##NAME>(w, expert_stride, n_expert, ids, n_slot, x, x_per_slot, y, rows, cols);      \
   }
-#define MV_F_ID(NAME)                                                                      \
-  extern "C" __global__ void __launch_bounds__(MV_THREADS, MV_MIN_BLOCKS) matvec_id_##NAME(               \
-      const uint8_t* __restrict__ w, long long expert_stride, int n_expert,                \
-      const int* __restrict__ ids, int n_slot, const float* __restrict__ x, int x_per_slot, \
-      float* __restrict__ y, int rows, int cols, int vec) {                                \
-    mv_f_id<wty_##NAME>(w, expert_stride, n_expert, ids, n_slot, x, x_per_slot, y, rows,   \
-                        cols, vec);                                                        \
+#define MV_F_ID(NAME)                                                                             \
+  MV_KERNEL matvec_id_##NAME(                                                                     \
+      const uint8_t* __restrict__ w, long long expert_stride, int n_expert,                       \
+      const int* __restrict__ ids, int n_slot, const float* __restrict__ x, int x_per_slot,       \
+      float* __restrict__ y, int rows, int cols, int vec) {                                       \
+    mv_f_id<wty_##NAME>(w, expert_stride, n_expert, ids, n_slot, x, x_per_slot, y, rows,          \
+                        cols, vec);                                                               \
   }
 
 // The kernels, one line each (the simulator's build reads the SIM_EXPORT lines).

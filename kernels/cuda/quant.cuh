@@ -19,9 +19,9 @@
 // most 13 bits together), so d·q + m rounds once, as the CPU's dequantization does: dequant.cu's
 // outputs equal the reference's values.
 //
-// Offsets: Q4_0, Q5_0, Q3_K and Q6_K are symmetric; their codes' bias (8, 16, 4, 32) is
-// subtracted from each byte (__vsub4), so m = 0 and their products need no activation sums at
-// all (exact integer dot products, as the CPU's q8_0 dot products are). Q4_1, Q5_1, Q4_K and
+// Offsets: Q8_0 is symmetric, and so are Q4_0, Q5_0, Q3_K and Q6_K once their codes' bias (8,
+// 16, 4, 32) is subtracted from each byte (__vsub4): m = 0, and their products need no
+// activation sums at all (exact integer dot products, as the CPU's are). Q4_1, Q5_1, Q4_K and
 // Q5_K have a real offset per 32 weights (m·s); Q2_K one per 16.
 
 #pragma once
@@ -113,7 +113,8 @@ struct tq5_0 {
     for (int i = 0; i < 4; i++) {
       const int v = load_i32_u16(b->qs + 4 * i);
       o.q[i] = sub_bytes((v & 0x0F0F0F0F) | spread_bit4(qh >> (4 * i)), 0x10101010u);
-      o.q[i + 4] = sub_bytes(((v >> 4) & 0x0F0F0F0F) | spread_bit4(qh >> (4 * i + 16)), 0x10101010u);
+      o.q[i + 4] =
+          sub_bytes(((v >> 4) & 0x0F0F0F0F) | spread_bit4(qh >> (4 * i + 16)), 0x10101010u);
     }
     o.d[0] = o.d[1] = f16(b->d);
     o.m[0] = o.m[1] = 0.0f;
@@ -158,7 +159,8 @@ struct tq2_K {
   __device__ static __forceinline__ void load(const block* __restrict__ b, int j, qsub& o) {
     const int half = j >> 2, k = j & 3;
 #pragma unroll
-    for (int i = 0; i < 8; i++) o.q[i] = (ld_i32(b->qs + 32 * half + 4 * i) >> (2 * k)) & 0x03030303;
+    for (int i = 0; i < 8; i++)
+      o.q[i] = (ld_i32(b->qs + 32 * half + 4 * i) >> (2 * k)) & 0x03030303;
     const float d = f16(b->d), dmin = f16(b->dmin);
 #pragma unroll
     for (int h = 0; h < 2; h++) {

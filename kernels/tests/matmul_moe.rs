@@ -87,7 +87,8 @@ fn check(
     let got: Vec<f32> = get(s, &y, 0, n_pairs * rows);
     // Each pair a matrix-vector product (the activations as given, q8_1 with f16 scales), or
     // grouped for the GEMM past 8 tokens where it takes the weights (float rows of 16 bytes).
-    let decode = n_tok <= 8 || (matches!(ty, GgmlType::F16 | GgmlType::Bf16) && cols % 8 != 0);
+    let decode =
+        n_tok <= 8 || (matches!(ty, GgmlType::F16 | GgmlType::Bf16) && !cols.is_multiple_of(8));
     let xs = seen(ty, &x, decode);
     let (mut err, mut scale) = (0f64, 0f64);
     for p in 0..n_pairs {
@@ -184,7 +185,7 @@ fn matmul_id_float_rows_off_16_bytes_take_one_pair_at_a_time() {
     let dev = common::sim();
     let s = dev.stream().unwrap();
     let mut rng = rng(23);
-    let ids: Vec<i32> = (0..24).map(|p| (p % 3) as i32).collect();
+    let ids: Vec<i32> = (0..24).map(|p| p % 3).collect();
     for ty in [GgmlType::F16, GgmlType::Bf16] {
         let e = check(&s, &mut rng, ty, 9, 76, 3, &ids, 12, 2, true).unwrap();
         assert!(e < 1e-10, "{ty}: {e:e}");

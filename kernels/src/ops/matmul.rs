@@ -160,9 +160,8 @@ pub(crate) fn is_quantized(ty: GgmlType) -> bool {
 }
 
 /// Checks a weight's type and shape and its address's alignment; returns the type's index in
-/// [`TYPES`].
-/// Weight addresses must be 16-byte aligned (GGUF aligns tensor data to 32): the kernels read
-/// blocks with 2- to 16-byte loads.
+/// [`TYPES`]. Weight addresses must be 16-byte aligned (GGUF aligns tensor data to 32): the
+/// kernels read blocks with 2- to 16-byte loads.
 pub(crate) fn check_weight(
     ty: GgmlType,
     ptr: u64,
@@ -214,7 +213,7 @@ enum Plan {
     F32Gemm,
 }
 
-fn plan(ty: GgmlType, cols: usize, n: usize, w_aligned: bool) -> Plan {
+fn plan(ty: GgmlType, cols: usize, n: usize) -> Plan {
     if is_quantized(ty) {
         return if n <= MATVEC_MAX_TOKENS {
             Plan::Q8Matvec
@@ -228,15 +227,16 @@ fn plan(ty: GgmlType, cols: usize, n: usize, w_aligned: bool) -> Plan {
     match ty {
         GgmlType::F32 => Plan::F32Gemm,
         // The tensor-core GEMM copies 8 values (16 bytes) at a time: rows must be 16-byte
-        // aligned. Other shapes take the matvec path, 8 tokens per launch.
-        _ if cols.is_multiple_of(8) && w_aligned => Plan::HalfGemm,
+        // aligned (the matrix is, check_weight). Other shapes take the matvec path, 8 tokens per
+        // launch.
+        _ if cols.is_multiple_of(8) => Plan::HalfGemm,
         _ => Plan::FloatMatvec,
     }
 }
 
 /// Scratch bytes [`matmul`] needs for `n` tokens of `cols` values against weights of type `ty`.
 pub fn matmul_scratch_bytes(ty: GgmlType, cols: usize, n: usize) -> usize {
-    match plan(ty, cols, n, true) {
+    match plan(ty, cols, n) {
         Plan::Q8Matvec => quantize::q8_1_bytes(n, cols),
         Plan::Q8Gemm => {
             let (qs, ds) = quantize::q8_1_mmq_bytes(n, cols);
@@ -249,7 +249,7 @@ pub fn matmul_scratch_bytes(ty: GgmlType, cols: usize, n: usize) -> usize {
 
 /// `y[t][r] = Σ_c W[r][c] · x[t][c]` for `n` tokens: `x` f32 `[n][w.cols]`, `y` f32
 /// `[n][w.rows]`, `scratch` at least [`matmul_scratch_bytes`]`(w.ty, w.cols, n)` bytes (16-byte
-/// aligned), free for the call's duration.
+/// aligned) that nothing else uses until the stream has run this call's work.
 pub fn matmul(
     s: &Stream,
     w: &Weight,
@@ -264,7 +264,7 @@ pub fn matmul(
         return Ok(());
     }
     let cols = w.cols;
-    match plan(w.ty, cols, n, w.ptr.is_multiple_of(16)) {
+    match plan(w.ty, cols, n) {
         Plan::Q8Matvec => {
             quantize::quantize_q8_1(s, x, scratch, n, cols)?;
             matvec::matvec(s, w, scratch, n, y)
@@ -312,9 +312,8 @@ fn convert_half(
 /// Whether [`matmul_id`] groups the pairs for the GEMM (else each pair is a matrix-vector
 /// product): past [`MATVEC_MAX_TOKENS`] tokens, where the GEMM takes the weights (float rows of
 /// 16 bytes for the tensor cores).
-fn id_grouped(ty: GgmlType, cols: usize, n_tok: usize, ptr_aligned: bool) -> bool {
-    n_tok > MATVEC_MAX_TOKENS
-        && (is_quantized(ty) || ty == GgmlType::F32 || (cols.is_multiple_of(8) && ptr_aligned))
+fn id_grouped(ty: GgmlType, cols: usize, n_tok: usize) -> bool {
+    n_tok > MATVEC_MAX_TOKENS && (is_quantized(ty) || ty == GgmlType::F32 || cols.is_multiple_of(8))
 }
 
 /// Scratch bytes [`matmul_id`] needs (see there for the arguments).
@@ -328,7 +327,7 @@ pub fn matmul_id_scratch_bytes(
 ) -> usize {
     let n_pairs = size(&[n_tok, n_slot]);
     let x_rows = if x_per_slot { n_pairs } else { n_tok };
-    if !id_grouped(ty, cols, n_tok, true) {
+    if !id_grouped(ty, cols, n_tok) {
         return if is_quantized(ty) {
             quantize::q8_1_bytes(x_rows, cols)
         } else {
@@ -378,7 +377,7 @@ pub fn matmul_id(
     let cols = w.cols;
     let x_rows = if x_per_slot { n_pairs } else { n_tok };
     let quant = is_quantized(w.ty);
-    if !id_grouped(w.ty, cols, n_tok, w.ptr.is_multiple_of(16)) {
+    if !id_grouped(w.ty, cols, n_tok) {
         let xa = if quant {
             quantize::quantize_q8_1(s, x, scratch, x_rows, cols)?;
             scratch

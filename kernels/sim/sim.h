@@ -337,6 +337,12 @@ template <class T>
 inline T __ldg(const T* p) {
   return *p;
 }
+// Per-byte subtraction modulo 256 (no borrow between bytes).
+inline unsigned __vsub4(unsigned a, unsigned b) {
+  unsigned r = 0;
+  for (int i = 0; i < 4; i++) r |= (((a >> (8 * i)) - (b >> (8 * i))) & 0xffu) << (8 * i);
+  return r;
+}
 
 // ---------------------------------------------------------------------------------------------
 // half and bfloat16 with CUDA's rounding (round to nearest even).
@@ -388,6 +394,7 @@ inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) {
   h.x = u;
   return h;
 }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.x; }
 
 // ---------------------------------------------------------------------------------------------
 // Kernel registration: `SIM_EXPORT(name)` after a kernel makes it launchable by name. The thunk

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaModule, result, sys};
 use cudarc::nvrtc::Ptx;
 
@@ -143,6 +144,7 @@ impl CudaDevice {
         Ok(CudaStream {
             dev: Arc::clone(self),
             s,
+            blas: Mutex::new(None),
         })
     }
 
@@ -184,6 +186,8 @@ impl CudaDevice {
 pub(crate) struct CudaStream {
     dev: Arc<CudaDevice>,
     s: Arc<cudarc::driver::CudaStream>,
+    /// This stream's cuBLAS handle, made at the first `gemm_f16`.
+    blas: Mutex<Option<Arc<CudaBlas>>>,
 }
 
 pub(crate) struct CudaEvent(cudarc::driver::CudaEvent);
@@ -294,5 +298,83 @@ impl CudaStream {
 
     pub(crate) fn synchronize(&self) -> Result<(), KernelError> {
         self.s.synchronize().map_err(err("synchronize"))
+    }
+
+    /// The stream's cuBLAS handle; cuBLAS is probed first, since cudarc panics where the
+    /// library is missing.
+    fn blas(&self) -> Result<Arc<CudaBlas>, KernelError> {
+        let mut g = self.blas.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(b) = &*g {
+            return Ok(Arc::clone(b));
+        }
+        // SAFETY: only tries to open the library.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(KernelError::Driver {
+                op: "cuBLAS",
+                msg: "libcublas.so.12 was not found (cuBLAS comes with the CUDA toolkit; strata's \
+                      own kernels do not need it)"
+                    .into(),
+            });
+        }
+        self.dev.bind()?;
+        let b = Arc::new(
+            CudaBlas::new(Arc::clone(&self.s)).map_err(|e| KernelError::Driver {
+                op: "cuBLAS handle",
+                msg: format!("{e:?}"),
+            })?,
+        );
+        *g = Some(Arc::clone(&b));
+        Ok(b)
+    }
+
+    /// `cublasGemmEx`: c (f32, [n][m] row-major) = b (f16 [n][k]) · a (f16 [m][k])ᵀ, f32 sums.
+    /// In cuBLAS's column-major terms: C (m×n, ldc m) = op(A)·B with A the k×m matrix `a` (lda
+    /// k) transposed and B the k×n matrix `b` (ldb k).
+    pub(crate) fn gemm_f16(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        b: u64,
+        c: u64,
+    ) -> Result<(), KernelError> {
+        use cudarc::cublas::sys::{
+            cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
+        };
+        let blas = self.blas()?;
+        self.dev.bind()?;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        self.dev.launches.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: a, b and c are checked ranges of live device buffers (Stream::gemm_f16) of the
+        // sizes the dimensions give; alpha and beta are host scalars (the default pointer mode)
+        // read before the call returns; the handle is bound to this stream.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                m as i32,
+                n as i32,
+                k as i32,
+                (&raw const alpha).cast(),
+                a as *const std::ffi::c_void,
+                cudaDataType_t::CUDA_R_16F,
+                k as i32,
+                b as *const std::ffi::c_void,
+                cudaDataType_t::CUDA_R_16F,
+                k as i32,
+                (&raw const beta).cast(),
+                c as *mut std::ffi::c_void,
+                cudaDataType_t::CUDA_R_32F,
+                m as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| KernelError::Driver {
+            op: "cublasGemmEx",
+            msg: format!("{e:?}"),
+        })
     }
 }

@@ -515,6 +515,56 @@ impl Stream {
         }
     }
 
+    /// cuBLAS's GEMM with f16 inputs and f32 output and sums, queued on this stream:
+    /// `c[j][i] = Σ_l a[i][l] · b[j][l]` for `i < m`, `j < n`, `l < k`, every matrix row-major —
+    /// `a` f16 `[m][k]` (weights), `b` f16 `[n][k]` (activations), `c` f32 `[n][m]`; each given
+    /// as a buffer and a byte offset. On a GPU this is `cublasGemmEx` (cuBLAS loaded at first
+    /// use, its handle bound to this stream); cuBLAS in the simulator is a reference loop on the
+    /// stream's thread (f32 sums in order of `l`), there to check the path around it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_f16(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: (&DeviceBuffer, usize),
+        b: (&DeviceBuffer, usize),
+        c: (&DeviceBuffer, usize),
+    ) -> Result<(), KernelError> {
+        let too_big = || KernelError::Invalid(format!("gemm_f16: {m}x{n}x{k} is too large"));
+        let ab = m
+            .checked_mul(k)
+            .and_then(|v| v.checked_mul(2))
+            .ok_or_else(too_big)?;
+        let bb = n
+            .checked_mul(k)
+            .and_then(|v| v.checked_mul(2))
+            .ok_or_else(too_big)?;
+        let cb = n
+            .checked_mul(m)
+            .and_then(|v| v.checked_mul(4))
+            .ok_or_else(too_big)?;
+        if [m, n, k].iter().any(|&v| v > i32::MAX as usize) {
+            return Err(too_big());
+        }
+        a.0.check(a.1, ab)?;
+        b.0.check(b.1, bb)?;
+        c.0.check(c.1, cb)?;
+        let (pa, pb, pc) = (a.0.at(a.1), b.0.at(b.1), c.0.at(c.1));
+        if pa % 2 != 0 || pb % 2 != 0 || pc % 4 != 0 {
+            return Err(KernelError::Invalid(
+                "gemm_f16: a and b must be 2-byte aligned, c 4-byte aligned".into(),
+            ));
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        match &self.inner {
+            StreamInner::Sim(s) => s.gemm_f16(m, n, k, pa, pb, pc),
+            StreamInner::Cuda(s) => s.gemm_f16(m, n, k, pa, pb, pc),
+        }
+    }
+
     /// Marks this point of the stream.
     pub fn record(&self) -> Result<Event, KernelError> {
         let inner = match &self.inner {

@@ -4,9 +4,14 @@
 
 pub mod act;
 pub mod attention;
+pub mod dequant;
+pub mod gemm;
 pub mod kv;
+pub mod matmul;
+pub mod matvec;
 pub mod moe;
 pub mod norm;
+pub mod quantize;
 pub mod rope;
 pub mod sample;
 

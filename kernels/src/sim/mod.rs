@@ -159,6 +159,15 @@ enum Op {
     },
     Signal(Arc<EvState>),
     Wait(Arc<EvState>),
+    /// `Stream::gemm_f16`: cuBLAS in the simulator is a reference loop.
+    GemmF16 {
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        b: u64,
+        c: u64,
+    },
 }
 
 #[derive(Default)]
@@ -238,6 +247,13 @@ fn run_stream(dev: &SimDevice, sh: &Shared, rx: &Receiver<Op>) {
             }
             Op::Signal(ev) => ev.signal(),
             Op::Wait(ev) => ev.wait(),
+            Op::GemmF16 { m, n, k, a, b, c } => {
+                if lock(&sh.error).is_some() {
+                    continue;
+                }
+                dev.launches.fetch_add(1, Ordering::Relaxed);
+                gemm_f16_reference(m, n, k, a, b, c);
+            }
         }
     }
 }
@@ -342,6 +358,18 @@ impl SimStream {
         self.send(Op::Memset { dst, len, value })
     }
 
+    pub(crate) fn gemm_f16(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        b: u64,
+        c: u64,
+    ) -> Result<(), KernelError> {
+        self.send(Op::GemmF16 { m, n, k, a, b, c })
+    }
+
     pub(crate) fn record(&self) -> SimEventMark {
         let ev = Arc::new(EvState::default());
         if self.send(Op::Signal(Arc::clone(&ev))).is_err() {
@@ -376,6 +404,27 @@ impl Drop for SimStream {
         drop(std::mem::replace(&mut self.tx, tx));
         if let Some(h) = self.handle.take() {
             let _ = h.join();
+        }
+    }
+}
+
+/// cuBLAS's `gemm_ex` (f16 inputs, f32 sums and output) as a plain loop: `c[j][i] = Σ_l
+/// a[i][l] · b[j][l]`, each product exact in f32 and added in order of `l`.
+fn gemm_f16_reference(m: usize, n: usize, k: usize, a: u64, b: u64, c: u64) {
+    let (a, b, c) = (a as *const u16, b as *const u16, c as *mut f32);
+    let h = |p: *const u16, i: usize| {
+        // SAFETY: the ranges were checked against live device buffers (and their alignment)
+        // when the operation was queued; reads are by value, as a kernel's are.
+        half::f16::from_bits(unsafe { p.add(i).read() }).to_f32()
+    };
+    for j in 0..n {
+        for i in 0..m {
+            let mut acc = 0.0f32;
+            for l in 0..k {
+                acc += h(a, i * k + l) * h(b, j * k + l);
+            }
+            // SAFETY: as above; c holds n·m f32.
+            unsafe { c.add(j * m + i).write(acc) };
         }
     }
 }

@@ -70,9 +70,10 @@ fn out_of_device_memory_names_the_bytes() {
 
 #[test]
 fn a_launch_that_does_not_wait_for_its_copy_sees_stale_memory() {
-    // The copy stream's link is slow; the compute stream forgets to wait for the copy.
+    // The copy stream's link is slow (16 KiB take half a second, far longer than a busy
+    // machine delays the other stream's launch); the compute stream forgets to wait for it.
     let dev = Device::sim(SimConfig {
-        link_bytes_per_sec: Some(4e6),
+        link_bytes_per_sec: Some(32e3),
         ..SimConfig::default()
     })
     .unwrap();

@@ -487,7 +487,7 @@ async fn ps(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
                 "keep_alive_s": keep,
                 "tokens_generated": s.tokens_generated.load(Ordering::Relaxed),
                 "weights": {
-                    "mode": w.mode,
+                    "mode": w.mode.name(),
                     "io": w.io,
                     "tiers": tiers,
                     "resident_layers": w.resident_layers,

@@ -11,6 +11,7 @@
 
 pub mod chat;
 pub mod error;
+pub mod exec;
 pub mod kv;
 pub mod model;
 pub mod optimize;

@@ -172,7 +172,7 @@ impl Placement {
         }
     }
 
-    /// The devices any phase runs on.
+    /// Whether any phase runs on `dev`.
     fn uses(&self, dev: Dev) -> bool {
         self.embed == dev
             || self.head == dev
@@ -247,6 +247,24 @@ impl Executor {
     fn ffn(&mut self, p: &Pass<'_>, il: usize) -> Result<(), EngineError> {
         match self {
             Executor::Cpu(e) => e.ffn(p, il),
+        }
+    }
+
+    /// Runs one of layer `il`'s phases ([`Phase::LAYER`]).
+    fn layer_phase(
+        &mut self,
+        p: &Pass<'_>,
+        phase: Phase,
+        il: usize,
+        slots: &mut [Slot<'_>],
+    ) -> Result<(), EngineError> {
+        match phase {
+            Phase::AttnIn => self.attn_input(p, il),
+            Phase::Attend => self.attend(p, il, slots),
+            Phase::Ffn => self.ffn(p, il),
+            Phase::Embed | Phase::Head => Err(EngineError::Invalid(format!(
+                "{phase:?} is not a phase of a layer"
+            ))),
         }
     }
 
@@ -390,13 +408,7 @@ pub(crate) fn run_layers(
             // The crossing point: the activations this phase reads move to its device here,
             // and only here, when the previous phase that wrote them ran elsewhere.
             at.cross(execs, phase, dev, p)?;
-            let ex = execs.get(dev);
-            match phase {
-                Phase::AttnIn => ex.attn_input(p, il)?,
-                Phase::Attend => ex.attend(p, il, slots)?,
-                Phase::Ffn => ex.ffn(p, il)?,
-                Phase::Embed | Phase::Head => {}
-            }
+            execs.get(dev).layer_phase(p, phase, il, slots)?;
             at.wrote(phase, dev);
         }
     }
@@ -416,3 +428,6 @@ pub(crate) fn head(
     at.cross(execs, Phase::Head, placement.head, p)?;
     execs.get(placement.head).head(p, rows, out)
 }
+
+#[cfg(test)]
+mod tests;

@@ -656,8 +656,8 @@ impl Drop for ExpertCache {
 /// together); [`GUESS_THREADS`] of them at most read guesses at a time, in batches of
 /// [`GUESS_BATCH_BYTES`], and only while no routed read is under way: a routing's reads find
 /// a thread free and wait for little more than one small batch of guesses, and the disk
-/// spends on guesses only the time the passes leave it. (Two guess threads with 4 MiB
-/// batches read about 8% more per token on the big qwen3moe, and were slower at 1 GB/s.)
+/// spends on guesses only the time the passes leave it. (More guess threads, or larger
+/// batches, read more wrong guesses per token and made a slow disk slower.)
 pub(super) const IO_THREADS: usize = 4;
 const GUESS_THREADS: usize = 1;
 

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use strata_engine::Model;
 use strata_engine::chat::{ChatMessage, ChatTemplate};
-use strata_engine::kv::{KvOptions, SpillConfig};
+use strata_engine::kv::{KvOptions, SpillConfig, parse_kv_budget};
+use strata_engine::model::{EnvSettings, LoadSettings, ModelOptions, SettingNames};
 use strata_simd::pool::ThreadPool;
 use strata_storage::io::ReaderOptions;
 use strata_storage::quant::GgmlType;
-use strata_storage::residency::{LoadOptions, parse_size};
 use strata_storage::store::{Store, StoreError};
 
 use crate::error::ApiError;
@@ -62,19 +62,13 @@ impl Default for KvSettings {
 impl KvSettings {
     /// The cache options for sequences of `n_ctx` positions of `model`.
     pub fn options(&self, model: &Model, n_ctx: usize) -> Result<KvOptions, String> {
-        let c = &model.config;
-        let full = (c.n_layer
-            * n_ctx
-            * (self.type_k.row_bytes(c.kv_dim()) + self.type_v.row_bytes(c.kv_dim())))
-            as u64;
         let spill = match &self.budget {
             None => None,
             Some(s) => Some(SpillConfig {
                 dir: self.dir.clone(),
-                ram_budget: parse_size(s, full)
-                    .map_err(|e| format!("kv_budget {s:?}: {e}"))?
-                    .try_into()
-                    .unwrap_or(usize::MAX),
+                ram_budget: parse_kv_budget(s, &model.config, n_ctx, self.type_k, self.type_v)
+                    .map_err(|e| format!("kv_budget {s:?}: {e}"))?,
+                io: ReaderOptions::from_env().map_err(|e| e.to_string())?,
             }),
         };
         Ok(KvOptions {
@@ -97,19 +91,20 @@ pub struct Residency {
 }
 
 impl Residency {
-    /// The load options for a model whose file is `file_bytes` long. I/O settings
-    /// (`STRATA_IO`, and `STRATA_IO_FAULTS` in tests) come from the environment.
-    pub fn options(&self, file_bytes: u64) -> Result<LoadOptions, String> {
-        let mut opts = LoadOptions::from_settings(
-            self.ram_budget.as_deref(),
-            file_bytes,
-            &self.override_tensor,
-            ("ram_budget", "override_tensor"),
-        )?;
-        opts.io = ReaderOptions::from_env().map_err(|e| e.to_string())?;
-        opts.window = self.prefetch;
-        opts.mmap = self.mmap;
-        Ok(opts)
+    /// The load options for a model whose file is `file_bytes` long. I/O and expert
+    /// settings (`STRATA_IO`, `STRATA_EXPERT_*`, and `STRATA_IO_FAULTS` in tests) come from
+    /// the environment.
+    pub fn options(&self, file_bytes: u64) -> Result<ModelOptions, String> {
+        let env = EnvSettings::from_vars(|k| std::env::var(k).ok())?;
+        let settings = LoadSettings {
+            ram_budget: self.ram_budget.clone(),
+            prefetch: self.prefetch,
+            mmap: self.mmap,
+            io: None,
+            override_tensor: self.override_tensor.clone(),
+            cpu_moe: None,
+        };
+        settings.options(file_bytes, &SettingNames::KEYS, &env)
     }
 }
 
@@ -298,7 +293,7 @@ impl Manager {
             model = name,
             arch = model.config.arch.name(),
             n_ctx,
-            weights = w.mode,
+            weights = w.mode.name(),
             ram_mib = w.ram_bytes >> 20,
             streamed_mib = w.streamed_per_pass >> 20,
             "loaded in {ms:.0} ms"

@@ -298,7 +298,7 @@ mod tests {
         m.record_request("/v1/models", 200);
         m.tokens_generated.fetch_add(5, Ordering::Relaxed);
         let weights = ResidencyStats {
-            mode: "streamed",
+            mode: strata_storage::residency::ResidencyMode::Streamed,
             io: "pread",
             hot_hits: 7,
             misses: 2,

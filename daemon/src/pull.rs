@@ -5,23 +5,18 @@
 
 use std::convert::Infallible;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use strata_storage::store::{Progress, PullOptions, Store, StoreError, registry, validate_name};
 use tokio::sync::mpsc;
 
-use crate::api::parse_json;
 use crate::config::AllowPull;
 use crate::error::ApiError;
-use crate::server::{AppState, body_bytes};
 
 #[derive(Deserialize)]
 pub struct PullRequest {
@@ -98,16 +93,19 @@ fn store_error(e: StoreError) -> ApiError {
     }
 }
 
+/// Serves a parsed pull request under the daemon's `allow` setting; `accepting` says whether
+/// the daemon still takes work (asked after the request is validated). The route's handler is
+/// the server's, which parses the body.
 pub async fn pull(
-    State(st): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
+    req: PullRequest,
+    allow: AllowPull,
+    accepting: impl FnOnce() -> Result<(), ApiError>,
 ) -> Result<Response, ApiError> {
-    let req: PullRequest = parse_json(&body_bytes(body)?)?;
-    let source = check_allowed(&req, st.allow_pull)?;
+    let source = check_allowed(&req, allow)?;
     if let Some(n) = &req.name {
         validate_name(n).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     }
-    st.accepting()?;
+    accepting()?;
     let store = Store::open_default()
         .map_err(|e| ApiError::Internal(format!("opening the model store: {e}")))?;
     // What can be refused before the stream starts is refused with its own status.

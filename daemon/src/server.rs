@@ -62,7 +62,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/ps", get(ps))
         .route("/api/load", post(load))
         .route("/api/unload", post(unload))
-        .route("/api/pull", post(crate::pull::pull))
+        .route("/api/pull", post(pull))
         .route("/api/sessions", get(list_sessions))
         .route(
             "/api/sessions/{name}",
@@ -181,6 +181,14 @@ impl AppState {
         }
         Ok(())
     }
+}
+
+async fn pull(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req = parse_json(&body_bytes(body)?)?;
+    crate::pull::pull(req, st.allow_pull, || st.accepting()).await
 }
 
 async fn chat(
@@ -487,7 +495,7 @@ async fn ps(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
                 "keep_alive_s": keep,
                 "tokens_generated": s.tokens_generated.load(Ordering::Relaxed),
                 "weights": {
-                    "mode": w.mode,
+                    "mode": w.mode.name(),
                     "io": w.io,
                     "tiers": tiers,
                     "resident_layers": w.resident_layers,

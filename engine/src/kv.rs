@@ -43,6 +43,22 @@ impl Default for KvOptions {
     }
 }
 
+/// The one parser of a KV cache's RAM budget as a user writes it (`--kv-budget`, the daemon's
+/// `kv_budget`): bytes with a K/M/G suffix, or a percentage of the full cache of `n_ctx`
+/// positions of a model shaped as `c` in types `type_k` and `type_v` ("25%").
+pub fn parse_kv_budget(
+    s: &str,
+    c: &crate::model::ModelConfig,
+    n_ctx: usize,
+    type_k: GgmlType,
+    type_v: GgmlType,
+) -> Result<usize, String> {
+    let full =
+        (c.n_layer * n_ctx * (type_k.row_bytes(c.kv_dim()) + type_v.row_bytes(c.kv_dim()))) as u64;
+    let bytes = strata_storage::residency::parse_size(s, full)?;
+    Ok(usize::try_from(bytes).unwrap_or(usize::MAX))
+}
+
 /// Parses a `--cache-type-k/-v` value: `f16`, `q8_0` or `q4_0`, as llama.cpp names them.
 pub fn parse_cache_type(s: &str) -> Result<GgmlType, String> {
     match s.to_ascii_lowercase().as_str() {

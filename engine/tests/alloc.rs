@@ -79,7 +79,7 @@ fn load(spec: &GenSpec, budget: Option<f64>) -> (tempfile::TempDir, Model) {
         overrides: parse_overrides("token_embd=RAM").expect("rule"),
         ..LoadOptions::default()
     };
-    let m = Model::load_with(&path, &opts).expect("load");
+    let m = Model::load_with(&path, &opts.into()).expect("load");
     (dir, m)
 }
 

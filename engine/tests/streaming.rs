@@ -5,12 +5,12 @@
 use std::sync::Arc;
 
 use strata_engine::model::Arch;
-use strata_engine::model::ExpertPrefetch;
+use strata_engine::model::{ExpertPrefetch, ModelOptions};
 use strata_engine::synth::{GenSpec, Vocab, to_bytes};
 use strata_engine::{Logits, Model};
 use strata_simd::pool::ThreadPool;
 use strata_storage::io::{Faults, IoKind, ReaderOptions};
-use strata_storage::residency::LoadOptions;
+use strata_storage::residency::{LoadOptions, ResidencyMode};
 
 fn model_file() -> (tempfile::TempDir, std::path::PathBuf, u64) {
     let mut spec = GenSpec::tiny(Arch::Llama);
@@ -49,35 +49,43 @@ fn run(model: &Model) -> Vec<Vec<f32>> {
     out
 }
 
-fn opts(budget: Option<u64>, kind: IoKind, faults: Option<&str>) -> LoadOptions {
+fn residency(budget: Option<u64>, kind: IoKind, faults: Option<&str>) -> LoadOptions {
     LoadOptions {
         ram_budget: budget,
-        window: None,
-        mmap: false,
-        row_access: Vec::new(),
         io: ReaderOptions {
             kind: Some(kind),
             faults: faults.map(|f| Faults::parse(f).expect("fault plan")),
             ..ReaderOptions::default()
         },
-        // Streamed layers keep the file's layout, so the resident run that every placement
-        // must match bit for bit keeps it too.
-        keep_file_layout: true,
-        overrides: Vec::new(),
+        ..LoadOptions::default()
     }
+}
+
+/// `r` with every matrix in the file's layout: streamed layers keep it, so the resident run
+/// that every placement must match bit for bit keeps it too.
+fn kept(r: LoadOptions) -> ModelOptions {
+    ModelOptions {
+        residency: r,
+        keep_file_layout: true,
+        ..ModelOptions::default()
+    }
+}
+
+fn opts(budget: Option<u64>, kind: IoKind, faults: Option<&str>) -> ModelOptions {
+    kept(residency(budget, kind, faults))
 }
 
 #[test]
 fn streamed_weights_give_identical_logits() {
     let (_dir, path, size) = model_file();
     let resident = Model::load_with(&path, &opts(None, IoKind::Uring, None)).expect("load");
-    assert_eq!(resident.weights().stats().mode, "resident");
+    assert_eq!(resident.weights().stats().mode, ResidencyMode::Resident);
     let want = run(&resident);
     // With resident matrices repacked for the kernels (the default), the same numbers up to
     // rounding.
     let repacked = Model::load_with(
         &path,
-        &LoadOptions {
+        &ModelOptions {
             keep_file_layout: false,
             ..opts(None, IoKind::Uring, None)
         },
@@ -96,7 +104,7 @@ fn streamed_weights_give_identical_logits() {
             let budget = size * 45 / 100;
             let m = Model::load_with(&path, &opts(Some(budget), kind, faults)).expect("load");
             let s = m.weights().stats();
-            assert_eq!(s.mode, "streamed", "{kind:?}");
+            assert_eq!(s.mode, ResidencyMode::Streamed, "{kind:?}");
             assert!(s.streamed_layers > 0 && s.window >= 2, "{s:?}");
             assert!(s.ram_bytes <= budget, "{} > {budget}", s.ram_bytes);
             assert_eq!(run(&m), want, "{kind:?} {faults:?}");
@@ -111,14 +119,13 @@ fn streamed_weights_give_identical_logits() {
     }
     let mapped = Model::load_with(
         &path,
-        &LoadOptions {
+        &kept(LoadOptions {
             mmap: true,
-            keep_file_layout: true,
             ..LoadOptions::default()
-        },
+        }),
     )
     .expect("mmap");
-    assert_eq!(mapped.weights().stats().mode, "mmap");
+    assert_eq!(mapped.weights().stats().mode, ResidencyMode::Mapped);
     assert_eq!(run(&mapped), want);
 }
 
@@ -242,10 +249,10 @@ fn optimized_experts_are_read_in_one_request_each_with_identical_logits() {
     let want = run(&Model::load_with(&path, &opts(None, IoKind::Uring, None)).expect("load"));
     let resident = Model::load_with(&fused, &opts(None, IoKind::Uring, None)).expect("load");
     assert_eq!(run(&resident), want, "resident");
-    let mapped = LoadOptions {
+    let mapped = kept(LoadOptions {
         mmap: true,
-        ..opts(None, IoKind::Uring, None)
-    };
+        ..residency(None, IoKind::Uring, None)
+    });
     assert_eq!(
         run(&Model::load_with(&fused, &mapped).expect("mmap")),
         want,
@@ -272,13 +279,13 @@ fn optimized_experts_are_read_in_one_request_each_with_identical_logits() {
     // One layer's gate experts pinned in RAM (`-ot`): the same logits, and its up and down
     // still count one use per expert.
     let len = std::fs::metadata(&fused).expect("size").len();
-    let pinned = LoadOptions {
+    let pinned = kept(LoadOptions {
         overrides: strata_storage::residency::overrides::parse_overrides(
             r"blk\.1\.ffn_gate_exps=RAM",
         )
         .expect("rule"),
-        ..opts(Some(len * 4 / 10), IoKind::Uring, None)
-    };
+        ..residency(Some(len * 4 / 10), IoKind::Uring, None)
+    });
     let m = Model::load_with(&fused, &pinned).expect("load pinned");
     m.set_expert_prefetch(ExpertPrefetch::Off);
     assert_eq!(run(&m), want, "one part pinned");

@@ -17,7 +17,7 @@ mod kernels;
 use strata_storage::quant::GgmlType;
 
 use crate::dispatch::{self, Level};
-use crate::pool::ThreadPool;
+use crate::pool::{SyncPtr, ThreadPool};
 use kernels::{GEMM_ROWS, Gemm, INTERLEAVED_TOKENS, InterleavedFn, Kernel, MULTI_TOKENS, kernel};
 
 pub use interleave::TILE_ROWS as INTERLEAVE_ROWS;
@@ -165,7 +165,7 @@ const MIN_PARALLEL_WORK: usize = 1 << 16;
 
 /// From this many tokens on, types with a tiled GEMM use it: packing a tile costs about as
 /// much as a few tokens' dot products, so below this the multi-token kernels win (a decode
-/// batch of 8 streams ran at half the speed through the tiled path: 14 vs 30 t/s on qwen).
+/// batch of a few streams is much slower through the tiled path).
 const GEMM_MIN_TOKENS: usize = 16;
 
 /// `out[t * w.rows + r] = Σ_c W[r][c] · x[t * w.cols + c]` for `t` in `0..n_tok`, at the
@@ -530,19 +530,3 @@ unsafe fn rows_job(
         tile = tile_end;
     }
 }
-
-/// A raw pointer that may be shared with the pool's threads; each use says why its writes are
-/// disjoint.
-#[derive(Clone, Copy)]
-struct SyncPtr<T>(*mut T);
-
-impl<T> SyncPtr<T> {
-    fn get(self) -> *mut T {
-        self.0
-    }
-}
-
-// SAFETY: the pointer is only dereferenced for disjoint ranges per thread (see each use).
-unsafe impl<T> Sync for SyncPtr<T> {}
-// SAFETY: as above.
-unsafe impl<T> Send for SyncPtr<T> {}

@@ -7,10 +7,10 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use strata_engine::Model;
+use strata_engine::model::{CpuMoe, EnvSettings, LoadSettings, ModelOptions, SettingNames};
 use strata_simd::pool::ThreadPool;
-use strata_storage::io::{IoKind, ReaderOptions};
-use strata_storage::residency::LoadOptions;
-use strata_storage::residency::overrides::cpu_moe;
+use strata_storage::io::IoKind;
+use strata_storage::residency::ResidencyMode;
 use strata_storage::store::Store;
 
 /// The model `strata run` uses when none is named.
@@ -88,39 +88,29 @@ impl LoadArgs {
             || self.n_cpu_moe.is_some()
     }
 
-    /// The residency options for a model whose weights take `weight_bytes`.
-    pub fn options(&self, weight_bytes: u64) -> anyhow::Result<LoadOptions> {
-        let mut io = ReaderOptions::from_env()?;
-        match self.io.as_deref() {
-            Some("pread") => io.kind = Some(IoKind::Pread),
-            Some(_) => io.kind = Some(IoKind::Uring),
-            None => {}
-        }
-        if let Some(w) = self.prefetch
-            && !(2..=64).contains(&w)
-        {
-            anyhow::bail!("--prefetch must be between 2 and 64 buffers, not {w}");
-        }
-        let mut opts = LoadOptions::from_settings(
-            self.ram_budget.as_deref(),
-            weight_bytes,
-            &self.override_tensor,
-            ("--ram-budget", "--override-tensor"),
-        )
-        .map_err(|e| anyhow::anyhow!(e))?;
-        if self.cpu_moe {
-            opts.overrides.push(cpu_moe(None));
-        }
-        if let Some(n) = self.n_cpu_moe {
-            if n > 4096 {
-                anyhow::bail!("--n-cpu-moe {n}: more layers than any model has");
-            }
-            opts.overrides.push(cpu_moe(Some(n)));
-        }
-        opts.window = self.prefetch;
-        opts.mmap = self.mmap;
-        opts.io = io;
-        Ok(opts)
+    /// The options for a model whose weights take `weight_bytes`: these flags over the
+    /// `STRATA_*` variables (read here, once per load).
+    pub fn options(&self, weight_bytes: u64) -> anyhow::Result<ModelOptions> {
+        let env = EnvSettings::from_vars(|k| std::env::var(k).ok()).map_err(anyhow::Error::msg)?;
+        let settings = LoadSettings {
+            ram_budget: self.ram_budget.clone(),
+            prefetch: self.prefetch,
+            mmap: self.mmap,
+            io: match self.io.as_deref() {
+                Some("pread") => Some(IoKind::Pread),
+                Some(_) => Some(IoKind::Uring),
+                None => None,
+            },
+            override_tensor: self.override_tensor.clone(),
+            cpu_moe: match (self.cpu_moe, self.n_cpu_moe) {
+                (true, _) => Some(CpuMoe::All),
+                (false, Some(n)) => Some(CpuMoe::First(n)),
+                (false, None) => None,
+            },
+        };
+        settings
+            .options(weight_bytes, &SettingNames::FLAGS, &env)
+            .map_err(anyhow::Error::msg)
     }
 }
 
@@ -159,7 +149,7 @@ pub fn open_model(path: &std::path::Path, how: &LoadArgs) -> anyhow::Result<Mode
 pub fn print_residency(model: &Model) {
     let s = model.weights().stats();
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
-    if s.mode == "mmap" {
+    if s.mode == ResidencyMode::Mapped {
         eprintln!(
             "strata_perf_context_print:          weights = mmap, {:.1} MiB mapped (the page cache decides what stays in RAM)",
             mib(s.ram_bytes)

@@ -3,9 +3,10 @@
 
 use std::path::PathBuf;
 
-use strata_engine::kv::{KvOptions, SpillConfig, parse_cache_type};
+use strata_engine::kv::{KvOptions, SpillConfig, parse_cache_type, parse_kv_budget};
 use strata_engine::{Context, Model};
 use strata_simd::pool::ThreadPool;
+use strata_storage::io::ReaderOptions;
 use strata_storage::store::Store;
 
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -45,12 +46,7 @@ impl KvArgs {
         let spill = match &self.kv_budget {
             None => None,
             Some(s) => {
-                let c = &model.config;
-                let full = (c.n_layer
-                    * n_ctx
-                    * (type_k.row_bytes(c.kv_dim()) + type_v.row_bytes(c.kv_dim())))
-                    as u64;
-                let budget = strata_storage::residency::parse_size(s, full)
+                let ram_budget = parse_kv_budget(s, &model.config, n_ctx, type_k, type_v)
                     .map_err(|e| anyhow::anyhow!("--kv-budget {s:?}: {e}"))?;
                 let dir = match &self.kv_dir {
                     Some(d) => d.clone(),
@@ -58,7 +54,8 @@ impl KvArgs {
                 };
                 Some(SpillConfig {
                     dir,
-                    ram_budget: usize::try_from(budget).unwrap_or(usize::MAX),
+                    ram_budget,
+                    io: ReaderOptions::from_env()?,
                 })
             }
         };

@@ -9,6 +9,8 @@ use strata_engine::sampler::{Sampler, SamplerConfig};
 use strata_engine::tokenizer::StreamDecoder;
 use strata_engine::{Context, Logits, Model};
 
+use strata_storage::residency::ResidencyMode;
+
 use super::common::{DEFAULT_MODEL, LoadArgs, Loaded, ctx_size, load_with, print_residency};
 
 #[derive(clap::Args, Debug)]
@@ -145,7 +147,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         complete(&loaded, &mut ctx, &mut sampler, &args, prompt, &mut perf)
     };
     print_perf(loaded.load_ms, &perf);
-    if args.verbose || loaded.model.weights().stats().mode != "resident" {
+    if args.verbose || loaded.model.weights().stats().mode != ResidencyMode::Resident {
         print_residency(&loaded.model);
     }
     if let Some(s) = ctx.kv_spill_stats() {

@@ -25,6 +25,8 @@ pub struct SpillConfig {
     pub dir: PathBuf,
     /// Bytes of pages the cache may keep in RAM.
     pub ram_budget: usize,
+    /// How the spill file is read back (the I/O engine and injected faults).
+    pub io: ReaderOptions,
 }
 
 /// What the SSD tier did, since the cache was made.
@@ -101,8 +103,7 @@ impl Spill {
             .custom_flags(libc::O_DIRECT)
             .open(&path)
             .unwrap_or(created);
-        let opts = ReaderOptions::from_env().map_err(|e| kv_err("reader options", e))?;
-        let reader = Reader::open(&path, &opts);
+        let reader = Reader::open(&path, &cfg.io);
         // The descriptors stay open; the name goes, so nothing is left behind on any exit.
         let _ = std::fs::remove_file(&path);
         let reader = Arc::new(reader.map_err(|e| kv_err("opening the spill file", e))?);

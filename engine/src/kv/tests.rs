@@ -89,6 +89,7 @@ fn spilled_pages_read_back_exactly() {
         let cfg = SpillConfig {
             dir: dir.path().to_path_buf(),
             ram_budget: 2 * LAYERS * 2 * page,
+            io: Default::default(),
         };
         let mut ssd = KvCache::new(LAYERS, 4096, KV_DIM, HD, &opts(ty, Some(cfg))).unwrap();
         fill(&mut ram, 0, 1300);

@@ -4,24 +4,30 @@
 
 pub mod config;
 mod forward;
+pub(crate) mod moe;
 pub mod names;
+mod options;
+pub(crate) mod predict;
 
 use std::path::Path;
 use std::sync::Arc;
 
-use strata_simd::matmul::{INTERLEAVE_ROWS, Layout};
 use strata_simd::ops::Rope;
 use strata_simd::pool::ThreadPool;
 use strata_storage::gguf::GgufFile;
-use strata_storage::io::ReaderOptions;
 use strata_storage::quant::{GgmlType, dequantize_row};
-use strata_storage::residency::{LoadOptions, ResidencyError, TensorId, Weights};
+use strata_storage::residency::{TensorId, Weights};
 
 pub use config::{Activation, Arch, ArchTraits, ModelConfig};
 pub use forward::{Context, Logits, Scratch};
 use names::LayerTensor;
+pub use options::{CpuMoe, EnvSettings, LoadSettings, ModelOptions, SettingNames};
+use predict::{ExpertControl, PredictionCounters};
+pub use predict::{ExpertPrefetch, ExpertSettings, PredictionStats};
 
 use crate::error::EngineError;
+use crate::exec::cpu::repack::CpuWeights;
+use crate::exec::{Dev, Placement};
 use crate::kv::KvOptions;
 use crate::tokenizer::Tokenizer;
 
@@ -34,8 +40,6 @@ pub(crate) struct Mat {
     pub rows: usize,
     /// Input features (the contiguous dimension).
     pub cols: usize,
-    /// Row-major as in the file, or interleaved for the decode kernels at load.
-    pub layout: Layout,
 }
 
 /// One transformer block's tensors. Vectors (norms, biases) are decoded to f32 at load; the
@@ -64,23 +68,6 @@ pub(crate) enum Ffn {
     Moe(Moe),
 }
 
-impl Layer {
-    /// The layer's dense matrices (not the stacked experts, nor the router, which expert
-    /// prediction reads on its own).
-    fn dense_mats_mut(&mut self) -> Vec<&mut Mat> {
-        let mut v = vec![&mut self.q, &mut self.k, &mut self.v, &mut self.o];
-        match &mut self.ffn {
-            Ffn::Dense { gate, up, down } => v.extend([gate, up, down]),
-            Ffn::Moe(m) => {
-                if let Some((g, u, d, _)) = &mut m.shared {
-                    v.extend([g, u, d]);
-                }
-            }
-        }
-        v
-    }
-}
-
 /// Stacked expert matrices: expert `e`'s `rows × cols` matrix is the `e`-th slab.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Experts {
@@ -97,77 +84,21 @@ pub(crate) struct Moe {
     pub shared: Option<(Mat, Mat, Mat, Vec<f32>)>,
 }
 
-/// How the next layer's experts are fetched ahead when they stream from disk.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum ExpertPrefetch {
-    /// Guess with the next layer's router on this layer's input (the default).
-    #[default]
-    Predict,
-    /// No read-ahead: every expert is read when its layer needs it.
-    Off,
-    /// Predict, and record which experts each MoE layer call really used.
-    Record,
-    /// Read ahead exactly the experts a recorded run used (a perfect-knowledge oracle).
-    Replay(std::sync::Arc<Vec<Vec<usize>>>),
-}
-
-#[derive(Default)]
-pub(crate) struct ExpertControl {
-    pub mode: ExpertPrefetch,
-    /// MoE layer calls so far (the index into a recording).
-    pub calls: usize,
-    pub log: Vec<Vec<usize>>,
-    /// Per layer, each expert's decayed count of routed tokens: the activation-frequency
-    /// prior that predictions are blended with.
-    pub prior: Vec<Vec<f32>>,
-}
-
-/// Experts guessed for the next layer, experts it really used, and guesses that were right.
-#[derive(Default)]
-pub(crate) struct PredictionCounters {
-    pub guessed: std::sync::atomic::AtomicU64,
-    pub actual: std::sync::atomic::AtomicU64,
-    pub right: std::sync::atomic::AtomicU64,
-}
-
-/// Precision and recall of expert prediction so far.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct PredictionStats {
-    pub guessed: u64,
-    pub actual: u64,
-    pub right: u64,
-}
-
-impl PredictionStats {
-    /// Share of guessed experts that were used.
-    pub fn precision(&self) -> f64 {
-        if self.guessed == 0 {
-            0.0
-        } else {
-            self.right as f64 / self.guessed as f64
-        }
-    }
-
-    /// Share of used experts that were guessed.
-    pub fn recall(&self) -> f64 {
-        if self.actual == 0 {
-            0.0
-        } else {
-            self.right as f64 / self.actual as f64
-        }
-    }
-}
-
 pub struct Model {
     pub config: ModelConfig,
     pub tokenizer: Tokenizer,
-    weights: Weights,
-    layers: Vec<Layer>,
-    token_embd: Mat,
-    output: Mat,
-    output_norm: Vec<f32>,
-    rope_global: Rope,
-    rope_swa: Rope,
+    pub(crate) weights: Weights,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) token_embd: Mat,
+    pub(crate) output: Mat,
+    pub(crate) output_norm: Vec<f32>,
+    pub(crate) rope_global: Rope,
+    pub(crate) rope_swa: Rope,
+    /// The CPU executor's view of the weights (its repacked layouts).
+    pub(crate) cpu: CpuWeights,
+    /// Where each phase of each layer runs.
+    pub(crate) placement: Placement,
+    pub(crate) expert_settings: ExpertSettings,
     /// How well cross-layer expert prediction guesses (MoE models with streamed experts).
     pub(crate) prediction: PredictionCounters,
     pub(crate) experts: std::sync::Mutex<ExpertControl>,
@@ -176,46 +107,37 @@ pub struct Model {
 }
 
 impl Model {
-    /// Parses, validates and loads a GGUF model file, resident when it fits in memory and
-    /// streamed from disk when it does not (I/O settings from `STRATA_IO`).
+    /// Parses, validates and loads a GGUF model file with the default options: resident when
+    /// it fits in memory and streamed from disk when it does not.
     pub fn load(path: &Path) -> Result<Self, EngineError> {
-        let io = ReaderOptions::from_env().map_err(|e| ResidencyError::Read(Arc::new(e)))?;
-        Self::load_with(
-            path,
-            &LoadOptions {
-                io,
-                ..LoadOptions::default()
-            },
-        )
+        Self::load_with(path, &ModelOptions::default())
     }
 
-    /// [`Model::load`] with explicit residency options (RAM budget, streaming window, mmap).
-    pub fn load_with(path: &Path, opts: &LoadOptions) -> Result<Self, EngineError> {
+    /// [`Model::load`] with explicit options (RAM budget, streaming window, mmap, I/O engine,
+    /// expert prediction).
+    pub fn load_with(path: &Path, opts: &ModelOptions) -> Result<Self, EngineError> {
         let gguf = GgufFile::open(path)?;
         let arch = gguf.architecture()?.to_string();
         Arch::from_name(&arch)?;
         let tokenizer = Tokenizer::from_gguf(&gguf.metadata)?;
         let config = ModelConfig::from_metadata(&gguf.metadata, tokenizer.n_vocab())?;
-        // An embedding table that is not also the output is only read a row per token.
-        let mut opts = opts.clone();
-        if gguf.tensors.iter().any(|t| t.name == names::OUTPUT) {
-            opts.row_access.push(names::TOKEN_EMBD.to_string());
-        }
-        let interleave = !opts.keep_file_layout && interleave_enabled();
-        let weights = Weights::open(path, gguf, &opts)?;
-        Self::from_weights(config, tokenizer, weights, interleave)
+        // How each tensor is read, from the name table (storage groups and streams by it).
+        let mut residency = opts.residency.clone();
+        residency.tensor_uses = names::tensor_uses(&gguf.tensors);
+        let weights = Weights::open(path, gguf, &residency)?;
+        Self::from_weights(config, tokenizer, weights, opts)
     }
 
     fn from_weights(
         config: ModelConfig,
         tokenizer: Tokenizer,
         mut weights: Weights,
-        interleave: bool,
+        opts: &ModelOptions,
     ) -> Result<Self, EngineError> {
         let c = &config;
         let (e, q, kv, ff) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff);
         let token_embd = mat(&weights, names::TOKEN_EMBD, e, c.n_vocab)?;
-        let mut output = if weights.id(names::OUTPUT).is_some() {
+        let output = if weights.id(names::OUTPUT).is_some() {
             mat(&weights, names::OUTPUT, e, c.n_vocab)?
         } else {
             token_embd
@@ -295,29 +217,9 @@ impl Model {
                 swa: c.swa_layers[il],
             });
         }
-        // Resident matrices are interleaved for the decode kernels where the CPU has them. An
-        // embedding table that is also the output projection is too (the output is the largest
-        // product of a step); its rows are then taken out of their tile at lookup. A separate
-        // embedding table keeps its rows.
-        let mut token_embd = token_embd;
-        if interleave {
-            for l in &mut layers {
-                for m in l.dense_mats_mut() {
-                    interleave_mat(&mut weights, m)?;
-                }
-                // Resident experts too, slab by slab (streamed ones keep the file's layout).
-                if let Ffn::Moe(m) = &mut l.ffn {
-                    for x in [&mut m.gate, &mut m.up, &mut m.down] {
-                        interleave_experts(&mut weights, x)?;
-                    }
-                }
-            }
-            let tied = output.id == token_embd.id;
-            interleave_mat(&mut weights, &mut output)?;
-            if tied {
-                token_embd = output;
-            }
-        }
+        // The CPU executor's weight preparation (its repacked layout).
+        let cpu = CpuWeights::prepare(&mut weights, &layers, output, !opts.keep_file_layout)?;
+        let placement = Placement::all(Dev::Cpu, layers.len());
         let kind = c.traits.rope;
         let rope_global = Rope::new(kind, c.n_rot, c.rope_base, c.rope_freq_scale);
         let rope_swa = Rope::new(
@@ -336,14 +238,13 @@ impl Model {
             output_norm,
             rope_global,
             rope_swa,
+            cpu,
+            placement,
+            expert_settings: opts.experts.clone(),
             session_ids: std::sync::OnceLock::new(),
             prediction: PredictionCounters::default(),
             experts: std::sync::Mutex::new(ExpertControl {
-                // `STRATA_EXPERT_PREFETCH=off`: no guesses (a disk too slow to spare reads).
-                mode: match std::env::var("STRATA_EXPERT_PREFETCH").as_deref() {
-                    Ok("off") => ExpertPrefetch::Off,
-                    _ => ExpertPrefetch::Predict,
-                },
+                mode: opts.experts.prefetch.clone(),
                 ..ExpertControl::default()
             }),
         })
@@ -371,25 +272,9 @@ impl Model {
         &self.weights
     }
 
-    /// Chooses how experts are read ahead (see [`ExpertPrefetch`]); resets the call count, and
-    /// returns the routing recorded since the last call.
-    pub fn set_expert_prefetch(&self, mode: ExpertPrefetch) -> Vec<Vec<usize>> {
-        let mut c = self.experts.lock().unwrap_or_else(|p| p.into_inner());
-        c.mode = mode;
-        c.calls = 0;
-        c.prior.clear();
-        std::mem::take(&mut c.log)
-    }
-
-    /// How well the next layer's experts were predicted (all zero unless experts stream).
-    pub fn prediction_stats(&self) -> PredictionStats {
-        use std::sync::atomic::Ordering::Relaxed;
-        let p = &self.prediction;
-        PredictionStats {
-            guessed: p.guessed.load(Relaxed),
-            actual: p.actual.load(Relaxed),
-            right: p.right.load(Relaxed),
-        }
+    /// Where each phase of each layer runs.
+    pub fn placement(&self) -> &Placement {
+        &self.placement
     }
 
     /// Total bytes of the weight tensors.
@@ -430,62 +315,9 @@ impl Model {
     }
 }
 
-/// Whether to interleave resident matrices at load (`STRATA_INTERLEAVE=0` keeps the file's
-/// row-major layout, for comparisons).
-fn interleave_enabled() -> bool {
-    std::env::var("STRATA_INTERLEAVE").map_or(true, |v| v != "0")
-}
-
-/// Interleaves `m` in place when it is resident and its type has the layout at this SIMD level.
-fn interleave_mat(weights: &mut Weights, m: &mut Mat) -> Result<(), EngineError> {
-    if m.rows < INTERLEAVE_ROWS || !strata_simd::matmul::can_interleave(m.ty) {
-        return Ok(());
-    }
-    let (ty, rows, cols) = (m.ty, m.rows, m.cols);
-    let done = weights.rewrite_resident(m.id, |bytes| {
-        strata_simd::matmul::interleave(ty, bytes, rows, cols)
-    })?;
-    if done {
-        m.layout = Layout::Interleaved;
-    }
-    Ok(())
-}
-
-/// Interleaves each expert's slab of a resident stacked tensor in place, as
-/// [`interleave_mat`] does a matrix.
-fn interleave_experts(weights: &mut Weights, x: &mut Experts) -> Result<(), EngineError> {
-    let m = &mut x.mat;
-    if m.rows < INTERLEAVE_ROWS || !strata_simd::matmul::can_interleave(m.ty) {
-        return Ok(());
-    }
-    let (ty, rows, cols) = (m.ty, m.rows, m.cols);
-    let slab = ty.row_bytes(cols) * rows;
-    let done = weights.rewrite_resident(m.id, |bytes| {
-        if slab == 0 || bytes.len() != slab * x.n_expert {
-            return Ok::<_, strata_simd::matmul::SimdError>(false);
-        }
-        for s in bytes.chunks_exact_mut(slab) {
-            if !strata_simd::matmul::interleave(ty, s, rows, cols)? {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    })?;
-    if done {
-        m.layout = Layout::Interleaved;
-    }
-    Ok(())
-}
-
 fn mat(weights: &Weights, name: &str, cols: usize, rows: usize) -> Result<Mat, EngineError> {
     let (id, ty) = matrix(weights, name, vec![cols as u64, rows as u64])?;
-    Ok(Mat {
-        id,
-        ty,
-        rows,
-        cols,
-        layout: Layout::Rows,
-    })
+    Ok(Mat { id, ty, rows, cols })
 }
 
 /// A weight matrix (or stack of them) by name, checked to have `expected` dims and a type the
@@ -548,13 +380,7 @@ fn experts(
     let dims = vec![cols as u64, rows as u64, n_expert as u64];
     let (id, ty) = matrix(weights, name, dims)?;
     Ok(Experts {
-        mat: Mat {
-            id,
-            ty,
-            rows,
-            cols,
-            layout: Layout::Rows,
-        },
+        mat: Mat { id, ty, rows, cols },
         n_expert,
     })
 }

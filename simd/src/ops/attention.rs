@@ -13,7 +13,7 @@ use strata_storage::quant::GgmlType;
 
 use super::f16v::{axpy_f16, dot_f16};
 use crate::dispatch::{Level, level};
-use crate::pool::ThreadPool;
+use crate::pool::{SyncPtr, ThreadPool};
 
 mod kv;
 #[cfg(target_arch = "x86_64")]
@@ -184,7 +184,7 @@ fn tiled_attention(
     pos0: usize,
     k: &KvPages,
     v: &KvPages,
-    out: &SyncPtr,
+    out: &SyncPtr<f32>,
 ) {
     let group = p.n_head / p.n_head_kv;
     let per_head = n_tok * group;
@@ -219,17 +219,6 @@ struct Scratch {
 thread_local! {
     // Pool threads are persistent, so these buffers are allocated once per thread.
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
-}
-
-struct SyncPtr(*mut f32);
-// SAFETY: only used to hand disjoint sub-slices of one `&mut [f32]` to pool threads.
-unsafe impl Sync for SyncPtr {}
-
-impl SyncPtr {
-    /// A method (not field access) so closures capture the whole `Sync` wrapper.
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// The `tid`-th of `nth` near-equal contiguous ranges of `0..n`.

@@ -119,14 +119,20 @@ impl Default for ReaderOptions {
 impl ReaderOptions {
     /// The defaults, with `STRATA_IO` and `STRATA_IO_FAULTS` applied.
     pub fn from_env() -> Result<Self, IoError> {
+        Self::from_vars(|k| std::env::var(k).ok())
+    }
+
+    /// The defaults, with `STRATA_IO` and `STRATA_IO_FAULTS` as `var` looks them up (an
+    /// edge that reads the environment once passes its lookup).
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, IoError> {
         let mut o = Self::default();
-        match std::env::var("STRATA_IO").ok().as_deref() {
+        match var("STRATA_IO").as_deref() {
             None | Some("") | Some("auto") => {}
             Some("uring" | "io_uring") => o.kind = Some(IoKind::Uring),
             Some("pread") => o.kind = Some(IoKind::Pread),
             Some(other) => return Err(IoError::BadKind(other.to_string())),
         }
-        if let Ok(spec) = std::env::var("STRATA_IO_FAULTS")
+        if let Some(spec) = var("STRATA_IO_FAULTS")
             && !spec.is_empty()
         {
             o.faults = Some(Faults::parse(&spec).map_err(IoError::BadFaults)?);

@@ -34,15 +34,33 @@ use crate::io::{DIRECT_ALIGN, IoError, ReadReq, Reader};
 /// first tensor.
 pub(super) type Key = (u32, u32);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Policy {
+/// Which slab the expert cache evicts first.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Policy {
+    /// Least recently used (for comparison).
     Lru,
+    /// Least frequently used, with decay by uses (for comparison).
     LfuDecay,
+    /// The slab whose next use is estimated furthest away (the default).
+    #[default]
     NextUse,
 }
 
 impl Policy {
-    pub(super) fn name(self) -> &'static str {
+    /// The policy `STRATA_EXPERT_POLICY` names: `lru`, `lfu`, or (unset, empty or `next-use`)
+    /// the default.
+    pub fn from_name(s: &str) -> Result<Self, String> {
+        match s {
+            "lru" => Ok(Policy::Lru),
+            "lfu" | "lfu-decay" => Ok(Policy::LfuDecay),
+            "" | "next-use" => Ok(Policy::NextUse),
+            _ => Err(format!(
+                "expert cache policy {s:?}: expected lru, lfu or next-use"
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
         match self {
             Policy::Lru => "lru",
             Policy::LfuDecay => "lfu-decay",
@@ -380,17 +398,6 @@ struct Touched {
 }
 
 impl ExpertCache {
-    /// A cache under `budget` bytes, with the policy `STRATA_EXPERT_POLICY` names (`lru`,
-    /// `lfu`) or the next-use estimate.
-    pub(super) fn new(readers: Vec<Reader>, budget: u64) -> Result<Self, std::io::Error> {
-        let policy = match std::env::var("STRATA_EXPERT_POLICY").ok().as_deref() {
-            Some("lru") => Policy::Lru,
-            Some("lfu") => Policy::LfuDecay,
-            _ => Policy::NextUse,
-        };
-        Self::with_policy(readers, budget, policy)
-    }
-
     /// `readers` (at least one): the first for reads on demand, one I/O thread for each of the
     /// others (or one on the first when it is alone).
     pub(super) fn with_policy(
@@ -649,8 +656,8 @@ impl Drop for ExpertCache {
 /// together); [`GUESS_THREADS`] of them at most read guesses at a time, in batches of
 /// [`GUESS_BATCH_BYTES`], and only while no routed read is under way: a routing's reads find
 /// a thread free and wait for little more than one small batch of guesses, and the disk
-/// spends on guesses only the time the passes leave it. (Two guess threads with 4 MiB
-/// batches read about 8% more per token on the big qwen3moe, and were slower at 1 GB/s.)
+/// spends on guesses only the time the passes leave it. (More guess threads, or larger
+/// batches, read more wrong guesses per token and made a slow disk slower.)
 pub(super) const IO_THREADS: usize = 4;
 const GUESS_THREADS: usize = 1;
 

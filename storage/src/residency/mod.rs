@@ -34,16 +34,14 @@ use std::time::Duration;
 use crate::buf::AlignedBuf;
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::io::{IoError, IoKind, IoStats, ReadReq, Reader, ReaderOptions};
+pub use experts::Policy as ExpertPolicy;
 use plan::{Access, BudgetTooSmall, Place, PlanTensor};
 pub use size::parse_size;
 
-/// Where a tensor's bytes are right now, fastest first.
+/// Where a tensor's bytes are right now, fastest first. (GPU memory and page-locked host
+/// memory join when there is a GPU backend to use them.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Tier {
-    /// GPU memory.
-    Vram,
-    /// Page-locked host memory a GPU can copy from directly.
-    Pinned,
     /// Ordinary host memory.
     Ram,
     /// Not resident; must be read from the file.
@@ -53,8 +51,6 @@ pub enum Tier {
 impl Tier {
     pub const fn name(self) -> &'static str {
         match self {
-            Tier::Vram => "vram",
-            Tier::Pinned => "pinned",
             Tier::Ram => "ram",
             Tier::Ssd => "ssd",
         }
@@ -86,6 +82,19 @@ pub enum ResidencyError {
     Budget(#[from] BudgetTooSmall),
     #[error("unknown tensor id {0}")]
     UnknownTensor(u32),
+    #[error("tensor {tensor} is held in {parts} parts; there is no part {part}")]
+    NoPart {
+        tensor: String,
+        part: usize,
+        parts: usize,
+    },
+    #[error("tensor {tensor}: {problem}")]
+    BadRows { tensor: String, problem: String },
+    #[error("tensor {tensor} has no expert {expert} (it is not a stack of {expert}+ experts)")]
+    NoExpert { tensor: String, expert: usize },
+    /// The plan placed a tensor where the way the weights are held cannot reach it (a bug).
+    #[error("tensor {0} is placed where its backing cannot reach it")]
+    Unreachable(String),
     /// A placement override that cannot be carried out (`-ot`, `--cpu-moe`).
     #[error("{0}")]
     Override(String),
@@ -180,14 +189,13 @@ pub struct LoadOptions {
     pub window: Option<usize>,
     /// Map the file instead of reading it (the page cache decides what stays in RAM).
     pub mmap: bool,
-    /// Tensors the model only reads a few rows of at a time (an embedding table that is not
-    /// also the output): under a budget these stay on disk and rows are read on demand.
-    pub row_access: Vec<String>,
+    /// How the model reads each tensor in a step, in the file's tensor order (the engine's
+    /// name table fills this in: storage knows nothing about models). Tensors past its end
+    /// are [`TensorUse::Other`].
+    pub tensor_uses: Vec<TensorUse>,
     pub io: ReaderOptions,
-    /// Keep every matrix in the file's row-major layout, even where the engine would repack a
-    /// resident one for its kernels (for comparisons that need identical arithmetic whatever
-    /// the placement).
-    pub keep_file_layout: bool,
+    /// How the expert cache chooses what to evict (`STRATA_EXPERT_POLICY`, for comparisons).
+    pub expert_policy: ExpertPolicy,
     /// Placement rules (`-ot`, `--cpu-moe`), tried in order against each tensor's name.
     pub overrides: Vec<overrides::TensorOverride>,
 }
@@ -218,6 +226,22 @@ impl LoadOptions {
     }
 }
 
+/// How a model reads a tensor during a step: what the planner groups and streams by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TensorUse {
+    /// Whole, once per step, with layer N's tensors.
+    Layer(usize),
+    /// Stacked experts of layer N (`[cols, rows, n_expert]`): a step reads a few of them, so
+    /// under a budget they stay on disk and single experts are read into the expert cache.
+    Experts(usize),
+    /// A few rows at a time (an embedding table that is not also the output): under a budget
+    /// it stays on disk and rows are read on demand.
+    Rows,
+    /// Whole, once per step, after the layers (the output projection and the rest).
+    #[default]
+    Other,
+}
+
 enum Backing {
     Mapped(Arc<mmap::Mmap>),
     Read {
@@ -230,11 +254,39 @@ enum Backing {
     },
 }
 
+/// How a model's weights are held.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ResidencyMode {
+    /// Every tensor read once into memory this process owns.
+    #[default]
+    Resident,
+    /// Some layers, experts or rows read from disk during the steps.
+    Streamed,
+    /// The file mapped (the page cache decides).
+    Mapped,
+}
+
+impl ResidencyMode {
+    /// As `--verbose`, `/api/ps` and `/metrics` print it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            ResidencyMode::Resident => "resident",
+            ResidencyMode::Streamed => "streamed",
+            ResidencyMode::Mapped => "mmap",
+        }
+    }
+}
+
+impl std::fmt::Display for ResidencyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Where the weights are and how reading them went, for `--verbose`, `bench` and `/metrics`.
 #[derive(Clone, Debug, Default)]
 pub struct ResidencyStats {
-    /// "resident", "streamed" or "mmap".
-    pub mode: &'static str,
+    pub mode: ResidencyMode,
     /// "io_uring" or "pread" (empty for mmap).
     pub io: &'static str,
     pub direct: bool,
@@ -338,6 +390,8 @@ pub struct Weights {
     /// The expert keys of a routing or a guess, kept for their capacity.
     keys: std::sync::Mutex<Vec<(experts::Key, u64, usize)>>,
     backing: Backing,
+    /// The I/O engine reading the file (`None` when mapped).
+    io_kind: Option<IoKind>,
     summary: ResidencyStats,
     hot_hits: AtomicU64,
     cold_rows: AtomicU64,
@@ -405,11 +459,6 @@ fn check_overrides(
     Ok(pins)
 }
 
-/// The layer a tensor belongs to: `blk.N.…` → N.
-fn layer_of(name: &str) -> Option<usize> {
-    name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
-}
-
 /// Rows of a tensor: every dimension but the innermost.
 fn rows_of(t: &TensorInfo) -> u64 {
     t.dims.iter().skip(1).product::<u64>().max(1)
@@ -443,15 +492,88 @@ fn read_span(
     Ok((Arc::new(buf), skip))
 }
 
+fn io_err(path: &Path, source: std::io::Error) -> ResidencyError {
+    ResidencyError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn usize_of(b: u64) -> Result<usize, ResidencyError> {
+    usize::try_from(b).map_err(|_| ResidencyError::Alloc { bytes: b })
+}
+
+/// Each tensor's name to its id.
+fn tensor_ids(gguf: &GgufFile) -> HashMap<String, TensorId> {
+    gguf.tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone(), TensorId(i as u32)))
+        .collect()
+}
+
+/// The tensor table as the planner sees it: file ranges, and how the model reads each tensor
+/// (`opts.tensor_uses`), under a budget or not.
+fn plan_tensors(
+    gguf: &GgufFile,
+    opts: &LoadOptions,
+    pins: &std::collections::HashSet<String>,
+    budget: bool,
+) -> Vec<PlanTensor> {
+    gguf.tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| PlanTensor {
+            start: gguf.data_offset + t.offset,
+            // A strided tensor's range holds its group's other tensors too: the planner
+            // merges the overlapping ranges and places each tensor in them.
+            len: t.span(),
+            n_dims: t.dims.len(),
+            rows: rows_of(t),
+            pin: pins.contains(&t.name),
+            // Embedding tables read by rows, and (under a budget) stacked experts, of which a
+            // step uses a few: both stay on disk until needed (strided ones always: they
+            // cannot be cut by rows).
+            access: match opts.tensor_uses.get(i).copied().unwrap_or_default() {
+                TensorUse::Rows => Access::Rows,
+                TensorUse::Experts(_) if budget => Access::Rows,
+                _ if budget && t.stride.is_some() => Access::Rows,
+                TensorUse::Layer(l) | TensorUse::Experts(l) => Access::Cycle(Some(l)),
+                TensorUse::Other => Access::Cycle(None),
+            },
+        })
+        .collect()
+}
+
+/// The plan's resident set, read as its merged extents into one aligned buffer.
+fn read_hot(reader: &Reader, plan: &plan::Plan) -> Result<AlignedBuf, ResidencyError> {
+    let mut hot = AlignedBuf::zeroed(usize_of(plan.hot_bytes)?)
+        .map_err(|e| ResidencyError::Alloc { bytes: e.bytes })?;
+    let mut reqs = Vec::with_capacity(plan.hot.len());
+    let mut rest = hot.as_mut_slice();
+    let mut at = 0u64;
+    for e in &plan.hot {
+        let (_, tail) = rest.split_at_mut((e.dst - at) as usize);
+        let (buf, tail) = tail.split_at_mut(e.len as usize);
+        reqs.push(ReadReq {
+            offset: e.start,
+            buf,
+            need: e.need as usize,
+            fixed: None,
+        });
+        rest = tail;
+        at = e.dst + e.len;
+    }
+    reader.read(&mut reqs).map_err(read_err)?;
+    drop(reqs);
+    Ok(hot)
+}
+
 impl Weights {
     /// Loads `gguf` (already parsed from `path`) as `opts` say.
     pub fn open(path: &Path, gguf: GgufFile, opts: &LoadOptions) -> Result<Self, ResidencyError> {
-        let io = |source| ResidencyError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let file = File::open(path).map_err(io)?;
-        let actual = file.metadata().map_err(io)?.len();
+        let file = File::open(path).map_err(|e| io_err(path, e))?;
+        let actual = file.metadata().map_err(|e| io_err(path, e))?.len();
         if actual != gguf.file_size {
             return Err(ResidencyError::SizeMismatch {
                 path: path.to_path_buf(),
@@ -459,43 +581,54 @@ impl Weights {
                 actual,
             });
         }
-        let ids = gguf
-            .tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.clone(), TensorId(i as u32)))
-            .collect();
-        // The parser guarantees every tensor lies inside [data_offset, file_size).
-        let data_len = gguf.file_size.saturating_sub(gguf.data_offset);
         let pins = check_overrides(&gguf, &opts.overrides, opts.mmap)?;
         if opts.mmap {
-            let len = usize::try_from(gguf.file_size).map_err(|_| ResidencyError::Alloc {
-                bytes: gguf.file_size,
-            })?;
-            let map = Arc::new(mmap::Mmap::map(&file, len).map_err(io)?);
-            let places = gguf
-                .tensors
-                .iter()
-                .map(|t| Place::Hot(gguf.data_offset + t.offset))
-                .collect();
-            return Ok(Self {
-                path: path.to_path_buf(),
-                records: records(&gguf, |_| false),
-                keys: Default::default(),
-                gguf,
-                ids,
-                places,
-                backing: Backing::Mapped(map),
-                summary: ResidencyStats {
-                    mode: "mmap",
-                    ram_bytes: data_len,
-                    ..ResidencyStats::default()
-                },
-                hot_hits: AtomicU64::new(0),
-                cold_rows: AtomicU64::new(0),
-            });
+            return Self::open_mapped(path, &file, gguf);
         }
         drop(file);
+        Self::open_read(path, gguf, opts, &pins)
+    }
+
+    /// Every tensor in a mapping of the file (`--mmap`).
+    fn open_mapped(path: &Path, file: &File, gguf: GgufFile) -> Result<Self, ResidencyError> {
+        let len = usize::try_from(gguf.file_size).map_err(|_| ResidencyError::Alloc {
+            bytes: gguf.file_size,
+        })?;
+        let map = Arc::new(mmap::Mmap::map(file, len).map_err(|e| io_err(path, e))?);
+        let places = gguf
+            .tensors
+            .iter()
+            .map(|t| Place::Hot(gguf.data_offset + t.offset))
+            .collect();
+        Ok(Self {
+            path: path.to_path_buf(),
+            records: records(&gguf, |_| false),
+            keys: Default::default(),
+            ids: tensor_ids(&gguf),
+            places,
+            backing: Backing::Mapped(map),
+            io_kind: None,
+            summary: ResidencyStats {
+                mode: ResidencyMode::Mapped,
+                // The parser guarantees every tensor lies inside [data_offset, file_size).
+                ram_bytes: gguf.file_size.saturating_sub(gguf.data_offset),
+                ..ResidencyStats::default()
+            },
+            gguf,
+            hot_hits: AtomicU64::new(0),
+            cold_rows: AtomicU64::new(0),
+        })
+    }
+
+    /// The tensors read with our own reader: the resident set at once, the rest (under a
+    /// budget) streamed by layer, by rows or by expert as the plan says.
+    fn open_read(
+        path: &Path,
+        gguf: GgufFile,
+        opts: &LoadOptions,
+        pins: &std::collections::HashSet<String>,
+    ) -> Result<Self, ResidencyError> {
+        let data_len = gguf.file_size.saturating_sub(gguf.data_offset);
         let budget = opts.ram_budget.or_else(|| {
             let available = available_memory()?;
             (data_len > available / 10 * 9).then(|| {
@@ -508,53 +641,10 @@ impl Weights {
                 available / 10 * 7
             })
         });
-        let tensors: Vec<PlanTensor> = gguf
-            .tensors
-            .iter()
-            .map(|t| PlanTensor {
-                start: gguf.data_offset + t.offset,
-                // A strided tensor's range holds its group's other tensors too: the planner
-                // merges the overlapping ranges and places each tensor in them.
-                len: t.span(),
-                n_dims: t.dims.len(),
-                rows: rows_of(t),
-                pin: pins.contains(&t.name),
-                // Embedding tables read by rows, and (under a budget) stacked experts, of which
-                // a step uses a few: both stay on disk until needed (strided ones always: they
-                // cannot be cut by rows).
-                access: if opts.row_access.contains(&t.name)
-                    || (budget.is_some()
-                        && ((t.dims.len() == 3 && t.dims[2] > 1) || t.stride.is_some()))
-                {
-                    Access::Rows
-                } else {
-                    Access::Cycle(layer_of(&t.name))
-                },
-            })
-            .collect();
+        let tensors = plan_tensors(&gguf, opts, pins, budget.is_some());
         let plan = plan::plan(&tensors, gguf.file_size, budget, opts.window)?;
         let reader = Reader::open(path, &opts.io).map_err(read_err)?;
-        let usize_of = |b: u64| usize::try_from(b).map_err(|_| ResidencyError::Alloc { bytes: b });
-        let mut hot = AlignedBuf::zeroed(usize_of(plan.hot_bytes)?)
-            .map_err(|e| ResidencyError::Alloc { bytes: e.bytes })?;
-        {
-            let mut reqs = Vec::with_capacity(plan.hot.len());
-            let mut rest = hot.as_mut_slice();
-            let mut at = 0u64;
-            for e in &plan.hot {
-                let (_, tail) = rest.split_at_mut((e.dst - at) as usize);
-                let (buf, tail) = tail.split_at_mut(e.len as usize);
-                reqs.push(ReadReq {
-                    offset: e.start,
-                    buf,
-                    need: e.need as usize,
-                    fixed: None,
-                });
-                rest = tail;
-                at = e.dst + e.len;
-            }
-            reader.read(&mut reqs).map_err(read_err)?;
-        }
+        let hot = read_hot(&reader, &plan)?;
         let has_cold = plan.places.iter().any(|p| matches!(p, Place::Cold));
         let cold = if has_cold {
             Some(Box::new(Reader::open(path, &opts.io).map_err(read_err)?))
@@ -577,16 +667,17 @@ impl Weights {
                 .map(|_| Reader::open(path, &opts.io).map_err(read_err))
                 .collect::<Result<Vec<_>, _>>()?;
             Some(Box::new(
-                experts::ExpertCache::new(readers, cache_budget).map_err(io)?,
+                experts::ExpertCache::with_policy(readers, cache_budget, opts.expert_policy)
+                    .map_err(|e| io_err(path, e))?,
             ))
         } else {
             None
         };
         let mut summary = ResidencyStats {
             mode: if plan.groups.is_empty() && !has_cold {
-                "resident"
+                ResidencyMode::Resident
             } else {
-                "streamed"
+                ResidencyMode::Streamed
             },
             io: reader.kind().name(),
             direct: reader.is_direct(),
@@ -598,7 +689,9 @@ impl Weights {
             read: reader.stats(),
             ..ResidencyStats::default()
         };
+        let io_kind = Some(reader.kind());
         let streamer = if plan.groups.is_empty() {
+            summary.window = 0;
             None
         } else {
             tracing::info!(
@@ -618,15 +711,12 @@ impl Weights {
                 usize_of(plan.slot_bytes)?,
             )?)
         };
-        if streamer.is_none() {
-            summary.window = 0;
-        }
         Ok(Self {
             path: path.to_path_buf(),
             records: records(&gguf, |i| matches!(plan.places.get(i), Some(Place::Cold))),
             keys: Default::default(),
+            ids: tensor_ids(&gguf),
             gguf,
-            ids,
             places: plan.places,
             backing: Backing::Read {
                 hot: Arc::new(hot),
@@ -634,6 +724,7 @@ impl Weights {
                 cold,
                 experts,
             },
+            io_kind,
             summary,
             hot_hits: AtomicU64::new(0),
             cold_rows: AtomicU64::new(0),
@@ -718,9 +809,11 @@ impl Weights {
                 rows_per_part,
                 offsets,
             } => {
-                let &offset = offsets
-                    .get(part)
-                    .ok_or(ResidencyError::UnknownTensor(id.0))?;
+                let &offset = offsets.get(part).ok_or_else(|| ResidencyError::NoPart {
+                    tensor: info.name.clone(),
+                    part,
+                    parts: offsets.len(),
+                })?;
                 let r0 = part as u64 * rows_per_part;
                 let r1 = (r0 + rows_per_part).min(rows);
                 let row_bytes = info.n_bytes / rows;
@@ -728,7 +821,7 @@ impl Weights {
                     streamer: Some(s), ..
                 } = &self.backing
                 else {
-                    return Err(ResidencyError::UnknownTensor(id.0));
+                    return Err(ResidencyError::Unreachable(info.name.clone()));
                 };
                 let h = s.acquire(
                     first + part,
@@ -738,7 +831,11 @@ impl Weights {
                 Ok((h, r0..r1))
             }
             _ if part == 0 => Ok((self.acquire(id)?, 0..rows)),
-            _ => Err(ResidencyError::UnknownTensor(id.0)),
+            _ => Err(ResidencyError::NoPart {
+                tensor: info.name.clone(),
+                part,
+                parts: 1,
+            }),
         }
     }
 
@@ -805,7 +902,7 @@ impl Weights {
                     _keep: Keep::Buf(buf),
                 })
             }
-            _ => Err(ResidencyError::UnknownTensor(id.0)),
+            _ => Err(ResidencyError::Unreachable(info.name.clone())),
         }
     }
 
@@ -820,11 +917,22 @@ impl Weights {
         let info = self.info(id)?;
         let n_rows = rows_of(info);
         let row_bytes = (info.n_bytes / n_rows) as usize;
-        if dst.len() != rows.len() * row_bytes
-            || rows.iter().any(|&r| r >= n_rows)
-            || info.stride.is_some()
-        {
-            return Err(ResidencyError::UnknownTensor(id.0));
+        let bad = |problem: String| ResidencyError::BadRows {
+            tensor: info.name.clone(),
+            problem,
+        };
+        if dst.len() != rows.len() * row_bytes {
+            return Err(bad(format!(
+                "{} rows of {row_bytes} bytes do not fill {} bytes",
+                rows.len(),
+                dst.len()
+            )));
+        }
+        if let Some(r) = rows.iter().find(|&&r| r >= n_rows) {
+            return Err(bad(format!("row {r} of {n_rows}")));
+        }
+        if info.stride.is_some() {
+            return Err(bad("a strided tensor is not read by rows".into()));
         }
         let cold = match (&self.backing, self.place(id)?) {
             (Backing::Read { cold: Some(r), .. }, Place::Cold) => r,
@@ -891,13 +999,7 @@ impl Weights {
     /// experts stream from disk, else a view into the held tensor.
     pub fn expert_slab(&self, id: TensorId, e: usize) -> Result<TensorHandle, ResidencyError> {
         let loc = self.slab_loc(id, e)?;
-        if let (
-            Backing::Read {
-                experts: Some(x), ..
-            },
-            Place::Cold,
-        ) = (&self.backing, self.place(id)?)
-        {
+        if let (Some(x), Place::Cold) = (self.expert_cache(), self.place(id)?) {
             // A record serves its group's tensors: one use of it is counted.
             let (buf, skip) = x
                 .get(loc.key, loc.start, loc.len, loc.counts)
@@ -923,29 +1025,22 @@ impl Weights {
         })
     }
 
+    /// The expert cache, when experts stream from disk.
+    fn expert_cache(&self) -> Option<&experts::ExpertCache> {
+        match &self.backing {
+            Backing::Read { experts, .. } => experts.as_deref(),
+            Backing::Mapped(_) => None,
+        }
+    }
+
     /// Whether any experts stream from disk.
     pub fn experts_streamed_any(&self) -> bool {
-        matches!(
-            &self.backing,
-            Backing::Read {
-                experts: Some(_),
-                ..
-            }
-        )
+        self.expert_cache().is_some()
     }
 
     /// Whether the experts of a stacked tensor stream from disk (so predicting them pays).
     pub fn experts_streamed(&self, id: TensorId) -> bool {
-        matches!(
-            (&self.backing, self.places.get(id.index())),
-            (
-                Backing::Read {
-                    experts: Some(_),
-                    ..
-                },
-                Some(Place::Cold)
-            )
-        )
+        self.expert_cache().is_some() && matches!(self.places.get(id.index()), Some(Place::Cold))
     }
 
     /// The routing of the MoE pass about to run: experts `es` of each of the stacked tensors
@@ -953,10 +1048,7 @@ impl Weights {
     /// stream, those cached are kept until used and the rest are read in the background, an
     /// expert's slabs together; otherwise nothing happens.
     pub fn route_experts(&self, ids: &[TensorId], es: &[usize]) -> Result<(), ResidencyError> {
-        if let Backing::Read {
-            experts: Some(x), ..
-        } = &self.backing
-        {
+        if let Some(x) = self.expert_cache() {
             let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
             self.expert_keys(ids, es, &mut keys)?;
             if !keys.is_empty() {
@@ -995,10 +1087,7 @@ impl Weights {
     /// waiting for a read come first (the order within each part kept); nothing moves unless
     /// the experts stream from disk.
     pub fn experts_held_first(&self, ids: &[TensorId], es: &mut [usize]) {
-        let Backing::Read {
-            experts: Some(x), ..
-        } = &self.backing
-        else {
+        let Some(x) = self.expert_cache() else {
             return;
         };
         // The cache keys' tensors (a record's is its group's first; one repeated is only
@@ -1019,10 +1108,7 @@ impl Weights {
     /// Empties the expert cache of every expert not in use, so that a measurement starts
     /// cold (`strata bench --moe-prefetch` between modes).
     pub fn clear_expert_cache(&self) {
-        if let Backing::Read {
-            experts: Some(x), ..
-        } = &self.backing
-        {
+        if let Some(x) = self.expert_cache() {
             x.clear();
         }
     }
@@ -1030,10 +1116,7 @@ impl Weights {
     /// Starts reading experts `es` of the stacked tensors `ids` ahead of need, in that order
     /// (the likeliest first), an expert's slabs together.
     pub fn prefetch_experts(&self, ids: &[TensorId], es: &[usize]) -> Result<(), ResidencyError> {
-        if let Backing::Read {
-            experts: Some(x), ..
-        } = &self.backing
-        {
+        if let Some(x) = self.expert_cache() {
             let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
             self.expert_keys(ids, es, &mut keys)?;
             x.prefetch(&keys);
@@ -1061,14 +1144,15 @@ impl Weights {
                 let (h, range) = self.acquire_part(id, part as usize)?;
                 held = Some((part, h, range.start));
             }
-            let Some((_, h, r0)) = &held else {
-                return Err(ResidencyError::UnknownTensor(id.0));
+            let missing = || ResidencyError::BadRows {
+                tensor: self.gguf.tensors[id.index()].name.clone(),
+                problem: format!("row {r} is not in part {part}"),
             };
-            let at = (r - r0) as usize * row_bytes;
-            let src = h
-                .bytes()
-                .get(at..at + row_bytes)
-                .ok_or(ResidencyError::UnknownTensor(id.0))?;
+            let Some((_, h, r0)) = &held else {
+                return Err(missing());
+            };
+            let at = (r.checked_sub(*r0).ok_or_else(missing)?) as usize * row_bytes;
+            let src = h.bytes().get(at..at + row_bytes).ok_or_else(missing)?;
             dst[k * row_bytes..(k + 1) * row_bytes].copy_from_slice(src);
         }
         Ok(())
@@ -1080,7 +1164,12 @@ impl Weights {
         let info = self.info(id)?;
         let n = match info.dims.as_slice() {
             [_, _, n] if (e as u64) < *n => *n,
-            _ => return Err(ResidencyError::UnknownTensor(id.0)),
+            _ => {
+                return Err(ResidencyError::NoExpert {
+                    tensor: info.name.clone(),
+                    expert: e,
+                });
+            }
         };
         let slab = info.n_bytes / n;
         let base = self.gguf.data_offset + info.offset;
@@ -1121,10 +1210,7 @@ impl Weights {
         let mut s = self.summary.clone();
         s.hot_hits = self.hot_hits.load(Ordering::Relaxed);
         s.cold_rows = self.cold_rows.load(Ordering::Relaxed);
-        if let Backing::Read {
-            experts: Some(x), ..
-        } = &self.backing
-        {
+        if let Some(x) = self.expert_cache() {
             let c = &x.shared().counters;
             s.expert_hits = c.hits.load(Ordering::Relaxed);
             s.expert_misses = c.misses.load(Ordering::Relaxed);
@@ -1165,10 +1251,6 @@ impl Weights {
 
     /// The I/O engine reading this model's file (`None` for a mapped file).
     pub fn io_kind(&self) -> Option<IoKind> {
-        match self.summary.io {
-            "io_uring" => Some(IoKind::Uring),
-            "pread" => Some(IoKind::Pread),
-            _ => None,
-        }
+        self.io_kind
     }
 }

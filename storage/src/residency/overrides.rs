@@ -1,5 +1,5 @@
-//! Tensor placement overrides: llama.cpp's `-ot PATTERN=BUFFER`, `--cpu-moe` and
-//! `--n-cpu-moe N`, plus strata's own `RAM` target.
+//! Tensor placement overrides: llama.cpp's `-ot PATTERN=BUFFER` (and the rules the engine makes
+//! of `--cpu-moe` and `--n-cpu-moe N`), plus strata's own `RAM` target.
 //!
 //! Rules are tried in order against each tensor's name (a regular expression searched anywhere
 //! in the name, as llama.cpp does); the first that matches decides. Targets:
@@ -80,26 +80,6 @@ pub fn parse_overrides(spec: &str) -> Result<Vec<TensorOverride>, String> {
     Ok(out)
 }
 
-/// llama.cpp's `--cpu-moe` (`n_layers: None`: every layer) and `--n-cpu-moe N` (the first N
-/// layers): the expert tensors of those layers on the CPU.
-pub fn cpu_moe(n_layers: Option<usize>) -> TensorOverride {
-    let pattern = match n_layers {
-        None => r"\.ffn_(up|down|gate|gate_up)_(ch|)exps".to_owned(),
-        Some(n) => format!(r"^blk\.({})\.ffn_(up|down|gate|gate_up)_(ch|)exps", {
-            let layers: Vec<String> = (0..n).map(|i| i.to_string()).collect();
-            if layers.is_empty() {
-                "-".to_owned() // matches no layer
-            } else {
-                layers.join("|")
-            }
-        }),
-    };
-    TensorOverride {
-        pattern: Regex::new(&pattern).expect("a fixed pattern"),
-        target: Target::Cpu,
-    }
-}
-
 /// The target of the first rule matching `name`.
 pub fn target_of(rules: &[TensorOverride], name: &str) -> Option<Target> {
     rules
@@ -137,17 +117,5 @@ mod tests {
         // A pattern whose automaton would be huge is refused, not built.
         let e = parse_overrides(r"\w{1000}\w{1000}=CPU").unwrap_err();
         assert!(e.contains("pattern"), "{e}");
-    }
-
-    #[test]
-    fn cpu_moe_matches_the_expert_tensors_of_the_layers_asked_for() {
-        let all = [cpu_moe(None)];
-        assert!(target_of(&all, "blk.47.ffn_down_exps.weight").is_some());
-        assert!(target_of(&all, "blk.0.ffn_gate_up_exps.weight").is_some());
-        assert!(target_of(&all, "blk.0.ffn_down_shexp.weight").is_none());
-        let first2 = [cpu_moe(Some(2))];
-        assert!(target_of(&first2, "blk.1.ffn_up_exps.weight").is_some());
-        assert!(target_of(&first2, "blk.12.ffn_up_exps.weight").is_none());
-        assert!(target_of(&[cpu_moe(Some(0))], "blk.0.ffn_up_exps.weight").is_none());
     }
 }

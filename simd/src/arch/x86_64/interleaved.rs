@@ -29,8 +29,8 @@ unsafe fn bcast4(p: *const u8) -> __m512i {
 }
 
 /// How far ahead of the block computing the kernels prefetch the tile: decode streams the
-/// weights from DRAM once, and with the hardware prefetcher alone qwen2.5-1.5B decoded at 6.9
-/// (1 thread) and 12.5 t/s (2 threads) instead of 9.0 and 15.5.
+/// weights from DRAM once, and the hardware prefetcher alone left a good part of the speed
+/// (`strata bench` shows it).
 const PREFETCH_BYTES: usize = 4608;
 
 /// Asks for the `len` bytes at `p` to be brought into the cache (a hint: never faults).

@@ -3,11 +3,12 @@
 
 use std::sync::Arc;
 
-use strata_simd::matmul::MatmulScratch;
 use strata_simd::pool::ThreadPool;
 use strata_storage::quant::dequantize_row;
 
-use super::{Buffers, route};
+use super::CpuExec;
+use crate::exec::Pass;
+use crate::model::moe::route;
 use crate::model::{Arch, Ffn, Mat, Model};
 use crate::synth::{GenSpec, Vocab, to_bytes};
 
@@ -19,7 +20,7 @@ fn dense(m: &Model, mat: Mat, slab: usize, stacked: bool) -> Vec<f32> {
     };
     let rb = mat.ty.row_bytes(mat.cols);
     let mut bytes = h.bytes()[..mat.rows * rb].to_vec();
-    if mat.layout == strata_simd::matmul::Layout::Interleaved {
+    if m.cpu.layout(mat.id) == strata_simd::matmul::Layout::Interleaved {
         strata_simd::matmul::deinterleave(mat.ty, &mut bytes, mat.rows, mat.cols)
             .expect("deinterleave");
     }
@@ -68,7 +69,7 @@ fn check_file(spec: &GenSpec, path: &std::path::Path, interleaved: bool) {
     } else {
         strata_simd::matmul::Layout::Rows
     };
-    assert_eq!(moe.gate.mat.layout, want, "{:?}", spec.arch);
+    assert_eq!(m.cpu.layout(moe.gate.mat.id), want, "{:?}", spec.arch);
     let n = 5;
     let mut rng = crate::sampler::SplitMix64(42);
     let x: Vec<f32> = (0..n * e)
@@ -76,14 +77,15 @@ fn check_file(spec: &GenSpec, path: &std::path::Path, interleaved: bool) {
         .collect();
 
     let pool = Arc::new(ThreadPool::new(2));
-    let mut buf = Buffers {
-        xb: x.clone(),
-        ..Buffers::default()
+    let pass = Pass {
+        model: &m,
+        pool: &pool,
+        n,
     };
-    buf.g.resize(n * m.config.n_ff.max(mc.n_ff_exp), 0.0);
-    buf.u.resize(n * m.config.n_ff.max(mc.n_ff_exp), 0.0);
-    m.moe(&pool, &mut MatmulScratch::default(), &mut buf, moe, n)
-        .expect("moe");
+    let mut cpu = CpuExec::default();
+    cpu.begin(&pass);
+    cpu.b.xb.copy_from_slice(&x);
+    cpu.moe(&pass, 0, moe).expect("moe");
 
     let router = dense(&m, moe.router, 0, false);
     let act = |g: f32, u: f32| g / (1.0 + (-g).exp()) * u;
@@ -116,7 +118,7 @@ fn check_file(spec: &GenSpec, path: &std::path::Path, interleaved: bool) {
             let s = 1.0 / (1.0 + (-z).exp());
             want.iter_mut().zip(&y).for_each(|(a, y)| *a += s * y);
         }
-        let got = &buf.xb[t * e..(t + 1) * e];
+        let got = &cpu.b.xb[t * e..(t + 1) * e];
         let scale = want.iter().fold(1e-3f32, |a, v| a.max(v.abs()));
         let err = got
             .iter()
@@ -139,21 +141,4 @@ fn moe_block_matches_the_f32_reference_for_every_architecture() {
     check(GenSpec::tiny(Arch::Qwen2Moe));
     check(GenSpec::tiny(Arch::Olmoe));
     check(GenSpec::moe(Arch::Llama, false));
-}
-
-#[test]
-fn routing_picks_the_top_k_softmax_weights() {
-    let mut logits = vec![0.0, 2.0, 1.0, 2.0, -1.0, 0.5, 3.0, 0.0];
-    let mut out = Vec::new();
-    route(&mut logits, &mut out, 2, 4, 2, false);
-    assert_eq!(
-        out.iter().map(|p| p.0).collect::<Vec<_>>(),
-        vec![1, 3, 2, 1]
-    );
-    let s: f32 = out[..2].iter().map(|p| p.1).sum();
-    assert!(s < 1.0 && s > 0.5);
-    let mut logits = vec![0.0, 2.0, 1.0, 2.0];
-    route(&mut logits, &mut out, 1, 4, 2, true);
-    assert!((out[0].1 + out[1].1 - 1.0).abs() < 1e-6);
-    assert!((out[0].1 - 0.5).abs() < 1e-6);
 }

@@ -1,0 +1,99 @@
+//! The CPU executor's weight preparation: where this CPU has the interleaved kernels (AVX-512
+//! VNNI), resident matrices are repacked in place at load into [`Layout::Interleaved`] (tiles
+//! of 16 rows, see `strata_simd::matmul::interleave`), as ggml's CPU backend repacks into its
+//! own buffer type. The layout is the CPU kernels' business: the model's tensors do not carry
+//! it; [`CpuWeights`] remembers it per tensor for the executor's matmuls.
+//!
+//! Streamed, mapped, strided and cached expert matrices keep the file's layout (storage
+//! refuses to rewrite them: their bytes are read again from the file), as does everything when
+//! repacking is off (identical arithmetic whatever the placement, for comparisons).
+
+use strata_simd::matmul::{INTERLEAVE_ROWS, Layout, SimdError, can_interleave, interleave};
+use strata_storage::residency::{TensorId, Weights};
+
+use crate::error::EngineError;
+use crate::model::{Ffn, Layer, Mat};
+
+/// The layout of each tensor as the CPU executor holds it.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct CpuWeights {
+    /// By tensor index; tensors past the end, and those never repacked, are row-major.
+    layouts: Vec<Layout>,
+}
+
+impl CpuWeights {
+    /// How tensor `id`'s bytes are arranged for the CPU kernels.
+    pub(crate) fn layout(&self, id: TensorId) -> Layout {
+        self.layouts.get(id.index()).copied().unwrap_or_default()
+    }
+
+    /// Repacks (when `repack`) every resident matrix of `layers` and the output projection
+    /// whose type has the interleaved kernels at this SIMD level: the dense matrices, each
+    /// expert's slab of stacked experts, and the output (an embedding table tied to it is
+    /// then interleaved too, and its rows are taken out of their tile at lookup).
+    pub(crate) fn prepare(
+        weights: &mut Weights,
+        layers: &[Layer],
+        output: Mat,
+        repack: bool,
+    ) -> Result<Self, EngineError> {
+        let mut me = Self {
+            layouts: vec![Layout::Rows; weights.gguf().tensors.len()],
+        };
+        if !repack {
+            return Ok(me);
+        }
+        for l in layers {
+            for m in [l.q, l.k, l.v, l.o] {
+                me.repack(weights, m, 1)?;
+            }
+            match &l.ffn {
+                Ffn::Dense { gate, up, down } => {
+                    for m in [*gate, *up, *down] {
+                        me.repack(weights, m, 1)?;
+                    }
+                }
+                Ffn::Moe(moe) => {
+                    if let Some((g, u, d, _)) = &moe.shared {
+                        for m in [*g, *u, *d] {
+                            me.repack(weights, m, 1)?;
+                        }
+                    }
+                    // The router is left alone: expert prediction reads it on its own, and
+                    // its few rows gain little.
+                    for x in [moe.gate, moe.up, moe.down] {
+                        me.repack(weights, x.mat, x.n_expert)?;
+                    }
+                }
+            }
+        }
+        me.repack(weights, output, 1)?;
+        Ok(me)
+    }
+
+    /// Interleaves tensor `m` in place, as `slabs` matrices of `m`'s shape one after another
+    /// (1 for a plain matrix; `n_expert` for stacked experts), when it is resident in this
+    /// process's memory and its type has the layout at this SIMD level.
+    fn repack(&mut self, weights: &mut Weights, m: Mat, slabs: usize) -> Result<(), EngineError> {
+        if m.rows < INTERLEAVE_ROWS || !can_interleave(m.ty) {
+            return Ok(());
+        }
+        let (ty, rows, cols) = (m.ty, m.rows, m.cols);
+        let slab = ty.row_bytes(cols) * rows;
+        let done = weights.rewrite_resident(m.id, |bytes| {
+            if slab == 0 || bytes.len() != slab * slabs {
+                return Ok::<_, SimdError>(false);
+            }
+            for s in bytes.chunks_exact_mut(slab) {
+                if !interleave(ty, s, rows, cols)? {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })?;
+        if done && let Some(l) = self.layouts.get_mut(m.id.index()) {
+            *l = Layout::Interleaved;
+        }
+        Ok(())
+    }
+}

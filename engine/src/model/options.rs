@@ -1,0 +1,168 @@
+//! How a model is loaded, and the one place that turns settings as a user writes them (the
+//! CLI's flags, the daemon's config keys, `STRATA_*` variables) into those options. The CLI
+//! and the daemon read their flags, keys and the environment once, at the edge; the engine
+//! reads nothing itself.
+
+use strata_storage::io::{IoKind, ReaderOptions};
+use strata_storage::residency::{ExpertPolicy, LoadOptions};
+
+use super::names;
+use super::predict::ExpertSettings;
+
+/// How to load a model: where its weights are held (storage's residency options) and the
+/// engine's own settings.
+#[derive(Clone, Debug, Default)]
+pub struct ModelOptions {
+    pub residency: LoadOptions,
+    pub experts: ExpertSettings,
+    /// Keep every matrix in the file's row-major layout, even where the CPU executor would
+    /// repack a resident one for its kernels (`STRATA_INTERLEAVE=0`; comparisons that need
+    /// identical arithmetic whatever the placement).
+    pub keep_file_layout: bool,
+}
+
+impl From<LoadOptions> for ModelOptions {
+    fn from(residency: LoadOptions) -> Self {
+        Self {
+            residency,
+            ..Self::default()
+        }
+    }
+}
+
+/// The settings that come from `STRATA_*` variables rather than flags or config keys.
+#[derive(Clone, Debug, Default)]
+pub struct EnvSettings {
+    /// `STRATA_IO`, `STRATA_IO_FAULTS`.
+    pub io: ReaderOptions,
+    /// `STRATA_EXPERT_PREFETCH`, `_LOOKAHEAD`, `_PRIOR`, `_MARGIN`.
+    pub experts: ExpertSettings,
+    /// `STRATA_EXPERT_POLICY`.
+    pub expert_policy: ExpertPolicy,
+    /// `STRATA_INTERLEAVE=0`.
+    pub keep_file_layout: bool,
+}
+
+impl EnvSettings {
+    /// The settings from variables as `var` looks them up (at the edge:
+    /// `|k| std::env::var(k).ok()`); a bad value is an error naming its variable.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
+        let io = ReaderOptions::from_vars(&var).map_err(|e| e.to_string())?;
+        let experts = ExpertSettings::from_vars(&var)?;
+        let expert_policy = match var("STRATA_EXPERT_POLICY") {
+            Some(v) => {
+                ExpertPolicy::from_name(&v).map_err(|e| format!("STRATA_EXPERT_POLICY: {e}"))?
+            }
+            None => ExpertPolicy::default(),
+        };
+        let keep_file_layout = match var("STRATA_INTERLEAVE").as_deref() {
+            None | Some("" | "1") => false,
+            Some("0") => true,
+            Some(v) => return Err(format!("STRATA_INTERLEAVE={v:?}: expected 0 or 1")),
+        };
+        Ok(Self {
+            io,
+            experts,
+            expert_policy,
+            keep_file_layout,
+        })
+    }
+}
+
+/// llama.cpp's `--cpu-moe` and `--n-cpu-moe N`: the expert tensors of every layer, or of the
+/// first N, kept on the CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuMoe {
+    All,
+    First(usize),
+}
+
+/// What the residency settings are called where they were written, for error messages.
+#[derive(Clone, Copy, Debug)]
+pub struct SettingNames {
+    pub ram_budget: &'static str,
+    pub prefetch: &'static str,
+    pub override_tensor: &'static str,
+    pub n_cpu_moe: &'static str,
+}
+
+impl SettingNames {
+    /// As `strata`'s flags.
+    pub const FLAGS: Self = Self {
+        ram_budget: "--ram-budget",
+        prefetch: "--prefetch",
+        override_tensor: "--override-tensor",
+        n_cpu_moe: "--n-cpu-moe",
+    };
+    /// As `stratad`'s config keys.
+    pub const KEYS: Self = Self {
+        ram_budget: "ram_budget",
+        prefetch: "prefetch",
+        override_tensor: "override_tensor",
+        n_cpu_moe: "n_cpu_moe",
+    };
+}
+
+/// How a model's weights are held, as a user writes it.
+#[derive(Clone, Debug, Default)]
+pub struct LoadSettings {
+    /// A size ("6G") or a share of the model's weights ("30%").
+    pub ram_budget: Option<String>,
+    /// Streaming buffers (2 to 64).
+    pub prefetch: Option<usize>,
+    pub mmap: bool,
+    /// The I/O engine, over `STRATA_IO`.
+    pub io: Option<IoKind>,
+    /// `PATTERN=TYPE[,…]` rules.
+    pub override_tensor: Vec<String>,
+    pub cpu_moe: Option<CpuMoe>,
+}
+
+impl LoadSettings {
+    /// The options for a model whose file is `file_bytes` long: these settings over what the
+    /// environment said. An error names the setting as `names` call it.
+    pub fn options(
+        &self,
+        file_bytes: u64,
+        names: &SettingNames,
+        env: &EnvSettings,
+    ) -> Result<ModelOptions, String> {
+        if let Some(w) = self.prefetch
+            && !(2..=64).contains(&w)
+        {
+            return Err(format!(
+                "{} must be between 2 and 64 buffers, not {w}",
+                names.prefetch
+            ));
+        }
+        let mut residency = LoadOptions::from_settings(
+            self.ram_budget.as_deref(),
+            file_bytes,
+            &self.override_tensor,
+            (names.ram_budget, names.override_tensor),
+        )?;
+        match self.cpu_moe {
+            None => {}
+            Some(CpuMoe::All) => residency.overrides.push(names::cpu_moe(None)),
+            Some(CpuMoe::First(n)) if n > 4096 => {
+                return Err(format!(
+                    "{} {n}: more layers than any model has",
+                    names.n_cpu_moe
+                ));
+            }
+            Some(CpuMoe::First(n)) => residency.overrides.push(names::cpu_moe(Some(n))),
+        }
+        residency.window = self.prefetch;
+        residency.mmap = self.mmap;
+        residency.io = env.io.clone();
+        if let Some(kind) = self.io {
+            residency.io.kind = Some(kind);
+        }
+        residency.expert_policy = env.expert_policy;
+        Ok(ModelOptions {
+            residency,
+            experts: env.experts.clone(),
+            keep_file_layout: env.keep_file_layout,
+        })
+    }
+}

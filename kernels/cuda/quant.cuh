@@ -73,8 +73,8 @@ __device__ __forceinline__ int scale_q3_k(int i, const uint8_t* p) {
 
 struct tq4_0 {
   typedef block_q4_0 block;
-  static constexpr int QK = 32, SUBS = 1, HALVES = 1, ALIGN = 2;
-  static constexpr bool MIN = false;
+  enum : int { QK = 32, SUBS = 1, HALVES = 1, ALIGN = 2 };
+  enum : bool { MIN = false };
   __device__ static __forceinline__ void load(const block* __restrict__ b, int, qsub& o) {
 #pragma unroll
     for (int i = 0; i < 4; i++) {
@@ -89,8 +89,8 @@ struct tq4_0 {
 
 struct tq4_1 {
   typedef block_q4_1 block;
-  static constexpr int QK = 32, SUBS = 1, HALVES = 1, ALIGN = 4;
-  static constexpr bool MIN = true;
+  enum : int { QK = 32, SUBS = 1, HALVES = 1, ALIGN = 4 };
+  enum : bool { MIN = true };
   __device__ static __forceinline__ void load(const block* __restrict__ b, int, qsub& o) {
 #pragma unroll
     for (int i = 0; i < 4; i++) {
@@ -105,8 +105,8 @@ struct tq4_1 {
 
 struct tq5_0 {
   typedef block_q5_0 block;
-  static constexpr int QK = 32, SUBS = 1, HALVES = 1, ALIGN = 2;
-  static constexpr bool MIN = false;
+  enum : int { QK = 32, SUBS = 1, HALVES = 1, ALIGN = 2 };
+  enum : bool { MIN = false };
   __device__ static __forceinline__ void load(const block* __restrict__ b, int, qsub& o) {
     const int qh = load_i32_u16(b->qh);
 #pragma unroll
@@ -123,8 +123,8 @@ struct tq5_0 {
 
 struct tq5_1 {
   typedef block_q5_1 block;
-  static constexpr int QK = 32, SUBS = 1, HALVES = 1, ALIGN = 8;
-  static constexpr bool MIN = true;
+  enum : int { QK = 32, SUBS = 1, HALVES = 1, ALIGN = 8 };
+  enum : bool { MIN = true };
   __device__ static __forceinline__ void load(const block* __restrict__ b, int, qsub& o) {
     const int qh = ld_i32(b->qh);
 #pragma unroll
@@ -140,8 +140,8 @@ struct tq5_1 {
 
 struct tq8_0 {
   typedef block_q8_0 block;
-  static constexpr int QK = 32, SUBS = 1, HALVES = 1, ALIGN = 2;
-  static constexpr bool MIN = false;
+  enum : int { QK = 32, SUBS = 1, HALVES = 1, ALIGN = 2 };
+  enum : bool { MIN = false };
   __device__ static __forceinline__ void load(const block* __restrict__ b, int, qsub& o) {
 #pragma unroll
     for (int i = 0; i < 8; i++) o.q[i] = load_i32_u16(b->qs + 4 * i);
@@ -154,8 +154,8 @@ struct tq8_0 {
 // halves use scales[2j] and scales[2j+1] (low nibble: scale, high nibble: min).
 struct tq2_K {
   typedef block_q2_K block;
-  static constexpr int QK = QK_K, SUBS = 8, HALVES = 2, ALIGN = 4;
-  static constexpr bool MIN = true;
+  enum : int { QK = QK_K, SUBS = 8, HALVES = 2, ALIGN = 4 };
+  enum : bool { MIN = true };
   __device__ static __forceinline__ void load(const block* __restrict__ b, int j, qsub& o) {
     const int half = j >> 2, k = j & 3;
 #pragma unroll
@@ -174,8 +174,8 @@ struct tq2_K {
 // Q3_K: as Q2_K for the low two bits; bit 4·half + k of hmask[l] is the third (clear: −4).
 struct tq3_K {
   typedef block_q3_K block;
-  static constexpr int QK = QK_K, SUBS = 8, HALVES = 2, ALIGN = 2;
-  static constexpr bool MIN = false;
+  enum : int { QK = QK_K, SUBS = 8, HALVES = 2, ALIGN = 2 };
+  enum : bool { MIN = false };
   __device__ static __forceinline__ void load(const block* __restrict__ b, int j, qsub& o) {
     const int half = j >> 2, k = j & 3, hb = 4 * half + k;
 #pragma unroll
@@ -196,8 +196,8 @@ struct tq3_K {
 // Q4_K: sub-block j takes the low (even j) or high (odd j) nibbles of qs[32·(j/2) ..+32].
 struct tq4_K {
   typedef block_q4_K block;
-  static constexpr int QK = QK_K, SUBS = 8, HALVES = 1, ALIGN = 16;
-  static constexpr bool MIN = true;
+  enum : int { QK = QK_K, SUBS = 8, HALVES = 1, ALIGN = 16 };
+  enum : bool { MIN = true };
   __device__ static __forceinline__ void load(const block* __restrict__ b, int j, qsub& o) {
     const uint8_t* q = b->qs + 32 * (j >> 1);
     const int sh = 4 * (j & 1);
@@ -213,8 +213,8 @@ struct tq4_K {
 // Q5_K: Q4_K plus the fifth bit, bit j of qh[l].
 struct tq5_K {
   typedef block_q5_K block;
-  static constexpr int QK = QK_K, SUBS = 8, HALVES = 1, ALIGN = 16;
-  static constexpr bool MIN = true;
+  enum : int { QK = QK_K, SUBS = 8, HALVES = 1, ALIGN = 16 };
+  enum : bool { MIN = true };
   __device__ static __forceinline__ void load(const block* __restrict__ b, int j, qsub& o) {
     const uint8_t* q = b->qs + 32 * (j >> 1);
     const int sh = 4 * (j & 1);
@@ -233,8 +233,8 @@ struct tq5_K {
 // qh[32·half + l], minus 32; scales[2j], scales[2j+1] for its halves.
 struct tq6_K {
   typedef block_q6_K block;
-  static constexpr int QK = QK_K, SUBS = 8, HALVES = 2, ALIGN = 2;
-  static constexpr bool MIN = false;
+  enum : int { QK = QK_K, SUBS = 8, HALVES = 2, ALIGN = 2 };
+  enum : bool { MIN = false };
   __device__ static __forceinline__ void load(const block* __restrict__ b, int j, qsub& o) {
     const int half = j >> 2, k = j & 3;
     const uint8_t* ql = b->ql + 64 * half + 32 * (k & 1);

@@ -94,7 +94,9 @@ fn build_sim() -> Result<(), String> {
         .cpp(true)
         .try_get_compiler()
         .map_err(|e| format!("no C++ compiler: {e}"))?;
-    let probe = std::process::Command::new(compiler.path()).arg("--version").output();
+    let probe = std::process::Command::new(compiler.path())
+        .arg("--version")
+        .output();
     if !probe.is_ok_and(|o| o.status.success()) {
         return Err(format!(
             "the C++ compiler {} does not run (install g++)",
@@ -341,7 +343,12 @@ fn tables_cpp(files: &[KernelFile]) -> Result<String, String> {
             for x in &f.extra {
                 let j = symbols[x.symbol.as_str()];
                 let name = x.name.replace('\\', "\\\\").replace('"', "\\\"");
-                let _ = write!(s, "{{sx_{j}, {}, \"{name}\", {}}}, ", x.size, u32::from(x.pad));
+                let _ = write!(
+                    s,
+                    "{{sx_{j}, {}, \"{name}\", {}}}, ",
+                    x.size,
+                    u32::from(x.pad)
+                );
             }
             s.push_str("};\n");
         }

@@ -277,11 +277,18 @@ fn shared_memory_in_templates_is_checked_too() {
     let dev = sim();
     let s = dev.stream().unwrap();
     let (bx, by) = (put(&s, &x), put(&s, &[0f32; 64]));
-    s.launch(dev.kernel("template_sum_ok").unwrap(), LaunchConfig::linear(1, 64), &[(&bx).into(), (&by).into()])
-        .unwrap();
+    s.launch(
+        dev.kernel("template_sum_ok").unwrap(),
+        LaunchConfig::linear(1, 64),
+        &[(&bx).into(), (&by).into()],
+    )
+    .unwrap();
     let want: f32 = x.iter().sum();
     let got: Vec<f32> = get(&s, &by, 64);
-    assert!(got.iter().all(|v| (v - want).abs() < 1e-4), "{got:?} vs {want}");
+    assert!(
+        got.iter().all(|v| (v - want).abs() < 1e-4),
+        "{got:?} vs {want}"
+    );
     let mut keep = Vec::new();
     let m = run_err("broken_template_race", 32, |s| {
         let (bx, by) = (put(s, &x[..32]), put(s, &[0f32; 32]));
@@ -289,7 +296,10 @@ fn shared_memory_in_templates_is_checked_too() {
         keep.push((bx, by));
         a
     });
-    assert!(m.contains("shared-memory race on `float template_sum<32>(float, int)::part`"), "{m}");
+    assert!(
+        m.contains("shared-memory race on `float template_sum<32>(float, int)::part`"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -302,5 +312,10 @@ fn shared_memory_in_inline_functions_is_checked_too() {
         keep.push((bx, by));
         a
     });
-    assert!(m.contains("out-of-bounds shared-memory read of 4 bytes at byte 128 of `inline_shift(float)::line`"), "{m}");
+    assert!(
+        m.contains(
+            "out-of-bounds shared-memory read of 4 bytes at byte 128 of `inline_shift(float)::line`"
+        ),
+        "{m}"
+    );
 }

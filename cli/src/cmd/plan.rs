@@ -4,11 +4,12 @@
 use std::collections::HashMap;
 
 use anyhow::Context as _;
+use strata_engine::model::names::cpu_moe;
 use strata_engine::plan::{
     Budgets, DeviceChoice, HwProfile, ModelDesc, Overrides, PinTarget, plan,
 };
 use strata_storage::gguf::GgufFile;
-use strata_storage::residency::overrides::{Target, cpu_moe, parse_overrides, target_of};
+use strata_storage::residency::overrides::{Target, parse_overrides, target_of};
 use strata_storage::residency::parse_size;
 use strata_storage::store::Store;
 

@@ -79,7 +79,8 @@ enum : uint32_t { FLAG_RACES = 1, FLAG_HOST = 2 };
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// Fibers: a context switch that saves the callee-saved registers of the System V ABI.
+// Fibers: a context switch that saves the callee-saved registers of the System V ABI (the
+// floating-point control words are left alone: nothing on either side changes them).
 
 extern "C" void sim_ctx_switch(void** save_sp, void* load_sp);
 extern "C" void sim_fiber_trampoline();
@@ -99,14 +100,8 @@ sim_ctx_switch:
   pushq %r13
   pushq %r14
   pushq %r15
-  subq $8, %rsp
-  stmxcsr (%rsp)
-  fnstcw 4(%rsp)
   movq %rsp, (%rdi)
   movq %rsi, %rsp
-  ldmxcsr (%rsp)
-  fldcw 4(%rsp)
-  addq $8, %rsp
   popq %r15
   popq %r14
   popq %r13
@@ -189,6 +184,8 @@ struct Fiber {
 };
 
 struct Warp {
+  unsigned exists;  // lanes the block has
+  unsigned exited;  // lanes that have returned
   unsigned arrived;
   unsigned mask;
   Kind kind;
@@ -274,6 +271,24 @@ std::string fmt(const char* f, va_list ap) {
 }
 
 void yield_to_scheduler(Fiber* f) { sim_ctx_switch(&f->sp, g_run->sched_sp); }
+
+// Gives the thread to another fiber: a ready one drawn at random, switched to directly, or the
+// scheduler when none is ready (a barrier to release, the block's end, an error).
+void switch_away(Fiber* f) {
+  Run& r = *g_run;
+  if (r.failed || r.ready.empty()) {
+    yield_to_scheduler(f);
+    return;
+  }
+  unsigned k = r.rng.below((uint32_t)r.ready.size());
+  unsigned i = r.ready[k];
+  r.ready[k] = r.ready.back();
+  r.ready.pop_back();
+  Fiber* g = &r.fibers[i];
+  if (g == f) return;
+  t_cur = g;
+  sim_ctx_switch(&f->sp, g->sp);
+}
 
 [[noreturn]] void abandon(Fiber* f) {
   f->state = DONE;
@@ -426,6 +441,8 @@ bool shared_access(Fiber* f, uintptr_t a, size_t n, Access kind) {
 
 void global_access(const Arena& ar, uintptr_t a, size_t n, Access kind) {
   uintptr_t off = a - ar.base;
+  // The common case: an access within one 8-byte granule of a live buffer.
+  if ((off & 7) + n <= 8 && off + n <= ar.size && (off & 7) + n <= ar.shadow[off >> 3]) return;
   if (off + n > ar.size)
     fail("device %s of %zu bytes at 0x%lx runs past the end of device memory", access_name(kind),
          n, (unsigned long)a);
@@ -537,8 +554,6 @@ void init_fiber(Fiber& f, char* stack) {
   f.stack_lo = stack;
   f.stack_hi = stack + kStack;
   uint64_t* sp = (uint64_t*)f.stack_hi;
-  uint32_t csr[2];
-  asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(csr[0]), "=m"(csr[1]));
   *--sp = (uint64_t)&sim_fiber_trampoline;  // where sim_ctx_switch returns to
   *--sp = 0;                                // rbp
   *--sp = 0;                                // rbx
@@ -546,7 +561,6 @@ void init_fiber(Fiber& f, char* stack) {
   *--sp = 0;                                // r13
   *--sp = 0;                                // r14
   *--sp = 0;                                // r15
-  *--sp = (uint64_t)csr[0] | ((uint64_t)(csr[1] & 0xffff) << 32);
   f.sp = sp;
   f.state = READY;
   f.pred = 0;
@@ -564,8 +578,9 @@ extern "C" void sim_fiber_main(Fiber* f) {
          f->pending.size());
   f->state = DONE;
   g_run->n_done++;
-  yield_to_scheduler(f);
-  __builtin_trap();
+  g_run->warps[f->warp].exited |= 1u << f->lane;
+  switch_away(f);
+  __builtin_trap();  // nothing resumes a finished fiber
 }
 
 namespace {
@@ -616,11 +631,26 @@ std::string explain_deadlock(const Run& r) {
   return buf;
 }
 
+// Every thread has reached __syncthreads: all run again, and every write made before the
+// barrier is ordered before every access after it.
+void release_barrier(Run& r) {
+  int count = 0;
+  for (unsigned i = 0; i < r.n; i++) count += r.fibers[i].pred != 0;
+  for (unsigned i = 0; i < r.n; i++) {
+    r.fibers[i].out[0] = (unsigned)count;
+    make_ready(i);
+  }
+  r.n_barrier = 0;
+  r.epoch++;
+}
+
 void run_block(Run& r) {
   r.n_done = r.n_barrier = 0;
   r.epoch = 1;
   r.block_run = ++g_block_counter;
   memset(r.warps, 0, sizeof r.warps);
+  for (unsigned w = 0; w < (r.n + 31) / 32; w++)
+    r.warps[w].exists = r.n - w * 32 >= 32 ? 0xffffffffu : (1u << (r.n - w * 32)) - 1;
   r.ready.clear();
   for (unsigned i = 0; i < r.n; i++) {
     Fiber& f = r.fibers[i];
@@ -645,15 +675,7 @@ void run_block(Run& r) {
           record(buf);
           break;
         }
-        // Release the barrier: every thread sees every write made before it.
-        int count = 0;
-        for (unsigned i = 0; i < r.n; i++) count += r.fibers[i].pred != 0;
-        for (unsigned i = 0; i < r.n; i++) {
-          r.fibers[i].out[0] = (unsigned)count;
-          make_ready(i);
-        }
-        r.n_barrier = 0;
-        r.epoch++;
+        release_barrier(r);
         continue;
       }
       record(explain_deadlock(r));
@@ -681,14 +703,12 @@ void collective(Fiber* f, Kind kind, int sub, unsigned mask) {
   if (!(mask >> f->lane & 1))
     fail("%s with mask 0x%08x, which does not include the calling lane %u", kind_name(kind, sub),
          mask, f->lane);
-  for (unsigned l = 0; l < 32; l++) {
-    if (!(mask >> l & 1)) continue;
-    unsigned i = f->warp * 32 + l;
-    if (i >= r.n || r.fibers[i].state == DONE)
-      fail("%s with mask 0x%08x names lane %u, which %s", kind_name(kind, sub), mask, l,
-           lane_state(r, f->warp, l).c_str());
-  }
   Warp& wp = r.warps[f->warp];
+  if (unsigned bad = mask & (~wp.exists | wp.exited)) {
+    unsigned l = (unsigned)__builtin_ctz(bad);
+    fail("%s with mask 0x%08x names lane %u, which %s", kind_name(kind, sub), mask, l,
+         lane_state(r, f->warp, l).c_str());
+  }
   if (wp.arrived && (wp.kind != kind || wp.mask != mask || wp.sub != sub)) {
     const Fiber& first = r.fibers[f->warp * 32 + wp.first];
     fail("%s with mask 0x%08x while lane %u of the same warp waits in %s with mask 0x%08x",
@@ -706,7 +726,7 @@ void collective(Fiber* f, Kind kind, int sub, unsigned mask) {
   f->state = AT_WARP;
   wp.arrived |= 1u << f->lane;
   if (wp.arrived == wp.mask) complete(r, f->warp);
-  yield_to_scheduler(f);
+  switch_away(f);
   if (r.failed) abandon(f);
 }
 
@@ -880,7 +900,8 @@ int sim_syncthreads_count(int pred) {
   f->pred = pred;
   f->state = AT_BARRIER;
   r.n_barrier++;
-  yield_to_scheduler(f);
+  if (r.n_barrier == r.n) release_barrier(r);
+  switch_away(f);
   if (r.failed) abandon(f);
   return (int)f->out[0];
 }

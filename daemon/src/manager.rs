@@ -75,6 +75,7 @@ impl KvSettings {
             type_k: self.type_k,
             type_v: self.type_v,
             spill,
+            gpu: None,
         })
     }
 }

@@ -40,6 +40,12 @@ pub enum EngineError {
     ContextFull { needed: usize, n_ctx: usize },
     #[error("KV cache: {0}")]
     Kv(String),
+    /// The GPU (or the simulated one) failed: a driver error, memory, or a kernel.
+    #[error("GPU: {0}")]
+    Gpu(String),
+    /// No placement of the model fits the device.
+    #[error(transparent)]
+    Plan(#[from] crate::plan::PlanError),
     #[error("{0}")]
     Invalid(String),
 }

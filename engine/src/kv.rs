@@ -8,10 +8,17 @@
 //! written), and, with a [`SpillConfig`], kept under a RAM budget: the oldest full pages are
 //! written to an unlinked file on SSD and read back with io_uring for each attention over
 //! them, the next layer's pages read while this layer computes (module [`spill`]).
+//!
+//! The layers whose attention runs on the GPU ([`KvGpu`]) keep their pages in VRAM, in the
+//! same bytes: the newest pages stay there, and under a VRAM budget the oldest move down to RAM
+//! (and from there, under the RAM budget, to SSD); for attention, a page that is not in VRAM
+//! is staged into device memory first, as a page on SSD is read back for the CPU.
 
 mod spill;
 
 use std::sync::Arc;
+
+use strata_kernels::{DeviceBuffer, Stream};
 
 use strata_simd::ops::attention::{KvPages, kv_store_row, kv_type_fits};
 use strata_storage::buf::AlignedBuf;
@@ -31,6 +38,8 @@ pub struct KvOptions {
     pub type_v: GgmlType,
     /// Keep at most this many bytes of pages in RAM, the rest on SSD (`None`: all in RAM).
     pub spill: Option<SpillConfig>,
+    /// The VRAM tier of the layers whose attention runs on the GPU (set by the model).
+    pub gpu: Option<KvGpu>,
 }
 
 impl Default for KvOptions {
@@ -39,7 +48,27 @@ impl Default for KvOptions {
             type_k: GgmlType::F16,
             type_v: GgmlType::F16,
             spill: None,
+            gpu: None,
         }
+    }
+}
+
+/// The VRAM tier: which layers keep their pages in device memory, at most how many bytes of
+/// them (the oldest pages beyond it move to RAM), and the stream their copies go on (the
+/// model's compute stream, so that they are ordered with the kernels that write the pages).
+#[derive(Clone)]
+pub struct KvGpu {
+    pub stream: Arc<Stream>,
+    pub layers: Vec<bool>,
+    pub vram_budget: Option<usize>,
+}
+
+impl std::fmt::Debug for KvGpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvGpu")
+            .field("layers", &self.layers.iter().filter(|&&g| g).count())
+            .field("vram_budget", &self.vram_budget)
+            .finish()
     }
 }
 
@@ -77,6 +106,8 @@ enum Page {
     Ram(Arc<AlignedBuf>),
     /// Written to the spill file at this offset.
     Disk(u64),
+    /// In device memory (a layer whose attention runs on the GPU).
+    Vram(Arc<DeviceBuffer>),
 }
 
 /// Keys or values of one layer.
@@ -100,6 +131,7 @@ pub struct KvCache {
     layers: Vec<[Side; 2]>,
     len: usize,
     spill: Option<spill::Spill>,
+    gpu: Option<KvGpu>,
 }
 
 impl KvCache {
@@ -130,6 +162,14 @@ impl KvCache {
             Some(cfg) => Some(spill::Spill::new(cfg)?),
             None => None,
         };
+        if let Some(g) = &opts.gpu
+            && g.layers.len() != n_layer
+        {
+            return Err(EngineError::Invalid(format!(
+                "a VRAM tier for {} layers of a {n_layer}-layer cache",
+                g.layers.len()
+            )));
+        }
         Ok(Self {
             n_ctx,
             kv_dim,
@@ -138,6 +178,7 @@ impl KvCache {
                 .collect(),
             len: 0,
             spill,
+            gpu: opts.gpu.clone(),
         })
     }
 
@@ -192,6 +233,28 @@ impl KvCache {
             .flatten()
             .map(|s| s.pages.iter().filter(|p| matches!(p, Page::Ram(_))).count() * s.page_bytes())
             .sum()
+    }
+
+    /// Bytes of pages held in VRAM.
+    pub fn vram_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|s| {
+                s.pages
+                    .iter()
+                    .filter(|p| matches!(p, Page::Vram(_)))
+                    .count()
+                    * s.page_bytes()
+            })
+            .sum()
+    }
+
+    /// Whether layer `il`'s pages live in VRAM (its attention runs on the GPU).
+    pub(crate) fn on_gpu(&self, il: usize) -> bool {
+        self.gpu
+            .as_ref()
+            .is_some_and(|g| g.layers.get(il).copied().unwrap_or(false))
     }
 
     /// What the SSD tier has done (`None` without one).
@@ -262,6 +325,10 @@ impl KvCache {
             spill.free(off, bytes);
             pages[pi] = Page::Ram(Arc::new(buf));
         }
+        if let Page::Vram(d) = &pages[pi] {
+            let buf = download_page(&self.gpu, d, bytes)?;
+            pages[pi] = Page::Ram(Arc::new(buf));
+        }
         let Page::Ram(arc) = &mut pages[pi] else {
             unreachable!("made resident above")
         };
@@ -283,6 +350,7 @@ impl KvCache {
     /// Writes pages to disk, oldest first, until RAM holds at most the budget (`all`: every
     /// page, the partial last one included — an idle cache giving its RAM back).
     fn enforce_budget(&mut self, all: bool) -> Result<(), EngineError> {
+        self.enforce_vram_budget()?;
         let Some(spill) = &mut self.spill else {
             return Ok(());
         };
@@ -299,7 +367,8 @@ impl KvCache {
             .flatten()
             .map(|s| s.pages.iter().filter(|p| matches!(p, Page::Ram(_))).count() * s.page_bytes())
             .sum();
-        // Page by page across layers, so every layer keeps the same recent positions.
+        // Page by page across layers, so every layer keeps the same recent positions (pages in
+        // VRAM stay there: the VRAM budget moves them down first).
         for pi in 0..limit {
             if ram <= budget {
                 break;
@@ -310,6 +379,128 @@ impl KvCache {
                     side.pages[pi] = Page::Disk(off);
                     ram -= side.page_bytes();
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the oldest full pages of the GPU's layers from VRAM to RAM until VRAM holds at
+    /// most the VRAM budget.
+    fn enforce_vram_budget(&mut self) -> Result<(), EngineError> {
+        let Some(budget) = self.gpu.as_ref().and_then(|g| g.vram_budget) else {
+            return Ok(());
+        };
+        let mut vram = self.vram_bytes();
+        let full = self.len / PAGE_TOKENS;
+        for pi in 0..full {
+            if vram <= budget {
+                break;
+            }
+            for il in 0..self.layers.len() {
+                for si in 0..2 {
+                    let bytes = self.layers[il][si].page_bytes();
+                    if let Some(Page::Vram(d)) = self.layers[il][si].pages.get(pi) {
+                        let buf = download_page(&self.gpu, d, bytes)?;
+                        self.layers[il][si].pages[pi] = Page::Ram(Arc::new(buf));
+                        vram -= bytes;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Page `pi` of layer `il`'s side `si` in VRAM and this cache's alone, for the GPU to
+    /// write: allocated (zeroed) when new, uploaded when in RAM or on disk, copied when shared.
+    pub(crate) fn device_page(
+        &mut self,
+        il: usize,
+        si: usize,
+        pi: usize,
+    ) -> Result<&DeviceBuffer, EngineError> {
+        let gpu = self.gpu.as_ref().ok_or_else(|| {
+            EngineError::Invalid("a device page of a cache without a VRAM tier".into())
+        })?;
+        let stream = Arc::clone(&gpu.stream);
+        let bytes = self.layers[il][si].page_bytes();
+        let new_page = |stream: &Stream| -> Result<DeviceBuffer, EngineError> {
+            let d = stream.device().alloc(bytes).map_err(kv_err)?;
+            Ok(d)
+        };
+        let pages = &mut self.layers[il][si].pages;
+        while pages.len() <= pi {
+            let d = new_page(&stream)?;
+            stream.memset(&d, 0, bytes, 0).map_err(kv_err)?;
+            pages.push(Page::Vram(Arc::new(d)));
+        }
+        let host: Option<AlignedBuf> = match &pages[pi] {
+            Page::Vram(_) => None,
+            Page::Ram(b) => {
+                let mut c =
+                    AlignedBuf::zeroed(bytes).map_err(|e| EngineError::Kv(e.to_string()))?;
+                c.as_mut_slice().copy_from_slice(b.as_slice());
+                Some(c)
+            }
+            Page::Disk(off) => {
+                let spill = self
+                    .spill
+                    .as_mut()
+                    .expect("a page on disk has a spill file");
+                let buf = spill.read_page(*off, bytes)?;
+                spill.free(*off, bytes);
+                Some(buf)
+            }
+        };
+        if let Some(h) = host {
+            let d = new_page(&stream)?;
+            stream.upload(&d, 0, h.as_slice()).map_err(kv_err)?;
+            pages[pi] = Page::Vram(Arc::new(d));
+        }
+        let Page::Vram(arc) = &mut pages[pi] else {
+            unreachable!("made a device page above")
+        };
+        if Arc::get_mut(arc).is_none() {
+            let d = new_page(&stream)?;
+            stream.copy(&d, 0, arc, 0, bytes).map_err(kv_err)?;
+            *arc = Arc::new(d);
+        }
+        Ok(Arc::get_mut(arc).expect("unique after the copy"))
+    }
+
+    /// Device addresses of layer `il`'s first `n` positions' pages (keys into `k`, values into
+    /// `v`, cleared first) for attention on the GPU: pages in VRAM as they are, the others
+    /// staged into `staging` (call [`KvCache::prepare`] first for those on disk).
+    pub(crate) fn device_tables(
+        &self,
+        il: usize,
+        n: usize,
+        staging: &mut DeviceStaging,
+        k: &mut Vec<u64>,
+        v: &mut Vec<u64>,
+    ) -> Result<(), EngineError> {
+        let gpu = self.gpu.as_ref().ok_or_else(|| {
+            EngineError::Invalid("device pages of a cache without a VRAM tier".into())
+        })?;
+        let n_pages = n.div_ceil(PAGE_TOKENS);
+        for (si, out) in [(0, k), (1, v)] {
+            let side = &self.layers[il][si];
+            out.clear();
+            for (pi, p) in side.pages[..n_pages.min(side.pages.len())]
+                .iter()
+                .enumerate()
+            {
+                let ptr = match p {
+                    Page::Vram(d) => d.ptr(),
+                    Page::Ram(b) => staging.stage(&gpu.stream, b.as_slice())?,
+                    Page::Disk(_) => {
+                        let spill = self
+                            .spill
+                            .as_ref()
+                            .expect("a page on disk has a spill file");
+                        staging.stage(&gpu.stream, spill.staged(il, si, pi))?
+                    }
+                };
+                out.push(ptr);
             }
         }
         Ok(())
@@ -365,6 +556,9 @@ impl KvCache {
                     .enumerate()
                     .map(|(pi, p)| match p {
                         Page::Ram(b) => &b.as_slice()[..len],
+                        Page::Vram(_) => unreachable!(
+                            "layer {il}'s pages are in VRAM: its attention runs on the GPU"
+                        ),
                         Page::Disk(_) => {
                             let spill = self
                                 .spill
@@ -404,6 +598,17 @@ impl KvCache {
                 for (pi, p) in ts.pages[..n_pages].iter().enumerate() {
                     let partial = (pi + 1) * PAGE_TOKENS > n;
                     let page = match p {
+                        Page::Vram(d) if !partial => Page::Vram(d.clone()),
+                        Page::Vram(d) => {
+                            let stream = &other
+                                .gpu
+                                .as_ref()
+                                .expect("a device page has a VRAM tier")
+                                .stream;
+                            let c = stream.device().alloc(d.len()).map_err(kv_err)?;
+                            stream.copy(&c, 0, d, 0, d.len()).map_err(kv_err)?;
+                            Page::Vram(Arc::new(c))
+                        }
                         Page::Ram(b) if !partial => Page::Ram(b.clone()),
                         Page::Ram(b) => {
                             let mut c = AlignedBuf::zeroed(b.len())
@@ -444,6 +649,10 @@ impl KvCache {
                         let b = spill.read_page(*off, side.page_bytes())?;
                         o.extend_from_slice(&b.as_slice()[..take]);
                     }
+                    Page::Vram(d) => {
+                        let b = download_page(&self.gpu, d, side.page_bytes())?;
+                        o.extend_from_slice(&b.as_slice()[..take]);
+                    }
                 }
             }
         }
@@ -467,12 +676,19 @@ impl KvCache {
     /// lengths checked by the caller, after [`KvCache::begin_import`]); under a RAM budget the
     /// pages go to disk as they come, so a long session never needs its whole size in RAM.
     pub(crate) fn import(&mut self, il: usize, k: &[u8], v: &[u8]) -> Result<(), EngineError> {
+        let on_gpu = self.on_gpu(il);
         for (si, src) in [k, v].into_iter().enumerate() {
             let rb = self.layers[il][si].row_bytes;
             let per_page = PAGE_TOKENS * rb;
             for (pi, chunk) in src.chunks(per_page).enumerate() {
-                let buf = self.page_mut(il, si, pi)?;
-                buf.as_mut_slice()[..chunk.len()].copy_from_slice(chunk);
+                if on_gpu {
+                    let stream = Arc::clone(&self.gpu.as_ref().expect("on the GPU").stream);
+                    let d = self.device_page(il, si, pi)?;
+                    stream.upload(d, 0, chunk).map_err(kv_err)?;
+                } else {
+                    let buf = self.page_mut(il, si, pi)?;
+                    buf.as_mut_slice()[..chunk.len()].copy_from_slice(chunk);
+                }
             }
             debug_assert_eq!(src.len() % rb, 0);
         }
@@ -481,6 +697,57 @@ impl KvCache {
 
     pub(crate) fn kv_dim(&self) -> usize {
         self.kv_dim
+    }
+}
+
+fn kv_err(e: strata_kernels::KernelError) -> EngineError {
+    EngineError::Kv(e.to_string())
+}
+
+/// A device page's bytes in host memory.
+fn download_page(
+    gpu: &Option<KvGpu>,
+    d: &DeviceBuffer,
+    bytes: usize,
+) -> Result<AlignedBuf, EngineError> {
+    let stream = &gpu
+        .as_ref()
+        .ok_or_else(|| EngineError::Invalid("a device page without a VRAM tier".into()))?
+        .stream;
+    let mut buf = AlignedBuf::zeroed(bytes).map_err(|e| EngineError::Kv(e.to_string()))?;
+    stream
+        .download(d, 0, &mut buf.as_mut_slice()[..bytes.min(d.len())])
+        .map_err(kv_err)?;
+    Ok(buf)
+}
+
+/// Device buffers that pages not in VRAM are copied into for one attention call; reused from
+/// layer to layer (the copies and the attention are on one stream, in order).
+#[derive(Default)]
+pub(crate) struct DeviceStaging {
+    bufs: Vec<DeviceBuffer>,
+    used: usize,
+}
+
+impl DeviceStaging {
+    /// Starts a new attention call's staging.
+    pub(crate) fn reset(&mut self) {
+        self.used = 0;
+    }
+
+    fn stage(&mut self, stream: &Stream, bytes: &[u8]) -> Result<u64, EngineError> {
+        if self.used == self.bufs.len() || self.bufs[self.used].len() < bytes.len() {
+            let d = stream.device().alloc(bytes.len()).map_err(kv_err)?;
+            if self.used == self.bufs.len() {
+                self.bufs.push(d);
+            } else {
+                self.bufs[self.used] = d;
+            }
+        }
+        let d = &self.bufs[self.used];
+        stream.upload(d, 0, bytes).map_err(kv_err)?;
+        self.used += 1;
+        Ok(d.ptr())
     }
 }
 

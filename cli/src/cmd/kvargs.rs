@@ -63,6 +63,8 @@ impl KvArgs {
             type_k,
             type_v,
             spill,
+            // The model adds its VRAM tier when it makes the context.
+            gpu: None,
         })
     }
 

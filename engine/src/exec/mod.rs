@@ -20,10 +20,12 @@
 //! point where activations cross between devices (mistral.rs's `mapper.map(xs, i)`), so that
 //! consecutive phases placed on one device keep their activations there.
 //!
-//! Only the CPU executor exists so far ([`cpu::CpuExec`], the SIMD kernels of `strata-simd`);
-//! [`Executor`] is the closed set of executors that the loop dispatches over.
+//! Two executors exist: the CPU's ([`cpu::CpuExec`], the SIMD kernels of `strata-simd`) and the
+//! GPU's ([`gpu::GpuExec`], the kernels of `strata-kernels` on the model's device, a GPU or the
+//! simulated one); [`Executor`] is the closed set the loop dispatches over.
 
 pub(crate) mod cpu;
+pub(crate) mod gpu;
 
 use std::ops::Range;
 
@@ -39,16 +41,19 @@ pub enum Dev {
     /// The host CPU, with the SIMD kernels.
     #[default]
     Cpu,
+    /// The model's GPU (or the simulated one), with the kernels of `strata-kernels`.
+    Gpu,
 }
 
 impl Dev {
     /// Every device, in [`Dev::index`] order.
-    pub const ALL: [Dev; 1] = [Dev::Cpu];
+    pub const ALL: [Dev; 2] = [Dev::Cpu, Dev::Gpu];
 
     /// The device's slot in per-device tables.
     pub const fn index(self) -> usize {
         match self {
             Dev::Cpu => 0,
+            Dev::Gpu => 1,
         }
     }
 }
@@ -204,32 +209,40 @@ pub(crate) struct Pass<'a> {
 /// The closed set of devices; each phase is dispatched here to the executor's own code.
 pub(crate) enum Executor {
     Cpu(cpu::CpuExec),
+    Gpu(gpu::GpuExec),
 }
 
 impl Executor {
     fn new(dev: Dev) -> Self {
         match dev {
             Dev::Cpu => Executor::Cpu(cpu::CpuExec::default()),
+            Dev::Gpu => Executor::Gpu(gpu::GpuExec::default()),
         }
     }
 
     /// Makes room for `p.n` rows of every activation (allocating only when the batch is
     /// larger than any before).
-    fn begin(&mut self, p: &Pass<'_>) {
+    fn begin(&mut self, p: &Pass<'_>) -> Result<(), EngineError> {
         match self {
-            Executor::Cpu(e) => e.begin(p),
+            Executor::Cpu(e) => {
+                e.begin(p);
+                Ok(())
+            }
+            Executor::Gpu(e) => e.begin(p),
         }
     }
 
     fn embed(&mut self, p: &Pass<'_>, tokens: &[u32]) -> Result<(), EngineError> {
         match self {
             Executor::Cpu(e) => e.embed(p, tokens),
+            Executor::Gpu(e) => e.embed(p, tokens),
         }
     }
 
     fn attn_input(&mut self, p: &Pass<'_>, il: usize) -> Result<(), EngineError> {
         match self {
             Executor::Cpu(e) => e.attn_input(p, il),
+            Executor::Gpu(e) => e.attn_input(p, il),
         }
     }
 
@@ -241,12 +254,14 @@ impl Executor {
     ) -> Result<(), EngineError> {
         match self {
             Executor::Cpu(e) => e.attend(p, il, slots),
+            Executor::Gpu(e) => e.attend(p, il, slots),
         }
     }
 
     fn ffn(&mut self, p: &Pass<'_>, il: usize) -> Result<(), EngineError> {
         match self {
             Executor::Cpu(e) => e.ffn(p, il),
+            Executor::Gpu(e) => e.ffn(p, il),
         }
     }
 
@@ -278,20 +293,29 @@ impl Executor {
     ) -> Result<(), EngineError> {
         match self {
             Executor::Cpu(e) => e.head(p, rows, out),
+            Executor::Gpu(e) => e.head(p, rows, out),
         }
     }
 
     /// Copies the first `dst.len()` floats of activation `act` to host memory.
-    fn read(&self, act: Act, dst: &mut [f32]) {
+    fn read(&mut self, p: &Pass<'_>, act: Act, dst: &mut [f32]) -> Result<(), EngineError> {
         match self {
-            Executor::Cpu(e) => e.read(act, dst),
+            Executor::Cpu(e) => {
+                e.read(act, dst);
+                Ok(())
+            }
+            Executor::Gpu(e) => e.read(p, act, dst),
         }
     }
 
     /// Replaces the first `src.len()` floats of activation `act` with `src` (host memory).
-    fn write(&mut self, act: Act, src: &[f32]) {
+    fn write(&mut self, p: &Pass<'_>, act: Act, src: &[f32]) -> Result<(), EngineError> {
         match self {
-            Executor::Cpu(e) => e.write(act, src),
+            Executor::Cpu(e) => {
+                e.write(act, src);
+                Ok(())
+            }
+            Executor::Gpu(e) => e.write(p, act, src),
         }
     }
 }
@@ -315,22 +339,33 @@ impl Executors {
     }
 
     /// Readies the executors of every device `placement` uses for a pass of `p.n` rows.
-    fn begin(&mut self, p: &Pass<'_>, placement: &Placement) {
+    fn begin(&mut self, p: &Pass<'_>, placement: &Placement) -> Result<(), EngineError> {
         for dev in Dev::ALL {
             if placement.uses(dev) {
-                self.get(dev).begin(p);
+                self.get(dev).begin(p)?;
             }
         }
+        Ok(())
     }
 
     /// Moves the first `len` floats of `act` from `from`'s buffers to `to`'s, through host
     /// memory.
-    fn copy(&mut self, act: Act, from: Dev, to: Dev, len: usize) {
+    fn copy(
+        &mut self,
+        p: &Pass<'_>,
+        act: Act,
+        from: Dev,
+        to: Dev,
+        len: usize,
+    ) -> Result<(), EngineError> {
         let mut staging = std::mem::take(&mut self.staging);
         staging.resize(len, 0.0);
-        self.get(from).read(act, &mut staging);
-        self.get(to).write(act, &staging);
+        let r = self
+            .get(from)
+            .read(p, act, &mut staging)
+            .and_then(|()| self.get(to).write(p, act, &staging));
         self.staging = staging;
+        r
     }
 }
 
@@ -365,7 +400,7 @@ impl Residence {
                         "{phase:?} reads {act:?}, which no earlier phase of this pass wrote"
                     ))
                 })?;
-            execs.copy(act, from, dev, p.n * act.width(p.model));
+            execs.copy(p, act, from, dev, p.n * act.width(p.model))?;
             self.valid[act.index()] |= 1 << dev.index();
             moved += 1;
         }
@@ -398,7 +433,7 @@ pub(crate) fn run_layers(
             layers.len()
         )));
     }
-    execs.begin(p, placement);
+    execs.begin(p, placement)?;
     let mut at = Residence::default();
     execs.get(placement.embed).embed(p, tokens)?;
     at.wrote(Phase::Embed, placement.embed);

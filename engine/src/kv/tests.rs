@@ -40,6 +40,7 @@ fn opts(ty: GgmlType, spill: Option<SpillConfig>) -> KvOptions {
         type_k: ty,
         type_v: ty,
         spill,
+        gpu: None,
     }
 }
 

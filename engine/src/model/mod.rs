@@ -7,6 +7,7 @@ mod forward;
 pub(crate) mod moe;
 pub mod names;
 mod options;
+mod placing;
 pub(crate) mod predict;
 
 use std::path::Path;
@@ -21,13 +22,15 @@ use strata_storage::residency::{TensorId, Weights};
 pub use config::{Activation, Arch, ArchTraits, ModelConfig};
 pub use forward::{Context, Logits, Scratch};
 use names::LayerTensor;
-pub use options::{CpuMoe, EnvSettings, LoadSettings, ModelOptions, SettingNames};
+pub use options::{
+    CpuMoe, DeviceSpec, EnvSettings, GpuOptions, LoadSettings, ModelOptions, SettingNames,
+};
 use predict::{ExpertControl, PredictionCounters};
 pub use predict::{ExpertPrefetch, ExpertSettings, PredictionStats};
 
 use crate::error::EngineError;
+use crate::exec::Placement;
 use crate::exec::cpu::repack::CpuWeights;
-use crate::exec::{Dev, Placement};
 use crate::kv::KvOptions;
 use crate::tokenizer::Tokenizer;
 
@@ -98,6 +101,10 @@ pub struct Model {
     pub(crate) cpu: CpuWeights,
     /// Where each phase of each layer runs.
     pub(crate) placement: Placement,
+    /// The GPU executor's weights, when a GPU was asked for.
+    pub(crate) gpu: Option<crate::exec::gpu::weights::GpuWeights>,
+    /// The planner's placement behind `placement`, when there is a GPU.
+    pub(crate) plan: Option<crate::plan::Placement>,
     pub(crate) expert_settings: ExpertSettings,
     /// How well cross-layer expert prediction guesses (MoE models with streamed experts).
     pub(crate) prediction: PredictionCounters,
@@ -217,9 +224,18 @@ impl Model {
                 swa: c.swa_layers[il],
             });
         }
+        // Where the phases run; with a GPU, its weights are uploaded before the CPU repacks
+        // its own (the GPU reads the file's layout).
+        let placed = placing::place(opts, &weights, &layers, output, token_embd, &output_norm)?;
         // The CPU executor's weight preparation (its repacked layout).
-        let cpu = CpuWeights::prepare(&mut weights, &layers, output, !opts.keep_file_layout)?;
-        let placement = Placement::all(Dev::Cpu, layers.len());
+        let cpu = CpuWeights::prepare(
+            &mut weights,
+            &layers,
+            output,
+            !opts.keep_file_layout,
+            &placed.streamed,
+        )?;
+        let placement = placed.placement;
         let kind = c.traits.rope;
         let rope_global = Rope::new(kind, c.n_rot, c.rope_base, c.rope_freq_scale);
         let rope_swa = Rope::new(
@@ -240,6 +256,8 @@ impl Model {
             rope_swa,
             cpu,
             placement,
+            gpu: placed.gpu,
+            plan: placed.plan,
             expert_settings: opts.experts.clone(),
             session_ids: std::sync::OnceLock::new(),
             prediction: PredictionCounters::default(),
@@ -252,20 +270,41 @@ impl Model {
 
     /// A fresh context (KV cache and scratch buffers) of `n_ctx` positions, computing on `pool`.
     pub fn new_context(&self, n_ctx: usize, pool: Arc<ThreadPool>) -> Context {
-        match Context::new(&self.config, n_ctx, pool, &KvOptions::default()) {
+        match self.new_context_with(n_ctx, pool, &KvOptions::default()) {
             Ok(c) => c,
-            Err(e) => unreachable!("an f16 cache in RAM needs nothing that can fail: {e}"),
+            Err(e) => unreachable!("an f16 cache with the model's VRAM tier cannot fail: {e}"),
         }
     }
 
     /// [`Model::new_context`] with a KV cache of other types, or one that may spill to SSD.
+    /// The layers whose attention runs on the GPU keep their pages in its VRAM tier.
     pub fn new_context_with(
         &self,
         n_ctx: usize,
         pool: Arc<ThreadPool>,
         kv: &KvOptions,
     ) -> Result<Context, EngineError> {
-        Context::new(&self.config, n_ctx, pool, kv)
+        let mut kv = kv.clone();
+        if let Some(g) = &self.gpu
+            && g.kv_layers.iter().any(|&l| l)
+        {
+            kv.gpu = Some(crate::kv::KvGpu {
+                stream: Arc::clone(&g.stream),
+                layers: g.kv_layers.clone(),
+                vram_budget: g.kv_vram_budget,
+            });
+        }
+        Context::new(&self.config, n_ctx, pool, &kv)
+    }
+
+    /// The device the GPU phases run on, if any.
+    pub fn gpu_device(&self) -> Option<strata_kernels::DeviceInfo> {
+        self.gpu.as_ref().map(|g| g.dev.info())
+    }
+
+    /// The planner's placement (with a GPU), for `strata run` and `/api/ps` to show.
+    pub fn plan(&self) -> Option<&crate::plan::Placement> {
+        self.plan.as_ref()
     }
 
     pub fn weights(&self) -> &Weights {

@@ -14,6 +14,8 @@ use super::predict::ExpertSettings;
 #[derive(Clone, Debug, Default)]
 pub struct ModelOptions {
     pub residency: LoadOptions,
+    /// Where the GPU executor runs and what the planner may put there (none: CPU only).
+    pub gpu: GpuOptions,
     pub experts: ExpertSettings,
     /// Keep every matrix in the file's row-major layout, even where the CPU executor would
     /// repack a resident one for its kernels (`STRATA_INTERLEAVE=0`; comparisons that need
@@ -28,6 +30,39 @@ impl From<LoadOptions> for ModelOptions {
             ..Self::default()
         }
     }
+}
+
+/// Which device the GPU phases run on.
+#[derive(Clone, Debug, Default)]
+pub enum DeviceSpec {
+    /// No GPU: every phase on the CPU.
+    #[default]
+    Cpu,
+    /// GPU `n` through the CUDA driver.
+    Cuda(usize),
+    /// The simulated GPU (the kernels' text run on this CPU): tests, and `--device sim`.
+    Sim(strata_kernels::SimConfig),
+}
+
+/// The GPU half of loading: the device, the user's placement words, and the hardware the
+/// planner's cost model assumes.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    pub device: DeviceSpec,
+    /// llama.cpp's `-ngl`: the last N of the layers (the output counts as one) on the GPU.
+    pub n_gpu_layers: Option<usize>,
+    /// VRAM the weights and KV cache may use (default: 90% of the device's).
+    pub vram_budget: Option<u64>,
+    /// KV cache VRAM for each context (the rest of a GPU layer's pages in RAM); default: what
+    /// the planner left after the weights.
+    pub kv_vram_budget: Option<usize>,
+    /// llama.cpp's `-nkvo`: the KV cache in host RAM, attention on the CPU.
+    pub no_kv_offload: bool,
+    /// The machine as the planner models it (`strata calibrate`'s profile, or a shipped one);
+    /// the GPU part is filled from the device when absent.
+    pub profile: Option<crate::plan::HwProfile>,
+    /// Context size the planner sizes the KV cache for.
+    pub n_ctx: Option<usize>,
 }
 
 /// The settings that come from `STRATA_*` variables rather than flags or config keys.
@@ -161,6 +196,7 @@ impl LoadSettings {
         residency.expert_policy = env.expert_policy;
         Ok(ModelOptions {
             residency,
+            gpu: GpuOptions::default(),
             experts: env.experts.clone(),
             keep_file_layout: env.keep_file_layout,
         })

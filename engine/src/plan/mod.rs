@@ -220,7 +220,8 @@ pub enum PlanError {
     NoGpu(&'static str),
 }
 
-/// VRAM kept back for activations, scratch and the CUDA context.
+/// VRAM kept back for activations, scratch and the CUDA context (an eighth of a smaller
+/// device's).
 const VRAM_RESERVE: u64 = 768 << 20;
 
 /// The placement of `m` on `hw` within `b`, following `o`.
@@ -273,10 +274,12 @@ pub fn plan(
     let cpu_moe = |il: usize| o.n_cpu_moe.is_some_and(|k| il < k);
 
     if let Some(g) = gpu {
+        // Activations and scratch need room beside the weights (less on a small device).
+        let reserve = VRAM_RESERVE.min(g.vram_bytes / 8);
         let budget = b
             .vram
             .unwrap_or((g.vram_bytes as f64 * 0.9) as u64)
-            .saturating_sub(VRAM_RESERVE);
+            .saturating_sub(reserve);
         let mut used = 0u64;
         let dense = |l: &LayerDesc| l.attn_bytes() + l.ffn_bytes() + l.vector_bytes;
         // Which layers (and the output) are the GPU's.
@@ -340,8 +343,8 @@ pub fn plan(
         }
         if used > budget {
             return Err(PlanError::VramTooSmall {
-                needed: used + VRAM_RESERVE,
-                budget: budget + VRAM_RESERVE,
+                needed: used + reserve,
+                budget: budget + reserve,
                 what: summarize(&what),
             });
         }
@@ -376,8 +379,8 @@ pub fn plan(
             if want {
                 if used + bytes > budget {
                     return Err(PlanError::VramTooSmall {
-                        needed: used + bytes + VRAM_RESERVE,
-                        budget: budget + VRAM_RESERVE,
+                        needed: used + bytes + reserve,
+                        budget: budget + reserve,
                         what: format!("the experts of layer {il}"),
                     });
                 }

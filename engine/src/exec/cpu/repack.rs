@@ -19,6 +19,8 @@ use crate::model::{Ffn, Layer, Mat};
 pub(crate) struct CpuWeights {
     /// By tensor index; tensors past the end, and those never repacked, are row-major.
     layouts: Vec<Layout>,
+    /// Tensors left in the file's layout for the GPU.
+    keep: Vec<TensorId>,
 }
 
 impl CpuWeights {
@@ -31,14 +33,18 @@ impl CpuWeights {
     /// whose type has the interleaved kernels at this SIMD level: the dense matrices, each
     /// expert's slab of stacked experts, and the output (an embedding table tied to it is
     /// then interleaved too, and its rows are taken out of their tile at lookup).
+    /// Tensors in `keep` stay in the file's layout (the GPU copies them from host memory each
+    /// step).
     pub(crate) fn prepare(
         weights: &mut Weights,
         layers: &[Layer],
         output: Mat,
         repack: bool,
+        keep: &[TensorId],
     ) -> Result<Self, EngineError> {
         let mut me = Self {
             layouts: vec![Layout::Rows; weights.gguf().tensors.len()],
+            keep: keep.to_vec(),
         };
         if !repack {
             return Ok(me);
@@ -75,7 +81,7 @@ impl CpuWeights {
     /// (1 for a plain matrix; `n_expert` for stacked experts), when it is resident in this
     /// process's memory and its type has the layout at this SIMD level.
     fn repack(&mut self, weights: &mut Weights, m: Mat, slabs: usize) -> Result<(), EngineError> {
-        if m.rows < INTERLEAVE_ROWS || !can_interleave(m.ty) {
+        if m.rows < INTERLEAVE_ROWS || !can_interleave(m.ty) || self.keep.contains(&m.id) {
             return Ok(());
         }
         let (ty, rows, cols) = (m.ty, m.rows, m.cols);

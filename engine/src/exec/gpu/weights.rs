@@ -1,0 +1,231 @@
+//! The GPU executor's weight preparation: the matrices the planner keeps in VRAM uploaded once
+//! at load, the norm and bias vectors of every layer with a phase on the GPU (as f32), and the
+//! matrices streamed to the GPU each step (from RAM, or from SSD through storage's streaming)
+//! into staging buffers on the device.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use strata_kernels::ops::matmul::{At, Weight, matmul, matmul_scratch_bytes};
+use strata_kernels::{Device, DeviceBuffer, KernelError, Stream};
+use strata_storage::residency::{TensorId, Weights};
+
+use crate::error::EngineError;
+use crate::model::{Ffn, Layer, Mat};
+
+pub(crate) fn gpu_err(e: KernelError) -> EngineError {
+    EngineError::Gpu(e.to_string())
+}
+
+/// One layer's vectors on the device.
+pub(crate) struct LayerVecs {
+    pub attn_norm: DeviceBuffer,
+    pub ffn_norm: DeviceBuffer,
+    pub q_bias: Option<DeviceBuffer>,
+    pub k_bias: Option<DeviceBuffer>,
+    pub v_bias: Option<DeviceBuffer>,
+    pub q_norm: Option<DeviceBuffer>,
+    pub k_norm: Option<DeviceBuffer>,
+    pub post_attn_norm: Option<DeviceBuffer>,
+    pub post_ffn_norm: Option<DeviceBuffer>,
+    /// qwen2moe's shared-expert gate weights.
+    pub shexp_gate: Option<DeviceBuffer>,
+}
+
+/// What the GPU has moved and waited for, for `run --verbose`, `/api/ps` and `/metrics`.
+#[derive(Default)]
+pub(crate) struct GpuCounters {
+    /// Weight bytes copied host → device each step (streamed matrices and experts).
+    pub streamed_bytes: AtomicU64,
+    /// Activation bytes crossing between the devices.
+    pub crossing_bytes: AtomicU64,
+    /// Time the host waited for those copies to be queued and done, µs.
+    pub wait_us: AtomicU64,
+}
+
+pub(crate) struct GpuWeights {
+    pub dev: Device,
+    /// The compute stream: every kernel, and the copies that must be ordered with them.
+    pub stream: Arc<Stream>,
+    resident: HashMap<TensorId, DeviceBuffer>,
+    /// Bytes uploaded at load (weights resident in VRAM and the vectors).
+    pub resident_bytes: u64,
+    pub layers: Vec<Option<LayerVecs>>,
+    pub output_norm: DeviceBuffer,
+    /// Device buffers streamed matrices are copied into, reused from matrix to matrix (the
+    /// copy and the product that reads it are on one stream, in order).
+    staging: Mutex<Vec<DeviceBuffer>>,
+    pub counters: GpuCounters,
+    /// Which layers keep their KV pages in VRAM, and at most how many bytes of them per
+    /// context.
+    pub kv_layers: Vec<bool>,
+    pub kv_vram_budget: Option<usize>,
+}
+
+fn upload_f32(s: &Stream, v: &[f32]) -> Result<DeviceBuffer, EngineError> {
+    let d = s.device().alloc(v.len() * 4).map_err(gpu_err)?;
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    s.upload(&d, 0, &bytes).map_err(gpu_err)?;
+    Ok(d)
+}
+
+fn upload_opt(s: &Stream, v: &Option<Vec<f32>>) -> Result<Option<DeviceBuffer>, EngineError> {
+    v.as_ref().map(|v| upload_f32(s, v)).transpose()
+}
+
+impl GpuWeights {
+    /// Uploads the tensors in `resident` and the vectors of the layers marked in `gpu_layers`.
+    pub(crate) fn prepare(
+        dev: Device,
+        weights: &Weights,
+        layers: &[Layer],
+        output_norm: &[f32],
+        resident: &[TensorId],
+        gpu_layers: &[bool],
+        kv_layers: Vec<bool>,
+        kv_vram_budget: Option<usize>,
+    ) -> Result<GpuWeights, EngineError> {
+        let stream = Arc::new(dev.stream().map_err(gpu_err)?);
+        let s = &*stream;
+        let mut map = HashMap::new();
+        let mut bytes = 0u64;
+        for &id in resident {
+            if map.contains_key(&id) {
+                continue;
+            }
+            let h = weights.acquire(id)?;
+            let data = h.bytes();
+            let d = dev.alloc(data.len()).map_err(gpu_err)?;
+            s.upload(&d, 0, data).map_err(gpu_err)?;
+            bytes += data.len() as u64;
+            map.insert(id, d);
+        }
+        let mut vecs = Vec::with_capacity(layers.len());
+        for (l, &on) in layers.iter().zip(gpu_layers) {
+            if !on {
+                vecs.push(None);
+                continue;
+            }
+            let shexp_gate = match &l.ffn {
+                Ffn::Moe(m) => m
+                    .shared
+                    .as_ref()
+                    .map(|(_, _, _, g)| upload_f32(s, g))
+                    .transpose()?,
+                Ffn::Dense { .. } => None,
+            };
+            let v = LayerVecs {
+                attn_norm: upload_f32(s, &l.attn_norm)?,
+                ffn_norm: upload_f32(s, &l.ffn_norm)?,
+                q_bias: upload_opt(s, &l.q_bias)?,
+                k_bias: upload_opt(s, &l.k_bias)?,
+                v_bias: upload_opt(s, &l.v_bias)?,
+                q_norm: upload_opt(s, &l.q_norm)?,
+                k_norm: upload_opt(s, &l.k_norm)?,
+                post_attn_norm: upload_opt(s, &l.post_attn_norm)?,
+                post_ffn_norm: upload_opt(s, &l.post_ffn_norm)?,
+                shexp_gate,
+            };
+            vecs.push(Some(v));
+        }
+        let output_norm = upload_f32(s, output_norm)?;
+        s.synchronize().map_err(gpu_err)?;
+        Ok(GpuWeights {
+            dev,
+            stream,
+            resident: map,
+            resident_bytes: bytes,
+            layers: vecs,
+            output_norm,
+            staging: Mutex::new(Vec::new()),
+            counters: GpuCounters::default(),
+            kv_layers,
+            kv_vram_budget,
+        })
+    }
+
+    pub(crate) fn is_resident(&self, id: TensorId) -> bool {
+        self.resident.contains_key(&id)
+    }
+
+    /// A resident tensor's device buffer.
+    pub(crate) fn resident(&self, id: TensorId) -> Option<&DeviceBuffer> {
+        self.resident.get(&id)
+    }
+
+    /// `y = m · x` for `n` rows: from VRAM when the matrix is resident there, else copied to
+    /// the device first (part by part for a matrix storage streams in row ranges).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn matmul(
+        &self,
+        weights: &Weights,
+        m: Mat,
+        x: At<'_>,
+        n: usize,
+        y: At<'_>,
+        scratch: At<'_>,
+        tmp: &mut super::Grow,
+    ) -> Result<(), EngineError> {
+        let s = &*self.stream;
+        if let Some(d) = self.resident.get(&m.id) {
+            let w = Weight {
+                ptr: d.ptr(),
+                ty: m.ty,
+                rows: m.rows,
+                cols: m.cols,
+            };
+            return matmul(s, &w, x, n, y, scratch).map_err(gpu_err);
+        }
+        let parts = weights.parts(m.id)?;
+        let mut staging = self.staging.lock().unwrap_or_else(PoisonError::into_inner);
+        for part in 0..parts {
+            let (h, rows) = if parts == 1 {
+                (weights.acquire(m.id)?, 0..m.rows as u64)
+            } else {
+                weights.acquire_part(m.id, part)?
+            };
+            let bytes = h.bytes();
+            let t0 = Instant::now();
+            if staging.is_empty() || staging[0].len() < bytes.len() {
+                staging.clear();
+                staging.push(self.dev.alloc(bytes.len()).map_err(gpu_err)?);
+            }
+            s.upload(&staging[0], 0, bytes).map_err(gpu_err)?;
+            self.counters
+                .streamed_bytes
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            self.counters
+                .wait_us
+                .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+            let (r0, r1) = (rows.start as usize, rows.end as usize);
+            let w = Weight {
+                ptr: staging[0].ptr(),
+                ty: m.ty,
+                rows: r1 - r0,
+                cols: m.cols,
+            };
+            if parts == 1 {
+                matmul(s, &w, x, n, y, scratch).map_err(gpu_err)?;
+            } else if n == 1 {
+                matmul(s, &w, x, 1, y.skip(r0 * 4), scratch).map_err(gpu_err)?;
+            } else {
+                // Each token's rows of this part go to its row of y.
+                let tmp = tmp.get(&self.dev, n * (r1 - r0) * 4)?;
+                matmul(s, &w, x, n, At::from(tmp), scratch).map_err(gpu_err)?;
+                let per = (r1 - r0) * 4;
+                for t in 0..n {
+                    s.copy(y.buf, y.offset + (t * m.rows + r0) * 4, tmp, t * per, per)
+                        .map_err(gpu_err)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Scratch bytes a product of `n` rows through `m` needs.
+    pub(crate) fn scratch_bytes(m: Mat, n: usize) -> usize {
+        matmul_scratch_bytes(m.ty, m.cols, n)
+    }
+}

@@ -737,6 +737,10 @@ impl DeviceStaging {
 
     fn stage(&mut self, stream: &Stream, bytes: &[u8]) -> Result<u64, EngineError> {
         if self.used == self.bufs.len() || self.bufs[self.used].len() < bytes.len() {
+            if self.used < self.bufs.len() {
+                // The buffer replaced may still feed a queued attention.
+                stream.synchronize().map_err(kv_err)?;
+            }
             let d = stream.device().alloc(bytes.len()).map_err(kv_err)?;
             if self.used == self.bufs.len() {
                 self.bufs.push(d);

@@ -274,7 +274,7 @@ fn tensor_overrides_place_tensors_and_bad_ones_are_clean_errors() {
         assert!(out.status.success(), "{flags:?}: {}", text(&out.stderr));
         assert_eq!(text(&out.stdout), text(&base.stdout), "{flags:?}");
     }
-    assert_clean_error(&run(&["-ot", "exps=CUDA0"]), "no GPU backend");
+    assert_clean_error(&run(&["-ot", "exps=CUDA0"]), "no GPU device was asked for");
     assert_clean_error(&run(&["-ot", "exps=VRAM"]), "unknown buffer type");
     assert_clean_error(&run(&["-ot", "(exps=CPU"]), "pattern");
     assert_clean_error(&run(&["-ot", "exps"]), "PATTERN=BUFFER_TYPE");

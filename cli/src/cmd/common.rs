@@ -64,8 +64,8 @@ pub struct LoadArgs {
     pub io: Option<String>,
     /// Tensor placement as llama.cpp's -ot: PATTERN=TYPE[,…], a regular expression searched in
     /// each tensor's name, the first matching rule deciding. TYPE: CPU (host memory; RAM or
-    /// SSD as the budget says), RAM (held in RAM whatever the budget), CUDA0… (a GPU; refused
-    /// while strata has no GPU backend). Repeatable.
+    /// SSD as the budget says), RAM (held in RAM whatever the budget), CUDA0… (the GPU of
+    /// --device; refused without one). Repeatable.
     #[arg(long = "override-tensor", value_name = "PATTERN=TYPE")]
     pub override_tensor: Vec<String>,
     /// Keep every MoE expert tensor on the CPU (llama.cpp's --cpu-moe).

@@ -199,7 +199,20 @@ impl Model {
             start = end;
         }
         scratch.logits = logits;
+        // Nothing queued on the GPU may outlive the call: the caller may drop or reuse the
+        // buffers its pages and scratch live in.
+        self.gpu_sync()?;
         Ok(&ctx.scratch.logits)
+    }
+
+    fn gpu_sync(&self) -> Result<(), EngineError> {
+        match &self.gpu {
+            Some(g) => g
+                .stream
+                .synchronize()
+                .map_err(|e| EngineError::Gpu(e.to_string())),
+            None => Ok(()),
+        }
     }
 
     /// One decode step for several sequences at once (continuous batching): `tokens[i]` is
@@ -266,6 +279,7 @@ impl Model {
         let r = exec::head(&pass, &self.placement, execs, &mut at, 0..n, &mut logits);
         scratch.logits = logits;
         r?;
+        self.gpu_sync()?;
         Ok(&scratch.logits)
     }
 }

@@ -86,6 +86,25 @@ pub(crate) fn place(
 ) -> Result<Placed, EngineError> {
     let n = layers.len();
     let Some(dev) = open_device(&opts.gpu.device)? else {
+        if let Some(t) = weights.gguf().tensors.iter().find(|t| {
+            matches!(
+                target_of(&opts.residency.overrides, &t.name),
+                Some(Target::Gpu(_))
+            )
+        }) {
+            return Err(EngineError::Invalid(format!(
+                "tensor {} is sent to a GPU by an override (-ot …=CUDA0), but no GPU device was \
+                 asked for (--device cuda, or sim for the simulated GPU)",
+                t.name
+            )));
+        }
+        if opts.gpu.n_gpu_layers.is_some_and(|n| n > 0) {
+            return Err(EngineError::Invalid(
+                "-ngl puts layers on a GPU, but no GPU device was asked for (--device cuda, or \
+                 sim for the simulated GPU)"
+                    .into(),
+            ));
+        }
         return Ok(Placed {
             placement: Placement::all(Dev::Cpu, n),
             gpu: None,

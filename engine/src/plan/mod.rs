@@ -274,8 +274,12 @@ pub fn plan(
     let cpu_moe = |il: usize| o.n_cpu_moe.is_some_and(|k| il < k);
 
     if let Some(g) = gpu {
-        // Activations and scratch need room beside the weights (less on a small device).
-        let reserve = VRAM_RESERVE.min(g.vram_bytes / 8);
+        // Activations and scratch need room beside the weights (less on a small device): the
+        // default budget leaves it; an explicit one is the weights' and KV cache's alone.
+        let reserve = match b.vram {
+            Some(_) => 0,
+            None => VRAM_RESERVE.min(g.vram_bytes / 8),
+        };
         let budget = b
             .vram
             .unwrap_or((g.vram_bytes as f64 * 0.9) as u64)

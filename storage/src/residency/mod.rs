@@ -429,16 +429,9 @@ fn check_overrides(
             Target::Ram => {
                 pins.insert(t.name.clone());
             }
-            Target::Gpu(d) => {
-                return Err(ResidencyError::Override(format!(
-                    "tensor {} is sent to buffer type {} by the override {:?}, but this \
-                     strata has no GPU backend: every tensor computes on the CPU (use CPU or \
-                     RAM)",
-                    t.name,
-                    Target::Gpu(d),
-                    rules[i].pattern.as_str()
-                )));
-            }
+            // The engine places GPU tensors (and refuses them without a GPU); for storage they
+            // are read like any other.
+            Target::Gpu(_) => {}
         }
     }
     for (r, n) in rules.iter().zip(matched) {

@@ -4,9 +4,10 @@
 //! Rules are tried in order against each tensor's name (a regular expression searched anywhere
 //! in the name, as llama.cpp does); the first that matches decides. Targets:
 //! - `CPU`: computed on the CPU from host memory; which host tier (RAM or streamed from SSD)
-//!   the RAM budget decides. Every tensor is here while strata has no GPU backend.
+//!   the RAM budget decides.
 //! - `RAM`: like `CPU`, and held in RAM whatever the budget (counted against it first).
-//! - `CUDA0`, `CUDA1`, …: a GPU. Refused at load while no GPU backend is present, naming the
+//! - `CUDA0`, `CUDA1`, …: a GPU. The engine places these (storage reads them like any other),
+//!   and refuses them when no GPU device was asked for, naming the
 //!   tensor, so a command line written for a GPU machine fails clearly instead of silently
 //!   computing somewhere else.
 

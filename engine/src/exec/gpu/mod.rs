@@ -17,7 +17,7 @@ use strata_kernels::ops::kv::{KvLayout, KvPageTables, KvType, kv_store};
 use strata_kernels::ops::matmul::{At, Weight};
 use strata_kernels::ops::norm::rms_norm;
 use strata_kernels::ops::rope::{RopeKind, RopeParams, rope};
-use strata_kernels::{Device, DeviceBuffer, Stream};
+use strata_kernels::{DeviceBuffer, Stream};
 use strata_storage::quant::GgmlType;
 
 use super::{Act, Pass, Slot};
@@ -48,12 +48,21 @@ macro_rules! mm {
 pub(crate) struct Grow(Option<DeviceBuffer>);
 
 impl Grow {
-    pub(crate) fn get(&mut self, dev: &Device, bytes: usize) -> Result<&DeviceBuffer, EngineError> {
+    /// At least `bytes`, on `s`'s device. A buffer that must grow is replaced only after `s`
+    /// has run everything queued (which may still read or write the old one).
+    pub(crate) fn get(&mut self, s: &Stream, bytes: usize) -> Result<&DeviceBuffer, EngineError> {
         let bytes = bytes.max(16);
         if self.0.as_ref().is_none_or(|b| b.len() < bytes) {
-            // Room for a little growth, so that chunks of slowly rising size do not reallocate.
+            if self.0.is_some() {
+                s.synchronize().map_err(gpu_err)?;
+            }
             self.0 = None;
-            self.0 = Some(dev.alloc(bytes.next_multiple_of(4096)).map_err(gpu_err)?);
+            // Room for a little growth, so that chunks of slowly rising size do not reallocate.
+            self.0 = Some(
+                s.device()
+                    .alloc(bytes.next_multiple_of(4096))
+                    .map_err(gpu_err)?,
+            );
         }
         Ok(self.0.as_ref().expect("allocated above"))
     }
@@ -132,7 +141,6 @@ impl GpuExec {
     pub(super) fn begin(&mut self, p: &Pass<'_>) -> Result<(), EngineError> {
         let m = p.model;
         let g = gpu(m)?;
-        let dev = &g.dev;
         let c = &m.config;
         let n = p.n;
         let (e, qd, kvd, ff) = (
@@ -151,7 +159,7 @@ impl GpuExec {
             (&mut self.g, ff),
             (&mut self.u, ff),
         ] {
-            b.get(dev, n * w * 4)?;
+            b.get(&g.stream, n * w * 4)?;
         }
         let mut mm = 0;
         for l in &m.layers {
@@ -165,9 +173,9 @@ impl GpuExec {
             }
         }
         mm = mm.max(GpuWeights::scratch_bytes(m.output, n));
-        self.mm.get(dev, mm)?;
-        self.pos.get(dev, n * 4)?;
-        self.vpos.get(dev, n * 4)?;
+        self.mm.get(&g.stream, mm)?;
+        self.pos.get(&g.stream, n * 4)?;
+        self.vpos.get(&g.stream, n * 4)?;
         self.positions_ready = false;
         Ok(())
     }
@@ -230,7 +238,7 @@ impl GpuExec {
         })?;
         self.host_i32.clear();
         self.host_i32.extend(tokens.iter().map(|&t| t as i32));
-        let ids = self.ids.get(&g.dev, tokens.len() * 4)?;
+        let ids = self.ids.get(&g.stream, tokens.len() * 4)?;
         g.stream
             .upload(ids, 0, &i32_bytes(&self.host_i32))
             .map_err(gpu_err)?;
@@ -393,10 +401,10 @@ impl GpuExec {
             self.host_vall.extend_from_slice(&self.host_v);
         }
         let n_pages = self.host_kall.len();
-        let ktab = self.ktab.get(&g.dev, n_pages * 8)?;
+        let ktab = self.ktab.get(&g.stream, n_pages * 8)?;
         s.upload(ktab, 0, &u64_bytes(&self.host_kall))
             .map_err(gpu_err)?;
-        let vtab = self.vtab.get(&g.dev, n_pages * 8)?;
+        let vtab = self.vtab.get(&g.stream, n_pages * 8)?;
         s.upload(vtab, 0, &u64_bytes(&self.host_vall))
             .map_err(gpu_err)?;
         let vpos = self.vpos.buf()?;
@@ -447,10 +455,10 @@ impl GpuExec {
             }
             let max_len = slots.iter().map(|sl| sl.pos0 + 1).max().unwrap_or(1);
             let plan = DecodePlan::new(&g.dev, &params, slots.len(), max_len).map_err(gpu_err)?;
-            let seqb = self.seqs.get(&g.dev, self.host_seqs.len() * 4)?;
+            let seqb = self.seqs.get(&g.stream, self.host_seqs.len() * 4)?;
             s.upload(seqb, 0, &i32_bytes(&self.host_seqs))
                 .map_err(gpu_err)?;
-            self.attn_scratch.get(&g.dev, plan.scratch_bytes)?;
+            self.attn_scratch.get(&g.stream, plan.scratch_bytes)?;
             paged_decode(
                 s,
                 &params,
@@ -559,9 +567,9 @@ impl GpuExec {
         .map_err(gpu_err)?;
         let xb = self.xb.buf()?;
         rms_norm(s, xb, &g.output_norm, xb, k, e, c.rms_eps).map_err(gpu_err)?;
-        self.logits.get(&g.dev, k * nv * 4)?;
+        self.logits.get(&g.stream, k * nv * 4)?;
         let mm_need = GpuWeights::scratch_bytes(m.output, k);
-        self.mm.get(&g.dev, mm_need)?;
+        self.mm.get(&g.stream, mm_need)?;
         mm!(self, p, k, m.output, xb -> logits)?;
         // SAFETY: f32 is plain data; the slice covers exactly `out`'s memory.
         let raw =

@@ -189,6 +189,8 @@ impl GpuWeights {
             let bytes = h.bytes();
             let t0 = Instant::now();
             if staging.is_empty() || staging[0].len() < bytes.len() {
+                // The old buffer may still feed a queued product.
+                s.synchronize().map_err(gpu_err)?;
                 staging.clear();
                 staging.push(self.dev.alloc(bytes.len()).map_err(gpu_err)?);
             }
@@ -212,7 +214,7 @@ impl GpuWeights {
                 matmul(s, &w, x, 1, y.skip(r0 * 4), scratch).map_err(gpu_err)?;
             } else {
                 // Each token's rows of this part go to its row of y.
-                let tmp = tmp.get(&self.dev, n * (r1 - r0) * 4)?;
+                let tmp = tmp.get(s, n * (r1 - r0) * 4)?;
                 matmul(s, &w, x, n, At::from(tmp), scratch).map_err(gpu_err)?;
                 let per = (r1 - r0) * 4;
                 for t in 0..n {

@@ -213,6 +213,35 @@ fn a_vram_budget_below_the_model_streams_the_rest() {
 }
 
 #[test]
+fn moe_experts_split_between_vram_and_the_cpu() {
+    // A VRAM budget that holds the dense parts and part of each layer's experts: the rest run
+    // on the CPU (or are copied in when enough tokens go to them).
+    for arch in [Arch::Qwen3Moe, Arch::Qwen2Moe, Arch::Olmoe] {
+        let spec = GenSpec::tiny(arch);
+        let (_d, path) = model_file(&spec);
+        let bytes = std::fs::metadata(&path).unwrap().len();
+        let opts = |tenths: u64| GpuOptions {
+            device: sim(256 << 20),
+            vram_budget: Some(bytes * tenths / 10),
+            ..GpuOptions::default()
+        };
+        // The smallest budget of these that caches some but not all experts.
+        let (tenths, e) = (4..10)
+            .find_map(|t| {
+                let m = load(&path, opts(t));
+                let e = m.plan().and_then(|p| p.layers[0].experts)?;
+                (e.vram > 0 && e.vram < spec.n_expert).then_some((t, e))
+            })
+            .unwrap_or_else(|| panic!("{arch:?}: no budget splits the experts"));
+        check(
+            &spec,
+            &format!("experts {} of {} in VRAM", e.vram, spec.n_expert),
+            opts(tenths),
+        );
+    }
+}
+
+#[test]
 fn all_on_the_gpu_matches_the_cpu() {
     let spec = GenSpec::tiny(Arch::Llama);
     let (_d, path) = model_file(&spec);

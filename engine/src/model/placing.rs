@@ -140,6 +140,7 @@ pub(crate) fn place(
     let mut streamed = Vec::new();
     let mut gpu_layers = vec![false; n];
     let mut kv_layers = vec![false; n];
+    let mut experts: Vec<Option<(usize, usize)>> = vec![None; n];
     for (il, (lp, layer)) in p.layers.iter().zip(layers).enumerate() {
         let attn = [layer.q.id, layer.k.id, layer.v.id, layer.o.id];
         let ffn: Vec<TensorId> = match &layer.ffn {
@@ -152,12 +153,12 @@ pub(crate) fn place(
                 v
             }
         };
-        // The experts run where the FFN phase does; until experts are placed on the GPU, a
-        // MoE layer's FFN stays on the CPU.
-        let ffn_exec = match &layer.ffn {
-            Ffn::Moe(_) => Exec::Cpu,
-            Ffn::Dense { .. } => lp.ffn.exec,
-        };
+        // The experts run where the FFN phase does (on the GPU: from its VRAM expert cache,
+        // or on the CPU expert by expert where that costs less).
+        let ffn_exec = lp.ffn.exec;
+        if let (Ffn::Moe(_), Some(e), Exec::Gpu) = (&layer.ffn, lp.experts, ffn_exec) {
+            experts[il] = Some((e.vram.max(1), e.gpu_min_tokens));
+        }
         placement.layers[il] = PhasePlacement {
             attn_in: dev_of(lp.attn.exec),
             attend: dev_of(lp.attend),
@@ -204,6 +205,7 @@ pub(crate) fn place(
         &gpu_layers,
         kv_layers,
         kv_budget,
+        &experts,
     )?;
     tracing::info!(
         gpu = %gpu.dev.info().name,

@@ -42,6 +42,9 @@ macro_rules! mm {
     };
 }
 
+// After the macro: the MoE module uses it.
+pub(crate) mod moe;
+
 /// A device buffer that grows to the largest size asked for and is then reused: a warm step
 /// allocates nothing.
 #[derive(Default)]
@@ -99,6 +102,20 @@ pub(crate) struct GpuExec {
     seqs: Grow,
     attn_scratch: Grow,
     staging: DeviceStaging,
+    /// Mixture of experts: router logits, routing (ids, weights), the slots' cache ids, the
+    /// experts' gate/up and outputs per (token, slot), `matmul_id`'s scratch, the shared
+    /// expert's buffers, and the host side of a partly cached layer.
+    rl: Grow,
+    wts: Grow,
+    sids: Grow,
+    eg: Grow,
+    eu: Grow,
+    ey: Grow,
+    mm_id: Grow,
+    sg: Grow,
+    su: Grow,
+    sy: Grow,
+    moe_host: moe::MoeHost,
     /// Host-side lists, reused.
     host_k: Vec<u64>,
     host_v: Vec<u64>,
@@ -166,9 +183,19 @@ impl GpuExec {
             for mat in [l.q, l.k, l.v, l.o] {
                 mm = mm.max(GpuWeights::scratch_bytes(mat, n));
             }
-            if let Ffn::Dense { gate, up, down } = &l.ffn {
-                for mat in [*gate, *up, *down] {
-                    mm = mm.max(GpuWeights::scratch_bytes(mat, n));
+            match &l.ffn {
+                Ffn::Dense { gate, up, down } => {
+                    for mat in [*gate, *up, *down] {
+                        mm = mm.max(GpuWeights::scratch_bytes(mat, n));
+                    }
+                }
+                Ffn::Moe(x) => {
+                    mm = mm.max(GpuWeights::scratch_bytes(x.router, n));
+                    if let Some((g, u, d, _)) = &x.shared {
+                        for mat in [*g, *u, *d] {
+                            mm = mm.max(GpuWeights::scratch_bytes(mat, n));
+                        }
+                    }
                 }
             }
         }
@@ -515,11 +542,7 @@ impl GpuExec {
                 glu(s, act, rows(gb), rows(ub), rows(gb), n, ff).map_err(gpu_err)?;
                 mm!(self, p, n, *down, g -> xb)?;
             }
-            Ffn::Moe(_) => {
-                return Err(EngineError::Invalid(format!(
-                    "layer {il}'s experts on the GPU: not placed there yet"
-                )));
-            }
+            Ffn::Moe(x) => self.moe(p, il, x)?,
         }
         self.residual(s, &vecs.post_ffn_norm, n, e, c.rms_eps)
     }

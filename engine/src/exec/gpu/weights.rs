@@ -62,6 +62,8 @@ pub(crate) struct GpuWeights {
     /// context.
     pub kv_layers: Vec<bool>,
     pub kv_vram_budget: Option<usize>,
+    /// Per layer: the VRAM expert cache of a MoE layer whose FFN runs on the GPU.
+    pub moe: Vec<Option<super::moe::MoeGpu>>,
 }
 
 fn upload_f32(s: &Stream, v: &[f32]) -> Result<DeviceBuffer, EngineError> {
@@ -86,6 +88,7 @@ impl GpuWeights {
         gpu_layers: &[bool],
         kv_layers: Vec<bool>,
         kv_vram_budget: Option<usize>,
+        experts: &[Option<(usize, usize)>],
     ) -> Result<GpuWeights, EngineError> {
         let stream = Arc::new(dev.stream().map_err(gpu_err)?);
         let s = &*stream;
@@ -131,6 +134,20 @@ impl GpuWeights {
             vecs.push(Some(v));
         }
         let output_norm = upload_f32(s, output_norm)?;
+        let mut moe = Vec::with_capacity(layers.len());
+        for (l, x) in layers.iter().zip(experts) {
+            moe.push(match (&l.ffn, x) {
+                (Ffn::Moe(m), Some((slots, min_tokens))) => {
+                    Some(super::moe::MoeGpu::new(s, weights, m, *slots, *min_tokens)?)
+                }
+                _ => None,
+            });
+        }
+        bytes += moe
+            .iter()
+            .flatten()
+            .map(super::moe::MoeGpu::bytes)
+            .sum::<u64>();
         s.synchronize().map_err(gpu_err)?;
         Ok(GpuWeights {
             dev,
@@ -143,6 +160,7 @@ impl GpuWeights {
             counters: GpuCounters::default(),
             kv_layers,
             kv_vram_budget,
+            moe,
         })
     }
 

@@ -264,3 +264,182 @@ fn all_on_the_gpu_matches_the_cpu() {
     }
     assert_eq!(tc, tg);
 }
+
+/// The greedy run of `prompt_len` prompt tokens and a few decode steps on `ctx`.
+fn long_run(model: &Model, ctx: &mut strata_engine::Context, prompt_len: usize) -> Vec<Vec<f32>> {
+    let prompt: Vec<u32> = (0..prompt_len as u32)
+        .map(|i| (i * 37 + 11) % 250)
+        .collect();
+    let mut out = vec![
+        model
+            .forward(ctx, &prompt, Logits::Last)
+            .expect("prefill")
+            .to_vec(),
+    ];
+    for _ in 0..3 {
+        let last = out.last().expect("logits");
+        let next = (0..last.len())
+            .max_by(|&a, &b| last[a].total_cmp(&last[b]))
+            .expect("argmax") as u32;
+        out.push(
+            model
+                .forward(ctx, &[next], Logits::Last)
+                .expect("decode")
+                .to_vec(),
+        );
+    }
+    out
+}
+
+#[test]
+fn kv_pages_move_from_vram_to_ram_and_ssd_and_attention_reads_them_all() {
+    // 600 positions: three pages per layer and side. With VRAM for one page of each, the two
+    // oldest go to RAM; with a RAM budget too, on to SSD. The pages are the same bytes
+    // wherever they are, and the GPU stages the ones not in VRAM: the logits are identical.
+    let spec = GenSpec::tiny(Arch::Llama);
+    let (_d, path) = model_file(&spec);
+    let page = 256 * spec.n_head_kv * spec.head_dim * 2; // f16 rows of one side
+    let pool = Arc::new(ThreadPool::new(2));
+    let gpu_opts = |kv_vram: Option<usize>| GpuOptions {
+        device: sim(256 << 20),
+        kv_vram_budget: kv_vram,
+        n_ctx: Some(1024),
+        ..GpuOptions::default()
+    };
+    let full = load(&path, gpu_opts(None));
+    let mut ctx = full.new_context(1024, pool.clone());
+    let want = long_run(&full, &mut ctx, 600);
+    assert_eq!(ctx.kv_ram_bytes(), 0);
+    assert!(ctx.kv_vram_bytes() >= 3 * 2 * spec.n_layer * page);
+    drop(ctx);
+    drop(full);
+
+    let budget = 2 * spec.n_layer * page;
+    let tiered = load(&path, gpu_opts(Some(budget)));
+    let mut ctx = tiered.new_context(1024, pool.clone());
+    assert_eq!(long_run(&tiered, &mut ctx, 600), want);
+    assert!(
+        ctx.kv_vram_bytes() <= budget,
+        "{} > {budget}",
+        ctx.kv_vram_bytes()
+    );
+    assert!(
+        ctx.kv_ram_bytes() >= 2 * spec.n_layer * page,
+        "the oldest pages went to RAM"
+    );
+    drop(ctx);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kv = strata_engine::kv::KvOptions {
+        spill: Some(strata_engine::kv::SpillConfig {
+            dir: dir.path().to_path_buf(),
+            ram_budget: 0,
+            io: Default::default(),
+        }),
+        ..Default::default()
+    };
+    let mut ctx = tiered.new_context_with(1024, pool, &kv).expect("context");
+    assert_eq!(long_run(&tiered, &mut ctx, 600), want);
+    let spill = ctx.kv_spill_stats().expect("a spill file");
+    assert!(spill.disk_bytes > 0, "{spill:?}");
+}
+
+#[test]
+fn a_read_error_while_streaming_to_the_gpu_fails_the_step_and_the_next_succeeds() {
+    use strata_storage::io::{Faults, IoKind, ReaderOptions};
+    let mut spec = GenSpec::tiny(Arch::Llama);
+    spec.n_layer = 8;
+    let (_d, path) = model_file(&spec);
+    let size = std::fs::metadata(&path).unwrap().len();
+    let gpu = GpuOptions {
+        device: sim(256 << 20),
+        vram_budget: Some(size / 4),
+        ..GpuOptions::default()
+    };
+    let want = run(&load(&path, gpu.clone()), 0).0;
+    // Weights not in VRAM stream from disk (a RAM budget below the model) to the GPU: a read
+    // a few chunks after loading fails.
+    let opts = |faults: Option<String>| ModelOptions {
+        residency: strata_storage::residency::LoadOptions {
+            ram_budget: Some(size * 45 / 100),
+            io: ReaderOptions {
+                kind: Some(IoKind::Uring),
+                faults: faults.map(|f| Faults::parse(&f).expect("faults")),
+                ..ReaderOptions::default()
+            },
+            ..Default::default()
+        },
+        gpu: gpu.clone(),
+        keep_file_layout: true,
+        ..ModelOptions::default()
+    };
+    let at_load = Model::load_with(&path, &opts(None))
+        .expect("load")
+        .weights()
+        .stats()
+        .read
+        .chunks;
+    let m = Model::load_with(&path, &opts(Some(format!("eio={}", at_load + 3)))).expect("load");
+    let pool = Arc::new(ThreadPool::new(2));
+    let (mut failed, mut ok_after) = (false, false);
+    for _ in 0..8 {
+        let mut ctx = m.new_context(64, pool.clone());
+        match m.forward(&mut ctx, &PROMPT, Logits::Last) {
+            Ok(l) => {
+                assert!(
+                    max_rel(l, &want[0]) < 1e-6,
+                    "a streamed step gives the resident one's logits"
+                );
+                ok_after |= failed;
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("Input/output error") && msg.contains("m.gguf"),
+                    "{msg}"
+                );
+                failed = true;
+            }
+        }
+    }
+    assert!(failed, "the injected error never surfaced");
+    assert!(ok_after, "no step succeeded after the error");
+}
+
+#[test]
+fn a_placement_that_cannot_fit_vram_names_the_bytes() {
+    let spec = GenSpec::tiny(Arch::Llama);
+    let (_d, path) = model_file(&spec);
+    let opts = ModelOptions {
+        gpu: GpuOptions {
+            device: sim(256 << 20),
+            n_gpu_layers: Some(99),
+            vram_budget: Some(1 << 20),
+            ..GpuOptions::default()
+        },
+        ..ModelOptions::default()
+    };
+    let e = Model::load_with(&path, &opts)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("bytes of VRAM") && e.contains("1048576"), "{e}");
+    // A device too small for what the planner itself chose is out of memory, said as such.
+    let opts = ModelOptions {
+        gpu: GpuOptions {
+            device: sim(64 << 10),
+            n_gpu_layers: Some(99),
+            vram_budget: Some(256 << 20),
+            ..GpuOptions::default()
+        },
+        ..ModelOptions::default()
+    };
+    let e = Model::load_with(&path, &opts)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("out of device memory") && e.contains("bytes requested"),
+        "{e}"
+    );
+}

@@ -98,6 +98,11 @@ impl Context {
         self.kv.ram_bytes()
     }
 
+    /// Bytes of KV pages held in VRAM (the layers whose attention runs on the GPU).
+    pub fn kv_vram_bytes(&self) -> usize {
+        self.kv.vram_bytes()
+    }
+
     /// The KV cache's SSD tier, when it has one.
     pub fn kv_spill_stats(&self) -> Option<SpillStats> {
         self.kv.spill_stats()

@@ -25,6 +25,7 @@ use names::LayerTensor;
 pub use options::{
     CpuMoe, DeviceSpec, EnvSettings, GpuOptions, LoadSettings, ModelOptions, SettingNames,
 };
+pub use placing::open_device;
 use predict::{ExpertControl, PredictionCounters};
 pub use predict::{ExpertPrefetch, ExpertSettings, PredictionStats};
 
@@ -33,6 +34,28 @@ use crate::exec::Placement;
 use crate::exec::cpu::repack::CpuWeights;
 use crate::kv::KvOptions;
 use crate::tokenizer::Tokenizer;
+
+/// What the GPU holds and what crossed the link, for `run --verbose`, `/api/ps` and `/metrics`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuStats {
+    pub device: String,
+    /// Dense weights resident in VRAM.
+    pub weights_vram: u64,
+    /// The VRAM expert caches.
+    pub experts_vram: u64,
+    pub vram_free: u64,
+    pub vram_total: u64,
+    /// Weight bytes copied to the device each step (streamed matrices, experts copied in).
+    pub streamed_bytes: u64,
+    /// Activation bytes that crossed between the CPU and the GPU.
+    pub crossing_bytes: u64,
+    /// Every host → device and device → host byte.
+    pub h2d_bytes: u64,
+    pub d2h_bytes: u64,
+    /// Time the GPU's work waited on weight copies, µs.
+    pub wait_us: u64,
+    pub launches: u64,
+}
 
 /// A matrix the forward pass multiplies by: which tensor, and its shape.
 #[derive(Clone, Copy, Debug)]
@@ -300,6 +323,28 @@ impl Model {
     /// The device the GPU phases run on, if any.
     pub fn gpu_device(&self) -> Option<strata_kernels::DeviceInfo> {
         self.gpu.as_ref().map(|g| g.dev.info())
+    }
+
+    /// What the GPU holds and has moved so far (`None` without a GPU).
+    pub fn gpu_stats(&self) -> Option<GpuStats> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let g = self.gpu.as_ref()?;
+        let (free, total) = g.dev.memory().unwrap_or((0, 0));
+        let experts: u64 = g.moe.iter().flatten().map(|m| m.bytes()).sum();
+        let t = g.dev.transfer_stats();
+        Some(GpuStats {
+            device: g.dev.info().name,
+            weights_vram: g.resident_bytes.saturating_sub(experts),
+            experts_vram: experts,
+            vram_free: free as u64,
+            vram_total: total as u64,
+            streamed_bytes: g.counters.streamed_bytes.load(Relaxed),
+            crossing_bytes: g.counters.crossing_bytes.load(Relaxed),
+            h2d_bytes: t.h2d_bytes,
+            d2h_bytes: t.d2h_bytes,
+            wait_us: g.counters.wait_us.load(Relaxed),
+            launches: t.launches,
+        })
     }
 
     /// The planner's placement (with a GPU), for `strata run` and `/api/ps` to show.

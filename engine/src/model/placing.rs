@@ -24,8 +24,8 @@ pub(crate) struct Placed {
     pub streamed: Vec<TensorId>,
 }
 
-/// The device `spec` names.
-pub(crate) fn open_device(spec: &DeviceSpec) -> Result<Option<Device>, EngineError> {
+/// The device `spec` names (`None` for the CPU): a clear error where there is no driver.
+pub fn open_device(spec: &DeviceSpec) -> Result<Option<Device>, EngineError> {
     match spec {
         DeviceSpec::Cpu => Ok(None),
         DeviceSpec::Cuda(i) => Device::cuda(*i).map(Some).map_err(gpu_err),

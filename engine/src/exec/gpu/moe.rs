@@ -22,7 +22,7 @@ use strata_kernels::{DeviceBuffer, Stream};
 use strata_simd::matmul::{MatRef, MatmulScratch, matmul};
 use strata_storage::residency::Weights;
 
-use super::weights::{GpuWeights, gpu_err};
+use super::weights::gpu_err;
 use super::{GpuExec, gpu};
 use crate::error::EngineError;
 use crate::exec::Pass;
@@ -480,12 +480,5 @@ impl GpuExec {
             }
         }
         Ok(())
-    }
-}
-
-impl GpuWeights {
-    /// The VRAM expert cache of layer `il`, if its experts run on the GPU.
-    pub(crate) fn moe_cache(&self, il: usize) -> Option<&MoeGpu> {
-        self.moe.get(il).and_then(Option::as_ref)
     }
 }

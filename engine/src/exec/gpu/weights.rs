@@ -164,10 +164,6 @@ impl GpuWeights {
         })
     }
 
-    pub(crate) fn is_resident(&self, id: TensorId) -> bool {
-        self.resident.contains_key(&id)
-    }
-
     /// A resident tensor's device buffer.
     pub(crate) fn resident(&self, id: TensorId) -> Option<&DeviceBuffer> {
         self.resident.get(&id)

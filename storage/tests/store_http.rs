@@ -95,6 +95,26 @@ fn http_errors_name_the_url_and_leave_nothing() {
     assert!(matches!(err, StoreError::Network { .. }), "{err}");
 }
 
+/// Issue 22: a name that does not resolve was retried twice and its error repeated the URL
+/// four times. It is reported once, naming the URL once.
+#[test]
+fn a_dns_failure_is_reported_once() {
+    let (_dir, store) = temp_store();
+    // `.invalid` never resolves (RFC 6761), with or without a network.
+    let url = "https://strata-test.invalid/model.gguf";
+    let mut rec = Recorder::default();
+    let err = store.pull(url, &mut rec).unwrap_err();
+    assert!(matches!(err, StoreError::Unreachable { .. }), "{err}");
+    let msg = err.to_string();
+    assert_eq!(msg.matches(url).count(), 1, "{msg}");
+    assert!(std::error::Error::source(&err).is_none(), "{msg}");
+    assert!(
+        !rec.messages.iter().any(|m| m.contains("retrying")),
+        "{rec:?}"
+    );
+    assert!(leftovers(&store).is_empty(), "{:?}", leftovers(&store));
+}
+
 /// A wheel holding `data/<member>` with `content`, like the published model parts.
 fn wheel(package: &str, member: &str, content: &[u8]) -> Vec<u8> {
     let mut buf = std::io::Cursor::new(Vec::new());

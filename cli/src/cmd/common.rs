@@ -7,14 +7,19 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use strata_engine::Model;
+use strata_engine::chat::ChatTemplate;
 use strata_simd::pool::ThreadPool;
 use strata_storage::io::{IoKind, ReaderOptions};
 use strata_storage::residency::LoadOptions;
 use strata_storage::residency::overrides::cpu_moe;
 use strata_storage::store::Store;
 
-/// The model `strata run` uses when none is named.
+/// The model `strata run` completes prompts with when none is named.
 pub const DEFAULT_MODEL: &str = "gemma3-270m";
+
+/// The model chats use when none is named (`run -cnv`, `chat --local`): an instruct model with
+/// a chat template. The default model is a base model, which was never taught to chat.
+pub const DEFAULT_CHAT_MODEL: &str = "qwen2.5-coder-1.5b";
 
 pub struct Loaded {
     pub model: Model,
@@ -27,9 +32,45 @@ pub struct Loaded {
 pub fn resolve_model(spec: &str) -> anyhow::Result<PathBuf> {
     let store = Store::open_default().context("opening the model store")?;
     let mut progress = crate::progress::BarProgress::new();
-    store
-        .ensure(spec, &mut progress)
-        .with_context(|| format!("model '{spec}'"))
+    store.ensure(spec, &mut progress).map_err(|e| {
+        // Most store errors name the model or URL already; say it once.
+        if e.to_string().contains(spec) {
+            anyhow::Error::new(e)
+        } else {
+            anyhow::Error::new(e).context(format!("model '{spec}'"))
+        }
+    })
+}
+
+/// The chat template of the model file at `path` (`name` as the user gave it), read from its
+/// header before the weights load: `choice` (`--chat-template`) when given, else the file's
+/// own. A file without one is a base model, never taught to chat: that is an error saying so
+/// rather than a guessed format producing nonsense.
+pub fn chat_template(
+    path: &std::path::Path,
+    name: &str,
+    choice: Option<&str>,
+) -> anyhow::Result<ChatTemplate> {
+    let gguf = strata_storage::gguf::GgufFile::open(path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let md = &gguf.metadata;
+    let arch = md
+        .get_str("general.architecture")
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let t = ChatTemplate::from_gguf_with(md, arch, choice)
+        .with_context(|| format!("the chat template of {name}"))?;
+    if t.guessed() {
+        anyhow::bail!(
+            "{name} has no chat template: it is a base model, not trained to chat, so its \
+             answers would be nonsense. Chat with an instruct model ({DEFAULT_CHAT_MODEL}, the \
+             default for chats), complete a prompt with -p, or name a template with \
+             --chat-template {} if you know the model follows it",
+            t.name()
+        );
+    }
+    Ok(t)
 }
 
 /// Threads to compute on: `-t` when given, else one per available core.
@@ -58,6 +99,10 @@ pub struct LoadArgs {
     /// instead of reading it with O_DIRECT.
     #[arg(long, conflicts_with_all = ["ram_budget", "prefetch"])]
     pub mmap: bool,
+    /// Read the weights into memory instead of mapping the file: strata's default, accepted
+    /// for llama.cpp's scripts.
+    #[arg(long = "no-mmap", conflicts_with = "mmap")]
+    pub no_mmap: bool,
     /// I/O engine for reading weights: uring or pread (default: uring, falling back to pread;
     /// also STRATA_IO).
     #[arg(long, value_name = "ENGINE", value_parser = ["uring", "pread"])]

@@ -9,10 +9,10 @@ use strata_engine::sampler::{Sampler, SamplerConfig};
 use strata_engine::tokenizer::StreamDecoder;
 use strata_engine::{Context, Logits};
 
-use super::interrupt;
 use super::session::Stats;
 use crate::cmd::common::{LoadArgs, Loaded, ctx_size, load_with};
 use crate::cmd::kvargs::KvArgs;
+use crate::interrupt;
 
 pub struct Local {
     loaded: Loaded,

@@ -11,9 +11,9 @@ use anyhow::bail;
 use serde_json::{Value, json};
 use strata_engine::chat::ChatMessage;
 
-use super::interrupt;
 use super::session::Stats;
 use crate::client::{Client, error_message, read_sse};
+use crate::interrupt;
 
 /// How often the waiting loop looks at the Ctrl-C flag.
 const POLL: Duration = Duration::from_millis(50);

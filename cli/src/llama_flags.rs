@@ -197,7 +197,8 @@ pub fn rewrite(cli: &clap::Command, args: Vec<OsString>) -> Result<Vec<OsString>
             break;
         }
     }
-    let Some(sub) = sub else {
+    // A subcommand that passes its words on (`serve`'s flags for stratad) is not read here.
+    let Some(sub) = sub.filter(|s| !s.get_arguments().any(|a| a.is_trailing_var_arg_set())) else {
         out.extend(words);
         return Ok(out);
     };
@@ -421,5 +422,15 @@ mod tests {
     fn commands_without_a_subcommand_pass_through() {
         assert_eq!(rw(&["--version"]).expect("ok"), ["--version"]);
         assert_eq!(rw(&["nope", "-tb"]).expect("ok"), ["nope", "-tb"]);
+    }
+
+    #[test]
+    fn words_passed_on_to_another_program_are_left_alone() {
+        use clap::CommandFactory as _;
+        let mut cli = crate::Cli::command();
+        cli.build();
+        let args = ["strata", "serve", "--model", "m", "-ngl", "9"];
+        let got = rewrite(&cli, args.iter().map(OsString::from).collect()).expect("passes");
+        assert_eq!(got, args.map(OsString::from));
     }
 }

@@ -29,9 +29,9 @@ const BLOCK: &str = "\"\"\"";
 const HELP: &str = "\
 /reset         forget the conversation (keeps the system prompt)
 /system TEXT   set the system prompt (without TEXT: show it)
-/save NAME     save the conversation as chats/NAME.json in the store (through the daemon,
-               also its KV cache as session NAME, resumed by later answers)
-/load NAME     continue a saved conversation (through the daemon, from session NAME's cache)
+/save NAME     save a snapshot of the conversation as chats/NAME.json in the store (through
+               the daemon, also its KV cache as session NAME); later turns do not change it
+/load NAME     continue from a saved conversation (the snapshot itself stays as it was)
 /stats         tokens and speed of the last answer
 /bye           leave (also Ctrl-D, or Ctrl-C twice)
 /help          this list
@@ -41,7 +41,7 @@ Ctrl-C stops an answer.";
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Model: a store name. Through the daemon it defaults to the one model it has loaded;
-    /// with --local to gemma3-270m (a path or URL also works there).
+    /// with --local to qwen2.5-coder-1.5b, an instruct model (a path or URL also works there).
     pub model: Option<String>,
     /// The daemon's socket (default: where stratad puts it).
     #[arg(long, conflicts_with = "local")]
@@ -132,7 +132,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         let model = args
             .model
             .clone()
-            .unwrap_or_else(|| super::common::DEFAULT_MODEL.to_owned());
+            .unwrap_or_else(|| super::common::DEFAULT_CHAT_MODEL.to_owned());
         let mut cfg = SamplerConfig {
             seed: args.seed.unwrap_or_else(|| {
                 std::time::SystemTime::now()
@@ -312,18 +312,17 @@ fn command(
             println!("(system prompt set)");
         }
         "save" | "load" if arg.is_empty() => anyhow::bail!("/{name} needs a NAME"),
+        // A saved chat is a snapshot: what follows in this chat never changes it (issue 22:
+        // after `/save snap` and `/reset`, the next answer overwrote both).
         "save" => {
             let path = session::chat_path(&session::chats_dir()?, arg)?;
             session::save(&path, conv, model)?;
             println!("(saved to {})", path.display());
             if let Backend::Daemon(r) = backend
                 && r.session.as_deref() != Some(arg)
+                && !conv.turns.is_empty()
             {
-                if conv.turns.is_empty() {
-                    r.session = Some(arg.to_owned());
-                } else {
-                    r.save_session(arg, &conv.messages())?;
-                }
+                r.save_session(arg, &conv.messages())?;
                 println!("(KV cache saved in the daemon as session {arg})");
             }
         }
@@ -332,18 +331,10 @@ fn command(
             *conv = session::load(&path)?;
             backend.reset();
             println!(
-                "(loaded {} messages from {})",
+                "(loaded {} messages from {}; the saved chat stays as it was)",
                 conv.turns.len(),
                 path.display()
             );
-            if let Backend::Daemon(r) = backend {
-                r.session = Some(arg.to_owned());
-                if r.has_session(arg)? {
-                    println!("(the next answer resumes from the daemon's session {arg})");
-                } else {
-                    println!("(the daemon has no session {arg}: the next answer computes it)");
-                }
-            }
         }
         "stats" => match last {
             Some(s) => println!("{}", s.describe()),

@@ -3,14 +3,13 @@
 
 use std::time::Instant;
 
-use anyhow::Context as _;
 use strata_engine::chat::{ChatMessage, ChatTemplate};
 use strata_engine::sampler::{Sampler, SamplerConfig};
 use strata_engine::tokenizer::StreamDecoder;
 use strata_engine::{Context, Logits};
 
 use super::session::Stats;
-use crate::cmd::common::{LoadArgs, Loaded, ctx_size, load_with};
+use crate::cmd::common::{LoadArgs, Loaded, chat_template, ctx_size, load_with, resolve_model};
 use crate::cmd::kvargs::KvArgs;
 use crate::interrupt;
 
@@ -36,11 +35,10 @@ impl Local {
         kv: &KvArgs,
     ) -> anyhow::Result<Local> {
         sampler.validate().map_err(anyhow::Error::msg)?;
+        // A model that cannot chat is said so before its weights load.
+        let template = chat_template(&resolve_model(model)?, model, None)?;
         let loaded = load_with(model, threads, residency)?;
         let n_ctx = ctx_size(&loaded.model, n_ctx)?;
-        let md = &loaded.model.weights().gguf().metadata;
-        let template = ChatTemplate::from_gguf(md, loaded.model.config.arch.name())
-            .context("the model's chat template")?;
         let ctx = kv.context(&loaded.model, n_ctx, loaded.pool.clone())?;
         Ok(Local {
             loaded,

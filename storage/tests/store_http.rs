@@ -172,6 +172,14 @@ fn index_pull_with_wrong_parts_fails_the_final_checksum_and_cleans_up() {
     }
     assert_eq!(rec.started.len(), 4, "{rec:?}");
     assert_eq!(rec.started[0].0, "gemma3-270m part 1/4");
+    // Issue 22: 23 finished bars and no total. The parts are one task with the model's size
+    // (all four were fetched; the assembled file then failed its checksum).
+    assert_eq!(
+        rec.tasks,
+        [("pulling gemma3-270m".to_owned(), Some(253_113_024))],
+        "{rec:?}"
+    );
+    assert_eq!(rec.task_ends, [true]);
     assert!(leftovers(&store).is_empty(), "{:?}", leftovers(&store));
     assert!(matches!(
         store.resolve("gemma3-270m"),

@@ -109,11 +109,12 @@ pub struct LoadArgs {
     pub io: Option<String>,
     /// Tensor placement as llama.cpp's -ot: PATTERN=TYPE[,…], a regular expression searched in
     /// each tensor's name, the first matching rule deciding. TYPE: CPU (host memory; RAM or
-    /// SSD as the budget says), RAM (held in RAM whatever the budget), CUDA0… (a GPU; refused
-    /// while strata has no GPU backend). Repeatable.
+    /// SSD as the budget says), RAM (held in RAM, counted against --ram-budget first), CUDA0…
+    /// (a GPU; refused while strata has no GPU backend). Repeatable.
     #[arg(long = "override-tensor", value_name = "PATTERN=TYPE")]
     pub override_tensor: Vec<String>,
-    /// Keep every MoE expert tensor on the CPU (llama.cpp's --cpu-moe).
+    /// Keep every MoE expert tensor on the CPU (llama.cpp's --cpu-moe): host memory, where
+    /// every tensor is while strata has no GPU backend.
     #[arg(long = "cpu-moe")]
     pub cpu_moe: bool,
     /// Keep the expert tensors of the first N layers on the CPU (llama.cpp's --n-cpu-moe).

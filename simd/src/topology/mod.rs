@@ -89,6 +89,12 @@ pub fn physical_cores() -> usize {
     }
 }
 
+/// The NUMA node of the PCI device at bus id `address` (`0000:65:00.0`), from sysfs: where a
+/// GPU's host-side threads and buffers belong. `None` when unknown.
+pub fn pci_numa_node(address: &str) -> Option<usize> {
+    sysfs::pci_numa_node(Path::new("/sys"), address)
+}
+
 impl Topology {
     fn discover() -> Topology {
         #[cfg(feature = "hwloc")]

@@ -130,6 +130,27 @@ pub(super) fn read(root: &Path, allowed: &[usize]) -> Result<Layout, SysfsError>
     Ok(Layout { per_node, pus })
 }
 
+/// The NUMA node the kernel reports for PCI device `address` (`0000:65:00.0`, the bus id
+/// nvidia-smi and CUDA print; a GPU's memory traffic is cheapest from its node's cores).
+/// `None` when the device is absent, the kernel does not know (`-1`), or the address is not
+/// one (it never becomes a path outside the PCI devices folder).
+pub(super) fn pci_numa_node(root: &Path, address: &str) -> Option<usize> {
+    let parts: Vec<&str> = address.split([':', '.']).collect();
+    let well_formed = parts.len() == 4
+        && parts
+            .iter()
+            .zip([4, 2, 2, 1])
+            .all(|(p, n)| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !well_formed {
+        return None;
+    }
+    let p = root.join(format!(
+        "bus/pci/devices/{}/numa_node",
+        address.to_ascii_lowercase()
+    ));
+    read_small(&p).ok()??.trim().parse::<usize>().ok()
+}
+
 /// Each NUMA node's CPU list, in node order; empty when the kernel has no NUMA directory.
 fn read_nodes(node_dir: &Path) -> Result<Vec<Vec<usize>>, SysfsError> {
     let entries = match std::fs::read_dir(node_dir) {
@@ -430,6 +451,31 @@ mod tests {
                 .contains("none of the 2 allowed CPUs is online"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_pci_devices_numa_node_is_read_when_the_kernel_knows_it() {
+        let f = smt_machine();
+        f.write("bus/pci/devices/0000:65:00.0/numa_node", "1\n");
+        f.write("bus/pci/devices/0000:17:00.0/numa_node", "-1\n");
+        f.write("bus/pci/devices/0000:18:00.0/numa_node", "one\n");
+        f.write("bus/pci/devices/0000:6a:00.0/numa_node", "0\n");
+        let root = f.dir.path();
+        assert_eq!(pci_numa_node(root, "0000:65:00.0"), Some(1));
+        // Bus ids are printed in either case; sysfs names them in lower case.
+        assert_eq!(pci_numa_node(root, "0000:6A:00.0"), Some(0));
+        assert_eq!(pci_numa_node(root, "0000:17:00.0"), None);
+        assert_eq!(pci_numa_node(root, "0000:18:00.0"), None);
+        assert_eq!(pci_numa_node(root, "0000:99:00.0"), None);
+        for bad in [
+            "../../etc",
+            "0000:65:00",
+            "0000:65:00.0/..",
+            "",
+            "00000:65:00.0",
+        ] {
+            assert_eq!(pci_numa_node(root, bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -250,6 +250,10 @@ fn a_base_model_is_not_chatted_with_unless_a_template_is_named() {
     let err = text(&out.stderr);
     assert!(err.contains("has no chat template"), "{err}");
     assert!(!err.contains("load time"), "loaded before refusing: {err}");
+    let out = strata(&["chat", "--local", p]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("has no chat template"), "{err}");
     let out = strata(&[
         "run",
         "-m",

@@ -77,6 +77,10 @@ pub struct Args {
     /// --local: random seed (default: a new one each run).
     #[arg(short = 's', long, requires = "local")]
     pub seed: Option<u64>,
+    /// --local: chat template instead of the model's: a built-in name (chatml, gemma, llama3,
+    /// llama2) or a Jinja template.
+    #[arg(long = "chat-template", value_name = "NAME|JINJA", requires = "local")]
+    pub chat_template: Option<String>,
     /// --local: how the weights are held (the daemon's own settings apply otherwise).
     #[command(flatten)]
     pub residency: super::common::LoadArgs,
@@ -144,15 +148,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         if let Some(t) = args.temp {
             cfg.temp = t;
         }
-        let l = local::Local::new(
-            &model,
-            cfg,
-            args.n_predict,
-            args.ctx_size,
-            args.threads,
-            &args.residency,
-            &args.kv,
-        )?;
+        let l = local::Local::new(&model, cfg, &args)?;
         (Backend::Local(Box::new(l)), model, "in-process".to_owned())
     } else {
         let client = Client::new(args.socket.clone());

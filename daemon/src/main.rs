@@ -229,7 +229,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     let shutdown = Arc::new(Shutdown::default());
     let threads = args
         .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        .unwrap_or_else(strata_simd::topology::physical_cores);
     let watchdog = Watchdog::from_env();
     if watchdog.is_some() {
         tracing::info!("systemd watchdog enabled; the engine threads ping it");

@@ -32,7 +32,8 @@ impl std::fmt::Display for NoDaemon {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "no strata daemon is running at {} ({}); start one with `stratad --model MODEL`",
+            "no strata daemon is running at {} ({}); start one with `strata serve --model MODEL` \
+             (or `stratad --model MODEL`)",
             self.socket.display(),
             self.source
         )

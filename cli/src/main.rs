@@ -1,17 +1,21 @@
 //! `strata`: the llama.cpp-style command line (`run`, `tokenize`, `perplexity`, `bench`,
 //! `gen`, `optimize`) running the engine in-process, the model store commands (`pull`, `list`, `rm`,
-//! `show`), and the daemon's client (`chat`, `ps`, `load`, `unload`).
+//! `show`), and the daemon's client (`chat`, `ps`, `load`, `unload`/`stop`, `serve`).
+//! llama.cpp's spellings (`-ngl`, `-tb`, `-cnv`) are read by [`llama_flags`] before clap.
 
 // A binary has no public API: `pub` inside it only means "shared between its modules".
 #![allow(unreachable_pub)]
 
 mod client;
 mod cmd;
+mod interrupt;
+mod llama_flags;
 mod progress;
 
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(name = "strata", version, about = "Run GGUF language models locally", long_about = None)]
@@ -20,13 +24,18 @@ struct Cli {
     command: Command,
 }
 
+// llama.cpp takes the last of a repeated flag (`-n 8 -n 16`); `args_override_self` does that
+// for the llama-style commands.
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Generate text from a prompt, or chat with -cnv (llama-cli's flags).
+    /// Generate text from a prompt, or chat (llama-cli's flags; Ollama's `run MODEL [PROMPT]`).
+    #[command(args_override_self = true)]
     Run(cmd::run::Args),
     /// Print the token ids of a text (llama-tokenize).
+    #[command(args_override_self = true)]
     Tokenize(cmd::tokenize::Args),
     /// Prompt-processing and generation speed (llama-bench).
+    #[command(args_override_self = true)]
     Bench(cmd::bench::Args),
     /// Write a GGUF model with deterministic random weights (tests, larger-than-RAM files).
     #[command(name = "gen")]
@@ -36,6 +45,7 @@ enum Command {
     /// Measure this machine into a hardware profile for `strata plan`.
     Calibrate(cmd::calibrate::Args),
     /// Perplexity of a text file (llama-perplexity).
+    #[command(args_override_self = true)]
     Perplexity(cmd::perplexity::Args),
     /// Lay each expert of a MoE model out as one record, read from disk in one request.
     Optimize(cmd::optimize::Args),
@@ -56,41 +66,36 @@ enum Command {
     Load(cmd::load::Args),
     /// Free a model the daemon has loaded.
     Unload(cmd::load::Args),
+    /// Free a model the daemon has loaded (Ollama's `stop`; the same as `unload`).
+    Stop(cmd::load::Args),
+    /// Run the daemon, stratad, with these flags (Ollama's `serve`).
+    Serve(cmd::serve::Args),
+    /// Print strata's version.
+    Version,
 }
 
-/// llama.cpp's multi-letter single-dash flags, spelled the long way for clap.
-const LLAMA_ALIASES: &[(&str, &str)] = &[
-    ("-cnv", "--conversation"),
-    ("-no-cnv", "--no-conversation"),
-    ("-sys", "--system-prompt"),
-    ("-ngl", "--n-gpu-layers"),
-    ("-ot", "--override-tensor"),
-    ("-fa", "--flash-attn"),
-    ("-ctk", "--cache-type-k"),
-    ("-ctv", "--cache-type-v"),
-    ("-ub", "--ubatch-size"),
-    ("-nkvo", "--no-kv-offload"),
-];
-
-fn rewrite_args(args: impl Iterator<Item = String>) -> Vec<String> {
-    args.map(|a| {
-        LLAMA_ALIASES
-            .iter()
-            .find(|(short, _)| *short == a)
-            .map_or(a, |(_, long)| long.to_string())
-    })
-    .collect()
+impl Command {
+    /// The log filter when STRATA_LOG does not say: `None` for no logs at all.
+    fn log_level(&self) -> Option<&'static str> {
+        match self {
+            Command::Run(a) if a.log_disable => None,
+            Command::Run(a) if a.verbose => Some("info"),
+            _ => Some("warn"),
+        }
+    }
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = match Cli::try_parse_from(rewrite_args(std::env::args())) {
+    let mut clap_cmd = Cli::command();
+    clap_cmd.build();
+    let args = match llama_flags::rewrite(&clap_cmd, std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
             let code = if e.use_stderr() { 2 } else { 0 };
@@ -98,6 +103,17 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    if let Some(level) = cli.command.log_level() {
+        // Colour only for a person at a terminal: logs sent to a file or a pipe stay plain text.
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+            )
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let result = match cli.command {
         Command::Run(a) => cmd::run::exec(a),
         Command::Tokenize(a) => cmd::tokenize::exec(a),
@@ -114,16 +130,38 @@ fn main() -> ExitCode {
         Command::Chat(a) => cmd::chat::exec(a),
         Command::Ps(a) => cmd::ps::exec(a),
         Command::Load(a) => cmd::load::load(a),
-        Command::Unload(a) => cmd::load::unload(a),
+        Command::Unload(a) | Command::Stop(a) => cmd::load::unload(a),
+        Command::Serve(a) => cmd::serve::exec(a),
+        Command::Version => {
+            println!("strata {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", report(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each said once: many errors quote their cause in
+/// their own message, which `{:#}` would print again.
+fn report(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg
 }
 
 /// A reader that went away (`strata run … | head`) is not a failure.

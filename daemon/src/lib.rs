@@ -2,8 +2,8 @@
 //!
 //! - [`server`] holds the axum router: OpenAI-compatible `/v1` routes, native `/api` routes
 //!   and `/metrics`; [`api`] checks request bodies into typed [`api::GenParams`].
-//! - [`manager::Manager`] loads models by store name, unloads them after the keep-alive, and
-//!   gives each one an engine thread ([`worker`]) that owns every sequence's state and is
+//! - [`manager::Manager`] loads models by store name, unloads them after the keep-alive (not
+//!   the ones named at start), and gives each one an engine thread ([`worker`]) that owns every sequence's state and is
 //!   reached only through a bounded queue of typed requests.
 //! - [`listen`] binds (or inherits, under socket activation) the sockets and runs the accept
 //!   loops; [`notify`] speaks systemd's readiness protocol and [`watchdog`] feeds systemd's

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use strata_daemon::config::{self, Raw, Settings};
 use strata_daemon::listen;
-use strata_daemon::manager::{KvSettings, Manager, ManagerConfig, Residency};
+use strata_daemon::manager::{self, KvSettings, Manager, ManagerConfig, Residency};
 use strata_daemon::metrics::Metrics;
 use strata_daemon::notify::{self, notify};
 use strata_daemon::server::{AppState, router};
@@ -155,11 +155,13 @@ impl Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Colour only for a person at a terminal: journald, files and pipes get plain text.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -189,6 +191,12 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Settings) -> anyhow::Result<()> {
+    // Models named at start must exist: a daemon started to serve one it cannot is a mistake
+    // to report now, not a log line under a service that looks healthy.
+    for name in &args.models {
+        manager::store_path(name)
+            .map_err(|e| anyhow::anyhow!("model '{name}' named at start: {e}"))?;
+    }
     // Bind everything before doing anything slow, so a bad flag fails fast.
     let (unix, bound_path) = match listen::activated_listener().context("socket activation")? {
         Some(std_l) => {
@@ -221,7 +229,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     let shutdown = Arc::new(Shutdown::default());
     let threads = args
         .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        .unwrap_or_else(strata_simd::topology::physical_cores);
     let watchdog = Watchdog::from_env();
     if watchdog.is_some() {
         tracing::info!("systemd watchdog enabled; the engine threads ping it");
@@ -233,6 +241,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
             max_queue: args.max_queue,
             threads,
             keep_alive: (args.keep_alive > 0).then(|| Duration::from_secs(args.keep_alive)),
+            keep_loaded: args.models.clone(),
             residency: Residency {
                 ram_budget: args.ram_budget.clone(),
                 prefetch: args.prefetch,
@@ -273,15 +282,21 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     notify("READY=1");
     state.manager.report_ready();
 
+    // A model named at start that fails to load stops the daemon (after the usual drain):
+    // serving without it would look healthy while answering nothing the user asked for.
+    let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::unbounded_channel::<anyhow::Error>();
     for name in &args.models {
         let st = state.clone();
         let name = name.clone();
+        let fatal = fatal_tx.clone();
         tokio::spawn(async move {
             if let Err(e) = st.manager.get(&name).await {
                 tracing::error!(model = %name, "loading at start: {e}");
+                let _ = fatal.send(anyhow::anyhow!("loading model '{name}' at start: {e}"));
             }
         });
     }
+    drop(fatal_tx);
     // Housekeeping: the keep-alive reaper, and the watchdog while no engine thread runs.
     let reaper = {
         let st = state.clone();
@@ -318,7 +333,14 @@ async fn run(args: Settings) -> anyhow::Result<()> {
         })
     });
 
-    wait_for_signal().await?;
+    // Once every start load has succeeded the channel closes, and only a signal ends this.
+    let fatal = tokio::select! {
+        r = wait_for_signal() => {
+            r?;
+            None
+        }
+        Some(e) = fatal_rx.recv() => Some(e),
+    };
     notify("STOPPING=1");
     notify::status("stopping: draining open streams");
     let drain = Duration::from_secs(args.drain_timeout);
@@ -359,7 +381,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&path);
     }
     tracing::info!("stopped");
-    Ok(())
+    fatal.map_or(Ok(()), Err)
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

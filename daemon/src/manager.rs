@@ -31,6 +31,9 @@ pub struct ManagerConfig {
     pub threads: usize,
     /// `None`: never unload.
     pub keep_alive: Option<Duration>,
+    /// The models named at start (`--model`, `models = […]`): never unloaded for being idle;
+    /// the keep-alive applies to the ones loaded on demand.
+    pub keep_loaded: Vec<String>,
     pub residency: Residency,
     pub kv: KvSettings,
 }
@@ -156,6 +159,9 @@ pub struct Manager {
     /// Loads run one at a time: two requests for the same new model load it once, and two
     /// different loads do not compete for memory bandwidth.
     load_lock: tokio::sync::Mutex<()>,
+    /// Models asked for and not loaded yet (waiting for `load_lock` or loading), for
+    /// `/api/ps`: a client started right after the daemon sees what it is waiting for.
+    loading: Mutex<Vec<String>>,
     metrics: Arc<Metrics>,
     shutdown: Arc<Shutdown>,
     /// Each engine thread registers its heartbeat here (module `watchdog`).
@@ -178,6 +184,7 @@ impl Manager {
             cfg,
             loaded: Mutex::new(BTreeMap::new()),
             load_lock: tokio::sync::Mutex::new(()),
+            loading: Mutex::new(Vec::new()),
             metrics,
             shutdown,
             watchdog,
@@ -202,8 +209,25 @@ impl Manager {
             .unwrap_or_default()
     }
 
+    /// Models being loaded (or waiting to be), oldest request first.
+    pub fn loading(&self) -> Vec<String> {
+        let mut v = self.loading.lock().map(|l| l.clone()).unwrap_or_default();
+        v.dedup();
+        v
+    }
+
+    /// The configured keep-alive (`None`: never unload).
     pub fn keep_alive(&self) -> Option<Duration> {
         self.cfg.keep_alive
+    }
+
+    /// How long `name` may stay idle before it is unloaded; `None`: it stays.
+    pub fn keep_alive_of(&self, name: &str) -> Option<Duration> {
+        if self.cfg.keep_loaded.iter().any(|k| k == name) {
+            None
+        } else {
+            self.cfg.keep_alive
+        }
     }
 
     pub async fn get(&self, name: &str) -> Result<Arc<LoadedModel>, ApiError> {
@@ -214,6 +238,7 @@ impl Manager {
         if let Some(m) = self.lookup(name) {
             return Ok((m, LoadOutcome::AlreadyLoaded));
         }
+        let _loading = Loading::mark(&self.loading, name);
         let _guard = self.load_lock.lock().await;
         if let Some(m) = self.lookup(name) {
             return Ok((m, LoadOutcome::AlreadyLoaded));
@@ -259,6 +284,18 @@ impl Manager {
             .kv
             .options(&model, n_ctx)
             .map_err(ApiError::Internal)?;
+        if let Some(s) = &kv.spill {
+            let floor = kv.min_ram_budget(model.config.n_layer, model.config.kv_dim());
+            if s.ram_budget < floor {
+                tracing::warn!(
+                    model = name,
+                    "kv_budget of {} bytes is below what a sequence's KV cache holds in RAM at \
+                     least ({floor} bytes: each layer's page of keys and of values being filled); \
+                     keeping {floor}",
+                    s.ram_budget
+                );
+            }
+        }
         // A cache type the model cannot hold is the configuration's fault: say so at load.
         model
             .new_context_with(
@@ -325,15 +362,15 @@ impl Manager {
         removed.is_some()
     }
 
-    /// Unloads models idle past the keep-alive.
+    /// Unloads models idle past the keep-alive (never the ones named at start).
     pub fn reap_idle(&self) {
-        let Some(keep) = self.cfg.keep_alive else {
-            return;
-        };
         let idle: Vec<String> = self
             .snapshot()
             .iter()
             .filter(|m| {
+                let Some(keep) = self.keep_alive_of(&m.name) else {
+                    return false;
+                };
                 m.worker
                     .stats
                     .active
@@ -378,8 +415,37 @@ impl Manager {
     }
 }
 
+/// A name in [`Manager::loading`] for as long as the guard lives (a failed or cancelled load
+/// included).
+struct Loading<'a> {
+    list: &'a Mutex<Vec<String>>,
+    name: String,
+}
+
+impl<'a> Loading<'a> {
+    fn mark(list: &'a Mutex<Vec<String>>, name: &str) -> Loading<'a> {
+        if let Ok(mut l) = list.lock() {
+            l.push(name.to_owned());
+        }
+        Loading {
+            list,
+            name: name.to_owned(),
+        }
+    }
+}
+
+impl Drop for Loading<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut l) = self.list.lock()
+            && let Some(i) = l.iter().position(|n| *n == self.name)
+        {
+            l.remove(i);
+        }
+    }
+}
+
 /// The file of store model `name`; a bad name is a 400, an absent model a 404.
-fn store_path(name: &str) -> Result<std::path::PathBuf, ApiError> {
+pub fn store_path(name: &str) -> Result<std::path::PathBuf, ApiError> {
     let store = Store::open_default()
         .map_err(|e| ApiError::Internal(format!("opening the model store: {e}")))?;
     let path = store.model_path(name).map_err(|e| match e {

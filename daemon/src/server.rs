@@ -467,7 +467,6 @@ async fn health(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
 }
 
 async fn ps(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    let keep = st.manager.keep_alive().map_or(0, |d| d.as_secs());
     let models: Vec<_> = st
         .manager
         .snapshot()
@@ -492,7 +491,8 @@ async fn ps(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
                 "active_sequences": s.active.load(Ordering::Relaxed),
                 "queued": m.worker.queued(),
                 "idle_s": s.idle_s(),
-                "keep_alive_s": keep,
+                "keep_alive_s": st.manager.keep_alive().map_or(0, |d| d.as_secs()),
+                "keep_loaded": st.manager.keep_alive_of(&m.name).is_none(),
                 "tokens_generated": s.tokens_generated.load(Ordering::Relaxed),
                 "weights": {
                     "mode": w.mode.name(),
@@ -505,7 +505,7 @@ async fn ps(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
             })
         })
         .collect();
-    Json(serde_json::json!({"models": models}))
+    Json(serde_json::json!({"models": models, "loading": st.manager.loading()}))
 }
 
 async fn load(

@@ -296,7 +296,15 @@ fn load_unload_and_ps() {
 #[test]
 fn idle_model_is_unloaded_after_keep_alive() {
     let _g = lock();
-    let d = Daemon::start(&["--keep-alive", "1"]);
+    // Loaded on demand, not named at start: the keep-alive applies.
+    let mut d = Daemon::spawn(
+        &["--keep-alive", "1", "--ctx-size", "512", "--threads", "2"],
+        &[],
+    );
+    d.wait_up();
+    let r = http::post(&d.sock, "/api/load", &json!({"model": MODEL})).expect("load");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(d.ps_model()["keep_loaded"], false);
     let t0 = Instant::now();
     while d.ps_model() != Value::Null {
         assert!(t0.elapsed() < Duration::from_secs(10), "still loaded");
@@ -305,6 +313,35 @@ fn idle_model_is_unloaded_after_keep_alive() {
     // The next request loads it again.
     let r = http::post(&d.sock, "/v1/completions", &completion(COUNTING, 2, false)).expect("req");
     assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// Issue 22: `stratad --model X` unloaded X after the keep-alive, after which `strata chat`
+/// found no model. Models named at start stay.
+#[test]
+fn models_named_at_start_stay_loaded_past_the_keep_alive() {
+    let _g = lock();
+    let d = Daemon::start(&["--keep-alive", "1"]);
+    assert_eq!(d.ps_model()["keep_loaded"], true, "{}", d.ps_model());
+    std::thread::sleep(Duration::from_secs(3));
+    assert_ne!(d.ps_model(), Value::Null, "unloaded while idle");
+}
+
+/// Issue 22: `stratad --model nope` logged an error and ran with nothing. A model named at
+/// start that is not in the store, or does not load, stops the daemon with an error.
+#[test]
+fn a_model_named_at_start_that_cannot_load_is_fatal() {
+    let _g = lock();
+    let home = tempfile::tempdir().expect("temp dir");
+    let models = home.path().join("models");
+    std::fs::create_dir_all(&models).expect("mkdir");
+    std::fs::write(models.join("broken.gguf"), b"GGUF but not really").expect("write");
+    let home_s = home.path().to_str().expect("utf-8").to_owned();
+    for name in ["not-in-the-store", "broken"] {
+        let mut d = Daemon::spawn(&["--model", name], &[("STRATA_HOME", &home_s)]);
+        let status = d.wait_exit(Duration::from_secs(30));
+        assert!(!status.success(), "{name}: {status}");
+        assert_eq!(status.code(), Some(1), "{name}: {status}");
+    }
 }
 
 #[test]
@@ -414,6 +451,8 @@ fn completion_logprobs_in_the_legacy_shape() {
     let d = Daemon::start(&[]);
     let mut req = completion(COUNTING, 5, true);
     req["logprobs"] = json!(3);
+    // The test reads the body with serde_json built with `preserve_order` (the workspace's),
+    // so an object's order is the daemon's.
     let r = http::post(&d.sock, "/v1/completions", &req).expect("stream");
     assert_eq!(r.status, 200, "{}", r.body);
     let (events, done) = parse_stream(&r.body);
@@ -444,6 +483,12 @@ fn completion_logprobs_in_the_legacy_shape() {
         assert!(lp <= 0.0);
         let top = top.as_object().expect("top_logprobs entry");
         assert!(!top.is_empty() && top.len() <= 3, "{top:?}");
+        // Issue 22: they came in key order; API.md (and OpenAI) list the likeliest first.
+        let values: Vec<f64> = top.values().filter_map(Value::as_f64).collect();
+        assert!(
+            values.windows(2).all(|w| w[0] >= w[1]),
+            "not most likely first: {top:?}"
+        );
         // Greedy: the chosen token is the likeliest.
         let best = top
             .values()

@@ -82,6 +82,9 @@ pub struct ChatTemplate {
     eos_token: String,
     /// The BOS text when the tokenizer adds BOS by itself.
     bos_prefix: Option<String>,
+    /// The file has no template and this is its architecture's built-in format: a guess, which
+    /// for a base model (never trained to chat) produces nonsense.
+    guessed: bool,
 }
 
 const TEMPLATE_NAME: &str = "chat_template";
@@ -92,6 +95,17 @@ impl ChatTemplate {
     /// does) → ChatML, llama/mistral/mixtral → Llama-3 headers when the vocabulary has
     /// `<|start_header_id|>`, else Llama-2 `[INST]`.
     pub fn from_gguf(md: &Metadata, arch: &str) -> Result<Self, ChatError> {
+        Self::from_gguf_with(md, arch, None)
+    }
+
+    /// As [`ChatTemplate::from_gguf`], with `choice` (llama.cpp's `--chat-template`) taking the
+    /// file's place when given: a built-in format's name (`chatml`, `gemma`, `llama3`,
+    /// `llama2`) or a Jinja template's source.
+    pub fn from_gguf_with(
+        md: &Metadata,
+        arch: &str,
+        choice: Option<&str>,
+    ) -> Result<Self, ChatError> {
         fn meta<T>(key: &'static str, r: Result<T, GgufError>) -> Result<T, ChatError> {
             r.map_err(|source| ChatError::Metadata { key, source })
         }
@@ -111,9 +125,21 @@ impl ChatTemplate {
             md.get_bool("tokenizer.ggml.add_bos_token"),
         )?
         .unwrap_or(model == Some("llama"));
-        let mut tmpl = match meta(TEMPLATE, md.get_str(TEMPLATE))? {
-            Some(src) if !src.trim().is_empty() => Self::from_jinja(src, bos.clone(), eos.clone())?,
-            _ => {
+        let from_file = match choice {
+            Some(_) => None,
+            None => meta(TEMPLATE, md.get_str(TEMPLATE))?,
+        };
+        let mut tmpl = match (choice.map(|c| (c, Self::builtin(c))), from_file) {
+            (Some((_, Some(mut t))), _) => {
+                t.bos_token = bos.clone().unwrap_or_default();
+                t.eos_token = eos.unwrap_or_default();
+                t
+            }
+            (Some((src, None)), _) => Self::from_jinja(src, bos.clone(), eos.clone())?,
+            (None, Some(src)) if !src.trim().is_empty() => {
+                Self::from_jinja(src, bos.clone(), eos.clone())?
+            }
+            (None, _) => {
                 let has_llama3_headers = tokens.iter().any(|t| t == "<|start_header_id|>");
                 let builtin = match arch {
                     a if a.starts_with("gemma") => Builtin::Gemma,
@@ -129,6 +155,7 @@ impl ChatTemplate {
                 let mut t = Self::builtin_named(builtin);
                 t.bos_token = bos.clone().unwrap_or_default();
                 t.eos_token = eos.unwrap_or_default();
+                t.guessed = true;
                 t
             }
         };
@@ -157,6 +184,7 @@ impl ChatTemplate {
             bos_token: bos_token.unwrap_or_default(),
             eos_token: eos_token.unwrap_or_default(),
             bos_prefix: None,
+            guessed: false,
         })
     }
 
@@ -178,6 +206,7 @@ impl ChatTemplate {
             bos_token: String::new(),
             eos_token: String::new(),
             bos_prefix: None,
+            guessed: false,
         }
     }
 
@@ -209,6 +238,12 @@ impl ChatTemplate {
     /// avoid a double BOS: `rendered.strip_prefix(t.bos_prefix()?)`.
     pub fn bos_prefix(&self) -> Option<&str> {
         self.bos_prefix.as_deref()
+    }
+
+    /// Whether the file had no template and this is its architecture's built-in format: what
+    /// a base model (not trained to chat) has, so chatting with it rarely makes sense.
+    pub fn guessed(&self) -> bool {
+        self.guessed
     }
 
     /// "jinja" or the built-in's name.

@@ -42,6 +42,17 @@ pub struct KvOptions {
     pub gpu: Option<KvGpu>,
 }
 
+impl KvOptions {
+    /// The least RAM a cache under a budget holds: each layer's page of keys and its page of
+    /// values stay in RAM while they fill (only full pages go to disk). A smaller budget acts
+    /// as this one; callers say so rather than let a user believe theirs holds.
+    pub fn min_ram_budget(&self, n_layer: usize, kv_dim: usize) -> usize {
+        let page =
+            |ty: GgmlType| (PAGE_TOKENS * ty.row_bytes(kv_dim)).next_multiple_of(AlignedBuf::ALIGN);
+        n_layer * (page(self.type_k) + page(self.type_v))
+    }
+}
+
 impl Default for KvOptions {
     fn default() -> Self {
         Self {
@@ -159,7 +170,14 @@ impl KvCache {
             pages: Vec::new(),
         };
         let spill = match &opts.spill {
-            Some(cfg) => Some(spill::Spill::new(cfg)?),
+            Some(cfg) => {
+                // What the cache will hold whatever the budget, so its stats tell the truth.
+                let floor = opts.min_ram_budget(n_layer, kv_dim);
+                Some(spill::Spill::new(&SpillConfig {
+                    ram_budget: cfg.ram_budget.max(floor),
+                    ..cfg.clone()
+                })?)
+            }
             None => None,
         };
         if let Some(g) = &opts.gpu

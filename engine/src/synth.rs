@@ -13,6 +13,7 @@ use std::path::Path;
 use half::f16;
 use strata_storage::gguf::{ArrayValue, GgufBuilder, Metadata, Value};
 use strata_storage::quant::{GgmlType, quantize_row};
+use strata_storage::store::{NoProgress, Progress};
 
 use crate::error::EngineError;
 use crate::model::names::{self, LayerTensor};
@@ -188,9 +189,21 @@ struct Plan {
 
 /// Writes the model to `w`; returns the bytes written.
 pub fn write(spec: &GenSpec, vocab: Vocab<'_>, w: impl Write) -> Result<u64, EngineError> {
+    write_reporting(spec, vocab, w, &mut NoProgress)
+}
+
+/// As [`write`], reporting the tensor bytes written to `progress` (a big model takes minutes).
+fn write_reporting(
+    spec: &GenSpec,
+    vocab: Vocab<'_>,
+    w: impl Write,
+    progress: &mut dyn Progress,
+) -> Result<u64, EngineError> {
     let (builder, plans) = declare(spec, vocab)?;
+    let bytes = |p: &Plan| (p.ty.row_bytes(p.cols) * p.rows * p.stack) as u64;
+    progress.start("writing tensors", Some(plans.iter().map(bytes).sum()));
     let mut index = 0usize;
-    builder
+    let written = builder
         .write_with(w, |name, out| {
             // Tensors are produced in declaration order.
             let plan = &plans[index];
@@ -198,19 +211,29 @@ pub fn write(spec: &GenSpec, vocab: Vocab<'_>, w: impl Write) -> Result<u64, Eng
             let mut rng =
                 SplitMix64(spec.seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             index += 1;
-            produce(plan, spec.random_blocks, &mut rng, out)
+            produce(plan, spec.random_blocks, &mut rng, out)?;
+            progress.advance(bytes(plan));
+            Ok(())
         })
-        .map_err(|e| EngineError::Invalid(format!("writing the model: {e}")))
+        .map_err(|e| EngineError::Invalid(format!("writing the model: {e}")));
+    progress.finish();
+    written
 }
 
-/// Writes the model to a file (created or truncated).
-pub fn write_file(spec: &GenSpec, vocab: Vocab<'_>, path: &Path) -> Result<u64, EngineError> {
+/// Writes the model to a file (created or truncated), reporting to `progress` as it goes.
+pub fn write_file(
+    spec: &GenSpec,
+    vocab: Vocab<'_>,
+    path: &Path,
+    progress: &mut dyn Progress,
+) -> Result<u64, EngineError> {
     let file = std::fs::File::create(path)
         .map_err(|e| EngineError::Invalid(format!("{}: {e}", path.display())))?;
-    let written = write(
+    let written = write_reporting(
         spec,
         vocab,
         std::io::BufWriter::with_capacity(8 << 20, file),
+        progress,
     );
     // A shape refused, or a write that failed, leaves no file behind.
     if written.is_err() {
@@ -280,14 +303,21 @@ fn declare(spec: &GenSpec, vocab: Vocab<'_>) -> Result<(GgufBuilder, Vec<Plan>),
         );
     }
     if s.n_expert > 0 {
-        if s.n_expert_used == 0
-            || s.n_expert_used > s.n_expert
-            || !s.n_ff_exp.is_multiple_of(s.weight_type.block_size())
-        {
+        if s.n_expert_used == 0 || s.n_expert_used > s.n_expert {
             return Err(EngineError::Invalid(format!(
-                "{} experts per token of {}, hidden size {}: not a valid MoE shape",
-                s.n_expert_used, s.n_expert, s.n_ff_exp
+                "{} experts per token of {}: must be between 1 and the number of experts",
+                s.n_expert_used, s.n_expert
             )));
+        }
+        // The down projection is quantized along the expert's hidden size.
+        for ty in [s.weight_type, s.down_type] {
+            let bs = ty.block_size();
+            if !s.n_ff_exp.is_multiple_of(bs) {
+                return Err(EngineError::Invalid(format!(
+                    "expert hidden size {} is not a multiple of {ty}'s block size {bs}",
+                    s.n_ff_exp
+                )));
+            }
         }
         b.kv(&format!("{arch}.expert_count"), u(s.n_expert));
         b.kv(&format!("{arch}.expert_used_count"), u(s.n_expert_used));

@@ -7,7 +7,8 @@
 //!   the legacy types), then integer dot products run per row.
 //! - [`membw`] measures the memory read bandwidth (the decode roofline).
 //! - [`pool`] is the persistent worker pool every parallel kernel runs on, pinned to physical
-//!   cores found by [`topology`] (hwloc; `STRATA_PIN=0` turns pinning off).
+//!   cores found by [`topology`] (sysfs, or hwloc with the `hwloc` feature; `STRATA_PIN=0`
+//!   turns pinning off).
 //! - [`ops`] holds the small kernels: RMSNorm, RoPE, softmax, activations, attention.
 //!
 //! Nothing here knows about files, GGUF or models.

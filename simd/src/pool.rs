@@ -11,8 +11,9 @@
 //! worker `i` pins itself to the pool's slot `i`, so the OS cannot stack two workers on one
 //! core or bounce them between caches; the pool's slot 0 is left for the caller. Threads past
 //! the free cores run unpinned. [`Pinning::from_env`] reads `STRATA_PIN`: `0`
-//! turns pinning off, `all` also pins the thread that creates the pool to slot 0. Where hwloc
-//! cannot bind (containers, sandboxes) the pool runs unpinned after one warning.
+//! turns pinning off, `all` also pins the thread that creates the pool to slot 0. Where the
+//! topology is unknown or the OS refuses a binding (containers, sandboxes) the pool runs
+//! unpinned after one warning.
 
 use std::cell::Cell;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
@@ -165,7 +166,7 @@ fn release_slots(slots: &[usize]) {
 }
 
 /// Pins the calling thread to core `slot`; `None` (after one warning per process) when the
-/// OS or hwloc refuses.
+/// OS refuses.
 fn pin_to_slot(slot: usize) -> Option<usize> {
     match topology::get().pin_current_thread(slot) {
         Ok(core) => Some(core.cpu),
@@ -472,7 +473,7 @@ mod tests {
             "the caller is not pinned under Workers"
         );
         if !topo.can_pin() || pool.placement()[1..].iter().all(Option::is_none) {
-            // hwloc unavailable or binding refused (sandbox): the pool still works, unpinned.
+            // Topology unavailable or binding refused (sandbox): the pool still works, unpinned.
             return;
         }
         let affinity = affinities(&pool);

@@ -16,6 +16,9 @@ pub struct Recorder {
     pub advanced: u64,
     pub finished: usize,
     pub messages: Vec<String>,
+    /// Tasks begun (label, total) and how each ended.
+    pub tasks: Vec<(String, Option<u64>)>,
+    pub task_ends: Vec<bool>,
 }
 
 impl Progress for Recorder {
@@ -30,6 +33,12 @@ impl Progress for Recorder {
     }
     fn message(&mut self, msg: &str) {
         self.messages.push(msg.to_owned());
+    }
+    fn begin_task(&mut self, label: &str, total: Option<u64>) {
+        self.tasks.push((label.to_owned(), total));
+    }
+    fn end_task(&mut self, ok: bool) {
+        self.task_ends.push(ok);
     }
 }
 

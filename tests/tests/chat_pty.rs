@@ -277,6 +277,38 @@ fn chat_local_streams_stops_on_ctrl_c_and_saves() {
     );
 }
 
+/// Issue 22: Ctrl-C during an answer in `strata run -cnv` killed the process (exit 130, the
+/// conversation lost). As in llama-cli and `strata chat`, it stops the answer and the
+/// conversation goes on; Ctrl-D at the prompt leaves.
+#[test]
+fn run_conversation_stops_an_answer_on_ctrl_c_and_goes_on() {
+    let model = model_path(QWEN);
+    let mut cmd = Command::new(strata_bin());
+    cmd.args(["run", "-m"])
+        .arg(&model)
+        .args(["-cnv", "--temp", "0", "-c", "1024", "-n", "300"])
+        .env("TERM", "xterm")
+        .env_remove("STRATA_LOG");
+    let mut pty = Pty::spawn(&mut cmd);
+    pty.expect("> ", SLOW);
+    pty.send("Write a long, detailed essay on the history of the Roman Empire.\r");
+    pty.expect("Empire.", QUICK);
+    pty.expect_bytes(40, SLOW);
+    pty.send("\x03");
+    pty.expect("\n> ", QUICK);
+    pty.send("What is 2+2? Reply with only the number.\r");
+    pty.expect("number.", QUICK);
+    let answer = pty.expect("\n> ", SLOW);
+    assert!(
+        answer.contains('4'),
+        "answer {answer:?}\n{}",
+        pty.transcript()
+    );
+    pty.send("\x04");
+    let status = pty.wait_exit(QUICK);
+    assert!(status.success(), "{status}\n{}", pty.transcript());
+}
+
 #[test]
 fn chat_local_loads_a_saved_chat_and_leaves_on_double_ctrl_c() {
     let home = tempfile::tempdir().expect("temp dir");
@@ -353,7 +385,7 @@ fn client_commands_without_a_daemon_fail_with_one_line() {
 struct Daemon {
     child: Child,
     sock: std::path::PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Daemon {
@@ -370,6 +402,8 @@ impl Daemon {
             .arg("--socket")
             .arg(&sock)
             .args(["--model", model, "--ctx-size", "1024", "--threads", "2"])
+            .arg("--session-dir")
+            .arg(dir.path().join("sessions"))
             // Warnings and errors only: the per-request lines would bury the test's output.
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -377,11 +411,7 @@ impl Daemon {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start stratad");
-        Daemon {
-            child,
-            sock,
-            _dir: dir,
-        }
+        Daemon { child, sock, dir }
     }
 
     fn sock(&self) -> &str {
@@ -495,9 +525,38 @@ fn chat_through_the_daemon_with_ps_load_unload() {
         "{answer:?}\n{}",
         pty.transcript()
     );
+
+    // Issue 22: after `/save snap` and `/reset`, the next answer overwrote chats/snap.json and
+    // the daemon's session snap. A saved chat is a snapshot.
+    pty.send("/save snap\r");
+    pty.expect("KV cache saved in the daemon as session snap", SLOW);
+    pty.expect(">>> ", QUICK);
+    let kv = daemon.dir.path().join("sessions/snap.kv");
+    let stamp = |p: &std::path::Path| {
+        let m = std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        (m.len(), m.modified().expect("mtime"))
+    };
+    let kv_before = stamp(&kv);
+    pty.send("/reset\r");
+    pty.expect(">>> ", QUICK);
+    pty.send("Say hi.\r");
+    pty.expect("hi.", QUICK);
+    pty.expect(">>> ", SLOW);
+    pty.send("/bad name\r");
+    let err = pty.expect(">>> ", QUICK);
+    assert!(err.contains("unknown command /bad"), "{err:?}");
+    pty.send("/save ../x\r");
+    let err = pty.expect(">>> ", QUICK);
+    assert!(err.contains("invalid chat name"), "{err:?}");
     pty.send("/bye\r");
     let status = pty.wait_exit(QUICK);
     assert!(status.success(), "{status}\n{}", pty.transcript());
+    let saved = std::fs::read_to_string(home.path().join("chats/snap.json")).expect("snap.json");
+    assert!(
+        saved.contains("2+2") && !saved.contains("Say hi."),
+        "{saved}"
+    );
+    assert_eq!(stamp(&kv), kv_before, "session snap changed after /save");
 
     let (code, out, err) = daemon.strata(&["unload", QWEN]);
     assert_eq!(code, Some(0), "{err}");

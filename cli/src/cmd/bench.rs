@@ -42,12 +42,36 @@ pub struct Args {
     /// Thread counts, comma-separated (default: one per core).
     #[arg(short = 't', long, value_delimiter = ',')]
     threads: Vec<usize>,
+    /// Prompt then generation in one test (llama-bench's -pg PP,TG: t/s over both, from an
+    /// empty context); repeatable.
+    #[arg(long = "prompt-gen", value_name = "PP,TG")]
+    prompt_gen: Vec<String>,
+    /// Logical batch sizes, comma-separated (llama-bench's -b): a pass reads at most
+    /// min(batch, ubatch) prompt tokens.
+    #[arg(
+        short = 'b',
+        long = "batch-size",
+        default_value = "2048",
+        value_delimiter = ','
+    )]
+    batch: Vec<usize>,
+    /// Tokens per forward pass while reading a prompt, comma-separated (llama-bench's -ub).
+    #[arg(long = "ubatch-size", default_value = "512", value_delimiter = ',')]
+    ubatch: Vec<usize>,
+    /// Accepted for llama-bench's scripts (0, 1, on, off, auto): strata has one attention kernel
+    /// on the CPU, so every setting measures the same.
+    #[arg(long = "flash-attn", value_delimiter = ',',
+          value_parser = ["0", "1", "on", "off", "auto"])]
+    flash_attn: Vec<String>,
     /// Repetitions of each test.
     #[arg(short = 'r', long, default_value_t = 5)]
     repetitions: usize,
-    /// Output format: md or json.
-    #[arg(short = 'o', long, default_value = "md", value_parser = ["md", "json"])]
+    /// Output format: md, json or csv (llama-bench's columns where strata has them).
+    #[arg(short = 'o', long, default_value = "md", value_parser = ["md", "json", "csv"])]
     output: String,
+    /// Say on stderr which test runs, and each repetition (llama-bench's --progress).
+    #[arg(long)]
+    progress: bool,
     /// Also measure this machine's memory read bandwidth (1 and N threads) and report the
     /// fraction of it each decode test reaches.
     #[arg(long)]
@@ -78,6 +102,8 @@ pub struct Args {
 
 struct Row {
     model: String,
+    n_batch: usize,
+    n_ubatch: usize,
     size: u64,
     params: u64,
     threads: usize,
@@ -95,6 +121,19 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     if args.repetitions == 0 {
         anyhow::bail!("--repetitions must be at least 1");
     }
+    if args.batch.contains(&0) || args.ubatch.contains(&0) {
+        anyhow::bail!("--batch-size and --ubatch-size must be at least 1");
+    }
+    let pg: Vec<(usize, usize)> = args
+        .prompt_gen
+        .iter()
+        .map(|s| parse_pg(s))
+        .collect::<anyhow::Result<_>>()?;
+    let batches: Vec<(usize, usize)> = args
+        .batch
+        .iter()
+        .flat_map(|&b| args.ubatch.iter().map(move |&u| (b, u)))
+        .collect();
     let thread_counts = if args.threads.is_empty() {
         vec![threads(None)?]
     } else {
@@ -125,6 +164,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
                 .iter()
                 .chain(&args.n_gen)
                 .copied()
+                .chain(pg.iter().map(|(p, n)| p + n))
                 .max()
                 .unwrap_or(0);
             let n_ctx = (args.depth + longest).max(1);
@@ -137,7 +177,8 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
                 .iter()
                 .filter(|&&p| p > 0)
                 .map(|&p| (p, 0))
-                .chain(args.n_gen.iter().filter(|&&n| n > 0).map(|&n| (0, n)));
+                .chain(args.n_gen.iter().filter(|&&n| n > 0).map(|&n| (0, n)))
+                .chain(pg.iter().copied());
             let modes: Vec<Option<&str>> = if args.moe_prefetch.is_empty() {
                 vec![None]
             } else {
@@ -149,7 +190,21 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
                     ms.into_iter().map(move |m| (p, n, m))
                 })
                 .collect();
-            for (p, n, mode) in tests {
+            // Every test at every (batch, ubatch) pair.
+            let tests: Vec<_> = batches
+                .iter()
+                .flat_map(|&b| tests.iter().map(move |&t| (b, t)))
+                .collect();
+            for (i, ((n_batch, n_ubatch), (p, n, mode))) in tests.iter().copied().enumerate() {
+                ctx.set_n_ubatch(n_batch.min(n_ubatch));
+                let progress = args.progress.then(|| {
+                    format!(
+                        "strata bench: {desc}, t={nt}, test {}/{}: {}",
+                        i + 1,
+                        tests.len(),
+                        test_name(p, n, mode)
+                    )
+                });
                 match mode {
                     Some("off") => {
                         model.set_expert_prefetch(ExpertPrefetch::Off);
@@ -157,7 +212,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
                     Some("oracle") => {
                         // Record the routing of the same token stream, then replay it.
                         model.set_expert_prefetch(ExpertPrefetch::Record);
-                        run_test(&model, &mut ctx, args.depth, p, n, args.repetitions)?;
+                        run_test(&model, &mut ctx, args.depth, p, n, args.repetitions, None)?;
                         let log = model.set_expert_prefetch(ExpertPrefetch::Predict);
                         model.set_expert_prefetch(ExpertPrefetch::Replay(std::sync::Arc::new(log)));
                     }
@@ -174,7 +229,15 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
                 let pred0 = model.prediction_stats();
                 let kv0 = ctx.kv_spill_stats();
                 let t0 = Instant::now();
-                let samples = run_test(&model, &mut ctx, args.depth, p, n, args.repetitions)?;
+                let samples = run_test(
+                    &model,
+                    &mut ctx,
+                    args.depth,
+                    p,
+                    n,
+                    args.repetitions,
+                    progress.as_deref(),
+                )?;
                 let secs = t0.elapsed().as_secs_f64();
                 let after = model.weights().stats();
                 let read = after.read.bytes - before.read.bytes;
@@ -212,7 +275,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
                     let mib = |x: f64| x / 1048576.0;
                     expert_lines.push(format!(
                         "{desc} {} @ d{} t={nt} KV cache: {:.0} MiB, {:.0} MiB in RAM (budget {:.0} MiB), {:.0} MiB on SSD; {:.1} MiB read per token, {:.1} MiB written per token; waited {:.1}% of the time for reads ({} pages read ahead, {} on demand)",
-                        if p > 0 { format!("pp{p}") } else { format!("tg{n}") },
+                        test_name(p, n, None),
                         args.depth,
                         mib(ctx.kv_bytes() as f64),
                         mib(ctx.kv_ram_bytes() as f64),
@@ -227,18 +290,17 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
                 }
                 rows.push(Row {
                     model: desc.clone(),
+                    n_batch,
+                    n_ubatch,
                     size: model.size_bytes(),
                     params: model.n_params(),
                     threads: nt,
-                    test: match (p, mode) {
-                        (0, Some(m)) => format!("tg{n} {m}"),
-                        (0, None) => format!("tg{n}"),
-                        _ => format!("pp{p}"),
-                    } + &if args.depth > 0 {
-                        format!(" @ d{}", args.depth)
-                    } else {
-                        String::new()
-                    },
+                    test: test_name(p, n, mode)
+                        + &if args.depth > 0 {
+                            format!(" @ d{}", args.depth)
+                        } else {
+                            String::new()
+                        },
                     n_prompt: p,
                     n_gen: n,
                     samples,
@@ -250,12 +312,14 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         }
     }
     let mut out = std::io::stdout().lock();
-    if args.output == "json" {
-        print_json(&mut out, &rows, membw.as_deref())?;
-    } else {
-        print_md(&mut out, &rows, membw.as_deref())?;
+    // llama-bench shows the batch columns only when they are not the defaults.
+    let batch_cols = args.batch != [2048] || args.ubatch != [512];
+    match args.output.as_str() {
+        "json" => print_json(&mut out, &rows, membw.as_deref())?,
+        "csv" => print_csv(&mut out, &rows, &args.kv, args.depth)?,
+        _ => print_md(&mut out, &rows, membw.as_deref(), batch_cols)?,
     }
-    if args.output == "json" {
+    if args.output != "md" {
         print_disk(&mut std::io::stderr(), &rows, disk.as_ref())?;
         expert_lines.iter().for_each(|l| eprintln!("{l}"));
     } else {
@@ -376,6 +440,36 @@ fn fill_depth(
     Ok(())
 }
 
+/// llama-bench's test names: `pp512`, `tg128`, `pp512+tg128` (with `-pg`), and the expert
+/// prefetch mode after a decode test's.
+fn test_name(p: usize, n: usize, mode: Option<&str>) -> String {
+    let base = match (p, n) {
+        (0, n) => format!("tg{n}"),
+        (p, 0) => format!("pp{p}"),
+        (p, n) => format!("pp{p}+tg{n}"),
+    };
+    match mode {
+        Some(m) if n > 0 => format!("{base} {m}"),
+        _ => base,
+    }
+}
+
+/// `-pg PP,TG`.
+fn parse_pg(s: &str) -> anyhow::Result<(usize, usize)> {
+    let parsed = s
+        .split_once(',')
+        .and_then(|(p, n)| Some((p.trim().parse().ok()?, n.trim().parse().ok()?)));
+    match parsed {
+        Some((p, n)) if p > 0 && n > 0 => Ok((p, n)),
+        _ => anyhow::bail!(
+            "-pg {s:?}: expected two token counts above 0, the prompt's and the generation's, \
+             as in -pg 512,128"
+        ),
+    }
+}
+
+/// Times `reps` runs (after one warm-up) of: `n_prompt` tokens in one pass, then `n_gen`
+/// single-token steps. Returns each run's tokens per second.
 fn run_test(
     model: &Model,
     ctx: &mut Context,
@@ -383,24 +477,28 @@ fn run_test(
     n_prompt: usize,
     n_gen: usize,
     reps: usize,
+    progress: Option<&str>,
 ) -> anyhow::Result<Vec<f64>> {
     let mut next_token = token_stream(model, 0x5EED);
     let mut samples = Vec::with_capacity(reps);
     // One warm-up run, then the measured ones.
     for rep in 0..=reps {
-        ctx.truncate(depth);
-        let secs = if n_prompt > 0 {
-            let tokens: Vec<u32> = (0..n_prompt).map(|_| next_token()).collect();
-            let t0 = Instant::now();
-            model.forward(ctx, &tokens, Logits::Last)?;
-            t0.elapsed().as_secs_f64()
-        } else {
-            let t0 = Instant::now();
-            for _ in 0..n_gen {
-                model.forward(ctx, &[next_token()], Logits::Last)?;
+        if let Some(p) = progress {
+            match rep {
+                0 => eprintln!("{p}: warm-up"),
+                r => eprintln!("{p}: repetition {r}/{reps}"),
             }
-            t0.elapsed().as_secs_f64()
-        };
+        }
+        ctx.truncate(depth);
+        let t0 = Instant::now();
+        if n_prompt > 0 {
+            let tokens: Vec<u32> = (0..n_prompt).map(|_| next_token()).collect();
+            model.forward(ctx, &tokens, Logits::Last)?;
+        }
+        for _ in 0..n_gen {
+            model.forward(ctx, &[next_token()], Logits::Last)?;
+        }
+        let secs = t0.elapsed().as_secs_f64();
         if rep > 0 {
             samples.push((n_prompt + n_gen) as f64 / secs);
         }
@@ -489,14 +587,20 @@ fn print_md(
     out: &mut impl Write,
     rows: &[Row],
     membw: Option<&[(usize, f64)]>,
+    batch_cols: bool,
 ) -> anyhow::Result<()> {
+    let (bh, bs) = if batch_cols {
+        (" n_batch | n_ubatch |", " ------: | -------: |")
+    } else {
+        ("", "")
+    };
     writeln!(
         out,
-        "| model                          |       size |     params | backend    | threads |            test |                  t/s |"
+        "| model                          |       size |     params | backend    | threads |{bh}            test |                  t/s |"
     )?;
     writeln!(
         out,
-        "| ------------------------------ | ---------: | ---------: | ---------- | ------: | --------------: | -------------------: |"
+        "| ------------------------------ | ---------: | ---------: | ---------- | ------: |{bs} --------------: | -------------------: |"
     )?;
     for r in rows {
         let (m, sd) = mean_sd(&r.samples);
@@ -505,9 +609,14 @@ fn print_md(
         } else {
             format!("{:.2} M", r.params as f64 / 1e6)
         };
+        let batch = if batch_cols {
+            format!(" {:>7} | {:>8} |", r.n_batch, r.n_ubatch)
+        } else {
+            String::new()
+        };
         writeln!(
             out,
-            "| {:<30} | {:>6.2} MiB | {:>10} | {:<10} | {:>7} | {:>15} | {:>20} |",
+            "| {:<30} | {:>6.2} MiB | {:>10} | {:<10} | {:>7} |{batch} {:>15} | {:>20} |",
             r.model,
             r.size as f64 / (1u64 << 20) as f64,
             params,
@@ -517,7 +626,7 @@ fn print_md(
             format!("{m:.2} ± {sd:.2}")
         )?;
     }
-    for r in rows.iter().filter(|r| r.n_gen > 0) {
+    for r in rows.iter().filter(|r| r.n_gen > 0 && r.n_prompt == 0) {
         let (m, _) = mean_sd(&r.samples);
         let gbs = m * r.bytes_per_token as f64 / 1e9;
         write!(
@@ -562,10 +671,12 @@ fn print_json(
             let (m, sd) = mean_sd(&r.samples);
             let samples: Vec<String> = r.samples.iter().map(|s| format!("{s:.4}")).collect();
             format!(
-                "  {{\"model_type\": {:?}, \"model_size\": {}, \"model_n_params\": {}, \"backends\": \"CPU\", \"n_threads\": {}, \"n_prompt\": {}, \"n_gen\": {}, \"avg_ts\": {m:.6}, \"stddev_ts\": {sd:.6}, \"samples_ts\": [{}], \"weight_bytes_per_token\": {}}}",
+                "  {{\"model_type\": {:?}, \"model_size\": {}, \"model_n_params\": {}, \"backends\": \"CPU\", \"n_batch\": {}, \"n_ubatch\": {}, \"n_threads\": {}, \"n_prompt\": {}, \"n_gen\": {}, \"avg_ts\": {m:.6}, \"stddev_ts\": {sd:.6}, \"samples_ts\": [{}], \"weight_bytes_per_token\": {}}}",
                 r.model,
                 r.size,
                 r.params,
+                r.n_batch,
+                r.n_ubatch,
                 r.threads,
                 r.n_prompt,
                 r.n_gen,
@@ -579,6 +690,38 @@ fn print_json(
         for (t, b) in bw {
             eprintln!("memory read bandwidth, {t} thread(s): {:.1} GB/s", b / 1e9);
         }
+    }
+    Ok(())
+}
+
+/// llama-bench's CSV: its header names, for the columns strata has.
+fn print_csv(out: &mut impl Write, rows: &[Row], kv: &KvArgs, depth: usize) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "model_type,model_size,model_n_params,backends,n_batch,n_ubatch,n_threads,type_k,type_v,n_prompt,n_gen,n_depth,avg_ns,stddev_ns,avg_ts,stddev_ts"
+    )?;
+    let ty = |t: &Option<String>| t.clone().unwrap_or_else(|| "f16".to_owned());
+    for r in rows {
+        let (m, sd) = mean_sd(&r.samples);
+        let tokens = (r.n_prompt + r.n_gen) as f64;
+        let ns: Vec<f64> = r.samples.iter().map(|ts| tokens / ts * 1e9).collect();
+        let (mns, sdns) = mean_sd(&ns);
+        writeln!(
+            out,
+            "\"{}\",{},{},\"CPU\",{},{},{},\"{}\",\"{}\",{},{},{depth},{:.0},{:.0},{m:.6},{sd:.6}",
+            r.model.replace('"', "\"\""),
+            r.size,
+            r.params,
+            r.n_batch,
+            r.n_ubatch,
+            r.threads,
+            ty(&kv.cache_type_k),
+            ty(&kv.cache_type_v),
+            r.n_prompt,
+            r.n_gen,
+            mns,
+            sdns
+        )?;
     }
     Ok(())
 }

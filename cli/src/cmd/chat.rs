@@ -19,6 +19,7 @@ use strata_engine::chat::ChatMessage;
 use strata_engine::sampler::SamplerConfig;
 
 use crate::client::{Client, NoDaemon};
+use crate::interrupt;
 use session::{Conversation, Stats};
 
 const PROMPT: &str = ">>> ";
@@ -28,9 +29,9 @@ const BLOCK: &str = "\"\"\"";
 const HELP: &str = "\
 /reset         forget the conversation (keeps the system prompt)
 /system TEXT   set the system prompt (without TEXT: show it)
-/save NAME     save the conversation as chats/NAME.json in the store (through the daemon,
-               also its KV cache as session NAME, resumed by later answers)
-/load NAME     continue a saved conversation (through the daemon, from session NAME's cache)
+/save NAME     save a snapshot of the conversation as chats/NAME.json in the store (through
+               the daemon, also its KV cache as session NAME); later turns do not change it
+/load NAME     continue from a saved conversation (the snapshot itself stays as it was)
 /stats         tokens and speed of the last answer
 /bye           leave (also Ctrl-D, or Ctrl-C twice)
 /help          this list
@@ -40,7 +41,7 @@ Ctrl-C stops an answer.";
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Model: a store name. Through the daemon it defaults to the one model it has loaded;
-    /// with --local to gemma3-270m (a path or URL also works there).
+    /// with --local to qwen2.5-coder-1.5b, an instruct model (a path or URL also works there).
     pub model: Option<String>,
     /// The daemon's socket (default: where stratad puts it).
     #[arg(long, conflicts_with = "local")]
@@ -76,6 +77,10 @@ pub struct Args {
     /// --local: random seed (default: a new one each run).
     #[arg(short = 's', long, requires = "local")]
     pub seed: Option<u64>,
+    /// --local: chat template instead of the model's: a built-in name (chatml, gemma, llama3,
+    /// llama2) or a Jinja template.
+    #[arg(long = "chat-template", value_name = "NAME|JINJA", requires = "local")]
+    pub chat_template: Option<String>,
     /// --local: how the weights are held (the daemon's own settings apply otherwise).
     #[command(flatten)]
     pub residency: super::common::LoadArgs,
@@ -131,7 +136,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         let model = args
             .model
             .clone()
-            .unwrap_or_else(|| super::common::DEFAULT_MODEL.to_owned());
+            .unwrap_or_else(|| super::common::DEFAULT_CHAT_MODEL.to_owned());
         let mut cfg = SamplerConfig {
             seed: args.seed.unwrap_or_else(|| {
                 std::time::SystemTime::now()
@@ -143,15 +148,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         if let Some(t) = args.temp {
             cfg.temp = t;
         }
-        let l = local::Local::new(
-            &model,
-            cfg,
-            args.n_predict,
-            args.ctx_size,
-            args.threads,
-            &args.residency,
-            &args.kv,
-        )?;
+        let l = local::Local::new(&model, cfg, &args)?;
         (Backend::Local(Box::new(l)), model, "in-process".to_owned())
     } else {
         let client = Client::new(args.socket.clone());
@@ -311,18 +308,17 @@ fn command(
             println!("(system prompt set)");
         }
         "save" | "load" if arg.is_empty() => anyhow::bail!("/{name} needs a NAME"),
+        // A saved chat is a snapshot: what follows in this chat never changes it (issue 22:
+        // after `/save snap` and `/reset`, the next answer overwrote both).
         "save" => {
             let path = session::chat_path(&session::chats_dir()?, arg)?;
             session::save(&path, conv, model)?;
             println!("(saved to {})", path.display());
             if let Backend::Daemon(r) = backend
                 && r.session.as_deref() != Some(arg)
+                && !conv.turns.is_empty()
             {
-                if conv.turns.is_empty() {
-                    r.session = Some(arg.to_owned());
-                } else {
-                    r.save_session(arg, &conv.messages())?;
-                }
+                r.save_session(arg, &conv.messages())?;
                 println!("(KV cache saved in the daemon as session {arg})");
             }
         }
@@ -331,18 +327,10 @@ fn command(
             *conv = session::load(&path)?;
             backend.reset();
             println!(
-                "(loaded {} messages from {})",
+                "(loaded {} messages from {}; the saved chat stays as it was)",
                 conv.turns.len(),
                 path.display()
             );
-            if let Backend::Daemon(r) = backend {
-                r.session = Some(arg.to_owned());
-                if r.has_session(arg)? {
-                    println!("(the next answer resumes from the daemon's session {arg})");
-                } else {
-                    println!("(the daemon has no session {arg}: the next answer computes it)");
-                }
-            }
         }
         "stats" => match last {
             Some(s) => println!("{}", s.describe()),
@@ -407,59 +395,4 @@ fn read_input(rl: &mut DefaultEditor) -> anyhow::Result<Input> {
     }
     lines.push(l);
     Ok(Input::Text(lines.join("\n")))
-}
-
-/// Ctrl-C while an answer streams. At the prompt the line editor has the terminal in raw mode
-/// and sees Ctrl-C as a key; while an answer streams the terminal is in its normal mode, so
-/// Ctrl-C arrives as SIGINT, which only raises a flag that the answer loops poll. A SIGINT at
-/// any other time (input piped rather than typed, so no raw mode) ends the program as usual.
-mod interrupt {
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    static STOP: AtomicBool = AtomicBool::new(false);
-    static ANSWERING: AtomicBool = AtomicBool::new(false);
-
-    extern "C" fn on_sigint(_: libc::c_int) {
-        if ANSWERING.load(Ordering::SeqCst) {
-            STOP.store(true, Ordering::SeqCst);
-        } else {
-            // SAFETY: _exit is async-signal-safe; 130 is the shell's code for death by SIGINT.
-            unsafe { libc::_exit(130) }
-        }
-    }
-
-    pub fn install() -> std::io::Result<()> {
-        // SAFETY: the handler only touches atomics and calls _exit, both async-signal-safe;
-        // the sigaction struct is fully initialised (zeroed, then its mask emptied) before use.
-        // SA_RESTART keeps blocking calls elsewhere from failing with EINTR.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t;
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut sa.sa_mask);
-            if libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-        Ok(())
-    }
-
-    /// Marks an answer as running (Ctrl-C stops it) until the guard is dropped.
-    pub fn answering() -> Answering {
-        STOP.store(false, Ordering::SeqCst);
-        ANSWERING.store(true, Ordering::SeqCst);
-        Answering
-    }
-
-    pub struct Answering;
-
-    impl Drop for Answering {
-        fn drop(&mut self) {
-            ANSWERING.store(false, Ordering::SeqCst);
-        }
-    }
-
-    pub fn requested() -> bool {
-        STOP.load(Ordering::SeqCst)
-    }
 }

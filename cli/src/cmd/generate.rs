@@ -15,7 +15,9 @@ use super::common::resolve_model;
 pub struct Args {
     /// Architecture: llama, qwen2, qwen3, gemma3, or with experts: mixtral (llama with 8
     /// experts), qwen2moe, qwen3moe, olmoe.
-    #[arg(long, default_value = "llama")]
+    #[arg(long, default_value = "llama", value_parser = [
+        "llama", "qwen2", "qwen3", "gemma3", "mixtral", "qwen2moe", "qwen3moe", "olmoe",
+    ])]
     arch: String,
     /// tiny (a few MB, for tests) or big (about 30 GB, larger than this machine's RAM).
     #[arg(long, default_value = "tiny", value_parser = ["tiny", "big"])]
@@ -105,8 +107,10 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         None => Vocab::Bytes,
     };
     let t0 = Instant::now();
-    let bytes = write_file(&spec, vocab, &args.output)
+    let mut progress = crate::progress::BarProgress::new();
+    let bytes = write_file(&spec, vocab, &args.output, &mut progress)
         .with_context(|| format!("writing {}", args.output.display()))?;
+    drop(progress);
     let secs = t0.elapsed().as_secs_f64();
     eprintln!(
         "wrote {} ({}, {} layers, {:.2} GB) in {secs:.1} s ({:.2} GB/s)",

@@ -59,13 +59,28 @@ impl KvArgs {
                 })
             }
         };
-        Ok(KvOptions {
+        let opts = KvOptions {
             type_k,
             type_v,
             spill,
             // The model adds its VRAM tier when it makes the context.
             gpu: None,
-        })
+        };
+        // Issue 22: `--kv-budget 1M` silently kept 7 MiB.
+        if let (Some(s), Some(budget)) = (&opts.spill, &self.kv_budget) {
+            let floor = opts.min_ram_budget(model.config.n_layer, model.config.kv_dim());
+            if s.ram_budget < floor {
+                eprintln!(
+                    "warning: --kv-budget {budget} is below what the KV cache holds in RAM at \
+                     least ({:.1} MiB: each layer's page of {} positions of keys and of values \
+                     stays while it fills); keeping {:.1} MiB",
+                    floor as f64 / 1048576.0,
+                    strata_engine::kv::PAGE_TOKENS,
+                    floor as f64 / 1048576.0
+                );
+            }
+        }
+        Ok(opts)
     }
 
     /// A context of `n_ctx` positions with these options.

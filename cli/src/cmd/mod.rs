@@ -17,5 +17,6 @@ pub mod pull;
 pub mod rm;
 pub mod run;
 pub mod run_daemon;
+pub mod serve;
 pub mod show;
 pub mod tokenize;

@@ -51,8 +51,9 @@ fn render(ps: &Value) -> anyhow::Result<String> {
             int("active_sequences"),
             int("queued"),
             secs("idle_s"),
-            match m["keep_alive_s"].as_f64() {
-                Some(0.0) => "forever".into(),
+            match (m["keep_loaded"].as_bool(), m["keep_alive_s"].as_f64()) {
+                // Named at start: the keep-alive does not apply.
+                (Some(true), _) | (_, Some(0.0)) => "forever".into(),
                 _ => secs("keep_alive_s"),
             },
         ]);
@@ -73,7 +74,13 @@ fn render(ps: &Value) -> anyhow::Result<String> {
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }
-    if models.is_empty() {
+    let loading: Vec<&str> = ps["loading"]
+        .as_array()
+        .map(|l| l.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if !loading.is_empty() {
+        out.push_str(&format!("(loading: {})\n", loading.join(", ")));
+    } else if models.is_empty() {
         out.push_str("(no models loaded; `strata load MODEL` loads one)\n");
     }
     Ok(out)
@@ -143,6 +150,11 @@ mod tests {
     fn empty_and_malformed_answers() {
         let empty = render(&serde_json::json!({"models": []}));
         assert!(empty.is_ok_and(|t| t.contains("no models loaded")));
+        let loading = render(&serde_json::json!({"models": [], "loading": ["qwen"]}));
+        assert!(loading.is_ok_and(|t| t.contains("(loading: qwen)")));
+        let kept = render(&serde_json::json!({"models": [
+            {"name": "m", "keep_alive_s": 300, "keep_loaded": true}]}));
+        assert!(kept.is_ok_and(|t| t.contains("forever")));
         assert!(render(&serde_json::json!({"oops": 1})).is_err());
         // Missing or mistyped fields show as '-', never a panic.
         let odd = render(&serde_json::json!({"models": [{"name": 3, "idle_s": "x"}]}));

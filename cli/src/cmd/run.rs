@@ -1,30 +1,50 @@
-//! `strata run`: llama-cli in-process — generate from a prompt, or chat with `-cnv`.
+//! `strata run`: llama-cli in-process — complete a prompt, chat with `-cnv`, or take turns
+//! with raw text with `-i` — and Ollama's `strata run MODEL [PROMPT]`.
+//!
+//! With no prompt, `run` chats (as llama-cli and Ollama do) when a person is at the terminal;
+//! otherwise it says that a prompt is missing before loading anything.
 
-use std::io::{BufRead, Write};
-use std::time::Instant;
+mod generate;
+mod modes;
+mod text;
+
+use std::io::IsTerminal as _;
+use std::sync::Arc;
 
 use anyhow::Context as _;
-use strata_engine::chat::{ChatMessage, ChatTemplate};
 use strata_engine::sampler::{Sampler, SamplerConfig};
-use strata_engine::tokenizer::StreamDecoder;
-use strata_engine::{Context, Logits, Model};
-
+use strata_simd::pool::ThreadPool;
 use strata_storage::residency::ResidencyMode;
 
-use super::common::{DEFAULT_MODEL, LoadArgs, Loaded, ctx_size, load_with, print_residency};
+use super::common::{
+    DEFAULT_CHAT_MODEL, DEFAULT_MODEL, LoadArgs, chat_template, ctx_size, load_with,
+    print_residency, resolve_model, threads,
+};
+use generate::{GenOptions, Generator, Pools, print_perf};
+use text::{Palette, process_escapes};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    /// The model, as -m gives it (Ollama's `strata run MODEL`).
+    #[arg(value_name = "MODEL")]
+    pub model_arg: Option<String>,
+    /// The prompt, as -p gives it (Ollama's `strata run MODEL PROMPT`).
+    #[arg(value_name = "PROMPT", conflicts_with_all = ["prompt", "file"])]
+    pub prompt_arg: Option<String>,
     /// Model: a store name (pulled on first use), a path to a .gguf file, or an https URL.
-    #[arg(short = 'm', long, default_value = DEFAULT_MODEL)]
-    pub model: String,
-    /// The prompt (in conversation mode: the system prompt).
+    /// Default: gemma3-270m to complete a prompt, qwen2.5-coder-1.5b to chat (gemma3-270m is a
+    /// base model that was never taught to chat).
+    #[arg(short = 'm', long)]
+    pub model: Option<String>,
+    /// The prompt; in conversation mode the first message (as in llama-cli). Escapes such as
+    /// \n are processed unless --no-escape.
     #[arg(short = 'p', long)]
     pub prompt: Option<String>,
-    /// Read the prompt from a file.
+    /// Read the prompt from a file (taken as it is: no escape processing).
     #[arg(short = 'f', long, conflicts_with = "prompt")]
     pub file: Option<std::path::PathBuf>,
-    /// Tokens to generate; -1 means until the model ends its answer or the context is full.
+    /// Tokens to generate (per answer when chatting); -1 means until the model ends its answer
+    /// or the context is full. Given twice, the last counts (as in llama.cpp).
     #[arg(short = 'n', long = "n-predict", default_value_t = -1, allow_negative_numbers = true)]
     pub n_predict: i64,
     /// Context size in tokens; 0 means the model's trained length (default: 4096, or the
@@ -34,6 +54,9 @@ pub struct Args {
     /// Threads to compute on (default: one per core).
     #[arg(short = 't', long)]
     pub threads: Option<usize>,
+    /// Threads for reading prompts, when different from --threads (llama.cpp's -tb).
+    #[arg(long = "threads-batch", value_name = "N")]
+    pub threads_batch: Option<usize>,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
     pub temp: f32,
@@ -54,24 +77,85 @@ pub struct Args {
     /// Random seed; -1 picks one.
     #[arg(short = 's', long, default_value_t = -1, allow_negative_numbers = true)]
     pub seed: i64,
-    /// Chat with the model using its chat template (llama.cpp's -cnv).
+    /// Chat with the model using its chat template (llama.cpp's -cnv). Also what `run` does
+    /// with no prompt at a terminal.
     #[arg(long)]
     pub conversation: bool,
-    /// Plain completion even when the model has a chat template (llama.cpp's -no-cnv).
+    /// Plain completion, never chat (llama.cpp's -no-cnv).
     #[arg(long, conflicts_with = "conversation")]
     pub no_conversation: bool,
-    /// System prompt for conversation mode (llama.cpp's -sys).
+    /// System prompt for conversation mode (llama.cpp's -sys); implies -cnv.
     #[arg(long = "system-prompt")]
     pub system_prompt: Option<String>,
+    /// Conversation mode: answer once, then exit (llama.cpp's -st); implies -cnv.
+    #[arg(long = "single-turn")]
+    pub single_turn: bool,
+    /// Chat template instead of the model's: a built-in name (chatml, gemma, llama3, llama2)
+    /// or a Jinja template.
+    #[arg(long = "chat-template", value_name = "NAME|JINJA")]
+    pub chat_template: Option<String>,
+    /// Accepted for llama.cpp's scripts: strata always renders a model's own Jinja template.
+    #[arg(long)]
+    pub jinja: bool,
+    /// Interactive: the prompt is continued as plain text (no chat template), and whenever
+    /// generation stops (end of text, -n, a reverse prompt, Ctrl-C) a line you type is
+    /// appended and generation goes on (llama.cpp's -i).
+    #[arg(short = 'i', long, conflicts_with = "conversation")]
+    pub interactive: bool,
+    /// As -i, but you type first (llama.cpp's -if).
+    #[arg(long = "interactive-first", conflicts_with = "conversation")]
+    pub interactive_first: bool,
+    /// Stop when the output contains TEXT; in -i and -cnv, your turn begins (llama.cpp's -r).
+    /// Repeatable.
+    #[arg(short = 'r', long = "reverse-prompt", value_name = "TEXT")]
+    pub reverse_prompt: Vec<String>,
+    /// Process escapes in the prompt and reverse prompts: \n \r \t \' \" \\ \xHH (the default,
+    /// as in llama.cpp).
+    #[arg(short = 'e', long, overrides_with = "no_escape")]
+    pub escape: bool,
+    /// Take the prompt and reverse prompts as typed.
+    #[arg(long = "no-escape", overrides_with = "escape")]
+    pub no_escape: bool,
+    /// Colour the prompt and your input apart from generated text: on, off, or auto (when
+    /// standard output is a terminal); bare --color is on (llama.cpp's -co).
+    #[arg(long, value_name = "WHEN", num_args = 0..=1, default_missing_value = "on",
+          value_parser = ["on", "off", "auto"])]
+    pub color: Option<String>,
     /// Do not echo the prompt before the generated text.
     #[arg(long)]
     pub no_display_prompt: bool,
     /// Keep generating past end-of-generation tokens.
     #[arg(long)]
     pub ignore_eos: bool,
-    /// Tokens per forward pass while reading the prompt.
-    #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
+    /// Logical batch: most prompt tokens submitted at once (llama.cpp's -b); a pass reads at
+    /// most min(batch, ubatch) tokens.
+    #[arg(short = 'b', long = "batch-size", default_value_t = 2048)]
     pub batch_size: usize,
+    /// Tokens per forward pass while reading the prompt (llama.cpp's -ub).
+    #[arg(long = "ubatch-size", default_value_t = 512)]
+    pub ubatch_size: usize,
+    /// Accepted for llama.cpp's scripts (on, off, auto): strata has one attention kernel on
+    /// the CPU, so every setting computes the same (llama.cpp's -fa).
+    #[arg(long = "flash-attn", value_name = "on|off|auto", num_args = 0..=1,
+          default_missing_value = "on", value_parser = ["on", "off", "auto", "1", "0"])]
+    pub flash_attn: Option<String>,
+    /// Accepted for llama.cpp's scripts (none, layer, row): strata computes on one device, the
+    /// CPU, where the three are the same (llama.cpp's -sm).
+    #[arg(long = "split-mode", value_parser = ["none", "layer", "row"])]
+    pub split_mode: Option<String>,
+    /// Lock the process's memory (the weights, the KV cache) in RAM so it is never swapped out
+    /// (mlockall; needs a memlock limit as large as the model).
+    #[arg(long)]
+    pub mlock: bool,
+    /// Accepted for llama.cpp's scripts: strata runs no warm-up pass.
+    #[arg(long = "no-warmup")]
+    pub no_warmup: bool,
+    /// Do not print the timings at the end.
+    #[arg(long = "no-perf")]
+    pub no_perf: bool,
+    /// No logs and no timings on stderr (llama.cpp's --log-disable); errors still show.
+    #[arg(long = "log-disable")]
+    pub log_disable: bool,
     /// Save the prompt's KV cache to FILE after reading the prompt, and on later runs resume
     /// from the longest prefix the file shares with the new prompt (llama.cpp's flag).
     #[arg(long = "prompt-cache", value_name = "FILE")]
@@ -84,8 +168,8 @@ pub struct Args {
     #[command(flatten)]
     pub kv: super::kvargs::KvArgs,
     /// Also report how the weights are held, bytes read from disk, I/O stall time, read
-    /// bandwidth, hits per tier and the peak RSS.
-    #[arg(long)]
+    /// bandwidth, hits per tier and the peak RSS; and log what was loaded (llama.cpp's -v).
+    #[arg(short = 'v', long)]
     pub verbose: bool,
     /// Generate through the stratad listening on this Unix socket instead of in-process (the
     /// model must then be a store name; the daemon's context and threads apply).
@@ -93,13 +177,63 @@ pub struct Args {
     pub socket: Option<std::path::PathBuf>,
 }
 
-/// Timings in llama.cpp's terms.
-#[derive(Default)]
-struct Perf {
-    prompt_ms: f64,
-    prompt_tokens: usize,
-    eval_ms: f64,
-    eval_runs: usize,
+/// How `run` talks to the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Complete,
+    Converse,
+    /// `-i`; `first`: the user types before anything is generated.
+    Interactive {
+        first: bool,
+    },
+}
+
+impl Args {
+    /// The model named positionally or with -m (not both, unless they agree).
+    pub fn model_spec(&self) -> anyhow::Result<Option<String>> {
+        match (&self.model_arg, &self.model) {
+            (Some(a), Some(m)) if a != m => {
+                anyhow::bail!("two models named: {a} and -m {m}; give one")
+            }
+            (a, m) => Ok(a.clone().or_else(|| m.clone())),
+        }
+    }
+
+    /// The prompt from -p, the positional PROMPT or -f, with escapes processed as asked.
+    fn prompt_text(&self) -> anyhow::Result<Option<String>> {
+        let typed = self.prompt.as_ref().or(self.prompt_arg.as_ref());
+        match (typed, &self.file) {
+            (Some(p), _) if self.no_escape => Ok(Some(p.clone())),
+            (Some(p), _) => Ok(Some(process_escapes(p).map_err(anyhow::Error::msg)?)),
+            (None, Some(f)) => Ok(Some(
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+            )),
+            (None, None) => Ok(None),
+        }
+    }
+
+    fn mode(&self, has_prompt: bool) -> anyhow::Result<Mode> {
+        Ok(if self.conversation || self.single_turn {
+            Mode::Converse
+        } else if self.interactive || self.interactive_first {
+            Mode::Interactive {
+                first: self.interactive_first || !has_prompt,
+            }
+        } else if has_prompt && self.system_prompt.is_none() {
+            Mode::Complete
+        } else if self.no_conversation {
+            anyhow::bail!("no prompt: give one with -p TEXT or -f FILE");
+        } else if self.system_prompt.is_some() || std::io::stdin().is_terminal() {
+            // llama-cli chats when the model has a template and no prompt is given; Ollama's
+            // `run MODEL` does too.
+            Mode::Converse
+        } else {
+            anyhow::bail!(
+                "no prompt: give one with -p TEXT or -f FILE, or chat with -cnv (standard \
+                 input is not a terminal, so strata run does not start a chat by itself)"
+            );
+        })
+    }
 }
 
 pub fn exec(args: Args) -> anyhow::Result<()> {
@@ -119,36 +253,124 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         },
     };
     sampler_cfg.validate().map_err(anyhow::Error::msg)?;
-    if args.batch_size == 0 {
-        anyhow::bail!("--batch-size must be at least 1");
+    if args.batch_size == 0 || args.ubatch_size == 0 {
+        anyhow::bail!("--batch-size and --ubatch-size must be at least 1");
     }
-    let prompt = match (&args.prompt, &args.file) {
-        (Some(p), _) => Some(p.clone()),
-        (None, Some(f)) => {
-            Some(std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?)
-        }
-        (None, None) => None,
-    };
+    let prompt = args.prompt_text()?;
+    let mode = args.mode(prompt.is_some())?;
+    let spec = args.model_spec()?;
     if let Some(socket) = args.socket.clone() {
-        return super::run_daemon::exec(&args, socket, prompt);
+        if mode != Mode::Complete {
+            anyhow::bail!("--socket completes a prompt; chat with a daemon through `strata chat`");
+        }
+        let model = spec.unwrap_or_else(|| DEFAULT_MODEL.to_owned());
+        return super::run_daemon::exec(&args, &model, socket, prompt);
     }
-    let loaded = load_with(&args.model, args.threads, &args.residency)?;
+    let reverse: Vec<String> = if args.no_escape {
+        args.reverse_prompt.clone()
+    } else {
+        args.reverse_prompt
+            .iter()
+            .map(|r| process_escapes(r).map_err(anyhow::Error::msg))
+            .collect::<anyhow::Result<_>>()?
+    };
+    let model_name = spec.unwrap_or_else(|| {
+        if mode == Mode::Converse {
+            DEFAULT_CHAT_MODEL
+        } else {
+            DEFAULT_MODEL
+        }
+        .to_owned()
+    });
+    // Before the weights load: a model that cannot chat is said so at once.
+    let template = match mode {
+        Mode::Converse => {
+            let path = resolve_model(&model_name)?;
+            Some(chat_template(
+                &path,
+                &model_name,
+                args.chat_template.as_deref(),
+            )?)
+        }
+        _ => None,
+    };
+    let loaded = load_with(&model_name, args.threads, &args.residency)?;
     let n_ctx = match args.ctx_size {
         Some(c) => ctx_size(&loaded.model, c)?,
         None => loaded.model.config.n_ctx_train.min(4096),
     };
     let mut ctx = args.kv.context(&loaded.model, n_ctx, loaded.pool.clone())?;
-    ctx.set_n_ubatch(args.batch_size);
-    let mut sampler = Sampler::new(sampler_cfg);
-    let mut perf = Perf::default();
-    let result = if args.conversation {
-        converse(&loaded, &mut ctx, &mut sampler, &args, prompt, &mut perf)
-    } else {
-        complete(&loaded, &mut ctx, &mut sampler, &args, prompt, &mut perf)
+    ctx.set_n_ubatch(args.batch_size.min(args.ubatch_size));
+    let batch = match args.threads_batch {
+        Some(tb) if tb != loaded.pool.n_threads() => {
+            Some(Arc::new(ThreadPool::new(threads(Some(tb))?)))
+        }
+        _ => None,
     };
+    let pools = Pools {
+        decode: loaded.pool.clone(),
+        batch,
+    };
+    if args.mlock {
+        lock_memory();
+    }
+    let mut sampler = Sampler::new(sampler_cfg);
+    let opts = GenOptions {
+        n_predict: args.n_predict,
+        ignore_eos: args.ignore_eos,
+        reverse,
+        interruptible: mode != Mode::Complete,
+    };
+    if opts.interruptible {
+        crate::interrupt::install().context("installing the Ctrl-C handler")?;
+    }
+    let io = modes::Io {
+        palette: Palette::from_flag(args.color.as_deref()),
+        display_prompt: !args.no_display_prompt,
+        prompt_cache: args
+            .prompt_cache
+            .as_deref()
+            .map(|p| (p, args.prompt_cache_ro)),
+    };
+    let mut g = Generator {
+        model: &loaded.model,
+        ctx: &mut ctx,
+        sampler: &mut sampler,
+        pools: &pools,
+        opts: &opts,
+        perf: Default::default(),
+    };
+    let result = match (mode, &template) {
+        (Mode::Converse, Some(t)) => {
+            if std::io::stdin().is_terminal() && !args.log_disable {
+                eprintln!(
+                    "chatting with {model_name}; type a message, Ctrl-C stops an answer, Ctrl-D leaves"
+                );
+            }
+            modes::converse(
+                &mut g,
+                &io,
+                t,
+                args.system_prompt.clone(),
+                prompt,
+                args.single_turn,
+            )
+        }
+        (Mode::Interactive { first }, _) => {
+            modes::interactive(&mut g, &io, prompt.as_deref(), first)
+        }
+        _ => modes::complete(&mut g, &io, prompt.as_deref().unwrap_or_default()),
+    };
+    let perf = std::mem::take(&mut g.perf);
+    if args.log_disable || args.no_perf {
+        return result;
+    }
     print_perf(loaded.load_ms, &perf);
     if args.verbose || loaded.model.weights().stats().mode != ResidencyMode::Resident {
         print_residency(&loaded.model);
+    }
+    if args.verbose || loaded.model.gpu_stats().is_some() {
+        super::common::print_gpu(&loaded.model);
     }
     if let Some(s) = ctx.kv_spill_stats() {
         let mib = |b: f64| b / 1048576.0;
@@ -165,241 +387,15 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     result
 }
 
-fn complete(
-    loaded: &Loaded,
-    ctx: &mut Context,
-    sampler: &mut Sampler,
-    args: &Args,
-    prompt: Option<String>,
-    perf: &mut Perf,
-) -> anyhow::Result<()> {
-    let model = &loaded.model;
-    let prompt = prompt.unwrap_or_default();
-    let tokens = model.tokenizer.encode(&prompt, true, true);
-    if tokens.is_empty() {
-        anyhow::bail!("the prompt is empty and this model adds no BOS token; give one with -p");
-    }
-    let mut out = std::io::stdout().lock();
-    if !args.no_display_prompt {
-        out.write_all(prompt.as_bytes())?;
-        out.flush()?;
-    }
-    let start = match &args.prompt_cache {
-        Some(path) => prompt_cache(
-            model,
-            ctx,
-            sampler,
-            path,
-            &tokens,
-            args.prompt_cache_ro,
-            perf,
-        )?,
-        None => 0,
-    };
-    generate(model, ctx, sampler, &tokens[start..], args, perf, &mut out)?;
-    writeln!(out)?;
-    Ok(())
-}
-
-/// `--prompt-cache`: resumes from the longest prefix of `tokens` saved in `path` (a file of
-/// another model or a damaged one is an error, and is left alone), reads the rest of the prompt
-/// but its last token, and saves the cache for next time. Returns the index of the first token
-/// still to be fed.
-fn prompt_cache(
-    model: &Model,
-    ctx: &mut Context,
-    sampler: &mut Sampler,
-    path: &std::path::Path,
-    tokens: &[u32],
-    read_only: bool,
-    perf: &mut Perf,
-) -> anyhow::Result<usize> {
-    let shown = path.display();
-    let mut have = 0;
-    if path.exists() {
-        let t0 = Instant::now();
-        let saved = model.load_session(ctx, path).with_context(|| {
-            format!("loading the prompt cache {shown} (delete it to start over)")
-        })?;
-        have = saved.iter().zip(tokens).take_while(|(a, b)| a == b).count();
-        // At least the last prompt token is fed again, for its logits.
-        have = have.min(tokens.len() - 1);
-        ctx.truncate(have);
+/// `--mlock`: pins everything mapped now (the weights, the context) in RAM. A refusal (the
+/// memlock limit) is a warning, as in llama.cpp: the run goes on, unlocked.
+fn lock_memory() {
+    // SAFETY: mlockall takes flags only and touches no memory of ours.
+    if unsafe { libc::mlockall(libc::MCL_CURRENT) } != 0 {
+        let e = std::io::Error::last_os_error();
         eprintln!(
-            "strata: loaded a prompt cache of {} tokens from {shown} in {:.1} ms; {have} of the prompt's {} tokens reused",
-            saved.len(),
-            t0.elapsed().as_secs_f64() * 1e3,
-            tokens.len()
+            "warning: --mlock: could not lock the model in RAM ({e}); raise the limit with \
+             `ulimit -l` or LimitMEMLOCK= (running unlocked)"
         );
     }
-    let upto = tokens.len() - 1;
-    tokens[..have].iter().for_each(|&t| sampler.accept(t));
-    if have < upto {
-        if ctx.n_past() + upto - have > ctx.n_ctx() {
-            anyhow::bail!(
-                "the prompt needs {} tokens but the context has room for {} (raise --ctx-size)",
-                tokens.len(),
-                ctx.n_ctx()
-            );
-        }
-        let t0 = Instant::now();
-        model.forward(ctx, &tokens[have..upto], Logits::None)?;
-        perf.prompt_ms += t0.elapsed().as_secs_f64() * 1e3;
-        perf.prompt_tokens += upto - have;
-        tokens[have..upto].iter().for_each(|&t| sampler.accept(t));
-    }
-    if !read_only && have < upto {
-        let t0 = Instant::now();
-        let bytes = model
-            .save_session(ctx, &tokens[..upto], path)
-            .with_context(|| format!("saving the prompt cache {shown}"))?;
-        eprintln!(
-            "strata: saved {upto} tokens ({:.1} MiB) to {shown} in {:.1} ms",
-            bytes as f64 / 1048576.0,
-            t0.elapsed().as_secs_f64() * 1e3
-        );
-    }
-    Ok(upto)
-}
-
-/// Feeds `tokens` after what the context holds and samples until the end of the answer;
-/// returns the generated text.
-fn generate(
-    model: &Model,
-    ctx: &mut Context,
-    sampler: &mut Sampler,
-    tokens: &[u32],
-    args: &Args,
-    perf: &mut Perf,
-    out: &mut impl Write,
-) -> anyhow::Result<String> {
-    let tok = &model.tokenizer;
-    if ctx.n_past() + tokens.len() > ctx.n_ctx() {
-        anyhow::bail!(
-            "the prompt needs {} tokens but the context has room for {} (raise --ctx-size)",
-            tokens.len(),
-            ctx.n_ctx() - ctx.n_past()
-        );
-    }
-    tokens.iter().for_each(|&t| sampler.accept(t));
-    let t0 = Instant::now();
-    let mut next = sampler.sample(model.forward(ctx, tokens, Logits::Last)?);
-    perf.prompt_ms += t0.elapsed().as_secs_f64() * 1e3;
-    perf.prompt_tokens += tokens.len();
-    let mut decoder = StreamDecoder::new();
-    let mut text = String::new();
-    let mut produced = 0i64;
-    loop {
-        if !args.ignore_eos && tok.is_eog(next) {
-            break;
-        }
-        sampler.accept(next);
-        let piece = decoder.push(&tok.token_to_piece(next, false));
-        out.write_all(piece.as_bytes())?;
-        out.flush()?;
-        text.push_str(&piece);
-        produced += 1;
-        if args.n_predict >= 0 && produced >= args.n_predict {
-            break;
-        }
-        if ctx.n_past() + 1 > ctx.n_ctx() {
-            eprintln!("\n[context full: {} tokens]", ctx.n_ctx());
-            break;
-        }
-        let t = Instant::now();
-        next = sampler.sample(model.forward(ctx, &[next], Logits::Last)?);
-        perf.eval_ms += t.elapsed().as_secs_f64() * 1e3;
-        perf.eval_runs += 1;
-    }
-    let rest = decoder.finish();
-    out.write_all(rest.as_bytes())?;
-    text.push_str(&rest);
-    Ok(text)
-}
-
-fn converse(
-    loaded: &Loaded,
-    ctx: &mut Context,
-    sampler: &mut Sampler,
-    args: &Args,
-    prompt: Option<String>,
-    perf: &mut Perf,
-) -> anyhow::Result<()> {
-    let model = &loaded.model;
-    let md = &model.weights().gguf().metadata;
-    let template = ChatTemplate::from_gguf(md, model.config.arch.name())?;
-    let mut history = Vec::new();
-    if let Some(sys) = args.system_prompt.clone().or(prompt) {
-        history.push(ChatMessage {
-            role: "system".into(),
-            content: sys,
-        });
-    }
-    // Tokens the context holds, so each turn only evaluates what is new.
-    let mut cached: Vec<u32> = Vec::new();
-    let stdin = std::io::stdin();
-    let mut lines = stdin.lock().lines();
-    let mut out = std::io::stdout().lock();
-    loop {
-        write!(out, "\n> ")?;
-        out.flush()?;
-        let Some(line) = lines.next() else { break };
-        let line = line.context("reading standard input")?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        history.push(ChatMessage {
-            role: "user".into(),
-            content: line,
-        });
-        let rendered = template.render(&history, true)?;
-        // The tokenizer adds BOS itself; drop the template's copy so there is only one.
-        let text = template
-            .bos_prefix()
-            .and_then(|p| rendered.strip_prefix(p))
-            .unwrap_or(&rendered);
-        let tokens = model.tokenizer.encode(text, true, true);
-        let common = cached
-            .iter()
-            .zip(&tokens)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(tokens.len().saturating_sub(1));
-        ctx.truncate(common);
-        let answer = generate(model, ctx, sampler, &tokens[common..], args, perf, &mut out)?;
-        writeln!(out)?;
-        cached = tokens;
-        history.push(ChatMessage {
-            role: "assistant".into(),
-            content: answer,
-        });
-        // The answer's own tokens are re-derived from the template on the next turn.
-        cached.truncate(ctx.n_past());
-    }
-    Ok(())
-}
-
-fn print_perf(load_ms: f64, p: &Perf) {
-    let line = |ms: f64, n: usize| {
-        let per = if n > 0 { ms / n as f64 } else { 0.0 };
-        let tps = if ms > 0.0 { 1e3 * n as f64 / ms } else { 0.0 };
-        (per, tps)
-    };
-    let (pp, pt) = line(p.prompt_ms, p.prompt_tokens);
-    let (ep, et) = line(p.eval_ms, p.eval_runs);
-    eprintln!();
-    eprintln!("strata_perf_context_print:        load time = {load_ms:10.2} ms");
-    eprintln!(
-        "strata_perf_context_print: prompt eval time = {:10.2} ms / {:5} tokens ({pp:8.2} ms per token, {pt:8.2} tokens per second)",
-        p.prompt_ms, p.prompt_tokens
-    );
-    eprintln!(
-        "strata_perf_context_print:        eval time = {:10.2} ms / {:5} runs   ({ep:8.2} ms per token, {et:8.2} tokens per second)",
-        p.eval_ms, p.eval_runs
-    );
-    eprintln!(
-        "strata_perf_context_print:       total time = {:10.2} ms / {:5} tokens",
-        load_ms + p.prompt_ms + p.eval_ms,
-        p.prompt_tokens + p.eval_runs
-    );
 }

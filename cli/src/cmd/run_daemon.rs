@@ -35,6 +35,11 @@ fn refuse_local_flags(args: &Args) -> anyhow::Result<()> {
             "--cache-type-k/--cache-type-v/--kv-budget (the daemon's kv settings apply)",
         ),
         (args.verbose, "--verbose"),
+        (args.mlock, "--mlock (the daemon holds the model)"),
+        (
+            args.threads_batch.is_some(),
+            "-tb/--threads-batch (the daemon's threads apply)",
+        ),
         (
             args.prompt_cache.is_some(),
             "--prompt-cache (the daemon keeps its own KV caches)",
@@ -46,11 +51,16 @@ fn refuse_local_flags(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn exec(args: &Args, socket: PathBuf, prompt: Option<String>) -> anyhow::Result<()> {
+pub fn exec(
+    args: &Args,
+    model: &str,
+    socket: PathBuf,
+    prompt: Option<String>,
+) -> anyhow::Result<()> {
     refuse_local_flags(args)?;
     let prompt = prompt.unwrap_or_default();
     let mut body = json!({
-        "model": args.model,
+        "model": model,
         "prompt": prompt,
         "stream": true,
         "temperature": args.temp.max(0.0),
@@ -63,6 +73,11 @@ pub fn exec(args: &Args, socket: PathBuf, prompt: Option<String>) -> anyhow::Res
     if args.n_predict >= 0 {
         // The in-process path always prints the first sampled token, even with -n 0.
         body["max_tokens"] = json!(args.n_predict.max(1));
+    }
+    if !args.reverse_prompt.is_empty() {
+        // The API's stop strings end the answer where a reverse prompt would (the daemon
+        // leaves the stop string itself out of the text).
+        body["stop"] = json!(args.reverse_prompt);
     }
     if args.seed >= 0 {
         body["seed"] = json!(args.seed);

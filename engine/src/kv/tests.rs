@@ -129,3 +129,25 @@ fn spilled_pages_read_back_exactly() {
 fn ram_page_bytes(ty: GgmlType) -> usize {
     (PAGE_TOKENS * ty.row_bytes(KV_DIM)).next_multiple_of(AlignedBuf::ALIGN)
 }
+
+/// Issue 22: `--kv-budget 1M` silently kept 7 MiB. The floor is one page of keys and one of
+/// values per layer, and a smaller budget is reported as the floor it acts as.
+#[test]
+fn a_budget_below_the_floor_acts_as_the_floor_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let ty = GgmlType::F16;
+    let page = ram_page_bytes(ty);
+    let o = opts(ty, None);
+    assert_eq!(o.min_ram_budget(LAYERS, KV_DIM), LAYERS * 2 * page);
+    let cfg = SpillConfig {
+        dir: dir.path().to_path_buf(),
+        ram_budget: 1,
+        io: Default::default(),
+    };
+    let mut c = KvCache::new(LAYERS, 4096, KV_DIM, HD, &opts(ty, Some(cfg))).unwrap();
+    fill(&mut c, 0, 600);
+    let s = c.spill_stats().expect("spilling");
+    assert_eq!(s.ram_budget, LAYERS * 2 * page);
+    // Two full pages per side went to disk; the one filling stayed.
+    assert_eq!(c.ram_bytes(), LAYERS * 2 * page);
+}

@@ -88,6 +88,12 @@ impl Context {
         &self.pool
     }
 
+    /// Computes the next passes on `pool` instead (llama.cpp's `--threads-batch`: one pool for
+    /// reading a prompt, another for decoding). The scratch buffers do not depend on it.
+    pub fn set_pool(&mut self, pool: Arc<ThreadPool>) {
+        self.pool = pool;
+    }
+
     /// Bytes the cached positions take, wherever they are.
     pub fn kv_bytes(&self) -> usize {
         self.kv.size_bytes()

@@ -5,7 +5,8 @@
 //! in the name, as llama.cpp does); the first that matches decides. Targets:
 //! - `CPU`: computed on the CPU from host memory; which host tier (RAM or streamed from SSD)
 //!   the RAM budget decides.
-//! - `RAM`: like `CPU`, and held in RAM whatever the budget (counted against it first).
+//! - `RAM`: like `CPU`, and held in RAM: counted against the budget first, and a plan whose
+//!   pinned tensors do not fit in it fails.
 //! - `CUDA0`, `CUDA1`, …: a GPU. The engine places these (storage reads them like any other),
 //!   and refuses them when no GPU device was asked for, naming the
 //!   tensor, so a command line written for a GPU machine fails clearly instead of silently

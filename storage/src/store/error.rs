@@ -43,6 +43,11 @@ pub enum StoreError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
+    /// The server's name does not resolve: reported once, not retried (waiting does not make
+    /// a name appear).
+    #[error("GET {url} failed: {reason}")]
+    Unreachable { url: String, reason: String },
+
     /// A package index page listed no wheel for the wanted version.
     #[error("no wheel for {package}=={version} on {index_url}")]
     NoWheel {

@@ -80,8 +80,11 @@ impl TempFile {
         if fs::symlink_metadata(&self.path).is_ok() {
             fs::remove_file(&self.path).io("remove", &self.path)?;
         }
-        if let Some(dir) = dest.parent() {
-            sync_dir(dir)?;
+        // A bare file name's parent is "": the current directory (issue 22: `strata optimize
+        // m.gguf -o out.gguf` failed with "sync directory : No such file or directory").
+        match dest.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => sync_dir(dir)?,
+            _ => sync_dir(Path::new("."))?,
         }
         // The temp path no longer exists; keep Drop from touching whatever appears there.
         self.path = PathBuf::new();

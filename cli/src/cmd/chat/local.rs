@@ -3,16 +3,14 @@
 
 use std::time::Instant;
 
-use anyhow::Context as _;
 use strata_engine::chat::{ChatMessage, ChatTemplate};
 use strata_engine::sampler::{Sampler, SamplerConfig};
 use strata_engine::tokenizer::StreamDecoder;
 use strata_engine::{Context, Logits};
 
-use super::interrupt;
 use super::session::Stats;
-use crate::cmd::common::{LoadArgs, Loaded, ctx_size, load_with};
-use crate::cmd::kvargs::KvArgs;
+use crate::cmd::common::{Loaded, chat_template, ctx_size, load_with, resolve_model};
+use crate::interrupt;
 
 pub struct Local {
     loaded: Loaded,
@@ -26,21 +24,14 @@ pub struct Local {
 }
 
 impl Local {
-    pub fn new(
-        model: &str,
-        sampler: SamplerConfig,
-        max_tokens: Option<usize>,
-        n_ctx: usize,
-        threads: Option<usize>,
-        residency: &LoadArgs,
-        kv: &KvArgs,
-    ) -> anyhow::Result<Local> {
+    /// `model` with the `--local` flags of `args`.
+    pub fn new(model: &str, sampler: SamplerConfig, args: &super::Args) -> anyhow::Result<Local> {
+        let (max_tokens, n_ctx, kv) = (args.n_predict, args.ctx_size, &args.kv);
         sampler.validate().map_err(anyhow::Error::msg)?;
-        let loaded = load_with(model, threads, residency)?;
+        // A model that cannot chat is said so before its weights load.
+        let template = chat_template(&resolve_model(model)?, model, args.chat_template.as_deref())?;
+        let loaded = load_with(model, args.threads, &args.residency)?;
         let n_ctx = ctx_size(&loaded.model, n_ctx)?;
-        let md = &loaded.model.weights().gguf().metadata;
-        let template = ChatTemplate::from_gguf(md, loaded.model.config.arch.name())
-            .context("the model's chat template")?;
         let ctx = kv.context(&loaded.model, n_ctx, loaded.pool.clone())?;
         Ok(Local {
             loaded,

@@ -7,13 +7,13 @@ use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 use strata_engine::chat::ChatMessage;
 
-use super::interrupt;
 use super::session::Stats;
 use crate::client::{Client, error_message, read_sse};
+use crate::interrupt;
 
 /// How often the waiting loop looks at the Ctrl-C flag.
 const POLL: Duration = Duration::from_millis(50);
@@ -44,7 +44,8 @@ enum Event {
 
 impl Remote {
     /// Connects to the daemon and settles which model to talk to: the one named, else the
-    /// only one loaded.
+    /// only one loaded (or being loaded, as right after `stratad --model X` starts). A model
+    /// not loaded yet is loaded now, saying so, rather than behind a silent first question.
     pub fn new(
         client: Client,
         model: Option<String>,
@@ -52,24 +53,39 @@ impl Remote {
         max_tokens: Option<usize>,
     ) -> anyhow::Result<Remote> {
         let ps = client.json("GET", "/api/ps", None)?;
+        let names = |key: &str, field: Option<&str>| -> Vec<String> {
+            ps[key]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|m| field.map_or(m, |f| &m[f]).as_str())
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let loaded = names("models", Some("name"));
+        let loading = names("loading", None);
         let model = match model {
             Some(m) => m,
-            None => {
-                let loaded: Vec<&str> = ps["models"]
-                    .as_array()
-                    .map(|a| a.iter().filter_map(|m| m["name"].as_str()).collect())
-                    .unwrap_or_default();
-                match loaded.as_slice() {
-                    [one] => (*one).to_owned(),
-                    [] => bail!("no model is loaded in the daemon; name one: strata chat MODEL"),
-                    many => bail!(
-                        "the daemon has {} models loaded ({}); name one: strata chat MODEL",
-                        many.len(),
-                        many.join(", ")
-                    ),
-                }
-            }
+            None => match (loaded.as_slice(), loading.as_slice()) {
+                ([one], _) | ([], [one]) => one.clone(),
+                ([], []) => bail!("no model is loaded in the daemon; name one: strata chat MODEL"),
+                ([], many) => bail!(
+                    "the daemon is loading {} models ({}); name one: strata chat MODEL",
+                    many.len(),
+                    many.join(", ")
+                ),
+                (many, _) => bail!(
+                    "the daemon has {} models loaded ({}); name one: strata chat MODEL",
+                    many.len(),
+                    many.join(", ")
+                ),
+            },
         };
+        if !loaded.contains(&model) {
+            load_showing(&client, &model)?;
+        }
         Ok(Remote {
             client,
             model,
@@ -80,8 +96,9 @@ impl Remote {
     }
 
     /// Computes the conversation's KV cache in the daemon and saves it as session `name`
-    /// (one token is generated and dropped), so later answers resume from it.
-    pub fn save_session(&mut self, name: &str, messages: &[ChatMessage]) -> anyhow::Result<()> {
+    /// (one token is generated and dropped): a snapshot, which the chat's own session (if it
+    /// has one) does not become.
+    pub fn save_session(&self, name: &str, messages: &[ChatMessage]) -> anyhow::Result<()> {
         let body = json!({
             "model": self.model, "messages": messages, "max_tokens": 1, "temperature": 0,
             "session": name,
@@ -90,16 +107,7 @@ impl Remote {
             .client
             .json("POST", "/v1/chat/completions", Some(&body))?;
         session_saved(&v["session"])?;
-        self.session = Some(name.to_owned());
         Ok(())
-    }
-
-    /// Whether the daemon holds a saved session `name`.
-    pub fn has_session(&self, name: &str) -> anyhow::Result<bool> {
-        let v = self.client.json("GET", "/api/sessions", None)?;
-        Ok(v["sessions"]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|s| s["name"] == name)))
     }
 
     pub fn answer(
@@ -206,6 +214,30 @@ impl Remote {
         }
         Ok((answer, stats))
     }
+}
+
+/// Asks the daemon to load `model` (waiting for a load already under way), with a spinner at a
+/// terminal and a line otherwise.
+fn load_showing(client: &Client, model: &str) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+    let what = format!("loading {model} in stratad");
+    let spinner = std::io::stderr().is_terminal().then(|| {
+        let s = indicatif::ProgressBar::new_spinner();
+        s.set_message(format!("{what}\u{2026}"));
+        s.enable_steady_tick(Duration::from_millis(120));
+        s
+    });
+    if spinner.is_none() {
+        eprintln!("{what}\u{2026}");
+    }
+    let t0 = std::time::Instant::now();
+    let r = client.json("POST", "/api/load", Some(&json!({"model": model})));
+    if let Some(s) = spinner {
+        s.finish_and_clear();
+    }
+    r.with_context(|| format!("loading {model}"))?;
+    eprintln!("loaded {model} in {:.1} s", t0.elapsed().as_secs_f64());
+    Ok(())
 }
 
 /// Whether the daemon's `session` report says the save worked.

@@ -67,7 +67,12 @@ pub fn chats_dir() -> anyhow::Result<PathBuf> {
 
 /// The file for chat `name`; names follow the model-name rules, so none can leave `dir`.
 pub fn chat_path(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
-    strata_storage::store::validate_name(name).context("chat name")?;
+    strata_storage::store::validate_name(name).map_err(|e| match e {
+        strata_storage::store::StoreError::BadName { reason, .. } => {
+            anyhow::anyhow!("invalid chat name {name:?}: {reason}")
+        }
+        other => anyhow::Error::new(other),
+    })?;
     Ok(dir.join(format!("{name}.json")))
 }
 
@@ -182,7 +187,12 @@ mod tests {
     #[test]
     fn names_cannot_leave_the_folder() {
         for bad in ["", "../x", "a/b", ".hidden", "a\\b", "x y"] {
-            assert!(chat_path(Path::new("/tmp"), bad).is_err(), "{bad:?}");
+            // Issue 22: a bad `/save` name was called an "invalid model name".
+            let e = chat_path(Path::new("/tmp"), bad)
+                .expect_err(bad)
+                .to_string();
+            assert!(e.starts_with("invalid chat name"), "{bad:?}: {e}");
+            assert!(!e.contains("model"), "{bad:?}: {e}");
         }
     }
 

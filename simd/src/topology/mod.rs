@@ -1,24 +1,29 @@
 //! The CPU topology the pool is placed on: physical cores and NUMA nodes, discovered once.
 //!
-//! [`get`] asks hwloc (through `hwlocality`) for the cores this process may run on, keeps one
-//! hardware thread (PU) per core, and orders the cores so that consecutive slots alternate
-//! between NUMA nodes: a pool of `n` threads pinned to slots `0..n` spreads its memory traffic
-//! over every node's controller instead of saturating one. Where hwloc is missing or refuses
-//! (containers, seccomp sandboxes), [`Topology::cores`] is empty, the reason is kept for
-//! [`Topology::summary`], and callers run unpinned.
+//! [`get`] reads the cores this process may run on (its affinity mask, as `taskset` or a
+//! container's cpuset left it) from Linux sysfs ([`sysfs`]), keeps one hardware thread (PU)
+//! per core, and orders the cores so that consecutive slots alternate between NUMA nodes: a
+//! pool of `n` threads pinned to slots `0..n` spreads its memory traffic over every node's
+//! controller instead of saturating one. Threads are pinned with `sched_setaffinity`. With
+//! the `hwloc` cargo feature, hwloc (through `hwlocality`, which needs the hwloc C library and
+//! its pkg-config file) discovers the machine instead, and sysfs is the fallback. Where
+//! neither can tell (a sandbox hiding /sys), [`Topology::cores`] is empty, the reason is kept
+//! for [`Topology::summary`], and callers run unpinned.
+
+mod affinity;
+#[cfg(feature = "hwloc")]
+mod hwloc;
+mod sysfs;
 
 use std::fmt::Write as _;
+use std::path::Path;
 use std::sync::OnceLock;
-
-use hwlocality::cpu::binding::CpuBindingFlags;
-use hwlocality::cpu::cpuset::CpuSet;
-use hwlocality::object::types::ObjectType;
 
 /// Why a thread could not be pinned.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum TopologyError {
-    /// hwloc could not discover the machine (or cannot bind threads on it).
+    /// The machine's topology could not be discovered (or the affinity mask read).
     #[error("CPU topology unavailable: {0}")]
     Unavailable(String),
     /// The slot asked for is past the number of physical cores.
@@ -30,24 +35,33 @@ pub enum TopologyError {
 }
 
 /// One physical core as the pool uses it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Core {
-    /// OS index of the hardware thread a pinned thread runs on (the first PU of the core, so
-    /// its SMT sibling stays free for the OS rather than competing for the same ALUs).
+    /// OS index of the hardware thread a pinned thread runs on (the lowest allowed PU of the
+    /// core, so its SMT sibling stays free for the OS rather than competing for the same ALUs).
     pub cpu: usize,
-    /// Logical index of the NUMA node the core belongs to (0 where hwloc reports none).
+    /// Index of the core's NUMA node among the nodes that have usable cores (0 where the
+    /// machine reports no NUMA nodes).
     pub numa_node: usize,
-    cpuset: CpuSet,
+}
+
+/// What a discovery found: each usable core's representative CPU, grouped by NUMA node in
+/// node order (nodes may be empty), and the hardware threads the process may use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Layout {
+    per_node: Vec<Vec<usize>>,
+    pus: usize,
 }
 
 /// The machine as discovered once per process.
 pub struct Topology {
-    hw: Option<hwlocality::Topology>,
     /// Cores in pinning order (NUMA nodes interleaved); empty when pinning is impossible.
     cores: Vec<Core>,
     numa_nodes: usize,
     /// Hardware threads this process may use (for the summary; SMT shows up as pus > cores).
     pus: usize,
+    /// What the topology was read from (`sysfs`, `hwloc`).
+    source: &'static str,
     /// Why `cores` is empty, if it is.
     unavailable: Option<String>,
 }
@@ -65,7 +79,7 @@ pub fn get() -> &'static Topology {
 
 /// Physical cores this process may run on: the sensible default thread count for compute
 /// bound work (SMT siblings share the ALUs a quantized dot product saturates). Falls back to
-/// the OS's count of available hardware threads when hwloc cannot tell.
+/// the OS's count of available hardware threads when the topology cannot be read.
 pub fn physical_cores() -> usize {
     let t = get();
     if t.cores.is_empty() {
@@ -75,68 +89,65 @@ pub fn physical_cores() -> usize {
     }
 }
 
+/// The NUMA node of the PCI device at bus id `address` (`0000:65:00.0`), from sysfs: where a
+/// GPU's host-side threads and buffers belong. `None` when unknown.
+pub fn pci_numa_node(address: &str) -> Option<usize> {
+    sysfs::pci_numa_node(Path::new("/sys"), address)
+}
+
 impl Topology {
     fn discover() -> Topology {
-        match hwlocality::Topology::new() {
-            Ok(hw) => Self::from_hwloc(hw),
-            Err(e) => Self::unavailable(None, format!("hwloc topology discovery failed: {e}")),
-        }
-    }
-
-    fn unavailable(hw: Option<hwlocality::Topology>, why: String) -> Topology {
-        Topology {
-            hw,
-            cores: Vec::new(),
-            numa_nodes: 0,
-            pus: 0,
-            unavailable: Some(why),
-        }
-    }
-
-    fn from_hwloc(hw: hwlocality::Topology) -> Topology {
-        let can_bind = hw
-            .feature_support()
-            .cpu_binding()
-            .is_some_and(|s| s.set_current_thread());
-        if !can_bind {
-            return Self::unavailable(Some(hw), "hwloc cannot bind threads here".into());
+        #[cfg(feature = "hwloc")]
+        match hwloc::layout().map(|layout| Self::from_layout(layout, "hwloc")) {
+            Ok(t) if t.can_pin() => return t,
+            Ok(t) => tracing::debug!(why = %t.summary(), "hwloc found no core; reading sysfs"),
+            Err(why) => tracing::debug!(%why, "hwloc found no topology; reading sysfs"),
         }
         // Respect an affinity the process was started with (taskset, a container's cpuset):
         // pinning outside it would escape what the user asked for. Discovery runs before the
         // pool pins anything, so this is the launcher's mask.
-        let allowed: Option<CpuSet> = hw.cpu_binding(CpuBindingFlags::THREAD).ok();
-        let nodes: Vec<CpuSet> = hw
-            .objects_with_type(ObjectType::NUMANode)
-            .filter_map(|n| n.cpuset().map(|c| c.clone_target()))
-            .collect();
-        let mut per_node: Vec<Vec<Core>> = vec![Vec::new(); nodes.len().max(1)];
-        let mut pus = 0;
-        for core in hw.objects_with_type(ObjectType::Core) {
-            let Some(set) = core.cpuset() else { continue };
-            let mut set = set.clone_target();
-            if let Some(allowed) = &allowed {
-                set &= allowed;
-            }
-            pus += set.weight().unwrap_or(0);
-            // One PU per core, the lowest-numbered one.
-            set.singlify();
-            let Some(cpu) = set.first_set() else { continue };
-            let numa_node = nodes.iter().position(|n| n.includes(&set)).unwrap_or(0);
-            per_node[numa_node].push(Core {
-                cpu: usize::from(cpu),
-                numa_node,
-                cpuset: set,
-            });
+        let allowed = match affinity::current_thread() {
+            Ok(cpus) => cpus,
+            Err(e) => return Self::unavailable(format!("sched_getaffinity failed: {e}")),
+        };
+        match sysfs::read(Path::new("/sys"), &allowed) {
+            Ok(layout) => Self::from_layout(layout, "sysfs"),
+            Err(e) => Self::unavailable(format!("sysfs: {e}")),
         }
+    }
+
+    fn unavailable(why: String) -> Topology {
+        Topology {
+            cores: Vec::new(),
+            numa_nodes: 0,
+            pus: 0,
+            source: "none",
+            unavailable: Some(why),
+        }
+    }
+
+    fn from_layout(layout: Layout, source: &'static str) -> Topology {
+        let per_node: Vec<Vec<Core>> = layout
+            .per_node
+            .into_iter()
+            .filter(|cpus| !cpus.is_empty())
+            .enumerate()
+            .map(|(numa_node, cpus)| {
+                cpus.into_iter()
+                    .map(|cpu| Core { cpu, numa_node })
+                    .collect()
+            })
+            .collect();
+        let numa_nodes = per_node.len();
         let cores = interleave(per_node);
         if cores.is_empty() {
-            return Self::unavailable(Some(hw), "hwloc reports no usable core".into());
+            return Self::unavailable(format!("{source} reports no usable core"));
         }
         Topology {
-            hw: Some(hw),
             cores,
-            numa_nodes: nodes.len().max(1),
-            pus,
+            numa_nodes,
+            pus: layout.pus,
+            source,
             unavailable: None,
         }
     }
@@ -146,7 +157,7 @@ impl Topology {
         &self.cores
     }
 
-    /// NUMA nodes with usable cores' memory (0 when unavailable).
+    /// NUMA nodes with usable cores (0 when unavailable).
     pub fn numa_nodes(&self) -> usize {
         self.numa_nodes
     }
@@ -156,17 +167,19 @@ impl Topology {
         !self.cores.is_empty()
     }
 
-    /// One line for logs: `8 cores (16 PUs) in 2 NUMA nodes`, or why there is no topology.
+    /// One line for logs: `8 physical cores (16 PUs) in 2 NUMA nodes (sysfs)`, or why there is
+    /// no topology.
     pub fn summary(&self) -> String {
         match &self.unavailable {
             Some(why) => format!("topology unavailable ({why})"),
             None => {
                 let mut s = format!(
-                    "{} physical cores ({} PUs) in {} NUMA node{}",
+                    "{} physical cores ({} PUs) in {} NUMA node{} ({})",
                     self.cores.len(),
                     self.pus,
                     self.numa_nodes,
-                    if self.numa_nodes == 1 { "" } else { "s" }
+                    if self.numa_nodes == 1 { "" } else { "s" },
+                    self.source,
                 );
                 if self.numa_nodes > 1 {
                     let _ = write!(s, ", slots alternate between nodes");
@@ -178,9 +191,6 @@ impl Topology {
 
     /// Binds the calling thread to the core in `slot` (see [`Topology::cores`]).
     pub fn pin_current_thread(&self, slot: usize) -> Result<&Core, TopologyError> {
-        let Some(hw) = &self.hw else {
-            return Err(self.unavailable_error());
-        };
         if self.cores.is_empty() {
             return Err(self.unavailable_error());
         }
@@ -188,23 +198,17 @@ impl Topology {
             slot,
             cores: self.cores.len(),
         })?;
-        hw.bind_cpu(&core.cpuset, CpuBindingFlags::THREAD)
-            .map_err(|e| TopologyError::Bind {
-                cpu: core.cpu,
-                reason: e.to_string(),
-            })?;
+        affinity::pin_current_thread(core.cpu).map_err(|e| TopologyError::Bind {
+            cpu: core.cpu,
+            reason: e.to_string(),
+        })?;
         Ok(core)
     }
 
-    /// The OS indices of the CPUs the calling thread may run on, as hwloc reads its binding.
+    /// The OS indices of the CPUs the calling thread may run on (its affinity mask).
     pub fn current_thread_cpus(&self) -> Result<Vec<usize>, TopologyError> {
-        let Some(hw) = &self.hw else {
-            return Err(self.unavailable_error());
-        };
-        let set = hw
-            .cpu_binding(CpuBindingFlags::THREAD)
-            .map_err(|e| TopologyError::Unavailable(e.to_string()))?;
-        Ok(set.iter_set().map(usize::from).collect())
+        affinity::current_thread()
+            .map_err(|e| TopologyError::Unavailable(format!("sched_getaffinity failed: {e}")))
     }
 
     fn unavailable_error(&self) -> TopologyError {
@@ -224,6 +228,7 @@ impl std::fmt::Debug for Topology {
                 &self.cores.iter().map(|c| c.cpu).collect::<Vec<_>>(),
             )
             .field("numa_nodes", &self.numa_nodes)
+            .field("source", &self.source)
             .field("unavailable", &self.unavailable)
             .finish()
     }
@@ -255,6 +260,38 @@ mod tests {
         assert_eq!(interleave(nodes), vec![0, 10, 20, 1, 11, 2, 3]);
         assert_eq!(interleave::<u8>(vec![]), Vec::<u8>::new());
         assert_eq!(interleave(vec![vec![], vec![5]]), vec![5]);
+    }
+
+    #[test]
+    fn layouts_become_interleaved_cores_without_empty_nodes() {
+        let t = Topology::from_layout(
+            Layout {
+                per_node: vec![vec![0, 2], vec![], vec![8]],
+                pus: 6,
+            },
+            "test",
+        );
+        let cores: Vec<(usize, usize)> = t.cores().iter().map(|c| (c.cpu, c.numa_node)).collect();
+        assert_eq!(cores, vec![(0, 0), (8, 1), (2, 0)]);
+        assert_eq!(t.numa_nodes(), 2);
+        assert_eq!(
+            t.summary(),
+            "3 physical cores (6 PUs) in 2 NUMA nodes (test), slots alternate between nodes"
+        );
+
+        let none = Topology::from_layout(
+            Layout {
+                per_node: vec![vec![]],
+                pus: 0,
+            },
+            "test",
+        );
+        assert!(!none.can_pin());
+        assert!(none.summary().contains("test reports no usable core"));
+        assert!(matches!(
+            none.pin_current_thread(0),
+            Err(TopologyError::Unavailable(_))
+        ));
     }
 
     #[test]
@@ -303,7 +340,7 @@ mod tests {
         };
         match core {
             Ok(cpu) => assert_eq!(cpus, Ok(vec![cpu])),
-            // A sandbox may forbid sched_setaffinity even where hwloc says it can bind.
+            // A sandbox may forbid sched_setaffinity.
             Err(e) => assert!(matches!(e, TopologyError::Bind { .. }), "{e}"),
         }
     }

@@ -289,6 +289,7 @@ mod tests {
         let run = Command::new("run")
             .arg(Arg::new("threads").short('t').long("threads"))
             .arg(Arg::new("threads-batch").long("threads-batch"))
+            .arg(Arg::new("n-gpu-layers").long("n-gpu-layers"))
             .arg(Arg::new("prompt").short('p').long("prompt"))
             .arg(Arg::new("n").short('n').long("n-predict"))
             .arg(

@@ -12,6 +12,7 @@
 //!   validates a saved one completely before anything uses it.
 //! - [`store`] is the model store: pull (PyPI, HTTPS, local path) with SHA-256 verification,
 //!   list, remove, resolve a name to a file.
+//! - [`text::clip`] shortens and escapes untrusted text before a message quotes it.
 //!
 //! This crate knows nothing about models, tokio or the daemon's HTTP.
 
@@ -22,3 +23,4 @@ pub mod quant;
 pub mod residency;
 pub mod session;
 pub mod store;
+pub mod text;

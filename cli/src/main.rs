@@ -114,11 +114,20 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // One line, whatever the error quotes (a model file's 10 MB string, escape
+            // sequences): clipped, with control characters escaped.
+            let msg = format!("{e:#}");
+            eprintln!(
+                "error: {}",
+                strata_storage::text::clip(&msg, MAX_ERROR_CHARS)
+            );
             ExitCode::FAILURE
         }
     }
 }
+
+/// The longest error line printed, in characters.
+const MAX_ERROR_CHARS: usize = 2000;
 
 /// A reader that went away (`strata run … | head`) is not a failure.
 pub fn is_broken_pipe(e: &anyhow::Error) -> bool {

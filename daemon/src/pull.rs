@@ -15,7 +15,9 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use strata_storage::store::{Progress, PullOptions, Store, StoreError, registry, validate_name};
+use strata_storage::store::{
+    Progress, PullOptions, Store, StoreError, file_kind, registry, validate_name,
+};
 use tokio::sync::mpsc;
 
 use crate::api::parse_json;
@@ -88,9 +90,11 @@ fn check_allowed(req: &PullRequest, allow: AllowPull) -> Result<Source, ApiError
 
 fn store_error(e: StoreError) -> ApiError {
     match e {
-        StoreError::BadName { .. } | StoreError::BadUrl { .. } | StoreError::BadSha256 { .. } => {
-            ApiError::BadRequest(e.to_string())
-        }
+        StoreError::BadName { .. }
+        | StoreError::BadUrl { .. }
+        | StoreError::BadSha256 { .. }
+        | StoreError::NotAFile { .. } => ApiError::BadRequest(e.to_string()),
+        StoreError::NotGguf { .. } => ApiError::Unprocessable(e.to_string()),
         StoreError::UnknownModel { .. }
         | StoreError::NotPulled { .. }
         | StoreError::NoSuchFile { .. } => ApiError::NotFound(e.to_string()),
@@ -126,13 +130,23 @@ pub async fn pull(
                 )));
             }
         }
-        Source::Path if !Path::new(&req.model).is_file() => {
-            return Err(ApiError::NotFound(format!(
-                "no such model file: {}",
-                req.model
-            )));
-        }
-        Source::Path | Source::Url => {}
+        // What the path is decides the status; the store checks the file it opens again.
+        Source::Path => match std::fs::metadata(&req.model) {
+            Ok(m) if m.is_file() => {}
+            Ok(m) => {
+                return Err(store_error(StoreError::NotAFile {
+                    path: req.model.clone().into(),
+                    kind: file_kind(&m.file_type()),
+                }));
+            }
+            Err(_) => {
+                return Err(ApiError::NotFound(format!(
+                    "no such model file: {}",
+                    req.model
+                )));
+            }
+        },
+        Source::Url => {}
     }
     let (tx, mut rx) = mpsc::unbounded_channel();
     let stream = req.stream.unwrap_or(true);

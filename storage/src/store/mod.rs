@@ -34,12 +34,12 @@ use std::time::SystemTime;
 pub use error::{Result, StoreError};
 pub use files::{Manifest, TempFile, format_utc};
 pub use progress::{NoProgress, Progress};
-pub use spec::validate_name;
+pub use spec::{file_kind, validate_name};
 
 use error::IoContext;
 use files::{NameLock, hash_file};
 use registry::BuiltinModel;
-use spec::{Spec, file_kind, name_from_file_name, name_from_url, parse_sha256};
+use spec::{Spec, name_from_file_name, name_from_url, parse_sha256};
 
 /// One model in the store, as `strata list` shows it.
 #[derive(Clone, Debug)]

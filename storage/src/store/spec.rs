@@ -84,7 +84,7 @@ impl Spec {
 }
 
 /// What a file type is, in words, for [`StoreError::NotAFile`].
-pub(crate) fn file_kind(t: &std::fs::FileType) -> &'static str {
+pub fn file_kind(t: &std::fs::FileType) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
     if t.is_dir() {
         "a directory"

@@ -572,14 +572,36 @@ fn errors_quote_a_short_prefix_of_what_a_file_says() {
     assert!(!msg.contains('\x1b') && !msg.contains('\x07'), "{msg:?}");
 }
 
+/// Asserts that stratad with `args` exits at once with an error mentioning `needle`; one that
+/// starts serving instead is killed after 10 s and the test fails.
 fn refused_to_start(args: &[&str], needle: &str) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stratad"))
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stratad"))
         .args(args)
         .env("STRATA_CONFIG", "/dev/null")
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("stratad");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "started with {args:?}");
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            break Some(st);
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "stratad {args:?} started serving: {err}"
+    );
     assert!(err.contains(needle), "{args:?}: {err}");
 }
 

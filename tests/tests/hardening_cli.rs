@@ -9,13 +9,46 @@ use strata_storage::gguf::{GgufBuilder, Value};
 use strata_storage::quant::GgmlType;
 use strata_tests::strata_bin;
 
-/// Runs `strata` with its store in `home`.
+/// Runs `strata` with its store in `home`; one still running after 30 s (blocked on a FIFO,
+/// waiting on an impostor's socket) is killed, and fails whatever the test asserts.
 fn strata(home: &std::path::Path, args: &[&str]) -> Output {
-    Command::new(strata_bin())
+    use std::io::Read;
+    let mut child = Command::new(strata_bin())
         .args(args)
         .env("STRATA_HOME", home)
-        .output()
-        .expect("run strata")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run strata");
+    // Read both pipes on threads: a 10 MB error would otherwise fill one and block the child.
+    let mut out_pipe = child.stdout.take().expect("stdout");
+    let mut err_pipe = child.stderr.take().expect("stderr");
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out_pipe.read_to_end(&mut v);
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err_pipe.read_to_end(&mut v);
+        v
+    });
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            break st;
+        }
+        if t0.elapsed() > std::time::Duration::from_secs(30) {
+            let _ = child.kill();
+            break child.wait().expect("wait");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    }
 }
 
 fn stderr(o: &Output) -> String {

@@ -418,6 +418,9 @@ pub async fn accept_unix(
                     continue;
                 }
             },
+            // A finished connection's task keeps its allocation (the size of its future) until
+            // joined: reap as they finish, or every connection ever served stays in memory.
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
             _ = stopped(&mut stop) => return,
         };
         backoff.succeeded();
@@ -477,6 +480,7 @@ pub async fn accept_tcp(
                     continue;
                 }
             },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
             _ = stopped(&mut stop) => return,
         };
         backoff.succeeded();

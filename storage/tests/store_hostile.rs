@@ -325,11 +325,19 @@ fn kill_9_during_a_pull_leaves_nothing_for_good() {
     fs::write(&src, tiny_gguf(8, 4096)).unwrap();
     let linked = tmp.join("big.999999.0.partial");
     fs::hard_link(&src, &linked).unwrap();
+    // And a file of that pull not locked yet (between its creation and its flock), named as a
+    // built-in's wheels are: `NAME.wheelN`.
+    let unlocked = tmp.join("big.wheel1.999999.1.partial");
+    fs::write(&unlocked, b"PK").unwrap();
     store.list().unwrap();
     assert!(partial.exists(), "a live pull's temp file was removed");
     assert!(
         linked.exists(),
         "a temp file of a name being pulled was removed"
+    );
+    assert!(
+        unlocked.exists(),
+        "a live pull's not yet locked file was removed"
     );
 
     c.kill().unwrap();
@@ -341,6 +349,7 @@ fn kill_9_during_a_pull_leaves_nothing_for_good() {
         partial.display()
     );
     assert!(!linked.exists(), "{} survived", linked.display());
+    assert!(!unlocked.exists(), "{} survived", unlocked.display());
     assert_eq!(leftovers(&store), Vec::<String>::new());
     assert!(src.exists(), "the source of a hard link is untouched");
 

@@ -133,10 +133,10 @@ impl Drop for TempFile {
 
 /// Deletes the temp files in `dir` that no live writer holds: those of processes that were
 /// killed before they could clean up. A file is stale when its `flock` can be taken (a writer
-/// holds it while the file is open) and, for hard-linked imports, which carry no lock of their
-/// own, when the lock of the model name it was made for is free too (`name_free` is asked
-/// with the name the file starts with). Returns how many files were removed; unreadable
-/// entries are left alone.
+/// holds it while the file is open) and `name_free` says, from the file's stem, that no pull
+/// it belongs to is running — which covers a hard-linked import (no lock of its own) and a
+/// file caught between its creation and its writer's flock. Returns how many files were
+/// removed; unreadable entries are left alone.
 pub(crate) fn remove_stale(dir: &Path, name_free: &dyn Fn(&str) -> bool) -> Result<usize> {
     let read = match fs::read_dir(dir) {
         Ok(r) => r,
@@ -167,8 +167,7 @@ pub(crate) fn remove_stale(dir: &Path, name_free: &dyn Fn(&str) -> bool) -> Resu
         if f.try_lock().is_err() || !name_free(stem) {
             continue;
         }
-        // Unlink while holding the lock: a writer cannot be between create and lock (it creates
-        // with O_EXCL and locks before anything is written), so this file is abandoned.
+        // Unlocked, and no pull of its name runs: abandoned. Unlinked while we hold the lock.
         if fs::remove_file(&path).is_ok() {
             removed += 1;
             tracing::info!("removed abandoned temp file {}", path.display());

@@ -159,9 +159,18 @@ impl Store {
     /// of every pull and list; the daemon runs it at start. Returns how many were removed.
     pub fn clean_stale(&self) -> Result<usize> {
         let locks = self.locks_dir();
+        // Every temp file of a pull is named after the model (`NAME.…`: the model, its
+        // manifest, the wheels of a built-in), and the pull holds that name's lock; since a
+        // name may itself contain dots, each prefix of the stem that ends before a dot is
+        // asked. A held lock means a live pull, whose file may not be locked yet (it is
+        // between its creation and its flock) or never is (a hard link).
+        let held = |name: &str| {
+            validate_name(name).is_ok()
+                && !NameLock::try_acquire(&locks, name).is_ok_and(|l| l.is_some())
+        };
         files::remove_stale(&self.tmp_dir(), &|stem| {
-            validate_name(stem).is_err()
-                || NameLock::try_acquire(&locks, stem).is_ok_and(|l| l.is_some())
+            let prefixes = stem.match_indices('.').map(|(i, _)| &stem[..i]);
+            !prefixes.chain([stem]).any(held)
         })
     }
 

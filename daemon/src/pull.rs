@@ -172,7 +172,9 @@ pub async fn pull(
                 Ok(serde_json::json!({"status": "success", "model": name}))
             }
             Err(e) => {
-                tracing::warn!(source = %model, "pull failed: {e}");
+                // Both may carry a client's 2 MiB path or URL: the log gets a clipped prefix.
+                let clip = |s: &str| strata_storage::text::clip(s, 200).into_owned();
+                tracing::warn!(source = %clip(&model), "pull failed: {}", clip(&e.to_string()));
                 Err(store_error(e))
             }
         };

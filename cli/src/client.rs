@@ -97,6 +97,10 @@ impl Client {
     }
 
     fn connect(&self) -> anyhow::Result<UnixStream> {
+        // A socket in a directory another user controls may be theirs, not the daemon's: the
+        // prompt would go to them. The daemon makes the same check before it binds.
+        strata_storage::trust::check_socket(&self.socket)
+            .map_err(|e| anyhow::anyhow!("refusing to connect: {e}"))?;
         match UnixStream::connect(&self.socket) {
             Ok(s) => Ok(s),
             // A missing socket file, or one left behind by a daemon that exited.

@@ -141,7 +141,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", report(&e));
+            // One line, whatever the error quotes (a model file's 10 MB string, escape
+            // sequences): each cause said once, clipped, with control characters escaped.
+            eprintln!(
+                "error: {}",
+                strata_storage::text::clip(&report(&e), MAX_ERROR_CHARS)
+            );
             ExitCode::FAILURE
         }
     }
@@ -163,6 +168,9 @@ fn report(e: &anyhow::Error) -> String {
     }
     msg
 }
+
+/// The longest error line printed, in characters.
+const MAX_ERROR_CHARS: usize = 2000;
 
 /// A reader that went away (`strata run … | head`) is not a failure.
 pub fn is_broken_pipe(e: &anyhow::Error) -> bool {

@@ -41,11 +41,31 @@ pub struct Part {
     pub text: Option<String>,
 }
 
+/// The roles a message may have; `developer` is OpenAI's newer name for `system`.
+const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
 impl Message {
-    /// The message's text; only text parts are supported.
-    pub fn text(&self) -> Result<String, ApiError> {
+    /// The role as the chat template knows it: one of [`ROLES`], `developer` as `system`.
+    /// `i` is the message's index, for the error.
+    pub fn role(&self, i: usize) -> Result<&str, ApiError> {
+        match self.role.as_str() {
+            "developer" => Ok("system"),
+            r if ROLES.contains(&r) => Ok(r),
+            other => Err(ApiError::BadRequest(format!(
+                "messages[{i}].role must be one of {}, got '{}'",
+                ROLES.join(", "),
+                strata_storage::text::clip(other, strata_storage::text::QUOTE_CHARS)
+            ))),
+        }
+    }
+
+    /// The message's text; only text parts are supported, and a message must have some
+    /// (`content` may be an empty string, not absent or null). `i` is its index, for errors.
+    pub fn text(&self, i: usize) -> Result<String, ApiError> {
         match &self.content {
-            None => Ok(String::new()),
+            None => Err(ApiError::BadRequest(format!(
+                "messages[{i}].content is required (a string or an array of text parts)"
+            ))),
             Some(Content::Text(t)) => Ok(t.clone()),
             Some(Content::Parts(parts)) => {
                 let mut out = String::new();
@@ -177,6 +197,10 @@ impl RawParams {
             .map(|n| count("top_logprobs", n))
             .transpose()?;
         match (&self.logprobs, endpoint) {
+            (Some(LogprobsField::Flag(b)), Endpoint::Completion) => bad(format!(
+                "'logprobs' must be an integer here (got {b}): the number of alternatives, \
+                 0 to {MAX_TOP}"
+            )),
             (None | Some(LogprobsField::Flag(false)), _) if top.is_some() => {
                 bad("'top_logprobs' needs 'logprobs': true".into())
             }
@@ -201,11 +225,29 @@ impl RawParams {
         {
             return bad(format!("'n' must be 1 (got {n}); one choice per request"));
         }
-        let max_tokens = match self.max_tokens.or(self.max_completion_tokens) {
-            None => None,
-            Some(m) if m < 1 => return bad(format!("'max_tokens' must be at least 1, got {m}")),
-            Some(m) => Some(usize::try_from(m).unwrap_or(usize::MAX)),
-        };
+        // Both spellings are checked: a bad value is an error wherever it is, and two that
+        // disagree leave no way to tell which one the client meant.
+        for (name, v) in [
+            ("max_tokens", self.max_tokens),
+            ("max_completion_tokens", self.max_completion_tokens),
+        ] {
+            if let Some(m) = v
+                && m < 1
+            {
+                return bad(format!("'{name}' must be at least 1, got {m}"));
+            }
+        }
+        if let (Some(a), Some(b)) = (self.max_tokens, self.max_completion_tokens)
+            && a != b
+        {
+            return bad(format!(
+                "'max_tokens' ({a}) and 'max_completion_tokens' ({b}) disagree; send one"
+            ));
+        }
+        let max_tokens = self
+            .max_tokens
+            .or(self.max_completion_tokens)
+            .map(|m| usize::try_from(m).unwrap_or(usize::MAX));
         let temp = self.temperature.unwrap_or(0.8);
         if !(0.0..=2.0).contains(&temp) {
             return bad(format!("'temperature' must be in [0, 2], got {temp}"));
@@ -536,6 +578,59 @@ mod tests {
                 "{json}: {err}"
             );
         }
+    }
+
+    /// Regression (issue 21): `max_completion_tokens` of 0 or -1 was ignored when
+    /// `max_tokens` was also set, and `/v1/completions` took `logprobs: true` where a number is
+    /// expected.
+    #[test]
+    fn every_spelling_of_a_field_is_checked() {
+        let err = |r: Result<GenParams, ApiError>| r.err().map(|e| e.to_string());
+        for json in [
+            r#"{"max_tokens": 5, "max_completion_tokens": 0}"#,
+            r#"{"max_tokens": 5, "max_completion_tokens": -1}"#,
+            r#"{"max_tokens": 0, "max_completion_tokens": 5}"#,
+        ] {
+            let e = err(params(json)).unwrap_or_default();
+            assert!(e.contains("must be at least 1"), "{json}: {e}");
+        }
+        let e = err(params(r#"{"max_tokens": 5, "max_completion_tokens": 6}"#));
+        assert!(e.is_some_and(|e| e.contains("disagree")));
+        let p = params(r#"{"max_tokens": 5, "max_completion_tokens": 5}"#).ok();
+        assert_eq!(p.and_then(|p| p.max_tokens), Some(5));
+        let p = params(r#"{"max_completion_tokens": 7}"#).ok();
+        assert_eq!(p.and_then(|p| p.max_tokens), Some(7));
+        for json in [r#"{"logprobs": true}"#, r#"{"logprobs": false}"#] {
+            let e = err(completion_params(json)).unwrap_or_default();
+            assert!(e.contains("must be an integer"), "{json}: {e}");
+        }
+    }
+
+    /// Regression (issue 21): messages with no `content`, or with `role: "bogus"`, got 200.
+    #[test]
+    fn messages_need_a_known_role_and_content() {
+        let msgs = |json: &str| -> Vec<Message> { parse_json(json.as_bytes()).unwrap_or_default() };
+        let m = msgs(r#"[{"role": "user"}, {"role": "user", "content": null}]"#);
+        for (i, m) in m.iter().enumerate() {
+            let e = m.text(i).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(
+                e.contains(&format!("messages[{i}].content is required")),
+                "{e}"
+            );
+        }
+        let m =
+            msgs(r#"[{"role": "bogus", "content": "x"}, {"role": "developer", "content": ""}]"#);
+        let e = m[0]
+            .role(0)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("messages[0].role must be one of") && e.contains("'bogus'"),
+            "{e}"
+        );
+        assert_eq!(m[1].role(1).ok(), Some("system"));
+        assert_eq!(m[1].text(1).ok().as_deref(), Some(""));
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/strata/strata.toml";
 
 /// Every key of the config file; the environment variable is `STRATA_` + the key in capitals,
 /// the flag `--` + the key with `-` for `_`.
-pub const KEYS: [&str; 22] = [
+pub const KEYS: [&str; 25] = [
     "socket",
     "socket_group",
     "listen",
@@ -39,6 +39,9 @@ pub const KEYS: [&str; 22] = [
     "kv_budget",
     "kv_dir",
     "prompt_cache",
+    "max_connections",
+    "max_connections_per_peer",
+    "read_timeout",
 ];
 
 /// Which non-name sources `POST /api/pull` may fetch from (names are always allowed).
@@ -93,6 +96,13 @@ pub struct Settings {
     /// Finished sequences' caches kept per model so that a request sharing their prefix
     /// (a system prompt, the earlier turns of a chat) does not recompute it (0: none).
     pub prompt_cache: usize,
+    /// Open connections in all, Unix socket and TCP together (module `conns`).
+    pub max_connections: usize,
+    /// Open connections per peer: per uid on the Unix socket, per address on TCP.
+    pub max_connections_per_peer: usize,
+    /// Seconds a request's head, and then its body, may take to arrive; also how long a
+    /// kept-alive connection may sit idle.
+    pub read_timeout: u64,
     /// Where each key that is not at its default was set ("--max-queue", "STRATA_MAX_QUEUE",
     /// "/etc/strata/strata.toml"), for messages.
     origin: BTreeMap<&'static str, String>,
@@ -123,6 +133,9 @@ impl Default for Settings {
             kv_budget: None,
             kv_dir: None,
             prompt_cache: 4,
+            max_connections: 512,
+            max_connections_per_peer: 128,
+            read_timeout: 15,
             origin: BTreeMap::new(),
         }
     }
@@ -320,6 +333,11 @@ impl Settings {
             }
             "kv_dir" => self.kv_dir = Some(path(raw.string()?)?),
             "prompt_cache" => self.prompt_cache = raw.usize(0, 1024)?,
+            "max_connections" => self.max_connections = raw.usize(1, 1 << 20)?,
+            "max_connections_per_peer" => {
+                self.max_connections_per_peer = raw.usize(1, 1 << 20)?;
+            }
+            "read_timeout" => self.read_timeout = raw.int(1, 3600)?,
             other => return Err(format!("no parser for key '{other}'")),
         }
         Ok(())

@@ -1,31 +1,46 @@
 //! The one error type of the HTTP side, and its JSON body in OpenAI's shape.
+//!
+//! A message may carry text from a model file or a request (an architecture name, a path);
+//! it is shown, logged and sent clipped to [`MAX_MESSAGE`] characters with control
+//! characters escaped, so a 10 MB string in a file never becomes a 10 MB answer or log line.
+
+use std::borrow::Cow;
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+
+/// The longest message an error carries, in characters.
+pub const MAX_MESSAGE: usize = 1000;
+
+fn clip(s: &str) -> Cow<'_, str> {
+    strata_storage::text::clip(s, MAX_MESSAGE)
+}
 
 /// Why a request failed; each variant is one HTTP status and one OpenAI error `type`.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ApiError {
-    #[error("{0}")]
+    #[error("{}", clip(.0))]
     BadRequest(String),
-    #[error("{0}")]
+    #[error("{}", clip(.0))]
     Unauthorized(String),
-    #[error("{0}")]
+    #[error("{}", clip(.0))]
     Forbidden(String),
-    #[error("{0}")]
+    #[error("{}", clip(.0))]
     NotFound(String),
     #[error("method not allowed")]
     MethodNotAllowed,
+    #[error("{}", clip(.0))]
+    RequestTimeout(String),
     #[error("request body is larger than the {limit}-byte limit")]
     TooLarge { limit: usize },
-    #[error("{0}")]
+    #[error("{}", clip(.0))]
     Conflict(String),
-    #[error("{0}")]
+    #[error("{}", clip(.0))]
     Unprocessable(String),
-    #[error("{0}")]
+    #[error("{}", clip(.0))]
     Overloaded(String),
-    #[error("{0}")]
+    #[error("{}", clip(.0))]
     Internal(String),
 }
 
@@ -37,6 +52,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -50,6 +66,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_)
             | ApiError::MethodNotAllowed
+            | ApiError::RequestTimeout(_)
             | ApiError::TooLarge { .. }
             | ApiError::Unprocessable(_) => "invalid_request_error",
             ApiError::Conflict(_) => "conflict_error",

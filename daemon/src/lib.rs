@@ -6,7 +6,7 @@
 //!   the ones named at start), and gives each one an engine thread ([`worker`]) that owns every sequence's state and is
 //!   reached only through a bounded queue of typed requests.
 //! - [`listen`] binds (or inherits, under socket activation) the sockets and runs the accept
-//!   loops; [`notify`] speaks systemd's readiness protocol and [`watchdog`] feeds systemd's
+//!   loops with read timeouts; [`conns`] caps the open connections, per peer and in all; [`notify`] speaks systemd's readiness protocol and [`watchdog`] feeds systemd's
 //!   watchdog from the engine loops; [`shutdown`] is the drain state.
 //! - [`config`] merges defaults, `/etc/strata/strata.toml`, `STRATA_*` variables and flags;
 //!   [`pull`] serves `/api/pull`; [`logprobs`] computes OpenAI's token log-probabilities.
@@ -17,6 +17,7 @@
 
 pub mod api;
 pub mod config;
+pub mod conns;
 pub mod error;
 pub mod listen;
 pub mod logprobs;

@@ -1,24 +1,37 @@
-//! Listening sockets and the accept loops: the Unix socket (bound here, or inherited through
-//! systemd socket activation), optional loopback TCP with a bearer token, peer credentials,
-//! and graceful connection shutdown.
+//! Listening sockets and the accept loops: the Unix socket (bound here, in a directory no
+//! other user controls, or inherited through systemd socket activation), optional loopback TCP
+//! with a bearer token, peer credentials, the connection caps of [`crate::conns`], read
+//! timeouts, and graceful connection shutdown.
+//!
+//! Timeouts are hyper's own: with a timer set, its `header_read_timeout` runs from the moment a
+//! connection waits for a request head — the first one, and each next one on a kept-alive
+//! connection — so one setting bounds slow headers and idle keep-alive alike, at no cost per
+//! byte (tower-http's timeout layers bound only the handler, after the head has arrived). The
+//! body's deadline is `server::limit_body`'s, which reads every body whole.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, header};
 use axum::response::IntoResponse;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tower::ServiceExt;
 
+use crate::conns::{Admitted, Conns, PeerKey};
 use crate::error::ApiError;
 use crate::server::Peer;
+
+/// The largest request head (request line and headers) read, past which hyper answers 431;
+/// also the most a connection's read buffer grows to.
+const MAX_HEAD: usize = 64 * 1024;
 
 /// The default socket path (documented in API.md; clients resolve it the same way).
 pub fn default_socket_path() -> PathBuf {
@@ -64,31 +77,39 @@ pub fn activated_listener() -> std::io::Result<Option<std::os::unix::net::UnixLi
 
 /// Binds `path` mode 0660, creating its directory if needed (0700, or 0710 when a group is
 /// given so its members can reach the socket). With `group`, the socket (and a directory
-/// created here) belong to that group. A stale socket file from a crashed daemon is replaced;
-/// a live one is an error.
+/// created here) belong to that group. The directory must pass
+/// [`strata_storage::trust::check_socket_dir`] — owned by this user (or root, or put in place
+/// by root for a service), writable by nobody else — so that no other user can replace the
+/// socket. A stale socket file of this user's from a crashed daemon is replaced; a live one is
+/// an error, and so is anything at `path` that is not a socket.
 pub fn bind_unix(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListener> {
     use anyhow::Context as _;
     let gid = group.map(resolve_group).transpose()?;
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
-        && !dir.exists()
     {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        // Created with its mode in one step, so there is no moment at which it is open; one
+        // that exists already (ours or anyone's) is checked below instead.
         let mode = if gid.is_some() { 0o710 } else { 0o700 };
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-            .with_context(|| format!("chmod {}", dir.display()))?;
-        if gid.is_some() {
-            std::os::unix::fs::chown(dir, None, gid)
-                .with_context(|| format!("chgrp {}", dir.display()))?;
+        match std::fs::DirBuilder::new().mode(mode).create(dir) {
+            Ok(()) => {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+                    .with_context(|| format!("chmod {}", dir.display()))?;
+                if gid.is_some() {
+                    std::os::unix::fs::chown(dir, None, gid)
+                        .with_context(|| format!("chgrp {}", dir.display()))?;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
         }
+        strata_storage::trust::check_socket_dir(dir).map_err(|e| anyhow::anyhow!(e))?;
     }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!("{} is in use: is another stratad running?", path.display());
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing stale socket {}", path.display()))?;
-    }
+    remove_stale_socket(path)?;
     let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("chmod 0660 {}", path.display()))?;
@@ -102,6 +123,36 @@ pub fn bind_unix(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListene
         })?;
     }
     Ok(l)
+}
+
+/// Removes what a crashed daemon left at `path`: only a socket, only this user's, and only
+/// when nothing answers on it. Anything else there is an error, never deleted.
+fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
+    };
+    if !meta.file_type().is_socket() {
+        anyhow::bail!(
+            "{} exists and is not a socket; not replacing it (choose another --socket)",
+            path.display()
+        );
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        anyhow::bail!(
+            "{} is a socket of uid {}, not this user's; not replacing it",
+            path.display(),
+            meta.uid()
+        );
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        anyhow::bail!("{} is in use: is another stratad running?", path.display());
+    }
+    std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))
 }
 
 /// A group name (or a numeric id) as a gid.
@@ -168,21 +219,35 @@ pub fn read_token(path: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
-/// Serves HTTP/1.1 on one connection until it closes or `stop` flips, then finishes the
-/// response in flight (graceful shutdown).
+/// How connections are served: the router, the TCP token, the caps and the read timeout.
+#[derive(Clone)]
+pub struct Serving {
+    pub app: Router,
+    pub conns: Arc<Conns>,
+    /// How long a request head may take to arrive, and a kept-alive connection may sit idle.
+    pub read_timeout: Duration,
+}
+
+/// Serves HTTP/1.1 on one connection until it closes, is evicted (`close` fires), or `stop`
+/// flips; then it finishes the response in flight (graceful shutdown).
 async fn serve_conn<I>(
     io: I,
-    app: Router,
+    serving: Serving,
     peer: Peer,
     token: Option<Arc<str>>,
+    admitted: Admitted,
+    close: oneshot::Receiver<()>,
     mut stop: watch::Receiver<bool>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let activity = admitted.activity();
+    let app = serving.app.clone();
     let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let app = app.clone();
         let peer = peer.clone();
         let token = token.clone();
+        let activity = activity.clone();
         async move {
             if let Some(token) = &token
                 && let Err(e) = check_tcp(&req, token)
@@ -190,10 +255,16 @@ async fn serve_conn<I>(
                 return Ok::<_, std::convert::Infallible>(e.into_response());
             }
             req.extensions_mut().insert(peer);
+            req.extensions_mut().insert(activity);
             app.oneshot(req.map(Body::new)).await
         }
     });
-    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), svc);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(serving.read_timeout)
+        .max_buf_size(MAX_HEAD)
+        .max_header_size(MAX_HEAD)
+        .serve_connection(TokioIo::new(io), svc);
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => {
@@ -202,12 +273,18 @@ async fn serve_conn<I>(
             }
             return;
         }
+        // Evicted while idle: nothing is in flight, so dropping the connection loses nothing.
+        Ok(()) = close => {
+            tracing::debug!("idle connection closed to make room");
+            return;
+        }
         _ = stopped(&mut stop) => {}
     }
     conn.as_mut().graceful_shutdown();
     if let Err(e) = conn.await {
         tracing::debug!("connection ended during shutdown: {e}");
     }
+    drop(admitted);
 }
 
 /// Resolves once the stop flag is set (or its sender is gone). The watch guard is dropped
@@ -216,17 +293,30 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// A TCP request needs a loopback `Host` (so a web page cannot reach the daemon through DNS
-/// rebinding) and the bearer token.
+/// A TCP request needs exactly one `Host`, a loopback name (so a web page cannot reach the
+/// daemon through DNS rebinding) — and so does the authority of an absolute-form target
+/// (`GET http://evil.com/…`), which a server must prefer to `Host` — and the bearer token.
 fn check_tcp(req: &Request<Incoming>, token: &str) -> Result<(), ApiError> {
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("");
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next().map(|h| h.to_str().unwrap_or("\u{fffd}"));
+    if hosts.next().is_some() {
+        return Err(ApiError::BadRequest(
+            "more than one Host header; send exactly one".into(),
+        ));
+    }
+    let host = host.unwrap_or("");
     if !is_loopback_host(host) {
         return Err(ApiError::Forbidden(format!(
-            "Host '{host}' is not a loopback name"
+            "Host '{}' is not a loopback name",
+            strata_storage::text::clip(host, strata_storage::text::QUOTE_CHARS)
+        )));
+    }
+    if let Some(auth) = req.uri().authority()
+        && !is_loopback_host(auth.as_str())
+    {
+        return Err(ApiError::Forbidden(format!(
+            "request target host '{}' is not a loopback name",
+            strata_storage::text::clip(auth.as_str(), strata_storage::text::QUOTE_CHARS)
         )));
     }
     let given = req
@@ -266,26 +356,74 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// What a connection refused at a cap is told, written without reading its request: the
+/// same JSON error shape as every other answer.
+const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n\
+Retry-After: 1\r\nConnection: close\r\nContent-Length: 130\r\n\r\n\
+{\"error\": {\"message\": \"too many connections are busy; retry shortly\", \"type\": \"overloaded_error\", \"code\": \"too_many_connections\"}}";
+
+/// How long an accept loop waits for evicted connections to close before accepting more: they
+/// close at their task's next turn, so this bounds only a stuck runtime.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// Refuses a connection cheaply: one non-blocking write of [`REFUSED`], then close.
+fn refuse(write: impl FnOnce(&[u8]) -> std::io::Result<usize>, conns: &Conns) {
+    let _ = write(REFUSED);
+    conns
+        .stats
+        .refused
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Backs off after a failed accept (EMFILE: out of descriptors; ENOBUFS…) instead of spinning
+/// on an error that will not clear at once: 10 ms doubling to 1 s, one log line when it
+/// starts and one with the count when accepting works again.
+#[derive(Default)]
+struct Backoff {
+    failures: u64,
+}
+
+impl Backoff {
+    async fn failed(&mut self, e: &std::io::Error) {
+        if self.failures == 0 {
+            tracing::warn!("accept: {e}; backing off");
+        }
+        self.failures += 1;
+        let ms = 10u64 << self.failures.min(7).saturating_sub(1);
+        tokio::time::sleep(Duration::from_millis(ms.min(1000))).await;
+    }
+
+    fn succeeded(&mut self) {
+        if self.failures > 0 {
+            tracing::warn!(failures = self.failures, "accepting again");
+            self.failures = 0;
+        }
+    }
+}
+
 /// Accepts Unix connections until `stop` flips; connection tasks go into `conns`.
 pub async fn accept_unix(
     l: UnixListener,
-    app: Router,
+    serving: Serving,
     mut stop: watch::Receiver<bool>,
-    conns: &mut JoinSet<()>,
+    tasks: &mut JoinSet<()>,
 ) {
+    let mut backoff = Backoff::default();
     loop {
         let stream = tokio::select! {
             r = l.accept() => match r {
                 Ok((s, _)) => s,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!("accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    backoff.failed(&e).await;
                     continue;
                 }
             },
+            // A finished connection's task keeps its allocation (the size of its future) until
+            // joined: reap as they finish, or every connection ever served stays in memory.
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
             _ = stopped(&mut stop) => return,
         };
+        backoff.succeeded();
         let peer = match stream.peer_cred() {
             Ok(c) => Peer::Unix {
                 uid: Some(c.uid()),
@@ -299,39 +437,71 @@ pub async fn accept_unix(
                 }
             }
         };
+        let key = match &peer {
+            Peer::Unix { uid, .. } => PeerKey::Uid(*uid),
+            Peer::Tcp(a) => PeerKey::Ip(a.ip()),
+        };
+        let Some((admitted, close)) = serving.conns.admit(key) else {
+            tracing::debug!(?peer, "connection refused: every connection is busy");
+            refuse(|b| stream.try_write(b), &serving.conns);
+            continue;
+        };
         tracing::debug!(?peer, "connection");
-        conns.spawn(serve_conn(stream, app.clone(), peer, None, stop.clone()));
+        tasks.spawn(serve_conn(
+            stream,
+            serving.clone(),
+            peer,
+            None,
+            admitted,
+            close,
+            stop.clone(),
+        ));
+        if serving.conns.closing() {
+            serving.conns.settle(SETTLE).await;
+        }
     }
 }
 
 /// Accepts TCP connections (token-checked) until `stop` flips.
 pub async fn accept_tcp(
     l: TcpListener,
-    app: Router,
+    serving: Serving,
     token: Arc<str>,
     mut stop: watch::Receiver<bool>,
-    conns: &mut JoinSet<()>,
+    tasks: &mut JoinSet<()>,
 ) {
+    let mut backoff = Backoff::default();
     loop {
         let (stream, addr) = tokio::select! {
             r = l.accept() => match r {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!("accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    backoff.failed(&e).await;
                     continue;
                 }
             },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
             _ = stopped(&mut stop) => return,
         };
+        backoff.succeeded();
+        let Some((admitted, close)) = serving.conns.admit(PeerKey::Ip(addr.ip())) else {
+            tracing::debug!(%addr, "connection refused: every connection is busy");
+            refuse(|b| stream.try_write(b), &serving.conns);
+            continue;
+        };
         tracing::debug!(%addr, "tcp connection");
-        conns.spawn(serve_conn(
+        tasks.spawn(serve_conn(
             stream,
-            app.clone(),
+            serving.clone(),
             Peer::Tcp(addr),
             Some(token.clone()),
+            admitted,
+            close,
             stop.clone(),
         ));
+        if serving.conns.closing() {
+            serving.conns.settle(SETTLE).await;
+        }
     }
 }
 
@@ -361,6 +531,18 @@ mod tests {
         ] {
             assert!(!is_loopback_host(h), "{h}");
         }
+    }
+
+    #[test]
+    fn the_refusal_is_one_whole_json_answer() {
+        let text = std::str::from_utf8(REFUSED).expect("ascii");
+        let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+        assert!(
+            head.contains(&format!("Content-Length: {}", body.len())),
+            "{head}"
+        );
+        let v: serde_json::Value = serde_json::from_str(body).expect("json");
+        assert_eq!(v["error"]["type"], "overloaded_error");
     }
 
     #[test]

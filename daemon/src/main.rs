@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Parser;
 use strata_daemon::config::{self, Raw, Settings};
-use strata_daemon::listen;
+use strata_daemon::conns::{Conns, Limits};
+use strata_daemon::listen::{self, Serving};
 use strata_daemon::manager::{self, KvSettings, Manager, ManagerConfig, Residency};
 use strata_daemon::metrics::Metrics;
 use strata_daemon::notify::{self, notify};
@@ -17,6 +18,7 @@ use strata_daemon::sessions::Sessions;
 use strata_daemon::shutdown::Shutdown;
 use strata_daemon::watchdog::Watchdog;
 use strata_storage::session::SessionDir;
+use strata_storage::store::Store;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -108,6 +110,17 @@ struct Args {
     /// prefix [default: 4; 0 turns prefix reuse off].
     #[arg(long, value_name = "N")]
     prompt_cache: Option<String>,
+    /// Open connections in all; past it the longest-idle one is closed, and a new one is
+    /// refused only when all are busy [default: 512].
+    #[arg(long, value_name = "N")]
+    max_connections: Option<String>,
+    /// Open connections per peer (uid on the socket, address on TCP) [default: 128].
+    #[arg(long, value_name = "N")]
+    max_connections_per_peer: Option<String>,
+    /// Seconds a request's head, then its body, may take to arrive, and a kept-alive
+    /// connection may sit idle [default: 15].
+    #[arg(long, value_name = "SECONDS")]
+    read_timeout: Option<String>,
 }
 
 impl Args {
@@ -136,6 +149,9 @@ impl Args {
             ("kv_budget", &self.kv_budget),
             ("kv_dir", &self.kv_dir),
             ("prompt_cache", &self.prompt_cache),
+            ("max_connections", &self.max_connections),
+            ("max_connections_per_peer", &self.max_connections_per_peer),
+            ("read_timeout", &self.read_timeout),
         ];
         for (key, value) in text {
             if let Some(v) = value {
@@ -224,6 +240,13 @@ async fn run(args: Settings) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    let conns = Conns::new(connection_limits(&args));
+    // Pulls killed mid-way by a previous run (or by kill -9 of a `strata pull`).
+    match Store::open_default().and_then(|s| s.clean_stale()) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("removed {n} abandoned temp files from the model store"),
+        Err(e) => tracing::warn!("cleaning the model store's temp files: {e}"),
+    }
 
     let metrics = Arc::new(Metrics::default());
     let shutdown = Arc::new(Shutdown::default());
@@ -263,6 +286,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
         shutdown.clone(),
         watchdog.clone(),
     );
+    let read_timeout = Duration::from_secs(args.read_timeout);
     let state = Arc::new(AppState {
         manager,
         metrics,
@@ -275,8 +299,14 @@ async fn run(args: Settings) -> anyhow::Result<()> {
                 .clone()
                 .unwrap_or_else(SessionDir::default_root),
         )),
+        read_timeout,
+        conns: conns.clone(),
     });
-    let app = router(state.clone());
+    let serving = Serving {
+        app: router(state.clone()),
+        conns: conns.clone(),
+        read_timeout,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
 
     notify("READY=1");
@@ -297,7 +327,8 @@ async fn run(args: Settings) -> anyhow::Result<()> {
         });
     }
     drop(fatal_tx);
-    // Housekeeping: the keep-alive reaper, and the watchdog while no engine thread runs.
+    // Housekeeping: the keep-alive reaper, the watchdog while no engine thread runs, and
+    // memory given back after a burst of connections.
     let reaper = {
         let st = state.clone();
         let wd = watchdog.clone();
@@ -312,6 +343,10 @@ async fn run(args: Settings) -> anyhow::Result<()> {
                 if let Some(w) = &wd {
                     w.idle_tick();
                 }
+                let (peak, open) = (st.conns.take_peak(), st.conns.open());
+                if peak >= TRIM_AFTER_CONNECTIONS && open <= peak / 2 {
+                    give_back_memory();
+                }
             }
         })
     };
@@ -319,16 +354,16 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     let mut conns = JoinSet::new();
     let mut tcp_conns = JoinSet::new();
     let unix_task = {
-        let (app, stop) = (app.clone(), stop_rx.clone());
+        let (serving, stop) = (serving.clone(), stop_rx.clone());
         tokio::spawn(async move {
-            listen::accept_unix(unix, app, stop, &mut conns).await;
+            listen::accept_unix(unix, serving, stop, &mut conns).await;
             conns
         })
     };
     let tcp_task = tcp.map(|(l, token)| {
-        let (app, stop) = (app.clone(), stop_rx.clone());
+        let (serving, stop) = (serving.clone(), stop_rx.clone());
         tokio::spawn(async move {
-            listen::accept_tcp(l, app, token, stop, &mut tcp_conns).await;
+            listen::accept_tcp(l, serving, token, stop, &mut tcp_conns).await;
             tcp_conns
         })
     });
@@ -346,12 +381,18 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     let drain = Duration::from_secs(args.drain_timeout);
     tracing::info!("stopping: draining for up to {}s", drain.as_secs());
     shutdown.begin(drain);
+    // The sockets stay open while anything runs, so that clients see the draining daemon
+    // (`"status": "stopping"`, 503 with Retry-After for new work) rather than a refused
+    // connection; the engine threads cut what still runs at the deadline.
+    let deadline = tokio::time::Instant::now() + drain;
+    while state.manager.busy() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let _ = stop_tx.send(true);
-    reaper.abort();
 
-    // Engine threads cut running sequences at the drain deadline; give the final events a
-    // moment to reach the sockets, and never wait unboundedly on a stuck client.
-    let hard_deadline = tokio::time::Instant::now() + drain + Duration::from_secs(5);
+    // Give the final events a moment to reach the sockets, and never wait unboundedly on a
+    // stuck client.
+    let hard_deadline = deadline.max(tokio::time::Instant::now()) + Duration::from_secs(5);
     let mut sets = Vec::new();
     if let Ok(set) = unix_task.await {
         sets.push(set);
@@ -374,6 +415,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
             set.abort_all();
         }
     }
+    reaper.abort();
     if state.manager.busy() > 0 {
         tracing::warn!("exiting with sequences still running");
     }
@@ -382,6 +424,66 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     fatal.map_or(Ok(()), Err)
+}
+
+/// Descriptors kept for everything but connections: model files, io_uring, session and KV
+/// files, the engine's threads' needs.
+const FD_RESERVE: u64 = 256;
+
+/// The connection caps, raising the soft descriptor limit to the hard one (as servers do) and
+/// lowering `max_connections` to fit under it, so the daemon never reaches EMFILE through
+/// connections alone.
+fn connection_limits(args: &Settings) -> Limits {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on this process's own limit with a valid, live struct.
+    let fds = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            if lim.rlim_cur < lim.rlim_max {
+                let raised = libc::rlimit {
+                    rlim_cur: lim.rlim_max.min(1 << 20),
+                    rlim_max: lim.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    lim.rlim_cur = raised.rlim_cur;
+                }
+            }
+            Some(lim.rlim_cur)
+        } else {
+            None
+        }
+    };
+    let mut max = args.max_connections;
+    if let Some(fds) = fds {
+        let fit = fds.saturating_sub(FD_RESERVE).max(16) as usize;
+        if max > fit {
+            tracing::warn!(
+                "max_connections {max} lowered to {fit}: the descriptor limit is {fds} \
+                 (raise LimitNOFILE= / ulimit -n for more)"
+            );
+            max = fit;
+        }
+    }
+    Limits {
+        max,
+        per_peer: args.max_connections_per_peer.min(max),
+    }
+}
+
+/// A burst of connections this large, then halved, is worth handing memory back for.
+const TRIM_AFTER_CONNECTIONS: usize = 64;
+
+/// Returns the allocator's free memory to the system. glibc keeps what many short-lived
+/// connections freed in per-thread arenas for reuse, so the resident size of a daemon that
+/// served a burst would otherwise stay at the burst's peak.
+fn give_back_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

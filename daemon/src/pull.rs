@@ -12,7 +12,9 @@ use axum::body::{Body, Bytes};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use strata_storage::store::{Progress, PullOptions, Store, StoreError, registry, validate_name};
+use strata_storage::store::{
+    Progress, PullOptions, Store, StoreError, file_kind, registry, validate_name,
+};
 use tokio::sync::mpsc;
 
 use crate::config::AllowPull;
@@ -83,9 +85,11 @@ fn check_allowed(req: &PullRequest, allow: AllowPull) -> Result<Source, ApiError
 
 fn store_error(e: StoreError) -> ApiError {
     match e {
-        StoreError::BadName { .. } | StoreError::BadUrl { .. } | StoreError::BadSha256 { .. } => {
-            ApiError::BadRequest(e.to_string())
-        }
+        StoreError::BadName { .. }
+        | StoreError::BadUrl { .. }
+        | StoreError::BadSha256 { .. }
+        | StoreError::NotAFile { .. } => ApiError::BadRequest(e.to_string()),
+        StoreError::NotGguf { .. } => ApiError::Unprocessable(e.to_string()),
         StoreError::UnknownModel { .. }
         | StoreError::NotPulled { .. }
         | StoreError::NoSuchFile { .. } => ApiError::NotFound(e.to_string()),
@@ -124,13 +128,23 @@ pub async fn pull(
                 )));
             }
         }
-        Source::Path if !Path::new(&req.model).is_file() => {
-            return Err(ApiError::NotFound(format!(
-                "no such model file: {}",
-                req.model
-            )));
-        }
-        Source::Path | Source::Url => {}
+        // What the path is decides the status; the store checks the file it opens again.
+        Source::Path => match std::fs::metadata(&req.model) {
+            Ok(m) if m.is_file() => {}
+            Ok(m) => {
+                return Err(store_error(StoreError::NotAFile {
+                    path: req.model.clone().into(),
+                    kind: file_kind(&m.file_type()),
+                }));
+            }
+            Err(_) => {
+                return Err(ApiError::NotFound(format!(
+                    "no such model file: {}",
+                    req.model
+                )));
+            }
+        },
+        Source::Url => {}
     }
     let (tx, mut rx) = mpsc::unbounded_channel();
     let stream = req.stream.unwrap_or(true);
@@ -156,7 +170,9 @@ pub async fn pull(
                 Ok(serde_json::json!({"status": "success", "model": name}))
             }
             Err(e) => {
-                tracing::warn!(source = %model, "pull failed: {e}");
+                // Both may carry a client's 2 MiB path or URL: the log gets a clipped prefix.
+                let clip = |s: &str| strata_storage::text::clip(s, 200).into_owned();
+                tracing::warn!(source = %clip(&model), "pull failed: {}", clip(&e.to_string()));
                 Err(store_error(e))
             }
         };

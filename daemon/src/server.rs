@@ -25,6 +25,7 @@ use crate::api::{
     Shape, Usage, parse_json,
 };
 use crate::config::AllowPull;
+use crate::conns::{Activity, BusyBody, Conns};
 use crate::error::ApiError;
 use crate::logprobs::TokenLogprob;
 use crate::manager::{LoadOutcome, LoadedModel, Manager, store_models};
@@ -44,6 +45,10 @@ pub struct AppState {
     /// What `/api/pull` may fetch besides store names.
     pub allow_pull: AllowPull,
     pub sessions: Arc<Sessions>,
+    /// How long a request's body may take to arrive, from when its head did.
+    pub read_timeout: Duration,
+    /// The open connections, for `/metrics`.
+    pub conns: Arc<Conns>,
 }
 
 /// Who sent a request, attached by the listener for logging.
@@ -72,7 +77,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(middleware::from_fn(limit_body))
+        .layer(middleware::from_fn_with_state(state.clone(), limit_body))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
@@ -110,11 +115,15 @@ const DRAIN_CAP: usize = 64 * 1024 * 1024;
 /// ... and for at most this long.
 const DRAIN_TIME: Duration = Duration::from_secs(5);
 
-/// Reads each request body whole, up to [`MAX_BODY`]. Past the limit — declared by
-/// `Content-Length` or found while reading a chunked body — it answers 413 with
-/// `Connection: close` after draining what the client is still sending (bounded by
-/// [`DRAIN_CAP`] and [`DRAIN_TIME`]).
-async fn limit_body(req: Request, next: Next) -> Response {
+/// Reads each request body whole, up to [`MAX_BODY`] and within the read timeout. Past the
+/// limit — declared by `Content-Length` or found while reading a chunked body — it answers 413
+/// with `Connection: close` after draining what the client is still sending (bounded by
+/// [`DRAIN_CAP`] and [`DRAIN_TIME`]); a body still incomplete at the deadline (a client that
+/// sends half of what it declared, or a byte a second) gets 408 and the connection is closed.
+/// Only then, with the whole request in hand, is the connection counted busy (until its
+/// response has been sent): a connection still waiting for bytes is idle, and the first to go
+/// when the daemon is at its connection cap (module `conns`).
+async fn limit_body(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
     let declared = parts
         .headers
@@ -125,17 +134,34 @@ async fn limit_body(req: Request, next: Next) -> Response {
     let mut kept = Vec::new();
     let mut over = declared.is_some_and(|n| n > MAX_BODY as u64);
     if !over {
-        while let Some(chunk) = data.next().await {
-            match chunk {
-                Ok(c) if kept.len() + c.len() <= MAX_BODY => kept.extend_from_slice(&c),
-                Ok(_) => {
-                    over = true;
-                    break;
+        let read = async {
+            while let Some(chunk) = data.next().await {
+                match chunk {
+                    Ok(c) if kept.len() + c.len() <= MAX_BODY => kept.extend_from_slice(&c),
+                    Ok(_) => return Ok(true),
+                    Err(e) => {
+                        return Err(ApiError::BadRequest(format!(
+                            "reading the request body: {e}"
+                        )));
+                    }
                 }
-                Err(e) => {
-                    return ApiError::BadRequest(format!("reading the request body: {e}"))
-                        .into_response();
-                }
+            }
+            Ok(false)
+        };
+        match tokio::time::timeout(st.read_timeout, read).await {
+            Ok(Ok(o)) => over = o,
+            Ok(Err(e)) => return e.into_response(),
+            Err(_) => {
+                let mut resp = ApiError::RequestTimeout(format!(
+                    "the request body did not arrive within {} s",
+                    st.read_timeout.as_secs_f64()
+                ))
+                .into_response();
+                resp.headers_mut().insert(
+                    header::CONNECTION,
+                    header::HeaderValue::from_static("close"),
+                );
+                return resp;
             }
         }
     }
@@ -158,7 +184,12 @@ async fn limit_body(req: Request, next: Next) -> Response {
         );
         return resp;
     }
-    next.run(Request::from_parts(parts, Body::from(kept))).await
+    let busy = parts.extensions.get::<Activity>().map(Activity::begin);
+    let resp = next.run(Request::from_parts(parts, Body::from(kept))).await;
+    match busy {
+        Some(busy) => resp.map(|b| BusyBody::wrap(b, busy)),
+        None => resp,
+    }
 }
 
 pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
@@ -203,7 +234,8 @@ async fn chat(
     let messages = req
         .messages
         .iter()
-        .map(|m| Ok(ChatMessage::new(m.role.clone(), m.text()?)))
+        .enumerate()
+        .map(|(i, m)| Ok(ChatMessage::new(m.role(i)?, m.text(i)?)))
         .collect::<Result<Vec<_>, ApiError>>()?;
     st.accepting()?;
     let loaded = st.manager.get(&req.model).await?;
@@ -563,7 +595,8 @@ async fn delete_session(
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
-    let text = st.metrics.render(&st.manager.gauges());
+    let mut text = st.metrics.render(&st.manager.gauges());
+    text.push_str(&st.conns.metrics());
     (
         [(
             header::CONTENT_TYPE,

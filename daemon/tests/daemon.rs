@@ -367,6 +367,37 @@ fn sigterm_mid_stream_ends_it_and_exits_zero() {
     assert!(!d.sock.exists(), "socket file left behind");
 }
 
+/// Regression (issue 21): after SIGTERM new connections were refused and idle keep-alive ones
+/// cut, so no client could see the `"status": "stopping"` health answer or the 503 that
+/// API.md describes. While a stream drains, the socket still answers.
+#[test]
+fn a_draining_daemon_says_so_and_refuses_new_work_with_503() {
+    let _g = lock();
+    let mut d = Daemon::start(&["--drain-timeout", "5"]);
+    let body = completion(COUNTING, 400, true).to_string();
+    let mut s = http::send(&d.sock, "POST", "/v1/completions", body.as_bytes()).expect("send");
+    let mut seen = s.next_chunk().expect("chunk").expect("first event");
+    // SAFETY: kill has no memory-safety preconditions; the pid is our own child.
+    let rc = unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    let h = http::get(&d.sock, "/api/health").expect("health while draining");
+    assert_eq!(h.status, 200, "{}", h.body);
+    assert_eq!(h.json()["status"], "stopping");
+    let r = http::post(&d.sock, "/v1/completions", &completion(COUNTING, 2, false))
+        .expect("new work while draining");
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.json()["error"]["type"], "overloaded_error");
+    seen.push_str(&s.rest().expect("rest of the stream"));
+    let (events, done) = parse_stream(&seen);
+    assert!(done, "stream did not end with [DONE]: {seen}");
+    assert!(!events.is_empty());
+    let status = d.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status}");
+    assert!(!d.sock.exists(), "socket file left behind");
+}
+
 /// Checks one token's OpenAI chat logprob entry: a log-probability (≤ 0), its bytes, and
 /// `k` alternatives sorted most likely first.
 fn check_chat_entry(e: &Value, k: usize) {

@@ -12,6 +12,9 @@
 //!   validates a saved one completely before anything uses it.
 //! - [`store`] is the model store: pull (PyPI, HTTPS, local path) with SHA-256 verification,
 //!   list, remove, resolve a name to a file.
+//! - [`text::clip`] shortens and escapes untrusted text before a message quotes it;
+//!   [`trust::check_socket_dir`] is the check the daemon and its client make of a socket's
+//!   directory.
 //!
 //! This crate knows nothing about models, tokio or the daemon's HTTP.
 
@@ -22,3 +25,5 @@ pub mod quant;
 pub mod residency;
 pub mod session;
 pub mod store;
+pub mod text;
+pub mod trust;

@@ -258,9 +258,15 @@ pub struct SessionDir {
 }
 
 impl SessionDir {
-    /// Creates (0700) and opens the directory.
+    /// Creates (0700, and any missing parent too) and opens the directory; one that exists is
+    /// used with the permissions it has.
     pub fn open(root: &Path) -> Result<Self, SessionError> {
-        fs::create_dir_all(root).map_err(io_err(root, "create directory"))?;
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root)
+            .map_err(io_err(root, "create directory"))?;
         let root = root.canonicalize().map_err(io_err(root, "resolve"))?;
         // Temp files of saves killed midway (".NAME.kv.PID.N.tmp" of a process that is gone).
         if let Ok(entries) = fs::read_dir(&root) {
@@ -339,12 +345,23 @@ impl SessionDir {
         read(&p)
     }
 
+    /// Removes session `name`, whatever its entry is: a file, a symlink (itself, never what it
+    /// points to), a FIFO, or a directory and what it holds — an entry that cannot be used as
+    /// a session must still be removable.
     pub fn remove(&self, name: &str) -> Result<(), SessionError> {
-        let p = self.path(name)?;
-        fs::remove_file(&p).map_err(|e| match e.kind() {
+        validate_name(name)?;
+        let p = self.root.join(format!("{name}.kv"));
+        let not_found = |e: std::io::Error| match e.kind() {
             std::io::ErrorKind::NotFound => SessionError::NotFound(name.to_string()),
             _ => io_err(&p, "remove")(e),
-        })
+        };
+        let meta = fs::symlink_metadata(&p).map_err(not_found)?;
+        if meta.is_dir() {
+            // remove_dir_all does not follow symlinks inside the tree.
+            fs::remove_dir_all(&p).map_err(not_found)
+        } else {
+            fs::remove_file(&p).map_err(not_found)
+        }
     }
 
     /// Names of saved sessions.

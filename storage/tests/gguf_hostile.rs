@@ -677,3 +677,77 @@ fn hostile_strided_tables_are_refused_by_name() {
         .tensor("p", &[8], 0, 32);
     says(&r.data(128).parse(), &["overlaps"]);
 }
+
+/// Regression (issue 21): a 10 MB `general.architecture`, key or tensor name was echoed whole
+/// by every error that named it (10,000,139 bytes on stderr, 10 MB HTTP 500 bodies). Errors
+/// quote at most a short, escaped prefix of what the file holds.
+#[test]
+fn errors_quote_only_a_short_escaped_prefix_of_file_strings() {
+    let huge = format!("\x1b[2J{}", "a".repeat(10_000_000));
+    // A duplicate key, named in the message.
+    let mut r = Raw::header(3, 0, 2);
+    r.kv_u32(&huge, 1).kv_u32(&huge, 2);
+    let e = r.parse();
+    assert!(matches!(e, GgufError::DuplicateKey { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(msg.len() < 400, "{} bytes", msg.len());
+    assert!(msg.contains("10000004 bytes in all"), "{msg}");
+    assert!(
+        !msg.contains('\x1b'),
+        "terminal escape passed through: {msg:?}"
+    );
+    // A tensor name, in a tensor error.
+    let mut r = Raw::header(3, 1, 0);
+    r.tensor(&huge, &[0], 0, 0);
+    let msg = r.parse().to_string();
+    assert!(
+        msg.len() < 400 && msg.contains("dimension 0 is 0"),
+        "{msg:.400}"
+    );
+    // A string value, in a typed lookup's error.
+    let bytes = GgufBuilder::new()
+        .kv("general.architecture", Value::String(huge.clone()))
+        .kv(&huge, Value::String("x".into()))
+        .to_bytes();
+    let f = GgufFile::from_bytes(&bytes).expect("long strings are legal");
+    let msg = f.metadata.get_u32(&huge).err().map(|e| e.to_string());
+    assert!(msg.as_ref().is_some_and(|m| m.len() < 400), "{msg:.400?}");
+}
+
+/// Regression (issue 21): a NaN `rope.freq_base` or `layer_norm_rms_epsilon` loaded and
+/// generated garbage. A number read through `get_f32` is finite or an error naming its key.
+#[test]
+fn non_finite_numbers_are_refused_naming_the_key() {
+    for v in [
+        Value::F32(f32::NAN),
+        Value::F32(f32::INFINITY),
+        Value::F32(f32::NEG_INFINITY),
+        Value::F64(f64::NAN),
+        Value::F64(1e300),
+    ] {
+        let bytes = GgufBuilder::new()
+            .kv("llama.rope.freq_base", v.clone())
+            .kv("llama.attention.layer_norm_rms_epsilon", v.clone())
+            .to_bytes();
+        let f = GgufFile::from_bytes(&bytes).expect("the parser keeps any value");
+        for key in [
+            "llama.rope.freq_base",
+            "llama.attention.layer_norm_rms_epsilon",
+        ] {
+            let e = f.metadata.get_f32(key).expect_err("non-finite accepted");
+            says(&e, &[key, "expected a finite number"]);
+        }
+    }
+    let bytes = GgufBuilder::new()
+        .kv("llama.attention.layer_norm_rms_epsilon", Value::F32(-1e-6))
+        .to_bytes();
+    let f = GgufFile::from_bytes(&bytes).expect("valid");
+    // A finite value is the loader's to range-check (a negative epsilon is the engine's call).
+    assert_eq!(
+        f.metadata
+            .get_f32("llama.attention.layer_norm_rms_epsilon")
+            .ok()
+            .flatten(),
+        Some(-1e-6)
+    );
+}

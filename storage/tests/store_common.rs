@@ -63,6 +63,21 @@ pub fn files_under(dir: &Path) -> Vec<String> {
     out
 }
 
+/// A small valid GGUF file (one f32 tensor of `data_len` bytes, rounded down to whole
+/// floats, filled from `seed`): the store takes GGUF models only.
+pub fn tiny_gguf(seed: u8, data_len: usize) -> Vec<u8> {
+    use strata_storage::gguf::{GgufBuilder, Value};
+    use strata_storage::quant::GgmlType;
+    let n = (data_len / 4).max(1);
+    let data: Vec<u8> = (0..n * 4)
+        .map(|i| (i as u32).wrapping_mul(7).wrapping_add(u32::from(seed)) as u8 % 251)
+        .collect();
+    GgufBuilder::new()
+        .kv("general.architecture", Value::String("llama".into()))
+        .tensor("w", &[n as u64], GgmlType::F32, data)
+        .to_bytes()
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     Sha256::digest(bytes)

@@ -5,7 +5,7 @@ mod common;
 
 use std::io::Write;
 
-use common::{Recorder, Server, files_under, sha256_hex};
+use common::{Recorder, Server, files_under, sha256_hex, tiny_gguf};
 use strata_storage::store::{NoProgress, PullOptions, Store, StoreError};
 
 fn temp_store() -> (tempfile::TempDir, Store) {
@@ -24,7 +24,7 @@ fn leftovers(store: &Store) -> Vec<String> {
 #[test]
 fn url_pull_streams_verifies_and_records_the_source() {
     let server = Server::start();
-    let body: Vec<u8> = (0..2_500_000u32).map(|i| (i % 253) as u8).collect();
+    let body = tiny_gguf(1, 2_500_000);
     server.route("/models/Tiny-Q4_K_M.gguf", body.clone());
     let (_dir, store) = temp_store();
     let url = format!("{}/models/Tiny-Q4_K_M.gguf", server.base);

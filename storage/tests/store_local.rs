@@ -5,7 +5,7 @@ mod common;
 
 use std::fs;
 
-use common::{Recorder, files_under, sha256_hex};
+use common::{Recorder, files_under, sha256_hex, tiny_gguf};
 use strata_storage::store::{NoProgress, PullOptions, Store, StoreError};
 
 fn temp_store() -> (tempfile::TempDir, Store) {
@@ -51,7 +51,7 @@ fn names_that_could_escape_the_store_are_rejected() {
 fn resolve_distinguishes_paths_names_and_missing_models() {
     let (dir, store) = temp_store();
     let file = dir.path().join("some.gguf");
-    fs::write(&file, b"GGUF").unwrap();
+    fs::write(&file, tiny_gguf(0, 64)).unwrap();
     let spec = file.to_str().unwrap();
     assert_eq!(store.resolve(spec).unwrap(), file);
 
@@ -88,7 +88,7 @@ fn resolve_distinguishes_paths_names_and_missing_models() {
 #[test]
 fn local_pull_records_checksum_and_repull_is_up_to_date() {
     let (dir, store) = temp_store();
-    let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let bytes = tiny_gguf(3, 3_000_000);
     let file = dir.path().join("tiny-model.gguf");
     fs::write(&file, &bytes).unwrap();
     let sha = sha256_hex(&bytes);
@@ -206,7 +206,7 @@ fn models_without_manifest_are_listed_and_verifiable() {
 fn edited_model_fails_verification() {
     let (dir, store) = temp_store();
     let file = dir.path().join("edit-me.gguf");
-    fs::write(&file, b"original").unwrap();
+    fs::write(&file, tiny_gguf(5, 64)).unwrap();
     let path = store.pull(file.to_str().unwrap(), &mut NoProgress).unwrap();
     // Replace, not write in place: the store may share the inode with the source by hard link.
     fs::remove_file(&path).unwrap();
@@ -221,7 +221,8 @@ fn edited_model_fails_verification() {
 fn concurrent_pulls_of_one_model_do_not_collide() {
     let (dir, store) = temp_store();
     let file = dir.path().join("shared.gguf");
-    fs::write(&file, vec![42u8; 5_000_000]).unwrap();
+    let bytes = tiny_gguf(42, 5_000_000);
+    fs::write(&file, &bytes).unwrap();
     let spec = file.to_str().unwrap().to_owned();
     let threads: Vec<_> = (0..4)
         .map(|_| {
@@ -234,8 +235,8 @@ fn concurrent_pulls_of_one_model_do_not_collide() {
     }
     assert_eq!(store.list().unwrap().len(), 1);
     assert_eq!(
-        fs::read(store.model_path("shared").unwrap()).unwrap().len(),
-        5_000_000
+        fs::read(store.model_path("shared").unwrap()).unwrap(),
+        bytes
     );
     let left = files_under(&store.root().join("tmp"));
     assert!(left.is_empty(), "{left:?}");

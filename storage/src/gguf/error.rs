@@ -10,6 +10,13 @@ use std::path::PathBuf;
 
 use crate::quant::GgmlType;
 
+/// A string of the file (a key, a tensor name), or a message built around one, as a message
+/// quotes it: at most a short prefix, escaped, so that a 10 MB name is not echoed whole.
+fn clip(s: &str) -> std::borrow::Cow<'_, str> {
+    // Room for a quoted key inside a field's description ("value type of metadata '…'").
+    crate::text::clip(s, 2 * crate::text::QUOTE_CHARS)
+}
+
 /// Why a GGUF file was rejected, or why a metadata lookup failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -19,7 +26,7 @@ pub enum GgufError {
     Open { path: PathBuf, source: io::Error },
 
     /// The underlying reader failed with something other than end of file.
-    #[error("{field} at byte {offset}: read failed: {source}")]
+    #[error("{field} at byte {offset}: read failed: {source}", field = clip(field))]
     Io {
         field: String,
         offset: u64,
@@ -36,7 +43,8 @@ pub enum GgufError {
 
     /// A fixed-size field needs more bytes than are left in the file.
     #[error(
-        "{field} at byte {offset}: needs {needed} bytes but only {available} are left in the file"
+        "{field} at byte {offset}: needs {needed} bytes but only {available} are left in the file",
+        field = clip(field)
     )]
     Truncated {
         field: String,
@@ -48,7 +56,8 @@ pub enum GgufError {
     /// The tensor or metadata count could not possibly be encoded in the bytes that remain.
     #[error(
         "{field} at byte {offset}: {count} entries cannot fit in the {remaining} bytes left \
-         (each takes at least {min_entry_bytes} bytes)"
+         (each takes at least {min_entry_bytes} bytes)",
+        field = clip(field)
     )]
     CountTooLarge {
         field: String,
@@ -60,7 +69,8 @@ pub enum GgufError {
 
     /// A string or array length is larger than the rest of the file.
     #[error(
-        "{field} at byte {offset}: length {len} exceeds the {remaining} bytes left in the file"
+        "{field} at byte {offset}: length {len} exceeds the {remaining} bytes left in the file",
+        field = clip(field)
     )]
     LengthTooLarge {
         field: String,
@@ -70,7 +80,7 @@ pub enum GgufError {
     },
 
     /// A string is not valid UTF-8.
-    #[error("{field} at byte {offset}: string is not valid UTF-8 ({source})")]
+    #[error("{field} at byte {offset}: string is not valid UTF-8 ({source})", field = clip(field))]
     InvalidUtf8 {
         field: String,
         offset: u64,
@@ -78,7 +88,7 @@ pub enum GgufError {
     },
 
     /// A metadata value (or array element) type id is not one of 0..=12.
-    #[error("metadata '{key}' at byte {offset}: unknown value type {type_id}")]
+    #[error("metadata '{key}' at byte {offset}: unknown value type {type_id}", key = clip(key))]
     BadValueType {
         key: String,
         offset: u64,
@@ -86,11 +96,11 @@ pub enum GgufError {
     },
 
     /// A bool is stored as a byte other than 0 or 1.
-    #[error("metadata '{key}' at byte {offset}: bool byte is {byte}, expected 0 or 1")]
+    #[error("metadata '{key}' at byte {offset}: bool byte is {byte}, expected 0 or 1", key = clip(key))]
     BadBool { key: String, offset: u64, byte: u8 },
 
     /// Arrays of arrays nest deeper than any real file needs; refused to bound the recursion.
-    #[error("metadata '{key}' at byte {offset}: arrays nested deeper than {max_depth} levels")]
+    #[error("metadata '{key}' at byte {offset}: arrays nested deeper than {max_depth} levels", key = clip(key))]
     ArrayTooDeep {
         key: String,
         offset: u64,
@@ -98,15 +108,15 @@ pub enum GgufError {
     },
 
     /// The same metadata key appears twice.
-    #[error("metadata key '{key}' at byte {offset} appears twice")]
+    #[error("metadata key '{key}' at byte {offset} appears twice", key = clip(key))]
     DuplicateKey { key: String, offset: u64 },
 
     /// `general.alignment` is not a non-zero power of two stored as u32 or u64.
-    #[error("metadata 'general.alignment' at byte {offset}: {reason}")]
+    #[error("metadata 'general.alignment' at byte {offset}: {reason}", reason = clip(reason))]
     BadAlignment { offset: u64, reason: String },
 
     /// A tensor has no dimensions or more than ggml's four.
-    #[error("tensor '{tensor}' at byte {offset}: {n_dims} dimensions; GGUF allows 1 to 4")]
+    #[error("tensor '{tensor}' at byte {offset}: {n_dims} dimensions; GGUF allows 1 to 4", tensor = clip(tensor))]
     BadDimCount {
         tensor: String,
         offset: u64,
@@ -114,7 +124,7 @@ pub enum GgufError {
     },
 
     /// A tensor dimension is zero.
-    #[error("tensor '{tensor}' at byte {offset}: dimension {index} is 0")]
+    #[error("tensor '{tensor}' at byte {offset}: dimension {index} is 0", tensor = clip(tensor))]
     ZeroDim {
         tensor: String,
         offset: u64,
@@ -122,7 +132,7 @@ pub enum GgufError {
     },
 
     /// The product of the dimensions (or the byte size) does not fit in 64 bits.
-    #[error("tensor '{tensor}' at byte {offset}: dimensions {dims:?} overflow the element count")]
+    #[error("tensor '{tensor}' at byte {offset}: dimensions {dims:?} overflow the element count", tensor = clip(tensor))]
     ElementCountOverflow {
         tensor: String,
         offset: u64,
@@ -130,7 +140,7 @@ pub enum GgufError {
     },
 
     /// The ggml type id is not one any known writer produces.
-    #[error("tensor '{tensor}' at byte {offset}: unknown ggml type id {type_id}")]
+    #[error("tensor '{tensor}' at byte {offset}: unknown ggml type id {type_id}", tensor = clip(tensor))]
     UnknownType {
         tensor: String,
         offset: u64,
@@ -140,7 +150,8 @@ pub enum GgufError {
     /// A row (dims[0]) is not a whole number of quantization blocks.
     #[error(
         "tensor '{tensor}' at byte {offset}: row length {row} is not a multiple of {ty}'s \
-         block size {block_size}"
+         block size {block_size}",
+        tensor = clip(tensor)
     )]
     RowNotBlockMultiple {
         tensor: String,
@@ -153,7 +164,8 @@ pub enum GgufError {
     /// A tensor's data offset is not a multiple of the file's alignment.
     #[error(
         "tensor '{tensor}' at byte {offset}: data offset {data_offset} is not a multiple of \
-         the alignment {alignment}"
+         the alignment {alignment}",
+        tensor = clip(tensor)
     )]
     MisalignedTensor {
         tensor: String,
@@ -165,7 +177,8 @@ pub enum GgufError {
     /// A tensor's bytes (absolute range `[start, end)`) run past the end of the file.
     #[error(
         "tensor '{tensor}' at byte {offset}: data [{start}, {end}) runs past end of file \
-         (size {file_size})"
+         (size {file_size})",
+        tensor = clip(tensor)
     )]
     TensorOutOfBounds {
         tensor: String,
@@ -178,7 +191,8 @@ pub enum GgufError {
     /// Two tensors share bytes.
     #[error(
         "tensor '{tensor}' at byte {offset}: data [{start}, {end}) overlaps tensor '{other}' \
-         [{other_start}, {other_end})"
+         [{other_start}, {other_end})",
+        tensor = clip(tensor), other = clip(other)
     )]
     TensorOverlap {
         tensor: String,
@@ -191,19 +205,19 @@ pub enum GgufError {
     },
 
     /// A tensor of strata's strided layout that the file does not describe consistently.
-    #[error("strided tensor '{tensor}': {reason}")]
+    #[error("strided tensor '{tensor}': {reason}", tensor = clip(tensor), reason = clip(reason))]
     Strided { tensor: String, reason: String },
 
     /// The same tensor name appears twice.
-    #[error("tensor name '{tensor}' at byte {offset} appears twice")]
+    #[error("tensor name '{tensor}' at byte {offset} appears twice", tensor = clip(tensor))]
     DuplicateTensor { tensor: String, offset: u64 },
 
     /// A required metadata key is absent.
-    #[error("metadata key '{key}' is missing")]
+    #[error("metadata key '{key}' is missing", key = clip(key))]
     MissingKey { key: String },
 
     /// A metadata key is present with a type (or value) the caller cannot use.
-    #[error("metadata '{key}' is {found}, expected {expected}")]
+    #[error("metadata '{key}' is {found}, expected {expected}", key = clip(key))]
     WrongType {
         key: String,
         expected: &'static str,

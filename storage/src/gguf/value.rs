@@ -293,12 +293,17 @@ impl Metadata {
         })
     }
 
-    /// An f32, an f64 (rounded to f32) or an integer (converted).
+    /// An f32, an f64 (rounded to f32) or an integer (converted), finite: every number a model
+    /// is configured with (an epsilon, a RoPE base, a scale) is, and a NaN or an infinity would
+    /// only turn the model's output to garbage without an error.
     pub fn get_f32(&self, key: &str) -> Result<Option<f32>, GgufError> {
-        self.typed(key, "a number", |v| match *v {
-            Value::F32(f) => Some(f),
-            Value::F64(f) => Some(f as f32),
-            _ => v.as_integer().map(|i| i as f32),
+        self.typed(key, "a finite number", |v| {
+            match *v {
+                Value::F32(f) => Some(f),
+                Value::F64(f) => Some(f as f32),
+                _ => v.as_integer().map(|i| i as f32),
+            }
+            .filter(|f| f.is_finite())
         })
     }
 

@@ -190,3 +190,42 @@ fn model_identity_prefers_the_manifest() {
     .unwrap();
     assert_eq!(model_identity(&m, 10, 35, &t1), [0xab; 32]);
 }
+
+/// Regression (issue 21): the session directory was created 0755 although the comment (and
+/// the 0600 files in it) meant it to be private.
+#[test]
+fn a_new_session_directory_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("state/strata/sessions");
+    SessionDir::open(&root).unwrap();
+    for d in [&root, &t.path().join("state")] {
+        let mode = fs::metadata(d).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{} is {mode:o}", d.display());
+    }
+}
+
+/// Regression (issue 21): removing a session whose entry is a symlink, a directory or a FIFO
+/// failed (422 through the API), so such an entry could never be removed. A symlink goes,
+/// never what it points to.
+#[test]
+fn any_entry_can_be_removed_and_a_symlink_target_survives() {
+    let t = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let dir = SessionDir::open(t.path()).unwrap();
+    let target = outside.path().join("victim.kv");
+    fs::write(&target, b"precious").unwrap();
+    std::os::unix::fs::symlink(&target, t.path().join("link.kv")).unwrap();
+    fs::create_dir_all(t.path().join("adir.kv/inner")).unwrap();
+    std::os::unix::fs::symlink(&target, t.path().join("adir.kv/inner/ln")).unwrap();
+    let fifo = std::ffi::CString::new(t.path().join("pipe.kv").to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    for name in ["link", "adir", "pipe"] {
+        dir.remove(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(fs::symlink_metadata(t.path().join(format!("{name}.kv"))).is_err());
+        assert!(matches!(dir.remove(name), Err(SessionError::NotFound(_))));
+    }
+    assert_eq!(fs::read(&target).unwrap(), b"precious");
+    assert!(matches!(dir.remove("../x"), Err(SessionError::BadName(_))));
+}

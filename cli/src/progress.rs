@@ -31,10 +31,11 @@ impl Unit {
         }
     }
 
-    /// A line for each tenth newly done, when the size is known.
+    /// A line for each tenth newly done, when the size is known and large enough to take a
+    /// while (a small file's tenths would be lines printed all at once).
     fn advance(&mut self, bytes: u64) -> Option<String> {
         self.done += bytes;
-        let total = self.total.filter(|&t| t > 0)?;
+        let total = self.total.filter(|&t| t >= 16 << 20)?;
         let tenths = (self.done.min(total) * 10 / total).min(9);
         if tenths <= self.tenths {
             return None;
@@ -221,20 +222,24 @@ mod tests {
 
     #[test]
     fn plain_lines_come_once_per_tenth() {
-        let mut u = Unit::new("pulling x", Some(1000));
-        assert_eq!(u.advance(50), None);
+        const M: u64 = 1 << 20;
+        let mut u = Unit::new("pulling x", Some(1000 * M));
+        assert_eq!(u.advance(50 * M), None);
         assert_eq!(
-            u.advance(60).as_deref(),
-            Some("pulling x: 10% (110 B of 1000 B)")
+            u.advance(60 * M).as_deref(),
+            Some("pulling x: 10% (110.00 MiB of 1000.00 MiB)")
         );
-        assert_eq!(u.advance(10), None);
+        assert_eq!(u.advance(10 * M), None);
         assert_eq!(
-            u.advance(400).map(|l| l.starts_with("pulling x: 50%")),
+            u.advance(400 * M).map(|l| l.starts_with("pulling x: 50%")),
             Some(true)
         );
         // Past the end: the last line says 90%, and "done" is the caller's to say.
-        assert!(u.advance(10_000).is_some_and(|l| l.contains("90%")));
+        assert!(u.advance(10_000 * M).is_some_and(|l| l.contains("90%")));
         assert_eq!(u.advance(1), None);
+        // A small file's tenths would all print at once: none.
+        let mut small = Unit::new("z", Some(1000));
+        assert_eq!(small.advance(1000), None);
         let mut unknown = Unit::new("y", None);
         assert_eq!(unknown.advance(1 << 30), None);
     }
@@ -242,14 +247,15 @@ mod tests {
     #[test]
     fn a_task_is_one_unit_whatever_its_steps() {
         let mut p = BarProgress::with_terminal(false);
-        p.begin_task("pulling m", Some(100));
-        p.start("m part 1/2", Some(50));
-        p.advance(50);
+        const M: u64 = 1 << 20;
+        p.begin_task("pulling m", Some(100 * M));
+        p.start("m part 1/2", Some(50 * M));
+        p.advance(50 * M);
         p.finish();
-        p.start("m part 2/2", Some(50));
-        p.advance(30);
+        p.start("m part 2/2", Some(50 * M));
+        p.advance(30 * M);
         let t = p.task.as_ref().expect("a task");
-        assert_eq!((t.done, t.tenths), (80, 8));
+        assert_eq!((t.done, t.tenths), (80 * M, 8));
         p.end_task(true);
         assert!(p.task.is_none() && p.transfer.is_none());
     }

@@ -84,6 +84,10 @@ impl CudaDevice {
         self.info.clone()
     }
 
+    pub(crate) fn multiprocessors(&self) -> u32 {
+        self.info.multiprocessors
+    }
+
     pub(crate) fn memory(&self) -> Result<(usize, usize), KernelError> {
         self.ctx.mem_get_info().map_err(err("memory info"))
     }
@@ -218,16 +222,28 @@ impl CudaStream {
         args: &[Arg],
     ) -> Result<(), KernelError> {
         self.dev.bind()?;
-        let mut slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
-        let mut params: Vec<*mut std::ffi::c_void> = slots
-            .iter_mut()
-            .map(|s| std::ptr::from_mut(s).cast())
-            .collect();
+        const MAX_ARGS: usize = 32;
+        if args.len() > MAX_ARGS {
+            return Err(KernelError::Invalid(format!(
+                "a launch takes at most {MAX_ARGS} arguments, not {}",
+                args.len()
+            )));
+        }
+        // Arrays, not vectors: a launch allocates nothing.
+        let mut slots = [0u64; MAX_ARGS];
+        for (s, a) in slots.iter_mut().zip(args) {
+            *s = a.slot();
+        }
+        let mut params = [std::ptr::null_mut::<std::ffi::c_void>(); MAX_ARGS];
+        for (p, s) in params.iter_mut().zip(slots.iter_mut()) {
+            *p = std::ptr::from_mut(s).cast();
+        }
+        let params = &mut params[..args.len()];
         self.dev.launches.fetch_add(1, Ordering::Relaxed);
         // SAFETY: `f` is a function of a module this device keeps loaded; each parameter slot
         // holds the argument's value in its first bytes (little-endian) and the driver copies
         // them before returning.
-        unsafe { result::launch_kernel(f.0, cfg.grid, cfg.block, 0, self.raw(), &mut params) }
+        unsafe { result::launch_kernel(f.0, cfg.grid, cfg.block, 0, self.raw(), params) }
             .map_err(err("launch"))
     }
 

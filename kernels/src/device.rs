@@ -144,6 +144,14 @@ impl Device {
         sim::available()
     }
 
+    /// The device's streaming multiprocessors (what `info` reports, without building it).
+    pub fn multiprocessors(&self) -> u32 {
+        match &self.inner {
+            Inner::Sim(_) => 1,
+            Inner::Cuda(d) => d.multiprocessors(),
+        }
+    }
+
     pub fn info(&self) -> DeviceInfo {
         match &self.inner {
             Inner::Sim(d) => d.info(),
@@ -577,7 +585,7 @@ impl Stream {
     /// Marks this point of the stream with a timestamp, for [`Event::elapsed_ms`].
     pub fn record_timed(&self) -> Result<Event, KernelError> {
         let inner = match &self.inner {
-            StreamInner::Sim(s) => EventInner::Sim(s.record()),
+            StreamInner::Sim(s) => EventInner::Sim(s.record_timed()),
             StreamInner::Cuda(s) => EventInner::Cuda(s.record_timed()?),
         };
         Ok(Event { inner })

@@ -30,6 +30,20 @@ pub struct AttnParams {
 /// Head sizes the kernels are built for.
 pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
+/// The kernel of `names` (one per entry of [`HEAD_DIMS`]) for heads of `head_dim`: a static
+/// name, so that a launch allocates nothing.
+fn by_head_dim(head_dim: usize, names: [&'static str; 3]) -> Result<&'static str, KernelError> {
+    HEAD_DIMS
+        .iter()
+        .position(|&d| d == head_dim)
+        .map(|i| names[i])
+        .ok_or_else(|| {
+            KernelError::Invalid(format!(
+                "attention kernels are built for heads of {HEAD_DIMS:?} values, not {head_dim}"
+            ))
+        })
+}
+
 /// Query heads one decode block serves (attention.cu's DEC_GMAX).
 const DEC_GMAX: usize = 8;
 
@@ -116,7 +130,7 @@ impl DecodePlan {
                 p.head_dim
             )));
         }
-        let sms = dev.info().multiprocessors.max(1) as usize;
+        let sms = dev.multiprocessors().max(1) as usize;
         let blocks = n_seq * p.n_head_kv * (p.n_head / p.n_head_kv).div_ceil(DEC_GMAX);
         let tile = Self::tile(p.head_dim);
         let mut c = 16;
@@ -213,7 +227,10 @@ pub fn paged_decode(
     }
     let chunks = (p.n_head / p.n_head_kv).div_ceil(DEC_GMAX);
     let dev = s.device();
-    let kern = dev.kernel(&format!("attn_decode_hd{}", p.head_dim))?;
+    let kern = dev.kernel(by_head_dim(
+        p.head_dim,
+        ["attn_decode_hd64", "attn_decode_hd128", "attn_decode_hd256"],
+    )?)?;
     let [nh, nkv, scale, cap, window, pt, kt] = p.kv_args(layout)?;
     let n_seq_arg = dim(n_seq, "sequences")?;
     s.launch(
@@ -304,9 +321,14 @@ pub fn paged_prefill(
         return Ok(());
     }
     let rows = n_tok * (p.n_head / p.n_head_kv);
-    let kern = s
-        .device()
-        .kernel(&format!("attn_prefill_hd{}", p.head_dim))?;
+    let kern = s.device().kernel(by_head_dim(
+        p.head_dim,
+        [
+            "attn_prefill_hd64",
+            "attn_prefill_hd128",
+            "attn_prefill_hd256",
+        ],
+    )?)?;
     let [nh, nkv, scale, cap, window, pt, kt] = p.kv_args(layout)?;
     s.launch(
         kern,

@@ -76,10 +76,10 @@ mod imp {
         seed: u64,
         flags: u32,
     ) -> Result<(), String> {
-        let mut params: Vec<*mut c_void> = args
-            .iter_mut()
-            .map(|a| std::ptr::from_mut(a).cast::<c_void>())
-            .collect();
+        let mut params = [std::ptr::null_mut::<c_void>(); crate::sim::MAX_ARGS];
+        for (p, a) in params.iter_mut().zip(args.iter_mut()) {
+            *p = std::ptr::from_mut(a).cast::<c_void>();
+        }
         let l = SimLaunch {
             kernel,
             grid: [cfg.grid.0, cfg.grid.1, cfg.grid.2],
@@ -88,7 +88,7 @@ mod imp {
             params: params.as_mut_ptr(),
             flags,
         };
-        let mut err = vec![0 as c_char; 2048];
+        let mut err = [0 as c_char; 2048];
         // SAFETY: `l` and the parameter slots live across the call; the kernel reads each
         // parameter through its pointer with the width its signature gives (at most 8 bytes);
         // the error buffer's length is passed.

@@ -7,10 +7,10 @@ mod ffi;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arena::Arena;
 
@@ -89,7 +89,7 @@ impl SimDevice {
     }
 
     pub(crate) fn stream(self: &Arc<Self>) -> Result<SimStream, KernelError> {
-        let (tx, rx) = channel();
+        let (tx, rx) = sync_channel(QUEUE);
         let shared = Arc::new(Shared::default());
         let dev = Arc::clone(self);
         let sh = Arc::clone(&shared);
@@ -99,7 +99,10 @@ impl SimDevice {
             .map_err(|e| KernelError::Invalid(format!("cannot start a stream thread: {e}")))?;
         Ok(SimStream {
             dev: Arc::clone(self),
-            tx,
+            queue: Mutex::new(Queue {
+                tx: Some(tx),
+                last: 0,
+            }),
             shared,
             handle: Some(handle),
         })
@@ -126,21 +129,36 @@ struct SendPtr(*mut u8);
 // done (the `unsafe` contract of `Stream::upload_async` and the synchronous waits of downloads).
 unsafe impl Send for SendPtr {}
 
+/// Most arguments a launch takes (the largest kernel signature has fewer).
+pub(crate) const MAX_ARGS: usize = 32;
+/// Uploads up to this many bytes travel inside the queued operation; longer ones are copied
+/// from the caller's memory by the stream thread while the caller waits, as CUDA stages a
+/// copy from pageable memory before returning. Either way queueing allocates nothing.
+const INLINE_UPLOAD: usize = 256;
+/// Operations a stream holds queued before `send` waits for room (a GPU's queue is bounded
+/// too); preallocated, so queueing allocates nothing.
+const QUEUE: usize = 4096;
+
 enum Op {
     Launch {
         kernel: u32,
         cfg: LaunchConfig,
-        args: Vec<u64>,
+        n_args: usize,
+        args: [u64; MAX_ARGS],
         seed: u64,
     },
-    Upload {
+    UploadInline {
         dst: u64,
-        data: Vec<u8>,
+        len: usize,
+        data: [u8; INLINE_UPLOAD],
     },
     UploadRaw {
         dst: u64,
         src: SendPtr,
         len: usize,
+        /// From pageable memory: read into the stream's staging buffer at once (the caller
+        /// waits for that), written to the device after the link's delay.
+        staged: bool,
     },
     Download {
         src: u64,
@@ -157,8 +175,10 @@ enum Op {
         len: usize,
         value: u8,
     },
-    Signal(Arc<EvState>),
-    Wait(Arc<EvState>),
+    /// Stamps the time this point was reached (`record_timed`).
+    Stamp(Arc<Mutex<Option<Instant>>>),
+    /// Waits until another stream has run its operations up to a sequence number.
+    Wait(Arc<Shared>, u64),
     /// `Stream::gemm_f16`: cuBLAS in the simulator is a reference loop.
     GemmF16 {
         m: usize,
@@ -170,66 +190,114 @@ enum Op {
     },
 }
 
+/// What a stream's owner and its thread share: the first error, and how far the queue has run
+/// (operations are numbered from 1 as they are queued; an event is such a number).
 #[derive(Default)]
-struct Shared {
+pub(crate) struct Shared {
     error: Mutex<Option<KernelError>>,
-}
-
-#[derive(Default)]
-struct EvState {
-    done: Mutex<bool>,
-    at: Mutex<Option<std::time::Instant>>,
+    progress: Mutex<Progress>,
     cv: Condvar,
 }
 
-impl EvState {
-    fn signal(&self) {
-        *lock(&self.at) = Some(std::time::Instant::now());
-        *lock(&self.done) = true;
+/// How far a stream's queue has run, and how far its staged uploads have read their sources.
+#[derive(Default)]
+struct Progress {
+    done: u64,
+    staged: u64,
+}
+
+impl Shared {
+    fn advance(&self, to: u64) {
+        let mut p = lock(&self.progress);
+        p.done = to;
+        p.staged = p.staged.max(to);
+        drop(p);
         self.cv.notify_all();
     }
 
-    fn wait(&self) {
-        let mut d = lock(&self.done);
-        while !*d {
-            d = self.cv.wait(d).unwrap_or_else(PoisonError::into_inner);
+    fn staged(&self, seq: u64) {
+        lock(&self.progress).staged = seq;
+        self.cv.notify_all();
+    }
+
+    fn wait_until(&self, reached: impl Fn(&Progress) -> bool) {
+        let mut p = lock(&self.progress);
+        while !reached(&p) {
+            p = self.cv.wait(p).unwrap_or_else(PoisonError::into_inner);
         }
+    }
+
+    fn wait_for(&self, seq: u64) {
+        self.wait_until(|p| p.done >= seq);
+    }
+
+    fn reached(&self, seq: u64) -> bool {
+        lock(&self.progress).done >= seq
     }
 }
 
-fn run_stream(dev: &SimDevice, sh: &Shared, rx: &Receiver<Op>) {
-    while let Ok(op) = rx.recv() {
+/// Marks the whole queue done when the stream's thread ends, however it ends, so that no
+/// waiter waits for work that will never run.
+struct EndGuard<'a>(&'a Shared);
+
+impl Drop for EndGuard<'_> {
+    fn drop(&mut self) {
+        self.0.advance(u64::MAX);
+    }
+}
+
+fn run_stream(dev: &SimDevice, sh: &Shared, rx: &Receiver<(u64, Op)>) {
+    let _end = EndGuard(sh);
+    // Grows to the longest staged upload, once (this thread is the GPU's, not the caller's).
+    let mut staging = Vec::new();
+    while let Ok((seq, op)) = rx.recv() {
         match op {
             Op::Launch {
                 kernel,
                 cfg,
+                n_args,
                 mut args,
                 seed,
             } => {
-                if lock(&sh.error).is_some() {
-                    continue; // a failed kernel leaves the stream failed, as on a GPU
-                }
-                let mut flags = 0;
-                if dev.config.check_races {
-                    flags |= ffi::FLAG_RACES;
-                }
-                if dev.config.check_host_access {
-                    flags |= ffi::FLAG_HOST;
-                }
-                if let Err(msg) = ffi::launch(kernel, cfg, &mut args, seed, flags) {
-                    lock(&sh.error).get_or_insert(KernelError::Launch(msg));
+                if lock(&sh.error).is_none() {
+                    // A failed kernel leaves the stream failed, as on a GPU.
+                    let mut flags = 0;
+                    if dev.config.check_races {
+                        flags |= ffi::FLAG_RACES;
+                    }
+                    if dev.config.check_host_access {
+                        flags |= ffi::FLAG_HOST;
+                    }
+                    if let Err(msg) = ffi::launch(kernel, cfg, &mut args[..n_args], seed, flags) {
+                        lock(&sh.error).get_or_insert(KernelError::Launch(msg));
+                    }
                 }
             }
-            Op::Upload { dst, data } => {
-                dev.link_delay(data.len());
-                // SAFETY: dst..dst+len was checked against a live device buffer when queued.
-                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst as *mut u8, data.len()) };
-            }
-            Op::UploadRaw { dst, src, len } => {
+            Op::UploadInline { dst, len, data } => {
                 dev.link_delay(len);
-                // SAFETY: bounds checked when queued; the source's liveness is the caller's
-                // promise (`Stream::upload_async`).
-                unsafe { std::ptr::copy_nonoverlapping(src.0, dst as *mut u8, len) };
+                // SAFETY: dst..dst+len was checked against a live device buffer when queued.
+                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst as *mut u8, len) };
+            }
+            Op::UploadRaw {
+                dst,
+                src,
+                len,
+                staged,
+            } => {
+                if staged {
+                    staging.resize(len.max(staging.len()), 0);
+                    // SAFETY: `upload` waits, holding `src` borrowed, until this read is done.
+                    unsafe { std::ptr::copy_nonoverlapping(src.0, staging.as_mut_ptr(), len) };
+                    sh.staged(seq);
+                    dev.link_delay(len);
+                    // SAFETY: dst..dst+len was checked against a live device buffer when queued.
+                    unsafe { std::ptr::copy_nonoverlapping(staging.as_ptr(), dst as *mut u8, len) };
+                } else {
+                    dev.link_delay(len);
+                    // SAFETY: bounds checked when queued; the source's liveness is the
+                    // caller's promise (`Stream::upload_async`).
+                    unsafe { std::ptr::copy_nonoverlapping(src.0, dst as *mut u8, len) };
+                }
             }
             Op::Download { src, dst, len } => {
                 dev.link_delay(len);
@@ -245,43 +313,56 @@ fn run_stream(dev: &SimDevice, sh: &Shared, rx: &Receiver<Op>) {
                 // SAFETY: checked against a live device buffer when queued.
                 unsafe { std::ptr::write_bytes(dst as *mut u8, value, len) };
             }
-            Op::Signal(ev) => ev.signal(),
-            Op::Wait(ev) => ev.wait(),
+            Op::Stamp(at) => *lock(&at) = Some(Instant::now()),
+            Op::Wait(other, upto) => other.wait_for(upto),
             Op::GemmF16 { m, n, k, a, b, c } => {
-                if lock(&sh.error).is_some() {
-                    continue;
+                if lock(&sh.error).is_none() {
+                    dev.launches.fetch_add(1, Ordering::Relaxed);
+                    gemm_f16_reference(m, n, k, a, b, c);
                 }
-                dev.launches.fetch_add(1, Ordering::Relaxed);
-                gemm_f16_reference(m, n, k, a, b, c);
             }
         }
+        sh.advance(seq);
     }
+}
+
+/// The queue's sending end and the number of the last operation queued, under one lock so
+/// that numbers follow the queue's order.
+struct Queue {
+    tx: Option<SyncSender<(u64, Op)>>,
+    last: u64,
 }
 
 pub(crate) struct SimStream {
     dev: Arc<SimDevice>,
-    tx: Sender<Op>,
+    queue: Mutex<Queue>,
     shared: Arc<Shared>,
     handle: Option<JoinHandle<()>>,
 }
 
-/// A recorded point of a simulated stream.
+/// A recorded point of a simulated stream: the number of the last operation queued before it
+/// (and, for a timed one, when the stream reached it).
 #[derive(Clone)]
-pub(crate) struct SimEventMark(Arc<EvState>);
+pub(crate) struct SimEventMark {
+    stream: Arc<Shared>,
+    seq: u64,
+    at: Option<Arc<Mutex<Option<Instant>>>>,
+}
 
 impl SimEventMark {
     pub(crate) fn wait_host(&self) {
-        self.0.wait();
+        self.stream.wait_for(self.seq);
     }
 
     pub(crate) fn is_done(&self) -> bool {
-        *lock(&self.0.done)
+        self.stream.reached(self.seq)
     }
 
     pub(crate) fn elapsed_ms(&self, end: &SimEventMark) -> f32 {
         self.wait_host();
         end.wait_host();
-        match (*lock(&self.0.at), *lock(&end.0.at)) {
+        let at = |m: &SimEventMark| m.at.as_ref().and_then(|a| *lock(a));
+        match (at(self), at(end)) {
             (Some(a), Some(b)) => b.saturating_duration_since(a).as_secs_f32() * 1e3,
             _ => 0.0,
         }
@@ -289,10 +370,16 @@ impl SimEventMark {
 }
 
 impl SimStream {
-    fn send(&self, op: Op) -> Result<(), KernelError> {
-        self.tx
-            .send(op)
-            .map_err(|_| KernelError::Invalid("the simulated stream's thread has stopped".into()))
+    fn send(&self, op: Op) -> Result<u64, KernelError> {
+        let mut q = lock(&self.queue);
+        let seq = q.last + 1;
+        let stopped = || KernelError::Invalid("the simulated stream's thread has stopped".into());
+        q.tx.as_ref()
+            .ok_or_else(stopped)?
+            .send((seq, op))
+            .map_err(|_| stopped())?;
+        q.last = seq;
+        Ok(seq)
     }
 
     pub(crate) fn launch(
@@ -301,23 +388,52 @@ impl SimStream {
         cfg: LaunchConfig,
         args: &[Arg],
     ) -> Result<(), KernelError> {
+        if args.len() > MAX_ARGS {
+            return Err(KernelError::Invalid(format!(
+                "a launch takes at most {MAX_ARGS} arguments, not {}",
+                args.len()
+            )));
+        }
         let n = self.dev.launches.fetch_add(1, Ordering::Relaxed);
         // Each launch its own schedule, reproducible from the device's seed.
         let seed = splitmix(self.dev.config.seed ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut slots = [0u64; MAX_ARGS];
+        for (s, a) in slots.iter_mut().zip(args) {
+            *s = a.slot();
+        }
         self.send(Op::Launch {
             kernel,
             cfg,
-            args: args.iter().map(|a| a.slot()).collect(),
+            n_args: args.len(),
+            args: slots,
             seed,
         })
+        .map(drop)
     }
 
     pub(crate) fn upload(&self, dst: u64, src: &[u8]) -> Result<(), KernelError> {
         self.dev.h2d.fetch_add(src.len() as u64, Ordering::Relaxed);
-        self.send(Op::Upload {
+        if src.len() <= INLINE_UPLOAD {
+            let mut data = [0u8; INLINE_UPLOAD];
+            data[..src.len()].copy_from_slice(src);
+            return self
+                .send(Op::UploadInline {
+                    dst,
+                    len: src.len(),
+                    data,
+                })
+                .map(drop);
+        }
+        let seq = self.send(Op::UploadRaw {
             dst,
-            data: src.to_vec(),
-        })
+            src: SendPtr(src.as_ptr().cast_mut()),
+            len: src.len(),
+            staged: true,
+        })?;
+        // `src` is borrowed only for this call: wait until the stream has staged it (the
+        // write to the device follows later, in the stream's order, as in CUDA).
+        self.shared.wait_until(|p| p.staged >= seq);
+        Ok(())
     }
 
     /// # Safety
@@ -334,28 +450,29 @@ impl SimStream {
             dst,
             src: SendPtr(src.cast_mut()),
             len,
+            staged: false,
         })
+        .map(drop)
     }
 
     pub(crate) fn download(&self, src: u64, dst: &mut [u8]) -> Result<(), KernelError> {
         self.dev.d2h.fetch_add(dst.len() as u64, Ordering::Relaxed);
-        self.send(Op::Download {
+        let seq = self.send(Op::Download {
             src,
             dst: SendPtr(dst.as_mut_ptr()),
             len: dst.len(),
         })?;
         // `dst` must outlive the copy: wait for it even when an earlier error is reported.
-        let mark = self.record();
-        mark.wait_host();
+        self.shared.wait_for(seq);
         self.error()
     }
 
     pub(crate) fn copy(&self, dst: u64, src: u64, len: usize) -> Result<(), KernelError> {
-        self.send(Op::Copy { dst, src, len })
+        self.send(Op::Copy { dst, src, len }).map(drop)
     }
 
     pub(crate) fn memset(&self, dst: u64, len: usize, value: u8) -> Result<(), KernelError> {
-        self.send(Op::Memset { dst, len, value })
+        self.send(Op::Memset { dst, len, value }).map(drop)
     }
 
     pub(crate) fn gemm_f16(
@@ -367,19 +484,36 @@ impl SimStream {
         b: u64,
         c: u64,
     ) -> Result<(), KernelError> {
-        self.send(Op::GemmF16 { m, n, k, a, b, c })
+        self.send(Op::GemmF16 { m, n, k, a, b, c }).map(drop)
     }
 
+    /// This point of the queue; queues nothing, allocates nothing.
     pub(crate) fn record(&self) -> SimEventMark {
-        let ev = Arc::new(EvState::default());
-        if self.send(Op::Signal(Arc::clone(&ev))).is_err() {
-            ev.signal(); // nothing left to wait for on a stopped stream
+        SimEventMark {
+            stream: Arc::clone(&self.shared),
+            seq: lock(&self.queue).last,
+            at: None,
         }
-        SimEventMark(ev)
+    }
+
+    /// This point of the queue, stamped with the time the stream reaches it.
+    pub(crate) fn record_timed(&self) -> SimEventMark {
+        let at = Arc::new(Mutex::new(None));
+        match self.send(Op::Stamp(Arc::clone(&at))) {
+            Ok(seq) => SimEventMark {
+                stream: Arc::clone(&self.shared),
+                seq,
+                at: Some(at),
+            },
+            Err(_) => self.record(), // a stopped stream: nothing left to time
+        }
     }
 
     pub(crate) fn wait(&self, e: &SimEventMark) -> Result<(), KernelError> {
-        self.send(Op::Wait(Arc::clone(&e.0)))
+        if e.is_done() {
+            return Ok(());
+        }
+        self.send(Op::Wait(Arc::clone(&e.stream), e.seq)).map(drop)
     }
 
     pub(crate) fn synchronize(&self) -> Result<(), KernelError> {
@@ -400,8 +534,7 @@ impl Drop for SimStream {
         // Finish the queue (copies may still read buffers their owners keep until now), then
         // stop the thread by closing the channel.
         self.record().wait_host();
-        let (tx, _) = channel();
-        drop(std::mem::replace(&mut self.tx, tx));
+        drop(lock(&self.queue).tx.take());
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }

@@ -6,6 +6,7 @@
 //! Everything is queued on the model's one compute stream, in order; the host waits only where
 //! it must read a result (a crossing to the CPU, the logits).
 
+mod stream;
 pub(crate) mod weights;
 
 use std::ops::Range;
@@ -134,13 +135,27 @@ fn gpu(m: &Model) -> Result<&GpuWeights, EngineError> {
         .ok_or_else(|| EngineError::Invalid("a GPU phase on a model loaded without a GPU".into()))
 }
 
-fn i32_bytes(v: &[i32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+/// Plain numbers: every byte initialised, every bit pattern a value.
+pub(super) trait Plain: Copy {}
+impl Plain for i32 {}
+impl Plain for u64 {}
+impl Plain for f32 {}
+
+/// The bytes of `v` as the device reads them (little-endian, as every supported host is), by
+/// reference: an upload allocates nothing.
+pub(super) fn bytes_of<T: Plain>(v: &[T]) -> &[u8] {
+    // SAFETY: `Plain` types have no padding, and u8 has alignment 1.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), std::mem::size_of_val(v)) }
 }
 
-fn u64_bytes(v: &[u64]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+/// `v`'s bytes to download into.
+pub(super) fn bytes_of_mut<T: Plain>(v: &mut [T]) -> &mut [u8] {
+    // SAFETY: `Plain` types have no padding and take any bit pattern.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), std::mem::size_of_val(v)) }
 }
+
+#[cfg(target_endian = "big")]
+compile_error!("the GPU executor uploads host numbers as they are: little-endian hosts only");
 
 fn kv_type(ty: GgmlType) -> Result<KvType, EngineError> {
     match ty {
@@ -267,7 +282,7 @@ impl GpuExec {
         self.host_i32.extend(tokens.iter().map(|&t| t as i32));
         let ids = self.ids.get(&g.stream, tokens.len() * 4)?;
         g.stream
-            .upload(ids, 0, &i32_bytes(&self.host_i32))
+            .upload(ids, 0, bytes_of(&self.host_i32))
             .map_err(gpu_err)?;
         let w = Weight {
             ptr: table.ptr(),
@@ -360,7 +375,7 @@ impl GpuExec {
                 self.host_i32
                     .extend((slot.pos0..slot.pos0 + slot.n).map(|x| x as i32));
             }
-            s.upload(self.pos.buf()?, 0, &i32_bytes(&self.host_i32))
+            s.upload(self.pos.buf()?, 0, bytes_of(&self.host_i32))
                 .map_err(gpu_err)?;
             self.positions_ready = true;
         }
@@ -429,13 +444,13 @@ impl GpuExec {
         }
         let n_pages = self.host_kall.len();
         let ktab = self.ktab.get(&g.stream, n_pages * 8)?;
-        s.upload(ktab, 0, &u64_bytes(&self.host_kall))
+        s.upload(ktab, 0, bytes_of(&self.host_kall))
             .map_err(gpu_err)?;
         let vtab = self.vtab.get(&g.stream, n_pages * 8)?;
-        s.upload(vtab, 0, &u64_bytes(&self.host_vall))
+        s.upload(vtab, 0, bytes_of(&self.host_vall))
             .map_err(gpu_err)?;
         let vpos = self.vpos.buf()?;
-        s.upload(vpos, 0, &i32_bytes(&self.host_i32))
+        s.upload(vpos, 0, bytes_of(&self.host_i32))
             .map_err(gpu_err)?;
         let tables = KvPageTables {
             k: self.ktab.buf()?,
@@ -483,7 +498,7 @@ impl GpuExec {
             let max_len = slots.iter().map(|sl| sl.pos0 + 1).max().unwrap_or(1);
             let plan = DecodePlan::new(&g.dev, &params, slots.len(), max_len).map_err(gpu_err)?;
             let seqb = self.seqs.get(&g.stream, self.host_seqs.len() * 4)?;
-            s.upload(seqb, 0, &i32_bytes(&self.host_seqs))
+            s.upload(seqb, 0, bytes_of(&self.host_seqs))
                 .map_err(gpu_err)?;
             self.attn_scratch.get(&g.stream, plan.scratch_bytes)?;
             paged_decode(

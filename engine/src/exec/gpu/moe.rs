@@ -23,7 +23,7 @@ use strata_simd::matmul::{MatRef, MatmulScratch, matmul};
 use strata_storage::residency::Weights;
 
 use super::weights::gpu_err;
-use super::{GpuExec, gpu};
+use super::{GpuExec, bytes_of, bytes_of_mut, gpu};
 use crate::error::EngineError;
 use crate::exec::Pass;
 use crate::model::{Activation, Moe};
@@ -155,17 +155,9 @@ pub(super) struct MoeHost {
     u: Vec<f32>,
     ex_y: Vec<f32>,
     picked: Vec<usize>,
+    /// The (token, slot) pairs routed to the expert the CPU computes now.
+    pairs: Vec<usize>,
     mm: MatmulScratch,
-}
-
-fn bytes_of<T>(v: &[T]) -> &[u8] {
-    // SAFETY: only called with i32/f32 slices: plain data, every byte initialised.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
-}
-
-fn bytes_of_mut<T>(v: &mut [T]) -> &mut [u8] {
-    // SAFETY: only called with i32/f32 slices, for which every bit pattern is a value.
-    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
 impl GpuExec {
@@ -415,15 +407,15 @@ impl GpuExec {
             .map_err(gpu_err)?;
         for pi in 0..h.picked.len() {
             let ex = h.picked[pi];
-            let pairs: Vec<usize> = (0..n * k)
-                .filter(|&i| h.on_cpu[i] && h.route[i].0 == ex)
-                .collect();
-            let rows = pairs.len();
+            h.pairs.clear();
+            h.pairs
+                .extend((0..n * k).filter(|&i| h.on_cpu[i] && h.route[i].0 == ex));
+            let rows = h.pairs.len();
             if rows == 0 {
                 continue;
             }
             h.ex_x.resize(rows * e, 0.0);
-            for (r, &i) in pairs.iter().enumerate() {
+            for (r, &i) in h.pairs.iter().enumerate() {
                 let t = i / k;
                 h.ex_x[r * e..(r + 1) * e].copy_from_slice(&h.xb[t * e..(t + 1) * e]);
             }
@@ -474,7 +466,7 @@ impl GpuExec {
                 &mut h.ex_y,
                 &mut h.mm,
             )?;
-            for (r, &i) in pairs.iter().enumerate() {
+            for (r, &i) in h.pairs.iter().enumerate() {
                 s.upload(ey, i * e * 4, bytes_of(&h.ex_y[r * e..(r + 1) * e]))
                     .map_err(gpu_err)?;
             }

@@ -4,9 +4,8 @@
 //! into staging buffers on the device.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
 
 use strata_kernels::ops::matmul::{At, Weight, matmul, matmul_scratch_bytes};
 use strata_kernels::{Device, DeviceBuffer, KernelError, Stream};
@@ -54,9 +53,8 @@ pub(crate) struct GpuWeights {
     pub resident_bytes: u64,
     pub layers: Vec<Option<LayerVecs>>,
     pub output_norm: DeviceBuffer,
-    /// Device buffers streamed matrices are copied into, reused from matrix to matrix (the
-    /// copy and the product that reads it are on one stream, in order).
-    staging: Mutex<Vec<DeviceBuffer>>,
+    /// The matrices streamed to the device each step, through two buffers on a copy stream.
+    ring: Mutex<super::stream::Ring>,
     pub counters: GpuCounters,
     /// Which layers keep their KV pages in VRAM, and at most how many bytes of them per
     /// context.
@@ -149,6 +147,7 @@ impl GpuWeights {
             .map(super::moe::MoeGpu::bytes)
             .sum::<u64>();
         s.synchronize().map_err(gpu_err)?;
+        let ring = Mutex::new(super::stream::Ring::new(&dev)?);
         Ok(GpuWeights {
             dev,
             stream,
@@ -156,7 +155,7 @@ impl GpuWeights {
             resident_bytes: bytes,
             layers: vecs,
             output_norm,
-            staging: Mutex::new(Vec::new()),
+            ring,
             counters: GpuCounters::default(),
             kv_layers,
             kv_vram_budget,
@@ -193,31 +192,16 @@ impl GpuWeights {
             return matmul(s, &w, x, n, y, scratch).map_err(gpu_err);
         }
         let parts = weights.parts(m.id)?;
-        let mut staging = self.staging.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
         for part in 0..parts {
-            let (h, rows) = if parts == 1 {
-                (weights.acquire(m.id)?, 0..m.rows as u64)
+            let (ptr, rows, slot) = ring.get(s, (m.id, part), weights, &self.counters)?;
+            let (r0, r1) = if parts == 1 {
+                (0, m.rows)
             } else {
-                weights.acquire_part(m.id, part)?
+                (rows.start as usize, rows.end as usize)
             };
-            let bytes = h.bytes();
-            let t0 = Instant::now();
-            if staging.is_empty() || staging[0].len() < bytes.len() {
-                // The old buffer may still feed a queued product.
-                s.synchronize().map_err(gpu_err)?;
-                staging.clear();
-                staging.push(self.dev.alloc(bytes.len()).map_err(gpu_err)?);
-            }
-            s.upload(&staging[0], 0, bytes).map_err(gpu_err)?;
-            self.counters
-                .streamed_bytes
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            self.counters
-                .wait_us
-                .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-            let (r0, r1) = (rows.start as usize, rows.end as usize);
             let w = Weight {
-                ptr: staging[0].ptr(),
+                ptr,
                 ty: m.ty,
                 rows: r1 - r0,
                 cols: m.cols,
@@ -236,6 +220,7 @@ impl GpuWeights {
                         .map_err(gpu_err)?;
                 }
             }
+            ring.used(s, slot, weights, &self.counters)?;
         }
         Ok(())
     }

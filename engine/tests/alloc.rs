@@ -104,3 +104,84 @@ fn decode_steps_allocate_nothing_once_warm() {
     assert!(layers.weights().stats().streamed_layers > 0);
     assert_eq!(decode_allocs(&layers, 4, 8), vec![0; 8], "streamed layers");
 }
+
+/// The same on the simulated GPU: queueing kernels, copies and events, streaming weights to
+/// the device and computing the experts VRAM does not hold on the CPU allocate nothing on the
+/// computing thread (the simulator's stream threads are the GPU's).
+#[test]
+fn gpu_decode_steps_allocate_nothing_once_warm() {
+    use strata_engine::model::{DeviceSpec, GpuOptions, ModelOptions};
+    use strata_kernels::SimConfig;
+
+    fn load_gpu(spec: &GenSpec, gpu: impl Fn(u64) -> GpuOptions) -> (tempfile::TempDir, Model) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m.gguf");
+        let bytes = to_bytes(spec, Vocab::Bytes).expect("generate");
+        std::fs::write(&path, &bytes).expect("write");
+        let mut opts: ModelOptions = LoadOptions {
+            overrides: parse_overrides("token_embd=RAM").expect("rule"),
+            ..LoadOptions::default()
+        }
+        .into();
+        opts.gpu = gpu(bytes.len() as u64);
+        let m = Model::load_with(&path, &opts).expect("load");
+        (dir, m)
+    }
+    let sim = || {
+        DeviceSpec::Sim(SimConfig {
+            memory: 256 << 20,
+            check_races: false,
+            ..SimConfig::default()
+        })
+    };
+    let dense = GenSpec::tiny(Arch::Llama);
+    let (_d, all) = load_gpu(&dense, |_| GpuOptions {
+        device: sim(),
+        ..GpuOptions::default()
+    });
+    assert_eq!(decode_allocs(&all, 4, 6), vec![0; 6], "all on the GPU");
+    let (_d, half) = load_gpu(&dense, |_| GpuOptions {
+        device: sim(),
+        n_gpu_layers: Some(dense.n_layer / 2),
+        ..GpuOptions::default()
+    });
+    assert_eq!(
+        decode_allocs(&half, 4, 6),
+        vec![0; 6],
+        "half the layers on the GPU"
+    );
+    let (_d, nkvo) = load_gpu(&dense, |_| GpuOptions {
+        device: sim(),
+        no_kv_offload: true,
+        ..GpuOptions::default()
+    });
+    assert_eq!(
+        decode_allocs(&nkvo, 4, 6),
+        vec![0; 6],
+        "attention on the CPU"
+    );
+    let (_d, streamed) = load_gpu(&dense, |bytes| GpuOptions {
+        device: sim(),
+        vram_budget: Some(bytes / 3),
+        ..GpuOptions::default()
+    });
+    assert_eq!(
+        decode_allocs(&streamed, 4, 6),
+        vec![0; 6],
+        "weights streamed to VRAM"
+    );
+    assert!(streamed.gpu_stats().is_some_and(|s| s.streamed_bytes > 0));
+    let moe = GenSpec::tiny(Arch::Qwen3Moe);
+    let split = (4..10)
+        .find_map(|t| {
+            let (d, m) = load_gpu(&moe, |bytes| GpuOptions {
+                device: sim(),
+                vram_budget: Some(bytes * t / 10),
+                ..GpuOptions::default()
+            });
+            let e = m.plan().and_then(|p| p.layers[0].experts)?;
+            (e.vram > 0 && e.vram < moe.n_expert).then_some((d, m))
+        })
+        .expect("a budget that splits the experts");
+    assert_eq!(decode_allocs(&split.1, 4, 6), vec![0; 6], "experts split");
+}

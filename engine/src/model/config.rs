@@ -57,7 +57,14 @@ impl Arch {
             "qwen2moe" => Arch::Qwen2Moe,
             "qwen3moe" => Arch::Qwen3Moe,
             "olmoe" => Arch::Olmoe,
-            other => return Err(EngineError::UnknownArch(other.to_string())),
+            other => {
+                // A hostile header may put anything here: quote at most 64 characters of it.
+                let mut shown: String = other.chars().take(64).collect();
+                if shown.len() < other.len() {
+                    shown.push('…');
+                }
+                return Err(EngineError::UnknownArch(shown.escape_debug().to_string()));
+            }
         })
     }
 
@@ -213,13 +220,22 @@ impl ModelConfig {
                 problem: format!("{n_rot} rotated dims for heads of {head_dim}"),
             });
         }
-        let rms_eps = optf("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-6);
-        let rope_base = optf("rope.freq_base")?.unwrap_or(10_000.0);
-        let rope_freq_scale = match md.get_str(&key("rope.scaling.type"))? {
-            Some("linear") => {
-                let f = optf("rope.scaling.factor")?.unwrap_or(1.0);
-                if f > 0.0 { 1.0 / f } else { 1.0 }
+        // A zero, negative or non-finite value here would make every logit NaN (or the RoPE
+        // angles meaningless) without a word: refuse it by name instead.
+        let positive = |k: &str, default: f32| -> Result<f32, EngineError> {
+            match optf(k)? {
+                None => Ok(default),
+                Some(v) if v.is_finite() && v > 0.0 => Ok(v),
+                Some(v) => Err(EngineError::BadMetadata {
+                    key: key(k),
+                    problem: format!("{v} is not a positive number"),
+                }),
             }
+        };
+        let rms_eps = positive("attention.layer_norm_rms_epsilon", 1e-6)?;
+        let rope_base = positive("rope.freq_base", 10_000.0)?;
+        let rope_freq_scale = match md.get_str(&key("rope.scaling.type"))? {
+            Some("linear") => 1.0 / positive("rope.scaling.factor", 1.0)?,
             _ => 1.0,
         };
         // Context lengths run past MAX_DIM (1M-token models exist); they only cap `-c`.

@@ -145,6 +145,10 @@ pub struct GpuArgs {
     /// Keep the KV cache in host RAM and run attention on the CPU (llama.cpp's -nkvo).
     #[arg(long = "no-kv-offload")]
     pub no_kv_offload: bool,
+    /// KV cache VRAM for each context (bytes with K/M/G); the oldest pages of GPU layers go
+    /// to RAM beyond it. Default: what the planner left after the weights.
+    #[arg(long = "kv-vram-budget", value_name = "SIZE")]
+    pub kv_vram_budget: Option<String>,
     /// The hardware profile the planner's cost model uses (a shipped name or a file; default:
     /// this machine's from `strata calibrate`, or the shipped 2-core CPU's).
     #[arg(long = "hw", value_name = "PROFILE")]
@@ -157,6 +161,7 @@ impl GpuArgs {
     pub fn options(&self, n_ctx: Option<usize>) -> anyhow::Result<GpuOptions> {
         let wants_gpu = self.n_gpu_layers.is_some_and(|n| n > 0)
             || self.vram_budget.is_some()
+            || self.kv_vram_budget.is_some()
             || self.no_kv_offload;
         let device = match self.device.as_deref() {
             None if strata_kernels::Device::cuda_driver_present() => DeviceSpec::Cuda(0),
@@ -177,7 +182,9 @@ impl GpuArgs {
             },
         };
         if matches!(device, DeviceSpec::Cpu) && wants_gpu {
-            anyhow::bail!("-ngl, --vram-budget and -nkvo need a GPU, but --device is cpu");
+            anyhow::bail!(
+                "-ngl, --vram-budget, --kv-vram-budget and -nkvo need a GPU, but --device is cpu"
+            );
         }
         let vram_budget = match (&self.vram_budget, &device) {
             (None, _) => None,
@@ -201,6 +208,19 @@ impl GpuArgs {
                 )
             }
         };
+        let kv_vram_budget = match &self.kv_vram_budget {
+            None => None,
+            Some(s) if s.trim_end().ends_with('%') => {
+                anyhow::bail!("--kv-vram-budget {s:?}: give a size (bytes with K/M/G), not a %")
+            }
+            Some(s) => {
+                let b = strata_storage::residency::parse_size(s, 0)
+                    .map_err(|e| anyhow::anyhow!("--kv-vram-budget {s:?}: {e}"))?;
+                Some(usize::try_from(b).map_err(|_| {
+                    anyhow::anyhow!("--kv-vram-budget {s:?}: too large for this machine")
+                })?)
+            }
+        };
         let profile = match &self.hw {
             Some(h) => Some(strata_engine::plan::HwProfile::load(h)?),
             None => {
@@ -214,7 +234,7 @@ impl GpuArgs {
             device,
             n_gpu_layers: self.n_gpu_layers,
             vram_budget,
-            kv_vram_budget: None,
+            kv_vram_budget,
             no_kv_offload: self.no_kv_offload,
             profile,
             n_ctx,

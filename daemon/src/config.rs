@@ -8,7 +8,11 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use strata_engine::kv::parse_cache_type;
+use strata_engine::model::DeviceSpec;
+use strata_engine::plan::HwProfile;
+use strata_kernels::SimConfig;
 use strata_storage::quant::GgmlType;
+use strata_storage::residency::overrides::{Target, parse_overrides};
 
 /// The config file read when neither `--config` nor `$STRATA_CONFIG` names one; its absence
 /// is not an error.
@@ -16,7 +20,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/strata/strata.toml";
 
 /// Every key of the config file; the environment variable is `STRATA_` + the key in capitals,
 /// the flag `--` + the key with `-` for `_`.
-pub const KEYS: [&str; 25] = [
+pub const KEYS: [&str; 31] = [
     "socket",
     "socket_group",
     "listen",
@@ -42,7 +46,74 @@ pub const KEYS: [&str; 25] = [
     "max_connections",
     "max_connections_per_peer",
     "read_timeout",
+    "device",
+    "n_gpu_layers",
+    "vram_budget",
+    "no_kv_offload",
+    "kv_vram_budget",
+    "hw_profile",
 ];
+
+/// The settings that put work on a GPU; without one each is an error naming it.
+const GPU_KEYS: [&str; 4] = [
+    "n_gpu_layers",
+    "vram_budget",
+    "kv_vram_budget",
+    "no_kv_offload",
+];
+
+/// Where each model's GPU phases run (`device`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuDevice {
+    Cpu,
+    /// GPU `n` through the CUDA driver.
+    Cuda(usize),
+    /// The simulated GPU: the CUDA kernels' text run on this CPU (tests, trying placements).
+    Sim,
+}
+
+impl GpuDevice {
+    /// `cpu` (or `none`), `cuda` (GPU 0), `cuda:N` (or llama.cpp's `CUDA0`), `sim`.
+    pub fn parse(s: &str) -> Result<GpuDevice, String> {
+        let t = s.trim().to_ascii_lowercase();
+        match t.as_str() {
+            "cpu" | "none" => Ok(GpuDevice::Cpu),
+            "cuda" => Ok(GpuDevice::Cuda(0)),
+            "sim" => Ok(GpuDevice::Sim),
+            _ => t
+                .strip_prefix("cuda:")
+                .or_else(|| t.strip_prefix("cuda"))
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|&n| n < 64)
+                .map(GpuDevice::Cuda)
+                .ok_or_else(|| format!("expected cpu, cuda, cuda:N or sim, got {s:?}")),
+        }
+    }
+
+    /// The engine's device: the simulator with the CLI's settings (`strata run --device
+    /// sim`), so that the two give the same placements.
+    pub fn spec(self) -> DeviceSpec {
+        match self {
+            GpuDevice::Cpu => DeviceSpec::Cpu,
+            GpuDevice::Cuda(n) => DeviceSpec::Cuda(n),
+            GpuDevice::Sim => DeviceSpec::Sim(SimConfig {
+                memory: 8 << 30,
+                check_races: false,
+                ..SimConfig::default()
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for GpuDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GpuDevice::Cpu => f.write_str("cpu"),
+            GpuDevice::Cuda(n) => write!(f, "cuda:{n}"),
+            GpuDevice::Sim => f.write_str("sim"),
+        }
+    }
+}
 
 /// Which non-name sources `POST /api/pull` may fetch from (names are always allowed).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -103,6 +174,22 @@ pub struct Settings {
     /// Seconds a request's head, and then its body, may take to arrive; also how long a
     /// kept-alive connection may sit idle.
     pub read_timeout: u64,
+    /// `None`: cuda when an NVIDIA driver is present, else cpu ([`Settings::device`]).
+    pub device: Option<GpuDevice>,
+    /// llama.cpp's `-ngl`: the last N layers of each model on the GPU (the output counts as
+    /// one). `None`: as many as the planner's cost model says.
+    pub n_gpu_layers: Option<usize>,
+    /// VRAM each model's weights and KV caches may use, as written ("6G", "80%" of the GPU's
+    /// memory); checked here, turned into bytes when a model loads.
+    pub vram_budget: Option<String>,
+    /// llama.cpp's `-nkvo`: KV caches in host RAM, attention on the CPU.
+    pub no_kv_offload: bool,
+    /// VRAM each sequence's KV cache may hold (its older pages go to RAM); `None`: what the
+    /// planner leaves for the KV caches.
+    pub kv_vram_budget: Option<u64>,
+    /// The machine as the planner models it (a shipped name or a file); `None`: the
+    /// calibrated profile of `strata calibrate` when there is one (read in `main`).
+    pub hw_profile: Option<HwProfile>,
     /// Where each key that is not at its default was set ("--max-queue", "STRATA_MAX_QUEUE",
     /// "/etc/strata/strata.toml"), for messages.
     origin: BTreeMap<&'static str, String>,
@@ -136,6 +223,12 @@ impl Default for Settings {
             max_connections: 512,
             max_connections_per_peer: 128,
             read_timeout: 15,
+            device: None,
+            n_gpu_layers: None,
+            vram_budget: None,
+            no_kv_offload: false,
+            kv_vram_budget: None,
+            hw_profile: None,
             origin: BTreeMap::new(),
         }
     }
@@ -338,6 +431,32 @@ impl Settings {
                 self.max_connections_per_peer = raw.usize(1, 1 << 20)?;
             }
             "read_timeout" => self.read_timeout = raw.int(1, 3600)?,
+            "device" => self.device = Some(GpuDevice::parse(&raw.string()?)?),
+            // llama.cpp's scripts pass -ngl 999 for "all of them".
+            "n_gpu_layers" => self.n_gpu_layers = Some(raw.usize(0, 1 << 16)?),
+            "vram_budget" => {
+                let s = raw.string()?;
+                // A percentage is of the GPU's memory, known once the device is open.
+                strata_storage::residency::parse_size(&s, 1 << 40)?;
+                self.vram_budget = Some(s.trim().to_owned());
+            }
+            "no_kv_offload" => self.no_kv_offload = raw.bool()?,
+            "kv_vram_budget" => {
+                let s = raw.string()?;
+                if s.trim_end().ends_with('%') {
+                    return Err(format!(
+                        "{s:?}: give bytes with K/M/G (a percentage of what is not defined here)"
+                    ));
+                }
+                self.kv_vram_budget = Some(strata_storage::residency::parse_size(&s, 0)?);
+            }
+            "hw_profile" => {
+                let s = raw.string()?;
+                if s.trim().is_empty() {
+                    return Err("must not be empty".into());
+                }
+                self.hw_profile = Some(HwProfile::load(s.trim()).map_err(|e| e.to_string())?);
+            }
             other => return Err(format!("no parser for key '{other}'")),
         }
         Ok(())
@@ -385,6 +504,66 @@ impl Settings {
                 self.origin_of("mmap"),
                 self.origin_of(other)
             ));
+        }
+        self.check_gpu(strata_kernels::Device::cuda_driver_present())
+    }
+
+    /// The device models run on: `device`, else cuda when `cuda_present` (an NVIDIA driver
+    /// can be loaded), else the CPU.
+    pub fn device(&self, cuda_present: bool) -> GpuDevice {
+        self.device.unwrap_or(if cuda_present {
+            GpuDevice::Cuda(0)
+        } else {
+            GpuDevice::Cpu
+        })
+    }
+
+    /// GPU settings need a GPU: each given without one is an error naming it (as `strata
+    /// run -ngl 1` without `--device` is), so that a daemon that would quietly run on the CPU
+    /// stops at start instead.
+    pub fn check_gpu(&self, cuda_present: bool) -> Result<(), String> {
+        let device = self.device(cuda_present);
+        if device == GpuDevice::Sim && !strata_kernels::Device::sim_available() {
+            return Err(format!(
+                "device = sim (set by {}): this build of stratad has no GPU simulator",
+                self.origin_of("device")
+            ));
+        }
+        if device != GpuDevice::Cpu {
+            return Ok(());
+        }
+        let why = if self.device.is_some() {
+            format!("device is cpu (set by {})", self.origin_of("device"))
+        } else {
+            "there is no NVIDIA driver here (libcuda.so.1) and device is not set: set device = \
+             \"sim\" for the simulated GPU, or drop it"
+                .to_owned()
+        };
+        let given = |key: &str| match key {
+            // -ngl 0 is llama.cpp's way of saying "all on the CPU".
+            "n_gpu_layers" => self.n_gpu_layers.is_some_and(|n| n > 0),
+            "vram_budget" => self.vram_budget.is_some(),
+            "kv_vram_budget" => self.kv_vram_budget.is_some(),
+            _ => self.no_kv_offload,
+        };
+        if let Some(key) = GPU_KEYS.iter().find(|k| given(k)) {
+            return Err(format!(
+                "{key} (set by {}) needs a GPU, but {why}",
+                self.origin_of(key)
+            ));
+        }
+        for rule in &self.override_tensor {
+            let gpu = parse_overrides(rule)
+                .ok()
+                .and_then(|r| r.into_iter().find(|o| matches!(o.target, Target::Gpu(_))));
+            if let Some(o) = gpu {
+                return Err(format!(
+                    "override_tensor (set by {}) sends {} to {}, which needs a GPU, but {why}",
+                    self.origin_of("override_tensor"),
+                    o.pattern.as_str(),
+                    o.target
+                ));
+            }
         }
         Ok(())
     }
@@ -568,6 +747,123 @@ mod tests {
             e.contains("--mmap") && e.contains("ram_budget") && e.contains("f.toml"),
             "{e}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn gpu_keys_parse_in_every_layer() -> Result<(), String> {
+        let mut s = Settings::default();
+        s.apply_toml(
+            "device = \"sim\"\nn_gpu_layers = 3\nvram_budget = \"50%\"\n\
+             kv_vram_budget = \"64M\"\nhw_profile = \"rtx4090\"",
+            "f.toml",
+        )?;
+        s.apply_env(&env_of(&[("STRATA_NO_KV_OFFLOAD", "1")]))?;
+        s.set("n_gpu_layers", Raw::Text("999"), "--n-gpu-layers")?;
+        assert_eq!(s.device, Some(GpuDevice::Sim));
+        assert_eq!(s.n_gpu_layers, Some(999));
+        assert_eq!(s.vram_budget.as_deref(), Some("50%"));
+        assert_eq!(s.kv_vram_budget, Some(64 << 20));
+        assert!(s.no_kv_offload);
+        assert!(s.hw_profile.as_ref().is_some_and(|p| p.gpu.is_some()));
+        assert_eq!(s.origin_of("n_gpu_layers"), "--n-gpu-layers");
+        if strata_kernels::Device::sim_available() {
+            s.check_gpu(false)?;
+        }
+        for (text, want) in [
+            ("cpu", GpuDevice::Cpu),
+            ("none", GpuDevice::Cpu),
+            ("cuda", GpuDevice::Cuda(0)),
+            ("cuda:2", GpuDevice::Cuda(2)),
+            ("CUDA1", GpuDevice::Cuda(1)),
+            (" Sim ", GpuDevice::Sim),
+        ] {
+            assert_eq!(GpuDevice::parse(text), Ok(want), "{text}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bad_gpu_values_name_the_key() {
+        let err = |toml: &str| {
+            Settings::default()
+                .apply_toml(toml, "f.toml")
+                .err()
+                .unwrap_or_default()
+        };
+        for (toml, key, what) in [
+            ("device = \"tpu\"", "device", "cuda:N"),
+            ("device = \"cuda:x\"", "device", "cuda:N"),
+            ("device = 1", "device", "expected a string"),
+            ("n_gpu_layers = -1", "n_gpu_layers", "0..=65536"),
+            (
+                "n_gpu_layers = \"all\"",
+                "n_gpu_layers",
+                "expected an integer",
+            ),
+            ("vram_budget = \"lots\"", "vram_budget", "K/M/G"),
+            ("vram_budget = \"0%\"", "vram_budget", "(0, 100]"),
+            ("kv_vram_budget = \"10%\"", "kv_vram_budget", "K/M/G"),
+            ("no_kv_offload = 2", "no_kv_offload", "expected a boolean"),
+            ("hw_profile = \"nope\"", "hw_profile", "no hardware profile"),
+        ] {
+            let e = err(toml);
+            assert!(e.contains(key) && e.contains(what), "{toml}: {e}");
+        }
+        let e = Settings::default()
+            .apply_env(&env_of(&[("STRATA_DEVICE", "gpu")]))
+            .err()
+            .unwrap_or_default();
+        assert!(e.starts_with("STRATA_DEVICE") && e.contains("sim"), "{e}");
+    }
+
+    #[test]
+    fn gpu_settings_without_a_gpu_are_an_error_naming_them() -> Result<(), String> {
+        // No driver and no device: each GPU setting is refused by name.
+        for (key, value) in [
+            ("n_gpu_layers", "4"),
+            ("vram_budget", "1G"),
+            ("kv_vram_budget", "64M"),
+            ("no_kv_offload", "true"),
+        ] {
+            let mut s = Settings::default();
+            s.set(key, Raw::Text(value), &flag(key))?;
+            let e = s.check_gpu(false).err().unwrap_or_default();
+            assert!(
+                e.starts_with(key) && e.contains(&flag(key)) && e.contains("no NVIDIA driver"),
+                "{e}"
+            );
+            assert!(s.check_gpu(true).is_ok(), "{key} with a driver");
+        }
+        // An explicit cpu device names where it was set.
+        let mut s = Settings::default();
+        s.apply_toml("vram_budget = \"2G\"", "f.toml")?;
+        s.set("device", Raw::Text("cpu"), "--device")?;
+        let e = s.check_gpu(true).err().unwrap_or_default();
+        assert!(
+            e.contains("vram_budget (set by f.toml)")
+                && e.contains("device is cpu (set by --device)"),
+            "{e}"
+        );
+        // -ngl 0 is "all on the CPU", and a named CUDA device is the engine's to open.
+        let mut s = Settings::default();
+        s.set("n_gpu_layers", Raw::Text("0"), "--n-gpu-layers")?;
+        s.check_gpu(false)?;
+        s.set("n_gpu_layers", Raw::Text("2"), "--n-gpu-layers")?;
+        s.set("device", Raw::Text("cuda:1"), "--device")?;
+        s.check_gpu(false)?;
+        assert_eq!(s.device(false), GpuDevice::Cuda(1));
+        // A tensor sent to the GPU by an override needs one too.
+        let mut s = Settings::default();
+        s.set(
+            "override_tensor",
+            Raw::Text("ffn_.*=CUDA0"),
+            "--override-tensor",
+        )?;
+        let e = s.check_gpu(false).err().unwrap_or_default();
+        assert!(e.contains("override_tensor") && e.contains("CUDA0"), "{e}");
+        assert_eq!(Settings::default().device(true), GpuDevice::Cuda(0));
+        assert_eq!(Settings::default().device(false), GpuDevice::Cpu);
         Ok(())
     }
 

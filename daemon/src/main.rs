@@ -10,7 +10,7 @@ use clap::Parser;
 use strata_daemon::config::{self, Raw, Settings};
 use strata_daemon::conns::{Conns, Limits};
 use strata_daemon::listen::{self, Serving};
-use strata_daemon::manager::{self, KvSettings, Manager, ManagerConfig, Residency};
+use strata_daemon::manager::{self, GpuSettings, KvSettings, Manager, ManagerConfig, Residency};
 use strata_daemon::metrics::Metrics;
 use strata_daemon::notify::{self, notify};
 use strata_daemon::server::{AppState, router};
@@ -121,6 +121,29 @@ struct Args {
     /// connection may sit idle [default: 15].
     #[arg(long, value_name = "SECONDS")]
     read_timeout: Option<String>,
+    /// Where models compute: cpu, cuda (GPU 0), cuda:N, or sim (the simulated GPU: the CUDA
+    /// kernels run on this CPU) [default: cuda when an NVIDIA driver is present, else cpu].
+    #[arg(long, value_name = "DEVICE")]
+    device: Option<String>,
+    /// llama.cpp's -ngl: the last N layers of each model on the GPU (the output projection
+    /// counts as one) [default: as the planner's cost model places them].
+    #[arg(long, visible_alias = "gpu-layers", value_name = "N")]
+    n_gpu_layers: Option<String>,
+    /// VRAM each model's weights and KV caches may use: bytes with K/M/G, or a percentage of
+    /// the GPU's memory [default: 90% of it].
+    #[arg(long, value_name = "SIZE")]
+    vram_budget: Option<String>,
+    /// llama.cpp's -nkvo: KV caches in host RAM, attention on the CPU.
+    #[arg(long)]
+    no_kv_offload: bool,
+    /// VRAM each sequence's KV cache may hold (older pages go to RAM): bytes with K/M/G
+    /// [default: what the planner leaves for the caches].
+    #[arg(long, value_name = "SIZE")]
+    kv_vram_budget: Option<String>,
+    /// The hardware profile the planner uses: a shipped name (h100-sxm, rtx4090, …) or a file
+    /// [default: $STRATA_HOME/hw.toml from `strata calibrate`, else cpu-2core].
+    #[arg(long, visible_alias = "hw", value_name = "PROFILE")]
+    hw_profile: Option<String>,
 }
 
 impl Args {
@@ -152,6 +175,11 @@ impl Args {
             ("max_connections", &self.max_connections),
             ("max_connections_per_peer", &self.max_connections_per_peer),
             ("read_timeout", &self.read_timeout),
+            ("device", &self.device),
+            ("n_gpu_layers", &self.n_gpu_layers),
+            ("vram_budget", &self.vram_budget),
+            ("kv_vram_budget", &self.kv_vram_budget),
+            ("hw_profile", &self.hw_profile),
         ];
         for (key, value) in text {
             if let Some(v) = value {
@@ -160,6 +188,9 @@ impl Args {
         }
         if self.mmap {
             s.set("mmap", Raw::Text("true"), "--mmap")?;
+        }
+        if self.no_kv_offload {
+            s.set("no_kv_offload", Raw::Text("true"), "--no-kv-offload")?;
         }
         if !self.models.is_empty() {
             s.set("models", Raw::List(&self.models), "--model")?;
@@ -248,6 +279,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
         Err(e) => tracing::warn!("cleaning the model store's temp files: {e}"),
     }
 
+    let gpu = gpu_settings(&args)?;
     let metrics = Arc::new(Metrics::default());
     let shutdown = Arc::new(Shutdown::default());
     let threads = args
@@ -281,6 +313,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
                     .unwrap_or_else(|| SessionDir::default_root().with_file_name("kv")),
                 prompt_cache: args.prompt_cache,
             },
+            gpu,
         },
         metrics.clone(),
         shutdown.clone(),
@@ -424,6 +457,47 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     fatal.map_or(Ok(()), Err)
+}
+
+/// The device and GPU settings every model loads with. Without `hw_profile`, the profile
+/// `strata calibrate` measured this machine into is used when there is one (as `strata run`
+/// does), so the daemon and the CLI place a model alike.
+fn gpu_settings(args: &Settings) -> anyhow::Result<GpuSettings> {
+    let device = args.device(strata_kernels::Device::cuda_driver_present());
+    let profile = match &args.hw_profile {
+        Some(p) => Some(p.clone()),
+        None if device == config::GpuDevice::Cpu => None,
+        None => {
+            let path = Store::open_default()
+                .context("opening the model store")?
+                .root()
+                .join("hw.toml");
+            match path.exists() {
+                false => None,
+                true => Some(
+                    strata_engine::plan::HwProfile::load(&path.display().to_string())
+                        .with_context(|| {
+                            format!(
+                                "the calibrated hardware profile (used when hw_profile is not \
+                                 set; `strata calibrate` writes it again): {}",
+                                path.display()
+                            )
+                        })?,
+                ),
+            }
+        }
+    };
+    tracing::info!("device: {device}");
+    Ok(GpuSettings {
+        device: device.spec(),
+        n_gpu_layers: args.n_gpu_layers,
+        vram_budget: args.vram_budget.clone(),
+        no_kv_offload: args.no_kv_offload,
+        kv_vram_budget: args
+            .kv_vram_budget
+            .map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
+        profile,
+    })
 }
 
 /// Descriptors kept for everything but connections: model files, io_uring, session and KV

@@ -9,14 +9,17 @@ use std::time::{Duration, Instant};
 use strata_engine::Model;
 use strata_engine::chat::{ChatMessage, ChatTemplate};
 use strata_engine::kv::{KvOptions, SpillConfig, parse_kv_budget};
-use strata_engine::model::{EnvSettings, LoadSettings, ModelOptions, SettingNames};
+use strata_engine::model::{
+    DeviceSpec, EnvSettings, GpuOptions, LoadSettings, ModelConfig, ModelOptions, SettingNames,
+};
+use strata_engine::plan::HwProfile;
 use strata_simd::pool::ThreadPool;
 use strata_storage::io::ReaderOptions;
 use strata_storage::quant::GgmlType;
 use strata_storage::store::{Store, StoreError};
 
 use crate::error::ApiError;
-use crate::metrics::{Metrics, ModelGauges};
+use crate::metrics::{GpuGauges, Metrics, ModelGauges};
 use crate::notify;
 use crate::shutdown::Shutdown;
 use crate::watchdog::Watchdog;
@@ -36,6 +39,69 @@ pub struct ManagerConfig {
     pub keep_loaded: Vec<String>,
     pub residency: Residency,
     pub kv: KvSettings,
+    pub gpu: GpuSettings,
+}
+
+/// Where each model computes (`device`, `n_gpu_layers`, `vram_budget`, `no_kv_offload`,
+/// `kv_vram_budget`, `hw_profile`), applied at load; `config` checked them.
+#[derive(Clone, Debug, Default)]
+pub struct GpuSettings {
+    pub device: DeviceSpec,
+    pub n_gpu_layers: Option<usize>,
+    /// As configured ("6G", "80%" of the GPU's memory).
+    pub vram_budget: Option<String>,
+    pub no_kv_offload: bool,
+    /// Per sequence.
+    pub kv_vram_budget: Option<usize>,
+    pub profile: Option<HwProfile>,
+}
+
+impl GpuSettings {
+    fn on_gpu(&self) -> bool {
+        !matches!(self.device, DeviceSpec::Cpu)
+    }
+
+    /// The engine's GPU options for a model whose KV caches hold `kv_positions` positions
+    /// in all (every sequence that may run at once).
+    pub fn options(&self, kv_positions: usize) -> Result<GpuOptions, String> {
+        let vram_budget = match &self.vram_budget {
+            None => None,
+            Some(s) => {
+                // A percentage is of the GPU's memory: the simulator's is configured, a real
+                // one's is asked of the driver.
+                let total = match &self.device {
+                    DeviceSpec::Sim(c) => c.memory as u64,
+                    _ if s.ends_with('%') => strata_engine::model::open_device(&self.device)
+                        .map_err(|e| e.to_string())?
+                        .map_or(0, |d| d.info().total_memory as u64),
+                    _ => 0,
+                };
+                Some(
+                    strata_storage::residency::parse_size(s, total)
+                        .map_err(|e| format!("vram_budget {s:?}: {e}"))?,
+                )
+            }
+        };
+        Ok(GpuOptions {
+            device: self.device.clone(),
+            n_gpu_layers: self.n_gpu_layers,
+            vram_budget,
+            kv_vram_budget: self.kv_vram_budget,
+            no_kv_offload: self.no_kv_offload,
+            profile: self.profile.clone(),
+            n_ctx: Some(kv_positions),
+        })
+    }
+}
+
+/// The context size of each sequence: `ctx_size` (0: the trained length), at most the
+/// trained length.
+fn context_size(ctx_size: usize, train: usize) -> usize {
+    if ctx_size == 0 {
+        train
+    } else {
+        ctx_size.min(train)
+    }
 }
 
 /// How each sequence's KV cache is kept (`cache_type_k/v`, `kv_budget`, `kv_dir`) and how
@@ -263,7 +329,21 @@ impl Manager {
             let file_bytes = std::fs::metadata(&path)
                 .map_err(|e| failed(format!("{}: {e}", path.display())))?
                 .len();
-            let opts = cfg.residency.options(file_bytes).map_err(failed)?;
+            let mut opts = cfg.residency.options(file_bytes).map_err(failed)?;
+            if cfg.gpu.on_gpu() {
+                // The planner sizes the VRAM left for KV caches by the positions they may
+                // hold: every sequence that runs at once (as Ollama's num_ctx × num_parallel),
+                // so placing weights never starves a batch of its caches.
+                let gguf = strata_storage::gguf::GgufFile::open(&path)
+                    .map_err(|e| failed(e.to_string()))?;
+                let config = ModelConfig::from_metadata(&gguf.metadata, 0)
+                    .map_err(|e| failed(e.to_string()))?;
+                let n_ctx = context_size(cfg.ctx_size, config.n_ctx_train);
+                opts.gpu = cfg
+                    .gpu
+                    .options(n_ctx.saturating_mul(cfg.parallel))
+                    .map_err(failed)?;
+            }
             let model = Model::load_with(&path, &opts).map_err(|e| failed(e.to_string()))?;
             let template =
                 ChatTemplate::from_gguf(&model.weights().gguf().metadata, model.config.arch.name())
@@ -273,12 +353,7 @@ impl Manager {
         })
         .await
         .map_err(|e| ApiError::Internal(format!("model loader task failed: {e}")))??;
-        let train = model.config.n_ctx_train;
-        let n_ctx = if self.cfg.ctx_size == 0 {
-            train
-        } else {
-            self.cfg.ctx_size.min(train)
-        };
+        let n_ctx = context_size(self.cfg.ctx_size, model.config.n_ctx_train);
         let kv = self
             .cfg
             .kv
@@ -336,6 +411,18 @@ impl Manager {
             streamed_mib = w.streamed_per_pass >> 20,
             "loaded in {ms:.0} ms"
         );
+        if let (Some(g), Some(p)) = (model.gpu_stats(), model.plan()) {
+            tracing::info!(
+                model = name,
+                device = %g.device,
+                gpu_layers = p.gpu_layers(),
+                layers = p.layers.len(),
+                vram_mib = (g.weights_vram + g.experts_vram) >> 20,
+                predicted_decode_tps = format!("{:.1}", p.decode.tokens_per_s),
+                "on the GPU; decode limited by {}",
+                p.decode.bottleneck.describe()
+            );
+        }
         let loaded = Arc::new(LoadedModel {
             name: name.to_owned(),
             model,
@@ -388,6 +475,7 @@ impl Manager {
     }
 
     pub fn gauges(&self) -> Vec<ModelGauges> {
+        use std::sync::atomic::Ordering::Relaxed;
         self.snapshot()
             .iter()
             .map(|m| ModelGauges {
@@ -405,6 +493,9 @@ impl Manager {
                     .load(std::sync::atomic::Ordering::Relaxed),
                 weights: m.model.weights().stats(),
                 tiers: m.model.weights().resident_bytes(),
+                kv_vram_bytes: m.worker.stats.kv_vram_bytes.load(Relaxed),
+                decode: m.worker.stats.decode_counts(),
+                gpu: GpuGauges::of(&m.model),
             })
             .collect()
     }

@@ -5,6 +5,9 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use strata_engine::Model;
+use strata_engine::model::GpuStats;
+use strata_engine::plan::Bottleneck;
 use strata_storage::residency::{ResidencyStats, Tier};
 
 #[derive(Default)]
@@ -43,6 +46,58 @@ pub struct ModelGauges {
     pub weights: ResidencyStats,
     /// Weight bytes per tier (RAM: resident set and window; SSD: streamed each pass).
     pub tiers: Vec<(Tier, u64)>,
+    /// KV pages in VRAM over the model's caches (module `worker`).
+    pub kv_vram_bytes: usize,
+    pub decode: DecodeCounts,
+    /// `None`: the model runs on the CPU alone.
+    pub gpu: Option<GpuGauges>,
+}
+
+/// Decode passes, the sequences they advanced, and the widest pass so far (continuous
+/// batching at work: sequences / steps is the mean batch).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DecodeCounts {
+    pub steps: u64,
+    pub sequences: u64,
+    pub batch_max: usize,
+}
+
+/// A model's GPU: what it holds and what crossed the link (the engine's `GpuStats`), and
+/// what the planner put there and predicts.
+#[derive(Clone, Debug)]
+pub struct GpuGauges {
+    pub stats: GpuStats,
+    /// Layers with a phase on the GPU, of `n_layers`.
+    pub layers: usize,
+    pub n_layers: usize,
+    pub predicted_decode_tps: f64,
+    /// What limits the predicted decode speed (`gpu_compute`, `cpu_compute`, `pcie`, `disk`).
+    pub bottleneck: &'static str,
+}
+
+impl GpuGauges {
+    /// `None` for a model without a GPU.
+    pub fn of(model: &Model) -> Option<GpuGauges> {
+        let stats = model.gpu_stats()?;
+        let plan = model.plan();
+        Some(GpuGauges {
+            stats,
+            layers: plan.map_or(0, |p| p.gpu_layers()),
+            n_layers: model.config.n_layer,
+            predicted_decode_tps: plan.map_or(0.0, |p| p.decode.tokens_per_s),
+            bottleneck: plan.map_or("unknown", |p| bottleneck_name(p.decode.bottleneck)),
+        })
+    }
+}
+
+/// A bottleneck as a label value.
+fn bottleneck_name(b: Bottleneck) -> &'static str {
+    match b {
+        Bottleneck::CpuCompute => "cpu_compute",
+        Bottleneck::GpuCompute => "gpu_compute",
+        Bottleneck::Pcie => "pcie",
+        Bottleneck::Disk => "disk",
+    }
 }
 
 impl Metrics {
@@ -154,7 +209,9 @@ impl Metrics {
                 let _ = writeln!(o, "{name}{{model=\"{}\"}} {}", escape(&m.name), get(m));
             }
         }
+        render_decode(&mut o, models);
         render_weights(&mut o, models);
+        render_gpu(&mut o, models);
         let _ = writeln!(
             o,
             "# HELP strata_models_loaded Models loaded.\n# TYPE strata_models_loaded gauge\nstrata_models_loaded {}",
@@ -167,9 +224,6 @@ impl Metrics {
 /// Per model: where the weights are and what streaming them has cost (storage's
 /// `ResidencyStats`).
 fn render_weights(o: &mut String, models: &[ModelGauges]) {
-    let head = |o: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
     head(
         o,
         "strata_weights_info",
@@ -281,6 +335,159 @@ fn render_weights(o: &mut String, models: &[ModelGauges]) {
     }
 }
 
+fn head(o: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Per model: decode passes and how many sequences each advanced.
+fn render_decode(o: &mut String, models: &[ModelGauges]) {
+    type Count = fn(&DecodeCounts) -> u64;
+    let series: [(&str, &str, &str, Count); 3] = [
+        (
+            "strata_decode_steps_total",
+            "counter",
+            "Decode passes (each advances every decoding sequence of the model by one token).",
+            |d| d.steps,
+        ),
+        (
+            "strata_decode_sequences_total",
+            "counter",
+            "Sequences advanced by decode passes; divided by the passes, the mean batch.",
+            |d| d.sequences,
+        ),
+        (
+            "strata_decode_batch_max",
+            "gauge",
+            "The most sequences one decode pass has advanced.",
+            |d| d.batch_max as u64,
+        ),
+    ];
+    for (name, kind, help, get) in series {
+        head(o, name, kind, help);
+        for m in models {
+            let _ = writeln!(
+                o,
+                "{name}{{model=\"{}\"}} {}",
+                escape(&m.name),
+                get(&m.decode)
+            );
+        }
+    }
+}
+
+/// Per model on a GPU: VRAM per tier, the GPU's traffic, and the planner's prediction.
+fn render_gpu(o: &mut String, models: &[ModelGauges]) {
+    let on_gpu: Vec<(&ModelGauges, &GpuGauges)> = models
+        .iter()
+        .filter_map(|m| m.gpu.as_ref().map(|g| (m, g)))
+        .collect();
+    head(
+        o,
+        "strata_gpu_info",
+        "gauge",
+        "The GPU each model computes on, and what limits its predicted decode speed.",
+    );
+    for (m, g) in &on_gpu {
+        let _ = writeln!(
+            o,
+            "strata_gpu_info{{model=\"{}\",device=\"{}\",bottleneck=\"{}\"}} 1",
+            escape(&m.name),
+            escape(&g.stats.device),
+            g.bottleneck
+        );
+    }
+    head(
+        o,
+        "strata_vram_bytes",
+        "gauge",
+        "VRAM per tier: weights (dense, resident), experts (the VRAM expert cache), kv (KV \
+         pages of the model's caches).",
+    );
+    for (m, g) in &on_gpu {
+        for (tier, bytes) in [
+            ("weights", g.stats.weights_vram),
+            ("experts", g.stats.experts_vram),
+            ("kv", m.kv_vram_bytes as u64),
+        ] {
+            let _ = writeln!(
+                o,
+                "strata_vram_bytes{{model=\"{}\",tier=\"{tier}\"}} {bytes}",
+                escape(&m.name)
+            );
+        }
+    }
+    type Stat = fn(&GpuGauges) -> f64;
+    let series: [(&str, &str, &str, Stat); 10] = [
+        (
+            "strata_gpu_layers",
+            "gauge",
+            "Layers with a phase on the GPU.",
+            |g| g.layers as f64,
+        ),
+        (
+            "strata_vram_free_bytes",
+            "gauge",
+            "Free memory of the model's GPU.",
+            |g| g.stats.vram_free as f64,
+        ),
+        (
+            "strata_vram_total_bytes",
+            "gauge",
+            "Memory of the model's GPU.",
+            |g| g.stats.vram_total as f64,
+        ),
+        (
+            "strata_gpu_streamed_bytes_total",
+            "counter",
+            "Weight bytes copied host to device because VRAM does not hold them (streamed \
+             matrices, experts copied in).",
+            |g| g.stats.streamed_bytes as f64,
+        ),
+        (
+            "strata_gpu_h2d_bytes_total",
+            "counter",
+            "Bytes copied host to device (weights, activations, KV pages).",
+            |g| g.stats.h2d_bytes as f64,
+        ),
+        (
+            "strata_gpu_d2h_bytes_total",
+            "counter",
+            "Bytes copied device to host.",
+            |g| g.stats.d2h_bytes as f64,
+        ),
+        (
+            "strata_gpu_crossing_bytes_total",
+            "counter",
+            "Activation bytes that crossed between the CPU and the GPU.",
+            |g| g.stats.crossing_bytes as f64,
+        ),
+        (
+            "strata_gpu_wait_seconds_total",
+            "counter",
+            "Time the GPU's work waited for weight copies.",
+            |g| g.stats.wait_us as f64 / 1e6,
+        ),
+        (
+            "strata_gpu_launches_total",
+            "counter",
+            "Kernels launched.",
+            |g| g.stats.launches as f64,
+        ),
+        (
+            "strata_predicted_decode_tokens_per_second",
+            "gauge",
+            "The planner's predicted decode speed of one sequence for the model's placement.",
+            |g| g.predicted_decode_tps,
+        ),
+    ];
+    for (name, kind, help, get) in series {
+        head(o, name, kind, help);
+        for (m, g) in &on_gpu {
+            let _ = writeln!(o, "{name}{{model=\"{}\"}} {}", escape(&m.name), get(g));
+        }
+    }
+}
+
 fn escape(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
@@ -312,6 +519,13 @@ mod tests {
             kv_bytes: 10,
             weights,
             tiers: vec![(Tier::Ram, 100), (Tier::Ssd, 900)],
+            kv_vram_bytes: 0,
+            decode: DecodeCounts {
+                steps: 3,
+                sequences: 7,
+                batch_max: 3,
+            },
+            gpu: None,
         }]);
         assert!(text.contains("strata_requests_total{endpoint=\"/v1/models\",code=\"200\"} 2"));
         assert!(text.contains("strata_tokens_generated_total 5"));
@@ -325,6 +539,65 @@ mod tests {
             "strata_weights_stall_seconds_total{model=\"g\"} 1.5",
             "strata_weights_acquires_total{model=\"g\",outcome=\"resident\"} 7",
             "strata_weights_acquires_total{model=\"g\",outcome=\"missed\"} 2",
+            "strata_decode_steps_total{model=\"g\"} 3",
+            "strata_decode_sequences_total{model=\"g\"} 7",
+            "strata_decode_batch_max{model=\"g\"} 3",
+        ] {
+            assert!(text.contains(line), "{line} not in\n{text}");
+        }
+        // A CPU model has no GPU series.
+        assert!(!text.contains("strata_vram_bytes{"), "{text}");
+    }
+
+    #[test]
+    fn renders_a_models_gpu() {
+        let stats = GpuStats {
+            device: "NVIDIA H100".into(),
+            weights_vram: 1000,
+            experts_vram: 200,
+            vram_free: 5000,
+            vram_total: 8000,
+            streamed_bytes: 300,
+            crossing_bytes: 40,
+            h2d_bytes: 400,
+            d2h_bytes: 50,
+            wait_us: 2_500_000,
+            launches: 77,
+        };
+        let text = Metrics::default().render(&[ModelGauges {
+            name: "m".into(),
+            queued: 0,
+            active: 0,
+            kv_bytes: 0,
+            weights: ResidencyStats::default(),
+            tiers: Vec::new(),
+            kv_vram_bytes: 64,
+            decode: DecodeCounts::default(),
+            gpu: Some(GpuGauges {
+                stats,
+                layers: 5,
+                n_layers: 6,
+                predicted_decode_tps: 42.5,
+                bottleneck: "pcie",
+            }),
+        }]);
+        for line in [
+            "strata_gpu_info{model=\"m\",device=\"NVIDIA H100\",bottleneck=\"pcie\"} 1",
+            "strata_vram_bytes{model=\"m\",tier=\"weights\"} 1000",
+            "strata_vram_bytes{model=\"m\",tier=\"experts\"} 200",
+            "strata_vram_bytes{model=\"m\",tier=\"kv\"} 64",
+            "strata_vram_free_bytes{model=\"m\"} 5000",
+            "strata_vram_total_bytes{model=\"m\"} 8000",
+            "strata_gpu_layers{model=\"m\"} 5",
+            "strata_gpu_streamed_bytes_total{model=\"m\"} 300",
+            "strata_gpu_h2d_bytes_total{model=\"m\"} 400",
+            "strata_gpu_d2h_bytes_total{model=\"m\"} 50",
+            "strata_gpu_crossing_bytes_total{model=\"m\"} 40",
+            "strata_gpu_wait_seconds_total{model=\"m\"} 2.5",
+            "strata_gpu_launches_total{model=\"m\"} 77",
+            "strata_predicted_decode_tokens_per_second{model=\"m\"} 42.5",
+            "# TYPE strata_gpu_wait_seconds_total counter",
+            "# TYPE strata_vram_bytes gauge",
         ] {
             assert!(text.contains(line), "{line} not in\n{text}");
         }

@@ -29,7 +29,7 @@ use crate::conns::{Activity, BusyBody, Conns};
 use crate::error::ApiError;
 use crate::logprobs::TokenLogprob;
 use crate::manager::{LoadOutcome, LoadedModel, Manager, store_models};
-use crate::metrics::Metrics;
+use crate::metrics::{GpuGauges, Metrics};
 use crate::sessions::Sessions;
 use crate::shutdown::Shutdown;
 use crate::worker::{Event, Finish, GenRequest, SubmitError};
@@ -513,9 +513,12 @@ async fn ps(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
                 .iter()
                 .map(|(t, b)| (format!("{}_bytes", t.name()), (*b).into()))
                 .collect();
+            let gpu = GpuGauges::of(&m.model);
+            let decode = s.decode_counts();
             serde_json::json!({
                 "name": m.name,
                 "arch": m.model.config.arch.name(),
+                "device": gpu.as_ref().map_or("cpu", |g| g.stats.device.as_str()),
                 "size_bytes": m.model.size_bytes(),
                 "n_ctx": m.n_ctx,
                 "parallel": m.parallel,
@@ -534,10 +537,42 @@ async fn ps(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
                     "streamed_layers": w.streamed_layers,
                     "window": w.window,
                 },
+                "decode": {
+                    "steps": decode.steps,
+                    "sequences": decode.sequences,
+                    "batch_max": decode.batch_max,
+                },
+                "gpu": gpu.as_ref().map(|g| gpu_json(g, s.kv_vram_bytes.load(Ordering::Relaxed))),
             })
         })
         .collect();
     Json(serde_json::json!({"models": models, "loading": st.manager.loading()}))
+}
+
+/// A model's GPU in `/api/ps`: layers placed there, VRAM per tier, the link's traffic and
+/// the planner's prediction.
+fn gpu_json(g: &GpuGauges, kv_vram_bytes: usize) -> serde_json::Value {
+    let t = &g.stats;
+    serde_json::json!({
+        "device": t.device,
+        "layers": g.layers,
+        "n_layers": g.n_layers,
+        "vram": {
+            "weights_bytes": t.weights_vram,
+            "experts_bytes": t.experts_vram,
+            "kv_bytes": kv_vram_bytes,
+            "free_bytes": t.vram_free,
+            "total_bytes": t.vram_total,
+        },
+        "streamed_bytes": t.streamed_bytes,
+        "h2d_bytes": t.h2d_bytes,
+        "d2h_bytes": t.d2h_bytes,
+        "crossing_bytes": t.crossing_bytes,
+        "wait_s": t.wait_us as f64 / 1e6,
+        "launches": t.launches,
+        "predicted_decode_tps": g.predicted_decode_tps,
+        "bottleneck": g.bottleneck,
+    })
 }
 
 async fn load(

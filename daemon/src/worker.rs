@@ -24,7 +24,7 @@ use strata_storage::residency::ResidencyError;
 use tokio::sync::mpsc;
 
 use crate::logprobs::{TokenLogprob, token_logprob};
-use crate::metrics::Metrics;
+use crate::metrics::{DecodeCounts, Metrics};
 use crate::sessions::{SessionOutcome, SessionPlan};
 use crate::shutdown::Shutdown;
 use crate::stop::StopMatcher;
@@ -104,7 +104,16 @@ pub struct WorkerConfig {
 pub struct WorkerStats {
     pub active: AtomicUsize,
     pub kv_bytes: AtomicUsize,
+    /// KV pages in VRAM, over every cache the thread holds (finished ones kept for prefix
+    /// reuse included: they hold their pages).
+    pub kv_vram_bytes: AtomicUsize,
     pub tokens_generated: AtomicU64,
+    /// Decode passes, and the sequences they advanced: continuous batching puts every
+    /// decoding sequence in one pass, so the ratio is the mean batch.
+    pub decode_steps: AtomicU64,
+    pub decode_sequences: AtomicU64,
+    /// The most sequences one decode pass has advanced.
+    pub decode_batch_max: AtomicUsize,
     last_activity: Mutex<Instant>,
 }
 
@@ -113,9 +122,22 @@ impl WorkerStats {
         Self {
             active: AtomicUsize::new(0),
             kv_bytes: AtomicUsize::new(0),
+            kv_vram_bytes: AtomicUsize::new(0),
             tokens_generated: AtomicU64::new(0),
+            decode_steps: AtomicU64::new(0),
+            decode_sequences: AtomicU64::new(0),
+            decode_batch_max: AtomicUsize::new(0),
             // A model loaded at start and never used counts as idle from its load.
             last_activity: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// The decode counters, for `/api/ps` and `/metrics`.
+    pub fn decode_counts(&self) -> DecodeCounts {
+        DecodeCounts {
+            steps: self.decode_steps.load(Ordering::Relaxed),
+            sequences: self.decode_sequences.load(Ordering::Relaxed),
+            batch_max: self.decode_batch_max.load(Ordering::Relaxed),
         }
     }
 
@@ -437,6 +459,7 @@ impl Worker {
                 },
             };
             ctx.set_n_ubatch(self.cfg.prefill_chunk);
+            self.make_room_in_vram();
             self.active.push(Sequence {
                 prompt: req.prompt,
                 generated: Vec::new(),
@@ -501,7 +524,14 @@ impl Worker {
                 decoding.push(s);
             }
         }
-        decode(&model, metrics, &self.pool, &mut self.batch, &mut decoding);
+        let passes = decode(&model, metrics, &self.pool, &mut self.batch, &mut decoding);
+        let st = &self.stats;
+        let steps = passes.singles + usize::from(passes.batch > 0);
+        st.decode_steps.fetch_add(steps as u64, Ordering::Relaxed);
+        st.decode_sequences
+            .fetch_add((passes.singles + passes.batch) as u64, Ordering::Relaxed);
+        let widest = passes.batch.max(passes.singles.min(1));
+        st.decode_batch_max.fetch_max(widest, Ordering::Relaxed);
         // Counted after the step: a prefill's last chunk also yields a token.
         let produced: usize = self.active.iter().map(|s| s.produced).sum::<usize>() - before;
         self.stats
@@ -594,6 +624,31 @@ impl Worker {
             .store(self.active.len(), Ordering::Relaxed);
         let kv: usize = self.active.iter().map(|s| s.ctx.kv_bytes()).sum();
         self.stats.kv_bytes.store(kv, Ordering::Relaxed);
+        let vram: usize = self
+            .active
+            .iter()
+            .map(|s| &s.ctx)
+            .chain(self.idle.iter().map(|x| &x.ctx))
+            .map(Context::kv_vram_bytes)
+            .sum();
+        self.stats.kv_vram_bytes.store(vram, Ordering::Relaxed);
+    }
+
+    /// Drops the oldest finished caches that hold VRAM until they and the running sequences
+    /// (one more about to start included) number at most `parallel`: the VRAM the planner
+    /// left for KV caches is sized for `parallel` sequences, and finished caches keep their
+    /// VRAM pages, so keeping more would take the pages a running sequence needs.
+    fn make_room_in_vram(&mut self) {
+        let holding = |x: &Idle| x.ctx.kv_vram_bytes() > 0;
+        while self.active.len() + 1 + self.idle.iter().filter(|x| holding(x)).count()
+            > self.cfg.parallel
+        {
+            let Some(i) = self.idle.iter().position(holding) else {
+                break;
+            };
+            self.idle.remove(i);
+            tracing::debug!("dropped a finished KV cache to free its VRAM");
+        }
     }
 }
 
@@ -632,7 +687,8 @@ fn decode(
     pool: &ThreadPool,
     batch: &mut Scratch,
     seqs: &mut [&mut Sequence],
-) {
+) -> Passes {
+    let mut passes = Passes::default();
     if seqs.len() > 1 {
         let tokens: Vec<u32> = seqs.iter().map(|s| s.next).collect();
         let before: Vec<usize> = seqs.iter().map(|s| s.ctx.n_past()).collect();
@@ -644,7 +700,8 @@ fn decode(
                     let (tok, lp) = pick(&mut s.sampler, s.logprobs, row);
                     s.take(model, metrics, tok, lp);
                 }
-                return;
+                passes.batch = seqs.len();
+                return passes;
             }
             Err(e) => {
                 for (s, &n) in seqs.iter_mut().zip(&before) {
@@ -654,7 +711,7 @@ fn decode(
                     for s in seqs.iter_mut() {
                         fail(metrics, s, &e);
                     }
-                    return;
+                    return passes;
                 }
             }
         }
@@ -665,10 +722,20 @@ fn decode(
             Ok(logits) => {
                 let (tok, lp) = pick(&mut s.sampler, s.logprobs, logits);
                 s.take(model, metrics, tok, lp);
+                passes.singles += 1;
             }
             Err(e) => fail(metrics, s, &e),
         }
     }
+    passes
+}
+
+/// The decode passes of one step that produced tokens: one batched pass over `batch`
+/// sequences (0: none), and `singles` passes of one sequence each.
+#[derive(Default)]
+struct Passes {
+    batch: usize,
+    singles: usize,
 }
 
 /// Whether reading the weights failed (as opposed to a problem of one sequence).

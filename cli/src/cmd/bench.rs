@@ -102,6 +102,8 @@ pub struct Args {
 
 struct Row {
     model: String,
+    /// llama-bench's backend column: CPU, CUDA, or SIM (the simulated GPU).
+    backend: &'static str,
     n_batch: usize,
     n_ubatch: usize,
     size: u64,
@@ -115,6 +117,15 @@ struct Row {
     /// Bytes read from disk per token, and the read bandwidth while testing (streamed weights).
     disk_per_token: f64,
     disk_gbs: f64,
+}
+
+/// The backend column: where the model's GPU phases run, if it has any.
+fn backend_name(model: &strata_engine::Model) -> &'static str {
+    match model.gpu_stats() {
+        None => "CPU",
+        Some(g) if g.device.contains("simulator") => "SIM",
+        Some(_) => "CUDA",
+    }
 }
 
 pub fn exec(args: Args) -> anyhow::Result<()> {
@@ -290,6 +301,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
                 }
                 rows.push(Row {
                     model: desc.clone(),
+                    backend: backend_name(&model),
                     n_batch,
                     n_ubatch,
                     size: model.size_bytes(),
@@ -620,7 +632,7 @@ fn print_md(
             r.model,
             r.size as f64 / (1u64 << 20) as f64,
             params,
-            "CPU",
+            r.backend,
             r.threads,
             r.test,
             format!("{m:.2} ± {sd:.2}")
@@ -671,10 +683,11 @@ fn print_json(
             let (m, sd) = mean_sd(&r.samples);
             let samples: Vec<String> = r.samples.iter().map(|s| format!("{s:.4}")).collect();
             format!(
-                "  {{\"model_type\": {:?}, \"model_size\": {}, \"model_n_params\": {}, \"backends\": \"CPU\", \"n_batch\": {}, \"n_ubatch\": {}, \"n_threads\": {}, \"n_prompt\": {}, \"n_gen\": {}, \"avg_ts\": {m:.6}, \"stddev_ts\": {sd:.6}, \"samples_ts\": [{}], \"weight_bytes_per_token\": {}}}",
+                "  {{\"model_type\": {:?}, \"model_size\": {}, \"model_n_params\": {}, \"backends\": \"{}\", \"n_batch\": {}, \"n_ubatch\": {}, \"n_threads\": {}, \"n_prompt\": {}, \"n_gen\": {}, \"avg_ts\": {m:.6}, \"stddev_ts\": {sd:.6}, \"samples_ts\": [{}], \"weight_bytes_per_token\": {}}}",
                 r.model,
                 r.size,
                 r.params,
+                r.backend,
                 r.n_batch,
                 r.n_ubatch,
                 r.threads,
@@ -708,10 +721,11 @@ fn print_csv(out: &mut impl Write, rows: &[Row], kv: &KvArgs, depth: usize) -> a
         let (mns, sdns) = mean_sd(&ns);
         writeln!(
             out,
-            "\"{}\",{},{},\"CPU\",{},{},{},\"{}\",\"{}\",{},{},{depth},{:.0},{:.0},{m:.6},{sd:.6}",
+            "\"{}\",{},{},\"{}\",{},{},{},\"{}\",\"{}\",{},{},{depth},{:.0},{:.0},{m:.6},{sd:.6}",
             r.model.replace('"', "\"\""),
             r.size,
             r.params,
+            r.backend,
             r.n_batch,
             r.n_ubatch,
             r.threads,

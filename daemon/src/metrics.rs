@@ -558,6 +558,7 @@ mod tests {
             vram_free: 5000,
             vram_total: 8000,
             streamed_bytes: 300,
+            streamed_direct_bytes: 200,
             crossing_bytes: 40,
             h2d_bytes: 400,
             d2h_bytes: 50,

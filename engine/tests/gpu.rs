@@ -443,3 +443,57 @@ fn a_placement_that_cannot_fit_vram_names_the_bytes() {
         "{e}"
     );
 }
+
+/// Weights streamed from disk to the GPU are copied from the buffers io_uring's O_DIRECT reads
+/// land in (page-locked with the device), with no staging copy on the CPU; a window of two
+/// buffers, which the copies' held handles could starve, goes through a staging buffer. Both
+/// give the resident placement's logits.
+#[test]
+fn weights_streamed_from_disk_are_copied_to_the_gpu_from_where_the_reads_land() {
+    use strata_storage::io::{IoKind, ReaderOptions};
+    let mut spec = GenSpec::tiny(Arch::Llama);
+    spec.n_layer = 8;
+    let (_d, path) = model_file(&spec);
+    let size = std::fs::metadata(&path).unwrap().len();
+    let gpu = GpuOptions {
+        device: sim(256 << 20),
+        vram_budget: Some(size / 4),
+        ..GpuOptions::default()
+    };
+    let want = run(&load(&path, gpu.clone()), 2).0;
+    for (window, direct) in [(None, true), (Some(2), false)] {
+        let opts = ModelOptions {
+            residency: strata_storage::residency::LoadOptions {
+                ram_budget: Some(size * 45 / 100),
+                window,
+                io: ReaderOptions {
+                    kind: Some(IoKind::Uring),
+                    ..ReaderOptions::default()
+                },
+                ..Default::default()
+            },
+            gpu: gpu.clone(),
+            keep_file_layout: true,
+            ..ModelOptions::default()
+        };
+        let m = Model::load_with(&path, &opts).expect("load");
+        assert!(m.weights().stats().streamed_layers > 0, "layers on disk");
+        let got = run(&m, 2).0;
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                max_rel(g, w) < 1e-6,
+                "window {window:?}: streamed logits differ"
+            );
+        }
+        let s = m.gpu_stats().expect("gpu");
+        assert!(s.streamed_bytes > 0, "nothing streamed to the GPU");
+        if direct {
+            assert_eq!(
+                s.streamed_direct_bytes, s.streamed_bytes,
+                "all copied in place"
+            );
+        } else {
+            assert_eq!(s.streamed_direct_bytes, 0, "window of two: staged");
+        }
+    }
+}

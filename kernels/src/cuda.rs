@@ -135,6 +135,29 @@ impl CudaDevice {
         Ok(p.cast())
     }
 
+    /// # Safety
+    ///
+    /// `ptr..ptr + len` stays allocated until `unregister_host(ptr)`.
+    pub(crate) unsafe fn register_host(
+        &self,
+        ptr: *const u8,
+        len: usize,
+    ) -> Result<(), KernelError> {
+        self.bind()?;
+        // SAFETY: the caller keeps the range allocated while it is registered; flags 0: used
+        // from this context only.
+        unsafe { sys::cuMemHostRegister_v2(ptr.cast_mut().cast(), len, 0) }
+            .result()
+            .map_err(err("page-lock host memory"))
+    }
+
+    pub(crate) fn unregister_host(&self, ptr: *const u8) {
+        if self.bind().is_ok() {
+            // SAFETY: `ptr` was registered by `register_host` and is unregistered once.
+            let _ = unsafe { sys::cuMemHostUnregister(ptr.cast_mut().cast()) }.result();
+        }
+    }
+
     pub(crate) fn free_host(&self, p: *mut u8) {
         if self.bind().is_ok() {
             // SAFETY: `p` came from `alloc_host` and is freed once.

@@ -210,6 +210,35 @@ impl Device {
         })
     }
 
+    /// Page-locks `len` bytes of host memory that something else allocated (CUDA's
+    /// `cuMemHostRegister`): copies from it then run asynchronously by DMA, with no staging
+    /// copy, so a buffer that O_DIRECT reads land in can be copied to the GPU as it is. The
+    /// region is unregistered when the returned value drops; the simulator only records it.
+    ///
+    /// # Safety
+    ///
+    /// `ptr..ptr + len` must stay allocated until the returned region has dropped.
+    pub unsafe fn register_host(
+        &self,
+        ptr: *const u8,
+        len: usize,
+    ) -> Result<HostRegion, KernelError> {
+        if len == 0 {
+            return Err(KernelError::Invalid(
+                "registering 0 bytes of host memory".into(),
+            ));
+        }
+        if let Inner::Cuda(d) = &self.inner {
+            // SAFETY: forwarded from the caller.
+            unsafe { d.register_host(ptr, len)? };
+        }
+        Ok(HostRegion {
+            dev: self.clone(),
+            ptr,
+            len,
+        })
+    }
+
     /// A new stream (work on one stream runs in order; streams run concurrently).
     pub fn stream(&self) -> Result<Stream, KernelError> {
         let inner = match &self.inner {
@@ -331,6 +360,43 @@ impl HostBuffer {
 
     pub(crate) fn raw(&self) -> *mut u8 {
         self.ptr
+    }
+}
+
+/// Host memory page-locked by [`Device::register_host`] for as long as this value lives.
+pub struct HostRegion {
+    dev: Device,
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: the region is an address range; nothing is read or written through this value.
+unsafe impl Send for HostRegion {}
+// SAFETY: as above.
+unsafe impl Sync for HostRegion {}
+
+impl HostRegion {
+    /// Whether `bytes` lies inside the region.
+    pub fn contains(&self, bytes: &[u8]) -> bool {
+        let (start, end) = (self.ptr as usize, self.ptr as usize + self.len);
+        let p = bytes.as_ptr() as usize;
+        p >= start && p + bytes.len() <= end
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for HostRegion {
+    fn drop(&mut self) {
+        if let Inner::Cuda(d) = &self.dev.inner {
+            d.unregister_host(self.ptr);
+        }
     }
 }
 
@@ -473,6 +539,42 @@ impl Stream {
             StreamInner::Sim(s) => unsafe { s.upload_async(dst.at(offset), p, len) },
             // SAFETY: forwarded from the caller.
             StreamInner::Cuda(s) => unsafe { s.upload_async(dst.at(offset), p, len) },
+        }
+    }
+
+    /// Queues a copy of `src`, which lies in the page-locked `region`, to `dst` at `offset`,
+    /// returning at once (a DMA on a GPU: no staging copy on the CPU).
+    ///
+    /// # Safety
+    ///
+    /// `src` must stay alive and unmodified until the copy has completed (an event recorded
+    /// after it has fired, or the stream was synchronized).
+    pub unsafe fn upload_async_region(
+        &self,
+        dst: &DeviceBuffer,
+        offset: usize,
+        region: &HostRegion,
+        src: &[u8],
+    ) -> Result<(), KernelError> {
+        dst.check(offset, src.len())?;
+        if !region.contains(src) {
+            return Err(KernelError::Invalid(format!(
+                "{} bytes at {:p} are not inside the registered host region of {} bytes at {:p}",
+                src.len(),
+                src.as_ptr(),
+                region.len,
+                region.ptr
+            )));
+        }
+        match &self.inner {
+            // SAFETY: forwarded from the caller.
+            StreamInner::Sim(s) => unsafe {
+                s.upload_async(dst.at(offset), src.as_ptr(), src.len())
+            },
+            // SAFETY: forwarded from the caller.
+            StreamInner::Cuda(s) => unsafe {
+                s.upload_async(dst.at(offset), src.as_ptr(), src.len())
+            },
         }
     }
 

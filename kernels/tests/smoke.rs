@@ -103,3 +103,26 @@ fn a_launch_that_does_not_wait_for_its_copy_sees_stale_memory() {
     compute.download(&by, 0, &mut out).unwrap();
     assert!(f32s(&out).iter().all(|v| (v - 1.0).abs() < 1e-5));
 }
+
+#[test]
+fn copies_from_registered_host_memory_run_in_place_and_stay_inside_it() {
+    let dev = Device::sim(SimConfig::default()).unwrap();
+    let s = dev.stream().unwrap();
+    let host: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
+    // SAFETY: `host` outlives the region (dropped at the end of the test, after it).
+    let region = unsafe { dev.register_host(host.as_ptr(), host.len()) }.unwrap();
+    let d = dev.alloc(4096).unwrap();
+    // SAFETY: `host` is alive and unmodified until the synchronize below.
+    unsafe { s.upload_async_region(&d, 0, &region, &host[1000..5096]) }.unwrap();
+    let mut out = vec![0u8; 4096];
+    s.download(&d, 0, &mut out).unwrap();
+    assert_eq!(out, host[1000..5096]);
+    let other = vec![0u8; 64];
+    // SAFETY: refused before anything is queued.
+    let e = unsafe { s.upload_async_region(&d, 0, &region, &other) }
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not inside the registered host region"), "{e}");
+    // SAFETY: as above.
+    assert!(unsafe { dev.register_host(host.as_ptr(), 0) }.is_err());
+}

@@ -47,6 +47,9 @@ pub struct GpuStats {
     pub vram_total: u64,
     /// Weight bytes copied to the device each step (streamed matrices, experts copied in).
     pub streamed_bytes: u64,
+    /// Of those, bytes copied straight from storage's page-locked buffers, where io_uring's
+    /// reads put them (the rest went through a staging buffer).
+    pub streamed_direct_bytes: u64,
     /// Activation bytes that crossed between the CPU and the GPU.
     pub crossing_bytes: u64,
     /// Every host → device and device → host byte.
@@ -113,6 +116,9 @@ pub(crate) struct Moe {
 pub struct Model {
     pub config: ModelConfig,
     pub tokenizer: Tokenizer,
+    /// The GPU executor's weights, when a GPU was asked for. Declared before `weights`: its
+    /// copies read the weights' buffers, which it page-locked, so it lets go of them first.
+    pub(crate) gpu: Option<crate::exec::gpu::weights::GpuWeights>,
     pub(crate) weights: Weights,
     pub(crate) layers: Vec<Layer>,
     pub(crate) token_embd: Mat,
@@ -124,8 +130,6 @@ pub struct Model {
     pub(crate) cpu: CpuWeights,
     /// Where each phase of each layer runs.
     pub(crate) placement: Placement,
-    /// The GPU executor's weights, when a GPU was asked for.
-    pub(crate) gpu: Option<crate::exec::gpu::weights::GpuWeights>,
     /// The planner's placement behind `placement`, when there is a GPU.
     pub(crate) plan: Option<crate::plan::Placement>,
     pub(crate) expert_settings: ExpertSettings,
@@ -339,6 +343,7 @@ impl Model {
             vram_free: free as u64,
             vram_total: total as u64,
             streamed_bytes: g.counters.streamed_bytes.load(Relaxed),
+            streamed_direct_bytes: g.counters.streamed_direct_bytes.load(Relaxed),
             crossing_bytes: g.counters.crossing_bytes.load(Relaxed),
             h2d_bytes: t.h2d_bytes,
             d2h_bytes: t.d2h_bytes,

@@ -206,6 +206,7 @@ pub(crate) fn place(
         kv_layers,
         kv_budget,
         &experts,
+        !streamed.is_empty(),
     )?;
     tracing::info!(
         gpu = %gpu.dev.info().name,

@@ -167,6 +167,13 @@ pub struct TensorHandle {
     _keep: Keep,
 }
 
+// SAFETY: a handle is a read-only view of bytes that `_keep` (an `Arc` of a buffer or mapping,
+// or a pin of a window slot, all shareable across threads) keeps alive and unwritten while it
+// lives; nothing about it is tied to the thread that acquired it.
+unsafe impl Send for TensorHandle {}
+// SAFETY: as above; shared access only reads.
+unsafe impl Sync for TensorHandle {}
+
 impl TensorHandle {
     pub fn bytes(&self) -> &[u8] {
         // SAFETY: `keep` holds the buffer, mapping or pinned slot that `ptr..ptr + len` lies in
@@ -779,6 +786,26 @@ impl Weights {
         }
     }
 
+    /// The buffers weights lie in when they were read (not mapped), as (address, length): the
+    /// resident set, and the streaming window's slots that io_uring's O_DIRECT reads land in.
+    /// A GPU page-locks them so that its copies read the weights where the reads put them.
+    /// They live as long as these weights.
+    pub fn host_buffers(&self) -> Vec<(*const u8, usize)> {
+        match &self.backing {
+            Backing::Read { hot, streamer, .. } => {
+                let mut v = Vec::new();
+                if !hot.is_empty() {
+                    v.push((hot.as_ptr().cast_const(), hot.len()));
+                }
+                if let Some(s) = streamer {
+                    v.extend(s.buffers());
+                }
+                v
+            }
+            Backing::Mapped(_) => Vec::new(),
+        }
+    }
+
     /// In how many row ranges the tensor is held; [`Weights::acquire_part`] takes each. A
     /// tensor larger than a streaming buffer is cut by rows; every other tensor has one part.
     pub fn parts(&self, id: TensorId) -> Result<usize, ResidencyError> {
@@ -1247,3 +1274,9 @@ impl Weights {
         self.io_kind
     }
 }
+
+/// What a handle keeps alive may move between threads (the `Send`/`Sync` of `TensorHandle`).
+const _: () = {
+    const fn shareable<T: Send + Sync>() {}
+    shareable::<Keep>();
+};

@@ -212,6 +212,14 @@ impl Streamer {
         })
     }
 
+    pub(super) fn buffers(&self) -> Vec<(*const u8, usize)> {
+        let slots = &self.shared.slots;
+        slots
+            .iter()
+            .map(|b| (b.as_ptr().cast_const(), b.len()))
+            .collect()
+    }
+
     pub(super) fn shared(&self) -> &Shared {
         &self.shared
     }

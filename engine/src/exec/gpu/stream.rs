@@ -1,17 +1,25 @@
 //! Weights streamed to the GPU each step: matrices (or row parts of them) that are not in VRAM
-//! are copied into page-locked host buffers and uploaded on a copy stream of their own into
-//! two device buffers used in turn, so that while one part computes the next one is already
-//! crossing PCIe. Events order it all: a copy into a buffer waits until the product that read
-//! it last has run, and a product waits until its copy has landed. Which part comes next is
-//! learned from the order the pass asks for them (the same every step).
+//! are uploaded on a copy stream of their own into two device buffers used in turn, so that
+//! while one part computes the next one is already crossing PCIe. Events order it all: a copy
+//! into a buffer waits until the product that read it last has run, and a product waits until
+//! its copy has landed. Which part comes next is learned from the order the pass asks for them
+//! (the same every step).
+//!
+//! The copies read the weights where storage put them: the resident set and the streaming
+//! window's slots (which io_uring's O_DIRECT reads fill) are page-locked with the driver at
+//! start ([`Device::register_host`]), so a copy is a DMA from them with no copy on the CPU; the
+//! ring holds the weight's handle (and so its window slot) until the copy has landed. Where
+//! that cannot be (a mapped file, memory the driver would not lock, a window of fewer than
+//! three slots, which two held handles could starve) the part goes through a page-locked
+//! staging buffer instead.
 
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use strata_kernels::{Device, DeviceBuffer, Event, HostBuffer, Stream};
-use strata_storage::residency::{TensorId, Weights};
+use strata_kernels::{Device, DeviceBuffer, Event, HostBuffer, HostRegion, Stream};
+use strata_storage::residency::{TensorHandle, TensorId, Weights};
 
 use super::weights::{GpuCounters, gpu_err};
 use crate::error::EngineError;
@@ -28,6 +36,8 @@ struct Slot {
     ready: Option<Event>,
     /// The last product reading `dev` has run (recorded on the compute stream).
     free: Option<Event>,
+    /// The weights a direct copy reads, held until it has landed.
+    keep: Option<TensorHandle>,
 }
 
 impl Slot {
@@ -39,6 +49,7 @@ impl Slot {
             rows: 0..0,
             ready: None,
             free: None,
+            keep: None,
         }
     }
 }
@@ -49,16 +60,50 @@ pub(crate) struct Ring {
     /// The order the pass asks for streamed parts, and each part's place in it.
     order: Vec<Key>,
     place: HashMap<Key, usize>,
+    /// The weights' host buffers, page-locked (empty: every part is staged).
+    regions: Vec<HostRegion>,
 }
 
+/// Fewest streaming-window slots for direct copies: the ring holds two handles, and a layer
+/// computed on the CPU meanwhile needs a slot of its own.
+const DIRECT_MIN_WINDOW: usize = 3;
+
 impl Ring {
-    pub(crate) fn new(dev: &Device) -> Result<Ring, EngineError> {
+    /// `direct`: page-lock the weights' buffers so that copies read them in place (the
+    /// executor asks for it only when some weights are streamed to the GPU).
+    pub(crate) fn new(dev: &Device, weights: &Weights, direct: bool) -> Result<Ring, EngineError> {
+        let mut regions = Vec::new();
+        let window = weights.stats().window;
+        let buffers = weights.host_buffers();
+        if direct && (window == 0 || window >= DIRECT_MIN_WINDOW) {
+            for (ptr, len) in buffers {
+                // SAFETY: the buffers live as long as `weights`, which the model keeps beyond
+                // its executor (and so this ring); the regions drop with the ring.
+                match unsafe { dev.register_host(ptr, len) } {
+                    Ok(r) => regions.push(r),
+                    Err(e) => {
+                        tracing::info!(
+                            "weights' host buffer of {len} bytes not page-locked ({e}); \
+                             streamed weights go through a staging buffer"
+                        );
+                        regions.clear();
+                        break;
+                    }
+                }
+            }
+        }
         Ok(Ring {
             copy: dev.stream().map_err(gpu_err)?,
             slots: [Slot::empty(), Slot::empty()],
             order: Vec::new(),
             place: HashMap::new(),
+            regions,
         })
+    }
+
+    /// Whether streamed weights are copied to the GPU straight from storage's buffers.
+    pub(crate) fn direct(&self) -> bool {
+        !self.regions.is_empty()
     }
 
     /// Starts copying `key` into slot `i` (after the product that last read it has run).
@@ -69,6 +114,10 @@ impl Ring {
         weights: &Weights,
         counters: &GpuCounters,
     ) -> Result<(), EngineError> {
+        // The slot's last copy must have landed before its buffers take another part; the
+        // weights it read are let go first, so that acquiring the next part never waits for
+        // a window slot this ring holds.
+        self.release(i)?;
         let (h, rows) = match weights.parts(key.0)? {
             1 => {
                 let h = weights.acquire(key.0)?;
@@ -78,39 +127,48 @@ impl Ring {
             _ => weights.acquire_part(key.0, key.1)?,
         };
         let bytes = h.bytes();
+        let n = bytes.len();
         let t0 = Instant::now();
         let slot = &mut self.slots[i];
-        // The pinned buffer is free again once its last copy has landed.
-        if let Some(e) = slot.ready.take() {
-            e.synchronize().map_err(gpu_err)?;
-        }
         if let Some(e) = slot.free.take() {
             self.copy.wait(&e).map_err(gpu_err)?;
         }
         let dev = self.copy.device().clone();
-        if slot.host.as_ref().is_none_or(|b| b.len() < bytes.len()) {
-            slot.host = Some(dev.alloc_host(bytes.len()).map_err(gpu_err)?);
-        }
         if slot.dev.as_ref().is_none_or(|b| b.len() < bytes.len()) {
             // Nothing queued reads the old buffer: its product's event was waited for above
             // by the copy stream, and the copy stream runs in order.
             self.copy.synchronize().map_err(gpu_err)?;
             slot.dev = Some(dev.alloc(bytes.len()).map_err(gpu_err)?);
         }
-        let (host, dbuf) = match (&mut slot.host, &slot.dev) {
-            (Some(h), Some(d)) => (h, d),
-            _ => unreachable!("allocated above"),
+        let Some(dbuf) = &slot.dev else {
+            unreachable!("allocated above")
         };
-        host.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
-        // SAFETY: `host` lives in the slot until this copy's `ready` event has been waited
-        // for (above, before the next copy into it, or when the ring is dropped).
-        unsafe { self.copy.upload_async(dbuf, 0, host, 0, bytes.len()) }.map_err(gpu_err)?;
+        if let Some(region) = self.regions.iter().find(|r| r.contains(bytes)) {
+            // SAFETY: `h` (and with it the buffer `bytes` lies in) is kept in the slot until
+            // this copy's `ready` event has been waited for (`release`, or the ring's drop).
+            unsafe { self.copy.upload_async_region(dbuf, 0, region, bytes) }.map_err(gpu_err)?;
+            slot.keep = Some(h);
+            counters
+                .streamed_direct_bytes
+                .fetch_add(n as u64, Ordering::Relaxed);
+        } else {
+            if slot.host.as_ref().is_none_or(|b| b.len() < bytes.len()) {
+                slot.host = Some(dev.alloc_host(bytes.len()).map_err(gpu_err)?);
+            }
+            let Some(host) = &mut slot.host else {
+                unreachable!("allocated above")
+            };
+            host.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
+            // SAFETY: `host` lives in the slot until this copy's `ready` event has been
+            // waited for (`release`, before the next copy into it, or the ring's drop).
+            unsafe { self.copy.upload_async(dbuf, 0, host, 0, bytes.len()) }.map_err(gpu_err)?;
+        }
         slot.ready = Some(self.copy.record().map_err(gpu_err)?);
         slot.holds = Some(key);
         slot.rows = rows;
         counters
             .streamed_bytes
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            .fetch_add(n as u64, Ordering::Relaxed);
         counters
             .wait_us
             .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -161,6 +219,7 @@ impl Ring {
         counters: &GpuCounters,
     ) -> Result<(), EngineError> {
         self.slots[i].free = Some(s.record().map_err(gpu_err)?);
+        self.release_landed();
         let Some(key) = self.slots[i].holds else {
             return Ok(());
         };
@@ -178,9 +237,40 @@ impl Ring {
     }
 }
 
+impl Ring {
+    /// Waits until slot `i`'s copy has landed and lets go of the weights it read.
+    fn release(&mut self, i: usize) -> Result<(), EngineError> {
+        let slot = &mut self.slots[i];
+        if let Some(e) = slot.ready.take() {
+            e.synchronize().map_err(gpu_err)?;
+        }
+        slot.keep = None;
+        Ok(())
+    }
+
+    /// Lets go of the weights of copies that have landed, without waiting (window slots free
+    /// for the CPU's layers as early as can be).
+    fn release_landed(&mut self) {
+        for slot in &mut self.slots {
+            if slot.keep.is_some()
+                && slot
+                    .ready
+                    .as_ref()
+                    .is_some_and(|e| e.is_done().unwrap_or(false))
+            {
+                slot.keep = None;
+            }
+        }
+    }
+}
+
 impl Drop for Ring {
     fn drop(&mut self) {
-        // Copies in flight read the pinned buffers: let them land first.
+        // Copies in flight read the staging buffers or the held weights: let them land first.
         let _ = self.copy.synchronize();
+        for slot in &mut self.slots {
+            slot.keep = None;
+        }
+        // The regions unregister after this, as the fields drop.
     }
 }

@@ -38,6 +38,9 @@ pub(crate) struct LayerVecs {
 pub(crate) struct GpuCounters {
     /// Weight bytes copied host → device each step (streamed matrices and experts).
     pub streamed_bytes: AtomicU64,
+    /// Of those, the bytes copied straight from storage's page-locked buffers (no staging
+    /// copy on the CPU).
+    pub streamed_direct_bytes: AtomicU64,
     /// Activation bytes crossing between the devices.
     pub crossing_bytes: AtomicU64,
     /// Time the host waited for those copies to be queued and done, µs.
@@ -76,7 +79,9 @@ fn upload_opt(s: &Stream, v: &Option<Vec<f32>>) -> Result<Option<DeviceBuffer>, 
 }
 
 impl GpuWeights {
-    /// Uploads the tensors in `resident` and the vectors of the layers marked in `gpu_layers`.
+    /// Uploads the tensors in `resident` and the vectors of the layers marked in `gpu_layers`;
+    /// `streams_weights`: some matrices are copied to the GPU each step (the ring then
+    /// page-locks the weights' host buffers).
     pub(crate) fn prepare(
         dev: Device,
         weights: &Weights,
@@ -87,6 +92,7 @@ impl GpuWeights {
         kv_layers: Vec<bool>,
         kv_vram_budget: Option<usize>,
         experts: &[Option<(usize, usize)>],
+        streams_weights: bool,
     ) -> Result<GpuWeights, EngineError> {
         let stream = Arc::new(dev.stream().map_err(gpu_err)?);
         let s = &*stream;
@@ -147,7 +153,14 @@ impl GpuWeights {
             .map(super::moe::MoeGpu::bytes)
             .sum::<u64>();
         s.synchronize().map_err(gpu_err)?;
-        let ring = Mutex::new(super::stream::Ring::new(&dev)?);
+        let ring = super::stream::Ring::new(&dev, weights, streams_weights)?;
+        if streams_weights {
+            tracing::info!(
+                direct = ring.direct(),
+                "weights streamed to the GPU (direct: copied from storage's page-locked buffers)"
+            );
+        }
+        let ring = Mutex::new(ring);
         Ok(GpuWeights {
             dev,
             stream,

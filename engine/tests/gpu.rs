@@ -119,10 +119,14 @@ fn assert_same_tokens(
 /// Each placement of a tiny model against the CPU backend.
 fn check(spec: &GenSpec, what: &str, gpu: GpuOptions) {
     let (_d, path) = model_file(spec);
-    let cpu = load(&path, GpuOptions::default());
-    let dev = load(&path, gpu);
+    check_model(spec, what, &path, &load(&path, gpu));
+}
+
+/// A model loaded from `path` with a GPU placement against the CPU backend's resident one.
+fn check_model(spec: &GenSpec, what: &str, path: &std::path::Path, dev: &Model) {
+    let cpu = load(path, GpuOptions::default());
     let (lc, tc) = run(&cpu, 4);
-    let (lg, tg) = run(&dev, 4);
+    let (lg, tg) = run(dev, 4);
     let worst = lc
         .iter()
         .zip(&lg)
@@ -239,6 +243,48 @@ fn moe_experts_split_between_vram_and_the_cpu() {
             opts(tenths),
         );
     }
+}
+
+/// Experts in all three tiers: some cached in VRAM, the rest of the RAM budget's in RAM and
+/// the others read from SSD when routed to, computed on the CPU or copied in.
+#[test]
+fn moe_experts_split_across_vram_ram_and_ssd() {
+    let spec = GenSpec::tiny(Arch::Qwen3Moe);
+    let (_d, path) = model_file(&spec);
+    let bytes = std::fs::metadata(&path).unwrap().len();
+    let load_split = |tenths: u64| {
+        let opts = ModelOptions {
+            residency: strata_storage::residency::LoadOptions {
+                ram_budget: Some(bytes * 4 / 10),
+                ..Default::default()
+            },
+            gpu: GpuOptions {
+                device: sim(256 << 20),
+                vram_budget: Some(bytes * tenths / 10),
+                ..GpuOptions::default()
+            },
+            keep_file_layout: true,
+            ..ModelOptions::default()
+        };
+        Model::load_with(&path, &opts).expect("load")
+    };
+    let (m, e) = (3..10)
+        .find_map(|t| {
+            let m = load_split(t);
+            let e = m.plan().and_then(|p| p.layers[0].experts)?;
+            (e.vram > 0 && e.vram < spec.n_expert).then_some((m, e))
+        })
+        .expect("a VRAM budget that splits the experts");
+    assert!(m.weights().experts_streamed_any(), "no expert on SSD");
+    check_model(
+        &spec,
+        &format!(
+            "experts {} of {} in VRAM, the rest in RAM and on SSD",
+            e.vram, spec.n_expert
+        ),
+        &path,
+        &m,
+    );
 }
 
 #[test]

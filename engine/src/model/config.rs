@@ -58,12 +58,9 @@ impl Arch {
             "qwen3moe" => Arch::Qwen3Moe,
             "olmoe" => Arch::Olmoe,
             other => {
-                // A hostile header may put anything here: quote at most 64 characters of it.
-                let mut shown: String = other.chars().take(64).collect();
-                if shown.len() < other.len() {
-                    shown.push('…');
-                }
-                return Err(EngineError::UnknownArch(shown.escape_debug().to_string()));
+                // A hostile header may put anything here: quote a short, escaped prefix.
+                let shown = strata_storage::text::clip(other, strata_storage::text::QUOTE_CHARS);
+                return Err(EngineError::UnknownArch(shown.into_owned()));
             }
         })
     }

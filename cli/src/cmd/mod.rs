@@ -16,7 +16,6 @@ pub mod ps;
 pub mod pull;
 pub mod rm;
 pub mod run;
-pub mod run_daemon;
 pub mod serve;
 pub mod show;
 pub mod tokenize;

@@ -4,6 +4,7 @@
 //! With no prompt, `run` chats (as llama-cli and Ollama do) when a person is at the terminal;
 //! otherwise it says that a prompt is missing before loading anything.
 
+mod daemon;
 mod generate;
 mod modes;
 mod text;
@@ -264,7 +265,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
             anyhow::bail!("--socket completes a prompt; chat with a daemon through `strata chat`");
         }
         let model = spec.unwrap_or_else(|| DEFAULT_MODEL.to_owned());
-        return super::run_daemon::exec(&args, &model, socket, prompt);
+        return daemon::exec(&args, &model, socket, prompt);
     }
     let reverse: Vec<String> = if args.no_escape {
         args.reverse_prompt.clone()

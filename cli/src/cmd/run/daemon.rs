@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 use serde_json::json;
 
-use super::run::Args;
+use super::Args;
 use crate::client::{Client, error_message, read_sse};
 
 /// Flags that only mean something in-process; given with `--socket`, they are an error rather

@@ -543,3 +543,59 @@ fn weights_streamed_from_disk_are_copied_to_the_gpu_from_where_the_reads_land() 
         }
     }
 }
+
+/// Attention on the GPU over quantized KV caches: the kernels write and read q8_0 and q4_0
+/// pages as the CPU's caches hold them (two pages, so a full one and a filling one), and the
+/// logits follow the CPU backend's with the same cache type.
+#[test]
+fn gpu_attention_over_quantized_kv_caches_follows_the_cpu() {
+    use strata_storage::quant::GgmlType;
+    let spec = GenSpec::tiny(Arch::Qwen3);
+    let (_d, path) = model_file(&spec);
+    let cpu = load(&path, GpuOptions::default());
+    let gpu = load(
+        &path,
+        GpuOptions {
+            device: sim(256 << 20),
+            ..GpuOptions::default()
+        },
+    );
+    assert!(gpu.plan().is_some_and(|p| {
+        p.layers
+            .iter()
+            .all(|l| l.attend == strata_engine::plan::Exec::Gpu)
+    }));
+    let pool = Arc::new(ThreadPool::new(2));
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_0] {
+        let kv = strata_engine::kv::KvOptions {
+            type_k: ty,
+            type_v: ty,
+            ..Default::default()
+        };
+        let mut c = cpu
+            .new_context_with(512, pool.clone(), &kv)
+            .expect("context");
+        let mut g = gpu
+            .new_context_with(512, pool.clone(), &kv)
+            .expect("context");
+        let (lc, lg) = (long_run(&cpu, &mut c, 300), long_run(&gpu, &mut g, 300));
+        let argmax = |l: &[f32]| (0..l.len()).max_by(|&x, &y| l[x].total_cmp(&l[y]));
+        for (i, (a, b)) in lc.iter().zip(&lg).enumerate() {
+            let e = max_rel(a, b);
+            eprintln!(
+                "{ty:?} step {i}: relative difference {e:.2e}, top gaps {:.3} {:.3}",
+                top_gap(a),
+                top_gap(b)
+            );
+            assert!(e < 0.05, "{ty:?} step {i}: relative difference {e}");
+            if argmax(a) != argmax(b) {
+                // Each run feeds its own choice on: past a near tie they part.
+                assert!(
+                    top_gap(a) < 0.02 || top_gap(b) < 0.02,
+                    "{ty:?} step {i}: tokens differ"
+                );
+                break;
+            }
+        }
+    }
+}

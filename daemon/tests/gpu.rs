@@ -353,7 +353,9 @@ fn start_failure(args: &[&str], envs: &[(&str, &str)]) -> (Option<i32>, String) 
 #[test]
 fn bad_gpu_settings_stop_the_daemon_at_start_naming_the_key() {
     let _g = lock();
-    let cases: &[(&[&str], &[(&str, &str)], &[&str])] = &[
+    // Flags, environment, and what the error must say.
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: &[Case] = &[
         (
             &["--device", "tpu"],
             &[],

@@ -195,10 +195,8 @@ impl GpuArgs {
             (Some(s), _) => {
                 // A percentage of the GPU's memory needs the device; sizes do not.
                 let total = if s.trim_end().ends_with('%') {
-                    let info = strata_engine::model::open_device(&device)?
-                        .map(|d| d.info().total_memory as u64)
-                        .unwrap_or(0);
-                    info
+                    strata_engine::model::open_device(&device)?
+                        .map_or(0, |d| d.info().total_memory as u64)
                 } else {
                     0
                 };

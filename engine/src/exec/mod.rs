@@ -207,6 +207,9 @@ pub(crate) struct Pass<'a> {
 
 /// One device's executor: its activation buffers and whatever else it keeps between passes.
 /// The closed set of devices; each phase is dispatched here to the executor's own code.
+// One executor per device per context, made once and never moved on a hot path: the size of
+// the larger variant costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Executor {
     Cpu(cpu::CpuExec),
     Gpu(gpu::GpuExec),

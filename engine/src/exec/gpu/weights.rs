@@ -82,6 +82,9 @@ impl GpuWeights {
     /// Uploads the tensors in `resident` and the vectors of the layers marked in `gpu_layers`;
     /// `streams_weights`: some matrices are copied to the GPU each step (the ring then
     /// page-locks the weights' host buffers).
+    // The placement's parts, each from its own place in `placing`; a struct would only
+    // rename them.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn prepare(
         dev: Device,
         weights: &Weights,

@@ -390,27 +390,36 @@ fn kv_pages_move_from_vram_to_ram_and_ssd_and_attention_reads_them_all() {
     assert!(spill.disk_bytes > 0, "{spill:?}");
 }
 
-#[test]
-fn a_read_error_while_streaming_to_the_gpu_fails_the_step_and_the_next_succeeds() {
-    use strata_storage::io::{Faults, IoKind, ReaderOptions};
+/// An 8-layer model and a VRAM budget of a quarter of it, for weights streamed to the GPU.
+fn streaming_setup() -> (tempfile::TempDir, std::path::PathBuf, u64, GpuOptions) {
     let mut spec = GenSpec::tiny(Arch::Llama);
     spec.n_layer = 8;
-    let (_d, path) = model_file(&spec);
+    let (d, path) = model_file(&spec);
     let size = std::fs::metadata(&path).unwrap().len();
     let gpu = GpuOptions {
         device: sim(256 << 20),
         vram_budget: Some(size / 4),
         ..GpuOptions::default()
     };
-    let want = run(&load(&path, gpu.clone()), 0).0;
-    // Weights not in VRAM stream from disk (a RAM budget below the model) to the GPU: a read
-    // a few chunks after loading fails.
-    let opts = |faults: Option<String>| ModelOptions {
+    (d, path, size, gpu)
+}
+
+/// Options that stream what VRAM does not hold from disk (a RAM budget below the model) to
+/// the GPU, read by io_uring through a window of `window` buffers, with injected `faults`.
+fn from_disk(
+    size: u64,
+    gpu: &GpuOptions,
+    window: Option<usize>,
+    faults: Option<&str>,
+) -> ModelOptions {
+    use strata_storage::io::{Faults, IoKind, ReaderOptions};
+    ModelOptions {
         residency: strata_storage::residency::LoadOptions {
             ram_budget: Some(size * 45 / 100),
+            window,
             io: ReaderOptions {
                 kind: Some(IoKind::Uring),
-                faults: faults.map(|f| Faults::parse(&f).expect("faults")),
+                faults: faults.map(|f| Faults::parse(f).expect("faults")),
                 ..ReaderOptions::default()
             },
             ..Default::default()
@@ -418,7 +427,15 @@ fn a_read_error_while_streaming_to_the_gpu_fails_the_step_and_the_next_succeeds(
         gpu: gpu.clone(),
         keep_file_layout: true,
         ..ModelOptions::default()
-    };
+    }
+}
+
+#[test]
+fn a_read_error_while_streaming_to_the_gpu_fails_the_step_and_the_next_succeeds() {
+    let (_d, path, size, gpu) = streaming_setup();
+    let want = run(&load(&path, gpu.clone()), 0).0;
+    // A read a few chunks after loading fails.
+    let opts = |faults: Option<String>| from_disk(size, &gpu, None, faults.as_deref());
     let at_load = Model::load_with(&path, &opts(None))
         .expect("load")
         .weights()
@@ -496,33 +513,10 @@ fn a_placement_that_cannot_fit_vram_names_the_bytes() {
 /// give the resident placement's logits.
 #[test]
 fn weights_streamed_from_disk_are_copied_to_the_gpu_from_where_the_reads_land() {
-    use strata_storage::io::{IoKind, ReaderOptions};
-    let mut spec = GenSpec::tiny(Arch::Llama);
-    spec.n_layer = 8;
-    let (_d, path) = model_file(&spec);
-    let size = std::fs::metadata(&path).unwrap().len();
-    let gpu = GpuOptions {
-        device: sim(256 << 20),
-        vram_budget: Some(size / 4),
-        ..GpuOptions::default()
-    };
+    let (_d, path, size, gpu) = streaming_setup();
     let want = run(&load(&path, gpu.clone()), 2).0;
     for (window, direct) in [(None, true), (Some(2), false)] {
-        let opts = ModelOptions {
-            residency: strata_storage::residency::LoadOptions {
-                ram_budget: Some(size * 45 / 100),
-                window,
-                io: ReaderOptions {
-                    kind: Some(IoKind::Uring),
-                    ..ReaderOptions::default()
-                },
-                ..Default::default()
-            },
-            gpu: gpu.clone(),
-            keep_file_layout: true,
-            ..ModelOptions::default()
-        };
-        let m = Model::load_with(&path, &opts).expect("load");
+        let m = Model::load_with(&path, &from_disk(size, &gpu, window, None)).expect("load");
         assert!(m.weights().stats().streamed_layers > 0, "layers on disk");
         let got = run(&m, 2).0;
         for (g, w) in got.iter().zip(&want) {

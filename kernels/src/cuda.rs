@@ -219,6 +219,65 @@ pub(crate) struct CudaStream {
 
 pub(crate) struct CudaEvent(cudarc::driver::CudaEvent);
 
+/// A captured graph (`CUgraph`), destroyed on drop.
+pub(crate) struct CudaGraph(sys::CUgraph, Arc<CudaDevice>);
+// SAFETY: a graph handle may be used from any thread; the wrapper gives it one owner.
+unsafe impl Send for CudaGraph {}
+// SAFETY: shared access only reads it (instantiate, update from).
+unsafe impl Sync for CudaGraph {}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        let _ = self.1.bind();
+        // SAFETY: made by cuStreamEndCapture and destroyed once.
+        let _ = unsafe { sys::cuGraphDestroy(self.0) };
+    }
+}
+
+impl CudaGraph {
+    pub(crate) fn instantiate(&self) -> Result<CudaGraphExec, KernelError> {
+        self.1.bind()?;
+        let mut e = std::ptr::null_mut();
+        // SAFETY: a live graph; `e` receives the executable graph.
+        unsafe { sys::cuGraphInstantiateWithFlags(&raw mut e, self.0, 0) }
+            .result()
+            .map_err(err("instantiate graph"))?;
+        Ok(CudaGraphExec(e, Arc::clone(&self.1)))
+    }
+}
+
+/// An executable graph (`CUgraphExec`), destroyed on drop.
+pub(crate) struct CudaGraphExec(sys::CUgraphExec, Arc<CudaDevice>);
+// SAFETY: as for CudaGraph.
+unsafe impl Send for CudaGraphExec {}
+// SAFETY: as for CudaGraph.
+unsafe impl Sync for CudaGraphExec {}
+
+impl Drop for CudaGraphExec {
+    fn drop(&mut self) {
+        let _ = self.1.bind();
+        // SAFETY: made by cuGraphInstantiateWithFlags and destroyed once.
+        let _ = unsafe { sys::cuGraphExecDestroy(self.0) };
+    }
+}
+
+impl CudaGraphExec {
+    /// `cuGraphExecUpdate`: whether `graph`'s parameters were taken (false: its topology
+    /// differs, instantiate anew).
+    pub(crate) fn update(&mut self, graph: &CudaGraph) -> Result<bool, KernelError> {
+        self.1.bind()?;
+        // SAFETY: plain data, filled in by the driver.
+        let mut info: sys::CUgraphExecUpdateResultInfo = unsafe { std::mem::zeroed() };
+        // SAFETY: both handles are live; `info` receives the result.
+        let r = unsafe { sys::cuGraphExecUpdate_v2(self.0, graph.0, &raw mut info) };
+        match r {
+            sys::cudaError_enum::CUDA_SUCCESS => Ok(true),
+            sys::cudaError_enum::CUDA_ERROR_GRAPH_EXEC_UPDATE_FAILURE => Ok(false),
+            other => Err(err("update graph")(result::DriverError(other))),
+        }
+    }
+}
+
 impl CudaEvent {
     pub(crate) fn synchronize(&self) -> Result<(), KernelError> {
         self.0.synchronize().map_err(err("event synchronize"))
@@ -337,6 +396,59 @@ impl CudaStream {
 
     pub(crate) fn synchronize(&self) -> Result<(), KernelError> {
         self.s.synchronize().map_err(err("synchronize"))
+    }
+
+    /// # Safety
+    ///
+    /// `dst..dst+len` (pinned) must stay valid, and not be read, until the copy completes.
+    pub(crate) unsafe fn download_async(
+        &self,
+        src: u64,
+        dst: *mut u8,
+        len: usize,
+    ) -> Result<(), KernelError> {
+        self.dev.bind()?;
+        self.dev.d2h.fetch_add(len as u64, Ordering::Relaxed);
+        // SAFETY: a checked range of a live buffer; the caller keeps `dst` alive until done.
+        unsafe { sys::cuMemcpyDtoHAsync_v2(dst.cast(), src, len, self.raw()) }
+            .result()
+            .map_err(err("copy to host"))
+    }
+
+    /// `cuStreamBeginCapture` in relaxed mode (allocations stay allowed while capturing).
+    pub(crate) fn begin_capture(&self) -> Result<(), KernelError> {
+        self.dev.bind()?;
+        // SAFETY: a live stream of the bound context.
+        unsafe {
+            sys::cuStreamBeginCapture_v2(
+                self.raw(),
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
+            )
+        }
+        .result()
+        .map_err(err("begin graph capture"))
+    }
+
+    /// `cuStreamEndCapture`: the captured graph (an invalidated capture is an error).
+    pub(crate) fn end_capture(&self) -> Result<CudaGraph, KernelError> {
+        self.dev.bind()?;
+        let mut g = std::ptr::null_mut();
+        // SAFETY: a live stream that is capturing; `g` receives the graph.
+        unsafe { sys::cuStreamEndCapture(self.raw(), &raw mut g) }
+            .result()
+            .map_err(err("end graph capture"))?;
+        Ok(CudaGraph(g, Arc::clone(&self.dev)))
+    }
+
+    /// `cuGraphLaunch` of `exec` on this stream.
+    pub(crate) fn launch_graph(&self, exec: &CudaGraphExec) -> Result<(), KernelError> {
+        self.dev.bind()?;
+        self.dev.launches.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: `exec` was instantiated in this context and lives through the call; the
+        // buffers its nodes name are kept alive by the caller until the stream has run it.
+        unsafe { sys::cuGraphLaunch(exec.0, self.raw()) }
+            .result()
+            .map_err(err("launch graph"))
     }
 
     /// The stream's cuBLAS handle; cuBLAS is probed first, since cudarc panics where the

@@ -2,7 +2,8 @@
 //! the top; each backend is a module underneath with the same operations.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::{cuda, sim};
 
@@ -44,6 +45,10 @@ pub enum KernelError {
     /// A copy or launch names memory outside a buffer, or sizes that do not agree.
     #[error("{0}")]
     Invalid(String),
+    /// An operation that a CUDA graph cannot hold was queued while the stream was capturing
+    /// one (a host wait, a copy from pageable memory); the capture is void.
+    #[error("graph capture: {0}")]
+    Capture(String),
 }
 
 /// Which backend a device is.
@@ -248,6 +253,8 @@ impl Device {
         Ok(Stream {
             dev: self.clone(),
             inner,
+            capturing: AtomicBool::new(false),
+            void: Mutex::new(None),
         })
     }
 
@@ -473,6 +480,10 @@ pub(crate) enum StreamInner {
 pub struct Stream {
     dev: Device,
     inner: StreamInner,
+    /// Whether the stream is capturing a graph ([`Stream::begin_capture`]).
+    capturing: AtomicBool,
+    /// Why the capture under way is void, if it is.
+    void: Mutex<Option<String>>,
 }
 
 /// A point in a stream's work that another stream (or the host) can wait for.
@@ -490,6 +501,96 @@ impl Stream {
         &self.dev
     }
 
+    /// Refuses `what` while a graph is being captured, voiding the capture, as CUDA refuses
+    /// host waits and copies from pageable memory in a capture (a graph replays copies from
+    /// the addresses it captured, so their bytes must be in page-locked memory that stays).
+    fn outside_capture(&self, what: &str) -> Result<(), KernelError> {
+        if !self.capturing.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let msg = format!("{what} cannot be part of a CUDA graph");
+        self.void
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert_with(|| msg.clone());
+        Err(KernelError::Capture(msg))
+    }
+
+    /// Whether the stream is capturing a graph: work queued now is recorded, not run.
+    pub fn is_capturing(&self) -> bool {
+        self.capturing.load(Ordering::Acquire)
+    }
+
+    /// Starts capturing: launches, copies from page-locked memory, device copies and
+    /// memsets queued from now on are recorded into a graph instead of running, until
+    /// [`Stream::end_capture`]. Host waits, copies from pageable memory, events and cuBLAS
+    /// are refused meanwhile (and void the capture).
+    pub fn begin_capture(&self) -> Result<(), KernelError> {
+        if self.capturing.load(Ordering::Acquire) {
+            return Err(KernelError::Invalid(
+                "a capture begun on a stream that is capturing".into(),
+            ));
+        }
+        match &self.inner {
+            StreamInner::Sim(s) => s.begin_capture(),
+            StreamInner::Cuda(s) => s.begin_capture()?,
+        }
+        *self.void.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        self.capturing.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Ends the capture, putting what it recorded into `graph` (replacing what was there).
+    /// A capture voided by a refused operation is an error naming it, and `graph` is left
+    /// empty.
+    pub fn end_capture(&self, graph: &mut Graph) -> Result<(), KernelError> {
+        if !self.capturing.swap(false, Ordering::AcqRel) {
+            return Err(KernelError::Invalid(
+                "a capture ended on a stream that is not capturing".into(),
+            ));
+        }
+        let void = self
+            .void
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match &self.inner {
+            StreamInner::Sim(s) => {
+                let g = match &mut graph.inner {
+                    Some(GraphInner::Sim(g)) => g,
+                    slot => slot.insert(GraphInner::Sim(sim::SimGraph::default())).sim(),
+                };
+                s.end_capture(g);
+                if void.is_some() {
+                    graph.inner = None;
+                }
+            }
+            StreamInner::Cuda(s) => {
+                graph.inner = None;
+                let g = s.end_capture();
+                if void.is_none() {
+                    graph.inner = Some(GraphInner::Cuda(g?));
+                }
+            }
+        }
+        match void {
+            Some(msg) => Err(KernelError::Capture(msg)),
+            None => Ok(()),
+        }
+    }
+
+    /// Queues one run of an instantiated graph.
+    pub fn launch_graph(&self, exec: &GraphExec) -> Result<(), KernelError> {
+        self.outside_capture("launching a graph")?;
+        match (&self.inner, &exec.inner) {
+            (StreamInner::Sim(s), GraphExecInner::Sim(g)) => s.launch_graph(g),
+            (StreamInner::Cuda(s), GraphExecInner::Cuda(g)) => s.launch_graph(g),
+            _ => Err(KernelError::Invalid(
+                "a graph launched on another device's stream".into(),
+            )),
+        }
+    }
+
     /// Queues a kernel launch.
     pub fn launch(&self, k: Kernel, cfg: LaunchConfig, args: &[Arg]) -> Result<(), KernelError> {
         match (&self.inner, k) {
@@ -504,6 +605,7 @@ impl Stream {
     /// Copies `src` into `dst` at `offset`. The source may be reused as soon as this returns.
     pub fn upload(&self, dst: &DeviceBuffer, offset: usize, src: &[u8]) -> Result<(), KernelError> {
         dst.check(offset, src.len())?;
+        self.outside_capture("a copy from pageable host memory")?;
         match &self.inner {
             StreamInner::Sim(s) => s.upload(dst.at(offset), src),
             StreamInner::Cuda(s) => s.upload(dst.at(offset), src),
@@ -587,9 +689,42 @@ impl Stream {
         dst: &mut [u8],
     ) -> Result<(), KernelError> {
         src.check(offset, dst.len())?;
+        self.outside_capture("a copy to the host that waits for it")?;
         match &self.inner {
             StreamInner::Sim(s) => s.download(src.at(offset), dst),
             StreamInner::Cuda(s) => s.download(src.at(offset), dst),
+        }
+    }
+
+    /// Queues a copy of `len` bytes of `src` from `offset` into page-locked `dst` at
+    /// `dst_offset`, returning at once (it may be captured into a graph).
+    ///
+    /// # Safety
+    ///
+    /// `dst` must stay alive, and its bytes there must not be read, until the copy has
+    /// completed (an event recorded after it has fired, or the stream was synchronized).
+    pub unsafe fn download_async(
+        &self,
+        src: &DeviceBuffer,
+        offset: usize,
+        dst: &HostBuffer,
+        dst_offset: usize,
+        len: usize,
+    ) -> Result<(), KernelError> {
+        src.check(offset, len)?;
+        if dst_offset.checked_add(len).is_none_or(|e| e > dst.len()) {
+            return Err(KernelError::Invalid(format!(
+                "{len} bytes at offset {dst_offset} of a {}-byte host buffer",
+                dst.len()
+            )));
+        }
+        // SAFETY: in bounds (checked); liveness is the caller's promise.
+        let p = unsafe { dst.raw().add(dst_offset) };
+        match &self.inner {
+            // SAFETY: forwarded from the caller.
+            StreamInner::Sim(s) => unsafe { s.download_async(src.at(offset), p, len) },
+            // SAFETY: forwarded from the caller.
+            StreamInner::Cuda(s) => unsafe { s.download_async(src.at(offset), p, len) },
         }
     }
 
@@ -666,6 +801,7 @@ impl Stream {
                 "gemm_f16: a and b must be 2-byte aligned, c 4-byte aligned".into(),
             ));
         }
+        self.outside_capture("cuBLAS")?;
         if m == 0 || n == 0 {
             return Ok(());
         }
@@ -677,6 +813,7 @@ impl Stream {
 
     /// Marks this point of the stream.
     pub fn record(&self) -> Result<Event, KernelError> {
+        self.outside_capture("an event")?;
         let inner = match &self.inner {
             StreamInner::Sim(s) => EventInner::Sim(s.record()),
             StreamInner::Cuda(s) => EventInner::Cuda(s.record()?),
@@ -686,6 +823,7 @@ impl Stream {
 
     /// Marks this point of the stream with a timestamp, for [`Event::elapsed_ms`].
     pub fn record_timed(&self) -> Result<Event, KernelError> {
+        self.outside_capture("an event")?;
         let inner = match &self.inner {
             StreamInner::Sim(s) => EventInner::Sim(s.record_timed()),
             StreamInner::Cuda(s) => EventInner::Cuda(s.record_timed()?),
@@ -695,6 +833,7 @@ impl Stream {
 
     /// Makes later work on this stream wait for `event`.
     pub fn wait(&self, event: &Event) -> Result<(), KernelError> {
+        self.outside_capture("a wait for an event")?;
         match (&self.inner, &event.inner) {
             (StreamInner::Sim(s), EventInner::Sim(e)) => s.wait(e),
             (StreamInner::Cuda(s), EventInner::Cuda(e)) => s.wait(e),
@@ -706,6 +845,7 @@ impl Stream {
 
     /// Waits for everything queued so far; returns the first error a queued operation hit.
     pub fn synchronize(&self) -> Result<(), KernelError> {
+        self.outside_capture("a host wait for the stream")?;
         match &self.inner {
             StreamInner::Sim(s) => s.synchronize(),
             StreamInner::Cuda(s) => s.synchronize(),
@@ -739,6 +879,82 @@ impl Event {
         match &self.inner {
             EventInner::Sim(e) => Ok(e.is_done()),
             EventInner::Cuda(e) => e.is_done(),
+        }
+    }
+}
+
+pub(crate) enum GraphInner {
+    Sim(sim::SimGraph),
+    Cuda(cuda::CudaGraph),
+}
+
+impl GraphInner {
+    fn sim(&mut self) -> &mut sim::SimGraph {
+        match self {
+            GraphInner::Sim(g) => g,
+            GraphInner::Cuda(_) => unreachable!("made as a simulator graph by the caller"),
+        }
+    }
+}
+
+/// A captured graph ([`Stream::end_capture`]): the work of a capture, not yet runnable.
+/// Empty until a capture fills it; refilled by each capture (on the simulator reusing its
+/// memory, so that capturing every step allocates nothing once warm).
+#[derive(Default)]
+pub struct Graph {
+    inner: Option<GraphInner>,
+}
+
+impl Graph {
+    pub fn new() -> Graph {
+        Graph::default()
+    }
+
+    /// Whether no capture has filled it.
+    pub fn is_empty(&self) -> bool {
+        self.inner.is_none()
+    }
+
+    /// An executable copy (`cuGraphInstantiate`), to launch with [`Stream::launch_graph`].
+    pub fn instantiate(&self) -> Result<GraphExec, KernelError> {
+        let inner = match &self.inner {
+            None => return Err(KernelError::Invalid("instantiating an empty graph".into())),
+            Some(GraphInner::Sim(g)) => GraphExecInner::Sim(g.instantiate()),
+            Some(GraphInner::Cuda(g)) => GraphExecInner::Cuda(g.instantiate()?),
+        };
+        Ok(GraphExec { inner })
+    }
+}
+
+pub(crate) enum GraphExecInner {
+    Sim(sim::SimGraph),
+    Cuda(cuda::CudaGraphExec),
+}
+
+/// An instantiated graph.
+pub struct GraphExec {
+    inner: GraphExecInner,
+}
+
+impl GraphExec {
+    /// Takes the parameters of `graph` — a later capture of the same work, with other
+    /// arguments, sizes or grids — in place (`cuGraphExecUpdate`, much cheaper than
+    /// instantiating). Returns false, changing nothing, when `graph`'s nodes differ in kind
+    /// or number: then instantiate it instead.
+    pub fn update(&mut self, graph: &Graph) -> Result<bool, KernelError> {
+        match (&mut self.inner, &graph.inner) {
+            (GraphExecInner::Sim(e), Some(GraphInner::Sim(g))) => Ok(e.update(g)),
+            (GraphExecInner::Cuda(e), Some(GraphInner::Cuda(g))) => e.update(g),
+            (_, None) => Err(KernelError::Invalid("updating from an empty graph".into())),
+            _ => Err(KernelError::Invalid("a graph of another device".into())),
+        }
+    }
+
+    /// Its number of nodes on the simulator (the driver does not say; 0 there).
+    pub fn nodes(&self) -> usize {
+        match &self.inner {
+            GraphExecInner::Sim(g) => g.len(),
+            GraphExecInner::Cuda(_) => 0,
         }
     }
 }

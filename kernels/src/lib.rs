@@ -27,6 +27,6 @@ pub mod ptx;
 mod sim;
 
 pub use device::{
-    Arg, Backend, Device, DeviceBuffer, DeviceInfo, Event, HostBuffer, HostRegion, Kernel,
-    KernelError, LaunchConfig, SimConfig, Stream, TransferStats,
+    Arg, Backend, Device, DeviceBuffer, DeviceInfo, Event, Graph, GraphExec, HostBuffer,
+    HostRegion, Kernel, KernelError, LaunchConfig, SimConfig, Stream, TransferStats,
 };

@@ -102,10 +102,18 @@ impl SimDevice {
             queue: Mutex::new(Queue {
                 tx: Some(tx),
                 last: 0,
+                capture: None,
+                spare: Vec::new(),
             }),
             shared,
             handle: Some(handle),
         })
+    }
+
+    /// Counts a launch and gives it its own schedule, reproducible from the device's seed.
+    fn next_seed(&self) -> u64 {
+        let n = self.launches.fetch_add(1, Ordering::Relaxed);
+        splitmix(self.config.seed ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15))
     }
 
     fn link_delay(&self, bytes: usize) {
@@ -124,6 +132,7 @@ impl Drop for SimDevice {
 }
 
 /// A raw pointer moved to a stream thread (the caller of the unsafe copy promised liveness).
+#[derive(Clone, Copy)]
 struct SendPtr(*mut u8);
 // SAFETY: the pointee is plain bytes that the enqueuing caller keeps alive until the copy is
 // done (the `unsafe` contract of `Stream::upload_async` and the synchronous waits of downloads).
@@ -139,6 +148,7 @@ const INLINE_UPLOAD: usize = 256;
 /// too); preallocated, so queueing allocates nothing.
 const QUEUE: usize = 4096;
 
+#[derive(Clone)]
 enum Op {
     Launch {
         kernel: u32,
@@ -331,6 +341,11 @@ fn run_stream(dev: &SimDevice, sh: &Shared, rx: &Receiver<(u64, Op)>) {
 struct Queue {
     tx: Option<SyncSender<(u64, Op)>>,
     last: u64,
+    /// While a capture is on: the operations recorded instead of queued, a graph's nodes.
+    capture: Option<Vec<Op>>,
+    /// The list the next capture records into (a graph's old list, handed back): captures
+    /// reuse two lists, so a warm capture allocates nothing.
+    spare: Vec<Op>,
 }
 
 pub(crate) struct SimStream {
@@ -370,8 +385,13 @@ impl SimEventMark {
 }
 
 impl SimStream {
+    /// Queues `op`, or records it while a capture is on (returning 0: nothing was queued).
     fn send(&self, op: Op) -> Result<u64, KernelError> {
         let mut q = lock(&self.queue);
+        if let Some(nodes) = &mut q.capture {
+            nodes.push(op);
+            return Ok(0);
+        }
         let seq = q.last + 1;
         let stopped = || KernelError::Invalid("the simulated stream's thread has stopped".into());
         q.tx.as_ref()
@@ -394,9 +414,7 @@ impl SimStream {
                 args.len()
             )));
         }
-        let n = self.dev.launches.fetch_add(1, Ordering::Relaxed);
-        // Each launch its own schedule, reproducible from the device's seed.
-        let seed = splitmix(self.dev.config.seed ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let seed = self.dev.next_seed();
         let mut slots = [0u64; MAX_ARGS];
         for (s, a) in slots.iter_mut().zip(args) {
             *s = a.slot();
@@ -521,6 +539,65 @@ impl SimStream {
         self.error()
     }
 
+    /// # Safety
+    ///
+    /// `dst..dst+len` must stay valid, and not be read, until the copy has run.
+    pub(crate) unsafe fn download_async(
+        &self,
+        src: u64,
+        dst: *mut u8,
+        len: usize,
+    ) -> Result<(), KernelError> {
+        self.dev.d2h.fetch_add(len as u64, Ordering::Relaxed);
+        self.send(Op::Download {
+            src,
+            dst: SendPtr(dst),
+            len,
+        })
+        .map(drop)
+    }
+
+    /// Starts recording operations instead of queueing them (`cuStreamBeginCapture`).
+    pub(crate) fn begin_capture(&self) {
+        let mut q = lock(&self.queue);
+        let mut nodes = std::mem::take(&mut q.spare);
+        nodes.clear();
+        q.capture = Some(nodes);
+    }
+
+    /// Ends the capture: what it recorded replaces `graph`'s nodes (whose old list is kept
+    /// for the next capture).
+    pub(crate) fn end_capture(&self, graph: &mut SimGraph) {
+        let mut q = lock(&self.queue);
+        let nodes = q.capture.take().unwrap_or_default();
+        let mut old = std::mem::replace(&mut graph.nodes, nodes);
+        old.clear();
+        q.spare = old;
+    }
+
+    /// Queues every node of `exec`, in order, as one launch of the graph: copies read their
+    /// host memory now, as a replayed graph does, and each kernel gets a new schedule.
+    pub(crate) fn launch_graph(&self, exec: &SimGraph) -> Result<(), KernelError> {
+        for op in &exec.nodes {
+            let mut op = op.clone();
+            match &mut op {
+                Op::Launch { seed, .. } => *seed = self.dev.next_seed(),
+                Op::UploadRaw { len, .. } => {
+                    self.dev.h2d.fetch_add(*len as u64, Ordering::Relaxed);
+                }
+                Op::Download { len, .. } => {
+                    self.dev.d2h.fetch_add(*len as u64, Ordering::Relaxed);
+                }
+                Op::GemmF16 { .. } => {
+                    self.dev.launches.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+            self.send(op)?;
+        }
+        Ok(())
+    }
+
     fn error(&self) -> Result<(), KernelError> {
         match &*lock(&self.shared.error) {
             Some(e) => Err(e.clone()),
@@ -538,6 +615,49 @@ impl Drop for SimStream {
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
+    }
+}
+
+/// A captured graph, or an instantiated one: the operations in the order they were recorded
+/// (a stream's capture is a chain, so the order is the graph's dependency order).
+#[derive(Default)]
+pub(crate) struct SimGraph {
+    nodes: Vec<Op>,
+}
+
+impl SimGraph {
+    pub(crate) fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// An instantiated copy (`cuGraphInstantiate`).
+    pub(crate) fn instantiate(&self) -> SimGraph {
+        SimGraph {
+            nodes: self.nodes.clone(),
+        }
+    }
+
+    /// `cuGraphExecUpdate`: takes `graph`'s parameters when it has the same nodes — the same
+    /// count, each of the same kind, kernels the same function, copies and memsets the same
+    /// direction and size class — and returns whether it did (`false`: instantiate anew).
+    pub(crate) fn update(&mut self, graph: &SimGraph) -> bool {
+        let same = self.nodes.len() == graph.nodes.len()
+            && self
+                .nodes
+                .iter()
+                .zip(&graph.nodes)
+                .all(|(a, b)| match (a, b) {
+                    (Op::Launch { kernel: x, .. }, Op::Launch { kernel: y, .. }) => x == y,
+                    (Op::Memset { len: x, .. }, Op::Memset { len: y, .. }) => x == y,
+                    _ => std::mem::discriminant(a) == std::mem::discriminant(b),
+                });
+        if same {
+            // Element by element: the list keeps its capacity, so an update allocates nothing.
+            for (a, b) in self.nodes.iter_mut().zip(&graph.nodes) {
+                a.clone_from(b);
+            }
+        }
+        same
     }
 }
 

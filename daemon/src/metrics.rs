@@ -417,7 +417,7 @@ fn render_gpu(o: &mut String, models: &[ModelGauges]) {
         }
     }
     type Stat = fn(&GpuGauges) -> f64;
-    let series: [(&str, &str, &str, Stat); 10] = [
+    let series: [(&str, &str, &str, Stat); 12] = [
         (
             "strata_gpu_layers",
             "gauge",
@@ -470,8 +470,20 @@ fn render_gpu(o: &mut String, models: &[ModelGauges]) {
         (
             "strata_gpu_launches_total",
             "counter",
-            "Kernels launched.",
+            "Kernels launched (a CUDA graph counts once on a GPU).",
             |g| g.stats.launches as f64,
+        ),
+        (
+            "strata_gpu_graph_steps_total",
+            "counter",
+            "Decode steps run as one CUDA graph.",
+            |g| g.stats.graph_steps as f64,
+        ),
+        (
+            "strata_gpu_graph_instantiations_total",
+            "counter",
+            "CUDA graphs instantiated (the other graph steps updated the last one in place).",
+            |g| g.stats.graph_instantiations as f64,
         ),
         (
             "strata_predicted_decode_tokens_per_second",
@@ -564,6 +576,8 @@ mod tests {
             d2h_bytes: 50,
             wait_us: 2_500_000,
             launches: 77,
+            graph_steps: 30,
+            graph_instantiations: 2,
         };
         let text = Metrics::default().render(&[ModelGauges {
             name: "m".into(),
@@ -596,6 +610,8 @@ mod tests {
             "strata_gpu_crossing_bytes_total{model=\"m\"} 40",
             "strata_gpu_wait_seconds_total{model=\"m\"} 2.5",
             "strata_gpu_launches_total{model=\"m\"} 77",
+            "strata_gpu_graph_steps_total{model=\"m\"} 30",
+            "strata_gpu_graph_instantiations_total{model=\"m\"} 2",
             "strata_predicted_decode_tokens_per_second{model=\"m\"} 42.5",
             "# TYPE strata_gpu_wait_seconds_total counter",
             "# TYPE strata_vram_bytes gauge",

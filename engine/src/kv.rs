@@ -485,6 +485,19 @@ impl KvCache {
         Ok(Arc::get_mut(arc).expect("unique after the copy"))
     }
 
+    /// Whether every page of every layer holding positions below `end` is in VRAM (a step
+    /// over them reads no host memory).
+    pub(crate) fn all_in_vram(&self, end: usize) -> bool {
+        let n_pages = end.div_ceil(PAGE_TOKENS);
+        self.gpu.is_some()
+            && self.layers.iter().flatten().all(|side| {
+                side.pages.len() >= n_pages
+                    && side.pages[..n_pages]
+                        .iter()
+                        .all(|p| matches!(p, Page::Vram(_)))
+            })
+    }
+
     /// Device addresses of layer `il`'s first `n` positions' pages (keys into `k`, values into
     /// `v`, cleared first) for attention on the GPU: pages in VRAM as they are, the others
     /// staged into `staging` (call [`KvCache::prepare`] first for those on disk).

@@ -593,3 +593,98 @@ fn gpu_attention_over_quantized_kv_caches_follows_the_cpu() {
         }
     }
 }
+
+/// A greedy run of `prompt` and `steps` steps on `model`, every logits row kept.
+fn greedy(model: &Model, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
+    let mut ctx = model.new_context(512, Arc::new(ThreadPool::new(2)));
+    let mut out = vec![
+        model
+            .forward(&mut ctx, prompt, Logits::Last)
+            .expect("prefill")
+            .to_vec(),
+    ];
+    for _ in 0..steps {
+        let next = strata_engine::sampler::argmax(out.last().expect("logits"));
+        out.push(
+            model
+                .forward(&mut ctx, &[next], Logits::Last)
+                .expect("step")
+                .to_vec(),
+        );
+    }
+    out
+}
+
+#[test]
+fn the_decode_step_runs_as_one_cuda_graph_and_computes_what_its_kernels_do_one_by_one() {
+    let spec = GenSpec::tiny(Arch::Gemma3);
+    let (_d, path) = model_file(&spec);
+    let load_graphs = |graphs: bool| {
+        let opts = ModelOptions {
+            gpu: GpuOptions {
+                device: sim(256 << 20),
+                ..GpuOptions::default()
+            },
+            keep_file_layout: true,
+            no_gpu_graphs: !graphs,
+            ..ModelOptions::default()
+        };
+        Model::load_with(&path, &opts).expect("load")
+    };
+    let (on, off) = (load_graphs(true), load_graphs(false));
+    // 250 prompt tokens, then steps across the KV cache's first page boundary (256), where
+    // the page tables grow and the attention's split changes shape.
+    let prompt: Vec<u32> = (0..250).map(|i| (i * 37 + 11) % 250).collect();
+    let steps = 10;
+    let (a, b) = (greedy(&on, &prompt, steps), greedy(&off, &prompt, steps));
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        let e = max_rel(x, y);
+        assert!(
+            e < 1e-5,
+            "step {i}: graph and kernel-by-kernel logits differ by {e:.2e}"
+        );
+    }
+    let s = on.gpu_stats().expect("gpu");
+    eprintln!(
+        "{} graph steps, {} instantiations",
+        s.graph_steps, s.graph_instantiations
+    );
+    assert_eq!(s.graph_steps, steps as u64, "{s:?}");
+    assert!(
+        (1..steps as u64 / 2).contains(&s.graph_instantiations),
+        "most steps update the graph in place: {s:?}"
+    );
+    assert_eq!(off.gpu_stats().expect("gpu").graph_steps, 0);
+
+    // Continuous batching: two sequences of different lengths in one captured step.
+    let batch = |m: &Model| {
+        let pool = Arc::new(ThreadPool::new(2));
+        let mut c1 = m.new_context(64, Arc::clone(&pool));
+        let mut c2 = m.new_context(64, Arc::clone(&pool));
+        m.forward(&mut c1, &PROMPT, Logits::Last).expect("prefill");
+        m.forward(&mut c2, &PROMPT[..3], Logits::Last)
+            .expect("prefill");
+        let mut scratch = strata_engine::model::Scratch::new();
+        let mut rows = Vec::new();
+        let mut toks = [1u32, 2];
+        for _ in 0..3 {
+            let l = m
+                .decode_batch(&pool, &mut [&mut c1, &mut c2], &toks, &mut scratch)
+                .expect("batch")
+                .to_vec();
+            let nv = l.len() / 2;
+            toks = [
+                strata_engine::sampler::argmax(&l[..nv]),
+                strata_engine::sampler::argmax(&l[nv..]),
+            ];
+            rows.push(l);
+        }
+        rows
+    };
+    let before = on.gpu_stats().expect("gpu").graph_steps;
+    for (i, (x, y)) in batch(&on).iter().zip(&batch(&off)).enumerate() {
+        let e = max_rel(x, y);
+        assert!(e < 1e-5, "batched step {i}: {e:.2e}");
+    }
+    assert_eq!(on.gpu_stats().expect("gpu").graph_steps, before + 3);
+}

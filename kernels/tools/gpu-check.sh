@@ -145,6 +145,8 @@ for m in "${dense[@]}"; do
   half=$(($(size_of "$m") / 2))
   n_layer=$($S show "$m" 2>/dev/null | sed -n 's/.*block_count[^0-9]*\([0-9]*\).*/\1/p' | head -1)
   case_run "(a) all in VRAM (goal >= 1.0x)" "$m" 0 -- -ngl 99
+  # The same without CUDA graphs: what capturing the decode step saves.
+  STRATA_GPU_GRAPHS=0 LLAMA_BENCH= case_run "(a) without CUDA graphs" "$m" 0
   case_run "(b) VRAM at half (goal >= 1.5x)" "$m" 0 --vram-budget "$half" -- -ngl $((${n_layer:-2} / 2))
   case_run "(c) CPU attention at d$depth" "$m" "$depth" -nkvo -- -ngl 99 -nkvo 1
 done

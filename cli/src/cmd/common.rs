@@ -339,14 +339,16 @@ pub fn print_gpu(model: &Model) {
     if let Some(g) = model.gpu_stats() {
         let mib = |b: u64| b as f64 / 1048576.0;
         eprintln!(
-            "strata_perf_context_print:              gpu = {}: {:.1} MiB weights + {:.1} MiB experts in VRAM; {:.1} MiB of weights streamed to it, {:.1} MiB of activations crossed, {:.2} ms waiting on copies, {} launches",
+            "strata_perf_context_print:              gpu = {}: {:.1} MiB weights + {:.1} MiB experts in VRAM; {:.1} MiB of weights streamed to it, {:.1} MiB of activations crossed, {:.2} ms waiting on copies, {} launches, {} decode steps as CUDA graphs ({} instantiated)",
             g.device,
             mib(g.weights_vram),
             mib(g.experts_vram),
             mib(g.streamed_bytes),
             mib(g.crossing_bytes),
             g.wait_us as f64 / 1e3,
-            g.launches
+            g.launches,
+            g.graph_steps,
+            g.graph_instantiations
         );
     }
 }

@@ -453,6 +453,51 @@ pub(crate) fn run_layers(
     Ok(at)
 }
 
+/// A decode step (one token per slot) run whole as a CUDA graph, its logits (every row) into
+/// `out`, where the placement puts every layer and the head on the GPU (the embedding rows
+/// may be gathered on the CPU) and the GPU executor can capture it
+/// ([`gpu::GpuExec::graph_step`]). `Ok(false)`, having run nothing, otherwise: then run the
+/// step with [`run_layers`] and [`head`].
+pub(crate) fn graph_step(
+    p: &Pass<'_>,
+    placement: &Placement,
+    execs: &mut Executors,
+    tokens: &[u32],
+    slots: &mut [Slot<'_>],
+    out: &mut [f32],
+) -> Result<bool, EngineError> {
+    let gpu_only = |pl: &Placement| {
+        pl.head == Dev::Gpu
+            && pl
+                .layers
+                .iter()
+                .all(|l| Phase::LAYER.iter().all(|&ph| l.of(ph) == Dev::Gpu))
+    };
+    if !gpu_only(placement) || placement.layers.len() != p.model.layers.len() {
+        return Ok(false);
+    }
+    // An embedding table kept on the CPU: the rows are gathered there first, and the graph
+    // copies them in.
+    let mut x = std::mem::take(&mut execs.staging);
+    x.clear();
+    let r = (|| {
+        if placement.embed == Dev::Cpu {
+            let cpu = execs.get(Dev::Cpu);
+            cpu.begin(p)?;
+            cpu.embed(p, tokens)?;
+            x.resize(p.n * Act::X.width(p.model), 0.0);
+            cpu.read(p, Act::X, &mut x)?;
+        }
+        let x = (placement.embed == Dev::Cpu).then_some(&x[..]);
+        match execs.get(Dev::Gpu) {
+            Executor::Gpu(e) => e.graph_step(p, tokens, x, slots, out),
+            Executor::Cpu(_) => Ok(false),
+        }
+    })();
+    execs.staging = x;
+    r
+}
+
 /// The final norm and logits of batch rows `rows` into `out`, on the placement's head device
 /// (the final hidden states crossing to it first when they are elsewhere).
 pub(crate) fn head(

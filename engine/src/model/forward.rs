@@ -193,6 +193,23 @@ impl Model {
                 n: end - start,
             };
             let execs = &mut scratch.execs;
+            let (lo, hi) = (want.start.max(start), want.end.min(end));
+            // A decode step whose logits are wanted may run whole as a CUDA graph.
+            if end - start == 1 && lo < hi {
+                let out = &mut logits[(lo - want.start) * c.n_vocab..(hi - want.start) * c.n_vocab];
+                if exec::graph_step(
+                    &pass,
+                    &self.placement,
+                    execs,
+                    &tokens[start..end],
+                    &mut slot,
+                    out,
+                )? {
+                    kv.set_len(pos0 + end)?;
+                    start = end;
+                    continue;
+                }
+            }
             let mut at = exec::run_layers(
                 &pass,
                 &self.placement,
@@ -201,7 +218,6 @@ impl Model {
                 &mut slot,
             )?;
             kv.set_len(pos0 + end)?;
-            let (lo, hi) = (want.start.max(start), want.end.min(end));
             if lo < hi {
                 let out = &mut logits[(lo - want.start) * c.n_vocab..(hi - want.start) * c.n_vocab];
                 let rows = lo - start..hi - start;
@@ -214,6 +230,41 @@ impl Model {
         // buffers its pages and scratch live in.
         self.gpu_sync()?;
         Ok(&ctx.scratch.logits)
+    }
+
+    /// `decode_batch`'s pass: as one CUDA graph where it can be, else phase by phase; every
+    /// sequence's length moves on by one.
+    fn decode_pass(
+        &self,
+        pass: &Pass<'_>,
+        execs: &mut Executors,
+        tokens: &[u32],
+        slots: &mut [Slot<'_>],
+        logits: &mut [f32],
+    ) -> Result<(), EngineError> {
+        let graphed = exec::graph_step(pass, &self.placement, execs, tokens, slots, logits)?;
+        let mut at = if graphed {
+            None
+        } else {
+            Some(exec::run_layers(
+                pass,
+                &self.placement,
+                execs,
+                tokens,
+                slots,
+            )?)
+        };
+        let mut spilled = Ok(());
+        for s in slots.iter_mut() {
+            // Every length moves on; a failed write to disk only leaves pages in RAM.
+            let r = s.kv.set_len(s.pos0 + 1);
+            spilled = spilled.and(r);
+        }
+        spilled?;
+        match &mut at {
+            Some(at) => exec::head(pass, &self.placement, execs, at, 0..tokens.len(), logits),
+            None => Ok(()),
+        }
     }
 
     fn gpu_sync(&self) -> Result<(), EngineError> {
@@ -276,18 +327,10 @@ impl Model {
             n: tokens.len(),
         };
         let execs = &mut scratch.execs;
-        let mut at = exec::run_layers(&pass, &self.placement, execs, tokens, &mut slots)?;
-        let mut spilled = Ok(());
-        for s in slots {
-            // Every length moves on; a failed write to disk only leaves pages in RAM.
-            let r = s.kv.set_len(s.pos0 + 1);
-            spilled = spilled.and(r);
-        }
-        spilled?;
         let n = tokens.len();
         let mut logits = std::mem::take(&mut scratch.logits);
         logits.resize(n * c.n_vocab, 0.0);
-        let r = exec::head(&pass, &self.placement, execs, &mut at, 0..n, &mut logits);
+        let r = self.decode_pass(&pass, execs, tokens, &mut slots, &mut logits);
         scratch.logits = logits;
         r?;
         self.gpu_sync()?;

@@ -58,6 +58,10 @@ pub struct GpuStats {
     /// Time the GPU's work waited on weight copies, µs.
     pub wait_us: u64,
     pub launches: u64,
+    /// Decode steps run as a CUDA graph, and how many of those instantiated one (the rest
+    /// updated the last one in place).
+    pub graph_steps: u64,
+    pub graph_instantiations: u64,
 }
 
 /// A matrix the forward pass multiplies by: which tensor, and its shape.
@@ -349,6 +353,8 @@ impl Model {
             d2h_bytes: t.d2h_bytes,
             wait_us: g.counters.wait_us.load(Relaxed),
             launches: t.launches,
+            graph_steps: g.counters.graph_steps.load(Relaxed),
+            graph_instantiations: g.counters.graph_instantiations.load(Relaxed),
         })
     }
 

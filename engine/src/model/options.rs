@@ -21,6 +21,9 @@ pub struct ModelOptions {
     /// repack a resident one for its kernels (`STRATA_INTERLEAVE=0`; comparisons that need
     /// identical arithmetic whatever the placement).
     pub keep_file_layout: bool,
+    /// Run every GPU decode step kernel by kernel, never as a CUDA graph
+    /// (`STRATA_GPU_GRAPHS=0`; llama.cpp's `GGML_CUDA_DISABLE_GRAPHS`).
+    pub no_gpu_graphs: bool,
 }
 
 impl From<LoadOptions> for ModelOptions {
@@ -76,6 +79,8 @@ pub struct EnvSettings {
     pub expert_policy: ExpertPolicy,
     /// `STRATA_INTERLEAVE=0`.
     pub keep_file_layout: bool,
+    /// `STRATA_GPU_GRAPHS=0`.
+    pub no_gpu_graphs: bool,
 }
 
 impl EnvSettings {
@@ -95,11 +100,17 @@ impl EnvSettings {
             Some("0") => true,
             Some(v) => return Err(format!("STRATA_INTERLEAVE={v:?}: expected 0 or 1")),
         };
+        let no_gpu_graphs = match var("STRATA_GPU_GRAPHS").as_deref() {
+            None | Some("" | "1") => false,
+            Some("0") => true,
+            Some(v) => return Err(format!("STRATA_GPU_GRAPHS={v:?}: expected 0 or 1")),
+        };
         Ok(Self {
             io,
             experts,
             expert_policy,
             keep_file_layout,
+            no_gpu_graphs,
         })
     }
 }
@@ -199,6 +210,7 @@ impl LoadSettings {
             gpu: GpuOptions::default(),
             experts: env.experts.clone(),
             keep_file_layout: env.keep_file_layout,
+            no_gpu_graphs: env.no_gpu_graphs,
         })
     }
 }

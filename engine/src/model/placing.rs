@@ -207,6 +207,7 @@ pub(crate) fn place(
         kv_budget,
         &experts,
         !streamed.is_empty(),
+        !opts.no_gpu_graphs,
     )?;
     tracing::info!(
         gpu = %gpu.dev.info().name,

@@ -6,6 +6,7 @@
 //! Everything is queued on the model's one compute stream, in order; the host waits only where
 //! it must read a result (a crossing to the CPU, the logits).
 
+mod graph;
 mod stream;
 pub(crate) mod weights;
 
@@ -49,16 +50,28 @@ pub(crate) mod moe;
 /// A device buffer that grows to the largest size asked for and is then reused: a warm step
 /// allocates nothing.
 #[derive(Default)]
-pub(crate) struct Grow(Option<DeviceBuffer>);
+pub(crate) struct Grow(Option<DeviceBuffer>, Option<DeviceBuffer>);
 
 impl Grow {
     /// At least `bytes`, on `s`'s device. A buffer that must grow is replaced only after `s`
-    /// has run everything queued (which may still read or write the old one).
+    /// has run everything queued (which may still read or write the old one); while `s` is
+    /// capturing a graph, whose earlier nodes may name the old buffer, the old one is kept
+    /// aside (the second field) until the next growth outside a capture.
     pub(crate) fn get(&mut self, s: &Stream, bytes: usize) -> Result<&DeviceBuffer, EngineError> {
         let bytes = bytes.max(16);
         if self.0.as_ref().is_none_or(|b| b.len() < bytes) {
-            if self.0.is_some() {
-                s.synchronize().map_err(gpu_err)?;
+            if s.is_capturing() {
+                if self.1.is_some() {
+                    return Err(EngineError::Invalid(
+                        "a GPU buffer grew twice in one captured step".into(),
+                    ));
+                }
+                self.1 = self.0.take();
+            } else {
+                if self.0.is_some() || self.1.is_some() {
+                    s.synchronize().map_err(gpu_err)?;
+                }
+                self.1 = None;
             }
             self.0 = None;
             // Room for a little growth, so that chunks of slowly rising size do not reallocate.
@@ -127,6 +140,8 @@ pub(crate) struct GpuExec {
     host_f32: Vec<f32>,
     /// Whether this pass's positions are on the device yet.
     positions_ready: bool,
+    /// The decode step captured as a CUDA graph, and its page-locked uploads.
+    graph: graph::StepGraph,
 }
 
 fn gpu(m: &Model) -> Result<&GpuWeights, EngineError> {
@@ -281,9 +296,8 @@ impl GpuExec {
         self.host_i32.clear();
         self.host_i32.extend(tokens.iter().map(|&t| t as i32));
         let ids = self.ids.get(&g.stream, tokens.len() * 4)?;
-        g.stream
-            .upload(ids, 0, bytes_of(&self.host_i32))
-            .map_err(gpu_err)?;
+        self.graph
+            .upload(&g.stream, ids, bytes_of(&self.host_i32))?;
         let w = Weight {
             ptr: table.ptr(),
             ty: emb.ty,
@@ -375,8 +389,8 @@ impl GpuExec {
                 self.host_i32
                     .extend((slot.pos0..slot.pos0 + slot.n).map(|x| x as i32));
             }
-            s.upload(self.pos.buf()?, 0, bytes_of(&self.host_i32))
-                .map_err(gpu_err)?;
+            self.graph
+                .upload(s, self.pos.buf()?, bytes_of(&self.host_i32))?;
             self.positions_ready = true;
         }
         let (base, fscale) = if layer.swa {
@@ -444,14 +458,11 @@ impl GpuExec {
         }
         let n_pages = self.host_kall.len();
         let ktab = self.ktab.get(&g.stream, n_pages * 8)?;
-        s.upload(ktab, 0, bytes_of(&self.host_kall))
-            .map_err(gpu_err)?;
+        self.graph.upload(s, ktab, bytes_of(&self.host_kall))?;
         let vtab = self.vtab.get(&g.stream, n_pages * 8)?;
-        s.upload(vtab, 0, bytes_of(&self.host_vall))
-            .map_err(gpu_err)?;
+        self.graph.upload(s, vtab, bytes_of(&self.host_vall))?;
         let vpos = self.vpos.buf()?;
-        s.upload(vpos, 0, bytes_of(&self.host_i32))
-            .map_err(gpu_err)?;
+        self.graph.upload(s, vpos, bytes_of(&self.host_i32))?;
         let tables = KvPageTables {
             k: self.ktab.buf()?,
             v: self.vtab.buf()?,
@@ -498,8 +509,7 @@ impl GpuExec {
             let max_len = slots.iter().map(|sl| sl.pos0 + 1).max().unwrap_or(1);
             let plan = DecodePlan::new(&g.dev, &params, slots.len(), max_len).map_err(gpu_err)?;
             let seqb = self.seqs.get(&g.stream, self.host_seqs.len() * 4)?;
-            s.upload(seqb, 0, bytes_of(&self.host_seqs))
-                .map_err(gpu_err)?;
+            self.graph.upload(s, seqb, bytes_of(&self.host_seqs))?;
             self.attn_scratch.get(&g.stream, plan.scratch_bytes)?;
             paged_decode(
                 s,
@@ -609,10 +619,108 @@ impl GpuExec {
         let mm_need = GpuWeights::scratch_bytes(m.output, k);
         self.mm.get(&g.stream, mm_need)?;
         mm!(self, p, k, m.output, xb -> logits)?;
+        if self.graph.capturing() {
+            // Into page-locked memory, read when the graph has run (`graph_step`).
+            return self.graph.download(s, self.logits.buf()?, k * nv * 4);
+        }
         // SAFETY: f32 is plain data; the slice covers exactly `out`'s memory.
         let raw =
             unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), k * nv * 4) };
         s.download(self.logits.buf()?, 0, raw).map_err(gpu_err)
+    }
+}
+
+impl GpuExec {
+    /// One decode step — every sequence bringing one token, every phase on the GPU — as a
+    /// CUDA graph ([`graph`]): captured, updated into the executable graph (or instantiated),
+    /// launched, and its logits copied into `out`. `Ok(false)`, having run nothing, where the
+    /// step cannot be one: graphs turned off, a matrix or MoE layer outside VRAM, a KV page in
+    /// host memory, a capture refused once before. The caller then runs it phase by phase.
+    /// `x`: the embedding rows when the CPU gathered them (else the step gathers them here).
+    pub(super) fn graph_step(
+        &mut self,
+        p: &Pass<'_>,
+        tokens: &[u32],
+        x: Option<&[f32]>,
+        slots: &mut [Slot<'_>],
+        out: &mut [f32],
+    ) -> Result<bool, EngineError> {
+        let m = p.model;
+        let g = gpu(m)?;
+        if self.graph.off
+            || !g.graphable(m)
+            || slots.len() != p.n
+            || slots.iter().any(|sl| sl.n != 1)
+            || out.len() != p.n * m.config.n_vocab
+        {
+            return Ok(false);
+        }
+        // The pages this step writes, made now as `attend` would make them: a capture only
+        // records work, so their clearing must not be part of it.
+        let n_layer = m.layers.len();
+        let mut pages = 0;
+        for slot in slots.iter_mut() {
+            let end = slot.pos0 + 1;
+            for il in 0..n_layer {
+                for side in 0..2 {
+                    slot.kv.device_page(il, side, slot.pos0 / PAGE_TOKENS)?;
+                }
+            }
+            if !slot.kv.all_in_vram(end) {
+                return Ok(false);
+            }
+            pages += end.div_ceil(PAGE_TOKENS);
+        }
+        self.begin(p)?;
+        let n = p.n;
+        let per_layer = 2 * (pages * 8 + 64) + (n * 4 + 64) + (n * 8 + 64);
+        let uploads = 2 * (n * 4 + 64) + x.map_or(0, |x| x.len() * 4 + 64) + n_layer * per_layer;
+        self.graph
+            .reserve(&g.stream, uploads, n * m.config.n_vocab * 4)?;
+        self.graph.begin(&g.stream)?;
+        let ran = self.captured(p, tokens, x, slots, out);
+        let ended = self.graph.end(&g.stream);
+        if let Err(e) = ran.and(ended) {
+            tracing::warn!(
+                error = %e,
+                "the decode step could not be captured as a CUDA graph: this context's steps \
+                 run kernel by kernel from now on"
+            );
+            self.graph.off = true;
+            return Ok(false);
+        }
+        let how = self.graph.launch(&g.stream)?;
+        g.stream.synchronize().map_err(gpu_err)?;
+        self.graph.logits(out)?;
+        use std::sync::atomic::Ordering::Relaxed;
+        g.counters.graph_steps.fetch_add(1, Relaxed);
+        if let graph::Replayed::Instantiated = how {
+            g.counters.graph_instantiations.fetch_add(1, Relaxed);
+        }
+        Ok(true)
+    }
+
+    /// The step's phases, queued while the stream captures.
+    fn captured(
+        &mut self,
+        p: &Pass<'_>,
+        tokens: &[u32],
+        x: Option<&[f32]>,
+        slots: &mut [Slot<'_>],
+        out: &mut [f32],
+    ) -> Result<(), EngineError> {
+        match x {
+            Some(x) => self
+                .graph
+                .upload(&gpu(p.model)?.stream, self.x.buf()?, bytes_of(x))?,
+            None => self.embed(p, tokens)?,
+        }
+        for il in 0..p.model.layers.len() {
+            self.attn_input(p, il)?;
+            self.attend(p, il, slots)?;
+            self.ffn(p, il)?;
+        }
+        self.head(p, 0..p.n, out)
     }
 }
 

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use strata_kernels::ops::matmul::{At, Weight, matmul, matmul_scratch_bytes};
 use strata_kernels::{Device, DeviceBuffer, KernelError, Stream};
@@ -45,6 +45,10 @@ pub(crate) struct GpuCounters {
     pub crossing_bytes: AtomicU64,
     /// Time the host waited for those copies to be queued and done, µs.
     pub wait_us: AtomicU64,
+    /// Decode steps run as a CUDA graph, and how many of those instantiated one (the rest
+    /// updated the previous one in place).
+    pub graph_steps: AtomicU64,
+    pub graph_instantiations: AtomicU64,
 }
 
 pub(crate) struct GpuWeights {
@@ -65,6 +69,10 @@ pub(crate) struct GpuWeights {
     pub kv_vram_budget: Option<usize>,
     /// Per layer: the VRAM expert cache of a MoE layer whose FFN runs on the GPU.
     pub moe: Vec<Option<super::moe::MoeGpu>>,
+    /// Whether decode steps may run as CUDA graphs (`STRATA_GPU_GRAPHS=0` says no), and
+    /// whether this model's can (found at the first step).
+    graphs: bool,
+    graphable: OnceLock<bool>,
 }
 
 fn upload_f32(s: &Stream, v: &[f32]) -> Result<DeviceBuffer, EngineError> {
@@ -96,6 +104,7 @@ impl GpuWeights {
         kv_vram_budget: Option<usize>,
         experts: &[Option<(usize, usize)>],
         streams_weights: bool,
+        graphs: bool,
     ) -> Result<GpuWeights, EngineError> {
         let stream = Arc::new(dev.stream().map_err(gpu_err)?);
         let s = &*stream;
@@ -176,6 +185,33 @@ impl GpuWeights {
             kv_layers,
             kv_vram_budget,
             moe,
+            graphs,
+            graphable: OnceLock::new(),
+        })
+    }
+
+    /// Whether `model`'s decode step can be a CUDA graph: graphs are on, and every layer is
+    /// dense with its phases, matrices and KV pages on the GPU, the output in VRAM — nothing
+    /// the step reads lies in host memory, and nothing makes the host wait mid-step (MoE
+    /// routing does).
+    pub(crate) fn graphable(&self, model: &crate::model::Model) -> bool {
+        *self.graphable.get_or_init(|| {
+            let dense = |l: &Layer| match &l.ffn {
+                Ffn::Dense { gate, up, down } => [*gate, *up, *down]
+                    .iter()
+                    .all(|m| self.resident.contains_key(&m.id)),
+                Ffn::Moe(_) => false,
+            };
+            self.graphs
+                && self.layers.iter().all(Option::is_some)
+                && self.kv_layers.iter().all(|&k| k)
+                && model.layers.iter().all(|l| {
+                    dense(l)
+                        && [l.q, l.k, l.v, l.o]
+                            .iter()
+                            .all(|m| self.resident.contains_key(&m.id))
+                })
+                && self.resident.contains_key(&model.output.id)
         })
     }
 

@@ -571,7 +571,7 @@ impl Worker {
         }
         let ctx = if from_idle {
             let mut ctx = self.idle.remove(i).ctx;
-            ctx.truncate(n);
+            ctx.truncate(n).ok()?;
             ctx
         } else {
             let mut ctx = self
@@ -704,10 +704,12 @@ fn decode(
                 return passes;
             }
             Err(e) => {
+                let mut cut = Ok(());
                 for (s, &n) in seqs.iter_mut().zip(&before) {
-                    s.ctx.truncate(n);
+                    cut = cut.and(s.ctx.truncate(n));
                 }
-                if is_io(&e) {
+                // A cache that could not be cut back cannot take the steps one by one either.
+                if is_io(&e) || cut.is_err() {
                     for s in seqs.iter_mut() {
                         fail(metrics, s, &e);
                     }

@@ -501,7 +501,7 @@ fn run_test(
                 r => eprintln!("{p}: repetition {r}/{reps}"),
             }
         }
-        ctx.truncate(depth);
+        ctx.truncate(depth)?;
         let t0 = Instant::now();
         if n_prompt > 0 {
             let tokens: Vec<u32> = (0..n_prompt).map(|_| next_token()).collect();

@@ -60,7 +60,7 @@ fn pages_fill_share_and_copy_on_write() {
     };
     assert!(Arc::ptr_eq(pa, pb));
     // Writing into a shared page copies it: the other cache keeps its bytes.
-    b.truncate(300);
+    b.truncate(300).unwrap();
     fill(&mut b, 300, 700);
     assert_eq!(rows(&mut a), before);
     let (Page::Ram(pa), Page::Ram(pb)) = (&a.layers[0][0].pages[1], &b.layers[0][0].pages[1])
@@ -104,8 +104,8 @@ fn spilled_pages_read_back_exactly() {
         let st = ssd.spill_stats().unwrap();
         assert!(st.ahead_hits > 0 && st.bytes_read > 0, "{st:?}");
         // Cutting into a page on disk and writing again brings it back, then re-spills.
-        ram.truncate(400);
-        ssd.truncate(400);
+        ram.truncate(400).unwrap();
+        ssd.truncate(400).unwrap();
         fill(&mut ram, 400, 900);
         fill(&mut ssd, 400, 900);
         assert_eq!(rows(&mut ssd), rows(&mut ram), "{ty:?}");

@@ -45,7 +45,7 @@ impl Local {
 
     /// Forgets the cache (after `/reset` or `/load` nothing of it will be reused anyway).
     pub fn reset(&mut self) {
-        self.ctx.truncate(0);
+        self.ctx.clear();
         self.cached.clear();
         self.sampler.reset();
     }
@@ -85,7 +85,7 @@ impl Local {
             .take_while(|(a, b)| a == b)
             .count()
             .min(tokens.len() - 1);
-        self.ctx.truncate(common);
+        self.ctx.truncate(common)?;
         self.cached.truncate(common);
         let mut stats = Stats {
             prompt_tokens: Some(tokens.len() - common),

@@ -173,7 +173,7 @@ impl Generator<'_> {
             have = saved.iter().zip(tokens).take_while(|(a, b)| a == b).count();
             // At least the last prompt token is fed again, for its logits.
             have = have.min(tokens.len() - 1);
-            self.ctx.truncate(have);
+            self.ctx.truncate(have)?;
             eprintln!(
                 "strata: loaded a prompt cache of {} tokens from {shown} in {:.1} ms; {have} of the prompt's {} tokens reused",
                 saved.len(),

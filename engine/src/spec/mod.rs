@@ -370,6 +370,8 @@ pub struct Speculator {
     stats: SpecStats,
     drafted: Vec<u32>,
     out: Vec<u32>,
+    /// Tokens a verify pass chose that have not been handed out yet ([`Speculator::next`]).
+    queue: std::collections::VecDeque<u32>,
     batch: Vec<u32>,
     p: Vec<(u32, f64)>,
     residual: Vec<(u32, f64)>,
@@ -385,6 +387,7 @@ impl Speculator {
             stats: SpecStats::default(),
             drafted: Vec::new(),
             out: Vec::new(),
+            queue: std::collections::VecDeque::new(),
             batch: Vec::new(),
             p: Vec::new(),
             residual: Vec::new(),
@@ -401,6 +404,48 @@ impl Speculator {
 
     pub fn tuner(&self) -> &Tuner {
         &self.tuner
+    }
+
+    /// A speculator that never drafts: [`Speculator::next`] is then exactly a plain step.
+    pub fn plain() -> Self {
+        Self::new(SpecConfig::default(), Draft::None).expect("the default configuration is valid")
+    }
+
+    /// The next token of a generation. `ctx` holds `history`; `last` is the latest token
+    /// chosen (and recorded with `sampler.accept`), not fed yet. Returns the token after it,
+    /// and leaves `last` in `ctx` and in `history`. A verify pass chooses several tokens at
+    /// once: the later ones are handed out by the next calls, and `ctx` may already hold
+    /// tokens past the one returned — call [`Speculator::settle`] before using `ctx` for
+    /// anything else, so that it ends with `last` again, the token returned not fed.
+    pub fn next(
+        &mut self,
+        model: &Model,
+        ctx: &mut Context,
+        sampler: &mut Sampler,
+        history: &mut Vec<u32>,
+        last: u32,
+    ) -> Result<u32, EngineError> {
+        if let Some(t) = self.queue.pop_front() {
+            return Ok(t);
+        }
+        self.step(model, ctx, sampler, history, last)?;
+        history.push(last);
+        history.extend_from_slice(&self.out[..self.out.len() - 1]);
+        self.queue.extend(self.out.iter().skip(1));
+        Ok(self.out[0])
+    }
+
+    /// Cuts `ctx` and `history` back to where they would be after plain steps: holding every
+    /// token handed out but the last, which is not fed. Drops what was not handed out.
+    pub fn settle(&mut self, ctx: &mut Context, history: &mut Vec<u32>) -> Result<(), EngineError> {
+        // Of the queued tokens, all but the last are fed, and so is the one handed out last.
+        let cut = history.len().saturating_sub(self.queue.len());
+        self.queue.clear();
+        if cut < history.len() {
+            history.truncate(cut);
+            ctx.truncate(cut)?;
+        }
+        Ok(())
     }
 
     /// Whether steps may draft at all.

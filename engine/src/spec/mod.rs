@@ -201,12 +201,7 @@ impl DraftModel {
             model,
             ctx,
             fed: Vec::new(),
-            sampler: Sampler::new(SamplerConfig {
-                // The draft's own choices need no penalty: any q keeps the output exact.
-                repeat_penalty: 1.0,
-                seed: sampler.seed ^ 0x5EC0_DE00_D2AF_7000,
-                ..sampler.clone()
-            }),
+            sampler: Sampler::new(draft_sampler_config(sampler)),
             q: Vec::new(),
         })
     }
@@ -262,6 +257,16 @@ impl DraftModel {
     fn q(&self, i: usize) -> Option<&[(u32, f64)]> {
         let q = self.q.get(i)?;
         (q.len() > 1).then_some(q.as_slice())
+    }
+}
+
+/// The draft model's sampling settings for a target sampling with `cfg`: the same chain, its
+/// own seed, no repetition penalty (any draft distribution keeps the output exact).
+fn draft_sampler_config(cfg: &SamplerConfig) -> SamplerConfig {
+    SamplerConfig {
+        repeat_penalty: 1.0,
+        seed: cfg.seed ^ 0x5EC0_DE00_D2AF_7000,
+        ..cfg.clone()
     }
 }
 
@@ -446,6 +451,23 @@ impl Speculator {
             ctx.truncate(cut)?;
         }
         Ok(())
+    }
+
+    /// The sampling settings the draft model draws its proposals with (`None` without one).
+    pub fn draft_sampler(&self) -> Option<&SamplerConfig> {
+        match &self.draft {
+            Draft::Model(m) => Some(m.sampler.config()),
+            _ => None,
+        }
+    }
+
+    /// Makes the draft model draw with `cfg`'s settings (a new request's), without its
+    /// repetition penalty; its proposals stay valid whatever they are, but agree more often
+    /// when drawn like the target's tokens.
+    pub fn set_draft_sampler(&mut self, cfg: &SamplerConfig) {
+        if let Draft::Model(m) = &mut self.draft {
+            m.sampler = Sampler::new(draft_sampler_config(cfg));
+        }
     }
 
     /// Whether steps may draft at all.

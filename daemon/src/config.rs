@@ -888,6 +888,37 @@ mod tests {
     }
 
     #[test]
+    fn speculative_settings_are_checked_and_name_the_key() {
+        let err = |toml: &str| {
+            let mut s = Settings::default();
+            match s.apply_toml(toml, "f.toml") {
+                Err(e) => e,
+                Ok(()) => s.check().err().unwrap_or_default(),
+            }
+        };
+        for (toml, what) in [
+            ("spec_type = \"ngram-foo\"", "unknown speculative type"),
+            ("spec_type = \"ngram-mod\"", "not strata's"),
+            ("model_draft = [\"qwen\"]", "MODEL=DRAFT"),
+            ("spec_draft_n_max = 99", "1..=15"),
+            ("spec_draft_n_min = 5\nspec_draft_n_max = 3", "larger than"),
+            ("spec_type = \"draft\"", "needs model_draft"),
+            (
+                "spec_type = \"ngram-simple\"\nmodel_draft = [\"a=b\"]",
+                "uses no draft model",
+            ),
+        ] {
+            let e = err(toml);
+            assert!(e.contains(what), "{toml}: {e}");
+        }
+        let mut s = Settings::default();
+        s.apply_toml("model_draft = [\"big = small\"]\nspec_draft_n_max = 8", "f.toml")
+            .expect("valid");
+        assert_eq!(s.model_draft, [("big".to_owned(), "small".to_owned())]);
+        assert_eq!(s.spec_draft_n_max, Some(8));
+    }
+
+    #[test]
     fn gpu_settings_without_a_gpu_are_an_error_naming_them() -> Result<(), String> {
         // No driver and no device: each GPU setting is refused by name.
         for (key, value) in [

@@ -217,6 +217,12 @@ fn the_tuner_drafts_where_passes_are_cheap_and_backs_off_where_not() {
         w.pass_timed(m, 0.3 * (1.0 + 0.1 * (m - 1) as f64));
     }
     assert!(w.choose(100) > 0, "the prior tries drafting");
+    // A fresh tuner drafts one token until it has timed a pass over several.
+    let mut f = Tuner::new(1, 15);
+    f.pass_timed(1, 0.3);
+    assert_eq!(f.choose(100), 1);
+    f.pass_timed(2, 0.3);
+    assert!(f.choose(100) > 1);
     for _ in 0..100 {
         w.judged(0, true);
     }

@@ -20,9 +20,9 @@ const DECAY: f64 = 0.97;
 /// enough that a fresh run tries drafting, weak enough that a few misses stop it.
 const PRIOR_TRIALS: f64 = 2.0;
 const PRIOR_RATE: f64 = 0.5;
-/// Before a pass over several tokens has been timed, it is assumed to cost this much more per
-/// extra token than a one-token pass (cheap, as when weights stream): the first verify pass then
-/// measures the truth.
+/// Before passes over several tokens have been timed at two sizes, each extra token is assumed
+/// to cost this much of a one-token pass (cheap, as when weights stream); the first verify
+/// pass, of one drafted token, starts measuring the truth.
 const PRIOR_SLOPE: f64 = 0.1;
 
 #[derive(Clone, Debug)]
@@ -134,7 +134,11 @@ impl Tuner {
             // Time a plain step first: every estimate is relative to it.
             return 0;
         }
-        let hi = self.n_max.min(cap);
+        // Until a pass over several tokens has been timed, draft one token: the cheapest
+        // way to learn what a verify pass costs here (a pass over 5 tokens all in RAM can
+        // cost 3 one-token steps; streamed, about one).
+        let measured = self.pass[2..].iter().any(|&c| c > 0.0);
+        let hi = if measured { self.n_max } else { 1 }.min(cap);
         let mut best = (0, self.speed(0));
         for n in self.n_min..=hi {
             let s = self.speed(n);

@@ -491,12 +491,10 @@ impl Settings {
                 self.model_draft = pairs;
             }
             "spec_draft_n_max" => {
-                self.spec_draft_n_max =
-                    Some(raw.usize(1, strata_engine::spec::tune::MAX_DRAFT)?);
+                self.spec_draft_n_max = Some(raw.usize(1, strata_engine::spec::tune::MAX_DRAFT)?);
             }
             "spec_draft_n_min" => {
-                self.spec_draft_n_min =
-                    Some(raw.usize(0, strata_engine::spec::tune::MAX_DRAFT)?);
+                self.spec_draft_n_min = Some(raw.usize(0, strata_engine::spec::tune::MAX_DRAFT)?);
             }
             other => return Err(format!("no parser for key '{other}'")),
         }
@@ -912,8 +910,11 @@ mod tests {
             assert!(e.contains(what), "{toml}: {e}");
         }
         let mut s = Settings::default();
-        s.apply_toml("model_draft = [\"big = small\"]\nspec_draft_n_max = 8", "f.toml")
-            .expect("valid");
+        s.apply_toml(
+            "model_draft = [\"big = small\"]\nspec_draft_n_max = 8",
+            "f.toml",
+        )
+        .expect("valid");
         assert_eq!(s.model_draft, [("big".to_owned(), "small".to_owned())]);
         assert_eq!(s.spec_draft_n_max, Some(8));
     }

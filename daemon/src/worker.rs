@@ -238,17 +238,19 @@ fn speculator(
     if cfg.spec.kind == SpecType::None {
         return None;
     }
-    let draft = match &cfg.draft {
-        Some(d) => Some(DraftModel::new(
-            d.clone(),
-            model,
-            cfg.n_ctx,
-            pool.clone(),
-            &SamplerConfig::greedy(),
-        )),
-        None => None,
-    }
-    .transpose();
+    let draft = cfg
+        .draft
+        .as_ref()
+        .map(|d| {
+            DraftModel::new(
+                d.clone(),
+                model,
+                cfg.n_ctx,
+                pool.clone(),
+                &SamplerConfig::greedy(),
+            )
+        })
+        .transpose();
     match draft
         .and_then(|d| Draft::new(&cfg.spec, d))
         .and_then(|d| Speculator::new(cfg.spec.clone(), d))

@@ -246,7 +246,8 @@ impl KvCache {
                     match side.pages.get(pi) {
                         None => {}
                         Some(Page::Vram(_)) => {
-                            let stream = Arc::clone(&self.gpu.as_ref().expect("a VRAM tier").stream);
+                            let stream =
+                                Arc::clone(&self.gpu.as_ref().expect("a VRAM tier").stream);
                             let d = self.device_page(il, si, pi)?;
                             stream.memset(d, from, bytes - from, 0).map_err(kv_err)?;
                         }

@@ -26,7 +26,8 @@ const N_GEN: usize = 16;
 const PROMPT: &str = "fn add(a: i32, b: i32) -> i32 { a + b }\nfn sub(a: i32, b: i32) -> i32 { a - b }\nfn mul(a: i32, b: i32) -> i32 {";
 
 fn load(path: &Path, budget_pct: Option<u64>) -> Model {
-    let ram_budget = budget_pct.map(|p| std::fs::metadata(path).expect("model file").len() * p / 100);
+    let ram_budget =
+        budget_pct.map(|p| std::fs::metadata(path).expect("model file").len() * p / 100);
     let opts = ModelOptions::from(LoadOptions {
         ram_budget,
         ..LoadOptions::default()
@@ -61,7 +62,9 @@ fn generate(
                 .next(model, &mut ctx, &mut sampler, &mut history, next)
                 .expect("step");
         } else {
-            let l = model.forward(&mut ctx, &[next], Logits::Last).expect("step");
+            let l = model
+                .forward(&mut ctx, &[next], Logits::Last)
+                .expect("step");
             history.push(next);
             margins.push(margin(l));
             next = sampler.sample(l);
@@ -113,7 +116,10 @@ fn check(
     kv: &KvOptions,
     pool: &Arc<ThreadPool>,
 ) -> SpecStats {
-    let what = format!("{name}, budget {budget:?}%, KV spill {}", kv.spill.is_some());
+    let what = format!(
+        "{name}, budget {budget:?}%, KV spill {}",
+        kv.spill.is_some()
+    );
     let (plain, margins) = generate(model, &mut Speculator::plain(), kv, pool);
     let mut stats = SpecStats::default();
     for &kind in kinds {
@@ -143,7 +149,12 @@ fn greedy_speculation_matches_plain_generation_on_gemma() {
     let target = Arc::new(load(&path, None));
     let streamed = load(&path, Some(30));
     let mut stats = SpecStats::default();
-    stats.add(&check((GEMMA, &target, None), &both, &KvOptions::default(), &pool));
+    stats.add(&check(
+        (GEMMA, &target, None),
+        &both,
+        &KvOptions::default(),
+        &pool,
+    ));
     stats.add(&check((GEMMA, &streamed, Some(30)), &both, &spill, &pool));
     // Drafts were verified, and some were wrong: both paths of the rule ran.
     assert!(stats.verify_passes > 0 && stats.accepted > 0, "{stats:?}");
@@ -158,7 +169,12 @@ fn greedy_speculation_matches_plain_generation_on_gemma() {
         .expect("same vocabulary");
     let mut s = Speculator::new(cfg.clone(), Draft::new(&cfg, Some(d)).expect("draft"))
         .expect("speculator");
-    let (plain, margins) = generate(&target, &mut Speculator::plain(), &KvOptions::default(), &pool);
+    let (plain, margins) = generate(
+        &target,
+        &mut Speculator::plain(),
+        &KvOptions::default(),
+        &pool,
+    );
     let (spec, _) = generate(&target, &mut s, &KvOptions::default(), &pool);
     assert_same_until_tie("gemma drafting for itself", &plain, &margins, &spec);
 }
@@ -169,10 +185,20 @@ fn greedy_speculation_matches_plain_generation_on_qwen_and_a_foreign_draft_is_re
     let path = model_path(QWEN);
     let kv = KvOptions::default();
     let resident = load(&path, None);
-    check((QWEN, &resident, None), &[SpecType::NgramSimple], &kv, &pool);
+    check(
+        (QWEN, &resident, None),
+        &[SpecType::NgramSimple],
+        &kv,
+        &pool,
+    );
     drop(resident);
     let target = load(&path, Some(30));
-    check((QWEN, &target, Some(30)), &[SpecType::NgramMapK], &kv, &pool);
+    check(
+        (QWEN, &target, Some(30)),
+        &[SpecType::NgramMapK],
+        &kv,
+        &pool,
+    );
     let gemma = Arc::new(load(&model_path(GEMMA), None));
     let err = DraftModel::new(gemma, &target, 64, pool, &SamplerConfig::greedy())
         .err()

@@ -148,7 +148,9 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     let spec_cfg = args.spec.config()?;
     let speculating = args.spec.is_given() && spec_cfg.kind != strata_engine::spec::SpecType::None;
     let spec_text = match &args.spec_prompt {
-        Some(f) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+        Some(f) => {
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
+        }
         None => "Once upon a time".to_owned(),
     };
     let pg: Vec<(usize, usize)> = args

@@ -16,10 +16,10 @@
 //! - [`Speculator::step`] is one step of generation, speculative or plain.
 
 pub mod ngram;
-pub mod tune;
-pub mod verify;
 #[cfg(test)]
 mod tests;
+pub mod tune;
+pub mod verify;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -508,7 +508,8 @@ impl Speculator {
             self.draft
                 .propose(history, last, want.min(room), &mut self.drafted)?;
             if n > 0 {
-                self.tuner.draft_timed(self.drafted.len(), t.elapsed().as_secs_f64());
+                self.tuner
+                    .draft_timed(self.drafted.len(), t.elapsed().as_secs_f64());
             }
         }
         self.out.clear();

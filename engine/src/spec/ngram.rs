@@ -46,7 +46,9 @@ pub(crate) fn lookup_scan(seq: &[u32], n: usize, out: &mut Vec<u32>) {
         }
         let tail = &seq[seq.len() - key..];
         // Occurrences that end before the sequence's own last token, latest first.
-        let found = (0..seq.len() - key).rev().find(|&i| &seq[i..i + key] == tail);
+        let found = (0..seq.len() - key)
+            .rev()
+            .find(|&i| &seq[i..i + key] == tail);
         if let Some(i) = found {
             let from = i + key;
             out.extend_from_slice(&seq[from..(from + n).min(seq.len())]);
@@ -86,9 +88,7 @@ impl NgramMap {
         if seq.len() < MAP_KEY {
             return;
         }
-        let key: [u32; MAP_KEY] = seq[seq.len() - MAP_KEY..]
-            .try_into()
-            .expect("key length");
+        let key: [u32; MAP_KEY] = seq[seq.len() - MAP_KEY..].try_into().expect("key length");
         if let Some(&from) = self.map.get(&key) {
             out.extend_from_slice(&seq[from..(from + n).min(seq.len())]);
         }

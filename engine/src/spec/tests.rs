@@ -78,7 +78,10 @@ fn target_p() -> Vec<(u32, f64)> {
 #[test]
 fn distribution_is_what_sample_draws() {
     let p = target_p();
-    assert!(p.len() >= 4 && p.len() < LOGITS.len(), "the chain prunes: {p:?}");
+    assert!(
+        p.len() >= 4 && p.len() < LOGITS.len(),
+        "the chain prunes: {p:?}"
+    );
     let total: f64 = p.iter().map(|e| e.1).sum();
     assert!((total - 1.0).abs() < 1e-9);
     let n = 40_000;
@@ -163,10 +166,7 @@ fn greedy_judging_keeps_exactly_the_argmax_and_draws_nothing() {
     assert_eq!(judge(&p, 0, None, &mut s, &mut res), Verdict::Accept);
     assert_eq!(judge(&p, 3, None, &mut s, &mut res), Verdict::Reject(0));
     // No randomness was used: the generator is where a fresh one starts.
-    assert_eq!(
-        s.uniform(),
-        Sampler::new(SamplerConfig::greedy()).uniform()
-    );
+    assert_eq!(s.uniform(), Sampler::new(SamplerConfig::greedy()).uniform());
 }
 
 #[test]

@@ -26,11 +26,8 @@ pub fn judge(
     sampler: &mut Sampler,
     residual: &mut Vec<(u32, f64)>,
 ) -> Verdict {
-    let prob = |d: &[(u32, f64)], id: u32| {
-        d.iter()
-            .find(|&&(i, _)| i == id)
-            .map_or(0.0, |&(_, w)| w)
-    };
+    let prob =
+        |d: &[(u32, f64)], id: u32| d.iter().find(|&&(i, _)| i == id).map_or(0.0, |&(_, w)| w);
     let pt = prob(p, t);
     let qt = q.map_or(1.0, |q| prob(q, t));
     // A draft that gave its own token no probability is a caller's bug; treat it as certain.

@@ -25,6 +25,11 @@ const PRIOR_RATE: f64 = 0.5;
 /// pass, of one drafted token, starts measuring the truth.
 const PRIOR_SLOPE: f64 = 0.1;
 
+/// A draft must promise this many times a plain step's speed: the timings it is priced by
+/// move by more than a few percent from step to step (other work on the machine, the page
+/// cache), and a draft that would gain less than that is as likely to lose.
+const MIN_GAIN: f64 = 1.1;
+
 #[derive(Clone, Debug)]
 pub struct Tuner {
     n_min: usize,
@@ -139,7 +144,7 @@ impl Tuner {
         // cost 3 one-token steps; streamed, about one).
         let measured = self.pass[2..].iter().any(|&c| c > 0.0);
         let hi = if measured { self.n_max } else { 1 }.min(cap);
-        let mut best = (0, self.speed(0));
+        let mut best = (0, self.speed(0) * MIN_GAIN);
         for n in self.n_min..=hi {
             let s = self.speed(n);
             if s > best.1 {

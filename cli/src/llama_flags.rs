@@ -72,7 +72,7 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ),
     (
         "n-gpu-layers-draft",
-        "strata has no speculative decoding (draft models)",
+        "strata keeps the draft model (-md) in RAM and computes it on the CPU",
     ),
     (
         "no-op-offload",
@@ -92,10 +92,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "strata downloads only public files; give the file's URL with -m",
     ),
     ("model-url", "give the URL with -m, which takes URLs"),
-    (
-        "model-draft",
-        "strata has no speculative decoding (draft models)",
-    ),
     ("mmproj", "strata runs text models only"),
     (
         "multiline-input",
@@ -113,8 +109,14 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "no-cont-batching",
         "strata run generates one sequence; stratad batches continuously",
     ),
-    ("lookup-cache-static", "strata has no lookup decoding"),
-    ("lookup-cache-dynamic", "strata has no lookup decoding"),
+    (
+        "lookup-cache-static",
+        "strata's lookup drafts keep no cache file; use --spec-type ngram-map-k",
+    ),
+    (
+        "lookup-cache-dynamic",
+        "strata's lookup drafts keep no cache file; use --spec-type ngram-map-k",
+    ),
     (
         "defrag-thold",
         "strata's KV cache is paged and never needs defragmenting",

@@ -20,7 +20,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/strata/strata.toml";
 
 /// Every key of the config file; the environment variable is `STRATA_` + the key in capitals,
 /// the flag `--` + the key with `-` for `_`.
-pub const KEYS: [&str; 31] = [
+pub const KEYS: [&str; 35] = [
     "socket",
     "socket_group",
     "listen",
@@ -52,6 +52,10 @@ pub const KEYS: [&str; 31] = [
     "no_kv_offload",
     "kv_vram_budget",
     "hw_profile",
+    "spec_type",
+    "model_draft",
+    "spec_draft_n_max",
+    "spec_draft_n_min",
 ];
 
 /// The settings that put work on a GPU; without one each is an error naming it.
@@ -190,6 +194,13 @@ pub struct Settings {
     /// The machine as the planner models it (a shipped name or a file); `None`: the
     /// calibrated profile of `strata calibrate` when there is one (read in `main`).
     pub hw_profile: Option<HwProfile>,
+    /// Speculative decoding of every model (llama.cpp's `--spec-type`); `None`: with a draft
+    /// model where `model_draft` names one, else none.
+    pub spec_type: Option<strata_engine::spec::SpecType>,
+    /// Draft models, as `MODEL=DRAFT` store names (llama.cpp's `-md`, per model).
+    pub model_draft: Vec<(String, String)>,
+    pub spec_draft_n_max: Option<usize>,
+    pub spec_draft_n_min: Option<usize>,
     /// Where each key that is not at its default was set ("--max-queue", "STRATA_MAX_QUEUE",
     /// "/etc/strata/strata.toml"), for messages.
     origin: BTreeMap<&'static str, String>,
@@ -229,6 +240,10 @@ impl Default for Settings {
             no_kv_offload: false,
             kv_vram_budget: None,
             hw_profile: None,
+            spec_type: None,
+            model_draft: Vec::new(),
+            spec_draft_n_max: None,
+            spec_draft_n_min: None,
             origin: BTreeMap::new(),
         }
     }
@@ -457,6 +472,30 @@ impl Settings {
                 }
                 self.hw_profile = Some(HwProfile::load(s.trim()).map_err(|e| e.to_string())?);
             }
+            "spec_type" => self.spec_type = Some(raw.string()?.trim().parse()?),
+            "model_draft" => {
+                let mut pairs = Vec::new();
+                for item in raw.list()? {
+                    let Some((m, d)) = item.split_once('=') else {
+                        return Err(format!(
+                            "expected MODEL=DRAFT (store names), got {:?}",
+                            strata_storage::text::clip(&item, 80)
+                        ));
+                    };
+                    let (m, d) = (m.trim(), d.trim());
+                    if m.is_empty() || d.is_empty() {
+                        return Err(format!("expected MODEL=DRAFT, got {item:?}"));
+                    }
+                    pairs.push((m.to_owned(), d.to_owned()));
+                }
+                self.model_draft = pairs;
+            }
+            "spec_draft_n_max" => {
+                self.spec_draft_n_max = Some(raw.usize(1, strata_engine::spec::tune::MAX_DRAFT)?);
+            }
+            "spec_draft_n_min" => {
+                self.spec_draft_n_min = Some(raw.usize(0, strata_engine::spec::tune::MAX_DRAFT)?);
+            }
             other => return Err(format!("no parser for key '{other}'")),
         }
         Ok(())
@@ -504,6 +543,35 @@ impl Settings {
                 self.origin_of("mmap"),
                 self.origin_of(other)
             ));
+        }
+        if let (Some(lo), Some(hi)) = (self.spec_draft_n_min, self.spec_draft_n_max)
+            && lo > hi
+        {
+            return Err(format!(
+                "spec_draft_n_min ({lo}, set by {}) is larger than spec_draft_n_max ({hi}, set by {})",
+                self.origin_of("spec_draft_n_min"),
+                self.origin_of("spec_draft_n_max")
+            ));
+        }
+        use strata_engine::spec::SpecType;
+        match self.spec_type {
+            Some(SpecType::Draft) if self.model_draft.is_empty() => {
+                return Err(format!(
+                    "spec_type draft (set by {}) needs model_draft = [\"MODEL=DRAFT\", …]",
+                    self.origin_of("spec_type")
+                ));
+            }
+            Some(k @ (SpecType::NgramSimple | SpecType::NgramMapK | SpecType::None))
+                if !self.model_draft.is_empty() =>
+            {
+                return Err(format!(
+                    "spec_type {} (set by {}) uses no draft model, but model_draft is set (by {})",
+                    k.name(),
+                    self.origin_of("spec_type"),
+                    self.origin_of("model_draft")
+                ));
+            }
+            _ => {}
         }
         self.check_gpu(strata_kernels::Device::cuda_driver_present())
     }
@@ -815,6 +883,40 @@ mod tests {
             .err()
             .unwrap_or_default();
         assert!(e.starts_with("STRATA_DEVICE") && e.contains("sim"), "{e}");
+    }
+
+    #[test]
+    fn speculative_settings_are_checked_and_name_the_key() {
+        let err = |toml: &str| {
+            let mut s = Settings::default();
+            match s.apply_toml(toml, "f.toml") {
+                Err(e) => e,
+                Ok(()) => s.check().err().unwrap_or_default(),
+            }
+        };
+        for (toml, what) in [
+            ("spec_type = \"ngram-foo\"", "unknown speculative type"),
+            ("spec_type = \"ngram-mod\"", "not strata's"),
+            ("model_draft = [\"qwen\"]", "MODEL=DRAFT"),
+            ("spec_draft_n_max = 99", "1..=15"),
+            ("spec_draft_n_min = 5\nspec_draft_n_max = 3", "larger than"),
+            ("spec_type = \"draft\"", "needs model_draft"),
+            (
+                "spec_type = \"ngram-simple\"\nmodel_draft = [\"a=b\"]",
+                "uses no draft model",
+            ),
+        ] {
+            let e = err(toml);
+            assert!(e.contains(what), "{toml}: {e}");
+        }
+        let mut s = Settings::default();
+        s.apply_toml(
+            "model_draft = [\"big = small\"]\nspec_draft_n_max = 8",
+            "f.toml",
+        )
+        .expect("valid");
+        assert_eq!(s.model_draft, [("big".to_owned(), "small".to_owned())]);
+        assert_eq!(s.spec_draft_n_max, Some(8));
     }
 
     #[test]

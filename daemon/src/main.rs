@@ -144,6 +144,20 @@ struct Args {
     /// [default: $STRATA_HOME/hw.toml from `strata calibrate`, else cpu-2core].
     #[arg(long, visible_alias = "hw", value_name = "PROFILE")]
     hw_profile: Option<String>,
+    /// Speculative decoding: none, draft, ngram-simple or ngram-map-k (llama.cpp's
+    /// --spec-type) [default: draft for models with a model_draft, else none].
+    #[arg(long, value_name = "TYPE")]
+    spec_type: Option<String>,
+    /// Draft models as MODEL=DRAFT store names, comma-separated or repeated (llama.cpp's -md,
+    /// per model); a draft must share its model's vocabulary.
+    #[arg(long, value_name = "MODEL=DRAFT")]
+    model_draft: Vec<String>,
+    /// Most tokens drafted per step (1..=15) [default: 15; fewer where it does not pay].
+    #[arg(long, value_name = "N")]
+    spec_draft_n_max: Option<String>,
+    /// Fewest drafted tokens worth verifying [default: 0].
+    #[arg(long, value_name = "N")]
+    spec_draft_n_min: Option<String>,
 }
 
 impl Args {
@@ -180,11 +194,21 @@ impl Args {
             ("vram_budget", &self.vram_budget),
             ("kv_vram_budget", &self.kv_vram_budget),
             ("hw_profile", &self.hw_profile),
+            ("spec_type", &self.spec_type),
+            ("spec_draft_n_max", &self.spec_draft_n_max),
+            ("spec_draft_n_min", &self.spec_draft_n_min),
         ];
         for (key, value) in text {
             if let Some(v) = value {
                 s.set(key, Raw::Text(v), &config::flag(key))?;
             }
+        }
+        if !self.model_draft.is_empty() {
+            s.set(
+                "model_draft",
+                Raw::List(&self.model_draft),
+                &config::flag("model_draft"),
+            )?;
         }
         if self.mmap {
             s.set("mmap", Raw::Text("true"), "--mmap")?;
@@ -314,6 +338,12 @@ async fn run(args: Settings) -> anyhow::Result<()> {
                 prompt_cache: args.prompt_cache,
             },
             gpu,
+            spec: manager::SpecSettings {
+                kind: args.spec_type,
+                drafts: args.model_draft.clone(),
+                n_max: args.spec_draft_n_max,
+                n_min: args.spec_draft_n_min,
+            },
         },
         metrics.clone(),
         shutdown.clone(),

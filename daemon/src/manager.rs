@@ -13,6 +13,7 @@ use strata_engine::model::{
     DeviceSpec, EnvSettings, GpuOptions, LoadSettings, ModelConfig, ModelOptions, SettingNames,
 };
 use strata_engine::plan::HwProfile;
+use strata_engine::spec::{SpecConfig, SpecType};
 use strata_simd::pool::ThreadPool;
 use strata_storage::io::ReaderOptions;
 use strata_storage::quant::GgmlType;
@@ -40,6 +41,43 @@ pub struct ManagerConfig {
     pub residency: Residency,
     pub kv: KvSettings,
     pub gpu: GpuSettings,
+    pub spec: SpecSettings,
+}
+
+/// Speculative decoding (`spec_type`, `model_draft`, `spec_draft_n_max/min`); `config`
+/// checked them. The engine thread speculates while one sequence decodes.
+#[derive(Clone, Debug, Default)]
+pub struct SpecSettings {
+    /// `None`: a draft model where `drafts` names one for the model, else none.
+    pub kind: Option<SpecType>,
+    /// (model, draft) store names.
+    pub drafts: Vec<(String, String)>,
+    pub n_max: Option<usize>,
+    pub n_min: Option<usize>,
+}
+
+impl SpecSettings {
+    /// What the model `name` speculates with, and the store name of its draft model.
+    pub fn for_model(&self, name: &str) -> (SpecConfig, Option<String>) {
+        let draft = self
+            .drafts
+            .iter()
+            .find(|(m, _)| m == name)
+            .map(|(_, d)| d.clone());
+        let kind = match (self.kind, &draft) {
+            (Some(SpecType::Draft), None) => SpecType::None,
+            (Some(k), _) => k,
+            (None, Some(_)) => SpecType::Draft,
+            (None, None) => SpecType::None,
+        };
+        let d = SpecConfig::default();
+        let cfg = SpecConfig {
+            kind,
+            n_max: self.n_max.unwrap_or(d.n_max),
+            n_min: self.n_min.unwrap_or(d.n_min),
+        };
+        (cfg, draft.filter(|_| kind == SpecType::Draft))
+    }
 }
 
 /// Where each model computes (`device`, `n_gpu_layers`, `vram_budget`, `no_kv_offload`,
@@ -324,7 +362,9 @@ impl Manager {
         let t0 = Instant::now();
         let cfg = self.cfg.clone();
         let owned = name.to_owned();
-        let (model, template, pool) = tokio::task::spawn_blocking(move || {
+        let (spec, draft_name) = self.cfg.spec.for_model(name);
+        let draft_path = draft_name.as_deref().map(store_path).transpose()?;
+        let (model, template, pool, draft) = tokio::task::spawn_blocking(move || {
             let failed = |e: String| ApiError::Internal(format!("loading model '{owned}': {e}"));
             let file_bytes = std::fs::metadata(&path)
                 .map_err(|e| failed(format!("{}: {e}", path.display())))?
@@ -349,7 +389,19 @@ impl Manager {
                 ChatTemplate::from_gguf(&model.weights().gguf().metadata, model.config.arch.name())
                     .map_err(|e| e.to_string());
             let pool = Arc::new(ThreadPool::new(cfg.threads));
-            Ok::<_, ApiError>((Arc::new(model), template, pool))
+            // The draft is kept resident (it is small, and read every step), whatever the
+            // target's budget, and must share its vocabulary.
+            let draft = match &draft_path {
+                Some(p) => {
+                    let d = Model::load_with(p, &ModelOptions::default())
+                        .map_err(|e| failed(format!("draft model {}: {e}", p.display())))?;
+                    strata_engine::spec::check_vocab(&model, &d)
+                        .map_err(|e| failed(format!("draft model {}: {e}", p.display())))?;
+                    Some(Arc::new(d))
+                }
+                None => None,
+            };
+            Ok::<_, ApiError>((Arc::new(model), template, pool, draft))
         })
         .await
         .map_err(|e| ApiError::Internal(format!("model loader task failed: {e}")))??;
@@ -389,6 +441,8 @@ impl Manager {
             prefill_chunk: 256,
             kv: kv.clone(),
             prompt_cache: self.cfg.kv.prompt_cache,
+            spec,
+            draft,
         };
         let worker = worker::spawn(
             name,

@@ -60,6 +60,8 @@ pub struct DecodeCounts {
     pub steps: u64,
     pub sequences: u64,
     pub batch_max: usize,
+    /// Speculative decoding (while one sequence decodes): the engine's counts.
+    pub spec: strata_engine::spec::SpecStats,
 }
 
 /// A model's GPU: what it holds and what crossed the link (the engine's `GpuStats`), and
@@ -342,7 +344,7 @@ fn head(o: &mut String, name: &str, kind: &str, help: &str) {
 /// Per model: decode passes and how many sequences each advanced.
 fn render_decode(o: &mut String, models: &[ModelGauges]) {
     type Count = fn(&DecodeCounts) -> u64;
-    let series: [(&str, &str, &str, Count); 3] = [
+    let series: [(&str, &str, &str, Count); 7] = [
         (
             "strata_decode_steps_total",
             "counter",
@@ -361,6 +363,30 @@ fn render_decode(o: &mut String, models: &[ModelGauges]) {
             "The most sequences one decode pass has advanced.",
             |d| d.batch_max as u64,
         ),
+        (
+            "strata_spec_passes_total",
+            "counter",
+            "Target passes of speculative generation (plain steps and verify passes).",
+            |d| d.spec.passes,
+        ),
+        (
+            "strata_spec_tokens_total",
+            "counter",
+            "Tokens those passes produced; divided by the passes, tokens per target pass.",
+            |d| d.spec.tokens,
+        ),
+        (
+            "strata_spec_drafted_total",
+            "counter",
+            "Tokens drafted for verification.",
+            |d| d.spec.drafted,
+        ),
+        (
+            "strata_spec_accepted_total",
+            "counter",
+            "Drafted tokens the target accepted; divided by the drafted, the acceptance rate.",
+            |d| d.spec.accepted,
+        ),
     ];
     for (name, kind, help, get) in series {
         head(o, name, kind, help);
@@ -370,6 +396,30 @@ fn render_decode(o: &mut String, models: &[ModelGauges]) {
                 "{name}{{model=\"{}\"}} {}",
                 escape(&m.name),
                 get(&m.decode)
+            );
+        }
+    }
+    type Ratio = fn(&strata_engine::spec::SpecStats) -> f64;
+    let ratios: [(&str, &str, Ratio); 2] = [
+        (
+            "strata_spec_acceptance_ratio",
+            "Drafted tokens accepted per drafted token, so far.",
+            |s| s.acceptance(),
+        ),
+        (
+            "strata_spec_tokens_per_pass",
+            "Tokens produced per target pass of speculative generation, so far.",
+            |s| s.tokens_per_pass(),
+        ),
+    ];
+    for (name, help, get) in ratios {
+        head(o, name, "gauge", help);
+        for m in models {
+            let _ = writeln!(
+                o,
+                "{name}{{model=\"{}\"}} {:.4}",
+                escape(&m.name),
+                get(&m.decode.spec)
             );
         }
     }
@@ -536,6 +586,7 @@ mod tests {
                 steps: 3,
                 sequences: 7,
                 batch_max: 3,
+                spec: Default::default(),
             },
             gpu: None,
         }]);

@@ -123,7 +123,8 @@ impl Sessions {
         if reused == 0 {
             return Ok(plan(None));
         }
-        ctx.truncate(reused);
+        ctx.truncate(reused)
+            .map_err(|e| ApiError::Internal(format!("session '{name}': {e}")))?;
         Ok(plan(Some(Resumed { ctx, reused })))
     }
 

@@ -17,6 +17,7 @@ use crossbeam::channel::{self, RecvTimeoutError, TryRecvError, TrySendError};
 use strata_engine::kv::KvOptions;
 use strata_engine::model::Scratch;
 use strata_engine::sampler::{Sampler, SamplerConfig};
+use strata_engine::spec::{Draft, DraftModel, SpecConfig, SpecStats, SpecType, Speculator};
 use strata_engine::tokenizer::StreamDecoder;
 use strata_engine::{Context, EngineError, Logits, Model};
 use strata_simd::pool::ThreadPool;
@@ -87,7 +88,7 @@ pub struct Finish {
     pub session: Option<SessionOutcome>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct WorkerConfig {
     pub n_ctx: usize,
     pub parallel: usize,
@@ -98,6 +99,9 @@ pub struct WorkerConfig {
     pub kv: KvOptions,
     /// Finished sequences' caches kept for prefix reuse.
     pub prompt_cache: usize,
+    /// Speculative decoding while one sequence decodes, and the draft model it uses.
+    pub spec: SpecConfig,
+    pub draft: Option<Arc<Model>>,
 }
 
 /// What the engine thread publishes for `/api/ps` and `/metrics`.
@@ -114,6 +118,8 @@ pub struct WorkerStats {
     pub decode_sequences: AtomicU64,
     /// The most sequences one decode pass has advanced.
     pub decode_batch_max: AtomicUsize,
+    /// What speculative decoding did (the engine thread's speculator's counts).
+    pub spec: Mutex<SpecStats>,
     last_activity: Mutex<Instant>,
 }
 
@@ -127,6 +133,7 @@ impl WorkerStats {
             decode_steps: AtomicU64::new(0),
             decode_sequences: AtomicU64::new(0),
             decode_batch_max: AtomicUsize::new(0),
+            spec: Mutex::new(SpecStats::default()),
             // A model loaded at start and never used counts as idle from its load.
             last_activity: Mutex::new(Instant::now()),
         }
@@ -138,6 +145,7 @@ impl WorkerStats {
             steps: self.decode_steps.load(Ordering::Relaxed),
             sequences: self.decode_sequences.load(Ordering::Relaxed),
             batch_max: self.decode_batch_max.load(Ordering::Relaxed),
+            spec: self.spec.lock().map(|s| *s).unwrap_or_default(),
         }
     }
 
@@ -198,7 +206,9 @@ pub fn spawn(
     let (tx, rx) = channel::bounded(cfg.max_queue.max(1));
     let stats = Arc::new(WorkerStats::new());
     let heartbeat = watchdog.as_ref().map(|w| w.register());
+    let spec = speculator(name, &model, &pool, &cfg);
     let worker = Worker {
+        spec,
         model,
         pool,
         rx,
@@ -217,7 +227,53 @@ pub fn spawn(
     Ok(WorkerHandle { tx, stats })
 }
 
+/// The speculator of a worker configured to speculate (a problem is logged, and the model
+/// then generates plainly: the draft's vocabulary was checked at load).
+fn speculator(
+    name: &str,
+    model: &Model,
+    pool: &Arc<ThreadPool>,
+    cfg: &WorkerConfig,
+) -> Option<Speculator> {
+    if cfg.spec.kind == SpecType::None {
+        return None;
+    }
+    let draft = cfg
+        .draft
+        .as_ref()
+        .map(|d| {
+            DraftModel::new(
+                d.clone(),
+                model,
+                cfg.n_ctx,
+                pool.clone(),
+                &SamplerConfig::greedy(),
+            )
+        })
+        .transpose();
+    match draft
+        .and_then(|d| Draft::new(&cfg.spec, d))
+        .and_then(|d| Speculator::new(cfg.spec.clone(), d))
+    {
+        Ok(s) => {
+            tracing::info!(
+                model = name,
+                spec = cfg.spec.kind.name(),
+                n_max = cfg.spec.n_max,
+                "speculative decoding while one sequence decodes"
+            );
+            Some(s)
+        }
+        Err(e) => {
+            tracing::error!(model = name, "speculative decoding off: {e}");
+            None
+        }
+    }
+}
+
 struct Worker {
+    /// Drafts and verifies while one sequence decodes.
+    spec: Option<Speculator>,
     model: Arc<Model>,
     pool: Arc<ThreadPool>,
     cfg: WorkerConfig,
@@ -256,6 +312,9 @@ struct Sequence {
     fed: usize,
     /// The last sampled token, to be fed on the next decode step.
     next: u32,
+    /// Positions the cache holds past the answer handed out so far: a verify pass's tokens,
+    /// cut off if the sequence ends before they are handed out.
+    ahead: usize,
     produced: usize,
     max_tokens: usize,
     ctx: Context,
@@ -271,7 +330,7 @@ impl Sequence {
     /// The tokens whose keys and values the cache holds: the prompt and the answer tokens
     /// fed so far.
     fn held(&self) -> Vec<u32> {
-        let fed = self.ctx.n_past();
+        let fed = self.ctx.n_past() - self.ahead;
         let mut tokens: Vec<u32> = self.prompt.iter().take(fed).copied().collect();
         tokens.extend(
             self.generated
@@ -291,6 +350,16 @@ impl Sequence {
     }
 
     fn finish(&mut self, model: &Model, metrics: &Metrics, reason: FinishReason) {
+        if self.ahead > 0 {
+            // What a verify pass chose past the end leaves the cache, which then holds what
+            // plain steps would have left (and a failure to do so leaves the cache unusable).
+            let keep = self.ctx.n_past() - self.ahead;
+            if let Err(e) = self.ctx.truncate(keep) {
+                tracing::error!("cutting a finished sequence's cache back failed: {e}");
+                self.ctx.clear();
+            }
+            self.ahead = 0;
+        }
         let session = self.save(model, metrics);
         // The decoder may hold the start of a UTF-8 sequence, the matcher a possible stop.
         let rest = self.decoder.finish();
@@ -371,7 +440,9 @@ impl Sequence {
             // Whatever follows the stop string is not part of the answer.
             self.decoder = StreamDecoder::new();
             self.finish(model, metrics, FinishReason::Stop);
-        } else if self.produced >= self.max_tokens || self.ctx.n_past() + 1 > self.ctx.n_ctx() {
+        } else if self.produced >= self.max_tokens
+            || self.ctx.n_past() - self.ahead + 1 > self.ctx.n_ctx()
+        {
             self.finish(model, metrics, FinishReason::Length);
         } else {
             self.next = tok;
@@ -467,6 +538,7 @@ impl Worker {
                 save_to,
                 fed,
                 next: 0,
+                ahead: 0,
                 produced: 0,
                 max_tokens: req.max_tokens,
                 ctx,
@@ -524,7 +596,16 @@ impl Worker {
                 decoding.push(s);
             }
         }
-        let passes = decode(&model, metrics, &self.pool, &mut self.batch, &mut decoding);
+        let spec = self.spec.as_mut();
+        let passes = decode(
+            &model,
+            metrics,
+            (&self.pool, &mut self.batch, spec),
+            &mut decoding,
+        );
+        if let (Some(s), Ok(mut out)) = (&self.spec, self.stats.spec.lock()) {
+            *out = s.stats();
+        }
         let st = &self.stats;
         let steps = passes.singles + usize::from(passes.batch > 0);
         st.decode_steps.fetch_add(steps as u64, Ordering::Relaxed);
@@ -571,7 +652,7 @@ impl Worker {
         }
         let ctx = if from_idle {
             let mut ctx = self.idle.remove(i).ctx;
-            ctx.truncate(n);
+            ctx.truncate(n).ok()?;
             ctx
         } else {
             let mut ctx = self
@@ -684,11 +765,17 @@ fn prefill(model: &Model, metrics: &Metrics, s: &mut Sequence, chunk: usize) {
 fn decode(
     model: &Model,
     metrics: &Metrics,
-    pool: &ThreadPool,
-    batch: &mut Scratch,
+    (pool, batch, spec): (&ThreadPool, &mut Scratch, Option<&mut Speculator>),
     seqs: &mut [&mut Sequence],
 ) -> Passes {
     let mut passes = Passes::default();
+    if let (Some(spec), [s]) = (spec, &mut *seqs)
+        && s.logprobs.is_none()
+    {
+        speculate(model, metrics, spec, s);
+        passes.singles = 1;
+        return passes;
+    }
     if seqs.len() > 1 {
         let tokens: Vec<u32> = seqs.iter().map(|s| s.next).collect();
         let before: Vec<usize> = seqs.iter().map(|s| s.ctx.n_past()).collect();
@@ -704,10 +791,12 @@ fn decode(
                 return passes;
             }
             Err(e) => {
+                let mut cut = Ok(());
                 for (s, &n) in seqs.iter_mut().zip(&before) {
-                    s.ctx.truncate(n);
+                    cut = cut.and(s.ctx.truncate(n));
                 }
-                if is_io(&e) {
+                // A cache that could not be cut back cannot take the steps one by one either.
+                if is_io(&e) || cut.is_err() {
                     for s in seqs.iter_mut() {
                         fail(metrics, s, &e);
                     }
@@ -732,6 +821,34 @@ fn decode(
 
 /// The decode passes of one step that produced tokens: one batched pass over `batch`
 /// sequences (0: none), and `singles` passes of one sequence each.
+/// One speculative step of the only decoding sequence: its last token and a draft in one
+/// pass; every token chosen is taken in order until the sequence ends, and the cache keeps the
+/// positions of those not handed out yet (`ahead`) until it does.
+fn speculate(model: &Model, metrics: &Metrics, spec: &mut Speculator, s: &mut Sequence) {
+    if spec.draft_sampler() != Some(s.sampler.config()) {
+        spec.set_draft_sampler(s.sampler.config());
+    }
+    let history = s.held();
+    let out = match spec.step(model, &mut s.ctx, &mut s.sampler, &history, s.next) {
+        Ok(out) => out.to_vec(),
+        Err(e) => {
+            // The step's own positions leave the cache; the sequence fails as a plain step's.
+            let _ = s.ctx.truncate(history.len());
+            fail(metrics, s, &e);
+            return;
+        }
+    };
+    let k = out.len() - 1;
+    for (i, &tok) in out.iter().enumerate() {
+        s.ahead = k - i;
+        s.take(model, metrics, tok, None);
+        if s.finished {
+            return;
+        }
+    }
+    s.ahead = 0;
+}
+
 #[derive(Default)]
 struct Passes {
     batch: usize,

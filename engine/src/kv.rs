@@ -217,8 +217,15 @@ impl KvCache {
         (self.layers[0][0].ty, self.layers[0][1].ty)
     }
 
-    /// Forgets every position from `n` on; pages past it are given back (RAM and disk).
-    pub fn truncate(&mut self, n: usize) {
+    /// Forgets every position from `n` on, as if they had never been written (speculative
+    /// decoding cuts rejected tokens off this way): pages past it are given back (RAM, VRAM
+    /// and disk); the rows past `n` of the page it ends in are zeroed, as in a page never
+    /// written so far (that page is read back first when it had gone to disk whole, and copied
+    /// first when shared); and with a RAM budget, pages that went to disk only because the
+    /// cache had grown past `n` come back, newest first, while they fit. A cache cut back
+    /// holds the same bytes in the same tiers as one that never went further.
+    pub fn truncate(&mut self, n: usize) -> Result<(), EngineError> {
+        let old = self.len;
         self.len = self.len.min(n);
         let keep = self.len.div_ceil(PAGE_TOKENS);
         for side in self.layers.iter_mut().flatten() {
@@ -229,10 +236,77 @@ impl KvCache {
                 }
             }
         }
+        let rows = self.len % PAGE_TOKENS;
+        if old > self.len && rows != 0 {
+            let pi = self.len / PAGE_TOKENS;
+            for il in 0..self.layers.len() {
+                for si in 0..2 {
+                    let side = &self.layers[il][si];
+                    let (from, bytes) = (rows * side.row_bytes, side.page_bytes());
+                    match side.pages.get(pi) {
+                        None => {}
+                        Some(Page::Vram(_)) => {
+                            let stream =
+                                Arc::clone(&self.gpu.as_ref().expect("a VRAM tier").stream);
+                            let d = self.device_page(il, si, pi)?;
+                            stream.memset(d, from, bytes - from, 0).map_err(kv_err)?;
+                        }
+                        Some(_) => self.page_mut(il, si, pi)?.as_mut_slice()[from..].fill(0),
+                    }
+                }
+            }
+        }
+        self.unspill_within_budget()
+    }
+
+    /// Reads pages back from disk, newest first, while RAM stays within the budget: after a
+    /// truncation, what a cache that never grew further would hold in RAM.
+    fn unspill_within_budget(&mut self) -> Result<(), EngineError> {
+        let Some(budget) = self.spill.as_ref().map(|s| s.budget()) else {
+            return Ok(());
+        };
+        let mut ram = self.ram_bytes();
+        let n_pages = self.len.div_ceil(PAGE_TOKENS);
+        let Self { layers, spill, .. } = self;
+        let spill = spill.as_mut().expect("checked above");
+        for pi in (0..n_pages).rev() {
+            let on_disk: usize = layers
+                .iter()
+                .flatten()
+                .filter(|s| matches!(s.pages.get(pi), Some(Page::Disk(_))))
+                .map(|s| s.page_bytes())
+                .sum();
+            if on_disk == 0 {
+                continue;
+            }
+            if ram + on_disk > budget {
+                break;
+            }
+            for side in layers.iter_mut().flatten() {
+                let bytes = side.page_bytes();
+                if let Some(Page::Disk(off)) = side.pages.get(pi) {
+                    let off = *off;
+                    let buf = spill.read_page(off, bytes)?;
+                    spill.free(off, bytes);
+                    side.pages[pi] = Page::Ram(Arc::new(buf));
+                }
+            }
+            ram += on_disk;
+        }
+        Ok(())
     }
 
     pub fn clear(&mut self) {
-        self.truncate(0);
+        // Dropping every page touches no page's bytes: nothing to fail.
+        self.len = 0;
+        for side in self.layers.iter_mut().flatten() {
+            let bytes = side.page_bytes();
+            for p in side.pages.drain(..) {
+                if let (Page::Disk(off), Some(s)) = (p, &mut self.spill) {
+                    s.free(off, bytes);
+                }
+            }
+        }
     }
 
     /// Bytes the filled positions take (wherever their pages are).

@@ -12,6 +12,8 @@
 //! - [`tokenizer::Tokenizer`] encodes and decodes with the file's own vocabulary
 //!   (SentencePiece or GPT-2 BPE); [`chat::ChatTemplate`] renders conversations.
 //! - [`sampler::Sampler`] picks tokens; [`perplexity`] scores text like llama-perplexity.
+//! - [`spec`] is speculative decoding: drafts (prompt lookup, a draft model) verified in
+//!   one pass of the target, with the draft length tuned by measurement.
 //! - [`kv`] is the paged KV cache (with its SSD tier), [`session`] saves and resumes it;
 //!   [`optimize`] rewrites MoE files into the strided layout; [`synth`] writes test models.
 //!
@@ -27,6 +29,7 @@ pub mod perplexity;
 pub mod plan;
 pub mod sampler;
 pub mod session;
+pub mod spec;
 pub mod synth;
 pub mod tokenizer;
 

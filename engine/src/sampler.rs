@@ -69,6 +69,7 @@ pub struct Sampler {
     rng: SplitMix64,
     recent: VecDeque<u32>,
     cand: Vec<(u32, f32)>,
+    weights: Vec<f64>,
 }
 
 impl Sampler {
@@ -77,6 +78,7 @@ impl Sampler {
             rng: SplitMix64(cfg.seed),
             recent: VecDeque::with_capacity(cfg.repeat_last_n),
             cand: Vec::new(),
+            weights: Vec::new(),
             cfg,
         }
     }
@@ -102,16 +104,79 @@ impl Sampler {
 
     /// Picks the next token from one row of logits.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        match self.candidates(logits, &[]) {
+            Pick::One(id) => id,
+            Pick::Weighted(total) => {
+                let r = self.rng.next_f64() * total;
+                self.draw_weighted(r)
+            }
+        }
+    }
+
+    /// The distribution [`Sampler::sample`] draws from for `logits`, as if the `pending`
+    /// tokens had been accepted after the recent ones: `out` is cleared and filled with
+    /// (token, probability), the probabilities summing to 1 (greedy: one token, probability
+    /// 1). Speculative decoding judges drafted tokens against it, so that what it emits is
+    /// distributed exactly as what `sample` would have drawn.
+    pub fn distribution(&mut self, logits: &[f32], pending: &[u32], out: &mut Vec<(u32, f64)>) {
+        out.clear();
+        match self.candidates(logits, pending) {
+            Pick::One(id) => out.push((id, 1.0)),
+            Pick::Weighted(total) => out.extend(
+                self.cand
+                    .iter()
+                    .zip(&self.weights)
+                    .map(|(&(id, _), &w)| (id, w / total)),
+            ),
+        }
+    }
+
+    /// A uniform draw from [0, 1) off the sampler's seeded generator.
+    pub fn uniform(&mut self) -> f64 {
+        self.rng.next_f64()
+    }
+
+    /// Draws a token from `weights` (token, weight ≥ 0), in proportion to the weights; `None`
+    /// when they sum to zero.
+    pub fn draw(&mut self, weights: &[(u32, f64)]) -> Option<u32> {
+        let total: f64 = weights.iter().map(|&(_, w)| w.max(0.0)).sum();
+        if total <= 0.0 || !total.is_finite() {
+            return None;
+        }
+        let mut r = self.rng.next_f64() * total;
+        let mut last = None;
+        for &(id, w) in weights {
+            let w = w.max(0.0);
+            if w > 0.0 {
+                if r < w {
+                    return Some(id);
+                }
+                r -= w;
+                last = Some(id);
+            }
+        }
+        last
+    }
+
+    /// Runs the chain (penalties over the recent tokens and `pending`, top-k, top-p, min-p,
+    /// temperature) and leaves the survivors in `cand` and their weights in `weights`.
+    fn candidates(&mut self, logits: &[f32], pending: &[u32]) -> Pick {
         let c = &self.cfg;
-        let penalised = c.repeat_penalty != 1.0 && !self.recent.is_empty();
+        let window = if c.repeat_last_n == 0 {
+            0
+        } else {
+            (self.recent.len() + pending.len()).min(c.repeat_last_n)
+        };
+        let penalised = c.repeat_penalty != 1.0 && window > 0;
         if c.temp <= 0.0 && !penalised {
-            return argmax(logits);
+            return Pick::One(argmax(logits));
         }
         self.cand.clear();
         self.cand
             .extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
         if penalised {
-            for &t in &self.recent {
+            let skip = self.recent.len() + pending.len() - window;
+            for &t in self.recent.iter().chain(pending).skip(skip) {
                 if let Some(e) = self.cand.get_mut(t as usize) {
                     e.1 = if e.1 > 0.0 {
                         e.1 / c.repeat_penalty
@@ -122,13 +187,14 @@ impl Sampler {
             }
         }
         if c.temp <= 0.0 {
-            return self
-                .cand
-                .iter()
-                .fold((0u32, f32::NEG_INFINITY), |best, &(i, l)| {
-                    if l > best.1 { (i, l) } else { best }
-                })
-                .0;
+            return Pick::One(
+                self.cand
+                    .iter()
+                    .fold((0u32, f32::NEG_INFINITY), |best, &(i, l)| {
+                        if l > best.1 { (i, l) } else { best }
+                    })
+                    .0,
+            );
         }
         // Sort descending by logit, keeping only top-k (the whole vocab when disabled).
         let k = if c.top_k == 0 {
@@ -163,15 +229,19 @@ impl Sampler {
             keep = keep.min(probs.iter().take_while(|&&p| p >= floor).count().max(1));
         }
         self.cand.truncate(keep);
-        // Temperature, then draw.
-        let weights: Vec<f64> = self
-            .cand
-            .iter()
-            .map(|&(_, l)| (((l - max) / c.temp) as f64).exp())
-            .collect();
-        let total: f64 = weights.iter().sum();
-        let mut r = self.rng.next_f64() * total;
-        for (&(id, _), w) in self.cand.iter().zip(&weights) {
+        // Temperature.
+        self.weights.clear();
+        self.weights.extend(
+            self.cand
+                .iter()
+                .map(|&(_, l)| (((l - max) / c.temp) as f64).exp()),
+        );
+        Pick::Weighted(self.weights.iter().sum())
+    }
+
+    /// The candidate that a draw `r` in [0, total) lands on.
+    fn draw_weighted(&self, mut r: f64) -> u32 {
+        for (&(id, _), w) in self.cand.iter().zip(&self.weights) {
             if r < *w {
                 return id;
             }
@@ -179,6 +249,12 @@ impl Sampler {
         }
         self.cand[self.cand.len() - 1].0
     }
+}
+
+/// What the chain left: one certain token, or the candidates' weights and their sum.
+enum Pick {
+    One(u32),
+    Weighted(f64),
 }
 
 /// Index of the largest value; the first one on ties, as llama.cpp's greedy sampler picks.

@@ -17,6 +17,9 @@ use strata_storage::io::{IoKind, ReaderOptions, measure_read};
 
 use super::common::{DEFAULT_MODEL, LoadArgs, open_model, threads};
 use super::kvargs::KvArgs;
+use super::specargs::SpecArgs;
+use strata_engine::sampler::{Sampler, SamplerConfig};
+use strata_engine::spec::Speculator;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -98,6 +101,13 @@ pub struct Args {
     residency: LoadArgs,
     #[command(flatten)]
     kv: KvArgs,
+    /// With speculative flags (-md, --spec-type), each tg test generates greedily after this
+    /// text (a file; default "Once upon a time"), once plainly and once speculating, and
+    /// reports the acceptance rate and tokens per target pass.
+    #[arg(long = "spec-prompt", value_name = "FILE")]
+    spec_prompt: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    spec: SpecArgs,
 }
 
 struct Row {
@@ -135,6 +145,14 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     if args.batch.contains(&0) || args.ubatch.contains(&0) {
         anyhow::bail!("--batch-size and --ubatch-size must be at least 1");
     }
+    let spec_cfg = args.spec.config()?;
+    let speculating = args.spec.is_given() && spec_cfg.kind != strata_engine::spec::SpecType::None;
+    let spec_text = match &args.spec_prompt {
+        Some(f) => {
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
+        }
+        None => "Once upon a time".to_owned(),
+    };
     let pg: Vec<(usize, usize)> = args
         .prompt_gen
         .iter()
@@ -178,7 +196,9 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
                 .chain(pg.iter().map(|(p, n)| p + n))
                 .max()
                 .unwrap_or(0);
-            let n_ctx = (args.depth + longest).max(1);
+            let spec_prompt = model.tokenizer.encode(&spec_text, true, true);
+            let spec_len = if speculating { spec_prompt.len() } else { 0 };
+            let n_ctx = (args.depth + longest + spec_len).max(1);
             let mut ctx = args.kv.context(&model, n_ctx, pool.clone())?;
             if args.depth > 0 {
                 fill_depth(&model, &mut ctx, args.depth, args.depth_session.as_deref())?;
@@ -190,7 +210,10 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
                 .map(|&p| (p, 0))
                 .chain(args.n_gen.iter().filter(|&&n| n > 0).map(|&n| (0, n)))
                 .chain(pg.iter().copied());
-            let modes: Vec<Option<&str>> = if args.moe_prefetch.is_empty() {
+            let spec_name = spec_cfg.kind.name();
+            let modes: Vec<Option<&str>> = if speculating {
+                vec![Some("plain"), Some(spec_name)]
+            } else if args.moe_prefetch.is_empty() {
                 vec![None]
             } else {
                 args.moe_prefetch.iter().map(|m| Some(m.as_str())).collect()
@@ -240,20 +263,46 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
                 let pred0 = model.prediction_stats();
                 let kv0 = ctx.kv_spill_stats();
                 let t0 = Instant::now();
-                let samples = run_test(
-                    &model,
-                    &mut ctx,
-                    args.depth,
-                    p,
-                    n,
-                    args.repetitions,
-                    progress.as_deref(),
-                )?;
+                let samples = if speculating && n > 0 {
+                    let mut spec = if mode == Some("plain") {
+                        Speculator::plain()
+                    } else {
+                        args.spec
+                            .speculator(&model, n_ctx, &pool, &SamplerConfig::greedy())?
+                    };
+                    let s = run_spec_test(
+                        &model,
+                        &mut ctx,
+                        &mut spec,
+                        (args.depth, &spec_prompt),
+                        n,
+                        args.repetitions,
+                        progress.as_deref(),
+                    )?;
+                    if spec.active() {
+                        expert_lines.push(format!(
+                            "{desc} {} t={nt}: {}",
+                            test_name(p, n, mode),
+                            super::specargs::describe(spec.config().kind, &spec.stats())
+                        ));
+                    }
+                    s
+                } else {
+                    run_test(
+                        &model,
+                        &mut ctx,
+                        args.depth,
+                        p,
+                        n,
+                        args.repetitions,
+                        progress.as_deref(),
+                    )?
+                };
                 let secs = t0.elapsed().as_secs_f64();
                 let after = model.weights().stats();
                 let read = after.read.bytes - before.read.bytes;
                 let tokens = ((p + n) * (args.repetitions + 1)) as f64;
-                if let Some(m) = mode {
+                if let Some(m) = mode.filter(|_| !speculating) {
                     let pred = model.prediction_stats();
                     let (g, a, r) = (
                         pred.guessed - pred0.guessed,
@@ -480,6 +529,52 @@ fn parse_pg(s: &str) -> anyhow::Result<(usize, usize)> {
     }
 }
 
+/// Times `reps` runs (after one warm-up) of `n_gen` tokens generated greedily through `spec`
+/// after `prompt` (read untimed, after `depth` positions). One speculator serves every run, so
+/// its measurements carry over from the warm-up.
+fn run_spec_test(
+    model: &Model,
+    ctx: &mut Context,
+    spec: &mut Speculator,
+    (depth, prompt): (usize, &[u32]),
+    n_gen: usize,
+    reps: usize,
+    progress: Option<&str>,
+) -> anyhow::Result<Vec<f64>> {
+    let mut samples = Vec::with_capacity(reps);
+    let mut history = Vec::new();
+    // The depth's tokens, as `fill_depth` drew them.
+    let mut draw = token_stream(model, 0xDEE9);
+    let depth_tokens: Vec<u32> = (0..depth).map(|_| draw()).collect();
+    for rep in 0..=reps {
+        if let Some(p) = progress {
+            match rep {
+                0 => eprintln!("{p}: warm-up"),
+                r => eprintln!("{p}: repetition {r}/{reps}"),
+            }
+        }
+        ctx.truncate(depth)?;
+        history.clear();
+        history.extend_from_slice(&depth_tokens);
+        let mut sampler = Sampler::new(SamplerConfig::greedy());
+        prompt.iter().for_each(|&t| sampler.accept(t));
+        let logits = model.forward(ctx, prompt, Logits::Last)?;
+        history.extend_from_slice(prompt);
+        let mut next = sampler.sample(logits);
+        let t0 = Instant::now();
+        for _ in 0..n_gen {
+            sampler.accept(next);
+            next = spec.next(model, ctx, &mut sampler, &mut history, next)?;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        spec.settle(ctx, &mut history)?;
+        if rep > 0 {
+            samples.push(n_gen as f64 / secs);
+        }
+    }
+    Ok(samples)
+}
+
 /// Times `reps` runs (after one warm-up) of: `n_prompt` tokens in one pass, then `n_gen`
 /// single-token steps. Returns each run's tokens per second.
 fn run_test(
@@ -501,7 +596,7 @@ fn run_test(
                 r => eprintln!("{p}: repetition {r}/{reps}"),
             }
         }
-        ctx.truncate(depth);
+        ctx.truncate(depth)?;
         let t0 = Instant::now();
         if n_prompt > 0 {
             let tokens: Vec<u32> = (0..n_prompt).map(|_| next_token()).collect();

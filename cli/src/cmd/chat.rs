@@ -87,6 +87,9 @@ pub struct Args {
     /// --local: the KV cache's types and RAM budget.
     #[command(flatten)]
     pub kv: super::kvargs::KvArgs,
+    /// --local: speculative decoding (-md, --spec-type, --spec-draft-n-max/-n-min).
+    #[command(flatten)]
+    pub spec: super::specargs::SpecArgs,
 }
 
 /// Where the answers come from.
@@ -126,10 +129,10 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     if args.n_predict == Some(0) {
         anyhow::bail!("-n must be at least 1");
     }
-    if !args.local && (args.residency.is_given() || args.kv.is_given()) {
+    if !args.local && (args.residency.is_given() || args.kv.is_given() || args.spec.is_given()) {
         anyhow::bail!(
-            "weight and KV cache flags (--ram-budget, -ot, --cache-type-k, --kv-budget, …) \
-             apply to --local; a daemon uses its own settings"
+            "weight, KV cache and speculative flags (--ram-budget, -ot, --cache-type-k, \
+             --kv-budget, -md, --spec-type, …) apply to --local; a daemon uses its own settings"
         );
     }
     let (mut backend, model, via) = if args.local {

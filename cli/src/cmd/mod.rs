@@ -18,4 +18,5 @@ pub mod rm;
 pub mod run;
 pub mod serve;
 pub mod show;
+pub mod specargs;
 pub mod tokenize;

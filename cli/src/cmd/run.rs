@@ -168,6 +168,8 @@ pub struct Args {
     pub residency: LoadArgs,
     #[command(flatten)]
     pub kv: super::kvargs::KvArgs,
+    #[command(flatten)]
+    pub spec: super::specargs::SpecArgs,
     /// Also report how the weights are held, bytes read from disk, I/O stall time, read
     /// bandwidth, hits per tier and the peak RSS; and log what was loaded (llama.cpp's -v).
     #[arg(short = 'v', long)]
@@ -254,6 +256,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         },
     };
     sampler_cfg.validate().map_err(anyhow::Error::msg)?;
+    args.spec.config()?;
     if args.batch_size == 0 || args.ubatch_size == 0 {
         anyhow::bail!("--batch-size and --ubatch-size must be at least 1");
     }
@@ -315,6 +318,9 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     if args.mlock {
         lock_memory();
     }
+    let spec = args
+        .spec
+        .speculator(&loaded.model, n_ctx, &loaded.pool, &sampler_cfg)?;
     let mut sampler = Sampler::new(sampler_cfg);
     let opts = GenOptions {
         n_predict: args.n_predict,
@@ -340,6 +346,8 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         pools: &pools,
         opts: &opts,
         perf: Default::default(),
+        spec,
+        fed: Vec::new(),
     };
     let result = match (mode, &template) {
         (Mode::Converse, Some(t)) => {
@@ -363,10 +371,15 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         _ => modes::complete(&mut g, &io, prompt.as_deref().unwrap_or_default()),
     };
     let perf = std::mem::take(&mut g.perf);
+    let spec = (g.spec.active() || args.verbose)
+        .then(|| super::specargs::describe(g.spec.config().kind, &g.spec.stats()));
     if args.log_disable || args.no_perf {
         return result;
     }
     print_perf(loaded.load_ms, &perf);
+    if let Some(line) = spec {
+        eprintln!("strata_perf_context_print: {line}");
+    }
     if args.verbose || loaded.model.weights().stats().mode != ResidencyMode::Resident {
         print_residency(&loaded.model);
     }

@@ -60,7 +60,7 @@ fn pages_fill_share_and_copy_on_write() {
     };
     assert!(Arc::ptr_eq(pa, pb));
     // Writing into a shared page copies it: the other cache keeps its bytes.
-    b.truncate(300);
+    b.truncate(300).unwrap();
     fill(&mut b, 300, 700);
     assert_eq!(rows(&mut a), before);
     let (Page::Ram(pa), Page::Ram(pb)) = (&a.layers[0][0].pages[1], &b.layers[0][0].pages[1])
@@ -104,8 +104,8 @@ fn spilled_pages_read_back_exactly() {
         let st = ssd.spill_stats().unwrap();
         assert!(st.ahead_hits > 0 && st.bytes_read > 0, "{st:?}");
         // Cutting into a page on disk and writing again brings it back, then re-spills.
-        ram.truncate(400);
-        ssd.truncate(400);
+        ram.truncate(400).unwrap();
+        ssd.truncate(400).unwrap();
         fill(&mut ram, 400, 900);
         fill(&mut ssd, 400, 900);
         assert_eq!(rows(&mut ssd), rows(&mut ram), "{ty:?}");
@@ -150,4 +150,76 @@ fn a_budget_below_the_floor_acts_as_the_floor_and_says_so() {
     assert_eq!(s.ram_budget, LAYERS * 2 * page);
     // Two full pages per side went to disk; the one filling stayed.
     assert_eq!(c.ram_bytes(), LAYERS * 2 * page);
+}
+
+/// Rows a speculative draft wrote and then lost: other values than `fill`'s.
+fn fill_rejected(cache: &mut KvCache, from: usize, to: usize) {
+    for pos in from..to {
+        for il in 0..LAYERS {
+            let k: Vec<f32> = (0..KV_DIM).map(|i| ((pos + i) % 13) as f32 - 6.0).collect();
+            cache.store(il, pos, &k, &k).unwrap();
+        }
+        cache.set_len(pos + 1).unwrap();
+    }
+}
+
+/// Every page of every layer and side: where it is, and all its bytes (past the filled rows
+/// too), read back from disk for pages there.
+fn pages(cache: &KvCache) -> Vec<(char, Vec<u8>)> {
+    let mut out = Vec::new();
+    for side in cache.layers.iter().flatten() {
+        for p in &side.pages {
+            out.push(match p {
+                Page::Ram(b) => ('r', b.as_slice().to_vec()),
+                Page::Disk(off) => {
+                    let s = cache.spill.as_ref().unwrap();
+                    let b = s.read_page(*off, side.page_bytes()).unwrap();
+                    ('d', b.as_slice().to_vec())
+                }
+                Page::Vram(_) => panic!("no VRAM tier here"),
+            });
+        }
+    }
+    out
+}
+
+/// Speculative decoding writes a draft's rows and cuts the rejected ones off: the cache must
+/// then hold, page by page and tier by tier, what one that never held them holds — in RAM,
+/// and under a KV budget whether the cut lands in a page that had gone to disk (it is partial
+/// again) or the draft's rows had pushed an older page out to disk (it comes back).
+#[test]
+fn a_rejected_draft_leaves_the_pages_as_a_plain_run_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let ty = GgmlType::Q8_0;
+    let page = ram_page_bytes(ty);
+    let spill = |pages_per_side: usize| SpillConfig {
+        dir: dir.path().to_path_buf(),
+        ram_budget: pages_per_side * LAYERS * 2 * page,
+        io: Default::default(),
+    };
+    // (RAM budget in pages per side, accepted positions before the draft, rows drafted, kept)
+    let cases = [
+        (None, 250, 12, 3),
+        (Some(1), 250, 12, 3),
+        (Some(2), 512, 8, 0),
+        (Some(2), 505, 15, 4),
+        (Some(1), 700, 16, 16),
+    ];
+    for (budget, before, drafted, kept) in cases {
+        let what = format!("budget {budget:?}, {before} + {kept} of {drafted}");
+        let o = opts(ty, budget.map(spill));
+        let mut spec = KvCache::new(LAYERS, 4096, KV_DIM, HD, &o).unwrap();
+        let mut plain = KvCache::new(LAYERS, 4096, KV_DIM, HD, &o).unwrap();
+        fill(&mut spec, 0, before + kept);
+        fill_rejected(&mut spec, before + kept, before + drafted);
+        spec.truncate(before + kept).unwrap();
+        fill(&mut plain, 0, before + kept);
+        assert_eq!(spec.len(), plain.len(), "{what}");
+        assert!(pages(&spec) == pages(&plain), "{what}: pages differ");
+        // And they go on alike.
+        fill(&mut spec, before + kept, before + 300);
+        fill(&mut plain, before + kept, before + 300);
+        assert!(pages(&spec) == pages(&plain), "{what}: pages differ later");
+        assert_eq!(rows(&mut spec), rows(&mut plain), "{what}");
+    }
 }

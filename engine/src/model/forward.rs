@@ -75,9 +75,11 @@ impl Context {
         self.kv.n_ctx()
     }
 
-    /// Drops every cached position from `n` on (to reuse a shared prefix).
-    pub fn truncate(&mut self, n: usize) {
-        self.kv.truncate(n);
+    /// Drops every cached position from `n` on (to reuse a shared prefix, or to take back a
+    /// speculative draft's rejected tokens), leaving the cache as if they had never been
+    /// written. Fails only when a page on disk that must come back cannot be read.
+    pub fn truncate(&mut self, n: usize) -> Result<(), EngineError> {
+        self.kv.truncate(n)
     }
 
     pub fn clear(&mut self) {

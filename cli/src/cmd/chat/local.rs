@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use strata_engine::chat::{ChatMessage, ChatTemplate};
 use strata_engine::sampler::{Sampler, SamplerConfig};
+use strata_engine::spec::Speculator;
 use strata_engine::tokenizer::StreamDecoder;
 use strata_engine::{Context, Logits};
 
@@ -21,6 +22,7 @@ pub struct Local {
     cached: Vec<u32>,
     /// Most tokens per answer; `None` until the end of the answer or the context.
     max_tokens: Option<usize>,
+    spec: Speculator,
 }
 
 impl Local {
@@ -28,12 +30,17 @@ impl Local {
     pub fn new(model: &str, sampler: SamplerConfig, args: &super::Args) -> anyhow::Result<Local> {
         let (max_tokens, n_ctx, kv) = (args.n_predict, args.ctx_size, &args.kv);
         sampler.validate().map_err(anyhow::Error::msg)?;
+        args.spec.config()?;
         // A model that cannot chat is said so before its weights load.
         let template = chat_template(&resolve_model(model)?, model, args.chat_template.as_deref())?;
         let loaded = load_with(model, args.threads, &args.residency)?;
         let n_ctx = ctx_size(&loaded.model, n_ctx)?;
         let ctx = kv.context(&loaded.model, n_ctx, loaded.pool.clone())?;
+        let spec = args
+            .spec
+            .speculator(&loaded.model, n_ctx, &loaded.pool, &sampler)?;
         Ok(Local {
+            spec,
             loaded,
             ctx,
             sampler: Sampler::new(sampler),
@@ -45,7 +52,7 @@ impl Local {
 
     /// Forgets the cache (after `/reset` or `/load` nothing of it will be reused anyway).
     pub fn reset(&mut self) {
-        self.ctx.truncate(0);
+        self.ctx.clear();
         self.cached.clear();
         self.sampler.reset();
     }
@@ -85,7 +92,7 @@ impl Local {
             .take_while(|(a, b)| a == b)
             .count()
             .min(tokens.len() - 1);
-        self.ctx.truncate(common);
+        self.ctx.truncate(common)?;
         self.cached.truncate(common);
         let mut stats = Stats {
             prompt_tokens: Some(tokens.len() - common),
@@ -122,10 +129,16 @@ impl Local {
                 out("\n[the context is full; /reset to start over]")?;
                 break;
             }
-            let logits = model.forward(&mut self.ctx, &[next], Logits::Last)?;
-            self.cached.push(next);
-            next = self.sampler.sample(logits);
+            next = self.spec.next(
+                model,
+                &mut self.ctx,
+                &mut self.sampler,
+                &mut self.cached,
+                next,
+            )?;
         }
+        // Tokens a verify pass chose past the end of the answer leave the cache.
+        self.spec.settle(&mut self.ctx, &mut self.cached)?;
         let rest = decoder.finish();
         out(&rest)?;
         answer.push_str(&rest);

@@ -34,6 +34,10 @@ fn refuse_local_flags(args: &Args) -> anyhow::Result<()> {
             args.kv.is_given(),
             "--cache-type-k/--cache-type-v/--kv-budget (the daemon's kv settings apply)",
         ),
+        (
+            args.spec.is_given(),
+            "-md/--spec-type/--spec-draft-n-max/--spec-draft-n-min (the daemon's per-model spec settings apply)",
+        ),
         (args.verbose, "--verbose"),
         (args.mlock, "--mlock (the daemon holds the model)"),
         (

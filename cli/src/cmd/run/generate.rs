@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use strata_engine::sampler::Sampler;
+use strata_engine::spec::Speculator;
 use strata_engine::tokenizer::StreamDecoder;
 use strata_engine::{Context, Logits, Model};
 use strata_simd::pool::ThreadPool;
@@ -72,9 +73,20 @@ pub struct Generator<'a> {
     pub pools: &'a Pools,
     pub opts: &'a GenOptions,
     pub perf: Perf,
+    /// Drafts and verifies (a plain one without the speculative flags).
+    pub spec: Speculator,
+    /// The tokens the context holds.
+    pub fed: Vec<u32>,
 }
 
 impl Generator<'_> {
+    /// Cuts the context back to its first `n` tokens.
+    pub fn truncate(&mut self, n: usize) -> anyhow::Result<()> {
+        self.ctx.truncate(n)?;
+        self.fed.truncate(n);
+        Ok(())
+    }
+
     /// Runs `tokens` through the model after what the context holds (no sampling), on the
     /// batch pool if there is one.
     pub fn prefill(&mut self, tokens: &[u32], logits: Logits) -> anyhow::Result<Vec<f32>> {
@@ -97,6 +109,7 @@ impl Generator<'_> {
             self.ctx.set_pool(self.pools.decode.clone());
         }
         let out = r?;
+        self.fed.extend_from_slice(tokens);
         self.perf.prompt_ms += t0.elapsed().as_secs_f64() * 1e3;
         self.perf.prompt_tokens += tokens.len();
         tokens.iter().for_each(|&t| self.sampler.accept(t));
@@ -140,12 +153,14 @@ impl Generator<'_> {
             }
             let t = Instant::now();
             next = self
-                .sampler
-                .sample(self.model.forward(self.ctx, &[next], Logits::Last)?);
+                .spec
+                .next(self.model, self.ctx, self.sampler, &mut self.fed, next)?;
             unfed = None;
             self.perf.eval_ms += t.elapsed().as_secs_f64() * 1e3;
             self.perf.eval_runs += 1;
         };
+        // Tokens a verify pass chose past the stop leave the context.
+        self.spec.settle(self.ctx, &mut self.fed)?;
         let rest = decoder.finish();
         out.write_all(rest.as_bytes())?;
         out.flush()?;
@@ -173,7 +188,8 @@ impl Generator<'_> {
             have = saved.iter().zip(tokens).take_while(|(a, b)| a == b).count();
             // At least the last prompt token is fed again, for its logits.
             have = have.min(tokens.len() - 1);
-            self.ctx.truncate(have);
+            self.ctx.truncate(have)?;
+            self.fed = saved[..have].to_vec();
             eprintln!(
                 "strata: loaded a prompt cache of {} tokens from {shown} in {:.1} ms; {have} of the prompt's {} tokens reused",
                 saved.len(),

@@ -104,7 +104,7 @@ pub fn converse(
             .take_while(|(a, b)| a == b)
             .count()
             .min(tokens.len().saturating_sub(1));
-        g.ctx.truncate(common);
+        g.truncate(common)?;
         let a = g.generate(&tokens[common..], &mut out)?;
         writeln!(out)?;
         if a.stop == Stop::Interrupted && a.text.is_empty() {

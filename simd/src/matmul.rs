@@ -18,6 +18,7 @@ use strata_storage::quant::GgmlType;
 
 use crate::dispatch::{self, Level};
 use crate::pool::{SyncPtr, ThreadPool};
+use crate::tune::{self, Decode, Tuning};
 use kernels::{GEMM_ROWS, Gemm, INTERLEAVED_TOKENS, InterleavedFn, Kernel, MULTI_TOKENS, kernel};
 
 pub use interleave::TILE_ROWS as INTERLEAVE_ROWS;
@@ -45,10 +46,13 @@ pub enum Layout {
     Interleaved,
 }
 
-/// Whether matrices of `ty` can be interleaved at the process's SIMD level (the kernels that
-/// read that layout need AVX-512 VNNI).
+/// Whether matrices of `ty` are to be interleaved: the type has the layout, the process's SIMD
+/// level has kernels for it (AVX2 and above), and the process's tuning ([`crate::tune`]) did
+/// not choose the row kernels for it.
 pub fn can_interleave(ty: GgmlType) -> bool {
-    interleave::has_layout(ty) && kernels::interleaved(ty, dispatch::level()).is_some()
+    interleave::has_layout(ty)
+        && kernels::interleaved(ty, dispatch::level(), false).is_some()
+        && tune::current().decode(ty) != Decode::Rows
 }
 
 /// Rearranges a row-major matrix of `rows` × `cols` elements of `ty` into
@@ -197,7 +201,24 @@ pub fn matmul_at(
     out: &mut [f32],
     scratch: &mut MatmulScratch,
 ) -> Result<(), SimdError> {
-    let k = kernel(w.ty, level).ok_or(SimdError::UnsupportedType { ty: w.ty })?;
+    matmul_tuned(level, tune::current(), pool, w, x, n_tok, out, scratch)
+}
+
+/// [`matmul_at`] under an explicit tuning (the interleaved kernels' width and prefetch
+/// distance), for `tune`'s measurements.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_tuned(
+    level: Level,
+    tuning: Tuning,
+    pool: &ThreadPool,
+    w: MatRef<'_>,
+    x: &[f32],
+    n_tok: usize,
+    out: &mut [f32],
+    scratch: &mut MatmulScratch,
+) -> Result<(), SimdError> {
+    let wide = tuning.decode(w.ty) != Decode::Interleaved256;
+    let k = kernel(w.ty, level, wide).ok_or(SimdError::UnsupportedType { ty: w.ty })?;
     check_shapes(&w, k, x, n_tok, out)?;
     let interleaved = match w.layout {
         Layout::Rows => None,
@@ -272,6 +293,7 @@ pub fn matmul_at(
     let side: &[u8] = side;
 
     let out_ptr = SyncPtr(out.as_mut_ptr());
+    let ahead = tuning.prefetch;
     let job = |ith: usize, nth: usize| match (interleaved, gemm) {
         (Some(il), None) => {
             let tiles = w.rows / INTERLEAVE_ROWS;
@@ -279,7 +301,7 @@ pub fn matmul_at(
             // SAFETY: as for the tiled GEMM below: this thread writes only the rows of its own
             // tiles (and the last thread the rows after every tile).
             unsafe {
-                interleaved_job(il, &w, act, act_row, n_tok, t0, t1, out_ptr.get());
+                interleaved_job(il, &w, act, act_row, n_tok, t0, t1, ahead, out_ptr.get());
                 if ith + 1 == nth {
                     let r0 = tiles * INTERLEAVE_ROWS;
                     rows_job(k, &w, act, act_row, n_tok, r0, w.rows, out_ptr.get());
@@ -329,6 +351,8 @@ pub fn matmul_at(
 /// Tiles `tile0..tile1` of an interleaved matrix, every token, in groups of
 /// [`INTERLEAVED_TOKENS`] (the tile stays in cache across the groups).
 ///
+/// `ahead` is the kernels' software prefetch distance in bytes.
+///
 /// # Safety
 /// As [`rows_job`], for rows `tile0 * 16..tile1 * 16`.
 #[allow(clippy::too_many_arguments)]
@@ -340,6 +364,7 @@ unsafe fn interleaved_job(
     n_tok: usize,
     tile0: usize,
     tile1: usize,
+    ahead: usize,
     out: *mut f32,
 ) {
     let tile_bytes = INTERLEAVE_ROWS * w.ty.row_bytes(w.cols);
@@ -360,6 +385,7 @@ unsafe fn interleaved_job(
                     nt,
                     out.add(t0 * w.rows + tile * INTERLEAVE_ROWS),
                     w.rows,
+                    ahead,
                 )
             };
             t0 += nt;

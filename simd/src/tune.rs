@@ -317,7 +317,11 @@ pub fn measure(pools: &[&ThreadPool], types: &[GgmlType], reps: usize) -> Measur
     }
     // The bytes do not change the kernels' speed; 0x3C makes every f16 scale about 1 (no
     // infinities or subnormals on the way).
-    let buf = vec![0x3Cu8; stream_bytes()];
+    let len = stream_bytes();
+    let raw = vec![0x3Cu8; len + 4096];
+    // Page-aligned, as a model's weights are (a large allocation starts 16 bytes into a page).
+    let start = raw.as_ptr().align_offset(4096);
+    let buf = &raw[start..start + len];
     let record = |timings: &mut Vec<Timing>, ty, cands: &[(Decode, usize)], gbs: &[Vec<f64>]| {
         for (c, g) in cands.iter().zip(gbs) {
             for (p, v) in pools.iter().zip(g) {
@@ -335,7 +339,7 @@ pub fn measure(pools: &[&ThreadPool], types: &[GgmlType], reps: usize) -> Measur
     let wide = tuning.decode(first);
     let tile = first.row_bytes(first.block_size()) * matmul::INTERLEAVE_ROWS;
     let cands: Vec<(Decode, usize)> = [0, 1, 2, 4].iter().map(|&k| (wide, k * tile)).collect();
-    let gbs = time_candidates(pools, &buf, first, &cands, reps);
+    let gbs = time_candidates(pools, buf, first, &cands, reps);
     tuning.prefetch = cands[fastest(&gbs)].1;
     record(&mut timings, first, &cands, &gbs);
 
@@ -345,7 +349,7 @@ pub fn measure(pools: &[&ThreadPool], types: &[GgmlType], reps: usize) -> Measur
             .filter(|d| d.available(level))
             .map(|d| (d, tuning.prefetch))
             .collect();
-        let gbs = time_candidates(pools, &buf, ty, &cands, reps);
+        let gbs = time_candidates(pools, buf, ty, &cands, reps);
         tuning = tuning.with(ty, cands[fastest(&gbs)].0);
         record(&mut timings, ty, &cands, &gbs);
     }

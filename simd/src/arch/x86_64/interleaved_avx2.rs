@@ -72,11 +72,13 @@ fn prefetch(p: *const u8, len: usize) {
     }
 }
 
-/// Prefetches block `b + 1`'s bytes `ahead` bytes further on, when they are inside the tile.
+/// Prefetches the block `ahead` bytes past block `b`. Past the tile's end that is the next
+/// tile of the matrix, which the same thread most likely computes next (or bytes past the
+/// matrix: a prefetch is a hint and never faults).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn prefetch_ahead(tile: *const u8, b: usize, nb: usize, block: usize, ahead: usize) {
-    if ahead > 0 && (b + 1) * block + ahead <= nb * block {
+fn prefetch_ahead(tile: *const u8, b: usize, block: usize, ahead: usize) {
+    if ahead > 0 {
         prefetch(tile.wrapping_add(b * block + ahead), block);
     }
 }
@@ -106,86 +108,21 @@ fn per_row_i8<const H: usize>(v: __m128i) -> __m256i {
     _mm256_cvtepi8_epi16(d)
 }
 
-/// Rows `8 H..8 H + 8` of a Q4_K tile against `NT` tokens: `acc[t]` gains the 8 rows' results
-/// of block `x` for token `t`.
-///
-/// # Safety
-/// `x` is one Q4_K tile block; `y + t * act_row` one Q8_K block for every `t < NT`.
+/// The mins of sub-blocks `2 p` and `2 p + 1` of rows `8 H..8 H + 8` as i16 pairs, one pair
+/// per row.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4k_half<const NT: usize, const H: usize>(
-    x: *const u8,
-    y: *const u8,
-    act_row: usize,
-    sc: &[__m128i; 8],
-    mn: &[__m128i; 8],
-    acc: &mut [__m256; NT],
-) {
-    let m4 = _mm256_set1_epi8(0xF);
-    // SAFETY: every offset stays inside the tile block and the activation blocks (caller).
-    unsafe {
-        let mut isum = [_mm256_setzero_si256(); NT];
-        for s in 0..8 {
-            let g0 = x.add(256 + 256 * s + 32 * H);
-            let mut w = [_mm256_setzero_si256(); 8];
-            for g in 0..4 {
-                let v = load(g0.add(64 * g));
-                w[2 * g] = _mm256_and_si256(v, m4);
-                w[2 * g + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
-            }
-            let scale = per_row_u8::<H>(sc[s]);
-            for (t, is) in isum.iter_mut().enumerate() {
-                let a = y.add(t * act_row + 4 + 32 * s);
-                // Eight products of at most 15 · 128 · 2 each: the i16 sum cannot overflow.
-                let mut p = _mm256_maddubs_epi16(w[0], bcast4(a));
-                for (i, wi) in w.iter().enumerate().skip(1) {
-                    p = _mm256_add_epi16(p, _mm256_maddubs_epi16(*wi, bcast4(a.add(4 * i))));
-                }
-                *is = _mm256_add_epi32(*is, _mm256_madd_epi16(p, scale));
-            }
-        }
-        let d = f16_rows(x.add(16 * H));
-        let dmin = f16_rows(x.add(32 + 16 * H));
-        // The mins of sub-blocks 2p and 2p + 1 as i16 pairs, one pair per row.
-        let mut mins = [_mm256_setzero_si256(); 4];
-        for (p, m) in mins.iter_mut().enumerate() {
-            let v = if H == 0 {
-                _mm_unpacklo_epi8(mn[2 * p], mn[2 * p + 1])
-            } else {
-                _mm_unpackhi_epi8(mn[2 * p], mn[2 * p + 1])
-            };
-            *m = _mm256_cvtepu8_epi16(v);
-        }
-        for (t, a) in acc.iter_mut().enumerate() {
-            let yt = y.add(t * act_row);
-            let bs = _mm256_loadu_si256(yt.add(260).cast());
-            // The sums of each 32 columns, as i16: adjacent 16-column sums added.
-            let b32 = _mm_hadd_epi16(
-                _mm256_castsi256_si128(bs),
-                _mm256_extracti128_si256::<1>(bs),
-            );
-            let mut m = _mm256_setzero_si256();
-            for (p, mp) in mins.iter().enumerate() {
-                let pair = _mm256_set1_epi32(_mm_extract_epi32_dyn(b32, p));
-                m = _mm256_add_epi32(m, _mm256_madd_epi16(*mp, pair));
-            }
-            let dy = _mm256_set1_ps(yt.cast::<f32>().read_unaligned());
-            *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(d, dy), *a);
-            *a = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(m), _mm256_mul_ps(dmin, dy), *a);
-        }
+fn mins_pairs<const H: usize>(mn: &[__m128i; 8]) -> [__m256i; 4] {
+    let mut mins = [_mm256_setzero_si256(); 4];
+    for (p, m) in mins.iter_mut().enumerate() {
+        let v = if H == 0 {
+            _mm_unpacklo_epi8(mn[2 * p], mn[2 * p + 1])
+        } else {
+            _mm_unpackhi_epi8(mn[2 * p], mn[2 * p + 1])
+        };
+        *m = _mm256_cvtepu8_epi16(v);
     }
-}
-
-/// 32-bit lane `p` (0..4) of `v`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn _mm_extract_epi32_dyn(v: __m128i, p: usize) -> i32 {
-    match p {
-        0 => _mm_cvtsi128_si32(v),
-        1 => _mm_extract_epi32::<1>(v),
-        2 => _mm_extract_epi32::<2>(v),
-        _ => _mm_extract_epi32::<3>(v),
-    }
+    mins
 }
 
 /// Stores the two halves' results of token `t` at `out + t * out_stride`.
@@ -216,6 +153,10 @@ unsafe fn store<const NT: usize>(
 /// See the module docs; `tile` holds `nb` tile blocks, `act + t * act_row` holds `nb` Q8_K
 /// blocks for every `t < NT`, and `out + t * out_stride` is valid for writing 16 f32.
 #[target_feature(enable = "avx2,fma,f16c")]
+#[expect(
+    clippy::needless_range_loop,
+    reason = "half and token indices address several register arrays in step"
+)]
 pub(crate) unsafe fn q4k<const NT: usize>(
     nb: usize,
     tile: *const u8,
@@ -225,14 +166,15 @@ pub(crate) unsafe fn q4k<const NT: usize>(
     out_stride: usize,
     ahead: usize,
 ) {
+    let m4 = _mm256_set1_epi8(0xF);
     let m63 = _mm_set1_epi8(63);
     let m15 = _mm_set1_epi8(15);
     let m48 = _mm_set1_epi8(0x30);
-    let mut lo = [_mm256_setzero_ps(); NT];
-    let mut hi = [_mm256_setzero_ps(); NT];
+    let mut acc = [[_mm256_setzero_ps(); NT]; 2];
     for b in 0..nb {
-        prefetch_ahead(tile, b, nb, Q4K_TILE_BLOCK, ahead);
-        // SAFETY: block b of the tile and of every token's activations is in bounds (caller).
+        prefetch_ahead(tile, b, Q4K_TILE_BLOCK, ahead);
+        // SAFETY: block b of the tile and of every token's activations is in bounds (caller);
+        // every offset below stays inside them.
         unsafe {
             let x = tile.add(b * Q4K_TILE_BLOCK);
             let q = |j: usize| _mm_loadu_si128(x.add(64 + 16 * j).cast());
@@ -250,101 +192,80 @@ pub(crate) unsafe fn q4k<const NT: usize>(
                 mn[s] = _mm_or_si128(_mm_and_si128(_mm_srli_epi16::<4>(q(s + 4)), m15), top_m);
             }
             let y = act.add(b * Q8K_BLOCK);
-            q4k_half::<NT, 0>(x, y, act_row, &sc, &mn, &mut lo);
-            q4k_half::<NT, 1>(x, y, act_row, &sc, &mn, &mut hi);
-        }
-    }
-    // SAFETY: forwarded (caller).
-    unsafe { store(&lo, &hi, out, out_stride) };
-}
-
-/// Rows `8 H..8 H + 8` of a Q6_K tile block against `NT` tokens.
-///
-/// # Safety
-/// `x` is one Q6_K tile block; `y + t * act_row` one Q8_K block for every `t < NT`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6k_half<const NT: usize, const H: usize>(
-    x: *const u8,
-    y: *const u8,
-    act_row: usize,
-    acc: &mut [__m256; NT],
-) {
-    let m4 = _mm256_set1_epi8(0xF);
-    let m48 = _mm256_set1_epi8(0x30);
-    // SAFETY: every offset stays inside the tile block and the activation blocks (caller).
-    unsafe {
-        let mut isum = [_mm256_setzero_si256(); NT];
-        let mut corr = [_mm256_setzero_si256(); NT];
-        for s in 0..16 {
-            let w0 = load(x.add(Q6K_LOW + 128 * s + 32 * H));
-            let w1 = load(x.add(Q6K_LOW + 128 * s + 64 + 32 * H));
-            let h = load(x.add(Q6K_HIGH + 64 * s + 32 * H));
-            // Top bits 2q..2q + 2 of each byte moved to bits 4..6: values 0..64.
-            let q = [
-                _mm256_or_si256(
-                    _mm256_and_si256(w0, m4),
-                    _mm256_and_si256(_mm256_slli_epi16::<4>(h), m48),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(w0), m4),
-                    _mm256_and_si256(_mm256_slli_epi16::<2>(h), m48),
-                ),
-                _mm256_or_si256(_mm256_and_si256(w1, m4), _mm256_and_si256(h, m48)),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(w1), m4),
-                    _mm256_and_si256(_mm256_srli_epi16::<2>(h), m48),
-                ),
-            ];
-            let sc = _mm_loadu_si128(x.add(Q6K_SCALES + 16 * s).cast());
-            let scale = per_row_i8::<H>(sc);
-            for (t, is) in isum.iter_mut().enumerate() {
-                let a = y.add(t * act_row + 4 + 16 * s);
-                // Two products of at most 63 · 128 · 2 each fit an i16; four do not.
-                let p0 = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(q[0], bcast4(a)),
-                    _mm256_maddubs_epi16(q[1], bcast4(a.add(4))),
-                );
-                let p1 = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(q[2], bcast4(a.add(8))),
-                    _mm256_maddubs_epi16(q[3], bcast4(a.add(12))),
-                );
-                *is = _mm256_add_epi32(
-                    *is,
-                    _mm256_add_epi32(_mm256_madd_epi16(p0, scale), _mm256_madd_epi16(p1, scale)),
-                );
+            // Both halves of each 64-byte group in turn, so the block is read front to back.
+            let mut isum = [[_mm256_setzero_si256(); NT]; 2];
+            for s in 0..8 {
+                let g0 = x.add(256 + 256 * s);
+                let scale = [per_row_u8::<0>(sc[s]), per_row_u8::<1>(sc[s])];
+                // Eight products of at most 15 · 128 · 2 each: the i16 sums cannot overflow.
+                let mut p = [[_mm256_setzero_si256(); NT]; 2];
+                for g in 0..4 {
+                    for h in 0..2 {
+                        let v = load(g0.add(64 * g + 32 * h));
+                        let lo = _mm256_and_si256(v, m4);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
+                        for t in 0..NT {
+                            let a = y.add(t * act_row + 4 + 32 * s + 8 * g);
+                            let pl = _mm256_maddubs_epi16(lo, bcast4(a));
+                            let ph = _mm256_maddubs_epi16(hi, bcast4(a.add(4)));
+                            p[h][t] = _mm256_add_epi16(p[h][t], _mm256_add_epi16(pl, ph));
+                        }
+                    }
+                }
+                for h in 0..2 {
+                    for t in 0..NT {
+                        isum[h][t] =
+                            _mm256_add_epi32(isum[h][t], _mm256_madd_epi16(p[h][t], scale[h]));
+                    }
+                }
             }
-            if s % 2 == 1 {
-                // The quants' `- 32`: 32 · Σ_s scale_s · bsum_s, two sub-blocks per vpmaddwd.
-                let sc0 = _mm_loadu_si128(x.add(Q6K_SCALES + 16 * (s - 1)).cast());
-                let pair = if H == 0 {
-                    _mm_unpacklo_epi8(sc0, sc)
-                } else {
-                    _mm_unpackhi_epi8(sc0, sc)
-                };
-                let pair = _mm256_cvtepi8_epi16(pair);
-                for (t, c) in corr.iter_mut().enumerate() {
-                    let bs = y.add(t * act_row + 260 + 2 * (s - 1));
-                    let bs = _mm256_set1_epi32(bs.cast::<i32>().read_unaligned());
-                    *c = _mm256_add_epi32(*c, _mm256_madd_epi16(pair, bs));
+            let mins = [mins_pairs::<0>(&mn), mins_pairs::<1>(&mn)];
+            for t in 0..NT {
+                let yt = y.add(t * act_row);
+                let bs = _mm256_loadu_si256(yt.add(260).cast());
+                // The sums of each 32 columns, as i16: adjacent 16-column sums added.
+                let b32 = _mm_hadd_epi16(
+                    _mm256_castsi256_si128(bs),
+                    _mm256_extracti128_si256::<1>(bs),
+                );
+                let pairs = [
+                    _mm256_set1_epi32(_mm_cvtsi128_si32(b32)),
+                    _mm256_set1_epi32(_mm_extract_epi32::<1>(b32)),
+                    _mm256_set1_epi32(_mm_extract_epi32::<2>(b32)),
+                    _mm256_set1_epi32(_mm_extract_epi32::<3>(b32)),
+                ];
+                let dy = _mm256_set1_ps(yt.cast::<f32>().read_unaligned());
+                for h in 0..2 {
+                    let mut m = _mm256_setzero_si256();
+                    for (mp, pair) in mins[h].iter().zip(pairs) {
+                        m = _mm256_add_epi32(m, _mm256_madd_epi16(*mp, pair));
+                    }
+                    let d = f16_rows(x.add(16 * h));
+                    let dmin = f16_rows(x.add(32 + 16 * h));
+                    let a = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(isum[h][t]),
+                        _mm256_mul_ps(d, dy),
+                        acc[h][t],
+                    );
+                    acc[h][t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(m), _mm256_mul_ps(dmin, dy), a);
                 }
             }
         }
-        let d = f16_rows(x.add(16 * H));
-        for (t, a) in acc.iter_mut().enumerate() {
-            let yt = y.add(t * act_row);
-            let total = _mm256_sub_epi32(isum[t], _mm256_slli_epi32::<5>(corr[t]));
-            let dy = _mm256_set1_ps(yt.cast::<f32>().read_unaligned());
-            *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(d, dy), *a);
-        }
     }
+    // SAFETY: forwarded (caller).
+    unsafe { store(&acc[0], &acc[1], out, out_stride) };
 }
 
-/// As [`q4k`], for a Q6_K tile.
+/// As [`q4k`], for a Q6_K tile. The quants' `- 32` comes out per 16-column sub-block as
+/// `32 · scale · bsum` (Q8_K's block sums are exactly those 16-column sums).
 ///
 /// # Safety
 /// As [`q4k`], with Q6_K tile blocks.
 #[target_feature(enable = "avx2,fma,f16c")]
+#[expect(
+    clippy::needless_range_loop,
+    reason = "half and token indices address several register arrays in step"
+)]
 pub(crate) unsafe fn q6k<const NT: usize>(
     nb: usize,
     tile: *const u8,
@@ -354,20 +275,92 @@ pub(crate) unsafe fn q6k<const NT: usize>(
     out_stride: usize,
     ahead: usize,
 ) {
-    let mut lo = [_mm256_setzero_ps(); NT];
-    let mut hi = [_mm256_setzero_ps(); NT];
+    let m4 = _mm256_set1_epi8(0xF);
+    let m48 = _mm256_set1_epi8(0x30);
+    let mut acc = [[_mm256_setzero_ps(); NT]; 2];
     for b in 0..nb {
-        prefetch_ahead(tile, b, nb, Q6K_TILE_BLOCK, ahead);
-        // SAFETY: block b of the tile and of every token's activations is in bounds (caller).
+        prefetch_ahead(tile, b, Q6K_TILE_BLOCK, ahead);
+        // SAFETY: block b of the tile and of every token's activations is in bounds (caller);
+        // every offset below stays inside them.
         unsafe {
             let x = tile.add(b * Q6K_TILE_BLOCK);
             let y = act.add(b * Q8K_BLOCK);
-            q6k_half::<NT, 0>(x, y, act_row, &mut lo);
-            q6k_half::<NT, 1>(x, y, act_row, &mut hi);
+            let mut isum = [[_mm256_setzero_si256(); NT]; 2];
+            let mut corr = [[_mm256_setzero_si256(); NT]; 2];
+            for s in 0..16 {
+                let sc = _mm_loadu_si128(x.add(Q6K_SCALES + 16 * s).cast());
+                let scale = [per_row_i8::<0>(sc), per_row_i8::<1>(sc)];
+                // Both halves of each sub-block in turn, so the block is read front to back.
+                for h in 0..2 {
+                    let w0 = load(x.add(Q6K_LOW + 128 * s + 32 * h));
+                    let w1 = load(x.add(Q6K_LOW + 128 * s + 64 + 32 * h));
+                    let hb = load(x.add(Q6K_HIGH + 64 * s + 32 * h));
+                    // Top bits 2q..2q + 2 of each byte moved to bits 4..6: values 0..64.
+                    let q = [
+                        _mm256_or_si256(
+                            _mm256_and_si256(w0, m4),
+                            _mm256_and_si256(_mm256_slli_epi16::<4>(hb), m48),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(w0), m4),
+                            _mm256_and_si256(_mm256_slli_epi16::<2>(hb), m48),
+                        ),
+                        _mm256_or_si256(_mm256_and_si256(w1, m4), _mm256_and_si256(hb, m48)),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(w1), m4),
+                            _mm256_and_si256(_mm256_srli_epi16::<2>(hb), m48),
+                        ),
+                    ];
+                    for t in 0..NT {
+                        let a = y.add(t * act_row + 4 + 16 * s);
+                        // Two products of at most 63 · 128 · 2 each fit an i16; four do not.
+                        let p0 = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(q[0], bcast4(a)),
+                            _mm256_maddubs_epi16(q[1], bcast4(a.add(4))),
+                        );
+                        let p1 = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(q[2], bcast4(a.add(8))),
+                            _mm256_maddubs_epi16(q[3], bcast4(a.add(12))),
+                        );
+                        isum[h][t] = _mm256_add_epi32(
+                            isum[h][t],
+                            _mm256_add_epi32(
+                                _mm256_madd_epi16(p0, scale[h]),
+                                _mm256_madd_epi16(p1, scale[h]),
+                            ),
+                        );
+                    }
+                }
+                if s % 2 == 1 {
+                    // Σ_s scale_s · bsum_s, two sub-blocks per vpmaddwd.
+                    let sc0 = _mm_loadu_si128(x.add(Q6K_SCALES + 16 * (s - 1)).cast());
+                    let pairs = [
+                        _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(sc0, sc)),
+                        _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(sc0, sc)),
+                    ];
+                    for t in 0..NT {
+                        let bs = y.add(t * act_row + 260 + 2 * (s - 1));
+                        let bs = _mm256_set1_epi32(bs.cast::<i32>().read_unaligned());
+                        for h in 0..2 {
+                            corr[h][t] =
+                                _mm256_add_epi32(corr[h][t], _mm256_madd_epi16(pairs[h], bs));
+                        }
+                    }
+                }
+            }
+            for t in 0..NT {
+                let dy = _mm256_set1_ps(y.add(t * act_row).cast::<f32>().read_unaligned());
+                for h in 0..2 {
+                    let d = f16_rows(x.add(16 * h));
+                    let total = _mm256_sub_epi32(isum[h][t], _mm256_slli_epi32::<5>(corr[h][t]));
+                    acc[h][t] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(d, dy), acc[h][t]);
+                }
+            }
         }
     }
     // SAFETY: forwarded (caller).
-    unsafe { store(&lo, &hi, out, out_stride) };
+    unsafe { store(&acc[0], &acc[1], out, out_stride) };
 }
 
 /// As [`q4k`], for a Q8_0 (`Q5 = false`) or Q5_0 (`Q5 = true`) tile against Q8_0
@@ -399,7 +392,7 @@ pub(crate) unsafe fn legacy<const NT: usize, const Q5: bool>(
     let ones16 = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); NT]; 2];
     for b in 0..nb {
-        prefetch_ahead(tile, b, nb, block, ahead);
+        prefetch_ahead(tile, b, block, ahead);
         // SAFETY: block b of the tile and of every token's activations is in bounds (caller);
         // every offset below stays inside them.
         unsafe {

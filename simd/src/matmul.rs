@@ -6,13 +6,16 @@
 //! Q4_1/Q5_1, f16 for F16, bf16 for BF16), then every output is an integer dot product per
 //! block summed in f32 with the block scales.
 //!
-//! Work is split over the pool by rows: each thread takes one contiguous slab, and walks it in
-//! tiles of [`ROW_TILE`] rows; for several tokens (prefill) each tile is dotted with every
+//! Work is split over the pool by rows: each thread takes one contiguous slab (an interleaved
+//! matrix: chunks of tiles claimed from a shared counter, so that a late or slower thread does
+//! not hold the others), and walks it in tiles of [`ROW_TILE`] rows; for several tokens (prefill) each tile is dotted with every
 //! token before moving on, so the tile's weight bytes are read from memory once and then
 //! served from cache.
 
 pub(crate) mod interleave;
 mod kernels;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use strata_storage::quant::GgmlType;
 
@@ -164,6 +167,10 @@ pub fn supports(ty: GgmlType) -> bool {
 /// Rows per tile: a tile of a 1536-column Q4_K matrix is 14 KiB, well inside L1.
 const ROW_TILE: usize = 16;
 
+/// Chunks of tiles per thread in the interleaved kernels' dynamic split: enough that the last
+/// chunk is a small part of a thread's share, few enough that claiming them costs nothing.
+const CHUNKS_PER_THREAD: usize = 8;
+
 /// Below this many multiply-adds the pool's wake-up costs more than it saves.
 const MIN_PARALLEL_WORK: usize = 1 << 16;
 
@@ -294,14 +301,29 @@ pub(crate) fn matmul_tuned(
 
     let out_ptr = SyncPtr(out.as_mut_ptr());
     let ahead = tuning.prefetch;
+    let next = AtomicUsize::new(0);
     let job = |ith: usize, nth: usize| match (interleaved, gemm) {
         (Some(il), None) => {
             let tiles = w.rows / INTERLEAVE_ROWS;
-            let (t0, t1) = split(tiles, ith, nth);
-            // SAFETY: as for the tiled GEMM below: this thread writes only the rows of its own
-            // tiles (and the last thread the rows after every tile).
+            // Tiles are claimed in chunks rather than split in halves up front: a thread that
+            // starts late (woken from its park) or runs slower (another tenant on its core, a
+            // smaller core) leaves its share to the others instead of holding every thread at
+            // the end of the matmul.
+            let chunk = (tiles / (nth * CHUNKS_PER_THREAD)).max(1);
+            loop {
+                let t0 = next.fetch_add(chunk, Ordering::Relaxed);
+                if t0 >= tiles {
+                    break;
+                }
+                let t1 = (t0 + chunk).min(tiles);
+                // SAFETY: as for the tiled GEMM below: tiles t0..t1 were claimed by this
+                // thread alone (the counter hands each out once), so it writes only their rows.
+                unsafe {
+                    interleaved_job(il, &w, act, act_row, n_tok, t0, t1, ahead, out_ptr.get());
+                }
+            }
+            // SAFETY: the rows after every tile are the last thread's alone.
             unsafe {
-                interleaved_job(il, &w, act, act_row, n_tok, t0, t1, ahead, out_ptr.get());
                 if ith + 1 == nth {
                     let r0 = tiles * INTERLEAVE_ROWS;
                     rows_job(k, &w, act, act_row, n_tok, r0, w.rows, out_ptr.get());

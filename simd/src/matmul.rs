@@ -300,7 +300,7 @@ pub(crate) fn matmul_tuned(
     let side: &[u8] = side;
 
     let out_ptr = SyncPtr(out.as_mut_ptr());
-    let ahead = tuning.prefetch;
+    let ahead = tuning.prefetch(w.ty);
     let next = AtomicUsize::new(0);
     let job = |ith: usize, nth: usize| match (interleaved, gemm) {
         (Some(il), None) => {

@@ -92,9 +92,13 @@ pub const DEFAULT_PREFETCH: usize = 4608;
 pub struct Tuning {
     /// Per type of [`TYPES`], in that order.
     pub decode: [Decode; 4],
-    /// Bytes ahead of the block computing that the interleaved kernels prefetch (0: none).
-    pub prefetch: usize,
+    /// Per type of [`TYPES`]: bytes ahead of the block computing that the interleaved kernels
+    /// prefetch (0: none), a multiple of 64 up to [`MAX_PREFETCH`].
+    pub prefetch: [usize; 4],
 }
+
+/// The farthest prefetch distance a [`Tuning`] holds.
+pub const MAX_PREFETCH: usize = 255 * 64;
 
 impl Tuning {
     /// What the process uses before anything was measured or set: the widest interleaved
@@ -109,7 +113,7 @@ impl Tuning {
         };
         Tuning {
             decode: [d; 4],
-            prefetch: DEFAULT_PREFETCH,
+            prefetch: [DEFAULT_PREFETCH; 4],
         }
     }
 
@@ -121,41 +125,58 @@ impl Tuning {
             .map_or(Decode::Rows, |i| self.decode[i])
     }
 
+    /// The interleaved kernels' prefetch distance for `ty`.
+    pub fn prefetch(&self, ty: GgmlType) -> usize {
+        TYPES
+            .iter()
+            .position(|&t| t == ty)
+            .map_or(DEFAULT_PREFETCH, |i| self.prefetch[i])
+    }
+
     /// This tuning with `ty`'s choice replaced.
-    pub fn with(mut self, ty: GgmlType, d: Decode) -> Tuning {
+    pub fn with(mut self, ty: GgmlType, d: Decode, prefetch: usize) -> Tuning {
         if let Some(i) = TYPES.iter().position(|&t| t == ty) {
             self.decode[i] = d;
+            self.prefetch[i] = prefetch;
         }
         self
     }
 
-    /// One line for the logs: `q4_K=interleaved256 q6_K=rows … prefetch=4608`.
+    /// This tuning with every type's prefetch distance `p` (rounded up to a cache line).
+    pub fn with_prefetch(mut self, p: usize) -> Tuning {
+        self.prefetch = [p.next_multiple_of(64).min(MAX_PREFETCH); 4];
+        self
+    }
+
+    /// One line for the logs: `Q4_K=interleaved256/4608 Q6_K=rows …` (choice/prefetch).
     pub fn summary(&self) -> String {
-        let mut s = String::new();
-        for (ty, d) in TYPES.iter().zip(self.decode) {
-            s.push_str(&format!("{ty}={} ", d.name()));
+        let mut s = Vec::new();
+        for ((ty, d), p) in TYPES.iter().zip(self.decode).zip(self.prefetch) {
+            s.push(match d {
+                Decode::Rows => format!("{ty}={}", d.name()),
+                _ => format!("{ty}={}/{p}", d.name()),
+            });
         }
-        s.push_str(&format!("prefetch={}", self.prefetch));
-        s
+        s.join(" ")
     }
 
     fn encode(&self) -> u64 {
         let mut v = 1u64;
-        for (i, d) in self.decode.iter().enumerate() {
+        for (i, (d, p)) in self.decode.iter().zip(self.prefetch).enumerate() {
             v |= d.code() << (8 + 2 * i);
+            v |= ((p.div_ceil(64).min(255)) as u64) << (32 + 8 * i);
         }
-        v | ((self.prefetch.min(u32::MAX as usize) as u64) << 32)
+        v
     }
 
     fn decode_bits(v: u64) -> Tuning {
         let mut decode = [Decode::Rows; 4];
-        for (i, d) in decode.iter_mut().enumerate() {
-            *d = Decode::from_code(v >> (8 + 2 * i));
+        let mut prefetch = [0; 4];
+        for i in 0..4 {
+            decode[i] = Decode::from_code(v >> (8 + 2 * i));
+            prefetch[i] = ((v >> (32 + 8 * i)) & 0xFF) as usize * 64;
         }
-        Tuning {
-            decode,
-            prefetch: (v >> 32) as usize,
-        }
+        Tuning { decode, prefetch }
     }
 }
 
@@ -264,7 +285,7 @@ fn time_candidates(
             for (ci, &(d, prefetch)) in cands.iter().enumerate() {
                 let t = Tuning {
                     decode: [d; 4],
-                    prefetch,
+                    prefetch: [prefetch; 4],
                 };
                 let layout = if d == Decode::Rows {
                     Layout::Rows
@@ -312,18 +333,15 @@ fn fastest(gbs: &[Vec<f64>], default: usize) -> usize {
 
 /// Measures the decode candidates this CPU has for `types` (others keep the default) on each
 /// of `pools` (one thread and all cores, say: a choice must suit both) and returns the fastest
-/// of each where it beats the level's default by [`MARGIN`], with the timings; the software prefetch distance is measured first, on the first
-/// type's default kernel. Takes a fraction of a second; allocates [`stream_bytes`] for the
+/// of each where it beats the level's default by [`MARGIN`], with the timings; each type's
+/// software prefetch distance is measured with its interleaved kernels. Takes a fraction of a second; allocates [`stream_bytes`] for the
 /// time it runs.
 pub fn measure(pools: &[&ThreadPool], types: &[GgmlType], reps: usize) -> Measured {
     let level = dispatch::level();
     let mut tuning = Tuning::default_for(level);
     let mut timings = Vec::new();
     let types: Vec<GgmlType> = TYPES.into_iter().filter(|t| types.contains(t)).collect();
-    let Some(&first) = types.first() else {
-        return Measured { tuning, timings };
-    };
-    if tuning.decode[0] == Decode::Rows || pools.is_empty() {
+    if types.is_empty() || tuning.decode[0] == Decode::Rows || pools.is_empty() {
         return Measured { tuning, timings };
     }
     // The bytes do not change the kernels' speed; 0x3C makes every f16 scale about 1 (no
@@ -347,26 +365,26 @@ pub fn measure(pools: &[&ThreadPool], types: &[GgmlType], reps: usize) -> Measur
         }
     };
 
-    let wide = tuning.decode(first);
-    let tile = first.row_bytes(first.block_size()) * matmul::INTERLEAVE_ROWS;
-    let cands: Vec<(Decode, usize)> = [0, 1, 2, 4].iter().map(|&k| (wide, k * tile)).collect();
-    let gbs = time_candidates(pools, buf, first, &cands, reps);
-    // The default distance is two tile blocks.
-    tuning.prefetch = cands[fastest(&gbs, 2)].1;
-    record(&mut timings, first, &cands, &gbs);
-
+    // Per type: the row kernels, and each interleaved width at no software prefetch and at
+    // 1, 2 and 4 tile blocks ahead (rounded to cache lines).
     for ty in types {
-        let cands: Vec<(Decode, usize)> = Decode::ALL
-            .into_iter()
-            .filter(|d| d.available(level))
-            .map(|d| (d, tuning.prefetch))
-            .collect();
+        let tile = ty.row_bytes(ty.block_size()) * matmul::INTERLEAVE_ROWS;
+        let mut cands = vec![(Decode::Rows, 0)];
+        for d in [Decode::Interleaved256, Decode::Interleaved512] {
+            if d.available(level) {
+                for k in [0, 1, 2, 4] {
+                    cands.push((d, (k * tile).next_multiple_of(64).min(MAX_PREFETCH)));
+                }
+            }
+        }
         let gbs = time_candidates(pools, buf, ty, &cands, reps);
+        let want = tuning.decode(ty);
         let default = cands
             .iter()
-            .position(|c| c.0 == tuning.decode(ty))
+            .position(|c| c.0 == want && c.1 >= DEFAULT_PREFETCH.min(2 * tile))
             .unwrap_or(0);
-        tuning = tuning.with(ty, cands[fastest(&gbs, default)].0);
+        let (d, p) = cands[fastest(&gbs, default)];
+        tuning = tuning.with(ty, d, p);
         record(&mut timings, ty, &cands, &gbs);
     }
     Measured { tuning, timings }
@@ -408,7 +426,7 @@ mod tests {
                 Decode::Interleaved512,
                 Decode::Interleaved256,
             ],
-            prefetch: 9216,
+            prefetch: [9216, 0, 3392, MAX_PREFETCH],
         };
         assert_eq!(Tuning::decode_bits(t.encode()), t);
         assert_eq!(t.decode(GgmlType::Q8_0), Decode::Interleaved512);
@@ -434,8 +452,8 @@ mod tests {
         let level = dispatch::level();
         assert!(m.tuning.decode(GgmlType::Q4K).available(level));
         if Decode::Interleaved256.available(level) {
-            // Four prefetch distances, then every candidate.
-            assert!(m.timings.len() >= 4 + 2, "{:?}", m.timings);
+            // The row kernels and four prefetch distances of each interleaved width.
+            assert!(m.timings.len() >= 5, "{:?}", m.timings);
             assert!(m.timings.iter().all(|t| t.bytes_per_s > 0.0));
         }
     }

@@ -46,11 +46,9 @@ fn matrix_types(layers: &[Layer], output: Mat) -> Vec<GgmlType> {
 /// and at one per physical core (once per process: later loads keep the first choice), or
 /// fixed by the user.
 pub(crate) fn choose_decode(setting: DecodeSetting, layers: &[Layer], output: Mat) {
-    let with_prefetch = |mut t: tune::Tuning, p: Option<usize>| {
-        if let Some(p) = p {
-            t.prefetch = p;
-        }
-        t
+    let with_prefetch = |t: tune::Tuning, p: Option<usize>| match p {
+        Some(p) => t.with_prefetch(p),
+        None => t,
     };
     match setting {
         DecodeSetting::Current => {}

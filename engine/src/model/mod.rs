@@ -23,8 +23,7 @@ pub use config::{Activation, Arch, ArchTraits, ModelConfig};
 pub use forward::{Context, Logits, Scratch};
 use names::LayerTensor;
 pub use options::{
-    CpuMoe, DecodeSetting, DeviceSpec, EnvSettings, GpuOptions, LoadSettings, ModelOptions,
-    SettingNames,
+    CpuMoe, DeviceSpec, EnvSettings, GpuOptions, LoadSettings, ModelOptions, SettingNames,
 };
 pub use placing::open_device;
 use predict::{ExpertControl, PredictionCounters};
@@ -259,11 +258,7 @@ impl Model {
         // Where the phases run; with a GPU, its weights are uploaded before the CPU repacks
         // its own (the GPU reads the file's layout).
         let placed = placing::place(opts, &weights, &layers, output, token_embd, &output_norm)?;
-        // The CPU executor's weight preparation: its decode kernels chosen (measured on this
-        // CPU at the first load), then its repacked layout.
-        if !opts.keep_file_layout {
-            crate::exec::cpu::repack::choose_decode(opts.decode, &layers, output);
-        }
+        // The CPU executor's weight preparation (its repacked layout).
         let cpu = CpuWeights::prepare(
             &mut weights,
             &layers,

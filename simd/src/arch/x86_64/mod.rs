@@ -6,5 +6,4 @@ pub(crate) mod avx2;
 pub(crate) mod avx512;
 pub(crate) mod gemm;
 pub(crate) mod interleaved;
-pub(crate) mod interleaved_avx2;
 pub(crate) mod multi;

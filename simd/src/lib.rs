@@ -9,6 +9,9 @@
 //! - [`pool`] is the persistent worker pool every parallel kernel runs on, pinned to physical
 //!   cores found by [`topology`] (sysfs, or hwloc with the `hwloc` feature; `STRATA_PIN=0`
 //!   turns pinning off).
+//! - [`tune`] measures the decode choices that depend on the microarchitecture (row or
+//!   interleaved kernels, 256- or 512-bit, the software prefetch distance) and holds the
+//!   process's.
 //! - [`ops`] holds the small kernels: RMSNorm, RoPE, softmax, activations, attention.
 //!
 //! Nothing here knows about files, GGUF or models.
@@ -23,3 +26,4 @@ pub mod ops;
 pub mod pool;
 mod scalar;
 pub mod topology;
+pub mod tune;

@@ -6,18 +6,22 @@
 //! Q4_1/Q5_1, f16 for F16, bf16 for BF16), then every output is an integer dot product per
 //! block summed in f32 with the block scales.
 //!
-//! Work is split over the pool by rows: each thread takes one contiguous slab, and walks it in
-//! tiles of [`ROW_TILE`] rows; for several tokens (prefill) each tile is dotted with every
+//! Work is split over the pool by rows: each thread takes one contiguous slab (an interleaved
+//! matrix: chunks of tiles claimed from a shared counter, so that a late or slower thread does
+//! not hold the others), and walks it in tiles of [`ROW_TILE`] rows; for several tokens (prefill) each tile is dotted with every
 //! token before moving on, so the tile's weight bytes are read from memory once and then
 //! served from cache.
 
 pub(crate) mod interleave;
 mod kernels;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use strata_storage::quant::GgmlType;
 
 use crate::dispatch::{self, Level};
 use crate::pool::{SyncPtr, ThreadPool};
+use crate::tune::{self, Decode, Tuning};
 use kernels::{GEMM_ROWS, Gemm, INTERLEAVED_TOKENS, InterleavedFn, Kernel, MULTI_TOKENS, kernel};
 
 pub use interleave::TILE_ROWS as INTERLEAVE_ROWS;
@@ -45,10 +49,13 @@ pub enum Layout {
     Interleaved,
 }
 
-/// Whether matrices of `ty` can be interleaved at the process's SIMD level (the kernels that
-/// read that layout need AVX-512 VNNI).
+/// Whether matrices of `ty` are to be interleaved: the type has the layout, the process's SIMD
+/// level has kernels for it (AVX2 and above), and the process's tuning ([`crate::tune`]) did
+/// not choose the row kernels for it.
 pub fn can_interleave(ty: GgmlType) -> bool {
-    interleave::has_layout(ty) && kernels::interleaved(ty, dispatch::level()).is_some()
+    interleave::has_layout(ty)
+        && kernels::interleaved(ty, dispatch::level(), false).is_some()
+        && tune::current().decode(ty) != Decode::Rows
 }
 
 /// Rearranges a row-major matrix of `rows` × `cols` elements of `ty` into
@@ -160,6 +167,10 @@ pub fn supports(ty: GgmlType) -> bool {
 /// Rows per tile: a tile of a 1536-column Q4_K matrix is 14 KiB, well inside L1.
 const ROW_TILE: usize = 16;
 
+/// Chunks of tiles per thread in the interleaved kernels' dynamic split: enough that the last
+/// chunk is a small part of a thread's share, few enough that claiming them costs nothing.
+const CHUNKS_PER_THREAD: usize = 8;
+
 /// Below this many multiply-adds the pool's wake-up costs more than it saves.
 const MIN_PARALLEL_WORK: usize = 1 << 16;
 
@@ -197,7 +208,24 @@ pub fn matmul_at(
     out: &mut [f32],
     scratch: &mut MatmulScratch,
 ) -> Result<(), SimdError> {
-    let k = kernel(w.ty, level).ok_or(SimdError::UnsupportedType { ty: w.ty })?;
+    matmul_tuned(level, tune::current(), pool, w, x, n_tok, out, scratch)
+}
+
+/// [`matmul_at`] under an explicit tuning (the interleaved kernels' width and prefetch
+/// distance), for `tune`'s measurements.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_tuned(
+    level: Level,
+    tuning: Tuning,
+    pool: &ThreadPool,
+    w: MatRef<'_>,
+    x: &[f32],
+    n_tok: usize,
+    out: &mut [f32],
+    scratch: &mut MatmulScratch,
+) -> Result<(), SimdError> {
+    let wide = tuning.decode(w.ty) != Decode::Interleaved256;
+    let k = kernel(w.ty, level, wide).ok_or(SimdError::UnsupportedType { ty: w.ty })?;
     check_shapes(&w, k, x, n_tok, out)?;
     let interleaved = match w.layout {
         Layout::Rows => None,
@@ -272,14 +300,30 @@ pub fn matmul_at(
     let side: &[u8] = side;
 
     let out_ptr = SyncPtr(out.as_mut_ptr());
+    let ahead = tuning.prefetch(w.ty);
+    let next = AtomicUsize::new(0);
     let job = |ith: usize, nth: usize| match (interleaved, gemm) {
         (Some(il), None) => {
             let tiles = w.rows / INTERLEAVE_ROWS;
-            let (t0, t1) = split(tiles, ith, nth);
-            // SAFETY: as for the tiled GEMM below: this thread writes only the rows of its own
-            // tiles (and the last thread the rows after every tile).
+            // Tiles are claimed in chunks rather than split in halves up front: a thread that
+            // starts late (woken from its park) or runs slower (another tenant on its core, a
+            // smaller core) leaves its share to the others instead of holding every thread at
+            // the end of the matmul.
+            let chunk = (tiles / (nth * CHUNKS_PER_THREAD)).max(1);
+            loop {
+                let t0 = next.fetch_add(chunk, Ordering::Relaxed);
+                if t0 >= tiles {
+                    break;
+                }
+                let t1 = (t0 + chunk).min(tiles);
+                // SAFETY: as for the tiled GEMM below: tiles t0..t1 were claimed by this
+                // thread alone (the counter hands each out once), so it writes only their rows.
+                unsafe {
+                    interleaved_job(il, &w, act, act_row, n_tok, t0, t1, ahead, out_ptr.get());
+                }
+            }
+            // SAFETY: the rows after every tile are the last thread's alone.
             unsafe {
-                interleaved_job(il, &w, act, act_row, n_tok, t0, t1, out_ptr.get());
                 if ith + 1 == nth {
                     let r0 = tiles * INTERLEAVE_ROWS;
                     rows_job(k, &w, act, act_row, n_tok, r0, w.rows, out_ptr.get());
@@ -329,6 +373,8 @@ pub fn matmul_at(
 /// Tiles `tile0..tile1` of an interleaved matrix, every token, in groups of
 /// [`INTERLEAVED_TOKENS`] (the tile stays in cache across the groups).
 ///
+/// `ahead` is the kernels' software prefetch distance in bytes.
+///
 /// # Safety
 /// As [`rows_job`], for rows `tile0 * 16..tile1 * 16`.
 #[allow(clippy::too_many_arguments)]
@@ -340,6 +386,7 @@ unsafe fn interleaved_job(
     n_tok: usize,
     tile0: usize,
     tile1: usize,
+    ahead: usize,
     out: *mut f32,
 ) {
     let tile_bytes = INTERLEAVE_ROWS * w.ty.row_bytes(w.cols);
@@ -360,6 +407,7 @@ unsafe fn interleaved_job(
                     nt,
                     out.add(t0 * w.rows + tile * INTERLEAVE_ROWS),
                     w.rows,
+                    ahead,
                 )
             };
             t0 += nt;

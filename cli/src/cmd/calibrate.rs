@@ -42,6 +42,20 @@ fn ram_bytes() -> u64 {
 pub fn exec(a: Args) -> anyhow::Result<()> {
     let n = threads(a.threads)?;
     let pool = ThreadPool::new(n);
+    // The decode kernels first (row or interleaved, 256- or 512-bit, prefetch distance), at
+    // one thread and at `n`, so that the rates below are those of the kernels chosen; `run`
+    // and `stratad` measure the same at their first load.
+    eprintln!("choosing the decode kernels…");
+    let one = ThreadPool::new(1);
+    let pools: Vec<&ThreadPool> = if n > 1 { vec![&one, &pool] } else { vec![&one] };
+    let reps = if a.quick { 2 } else { 5 };
+    let m = strata_simd::tune::measure(&pools, &strata_simd::tune::TYPES, reps);
+    for line in strata_simd::tune::describe(&m) {
+        eprintln!("  {line}");
+    }
+    eprintln!("  chosen: {}", m.tuning.summary());
+    strata_simd::tune::set(m.tuning);
+    drop(one);
     eprintln!("measuring the CPU kernels on {n} threads…");
     let cpu = calibrate_cpu(&pool, a.quick);
     let path = resolve_model(&a.model)?;

@@ -23,7 +23,8 @@ pub use config::{Activation, Arch, ArchTraits, ModelConfig};
 pub use forward::{Context, Logits, Scratch};
 use names::LayerTensor;
 pub use options::{
-    CpuMoe, DeviceSpec, EnvSettings, GpuOptions, LoadSettings, ModelOptions, SettingNames,
+    CpuMoe, DecodeSetting, DeviceSpec, EnvSettings, GpuOptions, LoadSettings, ModelOptions,
+    SettingNames,
 };
 pub use placing::open_device;
 use predict::{ExpertControl, PredictionCounters};
@@ -258,7 +259,11 @@ impl Model {
         // Where the phases run; with a GPU, its weights are uploaded before the CPU repacks
         // its own (the GPU reads the file's layout).
         let placed = placing::place(opts, &weights, &layers, output, token_embd, &output_norm)?;
-        // The CPU executor's weight preparation (its repacked layout).
+        // The CPU executor's weight preparation: its decode kernels chosen (measured on this
+        // CPU at the first load), then its repacked layout.
+        if !opts.keep_file_layout {
+            crate::exec::cpu::repack::choose_decode(opts.decode, &layers, output);
+        }
         let cpu = CpuWeights::prepare(
             &mut weights,
             &layers,

@@ -24,6 +24,51 @@ pub struct ModelOptions {
     /// Run every GPU decode step kernel by kernel, never as a CUDA graph
     /// (`STRATA_GPU_GRAPHS=0`; llama.cpp's `GGML_CUDA_DISABLE_GRAPHS`).
     pub no_gpu_graphs: bool,
+    /// How the CPU's decode kernels are chosen (`STRATA_DECODE`, `STRATA_PREFETCH`).
+    pub decode: DecodeSetting,
+}
+
+/// How the CPU's decode kernels are chosen for each weight type: row or interleaved kernels,
+/// 256- or 512-bit, and the interleaved kernels' prefetch distance (`strata_simd::tune`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DecodeSetting {
+    /// Whatever the process holds already (the SIMD level's defaults until something is set):
+    /// tests, and loads after the first.
+    #[default]
+    Current,
+    /// Measured on this CPU at the first load of the process (`STRATA_DECODE` unset or
+    /// `auto`), the prefetch distance fixed when given (`STRATA_PREFETCH`).
+    Measure { prefetch: Option<usize> },
+    /// Every type that has the interleaved layout decoded one way (`STRATA_DECODE=rows`,
+    /// `interleaved256`, `interleaved512`).
+    Fixed {
+        decode: strata_simd::tune::Decode,
+        prefetch: Option<usize>,
+    },
+}
+
+impl DecodeSetting {
+    /// `STRATA_DECODE` and `STRATA_PREFETCH` as `var` looks them up.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
+        let prefetch = match var("STRATA_PREFETCH") {
+            None => None,
+            Some(v) => Some(v.trim().parse::<usize>().map_err(|_| {
+                format!("STRATA_PREFETCH={v:?}: expected a distance in bytes (0: none)")
+            })?),
+        };
+        Ok(match var("STRATA_DECODE").as_deref().map(str::trim) {
+            None | Some("" | "auto") => DecodeSetting::Measure { prefetch },
+            Some(v) => match strata_simd::tune::Decode::parse(v) {
+                Some(decode) => DecodeSetting::Fixed { decode, prefetch },
+                None => {
+                    return Err(format!(
+                        "STRATA_DECODE={v:?}: expected auto, rows, interleaved256 or \
+                         interleaved512"
+                    ));
+                }
+            },
+        })
+    }
 }
 
 impl From<LoadOptions> for ModelOptions {
@@ -81,6 +126,8 @@ pub struct EnvSettings {
     pub keep_file_layout: bool,
     /// `STRATA_GPU_GRAPHS=0`.
     pub no_gpu_graphs: bool,
+    /// `STRATA_DECODE`, `STRATA_PREFETCH`.
+    pub decode: DecodeSetting,
 }
 
 impl EnvSettings {
@@ -105,12 +152,14 @@ impl EnvSettings {
             Some("0") => true,
             Some(v) => return Err(format!("STRATA_GPU_GRAPHS={v:?}: expected 0 or 1")),
         };
+        let decode = DecodeSetting::from_vars(&var)?;
         Ok(Self {
             io,
             experts,
             expert_policy,
             keep_file_layout,
             no_gpu_graphs,
+            decode,
         })
     }
 }
@@ -211,6 +260,43 @@ impl LoadSettings {
             experts: env.experts.clone(),
             keep_file_layout: env.keep_file_layout,
             no_gpu_graphs: env.no_gpu_graphs,
+            decode: env.decode,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_simd::tune::Decode;
+
+    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let v: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| v.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+    }
+
+    #[test]
+    fn decode_setting_from_variables() {
+        assert_eq!(
+            DecodeSetting::from_vars(vars(&[])),
+            Ok(DecodeSetting::Measure { prefetch: None })
+        );
+        assert_eq!(
+            DecodeSetting::from_vars(vars(&[
+                ("STRATA_DECODE", "interleaved256"),
+                ("STRATA_PREFETCH", "0")
+            ])),
+            Ok(DecodeSetting::Fixed {
+                decode: Decode::Interleaved256,
+                prefetch: Some(0)
+            })
+        );
+        let e = DecodeSetting::from_vars(vars(&[("STRATA_DECODE", "fast")])).unwrap_err();
+        assert!(e.contains("STRATA_DECODE"), "{e}");
+        let e = DecodeSetting::from_vars(vars(&[("STRATA_PREFETCH", "-1")])).unwrap_err();
+        assert!(e.contains("STRATA_PREFETCH"), "{e}");
     }
 }

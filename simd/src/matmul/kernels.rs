@@ -24,12 +24,14 @@ pub(crate) type QuantFn = fn(&[f32], &mut [u8]);
 /// One 16-row tile of an interleaved matrix (`matmul::interleave`) against 1..=
 /// [`INTERLEAVED_TOKENS`] tokens: block count, the tile's bytes, the first token's activation
 /// row onwards, the stride between activation rows, the token count, where token `t`'s 16
-/// results go (`out + t * out_stride`), and `out_stride`.
+/// results go (`out + t * out_stride`), `out_stride`, and the software prefetch distance in
+/// bytes (0: none).
 ///
 /// # Safety
 /// `out + t * out_stride` must be valid for writing 16 f32 for every token `t`, and no other
 /// thread may access them during the call. The slices are checked.
-pub(crate) type InterleavedFn = unsafe fn(usize, &[u8], &[u8], usize, usize, *mut f32, usize);
+pub(crate) type InterleavedFn =
+    unsafe fn(usize, &[u8], &[u8], usize, usize, *mut f32, usize, usize);
 /// The most tokens one [`InterleavedFn`] call takes.
 pub(crate) const INTERLEAVED_TOKENS: usize = 4;
 
@@ -126,7 +128,9 @@ pub(crate) struct Kernel {
 }
 
 /// The kernel for `ty` at `level`, lowered to what this CPU has; `None` for unsupported types.
-pub(crate) fn kernel(ty: GgmlType, level: Level) -> Option<Kernel> {
+/// The interleaved kernel is the 512-bit one when `wide` and `level` has it, else the 256-bit
+/// one.
+pub(crate) fn kernel(ty: GgmlType, level: Level, wide: bool) -> Option<Kernel> {
     let act = Act::for_weight(ty)?;
     let level = level.min(dispatch::detected());
     Some(Kernel {
@@ -135,7 +139,7 @@ pub(crate) fn kernel(ty: GgmlType, level: Level) -> Option<Kernel> {
         dot: dot(ty, level)?,
         multi: multi(ty, level),
         gemm: gemm(ty, level),
-        interleaved: interleaved(ty, level),
+        interleaved: interleaved(ty, level, wide),
     })
 }
 
@@ -201,7 +205,7 @@ fn gemm(_ty: GgmlType, _level: Level) -> Option<Gemm> {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-pub(crate) fn interleaved(_ty: GgmlType, _level: Level) -> Option<InterleavedFn> {
+pub(crate) fn interleaved(_ty: GgmlType, _level: Level, _wide: bool) -> Option<InterleavedFn> {
     None
 }
 
@@ -213,7 +217,9 @@ use x86::{dot, gemm, multi, quantizer};
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::*;
-    use crate::arch::x86_64::{avx2, avx512, gemm as tiled, interleaved as il, multi};
+    use crate::arch::x86_64::{
+        avx2, avx512, gemm as tiled, interleaved as il, interleaved_avx2 as il2, multi,
+    };
 
     /// A safe wrapper around an `unsafe` SIMD dot product. Sound because [`dot`] hands it out
     /// only when `dispatch::detected()` is at least the level the kernel needs, and the
@@ -554,12 +560,14 @@ mod x86 {
     }
 
     /// A safe-to-hand-out wrapper around an interleaved kernel family
-    /// (`interleaved::$k::<NT>`), sound as `wrap_dot!`'s: [`interleaved`] hands it out only
-    /// when the CPU has AVX-512 VNNI, and the lengths are checked here.
+    /// (`$m::$k::<NT>`: `il` for AVX-512 VNNI, `il2` for AVX2), sound as `wrap_dot!`'s:
+    /// [`interleaved`] hands it out only when the CPU has the family's features, and the
+    /// lengths are checked here.
     macro_rules! wrap_interleaved {
-        ($name:ident, $k:ident $(, $q5:literal)?; $tile_block:expr, $act:expr, $bs:expr) => {
+        ($name:ident, $m:ident :: $k:ident $(, $q5:literal)?; $tile_block:expr, $act:expr, $bs:expr) => {
             /// # Safety
             /// See [`InterleavedFn`].
+            #[allow(clippy::too_many_arguments)]
             unsafe fn $name(
                 nb: usize,
                 tile: &[u8],
@@ -568,6 +576,7 @@ mod x86 {
                 nt: usize,
                 out: *mut f32,
                 out_stride: usize,
+                ahead: usize,
             ) {
                 let row = $act.row_bytes(nb * $bs);
                 assert!(
@@ -582,29 +591,48 @@ mod x86 {
                 // rows hold `nb` blocks (checked); the outputs are the caller's.
                 unsafe {
                     match nt {
-                        1 => il::$k::<1 $(, $q5)?>(nb, w, a, act_row, out, out_stride),
-                        2 => il::$k::<2 $(, $q5)?>(nb, w, a, act_row, out, out_stride),
-                        3 => il::$k::<3 $(, $q5)?>(nb, w, a, act_row, out, out_stride),
-                        _ => il::$k::<4 $(, $q5)?>(nb, w, a, act_row, out, out_stride),
+                        1 => $m::$k::<1 $(, $q5)?>(nb, w, a, act_row, out, out_stride, ahead),
+                        2 => $m::$k::<2 $(, $q5)?>(nb, w, a, act_row, out, out_stride, ahead),
+                        3 => $m::$k::<3 $(, $q5)?>(nb, w, a, act_row, out, out_stride, ahead),
+                        _ => $m::$k::<4 $(, $q5)?>(nb, w, a, act_row, out, out_stride, ahead),
                     }
                 }
             }
         };
     }
     use crate::matmul::interleave as ilv;
-    wrap_interleaved!(il_q4_k, q4k; ilv::Q4K_TILE_BLOCK, T::Q8K, 256);
-    wrap_interleaved!(il_q6_k, q6k; ilv::Q6K_TILE_BLOCK, T::Q8K, 256);
-    wrap_interleaved!(il_q8_0, legacy, false; ilv::Q8_0_TILE_BLOCK, T::Q8_0, 32);
-    wrap_interleaved!(il_q5_0, legacy, true; ilv::Q5_0_TILE_BLOCK, T::Q8_0, 32);
+    wrap_interleaved!(il_q4_k, il::q4k; ilv::Q4K_TILE_BLOCK, T::Q8K, 256);
+    wrap_interleaved!(il_q6_k, il::q6k; ilv::Q6K_TILE_BLOCK, T::Q8K, 256);
+    wrap_interleaved!(il_q8_0, il::legacy, false; ilv::Q8_0_TILE_BLOCK, T::Q8_0, 32);
+    wrap_interleaved!(il_q5_0, il::legacy, true; ilv::Q5_0_TILE_BLOCK, T::Q8_0, 32);
+    wrap_interleaved!(il2_q4_k, il2::q4k; ilv::Q4K_TILE_BLOCK, T::Q8K, 256);
+    wrap_interleaved!(il2_q6_k, il2::q6k; ilv::Q6K_TILE_BLOCK, T::Q8K, 256);
+    wrap_interleaved!(il2_q8_0, il2::legacy, false; ilv::Q8_0_TILE_BLOCK, T::Q8_0, 32);
+    wrap_interleaved!(il2_q5_0, il2::legacy, true; ilv::Q5_0_TILE_BLOCK, T::Q8_0, 32);
 
-    pub(crate) fn interleaved(ty: GgmlType, level: Level) -> Option<InterleavedFn> {
-        match ty {
-            T::Q4K if level.min(dispatch::detected()) >= Level::Avx512Vnni => Some(il_q4_k),
-            T::Q6K if level.min(dispatch::detected()) >= Level::Avx512Vnni => Some(il_q6_k),
-            T::Q8_0 if level.min(dispatch::detected()) >= Level::Avx512Vnni => Some(il_q8_0),
-            T::Q5_0 if level.min(dispatch::detected()) >= Level::Avx512Vnni => Some(il_q5_0),
-            _ => None,
+    /// The kernel over the interleaved layout for `ty` at `level`: the 512-bit VNNI one when
+    /// `wide` and the CPU has it, else the 256-bit one (AVX2 and above).
+    pub(crate) fn interleaved(ty: GgmlType, level: Level, wide: bool) -> Option<InterleavedFn> {
+        let level = level.min(dispatch::detected());
+        if wide && level >= Level::Avx512Vnni {
+            return match ty {
+                T::Q4K => Some(il_q4_k),
+                T::Q6K => Some(il_q6_k),
+                T::Q8_0 => Some(il_q8_0),
+                T::Q5_0 => Some(il_q5_0),
+                _ => None,
+            };
         }
+        if level >= Level::Avx2 {
+            return match ty {
+                T::Q4K => Some(il2_q4_k),
+                T::Q6K => Some(il2_q6_k),
+                T::Q8_0 => Some(il2_q8_0),
+                T::Q5_0 => Some(il2_q5_0),
+                _ => None,
+            };
+        }
+        None
     }
 
     wrap_dot!(avx2_f32, avx2::dot_f32, T::F32, Act::F32);

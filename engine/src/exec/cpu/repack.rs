@@ -1,5 +1,5 @@
-//! The CPU executor's weight preparation: where this CPU has the interleaved kernels (AVX-512
-//! VNNI), resident matrices are repacked in place at load into [`Layout::Interleaved`] (tiles
+//! The CPU executor's weight preparation: where this CPU has the interleaved kernels (AVX2 and
+//! above) and they measured faster than the row kernels ([`choose_decode`]), resident matrices are repacked in place at load into [`Layout::Interleaved`] (tiles
 //! of 16 rows, see `strata_simd::matmul::interleave`), as ggml's CPU backend repacks into its
 //! own buffer type. The layout is the CPU kernels' business: the model's tensors do not carry
 //! it; [`CpuWeights`] remembers it per tensor for the executor's matmuls.
@@ -9,10 +9,81 @@
 //! repacking is off (identical arithmetic whatever the placement, for comparisons).
 
 use strata_simd::matmul::{INTERLEAVE_ROWS, Layout, SimdError, can_interleave, interleave};
+use strata_simd::pool::ThreadPool;
+use strata_simd::tune;
+use strata_storage::quant::GgmlType;
 use strata_storage::residency::{TensorId, Weights};
 
 use crate::error::EngineError;
-use crate::model::{Ffn, Layer, Mat};
+use crate::model::{DecodeSetting, Ffn, Layer, Mat};
+
+/// The weight types of the matrices the CPU executor may repack.
+fn matrix_types(layers: &[Layer], output: Mat) -> Vec<GgmlType> {
+    let mut v = vec![output.ty];
+    for l in layers {
+        v.extend([l.q.ty, l.k.ty, l.v.ty, l.o.ty]);
+        match &l.ffn {
+            Ffn::Dense { gate, up, down } => v.extend([gate.ty, up.ty, down.ty]),
+            Ffn::Moe(moe) => {
+                if let Some((g, u, d, _)) = &moe.shared {
+                    v.extend([g.ty, u.ty, d.ty]);
+                }
+                v.extend([moe.gate.mat.ty, moe.up.mat.ty, moe.down.mat.ty]);
+            }
+        }
+    }
+    let mut types = Vec::new();
+    for t in v {
+        if !types.contains(&t) {
+            types.push(t);
+        }
+    }
+    types
+}
+
+/// Makes the process's decode choices (`strata_simd::tune`) as `setting` says, before the
+/// matrices are repacked: measured on this CPU over the model's weight types at one thread
+/// and at one per physical core (once per process: later loads keep the first choice), or
+/// fixed by the user.
+pub(crate) fn choose_decode(setting: DecodeSetting, layers: &[Layer], output: Mat) {
+    let with_prefetch = |t: tune::Tuning, p: Option<usize>| match p {
+        Some(p) => t.with_prefetch(p),
+        None => t,
+    };
+    match setting {
+        DecodeSetting::Current => {}
+        DecodeSetting::Fixed { decode, prefetch } => {
+            let t = tune::current();
+            tune::set(with_prefetch(
+                tune::Tuning {
+                    decode: [decode; 4],
+                    ..t
+                },
+                prefetch,
+            ));
+        }
+        DecodeSetting::Measure { prefetch } => {
+            if tune::is_set() {
+                return;
+            }
+            let types = matrix_types(layers, output);
+            let t0 = std::time::Instant::now();
+            let one = ThreadPool::new(1);
+            let n = strata_simd::topology::physical_cores();
+            let all = (n > 1).then(|| ThreadPool::new(n));
+            let pools: Vec<&ThreadPool> = std::iter::once(&one).chain(all.as_ref()).collect();
+            let m = tune::measure(&pools, &types, 4);
+            for line in tune::describe(&m) {
+                tracing::info!("decode kernel measured: {line}");
+            }
+            tracing::info!(
+                "decode kernels measured in {:.0} ms",
+                t0.elapsed().as_secs_f64() * 1e3
+            );
+            tune::set(with_prefetch(m.tuning, prefetch));
+        }
+    }
+}
 
 /// The layout of each tensor as the CPU executor holds it.
 #[derive(Clone, Debug, Default)]

@@ -28,11 +28,6 @@ unsafe fn bcast4(p: *const u8) -> __m512i {
     _mm512_set1_epi32(unsafe { p.cast::<i32>().read_unaligned() })
 }
 
-/// How far ahead of the block computing the kernels prefetch the tile: decode streams the
-/// weights from DRAM once, and the hardware prefetcher alone left a good part of the speed
-/// (`strata bench` shows it).
-const PREFETCH_BYTES: usize = 4608;
-
 /// Asks for the `len` bytes at `p` to be brought into the cache (a hint: never faults).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
@@ -46,7 +41,9 @@ fn prefetch(p: *const u8, len: usize) {
 }
 
 /// 16 lanes × `NT` tokens of a Q4_K tile: `out + t * out_stride` receives the 16 rows'
-/// results for token `t`.
+/// results for token `t`. `ahead` is the software prefetch distance in bytes (0: none): decode
+/// streams the weights from DRAM once, and the hardware prefetcher alone leaves a good part of
+/// the speed on some CPUs (`tune` measures it).
 ///
 /// # Safety
 /// See the module docs; `tile` holds `nb` tile blocks, `act + t * act_row` holds `nb` Q8_K
@@ -63,6 +60,7 @@ pub(crate) unsafe fn q4k<const NT: usize>(
     act_row: usize,
     out: *mut f32,
     out_stride: usize,
+    ahead: usize,
 ) {
     let m4 = _mm512_set1_epi8(0xF);
     let m63 = _mm_set1_epi8(63);
@@ -81,8 +79,8 @@ pub(crate) unsafe fn q4k<const NT: usize>(
         // every offset below stays inside them.
         unsafe {
             let x = tile.add(b * Q4K_TILE_BLOCK);
-            if (b + 1) * Q4K_TILE_BLOCK + PREFETCH_BYTES <= nb * Q4K_TILE_BLOCK {
-                prefetch(x.wrapping_add(PREFETCH_BYTES), Q4K_TILE_BLOCK);
+            if ahead > 0 && (b + 1) * Q4K_TILE_BLOCK + ahead <= nb * Q4K_TILE_BLOCK {
+                prefetch(x.wrapping_add(ahead), Q4K_TILE_BLOCK);
             }
             let dvec = _mm512_cvtph_ps(_mm256_loadu_si256(x.cast()));
             let mvec = _mm512_cvtph_ps(_mm256_loadu_si256(x.add(32).cast()));
@@ -176,6 +174,7 @@ pub(crate) unsafe fn q6k<const NT: usize>(
     act_row: usize,
     out: *mut f32,
     out_stride: usize,
+    ahead: usize,
 ) {
     let m4 = _mm512_set1_epi8(0xF);
     let m48 = _mm512_set1_epi8(0x30);
@@ -185,8 +184,8 @@ pub(crate) unsafe fn q6k<const NT: usize>(
         // every offset below stays inside them.
         unsafe {
             let x = tile.add(b * Q6K_TILE_BLOCK);
-            if (b + 1) * Q6K_TILE_BLOCK + PREFETCH_BYTES <= nb * Q6K_TILE_BLOCK {
-                prefetch(x.wrapping_add(PREFETCH_BYTES), Q6K_TILE_BLOCK);
+            if ahead > 0 && (b + 1) * Q6K_TILE_BLOCK + ahead <= nb * Q6K_TILE_BLOCK {
+                prefetch(x.wrapping_add(ahead), Q6K_TILE_BLOCK);
             }
             let dvec = _mm512_cvtph_ps(_mm256_loadu_si256(x.cast()));
             let mut accb = [_mm512_setzero_ps(); NT];
@@ -257,6 +256,7 @@ pub(crate) unsafe fn legacy<const NT: usize, const Q5: bool>(
     act_row: usize,
     out: *mut f32,
     out_stride: usize,
+    ahead: usize,
 ) {
     let (block, offset) = if Q5 {
         (Q5_0_TILE_BLOCK, 16)
@@ -273,8 +273,8 @@ pub(crate) unsafe fn legacy<const NT: usize, const Q5: bool>(
         // every offset below stays inside them.
         unsafe {
             let x = tile.add(b * block);
-            if (b + 1) * block + PREFETCH_BYTES <= nb * block {
-                prefetch(x.wrapping_add(PREFETCH_BYTES), block);
+            if ahead > 0 && (b + 1) * block + ahead <= nb * block {
+                prefetch(x.wrapping_add(ahead), block);
             }
             let dvec = _mm512_cvtph_ps(_mm256_loadu_si256(x.cast()));
             // w[i]: columns 4i..4i + 4 of the 16 rows, unsigned.

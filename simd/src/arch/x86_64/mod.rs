@@ -6,4 +6,5 @@ pub(crate) mod avx2;
 pub(crate) mod avx512;
 pub(crate) mod gemm;
 pub(crate) mod interleaved;
+pub(crate) mod interleaved_avx2;
 pub(crate) mod multi;

@@ -1,0 +1,460 @@
+//! The choices of the decode kernels that depend on the microarchitecture, made by
+//! measurement rather than from the CPU's name: for each weight type that has an interleaved
+//! layout, whether decode runs the row kernels over the file's layout or the interleaved
+//! kernels, 256-bit (AVX2) or 512-bit (AVX-512 VNNI); and how far ahead the interleaved kernels
+//! prefetch in software.
+//!
+//! No level is best everywhere: on Zen 4, which executes 512-bit instructions in two halves,
+//! the 512-bit interleaved kernels measured slower than the row kernels at 256 bits, while on
+//! Intel's server cores they are the fastest. [`measure`] times every candidate the CPU can
+//! run on matrices that stream from DRAM (at least twice the last-level cache), as decode
+//! does, alternating the candidates and keeping each one's best pass. [`set`] makes a choice
+//! the process's; until then [`current`] is [`Tuning::default_for`] the SIMD level.
+//!
+//! The layout is the same bytes for both widths, so the width (and the prefetch distance) can
+//! change at any time; whether a matrix is interleaved at all is decided when it is loaded
+//! (`matmul::can_interleave`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use strata_storage::quant::GgmlType;
+
+use crate::dispatch::{self, Level};
+use crate::matmul::{self, Layout, MatRef, MatmulScratch};
+use crate::pool::ThreadPool;
+
+/// How decode multiplies a matrix of one weight type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decode {
+    /// Row kernels over the file's row-major layout (the matrix is not repacked).
+    Rows,
+    /// The interleaved layout, 256-bit kernels (AVX2: `vpmaddubsw` + `vpmaddwd`).
+    Interleaved256,
+    /// The interleaved layout, 512-bit kernels (AVX-512 VNNI: `vpdpbusd`).
+    Interleaved512,
+}
+
+impl Decode {
+    const ALL: [Decode; 3] = [Decode::Rows, Decode::Interleaved256, Decode::Interleaved512];
+
+    /// The name `STRATA_DECODE` and the logs use.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Decode::Rows => "rows",
+            Decode::Interleaved256 => "interleaved256",
+            Decode::Interleaved512 => "interleaved512",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Decode> {
+        Decode::ALL
+            .into_iter()
+            .find(|d| d.name().eq_ignore_ascii_case(s.trim()))
+    }
+
+    /// Whether this CPU, at `level`, has the kernels for this choice.
+    pub fn available(self, level: Level) -> bool {
+        let level = level.min(dispatch::detected());
+        match self {
+            Decode::Rows => true,
+            Decode::Interleaved256 => level >= Level::Avx2 && cfg!(target_arch = "x86_64"),
+            Decode::Interleaved512 => level >= Level::Avx512Vnni,
+        }
+    }
+
+    const fn code(self) -> u64 {
+        match self {
+            Decode::Rows => 0,
+            Decode::Interleaved256 => 1,
+            Decode::Interleaved512 => 2,
+        }
+    }
+
+    const fn from_code(c: u64) -> Decode {
+        match c & 3 {
+            1 => Decode::Interleaved256,
+            2 => Decode::Interleaved512,
+            _ => Decode::Rows,
+        }
+    }
+}
+
+/// The weight types with an interleaved layout, in the order of [`Tuning::decode`].
+pub const TYPES: [GgmlType; 4] = [GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q8_0, GgmlType::Q5_0];
+
+/// The prefetch distance the interleaved kernels used before it was measured: two Q4_K tile
+/// blocks.
+pub const DEFAULT_PREFETCH: usize = 4608;
+
+/// The decode choices of a process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// Per type of [`TYPES`], in that order.
+    pub decode: [Decode; 4],
+    /// Per type of [`TYPES`]: bytes ahead of the block computing that the interleaved kernels
+    /// prefetch (0: none), a multiple of 64 up to [`MAX_PREFETCH`].
+    pub prefetch: [usize; 4],
+}
+
+/// The farthest prefetch distance a [`Tuning`] holds.
+pub const MAX_PREFETCH: usize = 255 * 64;
+
+impl Tuning {
+    /// What the process uses before anything was measured or set: the widest interleaved
+    /// kernels `level` has, else rows.
+    pub fn default_for(level: Level) -> Tuning {
+        let d = if Decode::Interleaved512.available(level) {
+            Decode::Interleaved512
+        } else if Decode::Interleaved256.available(level) {
+            Decode::Interleaved256
+        } else {
+            Decode::Rows
+        };
+        Tuning {
+            decode: [d; 4],
+            prefetch: [DEFAULT_PREFETCH; 4],
+        }
+    }
+
+    /// The choice for `ty` (types without an interleaved layout: rows).
+    pub fn decode(&self, ty: GgmlType) -> Decode {
+        TYPES
+            .iter()
+            .position(|&t| t == ty)
+            .map_or(Decode::Rows, |i| self.decode[i])
+    }
+
+    /// The interleaved kernels' prefetch distance for `ty`.
+    pub fn prefetch(&self, ty: GgmlType) -> usize {
+        TYPES
+            .iter()
+            .position(|&t| t == ty)
+            .map_or(DEFAULT_PREFETCH, |i| self.prefetch[i])
+    }
+
+    /// This tuning with `ty`'s choice replaced.
+    pub fn with(mut self, ty: GgmlType, d: Decode, prefetch: usize) -> Tuning {
+        if let Some(i) = TYPES.iter().position(|&t| t == ty) {
+            self.decode[i] = d;
+            self.prefetch[i] = prefetch;
+        }
+        self
+    }
+
+    /// This tuning with every type's prefetch distance `p` (rounded up to a cache line).
+    pub fn with_prefetch(mut self, p: usize) -> Tuning {
+        self.prefetch = [p.next_multiple_of(64).min(MAX_PREFETCH); 4];
+        self
+    }
+
+    /// One line for the logs: `Q4_K=interleaved256/4608 Q6_K=rows …` (choice/prefetch).
+    pub fn summary(&self) -> String {
+        let mut s = Vec::new();
+        for ((ty, d), p) in TYPES.iter().zip(self.decode).zip(self.prefetch) {
+            s.push(match d {
+                Decode::Rows => format!("{ty}={}", d.name()),
+                _ => format!("{ty}={}/{p}", d.name()),
+            });
+        }
+        s.join(" ")
+    }
+
+    fn encode(&self) -> u64 {
+        let mut v = 1u64;
+        for (i, (d, p)) in self.decode.iter().zip(self.prefetch).enumerate() {
+            v |= d.code() << (8 + 2 * i);
+            v |= ((p.div_ceil(64).min(255)) as u64) << (32 + 8 * i);
+        }
+        v
+    }
+
+    fn decode_bits(v: u64) -> Tuning {
+        let mut decode = [Decode::Rows; 4];
+        let mut prefetch = [0; 4];
+        for i in 0..4 {
+            decode[i] = Decode::from_code(v >> (8 + 2 * i));
+            prefetch[i] = ((v >> (32 + 8 * i)) & 0xFF) as usize * 64;
+        }
+        Tuning { decode, prefetch }
+    }
+}
+
+/// The process's tuning, packed (0: not set).
+static CURRENT: AtomicU64 = AtomicU64::new(0);
+
+/// The process's decode choices: the last [`set`], else [`Tuning::default_for`] the process's
+/// SIMD level. Cheap (one atomic load): every matmul asks.
+pub fn current() -> Tuning {
+    match CURRENT.load(Ordering::Relaxed) {
+        0 => Tuning::default_for(dispatch::level()),
+        v => Tuning::decode_bits(v),
+    }
+}
+
+/// Makes `t` the process's tuning, its choices lowered to what the process's SIMD level has.
+/// Matrices interleaved before keep their layout (it is the same for both widths).
+pub fn set(t: Tuning) {
+    let level = dispatch::level();
+    let fallback = Tuning::default_for(level).decode[0];
+    let mut t = t;
+    for d in &mut t.decode {
+        if !d.available(level) {
+            *d = if *d == Decode::Rows {
+                Decode::Rows
+            } else {
+                fallback
+            };
+        }
+    }
+    tracing::info!(tuning = %t.summary(), "decode kernels");
+    CURRENT.store(t.encode(), Ordering::Relaxed);
+}
+
+/// Whether [`set`] has been called in this process.
+pub fn is_set() -> bool {
+    CURRENT.load(Ordering::Relaxed) != 0
+}
+
+/// Bytes of weights each measured pass streams: twice the last-level cache, within 64 MiB to
+/// 256 MiB, so that the weights come from DRAM as they do in decode.
+fn stream_bytes() -> usize {
+    let l3 = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cache/index3/size")
+        .ok()
+        .and_then(|s| {
+            let s = s.trim();
+            let (n, mul) = match s.strip_suffix('K') {
+                Some(n) => (n, 1 << 10),
+                None => match s.strip_suffix('M') {
+                    Some(n) => (n, 1 << 20),
+                    None => (s, 1),
+                },
+            };
+            n.parse::<usize>().ok().map(|n| n * mul)
+        })
+        .unwrap_or(32 << 20);
+    (2 * l3).clamp(64 << 20, 256 << 20)
+}
+
+/// One candidate's timings.
+#[derive(Clone, Debug)]
+pub struct Timing {
+    pub ty: GgmlType,
+    pub decode: Decode,
+    pub prefetch: usize,
+    pub threads: usize,
+    /// Weight bytes per second of the best pass.
+    pub bytes_per_s: f64,
+}
+
+/// What [`measure`] found: the tuning it chose and every timing behind it.
+#[derive(Clone, Debug)]
+pub struct Measured {
+    pub tuning: Tuning,
+    pub timings: Vec<Timing>,
+}
+
+/// Columns of the measured matrices (a hidden size between the small and the large models').
+const COLS: usize = 2048;
+/// Bytes of one measured matrix: a projection of a mid-sized model.
+const MATRIX_BYTES: usize = 4 << 20;
+
+/// Times decode (one token) of `ty` under each candidate on each pool, over matrices cut from
+/// `buf`, alternating the candidates `reps` times; returns GB/s per (candidate, pool), best
+/// pass each.
+fn time_candidates(
+    pools: &[&ThreadPool],
+    buf: &[u8],
+    ty: GgmlType,
+    cands: &[(Decode, usize)],
+    reps: usize,
+) -> Vec<Vec<f64>> {
+    let level = dispatch::level();
+    let rb = ty.row_bytes(COLS);
+    let rows = (MATRIX_BYTES / rb) / 16 * 16;
+    let mat = rows * rb;
+    let n_mats = (buf.len() / mat).max(1);
+    let x: Vec<f32> = (0..COLS)
+        .map(|i| ((i * 7919) % 97) as f32 / 48.0 - 1.0)
+        .collect();
+    let mut out = vec![0f32; rows];
+    let mut scratch = MatmulScratch::new();
+    let mut best = vec![vec![0f64; pools.len()]; cands.len()];
+    for _ in 0..reps {
+        for (pi, pool) in pools.iter().enumerate() {
+            for (ci, &(d, prefetch)) in cands.iter().enumerate() {
+                let t = Tuning {
+                    decode: [d; 4],
+                    prefetch: [prefetch; 4],
+                };
+                let layout = if d == Decode::Rows {
+                    Layout::Rows
+                } else {
+                    Layout::Interleaved
+                };
+                let t0 = Instant::now();
+                for m in 0..n_mats {
+                    let w = MatRef {
+                        ty,
+                        data: &buf[m * mat..(m + 1) * mat],
+                        rows,
+                        cols: COLS,
+                        layout,
+                    };
+                    // The shapes are right by construction; a refusal only loses this pass.
+                    let _ = matmul::matmul_tuned(level, t, pool, w, &x, 1, &mut out, &mut scratch);
+                }
+                let gbs = (n_mats * mat) as f64 / t0.elapsed().as_secs_f64() / 1e9;
+                best[ci][pi] = best[ci][pi].max(gbs);
+            }
+        }
+    }
+    best
+}
+
+/// How much faster than the default a candidate must measure to replace it: a shared machine's
+/// noise must not flip a choice, while a real loss (the 512-bit kernels on Zen 4 ran a third
+/// slower than the 256-bit row kernels) is far larger.
+const MARGIN: f64 = 1.05;
+
+/// The candidate whose GB/s, summed over the pools, is highest, if it beats candidate `default`
+/// by [`MARGIN`]; else `default`.
+fn fastest(gbs: &[Vec<f64>], default: usize) -> usize {
+    let score = |i: usize| gbs[i].iter().sum::<f64>();
+    let best = (0..gbs.len())
+        .max_by(|&a, &b| score(a).total_cmp(&score(b)))
+        .unwrap_or(default);
+    if score(best) > MARGIN * score(default) {
+        best
+    } else {
+        default
+    }
+}
+
+/// Measures the decode candidates this CPU has for `types` (others keep the default) on each
+/// of `pools` (one thread and all cores, say: a choice must suit both) and returns the fastest
+/// of each where it beats the level's default by [`MARGIN`], with the timings; each type's
+/// software prefetch distance is measured with its interleaved kernels. Takes a fraction of a second; allocates [`stream_bytes`] for the
+/// time it runs.
+pub fn measure(pools: &[&ThreadPool], types: &[GgmlType], reps: usize) -> Measured {
+    let level = dispatch::level();
+    let mut tuning = Tuning::default_for(level);
+    let mut timings = Vec::new();
+    let types: Vec<GgmlType> = TYPES.into_iter().filter(|t| types.contains(t)).collect();
+    if types.is_empty() || tuning.decode[0] == Decode::Rows || pools.is_empty() {
+        return Measured { tuning, timings };
+    }
+    // The bytes do not change the kernels' speed; 0x3C makes every f16 scale about 1 (no
+    // infinities or subnormals on the way).
+    let len = stream_bytes();
+    let raw = vec![0x3Cu8; len + 4096];
+    // Page-aligned, as a model's weights are (a large allocation starts 16 bytes into a page).
+    let start = raw.as_ptr().align_offset(4096);
+    let buf = &raw[start..start + len];
+    let record = |timings: &mut Vec<Timing>, ty, cands: &[(Decode, usize)], gbs: &[Vec<f64>]| {
+        for (c, g) in cands.iter().zip(gbs) {
+            for (p, v) in pools.iter().zip(g) {
+                timings.push(Timing {
+                    ty,
+                    decode: c.0,
+                    prefetch: c.1,
+                    threads: p.n_threads(),
+                    bytes_per_s: v * 1e9,
+                });
+            }
+        }
+    };
+
+    // Per type: the row kernels, and each interleaved width at no software prefetch and at
+    // 1, 2 and 4 tile blocks ahead (rounded to cache lines).
+    for ty in types {
+        let tile = ty.row_bytes(ty.block_size()) * matmul::INTERLEAVE_ROWS;
+        let mut cands = vec![(Decode::Rows, 0)];
+        for d in [Decode::Interleaved256, Decode::Interleaved512] {
+            if d.available(level) {
+                for k in [0, 1, 2, 4] {
+                    cands.push((d, (k * tile).next_multiple_of(64).min(MAX_PREFETCH)));
+                }
+            }
+        }
+        let gbs = time_candidates(pools, buf, ty, &cands, reps);
+        let want = tuning.decode(ty);
+        let default = cands
+            .iter()
+            .position(|c| c.0 == want && c.1 >= DEFAULT_PREFETCH.min(2 * tile))
+            .unwrap_or(0);
+        let (d, p) = cands[fastest(&gbs, default)];
+        tuning = tuning.with(ty, d, p);
+        record(&mut timings, ty, &cands, &gbs);
+    }
+    Measured { tuning, timings }
+}
+
+/// The timings as log lines' text: `q4_K interleaved256 prefetch 4608: 1t 17.2 GB/s, 2t 24.0`.
+pub fn describe(m: &Measured) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < m.timings.len() {
+        let t = &m.timings[i];
+        let mut s = format!("{} {} prefetch {}:", t.ty, t.decode.name(), t.prefetch);
+        let mut j = i;
+        while j < m.timings.len()
+            && m.timings[j].ty == t.ty
+            && m.timings[j].decode == t.decode
+            && m.timings[j].prefetch == t.prefetch
+        {
+            let u = &m.timings[j];
+            s.push_str(&format!(" {}t {:.1} GB/s", u.threads, u.bytes_per_s / 1e9));
+            j += 1;
+        }
+        lines.push(s);
+        i = j;
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tuning_round_trips_through_its_encoding() {
+        let t = Tuning {
+            decode: [
+                Decode::Interleaved256,
+                Decode::Rows,
+                Decode::Interleaved512,
+                Decode::Interleaved256,
+            ],
+            prefetch: [9216, 0, 3392, MAX_PREFETCH],
+        };
+        assert_eq!(Tuning::decode_bits(t.encode()), t);
+        assert_eq!(t.decode(GgmlType::Q8_0), Decode::Interleaved512);
+        assert_eq!(t.decode(GgmlType::Q4_0), Decode::Rows);
+        for d in Decode::ALL {
+            assert_eq!(Decode::parse(d.name()), Some(d));
+        }
+    }
+
+    #[test]
+    fn a_candidate_must_beat_the_default_by_the_margin() {
+        let gbs = vec![vec![10.0, 20.0], vec![10.2, 20.3], vec![8.0, 15.0]];
+        assert_eq!(fastest(&gbs, 0), 0);
+        let gbs = vec![vec![10.0, 20.0], vec![12.0, 22.0], vec![8.0, 15.0]];
+        assert_eq!(fastest(&gbs, 0), 1);
+        assert_eq!(fastest(&gbs, 2), 1);
+    }
+
+    #[test]
+    fn measure_picks_a_candidate_this_cpu_has() {
+        let pool = ThreadPool::new(1);
+        let m = measure(&[&pool], &[GgmlType::Q4K], 1);
+        let level = dispatch::level();
+        assert!(m.tuning.decode(GgmlType::Q4K).available(level));
+        if Decode::Interleaved256.available(level) {
+            // The row kernels and four prefetch distances of each interleaved width.
+            assert!(m.timings.len() >= 5, "{:?}", m.timings);
+            assert!(m.timings.iter().all(|t| t.bytes_per_s > 0.0));
+        }
+    }
+}

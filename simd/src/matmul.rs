@@ -543,8 +543,11 @@ unsafe fn rows_job(
     while tile < r1 {
         let tile_end = (tile + ROW_TILE).min(r1);
         match k.multi {
-            // Prefill: each weight row is unpacked once per group of tokens.
-            Some(multi) if n_tok >= 2 => {
+            // Prefill: each weight row is unpacked once per group of tokens. A lone token
+            // (decode) goes through the same kernel, so that its bits do not depend on the
+            // batch it came in: each token's arithmetic in `multi` is the same for every group
+            // size, while the single-token `dot` may sum its lanes in another order.
+            Some(multi) => {
                 let mut res = [0f32; MULTI_TOKENS];
                 let mut t0 = 0;
                 while t0 < n_tok {

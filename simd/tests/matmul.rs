@@ -456,3 +456,51 @@ fn batched_tokens_equal_one_at_a_time() {
         }
     }
 }
+
+/// Every token gets the same bits whether it comes alone (decode) or in a batch (prefill, a
+/// speculative check), in both layouts: a cached prompt's last token, evaluated alone, must
+/// give the logits the whole prompt did (the daemon's prompt cache relies on it). The tiled
+/// GEMM (from 16 tokens, AVX-512 VNNI) is outside this promise.
+#[test]
+fn batched_tokens_equal_one_at_a_time_exactly() {
+    let pools = [ThreadPool::new(1), ThreadPool::new(2)];
+    let mut scratch = MatmulScratch::new();
+    let mut rng = StdRng::seed_from_u64(29);
+    for ty in TYPES {
+        for (rows, cols) in [(16, 256), (130, 512), (256, 1536)] {
+            let data = quantized_weights(&mut rng, ty, rows, cols);
+            let mut il = data.clone();
+            let interleaved = interleave(ty, &mut il, rows, cols).expect("interleave");
+            let layouts = [(Layout::Rows, &data), (Layout::Interleaved, &il)];
+            for (layout, bytes) in layouts.into_iter().take(1 + interleaved as usize) {
+                let w = MatRef {
+                    ty,
+                    data: bytes,
+                    rows,
+                    cols,
+                    layout,
+                };
+                for pool in &pools {
+                    for n_tok in [2, 3, 4, 5, 7, 15] {
+                        let x = random_f32(&mut rng, n_tok * cols);
+                        let level = dispatch::level();
+                        let batched = run(level, pool, w, &x, n_tok, &mut scratch);
+                        for t in 0..n_tok {
+                            let x1 = &x[t * cols..(t + 1) * cols];
+                            let one = run(level, pool, w, x1, 1, &mut scratch);
+                            let got = &batched[t * rows..(t + 1) * rows];
+                            for (r, (g, o)) in got.iter().zip(&one).enumerate() {
+                                assert!(
+                                    g.to_bits() == o.to_bits(),
+                                    "{ty} {layout:?} {rows}x{cols} n_tok={n_tok} threads={} \
+                                     token {t} row {r}: batched {g} vs alone {o}",
+                                    pool.n_threads()
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -356,6 +356,67 @@ impl ThreadPool {
     }
 }
 
+impl ThreadPool {
+    /// Calls `f(first_row, rows_a, rows_b)` over contiguous ranges of the rows of `a` (rows of
+    /// `row_a` elements) and of `b` (as many rows, of `row_b` elements), one range per thread,
+    /// when there are at least `min_elems` elements of `a` (below that, waking the pool costs
+    /// more than it saves, and the caller's thread does it all). For the per-token element-wise
+    /// steps of a pass (norms, RoPE, activations, residuals), which decode leaves on one
+    /// thread and prefill spreads. Pass an empty `b` with `row_b == 0` when there is one buffer.
+    ///
+    /// # Panics
+    /// If a row length is zero where its buffer is not empty, or the buffers do not hold the same
+    /// number of rows (a caller's bug, never input-dependent).
+    pub fn for_rows2<A: Send, B: Send>(
+        &self,
+        a: &mut [A],
+        row_a: usize,
+        b: &mut [B],
+        row_b: usize,
+        min_elems: usize,
+        f: impl Fn(usize, &mut [A], &mut [B]) + Sync,
+    ) {
+        let rows = if row_a == 0 { 0 } else { a.len() / row_a };
+        assert!(
+            rows * row_a == a.len() && (row_b == 0 && b.is_empty() || b.len() == rows * row_b),
+            "for_rows2: buffers of {} and {} elements are not rows of {row_a} and {row_b}",
+            a.len(),
+            b.len()
+        );
+        if a.len() < min_elems || self.n_threads() == 1 || rows < 2 {
+            f(0, a, b);
+            return;
+        }
+        let (pa, pb) = (SyncPtr(a.as_mut_ptr()), SyncPtr(b.as_mut_ptr()));
+        self.run(|ith, nth| {
+            let (r0, r1) = (rows * ith / nth, rows * (ith + 1) / nth);
+            // SAFETY: rows r0..r1 of both buffers are this thread's alone (the ranges of the
+            // threads are disjoint and inside `rows`), and `run` returns before `a` and `b`
+            // are used again.
+            let (ca, cb) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(pa.get().add(r0 * row_a), (r1 - r0) * row_a),
+                    std::slice::from_raw_parts_mut(pb.get().add(r0 * row_b), (r1 - r0) * row_b),
+                )
+            };
+            f(r0, ca, cb);
+        });
+    }
+
+    /// [`ThreadPool::for_rows2`] over one buffer.
+    pub fn for_rows<A: Send>(
+        &self,
+        a: &mut [A],
+        row: usize,
+        min_elems: usize,
+        f: impl Fn(usize, &mut [A]) + Sync,
+    ) {
+        self.for_rows2(a, row, &mut [] as &mut [u8], 0, min_elems, |r0, ca, _| {
+            f(r0, ca)
+        });
+    }
+}
+
 /// Waits for every worker to finish the current job, even while unwinding.
 struct WaitGuard<'a> {
     shared: &'a Shared,
@@ -436,6 +497,34 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     type Affinity = Result<Vec<usize>, TopologyError>;
+
+    /// Every row of both buffers reaches `f` once, with its index, whether the rows are spread
+    /// over the threads or (below `min_elems`, or with one thread) all done on the caller's.
+    #[test]
+    fn for_rows_hands_out_every_row_once() {
+        for threads in [1, 3] {
+            let pool = ThreadPool::new(threads);
+            for (rows, min) in [(0, 0), (1, 0), (7, 0), (7, 1 << 20), (64, 0)] {
+                let mut a = vec![0usize; rows * 3];
+                let mut b = vec![0u32; rows * 2];
+                pool.for_rows2(&mut a, 3, &mut b, 2, min, |r0, a, b| {
+                    assert_eq!(a.len() / 3, b.len() / 2);
+                    for (i, (ra, rb)) in
+                        a.chunks_exact_mut(3).zip(b.chunks_exact_mut(2)).enumerate()
+                    {
+                        ra.iter_mut().for_each(|v| *v += r0 + i + 1);
+                        rb.iter_mut().for_each(|v| *v += 1);
+                    }
+                });
+                let want: Vec<usize> = (0..rows).flat_map(|r| [r + 1; 3]).collect();
+                assert_eq!(a, want, "threads={threads} rows={rows}");
+                assert!(b.iter().all(|&v| v == 1));
+                let mut one = vec![0u8; rows * 4];
+                pool.for_rows(&mut one, 4, 0, |_, a| a.iter_mut().for_each(|v| *v += 1));
+                assert!(one.iter().all(|&v| v == 1));
+            }
+        }
+    }
 
     /// The CPUs thread `i` of `pool` may run on, read from inside a job on that thread.
     fn affinities(pool: &ThreadPool) -> Vec<Affinity> {
@@ -586,8 +675,16 @@ mod tests {
 
 /// A raw pointer that may be shared with the pool's threads, for handing each of them a
 /// disjoint part of one buffer; each use says why its writes are disjoint.
-#[derive(Clone, Copy)]
 pub(crate) struct SyncPtr<T>(pub(crate) *mut T);
+
+// By hand: the derives would ask `T: Copy`, and the pointer is copied whatever it points at.
+impl<T> Clone for SyncPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for SyncPtr<T> {}
 
 impl<T> SyncPtr<T> {
     /// A method (not field access) so that closures capture the whole `Sync` wrapper.

@@ -15,6 +15,7 @@ use strata_simd::matmul::{
 use strata_simd::ops::{
     AttnParams, attention::attention_paged, gelu_tanh_mul, rms_norm, rms_norm_inplace, silu_mul,
 };
+use strata_simd::pool::ThreadPool;
 use strata_storage::quant::dequantize_row;
 
 use super::{Act, Pass, Slot};
@@ -148,14 +149,13 @@ impl CpuExec {
         let (c, layer) = (&p.model.config, &p.model.layers[il]);
         let (n, e, qd, kvd) = (p.n, c.n_embd, c.q_dim(), c.kv_dim());
         let (b, mm) = (&mut self.b, &mut self.mm);
-        for t in 0..n {
-            rms_norm(
-                &b.x[t * e..(t + 1) * e],
-                &layer.attn_norm,
-                c.rms_eps,
-                &mut b.xb[t * e..(t + 1) * e],
-            );
-        }
+        norm_rows(
+            p.pool,
+            &b.x[..n * e],
+            &layer.attn_norm,
+            c.rms_eps,
+            &mut b.xb[..n * e],
+        );
         mat_mul(p, mm, layer.q, &b.xb, n, &mut b.q)?;
         mat_mul(p, mm, layer.k, &b.xb, n, &mut b.k)?;
         mat_mul(p, mm, layer.v, &b.xb, n, &mut b.v)?;
@@ -172,10 +172,12 @@ impl CpuExec {
         }
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
             // Per head, or (OLMoE) over each row's whole projection.
-            b.q.chunks_exact_mut(qn.len())
-                .for_each(|h| rms_norm_inplace(h, qn, c.rms_eps));
-            b.k.chunks_exact_mut(kn.len())
-                .for_each(|h| rms_norm_inplace(h, kn, c.rms_eps));
+            for (buf, w) in [(&mut b.q, qn), (&mut b.k, kn)] {
+                p.pool.for_rows(buf, w.len(), PARALLEL_ELEMS, |_, rows| {
+                    rows.chunks_exact_mut(w.len())
+                        .for_each(|h| rms_norm_inplace(h, w, c.rms_eps))
+                });
+            }
         }
         Ok(())
     }
@@ -207,10 +209,33 @@ impl CpuExec {
         };
         for slot in slots.iter_mut() {
             let rows = slot.row0..slot.row0 + slot.n;
-            for (t, row) in rows.clone().enumerate() {
-                rope.angles(slot.pos0 + t, cs);
-                rope.apply(&mut b.q[row * qd..(row + 1) * qd], hd, cs);
-                rope.apply(&mut b.k[row * kvd..(row + 1) * kvd], hd, cs);
+            if slot.n == 1 {
+                // Decode: no pool round trip, and the angles' buffer is kept from step to step.
+                rope.angles(slot.pos0, cs);
+                rope.apply(&mut b.q[rows.start * qd..rows.end * qd], hd, cs);
+                rope.apply(&mut b.k[rows.start * kvd..rows.end * kvd], hd, cs);
+            } else {
+                let (pos0, n_cs) = (slot.pos0, cs.len());
+                p.pool.for_rows2(
+                    &mut b.q[rows.start * qd..rows.end * qd],
+                    qd,
+                    &mut b.k[rows.start * kvd..rows.end * kvd],
+                    kvd,
+                    0,
+                    |t0, q, k| {
+                        // A prompt's pass: one small buffer per thread is nothing beside it.
+                        let mut cs = vec![(0.0, 0.0); n_cs];
+                        for (t, (q, k)) in q
+                            .chunks_exact_mut(qd)
+                            .zip(k.chunks_exact_mut(kvd))
+                            .enumerate()
+                        {
+                            rope.angles(pos0 + t0 + t, &mut cs);
+                            rope.apply(q, hd, &cs);
+                            rope.apply(k, hd, &cs);
+                        }
+                    },
+                );
             }
             let (kr, qr) = (
                 rows.start * kvd..rows.end * kvd,
@@ -249,20 +274,20 @@ impl CpuExec {
             let (b, mm) = (&mut self.b, &mut self.mm);
             mat_mul(p, mm, layer.o, &b.att, n, &mut b.xb)?;
             residual(
-                &mut b.x,
-                &mut b.xb,
+                p.pool,
+                &mut b.x[..n * e],
+                &mut b.xb[..n * e],
                 layer.post_attn_norm.as_deref(),
                 e,
                 c.rms_eps,
             );
-            for t in 0..n {
-                rms_norm(
-                    &b.x[t * e..(t + 1) * e],
-                    &layer.ffn_norm,
-                    c.rms_eps,
-                    &mut b.xb[t * e..(t + 1) * e],
-                );
-            }
+            norm_rows(
+                p.pool,
+                &b.x[..n * e],
+                &layer.ffn_norm,
+                c.rms_eps,
+                &mut b.xb[..n * e],
+            );
             m.predict_experts(&mut self.guesses, il, n, |router, out| {
                 mat_mul(p, mm, router, &b.xb, n, out)
             })?;
@@ -275,7 +300,13 @@ impl CpuExec {
                 b.u.resize(n * gate.rows, 0.0);
                 mat_mul(p, mm, *gate, &b.xb, n, &mut b.g)?;
                 mat_mul(p, mm, *up, &b.xb, n, &mut b.u)?;
-                activate(m, &mut b.g[..n * gate.rows], &b.u[..n * gate.rows]);
+                activate(
+                    p.pool,
+                    m,
+                    &mut b.g[..n * gate.rows],
+                    &b.u[..n * gate.rows],
+                    gate.rows,
+                );
                 mat_mul(p, mm, *down, &b.g, n, &mut b.xb)?;
             }
             Ffn::Moe(moe) => self.moe(p, il, moe)?,
@@ -283,8 +314,9 @@ impl CpuExec {
         self.guesses.next_layer();
         let b = &mut self.b;
         residual(
-            &mut b.x,
-            &mut b.xb,
+            p.pool,
+            &mut b.x[..n * e],
+            &mut b.xb[..n * e],
             layer.post_ffn_norm.as_deref(),
             e,
             c.rms_eps,
@@ -315,27 +347,49 @@ impl CpuExec {
     }
 }
 
-/// `g = act(g) * up`, the gated activation of every FFN.
-fn activate(m: &Model, g: &mut [f32], u: &[f32]) {
-    match m.config.traits.act {
-        Activation::Silu => silu_mul(g, u),
-        Activation::GeluTanh => gelu_tanh_mul(g, u),
-    }
+/// From this many elements on, a pass's element-wise steps (norms, RoPE, activations,
+/// residuals) are spread over the pool: a prompt's, not a decode step's (waking the pool
+/// costs more than a few thousand elements take).
+const PARALLEL_ELEMS: usize = 1 << 15;
+
+/// `out = rms_norm(x) · w`, row by row (rows of `w.len()`).
+fn norm_rows(pool: &ThreadPool, x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let e = w.len();
+    pool.for_rows(out, e, PARALLEL_ELEMS, |r0, out| {
+        for (i, o) in out.chunks_exact_mut(e).enumerate() {
+            rms_norm(&x[(r0 + i) * e..(r0 + i + 1) * e], w, eps, o);
+        }
+    });
+}
+
+/// `g = act(g) * up`, the gated activation of every FFN (rows of `width`: one per token).
+fn activate(pool: &ThreadPool, m: &Model, g: &mut [f32], u: &[f32], width: usize) {
+    pool.for_rows(g, width, PARALLEL_ELEMS, |r0, g| {
+        let u = &u[r0 * width..r0 * width + g.len()];
+        match m.config.traits.act {
+            Activation::Silu => silu_mul(g, u),
+            Activation::GeluTanh => gelu_tanh_mul(g, u),
+        }
+    });
 }
 
 /// `x += norm(y)` (or `x += y` without a post-norm), row by row.
-fn residual(x: &mut [f32], y: &mut [f32], post_norm: Option<&[f32]>, e: usize, eps: f32) {
-    let n = x.len() / e;
-    for t in 0..n {
-        let yr = &mut y[t * e..(t + 1) * e];
-        if let Some(w) = post_norm {
-            rms_norm_inplace(yr, w, eps);
+fn residual(
+    pool: &ThreadPool,
+    x: &mut [f32],
+    y: &mut [f32],
+    post_norm: Option<&[f32]>,
+    e: usize,
+    eps: f32,
+) {
+    pool.for_rows2(x, e, y, e, PARALLEL_ELEMS, |_, x, y| {
+        for (xr, yr) in x.chunks_exact_mut(e).zip(y.chunks_exact_mut(e)) {
+            if let Some(w) = post_norm {
+                rms_norm_inplace(yr, w, eps);
+            }
+            xr.iter_mut().zip(yr.iter()).for_each(|(a, b)| *a += b);
         }
-        x[t * e..(t + 1) * e]
-            .iter_mut()
-            .zip(yr.iter())
-            .for_each(|(a, b)| *a += b);
-    }
+    });
 }
 
 /// The embedding rows of `tokens` into `b.raw` from an interleaved table: each token's whole

@@ -103,7 +103,7 @@ impl CpuExec {
             let (g, u) = (&mut b.g[..rows * nff], &mut b.u[..rows * nff]);
             matmul(p.pool, mat_ref(m, &hg), &x.ex_x, rows, g, mm)?;
             matmul(p.pool, mat_ref(m, &hu), &x.ex_x, rows, u, mm)?;
-            activate(m, g, u);
+            activate(p.pool, m, g, u, nff);
             x.ex_y.resize(rows * e, 0.0);
             matmul(p.pool, mat_ref(m, &hd), g, rows, &mut x.ex_y, mm)?;
             for (i, &(s, w)) in x.picked.iter().enumerate() {
@@ -128,7 +128,7 @@ impl CpuExec {
             b.u.resize(n * sf, 0.0);
             mat_mul(p, mm, *gate, &b.xb, n, &mut b.g)?;
             mat_mul(p, mm, *up, &b.xb, n, &mut b.u)?;
-            activate(m, &mut b.g[..n * sf], &b.u[..n * sf]);
+            activate(p.pool, m, &mut b.g[..n * sf], &b.u[..n * sf], sf);
             x.ex_y.resize(n * e, 0.0);
             mat_mul(p, mm, *down, &b.g, n, &mut x.ex_y)?;
             for t in 0..n {

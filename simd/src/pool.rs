@@ -376,7 +376,7 @@ impl ThreadPool {
         min_elems: usize,
         f: impl Fn(usize, &mut [A], &mut [B]) + Sync,
     ) {
-        let rows = if row_a == 0 { 0 } else { a.len() / row_a };
+        let rows = a.len().checked_div(row_a).unwrap_or(0);
         assert!(
             rows * row_a == a.len() && (row_b == 0 && b.is_empty() || b.len() == rows * row_b),
             "for_rows2: buffers of {} and {} elements are not rows of {row_a} and {row_b}",

@@ -64,18 +64,13 @@ impl SpecSettings {
             .iter()
             .find(|(m, _)| m == name)
             .map(|(_, d)| d.clone());
-        let kind = match (self.kind, &draft) {
-            (Some(SpecType::Draft), None) => SpecType::None,
-            (Some(k), _) => k,
-            (None, Some(_)) => SpecType::Draft,
-            (None, None) => SpecType::None,
+        // A draft asked for by type but with no model named for this one: plain decoding.
+        let asked = match self.kind {
+            Some(SpecType::Draft) if draft.is_none() => Some(SpecType::None),
+            k => k,
         };
-        let d = SpecConfig::default();
-        let cfg = SpecConfig {
-            kind,
-            n_max: self.n_max.unwrap_or(d.n_max),
-            n_min: self.n_min.unwrap_or(d.n_min),
-        };
+        let cfg = SpecConfig::from_settings(asked, draft.is_some(), self.n_max, self.n_min);
+        let kind = cfg.kind;
         (cfg, draft.filter(|_| kind == SpecType::Draft))
     }
 }

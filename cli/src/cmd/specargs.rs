@@ -45,19 +45,15 @@ impl SpecArgs {
 
     /// The checked configuration (before any model loads).
     pub fn config(&self) -> anyhow::Result<SpecConfig> {
-        let kind = match (&self.spec_type, &self.model_draft) {
-            (Some(t), _) => t
-                .parse::<SpecType>()
-                .map_err(|e| anyhow::anyhow!("--spec-type: {e}"))?,
-            (None, Some(_)) => SpecType::Draft,
-            (None, None) => SpecType::None,
-        };
-        let d = SpecConfig::default();
-        let cfg = SpecConfig {
-            kind,
-            n_max: self.n_max.unwrap_or(d.n_max),
-            n_min: self.n_min.unwrap_or(d.n_min),
-        };
+        let asked = self
+            .spec_type
+            .as_deref()
+            .map(|t| t.parse::<SpecType>())
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--spec-type: {e}"))?;
+        let cfg =
+            SpecConfig::from_settings(asked, self.model_draft.is_some(), self.n_max, self.n_min);
+        let kind = cfg.kind;
         cfg.validate().map_err(anyhow::Error::msg)?;
         match (kind, &self.model_draft) {
             (SpecType::Draft, None) => {

@@ -109,6 +109,27 @@ impl Default for SpecConfig {
 }
 
 impl SpecConfig {
+    /// What a front end's settings ask for: `kind` when given, else a draft model's presence
+    /// asks for [`SpecType::Draft`] and its absence for none; unset lengths take the defaults.
+    /// Not yet checked: see [`SpecConfig::validate`].
+    pub fn from_settings(
+        kind: Option<SpecType>,
+        has_draft: bool,
+        n_max: Option<usize>,
+        n_min: Option<usize>,
+    ) -> Self {
+        let d = Self::default();
+        Self {
+            kind: kind.unwrap_or(if has_draft {
+                SpecType::Draft
+            } else {
+                SpecType::None
+            }),
+            n_max: n_max.unwrap_or(d.n_max),
+            n_min: n_min.unwrap_or(d.n_min),
+        }
+    }
+
     /// Checks the values together (a draft length range that is empty, or past what a verify
     /// pass takes).
     pub fn validate(&self) -> Result<(), String> {

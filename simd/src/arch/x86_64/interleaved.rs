@@ -28,14 +28,15 @@ unsafe fn bcast4(p: *const u8) -> __m512i {
     _mm512_set1_epi32(unsafe { p.cast::<i32>().read_unaligned() })
 }
 
-/// Asks for the `len` bytes at `p` to be brought into the cache (a hint: never faults).
+/// Asks for the `len` bytes at `p` to be brought into the cache (a hint: never faults). SSE
+/// only, so the 256-bit kernels (`interleaved_avx2`) share it.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
-fn prefetch(p: *const u8, len: usize) {
+pub(super) fn prefetch(p: *const u8, len: usize) {
     let mut off = 0;
     while off < len {
         // A hint: it does not fault, even past the end of an allocation.
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast());
+        // SAFETY: SSE is part of x86_64's baseline, so the intrinsic's feature is present.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast()) };
         off += 64;
     }
 }

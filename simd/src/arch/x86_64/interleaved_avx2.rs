@@ -16,6 +16,7 @@
 use std::arch::x86_64::*;
 
 use super::avx2;
+use super::interleaved::prefetch;
 
 use crate::matmul::interleave::{
     Q4K_TILE_BLOCK, Q5_0_HIGH, Q5_0_TILE_BLOCK, Q6K_HIGH, Q6K_LOW, Q6K_SCALES, Q6K_TILE_BLOCK,
@@ -58,18 +59,6 @@ unsafe fn load(p: *const u8) -> __m256i {
 unsafe fn f16_rows(p: *const u8) -> __m256 {
     // SAFETY: the caller guarantees 16 readable bytes.
     _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p.cast()) })
-}
-
-/// Asks for the `len` bytes at `p` to be brought into the cache (a hint: never faults).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn prefetch(p: *const u8, len: usize) {
-    let mut off = 0;
-    while off < len {
-        // A hint: it does not fault, even past the end of an allocation.
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast());
-        off += 64;
-    }
 }
 
 /// Prefetches the block `ahead` bytes past block `b`. Past the tile's end that is the next

@@ -370,8 +370,15 @@ pub(crate) fn matmul_tuned(
     Ok(())
 }
 
+/// Weight bytes of the tiles a prefill walks for one group of tokens before the next group:
+/// the block stays in L2 while every group's activations (a few KiB) stay in L1. Walking one
+/// tile through every group instead reads all the batch's activations again for each tile,
+/// from L2 once they outgrow L1 (and a 20 KiB Q6_K tile beside them leaves L1 no room).
+const TILE_BLOCK_BYTES: usize = 128 << 10;
+
 /// Tiles `tile0..tile1` of an interleaved matrix, every token, in groups of
-/// [`INTERLEAVED_TOKENS`] (the tile stays in cache across the groups).
+/// [`INTERLEAVED_TOKENS`]: blocks of tiles of about [`TILE_BLOCK_BYTES`], each block through
+/// every group in turn. A token's arithmetic is the same whatever the order.
 ///
 /// `ahead` is the kernels' software prefetch distance in bytes.
 ///
@@ -391,27 +398,33 @@ unsafe fn interleaved_job(
 ) {
     let tile_bytes = INTERLEAVE_ROWS * w.ty.row_bytes(w.cols);
     let nb = w.cols / w.ty.block_size();
-    for tile in tile0..tile1 {
-        let data = &w.data[tile * tile_bytes..(tile + 1) * tile_bytes];
+    let per_block = (TILE_BLOCK_BYTES / tile_bytes.max(1)).max(1);
+    let mut b0 = tile0;
+    while b0 < tile1 {
+        let b1 = (b0 + per_block).min(tile1);
         let mut t0 = 0;
         while t0 < n_tok {
             let nt = (n_tok - t0).min(INTERLEAVED_TOKENS);
-            // SAFETY: rows tile * 16.. + 16 of tokens t0..t0 + nt are this thread's (caller's
-            // contract) and inside `out`.
-            unsafe {
-                il(
-                    nb,
-                    data,
-                    &act[t0 * act_row..],
-                    act_row,
-                    nt,
-                    out.add(t0 * w.rows + tile * INTERLEAVE_ROWS),
-                    w.rows,
-                    ahead,
-                )
-            };
+            for tile in b0..b1 {
+                let data = &w.data[tile * tile_bytes..(tile + 1) * tile_bytes];
+                // SAFETY: rows tile * 16.. + 16 of tokens t0..t0 + nt are this thread's
+                // (caller's contract) and inside `out`.
+                unsafe {
+                    il(
+                        nb,
+                        data,
+                        &act[t0 * act_row..],
+                        act_row,
+                        nt,
+                        out.add(t0 * w.rows + tile * INTERLEAVE_ROWS),
+                        w.rows,
+                        ahead,
+                    )
+                };
+            }
             t0 += nt;
         }
+        b0 = b1;
     }
 }
 

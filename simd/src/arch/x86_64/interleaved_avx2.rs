@@ -404,44 +404,39 @@ pub(crate) unsafe fn legacy<const NT: usize, const Q5: bool>(
                 let mut isum = [_mm256_setzero_si256(); NT];
                 if Q5 {
                     let hb = load(x.add(Q5_0_HIGH + 32 * h));
-                    // Bit i of each byte moved to bit 4.
-                    let top = [
-                        _mm256_and_si256(_mm256_slli_epi16::<4>(hb), m16),
-                        _mm256_and_si256(_mm256_slli_epi16::<3>(hb), m16),
-                        _mm256_and_si256(_mm256_slli_epi16::<2>(hb), m16),
-                        _mm256_and_si256(_mm256_slli_epi16::<1>(hb), m16),
-                        _mm256_and_si256(hb, m16),
-                        _mm256_and_si256(_mm256_srli_epi16::<1>(hb), m16),
-                        _mm256_and_si256(_mm256_srli_epi16::<2>(hb), m16),
-                        _mm256_and_si256(_mm256_srli_epi16::<3>(hb), m16),
-                    ];
-                    let mut w = [_mm256_setzero_si256(); 8];
+                    // Column quad k's weights are made where they are used, one quad at a time:
+                    // all eight unpacked at once (and their top bits) would take every register
+                    // and spill inside the token loop.
+                    let mut p2 = [[_mm256_setzero_si256(); NT]; 2];
                     for g in 0..4 {
                         let v = load(x.add(32 + 64 * g + 32 * h));
-                        w[2 * g] = _mm256_or_si256(_mm256_and_si256(v, m4), top[2 * g]);
-                        w[2 * g + 1] = _mm256_or_si256(
+                        // Bit k of each byte moved to bit 4, for k = 2g and 2g + 1.
+                        let (top_lo, top_hi) = match g {
+                            0 => (_mm256_slli_epi16::<4>(hb), _mm256_slli_epi16::<3>(hb)),
+                            1 => (_mm256_slli_epi16::<2>(hb), _mm256_slli_epi16::<1>(hb)),
+                            2 => (hb, _mm256_srli_epi16::<1>(hb)),
+                            _ => (_mm256_srli_epi16::<2>(hb), _mm256_srli_epi16::<3>(hb)),
+                        };
+                        let wl =
+                            _mm256_or_si256(_mm256_and_si256(v, m4), _mm256_and_si256(top_lo, m16));
+                        let wh = _mm256_or_si256(
                             _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4),
-                            top[2 * g + 1],
+                            _mm256_and_si256(top_hi, m16),
                         );
+                        let j = g / 2;
+                        for t in 0..NT {
+                            let y = act.add(t * act_row + b * Q8_0_ACT + 2 + 8 * g);
+                            // Products of at most 31 · 128 · 2: four fit an i16.
+                            let pl = _mm256_maddubs_epi16(wl, bcast4(y));
+                            let ph = _mm256_maddubs_epi16(wh, bcast4(y.add(4)));
+                            p2[j][t] = _mm256_add_epi16(p2[j][t], _mm256_add_epi16(pl, ph));
+                        }
                     }
                     for t in 0..NT {
-                        let y = act.add(t * act_row + b * Q8_0_ACT + 2);
-                        // Products of at most 31 · 128 · 2: four fit an i16.
-                        let mut p = [_mm256_setzero_si256(); 2];
-                        for (j, pj) in p.iter_mut().enumerate() {
-                            *pj = _mm256_maddubs_epi16(w[4 * j], bcast4(y.add(16 * j)));
-                            for i in 1..4 {
-                                let k = 4 * j + i;
-                                *pj = _mm256_add_epi16(
-                                    *pj,
-                                    _mm256_maddubs_epi16(w[k], bcast4(y.add(4 * k))),
-                                );
-                            }
-                        }
                         isum[t] = _mm256_sub_epi32(
                             _mm256_add_epi32(
-                                _mm256_madd_epi16(p[0], ones16),
-                                _mm256_madd_epi16(p[1], ones16),
+                                _mm256_madd_epi16(p2[0][t], ones16),
+                                _mm256_madd_epi16(p2[1][t], ones16),
                             ),
                             offs[t],
                         );

@@ -231,7 +231,7 @@ pub(crate) unsafe fn pack_q4_k_interleaved(w: *const u8, nb: usize, dst: *mut u8
 /// `w` must be valid for `nb * Q6K_TILE_BLOCK` bytes; `dst` for `nb * Q6K_PACKED` bytes.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
 pub(crate) unsafe fn pack_q6_k_interleaved(w: *const u8, nb: usize, dst: *mut u8) {
-    use crate::matmul::interleave::{Q6K_HIGH, Q6K_LOW, Q6K_SCALES, Q6K_TILE_BLOCK};
+    use crate::matmul::interleave::{Q6K_TILE_BLOCK, q6k_high, q6k_low, q6k_scales};
     let m4 = _mm512_set1_epi8(0xF);
     let m48 = _mm512_set1_epi8(0x30);
     for b in 0..nb {
@@ -240,9 +240,9 @@ pub(crate) unsafe fn pack_q6_k_interleaved(w: *const u8, nb: usize, dst: *mut u8
             let x = w.add(Q6K_TILE_BLOCK * b);
             let p = dst.add(Q6K_PACKED * b);
             for s in 0..16 {
-                let w0 = load(x.add(Q6K_LOW + 128 * s));
-                let w1 = load(x.add(Q6K_LOW + 128 * s + 64));
-                let h = load(x.add(Q6K_HIGH + 64 * s));
+                let w0 = load(x.add(q6k_low(s)));
+                let w1 = load(x.add(q6k_low(s) + 64));
+                let h = load(x.add(q6k_high(s)));
                 let q = [
                     _mm512_or_si512(
                         _mm512_and_si512(w0, m4),
@@ -262,7 +262,7 @@ pub(crate) unsafe fn pack_q6_k_interleaved(w: *const u8, nb: usize, dst: *mut u8
                     store(p.add(64 * (4 * s + i)), qi);
                 }
             }
-            let sc = |r: usize, s: usize| *x.add(Q6K_SCALES + 16 * s + r).cast::<i8>();
+            let sc = |r: usize, s: usize| *x.add(q6k_scales(s) + r).cast::<i8>();
             type L = KLayout<16>;
             for s in 0..16 {
                 put_lanes(p.add(L::SCALES + 64 * s), |r| sc(r, s) as f32);

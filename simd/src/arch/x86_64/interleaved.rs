@@ -10,8 +10,8 @@ use std::arch::x86_64::*;
 
 use super::avx2::f16_at;
 use crate::matmul::interleave::{
-    Q4K_TILE_BLOCK, Q5_0_HIGH, Q5_0_TILE_BLOCK, Q6K_HIGH, Q6K_LOW, Q6K_SCALES, Q6K_TILE_BLOCK,
-    Q8_0_TILE_BLOCK,
+    Q4K_TILE_BLOCK, Q5_0_HIGH, Q5_0_TILE_BLOCK, Q6K_TILE_BLOCK, Q8_0_TILE_BLOCK, q6k_high, q6k_low,
+    q6k_scales,
 };
 
 /// Bytes of one Q8_K activation block: d (f32), 256 quants, 16 block sums (i16).
@@ -191,9 +191,9 @@ pub(crate) unsafe fn q6k<const NT: usize>(
             let dvec = _mm512_cvtph_ps(_mm256_loadu_si256(x.cast()));
             let mut accb = [_mm512_setzero_ps(); NT];
             for s in 0..16 {
-                let w0 = _mm512_loadu_si512(x.add(Q6K_LOW + 128 * s).cast());
-                let w1 = _mm512_loadu_si512(x.add(Q6K_LOW + 128 * s + 64).cast());
-                let h = _mm512_loadu_si512(x.add(Q6K_HIGH + 64 * s).cast());
+                let w0 = _mm512_loadu_si512(x.add(q6k_low(s)).cast());
+                let w1 = _mm512_loadu_si512(x.add(q6k_low(s) + 64).cast());
+                let h = _mm512_loadu_si512(x.add(q6k_high(s)).cast());
                 // Top bits 2q..2q + 2 of each byte moved to bits 4..6.
                 let q = [
                     _mm512_or_si512(
@@ -210,7 +210,7 @@ pub(crate) unsafe fn q6k<const NT: usize>(
                         _mm512_and_si512(_mm512_srli_epi16::<2>(h), m48),
                     ),
                 ];
-                let sc = _mm_loadu_si128(x.add(Q6K_SCALES + 16 * s).cast());
+                let sc = _mm_loadu_si128(x.add(q6k_scales(s)).cast());
                 let scf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc));
                 for t in 0..NT {
                     let y = act.add(t * act_row + b * Q8K_BLOCK);

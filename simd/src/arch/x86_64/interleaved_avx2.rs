@@ -19,8 +19,8 @@ use super::avx2;
 use super::interleaved::prefetch;
 
 use crate::matmul::interleave::{
-    Q4K_TILE_BLOCK, Q5_0_HIGH, Q5_0_TILE_BLOCK, Q6K_HIGH, Q6K_LOW, Q6K_SCALES, Q6K_TILE_BLOCK,
-    Q8_0_TILE_BLOCK,
+    Q4K_TILE_BLOCK, Q5_0_HIGH, Q5_0_TILE_BLOCK, Q6K_TILE_BLOCK, Q8_0_TILE_BLOCK, q6k_high, q6k_low,
+    q6k_scales,
 };
 
 /// Bytes of one Q8_K activation block: d (f32), 256 quants, 16 block sums (i16).
@@ -277,13 +277,13 @@ pub(crate) unsafe fn q6k<const NT: usize>(
             let mut isum = [[_mm256_setzero_si256(); NT]; 2];
             let mut corr = [[_mm256_setzero_si256(); NT]; 2];
             for s in 0..16 {
-                let sc = _mm_loadu_si128(x.add(Q6K_SCALES + 16 * s).cast());
+                let sc = _mm_loadu_si128(x.add(q6k_scales(s)).cast());
                 let scale = [per_row_i8::<0>(sc), per_row_i8::<1>(sc)];
                 // Both halves of each sub-block in turn, so the block is read front to back.
                 for h in 0..2 {
-                    let w0 = load(x.add(Q6K_LOW + 128 * s + 32 * h));
-                    let w1 = load(x.add(Q6K_LOW + 128 * s + 64 + 32 * h));
-                    let hb = load(x.add(Q6K_HIGH + 64 * s + 32 * h));
+                    let w0 = load(x.add(q6k_low(s) + 32 * h));
+                    let w1 = load(x.add(q6k_low(s) + 64 + 32 * h));
+                    let hb = load(x.add(q6k_high(s) + 32 * h));
                     // Top bits 2q..2q + 2 of each byte moved to bits 4..6: values 0..64.
                     let q = [
                         _mm256_or_si256(
@@ -322,7 +322,7 @@ pub(crate) unsafe fn q6k<const NT: usize>(
                 }
                 if s % 2 == 1 {
                     // Σ_s scale_s · bsum_s, two sub-blocks per vpmaddwd.
-                    let sc0 = _mm_loadu_si128(x.add(Q6K_SCALES + 16 * (s - 1)).cast());
+                    let sc0 = _mm_loadu_si128(x.add(q6k_scales(s - 1)).cast());
                     let pairs = [
                         _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(sc0, sc)),
                         _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(sc0, sc)),

@@ -491,6 +491,31 @@ pub fn physical_cores() -> usize {
     topology::physical_cores()
 }
 
+/// A raw pointer that may be shared with the pool's threads, for handing each of them a
+/// disjoint part of one buffer; each use says why its writes are disjoint.
+pub(crate) struct SyncPtr<T>(pub(crate) *mut T);
+
+// By hand: the derives would ask `T: Copy`, and the pointer is copied whatever it points at.
+impl<T> Clone for SyncPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for SyncPtr<T> {}
+
+impl<T> SyncPtr<T> {
+    /// A method (not field access) so that closures capture the whole `Sync` wrapper.
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+// SAFETY: the pointer is only dereferenced for disjoint ranges per thread (see each use).
+unsafe impl<T> Sync for SyncPtr<T> {}
+// SAFETY: as above.
+unsafe impl<T> Send for SyncPtr<T> {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -672,28 +697,3 @@ mod tests {
         assert!(physical_cores() >= 1);
     }
 }
-
-/// A raw pointer that may be shared with the pool's threads, for handing each of them a
-/// disjoint part of one buffer; each use says why its writes are disjoint.
-pub(crate) struct SyncPtr<T>(pub(crate) *mut T);
-
-// By hand: the derives would ask `T: Copy`, and the pointer is copied whatever it points at.
-impl<T> Clone for SyncPtr<T> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-
-impl<T> Copy for SyncPtr<T> {}
-
-impl<T> SyncPtr<T> {
-    /// A method (not field access) so that closures capture the whole `Sync` wrapper.
-    pub(crate) fn get(self) -> *mut T {
-        self.0
-    }
-}
-
-// SAFETY: the pointer is only dereferenced for disjoint ranges per thread (see each use).
-unsafe impl<T> Sync for SyncPtr<T> {}
-// SAFETY: as above.
-unsafe impl<T> Send for SyncPtr<T> {}

@@ -89,8 +89,9 @@ impl<const N: usize> Prepared<N> {
         self.kmax + 1 - self.kmin
     }
 
-    /// Sizes `sc` for this block and writes the queries, rounded to f16 as ggml rounds them
-    /// when it multiplies them with an f16 key, transposed into `sc.qt`.
+    /// Sizes `sc` for this block and writes the queries transposed into `sc.qt` (in f32: the
+    /// kernel rounds them to f16, as ggml does when it multiplies them with an f16 key, a
+    /// vector at a time).
     pub(super) fn load(&self, p: &AttnParams, q: &[f32], b: &Block, sc: &mut Scratch) {
         let hd = p.head_dim;
         let nk = self.n_keys();
@@ -109,7 +110,7 @@ impl<const N: usize> Prepared<N> {
                 Some((t, h)) => {
                     let row = &q[(t * p.n_head + h) * hd..][..hd];
                     for (d, &x) in row.iter().enumerate() {
-                        qt[d * N + l] = f16::from_f32(x).to_f32();
+                        qt[d * N + l] = x;
                     }
                 }
                 None => (0..hd).for_each(|d| qt[d * N + l] = 0.0),
@@ -168,6 +169,11 @@ pub(super) unsafe fn block(
         // indexes `qt`, `s`, `kv`, `ot` within the lengths set above, or `k`/`v` rows
         // kmin..=kmax of this KV head, which `attention` checked exist.
         unsafe {
+            for d in 0..hd {
+                let qp = qt.as_mut_ptr().add(d * LANES);
+                let h = _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm512_loadu_ps(qp));
+                _mm512_storeu_ps(qp, _mm512_cvtph_ps(h));
+            }
             let vstart = _mm512_loadu_si512(start.as_ptr().cast());
             let vend = _mm512_loadu_si512(end.as_ptr().cast());
             let scale = _mm512_set1_ps(p.scale);

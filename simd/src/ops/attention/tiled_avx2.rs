@@ -55,6 +55,11 @@ pub(super) unsafe fn block(
         // indexes `qt`, `s`, `kv`, `ot` within the lengths `load` set, or `k`/`v` rows
         // kmin..=kmax of this KV head, which `attention` checked exist.
         unsafe {
+            for d in 0..hd {
+                let qp = qt.as_mut_ptr().add(d * LANES);
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(qp));
+                _mm256_storeu_ps(qp, _mm256_cvtph_ps(h));
+            }
             // `start - 1 < j` and `j < end + 1` as the signed compares AVX2 has.
             let vstart_m1 = _mm256_sub_epi32(
                 _mm256_loadu_si256(start.as_ptr().cast()),

@@ -1,7 +1,8 @@
 //! Attention over a KV cache (f16, Q8_0 or Q4_0, in pages), for prefill (many queries, causal) and decode (one query).
 //!
-//! Work is split over (token, head) pairs across the pool; prefill on AVX-512 runs blocks of 16
-//! queries that share a KV head instead ([`tiled`]). Numerics follow ggml's non-fused
+//! On AVX-512 and AVX2, queries that share a KV head run in blocks of 16 or 8, one per lane
+//! ([`tiled`], [`tiled_avx2`]: the two give the same bits); otherwise work is split over
+//! (token, head) pairs across the pool. Numerics follow ggml's non-fused
 //! CPU path, which the reference outputs come from: scores in f32 from an f16 key, a
 //! max-subtracted softmax in f32, and probabilities rounded to f16 before they weight the f16
 //! values.
@@ -18,6 +19,8 @@ use crate::pool::{SyncPtr, ThreadPool};
 mod kv;
 #[cfg(target_arch = "x86_64")]
 mod tiled;
+#[cfg(target_arch = "x86_64")]
+mod tiled_avx2;
 
 pub use kv::{KV_TYPES, KvPages, f16_bytes, kv_store_row, kv_type_fits};
 
@@ -101,13 +104,20 @@ pub fn attention_at(
     assert!(kv_type_fits(k.ty(), hd) && kv_type_fits(v.ty(), hd));
     let group = p.n_head / p.n_head_kv;
     let out_ptr = SyncPtr(out.as_mut_ptr());
-    #[cfg(target_arch = "x86_64")]
     // Decode takes the same path as prefill: a query's result then does not depend on how
     // many tokens came with it (the per-query path sums in another order and rounds
     // probabilities to f16 at other points), so prefill and token-by-token agree closely.
-    if hd.is_multiple_of(16) && level >= Level::Avx512 {
-        tiled_attention(pool, p, q, n_tok, pos0, k, v, &out_ptr);
-        return;
+    // The choice depends on the level and the head size only, never on `n_tok`.
+    #[cfg(target_arch = "x86_64")]
+    {
+        if hd.is_multiple_of(16) && level >= Level::Avx512 {
+            tiled_attention(Wide::Avx512, pool, p, q, n_tok, pos0, k, v, &out_ptr);
+            return;
+        }
+        if hd.is_multiple_of(8) && level >= Level::Avx2 {
+            tiled_attention(Wide::Avx2, pool, p, q, n_tok, pos0, k, v, &out_ptr);
+            return;
+        }
     }
     let items = n_tok * p.n_head;
     let f16_kv = (k.ty(), v.ty()) == (GgmlType::F16, GgmlType::F16);
@@ -171,12 +181,28 @@ pub fn attention_at(
     });
 }
 
-/// Prefill through [`tiled::block`]: each KV head's queries, (token, head) in order, cut into
-/// blocks of 16, dealt to the threads round-robin so that the long causal rows at the end are
-/// spread over all of them.
+/// The tiled kernels' widths.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum Wide {
+    /// [`tiled::block`], 16 lanes.
+    Avx512,
+    /// [`tiled_avx2::block`], 8 lanes.
+    Avx2,
+}
+
+/// Attention through the tiled kernels: each KV head's queries, (token, head) in order, cut
+/// into blocks of up to one per lane, dealt to the threads round-robin so that the long causal
+/// rows at the end are spread over all of them.
+///
+/// Where a full block per KV head would leave threads idle (decode: one token's group of
+/// heads), the blocks are cut smaller so that every thread gets one. That keeps the results:
+/// a lane computes the same sums in the same order whatever else shares its block (keys
+/// outside its range enter as exact zeros).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 fn tiled_attention(
+    wide: Wide,
     pool: &ThreadPool,
     p: &AttnParams,
     q: &[f32],
@@ -188,7 +214,13 @@ fn tiled_attention(
 ) {
     let group = p.n_head / p.n_head_kv;
     let per_head = n_tok * group;
-    let blocks_per_head = per_head.div_ceil(tiled::LANES);
+    let lanes = match wide {
+        Wide::Avx512 => tiled::LANES,
+        Wide::Avx2 => tiled_avx2::LANES,
+    };
+    let want_per_head = pool.n_threads().div_ceil(p.n_head_kv).max(1);
+    let per_block = lanes.min(per_head.div_ceil(want_per_head)).max(1);
+    let blocks_per_head = per_head.div_ceil(per_block);
     let blocks = p.n_head_kv * blocks_per_head;
     pool.run(|tid, nth| {
         for bi in (tid..blocks).step_by(nth) {
@@ -196,14 +228,20 @@ fn tiled_attention(
             let b = tiled::Block {
                 kv_head: g,
                 queries: std::array::from_fn(|l| {
-                    let i = blk * tiled::LANES + l;
-                    (i < per_head).then(|| (i / group, g * group + i % group))
+                    let i = blk * per_block + l;
+                    (l < per_block && i < per_head).then(|| (i / group, g * group + i % group))
                 }),
             };
-            // SAFETY: AVX-512F is present (dispatch checked it) and hd is a multiple of 16;
+            // SAFETY: the level was lowered to what the CPU has, so the kernel's features are
+            // present, and hd is a multiple of its width (checked before choosing it);
             // `attention` asserted the lengths of q, k, v and out; blocks partition the
             // (token, head) pairs, so each output row is written by one thread only.
-            unsafe { tiled::block(p, q, pos0, k, v, &b, out.get()) };
+            unsafe {
+                match wide {
+                    Wide::Avx512 => tiled::block(p, q, pos0, k, v, &b, out.get()),
+                    Wide::Avx2 => tiled_avx2::block(p, q, pos0, k, v, &b, out.get()),
+                }
+            }
         }
     });
 }
@@ -316,22 +354,40 @@ mod tests {
         }
     }
 
-    /// The tiled prefill path against the per-query one (its scalar twin) over head sizes,
-    /// GQA groups that do and do not divide the 16 lanes, cache offsets, windows and soft-capping.
+    /// The levels with a tiled kernel that this CPU has.
+    fn tiled_levels() -> Vec<Level> {
+        let lv: Vec<Level> = [Level::Avx2, Level::Avx512]
+            .into_iter()
+            .filter(|&l| crate::dispatch::available(l))
+            .collect();
+        if lv.is_empty() {
+            eprintln!("tiled kernels skipped: no AVX2");
+        }
+        lv
+    }
+
+    /// The tiled paths (16 and 8 lanes) against the per-query one (their scalar twin) over head
+    /// sizes, GQA groups that do and do not divide the lanes, cache offsets, windows and
+    /// soft-capping; and the two tiled kernels against each other, bit for bit (a head size
+    /// that is a multiple of 8 but not 16 takes the 8-lane kernel at both levels).
     #[test]
     fn tiled_matches_per_query() {
-        if !crate::dispatch::available(Level::Avx512) {
-            eprintln!("skipped: no AVX-512");
-            return;
-        }
+        let levels = tiled_levels();
         let pool = ThreadPool::new(2);
         let mut seed = 777u32;
         let mut rnd = || {
             seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
             (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
         };
-        for (n_head, n_head_kv, hd) in [(4, 1, 256), (12, 2, 128), (3, 3, 16), (8, 8, 64)] {
+        for (n_head, n_head_kv, hd) in [
+            (4, 1, 256),
+            (12, 2, 128),
+            (3, 3, 16),
+            (8, 8, 64),
+            (6, 2, 24),
+        ] {
             for (n_tok, pos0, window, softcap) in [
+                (1, 0, None, None),
                 (2, 0, None, None),
                 (5, 3, None, None),
                 (37, 0, None, None),
@@ -351,40 +407,118 @@ mod tests {
                     window,
                     softcap,
                 };
-                let mut want = vec![0f32; q.len()];
-                let mut got = vec![f32::NAN; q.len()];
                 let (kb, vb) = ([f16_bytes(&k)], [f16_bytes(&v)]);
                 let kp = KvPages::new(GgmlType::F16, total, stride, &kb);
                 let vp = KvPages::new(GgmlType::F16, total, stride, &vb);
-                attention_at(
-                    Level::Scalar,
-                    &pool,
-                    &p,
-                    &q,
-                    n_tok,
-                    pos0,
-                    &kp,
-                    &vp,
-                    &mut want,
-                );
-                attention_at(
-                    Level::Avx512,
-                    &pool,
-                    &p,
-                    &q,
-                    n_tok,
-                    pos0,
-                    &kp,
-                    &vp,
-                    &mut got,
-                );
-                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                    // Sums in a different order; probabilities rounded to f16 in both, so one
-                    // may land on the other side of an f16 rounding step (2^-11 relative).
-                    assert!(
-                        (a - b).abs() < 2e-4,
-                        "heads {n_head}/{n_head_kv} hd {hd} n_tok {n_tok} pos0 {pos0} \
-                         window {window:?} softcap {softcap:?} [{i}]: {a} vs {b}"
+                let run = |lvl: Level| {
+                    let mut o = vec![f32::NAN; q.len()];
+                    attention_at(lvl, &pool, &p, &q, n_tok, pos0, &kp, &vp, &mut o);
+                    o
+                };
+                let want = run(Level::Scalar);
+                let mut first: Option<Vec<f32>> = None;
+                for &lvl in &levels {
+                    let got = run(lvl);
+                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                        // Sums in a different order; probabilities rounded to f16 in both, so
+                        // one may land on the other side of an f16 rounding step (2^-11
+                        // relative).
+                        assert!(
+                            (a - b).abs() < 2e-4,
+                            "{lvl:?} heads {n_head}/{n_head_kv} hd {hd} n_tok {n_tok} pos0 \
+                             {pos0} window {window:?} softcap {softcap:?} [{i}]: {a} vs {b}"
+                        );
+                    }
+                    match &first {
+                        None => first = Some(got),
+                        Some(f) => assert_eq!(
+                            f.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                            got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                            "AVX2 and AVX-512 kernels differ: hd {hd} n_tok {n_tok}"
+                        ),
+                    }
+                }
+            }
+        }
+    }
+
+    /// A query's output is the same bits whether it comes alone (decode) or in a batch of
+    /// tokens (prefill), whichever block and lane it lands in, at every level this CPU has
+    /// and with 1, 2 or 3 threads (the tiled path sizes its blocks by the thread count).
+    /// Pins the invariant of `attention_at`'s comment: decode and prefill take one path.
+    #[test]
+    fn query_result_independent_of_batch() {
+        let mut seed = 4242u32;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        let mut levels = vec![Level::Scalar];
+        levels.extend(tiled_levels());
+        for (n_head, n_head_kv, hd, window, softcap) in [
+            (4, 1, 256, None, None),
+            (12, 2, 128, Some(7), None),
+            (6, 3, 64, None, Some(20.0)),
+            (6, 2, 24, None, None),
+        ] {
+            let (pos0, n_tok) = (5usize, 21usize);
+            let total = pos0 + n_tok;
+            let stride = n_head_kv * hd;
+            let k: Vec<f16> = (0..total * stride).map(|_| f16::from_f32(rnd())).collect();
+            let v: Vec<f16> = (0..total * stride).map(|_| f16::from_f32(rnd())).collect();
+            let q: Vec<f32> = (0..n_tok * n_head * hd).map(|_| rnd() * 3.0).collect();
+            let p = AttnParams {
+                n_head,
+                n_head_kv,
+                head_dim: hd,
+                scale: 1.0 / (hd as f32).sqrt(),
+                window,
+                softcap,
+            };
+            let (kb, vb) = ([f16_bytes(&k)], [f16_bytes(&v)]);
+            let kp = KvPages::new(GgmlType::F16, total, stride, &kb);
+            let vp = KvPages::new(GgmlType::F16, total, stride, &vb);
+            let row = n_head * hd;
+            for &lvl in &levels {
+                for threads in [1, 2, 3] {
+                    let pool = ThreadPool::new(threads);
+                    let mut batch = vec![f32::NAN; q.len()];
+                    attention_at(lvl, &pool, &p, &q, n_tok, pos0, &kp, &vp, &mut batch);
+                    // Each token alone, and the batch's tail from a middle token on.
+                    for t in 0..n_tok {
+                        let mut one = vec![f32::NAN; row];
+                        let qt = &q[t * row..][..row];
+                        attention_at(lvl, &pool, &p, qt, 1, pos0 + t, &kp, &vp, &mut one);
+                        assert_eq!(
+                            one.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                            batch[t * row..][..row]
+                                .iter()
+                                .map(|x| x.to_bits())
+                                .collect::<Vec<_>>(),
+                            "{lvl:?} {threads} threads hd {hd} token {t}"
+                        );
+                    }
+                    let t0 = 9;
+                    let mut tail = vec![f32::NAN; (n_tok - t0) * row];
+                    let qt = &q[t0 * row..];
+                    attention_at(
+                        lvl,
+                        &pool,
+                        &p,
+                        qt,
+                        n_tok - t0,
+                        pos0 + t0,
+                        &kp,
+                        &vp,
+                        &mut tail,
+                    );
+                    assert_eq!(
+                        tail.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                        batch[t0 * row..]
+                            .iter()
+                            .map(|x| x.to_bits())
+                            .collect::<Vec<_>>(),
+                        "{lvl:?} {threads} threads hd {hd} tail"
                     );
                 }
             }

@@ -26,28 +26,115 @@ use crate::ops::act::x86::exp;
 /// Queries per block: one per lane.
 pub(super) const LANES: usize = 16;
 /// Keys converted to f32 at a time (a tile of 32 keys × 256 dimensions is 32 KiB, in L1).
-const KEY_TILE: usize = 32;
+pub(super) const KEY_TILE: usize = 32;
 
+/// A block's working memory, shared by the 16- and the 8-lane kernel (`lanes` below is the
+/// kernel's width).
 #[derive(Default)]
-struct Scratch {
-    /// Queries transposed: `[hd][LANES]`.
-    qt: Vec<f32>,
-    /// Scores, then probabilities: `[keys][LANES]`.
-    s: Vec<f32>,
+pub(super) struct Scratch {
+    /// Queries transposed: `[hd][lanes]`.
+    pub(super) qt: Vec<f32>,
+    /// Scores, then probabilities: `[keys][lanes]`.
+    pub(super) s: Vec<f32>,
     /// A tile of keys or values in f32: `[KEY_TILE][hd]`.
-    kv: Vec<f32>,
-    /// Output transposed: `[hd][LANES]`.
-    ot: Vec<f32>,
+    pub(super) kv: Vec<f32>,
+    /// Output transposed: `[hd][lanes]`.
+    pub(super) ot: Vec<f32>,
 }
 
 thread_local! {
-    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    pub(super) static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-/// Where a block's queries are: the (token, head) of each lane (`None` past the last query).
+/// Where a block's queries are: the (token, head) of each lane (`None` past the last query;
+/// an 8-lane kernel reads the first 8).
 pub(super) struct Block {
     pub(super) queries: [Option<(usize, usize)>; LANES],
     pub(super) kv_head: usize,
+}
+
+/// What the 16- and 8-lane kernels share around their vector bodies: each of `N` lanes' key
+/// range and the block's key span `kmin..=kmax`, the queries' loading and the outputs' storing.
+pub(super) struct Prepared<const N: usize> {
+    /// Lane ranges `[start, end]` of key positions; an unused lane copies lane 0's.
+    pub(super) start: [i32; N],
+    pub(super) end: [i32; N],
+    pub(super) kmin: usize,
+    pub(super) kmax: usize,
+}
+
+impl<const N: usize> Prepared<N> {
+    /// The ranges of `b`'s first `N` lanes; `None` for an empty block.
+    pub(super) fn new(p: &AttnParams, pos0: usize, b: &Block) -> Option<Self> {
+        let (first_t, _) = b.queries[0]?;
+        let mut start = [0i32; N];
+        let mut end = [0i32; N];
+        for (l, slot) in b.queries.iter().take(N).enumerate() {
+            let (t, _) = slot.unwrap_or((first_t, 0));
+            let pos = pos0 + t;
+            end[l] = pos as i32;
+            start[l] = p.window.map_or(0, |w| (pos + 1).saturating_sub(w)) as i32;
+        }
+        let kmin = *start.iter().min().unwrap_or(&0) as usize;
+        let kmax = *end.iter().max().unwrap_or(&0) as usize;
+        Some(Self {
+            start,
+            end,
+            kmin,
+            kmax,
+        })
+    }
+
+    pub(super) fn n_keys(&self) -> usize {
+        self.kmax + 1 - self.kmin
+    }
+
+    /// Sizes `sc` for this block and writes the queries transposed into `sc.qt` (in f32: the
+    /// kernel rounds them to f16, as ggml does when it multiplies them with an f16 key, a
+    /// vector at a time).
+    pub(super) fn load(&self, p: &AttnParams, q: &[f32], b: &Block, sc: &mut Scratch) {
+        let hd = p.head_dim;
+        let nk = self.n_keys();
+        let Scratch { qt, s, kv, ot } = sc;
+        qt.resize(hd * N, 0.0);
+        // Grown 256 keys at a time (a KV cache page), so that decode allocates here only when
+        // the cache itself takes a new page.
+        if s.capacity() < nk * N {
+            s.reserve_exact(nk.next_multiple_of(256) * N - s.len());
+        }
+        s.resize(nk * N, 0.0);
+        kv.resize(KEY_TILE * hd, 0.0);
+        ot.resize(hd * N, 0.0);
+        for (l, slot) in b.queries.iter().take(N).enumerate() {
+            match slot {
+                Some((t, h)) => {
+                    let row = &q[(t * p.n_head + h) * hd..][..hd];
+                    for (d, &x) in row.iter().enumerate() {
+                        qt[d * N + l] = x;
+                    }
+                }
+                None => (0..hd).for_each(|d| qt[d * N + l] = 0.0),
+            }
+        }
+    }
+
+    /// Writes each used lane's row of `ot` to its query's output row.
+    ///
+    /// # Safety
+    /// `out` is valid for writing the rows of `b`'s queries, which no other thread touches.
+    pub(super) unsafe fn store(&self, p: &AttnParams, b: &Block, ot: &[f32], out: *mut f32) {
+        let hd = p.head_dim;
+        for (l, slot) in b.queries.iter().take(N).enumerate() {
+            if let Some((t, h)) = slot {
+                // SAFETY: this query's output row is this thread's (caller's contract).
+                let o =
+                    unsafe { std::slice::from_raw_parts_mut(out.add((t * p.n_head + h) * hd), hd) };
+                for (d, x) in o.iter_mut().enumerate() {
+                    *x = ot[d * N + l];
+                }
+            }
+        }
+    }
 }
 
 /// Computes one block of queries and writes their outputs.
@@ -67,52 +154,26 @@ pub(super) unsafe fn block(
     out: *mut f32,
 ) {
     let hd = p.head_dim;
-    let Some((first_t, _)) = b.queries[0] else {
+    let Some(pre) = Prepared::<LANES>::new(p, pos0, b) else {
         return;
     };
-    // Lane ranges [start, end] of key positions; an unused lane copies lane 0's.
-    let mut start = [0i32; LANES];
-    let mut end = [0i32; LANES];
-    for (l, slot) in b.queries.iter().enumerate() {
-        let (t, _) = slot.unwrap_or((first_t, 0));
-        let pos = pos0 + t;
-        end[l] = pos as i32;
-        start[l] = p.window.map_or(0, |w| (pos + 1).saturating_sub(w)) as i32;
-    }
-    let kmin = *start.iter().min().unwrap_or(&0) as usize;
-    let kmax = *end.iter().max().unwrap_or(&0) as usize;
-    let nk = kmax + 1 - kmin;
+    let (start, end, kmin, kmax) = (pre.start, pre.end, pre.kmin, pre.kmax);
+    let nk = pre.n_keys();
 
     SCRATCH.with(|cell| {
         let mut scratch = cell.borrow_mut();
+        pre.load(p, q, b, &mut scratch);
         let Scratch { qt, s, kv, ot } = &mut *scratch;
-        qt.resize(hd * LANES, 0.0);
-        // Grown 256 keys at a time (a KV cache page), so that decode allocates here only when
-        // the cache itself takes a new page.
-        if s.capacity() < nk * LANES {
-            s.reserve_exact(nk.next_multiple_of(256) * LANES - s.len());
-        }
-        s.resize(nk * LANES, 0.0);
-        kv.resize(KEY_TILE * hd, 0.0);
-        ot.resize(hd * LANES, 0.0);
-
-        // ggml rounds the query to f16 when it multiplies it with an f16 key.
-        for (l, slot) in b.queries.iter().enumerate() {
-            match slot {
-                Some((t, h)) => {
-                    let row = &q[(t * p.n_head + h) * hd..][..hd];
-                    for (d, &x) in row.iter().enumerate() {
-                        qt[d * LANES + l] = f16::from_f32(x).to_f32();
-                    }
-                }
-                None => (0..hd).for_each(|d| qt[d * LANES + l] = 0.0),
-            }
-        }
 
         // SAFETY (whole block): AVX-512F/F16C/FMA are present (caller); every pointer below
         // indexes `qt`, `s`, `kv`, `ot` within the lengths set above, or `k`/`v` rows
         // kmin..=kmax of this KV head, which `attention` checked exist.
         unsafe {
+            for d in 0..hd {
+                let qp = qt.as_mut_ptr().add(d * LANES);
+                let h = _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm512_loadu_ps(qp));
+                _mm512_storeu_ps(qp, _mm512_cvtph_ps(h));
+            }
             let vstart = _mm512_loadu_si512(start.as_ptr().cast());
             let vend = _mm512_loadu_si512(end.as_ptr().cast());
             let scale = _mm512_set1_ps(p.scale);
@@ -204,16 +265,8 @@ pub(super) unsafe fn block(
             }
         }
 
-        for (l, slot) in b.queries.iter().enumerate() {
-            if let Some((t, h)) = slot {
-                // SAFETY: this query's output row is this thread's (caller's contract).
-                let o =
-                    unsafe { std::slice::from_raw_parts_mut(out.add((t * p.n_head + h) * hd), hd) };
-                for (d, x) in o.iter_mut().enumerate() {
-                    *x = ot[d * LANES + l];
-                }
-            }
-        }
+        // SAFETY: the rows of this block's queries are this thread's (caller's contract).
+        unsafe { pre.store(p, b, ot, out) };
     });
 }
 

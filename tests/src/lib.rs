@@ -3,7 +3,7 @@
 //! path of the built `strata` binary.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use strata_storage::store::{NoProgress, Store};
 
@@ -12,6 +12,14 @@ pub const GEMMA: &str = "gemma3-270m";
 pub const QWEN: &str = "qwen2.5-coder-1.5b";
 
 static PULL_LOCK: Mutex<()> = Mutex::new(());
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Held while a test runs a real model on its own 2-thread pool: the test harness runs a
+/// binary's tests two at a time on CI's 2 cores, and two such pools at once spin against each
+/// other for the same cores (each waits for its other thread), slower than one after the other.
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// The model file for a built-in name, pulled into the default store if it is not there yet.
 /// Fails the test when the model can't be had: CI must never silently skip the real-model

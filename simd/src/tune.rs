@@ -336,7 +336,18 @@ fn fastest(gbs: &[Vec<f64>], default: usize) -> usize {
 /// of each where it beats the level's default by [`MARGIN`], with the timings; each type's
 /// software prefetch distance is measured with its interleaved kernels. Takes a fraction of a second; allocates [`stream_bytes`] for the
 /// time it runs.
-pub fn measure(pools: &[&ThreadPool], types: &[GgmlType], reps: usize) -> Measured {
+///
+/// With `choose_kernels` false only the prefetch distance of the level's default kernels is
+/// measured: a hint that changes no result, so every process on a machine computes the same
+/// bits. Choosing between row and interleaved kernels, or the two widths, changes the rounding
+/// (their sums run in other orders), and a choice made from noisy timings may differ between
+/// two processes: a daemon and a `strata run` could then print different greedy text.
+pub fn measure(
+    pools: &[&ThreadPool],
+    types: &[GgmlType],
+    reps: usize,
+    choose_kernels: bool,
+) -> Measured {
     let level = dispatch::level();
     let mut tuning = Tuning::default_for(level);
     let mut timings = Vec::new();
@@ -369,16 +380,20 @@ pub fn measure(pools: &[&ThreadPool], types: &[GgmlType], reps: usize) -> Measur
     // 1, 2 and 4 tile blocks ahead (rounded to cache lines).
     for ty in types {
         let tile = ty.row_bytes(ty.block_size()) * matmul::INTERLEAVE_ROWS;
-        let mut cands = vec![(Decode::Rows, 0)];
+        let want = tuning.decode(ty);
+        let mut cands = if choose_kernels {
+            vec![(Decode::Rows, 0)]
+        } else {
+            Vec::new()
+        };
         for d in [Decode::Interleaved256, Decode::Interleaved512] {
-            if d.available(level) {
+            if d.available(level) && (choose_kernels || d == want) {
                 for k in [0, 1, 2, 4] {
                     cands.push((d, (k * tile).next_multiple_of(64).min(MAX_PREFETCH)));
                 }
             }
         }
         let gbs = time_candidates(pools, buf, ty, &cands, reps);
-        let want = tuning.decode(ty);
         let default = cands
             .iter()
             .position(|c| c.0 == want && c.1 >= DEFAULT_PREFETCH.min(2 * tile))
@@ -448,7 +463,7 @@ mod tests {
     #[test]
     fn measure_picks_a_candidate_this_cpu_has() {
         let pool = ThreadPool::new(1);
-        let m = measure(&[&pool], &[GgmlType::Q4K], 1);
+        let m = measure(&[&pool], &[GgmlType::Q4K], 1, true);
         let level = dispatch::level();
         assert!(m.tuning.decode(GgmlType::Q4K).available(level));
         if Decode::Interleaved256.available(level) {
@@ -456,5 +471,15 @@ mod tests {
             assert!(m.timings.len() >= 5, "{:?}", m.timings);
             assert!(m.timings.iter().all(|t| t.bytes_per_s > 0.0));
         }
+        // Without choosing kernels, only the default's prefetch distances are timed, and the
+        // kernels stay the level's defaults (the same bits in every process).
+        let m = measure(&[&pool], &[GgmlType::Q4K], 1, false);
+        let default = Tuning::default_for(level).decode(GgmlType::Q4K);
+        assert_eq!(m.tuning.decode(GgmlType::Q4K), default);
+        assert!(
+            m.timings.iter().all(|t| t.decode == default),
+            "{:?}",
+            m.timings
+        );
     }
 }

@@ -44,12 +44,14 @@ pub fn exec(a: Args) -> anyhow::Result<()> {
     let pool = ThreadPool::new(n);
     // The decode kernels first (row or interleaved, 256- or 512-bit, prefetch distance), at
     // one thread and at `n`, so that the rates below are those of the kernels chosen; `run`
-    // and `stratad` measure the same at their first load.
+    // and `stratad` measure the prefetch distance at their first load (and the kernels too
+    // under `STRATA_DECODE=auto`: by default they keep the level's, so that every process
+    // computes the same bits).
     eprintln!("choosing the decode kernels…");
     let one = ThreadPool::new(1);
     let pools: Vec<&ThreadPool> = if n > 1 { vec![&one, &pool] } else { vec![&one] };
     let reps = if a.quick { 2 } else { 5 };
-    let m = strata_simd::tune::measure(&pools, &strata_simd::tune::TYPES, reps);
+    let m = strata_simd::tune::measure(&pools, &strata_simd::tune::TYPES, reps, true);
     for line in strata_simd::tune::describe(&m) {
         eprintln!("  {line}");
     }

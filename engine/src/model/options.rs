@@ -36,9 +36,16 @@ pub enum DecodeSetting {
     /// tests, and loads after the first.
     #[default]
     Current,
-    /// Measured on this CPU at the first load of the process (`STRATA_DECODE` unset or
-    /// `auto`), the prefetch distance fixed when given (`STRATA_PREFETCH`).
-    Measure { prefetch: Option<usize> },
+    /// Measured on this CPU at the first load of the process, the prefetch distance fixed
+    /// when given (`STRATA_PREFETCH`). `kernels` false (`STRATA_DECODE` unset): only the
+    /// prefetch distance of the SIMD level's default kernels, which changes no result; true
+    /// (`STRATA_DECODE=auto`): also rows against interleaved and the vector width, which may
+    /// be faster on a CPU where the default loses, but can round differently from process to
+    /// process (`strata_simd::tune::measure`).
+    Measure {
+        prefetch: Option<usize>,
+        kernels: bool,
+    },
     /// Every type that has the interleaved layout decoded one way (`STRATA_DECODE=rows`,
     /// `interleaved256`, `interleaved512`).
     Fixed {
@@ -57,7 +64,14 @@ impl DecodeSetting {
             })?),
         };
         Ok(match var("STRATA_DECODE").as_deref().map(str::trim) {
-            None | Some("" | "auto") => DecodeSetting::Measure { prefetch },
+            None | Some("") => DecodeSetting::Measure {
+                prefetch,
+                kernels: false,
+            },
+            Some("auto") => DecodeSetting::Measure {
+                prefetch,
+                kernels: true,
+            },
             Some(v) => match strata_simd::tune::Decode::parse(v) {
                 Some(decode) => DecodeSetting::Fixed { decode, prefetch },
                 None => {
@@ -282,7 +296,17 @@ mod tests {
     fn decode_setting_from_variables() {
         assert_eq!(
             DecodeSetting::from_vars(vars(&[])),
-            Ok(DecodeSetting::Measure { prefetch: None })
+            Ok(DecodeSetting::Measure {
+                prefetch: None,
+                kernels: false
+            })
+        );
+        assert_eq!(
+            DecodeSetting::from_vars(vars(&[("STRATA_DECODE", "auto")])),
+            Ok(DecodeSetting::Measure {
+                prefetch: None,
+                kernels: true
+            })
         );
         assert_eq!(
             DecodeSetting::from_vars(vars(&[

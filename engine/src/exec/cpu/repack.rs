@@ -62,7 +62,7 @@ pub(crate) fn choose_decode(setting: DecodeSetting, layers: &[Layer], output: Ma
                 prefetch,
             ));
         }
-        DecodeSetting::Measure { prefetch } => {
+        DecodeSetting::Measure { prefetch, kernels } => {
             if tune::is_set() {
                 return;
             }
@@ -72,7 +72,7 @@ pub(crate) fn choose_decode(setting: DecodeSetting, layers: &[Layer], output: Ma
             let n = strata_simd::topology::physical_cores();
             let all = (n > 1).then(|| ThreadPool::new(n));
             let pools: Vec<&ThreadPool> = std::iter::once(&one).chain(all.as_ref()).collect();
-            let m = tune::measure(&pools, &types, 4);
+            let m = tune::measure(&pools, &types, 4, kernels);
             for line in tune::describe(&m) {
                 tracing::info!("decode kernel measured: {line}");
             }

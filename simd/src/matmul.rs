@@ -50,12 +50,23 @@ pub enum Layout {
 }
 
 /// Whether matrices of `ty` are to be interleaved: the type has the layout, the process's SIMD
-/// level has kernels for it (AVX2 and above), and the process's tuning ([`crate::tune`]) did
-/// not choose the row kernels for it.
+/// level has kernels for it (AVX2 and above), the level's prefill GEMM for the type (if any)
+/// can read the layout (AVX-512 VNNI's Q4_0 GEMM cannot: interleaving would cost prefill its
+/// GEMM), and the process's tuning ([`crate::tune`]) did not choose the row kernels for it.
 pub fn can_interleave(ty: GgmlType) -> bool {
+    let level = dispatch::level();
     interleave::has_layout(ty)
-        && kernels::interleaved(ty, dispatch::level(), false).is_some()
+        && kernels::interleaved(ty, level, false).is_some()
+        && kernel(ty, level, false)
+            .and_then(|k| k.gemm)
+            .is_none_or(|g| g.pack_interleaved.is_some())
         && tune::current().decode(ty) != Decode::Rows
+}
+
+/// Whether `ty` has a 512-bit interleaved kernel at `level` on this CPU (the others run the
+/// 256-bit one under either width).
+pub(crate) fn has_interleaved_512(ty: GgmlType, level: Level) -> bool {
+    kernels::has_interleaved_512(ty, level)
 }
 
 /// Rearranges a row-major matrix of `rows` × `cols` elements of `ty` into

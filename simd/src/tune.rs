@@ -15,7 +15,7 @@
 //! change at any time; whether a matrix is interleaved at all is decided when it is loaded
 //! (`matmul::can_interleave`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
 use strata_storage::quant::GgmlType;
@@ -63,7 +63,7 @@ impl Decode {
         }
     }
 
-    const fn code(self) -> u64 {
+    const fn code(self) -> u32 {
         match self {
             Decode::Rows => 0,
             Decode::Interleaved256 => 1,
@@ -71,7 +71,7 @@ impl Decode {
         }
     }
 
-    const fn from_code(c: u64) -> Decode {
+    const fn from_code(c: u32) -> Decode {
         match c & 3 {
             1 => Decode::Interleaved256,
             2 => Decode::Interleaved512,
@@ -81,7 +81,17 @@ impl Decode {
 }
 
 /// The weight types with an interleaved layout, in the order of [`Tuning::decode`].
-pub const TYPES: [GgmlType; 4] = [GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q8_0, GgmlType::Q5_0];
+pub const TYPES: [GgmlType; N_TYPES] = [
+    GgmlType::Q4K,
+    GgmlType::Q6K,
+    GgmlType::Q8_0,
+    GgmlType::Q5_0,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_1,
+];
+/// How many [`TYPES`] there are.
+pub const N_TYPES: usize = 7;
 
 /// The prefetch distance the interleaved kernels used before it was measured: two Q4_K tile
 /// blocks.
@@ -91,10 +101,10 @@ pub const DEFAULT_PREFETCH: usize = 4608;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tuning {
     /// Per type of [`TYPES`], in that order.
-    pub decode: [Decode; 4],
+    pub decode: [Decode; N_TYPES],
     /// Per type of [`TYPES`]: bytes ahead of the block computing that the interleaved kernels
     /// prefetch (0: none), a multiple of 64 up to [`MAX_PREFETCH`].
-    pub prefetch: [usize; 4],
+    pub prefetch: [usize; N_TYPES],
 }
 
 /// The farthest prefetch distance a [`Tuning`] holds.
@@ -102,19 +112,19 @@ pub const MAX_PREFETCH: usize = 255 * 64;
 
 impl Tuning {
     /// What the process uses before anything was measured or set: the widest interleaved
-    /// kernels `level` has, else rows.
+    /// kernels `level` has for each type, else rows.
     pub fn default_for(level: Level) -> Tuning {
-        let d = if Decode::Interleaved512.available(level) {
-            Decode::Interleaved512
-        } else if Decode::Interleaved256.available(level) {
-            Decode::Interleaved256
-        } else {
-            Decode::Rows
-        };
         Tuning {
-            decode: [d; 4],
-            prefetch: [DEFAULT_PREFETCH; 4],
+            decode: TYPES.map(|ty| widest(ty, level)),
+            prefetch: [DEFAULT_PREFETCH; N_TYPES],
         }
+    }
+
+    /// This tuning with every type's choice `d` ([`set`] lowers it to what the level has for
+    /// each type: the 256-bit kernels for a type without a 512-bit one).
+    pub fn with_decode(mut self, d: Decode) -> Tuning {
+        self.decode = [d; N_TYPES];
+        self
     }
 
     /// The choice for `ty` (types without an interleaved layout: rows).
@@ -144,7 +154,7 @@ impl Tuning {
 
     /// This tuning with every type's prefetch distance `p` (rounded up to a cache line).
     pub fn with_prefetch(mut self, p: usize) -> Tuning {
-        self.prefetch = [p.next_multiple_of(64).min(MAX_PREFETCH); 4];
+        self.prefetch = [p.next_multiple_of(64).min(MAX_PREFETCH); N_TYPES];
         self
     }
 
@@ -160,60 +170,73 @@ impl Tuning {
         s.join(" ")
     }
 
-    fn encode(&self) -> u64 {
-        let mut v = 1u64;
-        for (i, (d, p)) in self.decode.iter().zip(self.prefetch).enumerate() {
-            v |= d.code() << (8 + 2 * i);
-            v |= ((p.div_ceil(64).min(255)) as u64) << (32 + 8 * i);
-        }
-        v
+    /// Type `i`'s choice as one word: 1 (set), the decode choice's code at bits 1..3, the
+    /// prefetch distance in cache lines at bits 8..16.
+    fn encode(&self, i: usize) -> u32 {
+        1 | self.decode[i].code() << 1 | (self.prefetch[i].div_ceil(64).min(255) as u32) << 8
     }
 
-    fn decode_bits(v: u64) -> Tuning {
-        let mut decode = [Decode::Rows; 4];
-        let mut prefetch = [0; 4];
-        for i in 0..4 {
-            decode[i] = Decode::from_code(v >> (8 + 2 * i));
-            prefetch[i] = ((v >> (32 + 8 * i)) & 0xFF) as usize * 64;
-        }
-        Tuning { decode, prefetch }
+    fn decode_word(v: u32) -> (Decode, usize) {
+        (Decode::from_code(v >> 1), ((v >> 8) & 0xFF) as usize * 64)
     }
 }
 
-/// The process's tuning, packed (0: not set).
-static CURRENT: AtomicU64 = AtomicU64::new(0);
+/// The widest interleaved kernels `level` has for `ty`, else rows.
+fn widest(ty: GgmlType, level: Level) -> Decode {
+    if Decode::Interleaved512.available(level) && matmul::has_interleaved_512(ty, level) {
+        Decode::Interleaved512
+    } else if Decode::Interleaved256.available(level) {
+        Decode::Interleaved256
+    } else {
+        Decode::Rows
+    }
+}
+
+/// Choice `d` for `ty`, lowered to what `level` has: the widest kernels below it.
+fn lower(ty: GgmlType, d: Decode, level: Level) -> Decode {
+    match d {
+        Decode::Rows => Decode::Rows,
+        Decode::Interleaved512 => widest(ty, level),
+        Decode::Interleaved256 if Decode::Interleaved256.available(level) => d,
+        Decode::Interleaved256 => Decode::Rows,
+    }
+}
+
+/// The process's tuning, one word per type of [`TYPES`] ([`Tuning::encode`]; 0: not set, the
+/// level's default). Each word is its type's whole choice, so a reader never sees one type's
+/// width with another's prefetch distance.
+static CURRENT: [AtomicU32; N_TYPES] = [const { AtomicU32::new(0) }; N_TYPES];
 
 /// The process's decode choices: the last [`set`], else [`Tuning::default_for`] the process's
-/// SIMD level. Cheap (one atomic load): every matmul asks.
+/// SIMD level. Cheap (one atomic load per type): every matmul asks.
 pub fn current() -> Tuning {
-    match CURRENT.load(Ordering::Relaxed) {
-        0 => Tuning::default_for(dispatch::level()),
-        v => Tuning::decode_bits(v),
+    let mut t = Tuning::default_for(dispatch::level());
+    for (i, c) in CURRENT.iter().enumerate() {
+        let v = c.load(Ordering::Relaxed);
+        if v != 0 {
+            (t.decode[i], t.prefetch[i]) = Tuning::decode_word(v);
+        }
     }
+    t
 }
 
 /// Makes `t` the process's tuning, its choices lowered to what the process's SIMD level has.
 /// Matrices interleaved before keep their layout (it is the same for both widths).
 pub fn set(t: Tuning) {
     let level = dispatch::level();
-    let fallback = Tuning::default_for(level).decode[0];
     let mut t = t;
-    for d in &mut t.decode {
-        if !d.available(level) {
-            *d = if *d == Decode::Rows {
-                Decode::Rows
-            } else {
-                fallback
-            };
-        }
+    for (d, ty) in t.decode.iter_mut().zip(TYPES) {
+        *d = lower(ty, *d, level);
     }
     tracing::info!(tuning = %t.summary(), "decode kernels");
-    CURRENT.store(t.encode(), Ordering::Relaxed);
+    for (i, c) in CURRENT.iter().enumerate() {
+        c.store(t.encode(i), Ordering::Relaxed);
+    }
 }
 
 /// Whether [`set`] has been called in this process.
 pub fn is_set() -> bool {
-    CURRENT.load(Ordering::Relaxed) != 0
+    CURRENT[0].load(Ordering::Relaxed) != 0
 }
 
 /// Bytes of weights each measured pass streams: twice the last-level cache, within 64 MiB to
@@ -284,8 +307,8 @@ fn time_candidates(
         for (pi, pool) in pools.iter().enumerate() {
             for (ci, &(d, prefetch)) in cands.iter().enumerate() {
                 let t = Tuning {
-                    decode: [d; 4],
-                    prefetch: [prefetch; 4],
+                    decode: [d; N_TYPES],
+                    prefetch: [prefetch; N_TYPES],
                 };
                 let layout = if d == Decode::Rows {
                     Layout::Rows
@@ -352,7 +375,7 @@ pub fn measure(
     let mut tuning = Tuning::default_for(level);
     let mut timings = Vec::new();
     let types: Vec<GgmlType> = TYPES.into_iter().filter(|t| types.contains(t)).collect();
-    if types.is_empty() || tuning.decode[0] == Decode::Rows || pools.is_empty() {
+    if types.is_empty() || !Decode::Interleaved256.available(level) || pools.is_empty() {
         return Measured { tuning, timings };
     }
     // The bytes do not change the kernels' speed; 0x3C makes every f16 scale about 1 (no
@@ -387,7 +410,10 @@ pub fn measure(
             Vec::new()
         };
         for d in [Decode::Interleaved256, Decode::Interleaved512] {
-            if d.available(level) && (choose_kernels || d == want) {
+            // A type without a 512-bit kernel would time its 256-bit one twice.
+            let has = d.available(level)
+                && (d != Decode::Interleaved512 || matmul::has_interleaved_512(ty, level));
+            if has && (choose_kernels || d == want) {
                 for k in [0, 1, 2, 4] {
                     cands.push((d, (k * tile).next_multiple_of(64).min(MAX_PREFETCH)));
                 }
@@ -440,12 +466,21 @@ mod tests {
                 Decode::Rows,
                 Decode::Interleaved512,
                 Decode::Interleaved256,
+                Decode::Rows,
+                Decode::Interleaved256,
+                Decode::Interleaved512,
             ],
-            prefetch: [9216, 0, 3392, MAX_PREFETCH],
+            prefetch: [9216, 0, 3392, MAX_PREFETCH, 64, 128, 4608],
         };
-        assert_eq!(Tuning::decode_bits(t.encode()), t);
+        for i in 0..N_TYPES {
+            assert_eq!(
+                Tuning::decode_word(t.encode(i)),
+                (t.decode[i], t.prefetch[i])
+            );
+        }
         assert_eq!(t.decode(GgmlType::Q8_0), Decode::Interleaved512);
         assert_eq!(t.decode(GgmlType::Q4_0), Decode::Rows);
+        assert_eq!(t.decode(GgmlType::Q5K), Decode::Rows);
         for d in Decode::ALL {
             assert_eq!(Decode::parse(d.name()), Some(d));
         }

@@ -28,6 +28,19 @@
 //!   - 128 bytes: the low 4 bits of its quants, as two of Q4_K's groups of 8 columns;
 //!   - 64 bytes: their top 2 bits: byte `4 r + k` holds, from bit 0 up, columns `16 s + k`,
 //!     `16 s + 4 + k`, `16 s + 8 + k`, `16 s + 12 + k`.
+//!
+//! The legacy types have blocks of 32 columns; one tile block is 16 of them:
+//! - Q8_0 ([`Q8_0_TILE_BLOCK`] = 16 × 34 bytes): `[0, 32)` the rows' `d` (f16), then the quants
+//!   plus 128 (unsigned) in 8 groups of 4 columns: byte `32 + 64 g + 4 r + k` is column
+//!   `4 g + k` of row `r`.
+//! - The 4- and 5-bit types ([`Nibbles`]) share one scheme, their fields in the order of the
+//!   row-major block (except Q5_0's fifth bits, which came first and stay last): `[0, 32)` the
+//!   rows' `d` (f16); Q4_1 and Q5_1: `[32, 64)` their `m` (f16); Q5_1: 64 bytes of fifth bits,
+//!   bit `i` of byte `4 r + k` the one of column `4 i + k`; then the low 4 bits in 4 groups of
+//!   8 columns, byte `4 r + k` of group `g` holding column `8 g + k` in its low nibble and
+//!   `8 g + 4 + k` in its high one; Q5_0: its fifth bits last, as Q5_1's. Q4_0: 288 bytes,
+//!   Q4_1: 320, Q5_0: 352 (fifth bits at [`Q5_0_HIGH`]), Q5_1: 384. The kernels read them front
+//!   to back.
 
 use strata_storage::quant::{GgmlType, QK_K};
 
@@ -59,20 +72,81 @@ pub(crate) const fn q6k_high(s: usize) -> usize {
     q6k_low(s) + 128
 }
 
-/// Legacy 32-column blocks: Q8_0 (34 bytes) and Q5_0 (22 bytes) per row.
+/// Legacy 32-column blocks: Q8_0 (34 bytes) per row.
 const Q8_0_BLOCK: usize = 34;
-const Q5_0_BLOCK: usize = 22;
-/// Bytes of one tile block of Q8_0 / Q5_0 (16 rows × 32 columns).
+/// Bytes of one tile block of Q8_0 (16 rows × 32 columns).
 pub(crate) const Q8_0_TILE_BLOCK: usize = TILE_ROWS * Q8_0_BLOCK;
-pub(crate) const Q5_0_TILE_BLOCK: usize = TILE_ROWS * Q5_0_BLOCK;
+/// Bytes of one tile block of Q5_0.
+pub(crate) const Q5_0_TILE_BLOCK: usize = Q5_0Tile::TILE_BLOCK;
 /// Where the top bits of Q5_0's quants start in its tile block.
 pub(crate) const Q5_0_HIGH: usize = 288;
+
+/// The tile block of a legacy 4- or 5-bit type (Q4_0, Q4_1, Q5_0, Q5_1): where the row-major
+/// block keeps its fields and where the tile block does (module docs). A trait of constants,
+/// so that the kernels are compiled once per type with every offset known.
+pub(crate) trait Nibbles {
+    /// Bytes of one row-major block.
+    const ROW_BLOCK: usize;
+    /// Whether blocks carry a min `m` (f16, after `d`): `w = d q + m`; else `w = d (q - OFFSET)`.
+    const MIN: bool;
+    /// Where the fifth bits start in the tile block (64 bytes), for the 5-bit types.
+    const HIGH: Option<usize>;
+    /// Where the low 4 bits start in the tile block (4 groups of 64 bytes).
+    const QUANTS: usize;
+    /// Bytes of one tile block.
+    const TILE_BLOCK: usize = TILE_ROWS * Self::ROW_BLOCK;
+    /// Where `qh` (u32) and `qs` (16 bytes) start in the row-major block.
+    const ROW_QH: usize = if Self::MIN { 4 } else { 2 };
+    const ROW_QS: usize = Self::ROW_QH + if Self::HIGH.is_some() { 4 } else { 0 };
+}
+
+/// Q4_0: `d`, then the quants (288 bytes).
+pub(crate) struct Q4_0Tile;
+impl Nibbles for Q4_0Tile {
+    const ROW_BLOCK: usize = 18;
+    const MIN: bool = false;
+    const HIGH: Option<usize> = None;
+    const QUANTS: usize = 32;
+}
+
+/// Q4_1: `d`, `m`, then the quants (320 bytes).
+pub(crate) struct Q4_1Tile;
+impl Nibbles for Q4_1Tile {
+    const ROW_BLOCK: usize = 20;
+    const MIN: bool = true;
+    const HIGH: Option<usize> = None;
+    const QUANTS: usize = 64;
+}
+
+/// Q5_0: `d`, the low 4 bits, then the fifth bits (352 bytes).
+pub(crate) struct Q5_0Tile;
+impl Nibbles for Q5_0Tile {
+    const ROW_BLOCK: usize = 22;
+    const MIN: bool = false;
+    const HIGH: Option<usize> = Some(Q5_0_HIGH);
+    const QUANTS: usize = 32;
+}
+
+/// Q5_1: `d`, `m`, the fifth bits, then the low 4 bits (384 bytes).
+pub(crate) struct Q5_1Tile;
+impl Nibbles for Q5_1Tile {
+    const ROW_BLOCK: usize = 24;
+    const MIN: bool = true;
+    const HIGH: Option<usize> = Some(64);
+    const QUANTS: usize = 128;
+}
 
 /// The weight types that have an interleaved layout.
 pub(crate) fn has_layout(ty: GgmlType) -> bool {
     matches!(
         ty,
-        GgmlType::Q4K | GgmlType::Q6K | GgmlType::Q8_0 | GgmlType::Q5_0
+        GgmlType::Q4K
+            | GgmlType::Q6K
+            | GgmlType::Q8_0
+            | GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q5_1
     )
 }
 
@@ -106,60 +180,75 @@ fn unpack_q8_0_tile(src: &[u8], nb: usize, dst: &mut [u8]) {
     }
 }
 
-/// Q5_0 tile block: `d` (f16) in `[0, 32)`; the low 4 bits in 4 groups of 8 columns, byte
-/// `32 + 64 g + 4 r + k` holding column `8 g + k` (low nibble) and `8 g + 4 + k` (high); the
-/// 5th bits from [`Q5_0_HIGH`]: bit `i` of byte `4 r + k` is column `4 i + k`'s.
-fn q5_0_value(blk: &[u8], c: usize) -> u8 {
-    let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
-    let nib = if c < 16 {
-        blk[6 + c] & 0xF
-    } else {
-        blk[6 + c - 16] >> 4
-    };
-    nib | ((((qh >> c) & 1) as u8) << 4)
+/// Where column `c` of row `r` keeps its low 4 bits in a [`Nibbles`] tile block (byte, high
+/// nibble?) and its fifth bit (byte, bit) when the type has one.
+fn nibble_pos<L: Nibbles>(r: usize, c: usize) -> ((usize, bool), Option<(usize, u32)>) {
+    let (g, k) = (c / 8, c % 8);
+    let low = (L::QUANTS + 64 * g + 4 * r + k % 4, k >= 4);
+    (low, L::HIGH.map(|h| (h + 4 * r + c % 4, (c / 4) as u32)))
 }
 
-fn pack_q5_0_tile(src: &[u8], nb: usize, dst: &mut [u8]) {
-    let row_bytes = nb * Q5_0_BLOCK;
+/// Column `c` of a row-major block of a [`Nibbles`] type: its low 4 bits and its fifth bit.
+fn nibble_value<L: Nibbles>(blk: &[u8], c: usize) -> (u8, u8) {
+    let q = blk[L::ROW_QS + c % 16];
+    let low = if c < 16 { q & 0xF } else { q >> 4 };
+    let top = match L::HIGH {
+        Some(_) => {
+            let qh = &blk[L::ROW_QH..L::ROW_QH + 4];
+            let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+            ((qh >> c) & 1) as u8
+        }
+        None => 0,
+    };
+    (low, top)
+}
+
+fn pack_nibbles_tile<L: Nibbles>(src: &[u8], nb: usize, dst: &mut [u8]) {
+    let row_bytes = nb * L::ROW_BLOCK;
     for b in 0..nb {
-        let out = &mut dst[b * Q5_0_TILE_BLOCK..(b + 1) * Q5_0_TILE_BLOCK];
-        out[32..].fill(0);
+        let out = &mut dst[b * L::TILE_BLOCK..(b + 1) * L::TILE_BLOCK];
+        out.fill(0);
         for r in 0..TILE_ROWS {
-            let blk = &src[r * row_bytes + b * Q5_0_BLOCK..][..Q5_0_BLOCK];
+            let blk = &src[r * row_bytes + b * L::ROW_BLOCK..][..L::ROW_BLOCK];
             out[2 * r..2 * r + 2].copy_from_slice(&blk[0..2]);
+            if L::MIN {
+                out[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&blk[2..4]);
+            }
             for c in 0..32 {
-                let v = q5_0_value(blk, c);
-                let (g, k) = (c / 8, c % 8);
-                let at = 32 + 64 * g + 4 * r + k % 4;
-                out[at] |= if k >= 4 { (v & 0xF) << 4 } else { v & 0xF };
-                out[Q5_0_HIGH + 4 * r + c % 4] |= (v >> 4) << (c / 4);
+                let (low, top) = nibble_value::<L>(blk, c);
+                let ((at, high), fifth) = nibble_pos::<L>(r, c);
+                out[at] |= if high { low << 4 } else { low };
+                if let Some((at, bit)) = fifth {
+                    out[at] |= top << bit;
+                }
             }
         }
     }
 }
 
-fn unpack_q5_0_tile(src: &[u8], nb: usize, dst: &mut [u8]) {
-    let row_bytes = nb * Q5_0_BLOCK;
+fn unpack_nibbles_tile<L: Nibbles>(src: &[u8], nb: usize, dst: &mut [u8]) {
+    let row_bytes = nb * L::ROW_BLOCK;
     for b in 0..nb {
-        let tile = &src[b * Q5_0_TILE_BLOCK..(b + 1) * Q5_0_TILE_BLOCK];
+        let tile = &src[b * L::TILE_BLOCK..(b + 1) * L::TILE_BLOCK];
         for r in 0..TILE_ROWS {
-            let blk = &mut dst[r * row_bytes + b * Q5_0_BLOCK..][..Q5_0_BLOCK];
+            let blk = &mut dst[r * row_bytes + b * L::ROW_BLOCK..][..L::ROW_BLOCK];
+            blk.fill(0);
             blk[0..2].copy_from_slice(&tile[2 * r..2 * r + 2]);
-            blk[2..].fill(0);
+            if L::MIN {
+                blk[2..4].copy_from_slice(&tile[32 + 2 * r..32 + 2 * r + 2]);
+            }
             let mut qh = 0u32;
             for c in 0..32 {
-                let (g, k) = (c / 8, c % 8);
-                let byte = tile[32 + 64 * g + 4 * r + k % 4];
-                let nib = if k >= 4 { byte >> 4 } else { byte & 0xF };
-                let top = (tile[Q5_0_HIGH + 4 * r + c % 4] >> (c / 4)) & 1;
-                qh |= u32::from(top) << c;
-                if c < 16 {
-                    blk[6 + c] |= nib;
-                } else {
-                    blk[6 + c - 16] |= nib << 4;
+                let ((at, high), fifth) = nibble_pos::<L>(r, c);
+                let low = if high { tile[at] >> 4 } else { tile[at] & 0xF };
+                blk[L::ROW_QS + c % 16] |= if c < 16 { low } else { low << 4 };
+                if let Some((at, bit)) = fifth {
+                    qh |= u32::from((tile[at] >> bit) & 1) << c;
                 }
             }
-            blk[2..6].copy_from_slice(&qh.to_le_bytes());
+            if L::HIGH.is_some() {
+                blk[L::ROW_QH..L::ROW_QH + 4].copy_from_slice(&qh.to_le_bytes());
+            }
         }
     }
 }
@@ -169,7 +258,22 @@ fn tile_fns(ty: GgmlType) -> (TileFn, TileFn) {
     match ty {
         GgmlType::Q6K => (pack_q6k_tile, unpack_q6k_tile),
         GgmlType::Q8_0 => (pack_q8_0_tile, unpack_q8_0_tile),
-        GgmlType::Q5_0 => (pack_q5_0_tile, unpack_q5_0_tile),
+        GgmlType::Q4_0 => (
+            pack_nibbles_tile::<Q4_0Tile>,
+            unpack_nibbles_tile::<Q4_0Tile>,
+        ),
+        GgmlType::Q4_1 => (
+            pack_nibbles_tile::<Q4_1Tile>,
+            unpack_nibbles_tile::<Q4_1Tile>,
+        ),
+        GgmlType::Q5_0 => (
+            pack_nibbles_tile::<Q5_0Tile>,
+            unpack_nibbles_tile::<Q5_0Tile>,
+        ),
+        GgmlType::Q5_1 => (
+            pack_nibbles_tile::<Q5_1Tile>,
+            unpack_nibbles_tile::<Q5_1Tile>,
+        ),
         _ => (pack_q4k_tile, unpack_q4k_tile),
     }
 }
@@ -373,7 +477,15 @@ mod tests {
 
     #[test]
     fn pack_round_trips_and_leaves_the_tail() {
-        for ty in [GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q8_0, GgmlType::Q5_0] {
+        for ty in [
+            GgmlType::Q4K,
+            GgmlType::Q6K,
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+        ] {
             let (rows, cols) = (37, 512);
             let bytes = ty.row_bytes(cols) * rows;
             let orig: Vec<u8> = (0..bytes).map(|i| (i * 7919 % 251) as u8).collect();
@@ -438,6 +550,66 @@ mod tests {
                 .zip(&owner)
                 .all(|(&b, &o)| o != Owner::High || b == 0x55)
         );
+    }
+
+    /// Every byte of a [`Nibbles`] tile block has one owner (`d`, `m`, low bits or fifth
+    /// bits), every bit of the quants' bytes belongs to exactly one element, and all are used.
+    fn nibble_positions_are_a_bijection<L: Nibbles>() {
+        let mut owner = vec![0u8; L::TILE_BLOCK];
+        let mut bits = vec![0u8; L::TILE_BLOCK];
+        let mut claim = |byte: usize, o: u8, bit: u8| {
+            assert!(owner[byte] == 0 || owner[byte] == o, "byte {byte}: {o}");
+            owner[byte] = o;
+            assert_eq!(
+                bits[byte] & bit,
+                0,
+                "bit {bit} of byte {byte} claimed twice"
+            );
+            bits[byte] |= bit;
+        };
+        for r in 0..TILE_ROWS {
+            claim(2 * r, 1, 0xFF);
+            claim(2 * r + 1, 1, 0xFF);
+            if L::MIN {
+                claim(32 + 2 * r, 2, 0xFF);
+                claim(33 + 2 * r, 2, 0xFF);
+            }
+            for c in 0..32 {
+                let ((at, high), fifth) = nibble_pos::<L>(r, c);
+                claim(at, 3, if high { 0xF0 } else { 0x0F });
+                if let Some((at, bit)) = fifth {
+                    claim(at, 4, 1 << bit);
+                }
+            }
+        }
+        assert!(
+            bits.iter().all(|&b| b == 0xFF),
+            "a tile block bit is unused"
+        );
+    }
+
+    #[test]
+    fn nibble_tile_positions_are_a_bijection() {
+        nibble_positions_are_a_bijection::<Q4_0Tile>();
+        nibble_positions_are_a_bijection::<Q4_1Tile>();
+        nibble_positions_are_a_bijection::<Q5_0Tile>();
+        nibble_positions_are_a_bijection::<Q5_1Tile>();
+    }
+
+    #[test]
+    fn q5_1_tile_places_element_values() {
+        // Row 5, column 21 of block 0 is 0b1_0110 (fifth bit set, low bits 6).
+        let mut src = vec![0u8; TILE_ROWS * 24];
+        let blk = &mut src[5 * 24..6 * 24];
+        blk[4..8].copy_from_slice(&(1u32 << 21).to_le_bytes());
+        blk[8 + 5] = 6 << 4;
+        let mut dst = vec![0u8; Q5_1Tile::TILE_BLOCK];
+        pack_nibbles_tile::<Q5_1Tile>(&src, 1, &mut dst);
+        // Column 21: group 2, k = 5 → byte 128 + 128 + 20 + 1, high nibble; fifth bit: byte
+        // 64 + 20 + 1, bit 5.
+        assert_eq!(dst[128 + 128 + 21], 6 << 4);
+        assert_eq!(dst[64 + 21], 1 << 5);
+        assert_eq!(dst.iter().filter(|&&b| b != 0).count(), 2);
     }
 
     #[test]

@@ -209,10 +209,15 @@ pub(crate) fn interleaved(_ty: GgmlType, _level: Level, _wide: bool) -> Option<I
     None
 }
 
-#[cfg(target_arch = "x86_64")]
-pub(crate) use x86::interleaved;
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) fn has_interleaved_512(_ty: GgmlType, _level: Level) -> bool {
+    false
+}
+
 #[cfg(target_arch = "x86_64")]
 use x86::{dot, gemm, multi, quantizer};
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::{has_interleaved_512, interleaved};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -560,11 +565,12 @@ mod x86 {
     }
 
     /// A safe-to-hand-out wrapper around an interleaved kernel family
-    /// (`$m::$k::<NT>`: `il` for AVX-512 VNNI, `il2` for AVX2), sound as `wrap_dot!`'s:
+    /// (`$m::$k::<NT, $g>`: `il` for AVX-512 VNNI, `il2` for AVX2; `$g` a second generic
+    /// argument where the family has one), sound as `wrap_dot!`'s:
     /// [`interleaved`] hands it out only when the CPU has the family's features, and the
     /// lengths are checked here.
     macro_rules! wrap_interleaved {
-        ($name:ident, $m:ident :: $k:ident $(, $q5:literal)?; $tile_block:expr, $act:expr, $bs:expr) => {
+        ($name:ident, $m:ident :: $k:ident $(, $g:tt)?; $tile_block:expr, $act:expr, $bs:expr) => {
             /// # Safety
             /// See [`InterleavedFn`].
             #[allow(clippy::too_many_arguments)]
@@ -591,10 +597,10 @@ mod x86 {
                 // rows hold `nb` blocks (checked); the outputs are the caller's.
                 unsafe {
                     match nt {
-                        1 => $m::$k::<1 $(, $q5)?>(nb, w, a, act_row, out, out_stride, ahead),
-                        2 => $m::$k::<2 $(, $q5)?>(nb, w, a, act_row, out, out_stride, ahead),
-                        3 => $m::$k::<3 $(, $q5)?>(nb, w, a, act_row, out, out_stride, ahead),
-                        _ => $m::$k::<4 $(, $q5)?>(nb, w, a, act_row, out, out_stride, ahead),
+                        1 => $m::$k::<1 $(, $g)?>(nb, w, a, act_row, out, out_stride, ahead),
+                        2 => $m::$k::<2 $(, $g)?>(nb, w, a, act_row, out, out_stride, ahead),
+                        3 => $m::$k::<3 $(, $g)?>(nb, w, a, act_row, out, out_stride, ahead),
+                        _ => $m::$k::<4 $(, $g)?>(nb, w, a, act_row, out, out_stride, ahead),
                     }
                 }
             }
@@ -609,26 +615,47 @@ mod x86 {
     wrap_interleaved!(il2_q6_k, il2::q6k; ilv::Q6K_TILE_BLOCK, T::Q8K, 256);
     wrap_interleaved!(il2_q8_0, il2::legacy, false; ilv::Q8_0_TILE_BLOCK, T::Q8_0, 32);
     wrap_interleaved!(il2_q5_0, il2::legacy, true; ilv::Q5_0_TILE_BLOCK, T::Q8_0, 32);
+    use ilv::{Nibbles, Q4_0Tile, Q4_1Tile, Q5_1Tile};
+    wrap_interleaved!(il2_q4_0, il2::nibbles, Q4_0Tile; Q4_0Tile::TILE_BLOCK, T::Q8_0, 32);
+    wrap_interleaved!(il2_q4_1, il2::nibbles, Q4_1Tile; Q4_1Tile::TILE_BLOCK, T::Q8_1, 32);
+    wrap_interleaved!(il2_q5_1, il2::nibbles, Q5_1Tile; Q5_1Tile::TILE_BLOCK, T::Q8_1, 32);
+
+    /// The 512-bit (AVX-512 VNNI) interleaved kernel of `ty`, where there is one.
+    fn interleaved_512(ty: GgmlType) -> Option<InterleavedFn> {
+        match ty {
+            T::Q4K => Some(il_q4_k),
+            T::Q6K => Some(il_q6_k),
+            T::Q8_0 => Some(il_q8_0),
+            T::Q5_0 => Some(il_q5_0),
+            _ => None,
+        }
+    }
+
+    /// Whether `ty` has a 512-bit interleaved kernel at `level` on this CPU.
+    pub(crate) fn has_interleaved_512(ty: GgmlType, level: Level) -> bool {
+        level.min(dispatch::detected()) >= Level::Avx512Vnni && interleaved_512(ty).is_some()
+    }
 
     /// The kernel over the interleaved layout for `ty` at `level`: the 512-bit VNNI one when
-    /// `wide` and the CPU has it, else the 256-bit one (AVX2 and above).
+    /// `wide` and the CPU has it, else the 256-bit one (AVX2 and above; also for the types
+    /// that have no 512-bit kernel: Q4_0, Q4_1, Q5_1).
     pub(crate) fn interleaved(ty: GgmlType, level: Level, wide: bool) -> Option<InterleavedFn> {
         let level = level.min(dispatch::detected());
-        if wide && level >= Level::Avx512Vnni {
-            return match ty {
-                T::Q4K => Some(il_q4_k),
-                T::Q6K => Some(il_q6_k),
-                T::Q8_0 => Some(il_q8_0),
-                T::Q5_0 => Some(il_q5_0),
-                _ => None,
-            };
+        if wide
+            && level >= Level::Avx512Vnni
+            && let Some(k) = interleaved_512(ty)
+        {
+            return Some(k);
         }
         if level >= Level::Avx2 {
             return match ty {
                 T::Q4K => Some(il2_q4_k),
                 T::Q6K => Some(il2_q6_k),
                 T::Q8_0 => Some(il2_q8_0),
+                T::Q4_0 => Some(il2_q4_0),
+                T::Q4_1 => Some(il2_q4_1),
                 T::Q5_0 => Some(il2_q5_0),
+                T::Q5_1 => Some(il2_q5_1),
                 _ => None,
             };
         }

@@ -54,13 +54,7 @@ pub(crate) fn choose_decode(setting: DecodeSetting, layers: &[Layer], output: Ma
         DecodeSetting::Current => {}
         DecodeSetting::Fixed { decode, prefetch } => {
             let t = tune::current();
-            tune::set(with_prefetch(
-                tune::Tuning {
-                    decode: [decode; 4],
-                    ..t
-                },
-                prefetch,
-            ));
+            tune::set(with_prefetch(t.with_decode(decode), prefetch));
         }
         DecodeSetting::Measure { prefetch, kernels } => {
             if tune::is_set() {

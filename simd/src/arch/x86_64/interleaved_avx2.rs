@@ -19,14 +19,16 @@ use super::avx2;
 use super::interleaved::prefetch;
 
 use crate::matmul::interleave::{
-    Q4K_TILE_BLOCK, Q5_0_HIGH, Q5_0_TILE_BLOCK, Q6K_TILE_BLOCK, Q8_0_TILE_BLOCK, q6k_high, q6k_low,
-    q6k_scales,
+    Nibbles, Q4K_TILE_BLOCK, Q5_0_HIGH, Q5_0_TILE_BLOCK, Q6K_TILE_BLOCK, Q8_0_TILE_BLOCK, q6k_high,
+    q6k_low, q6k_scales,
 };
 
 /// Bytes of one Q8_K activation block: d (f32), 256 quants, 16 block sums (i16).
 const Q8K_BLOCK: usize = 292;
 /// Bytes of one Q8_0 activation block: d (f16) and 32 quants.
 const Q8_0_ACT: usize = 34;
+/// Bytes of one Q8_1 activation block: d (f16), s = d · Σ q (f16) and 32 quants.
+const Q8_1_ACT: usize = 36;
 
 /// The 4 bytes at `p` in every 32-bit lane.
 ///
@@ -112,6 +114,26 @@ fn mins_pairs<const H: usize>(mn: &[__m128i; 8]) -> [__m256i; 4] {
         *m = _mm256_cvtepu8_epi16(v);
     }
     mins
+}
+
+/// `2^SHIFT · Σ a` over the 32 activation quants at `p`, in every 32-bit lane: the offset
+/// term of a type whose quants are stored plus `2^SHIFT` (Q4_0: 8, Q5_0: 16).
+///
+/// # Safety
+/// `p` must be valid for reading 32 bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn offset_sum<const SHIFT: i32>(p: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees 32 readable bytes.
+    let a = unsafe { load(p) };
+    let s = _mm256_madd_epi16(
+        _mm256_maddubs_epi16(_mm256_set1_epi8(1), a),
+        _mm256_set1_epi16(1),
+    );
+    let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    _mm256_broadcastd_epi32(_mm_slli_epi32::<SHIFT>(s))
 }
 
 /// Stores the two halves' results of token `t` at `out + t * out_stride`.
@@ -377,7 +399,6 @@ pub(crate) unsafe fn legacy<const NT: usize, const Q5: bool>(
     let m4 = _mm256_set1_epi8(0xF);
     let m16 = _mm256_set1_epi8(0x10);
     let flip = _mm256_set1_epi8(-128);
-    let ones8 = _mm256_set1_epi8(1);
     let ones16 = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); NT]; 2];
     for b in 0..nb {
@@ -390,13 +411,7 @@ pub(crate) unsafe fn legacy<const NT: usize, const Q5: bool>(
             let mut offs = [_mm256_setzero_si256(); NT];
             if Q5 {
                 for t in 0..NT {
-                    let a = load(act.add(t * act_row + b * Q8_0_ACT + 2));
-                    let s = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, a), ones16);
-                    let s =
-                        _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
-                    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
-                    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
-                    offs[t] = _mm256_broadcastd_epi32(_mm_slli_epi32::<4>(s));
+                    offs[t] = offset_sum::<4>(act.add(t * act_row + b * Q8_0_ACT + 2));
                 }
             }
             for h in 0..2 {
@@ -459,6 +474,133 @@ pub(crate) unsafe fn legacy<const NT: usize, const Q5: bool>(
                         _mm256_mul_ps(d, dy),
                         acc[h][t],
                     );
+                }
+            }
+        }
+    }
+    // SAFETY: forwarded (caller).
+    unsafe { store(&acc[0], &acc[1], out, out_stride) };
+}
+
+/// As [`q4k`], for a tile of a legacy 4- or 5-bit type `L` (Q4_0, Q4_1, Q5_1) against Q8_0
+/// activations (no min) or Q8_1 (with). The quants are unsigned as stored (0..16, or 0..32
+/// with their fifth bits): Q4_0's `- 8` comes out as `8 · Σ a` per block, and Q4_1's and
+/// Q5_1's min as `m · s`, Q8_1's `s` being `d · Σ a`. Each token's sums run in the same order
+/// whatever `NT` is.
+///
+/// # Safety
+/// As [`q4k`], with `L`'s tile blocks and Q8_0 / Q8_1 activation blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[expect(
+    clippy::needless_range_loop,
+    reason = "token indices address several register arrays in step"
+)]
+pub(crate) unsafe fn nibbles<const NT: usize, L: Nibbles>(
+    nb: usize,
+    tile: *const u8,
+    act: *const u8,
+    act_row: usize,
+    out: *mut f32,
+    out_stride: usize,
+    ahead: usize,
+) {
+    // The activation block and where its quants start.
+    let (act_block, aq) = if L::MIN { (Q8_1_ACT, 4) } else { (Q8_0_ACT, 2) };
+    let m4 = _mm256_set1_epi8(0xF);
+    let m16 = _mm256_set1_epi8(0x10);
+    let ones16 = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); NT]; 2];
+    for b in 0..nb {
+        prefetch_ahead(tile, b, L::TILE_BLOCK, ahead);
+        // SAFETY: block b of the tile and of every token's activations is in bounds (caller);
+        // every offset below stays inside them.
+        unsafe {
+            let x = tile.add(b * L::TILE_BLOCK);
+            let y = act.add(b * act_block);
+            // The types without a min: their offset times Σ a, per token.
+            let mut offs = [_mm256_setzero_si256(); NT];
+            if !L::MIN {
+                for t in 0..NT {
+                    let a = y.add(t * act_row + aq);
+                    offs[t] = if L::HIGH.is_some() {
+                        offset_sum::<4>(a)
+                    } else {
+                        offset_sum::<3>(a)
+                    };
+                }
+            }
+            for h in 0..2 {
+                let mut isum = [_mm256_setzero_si256(); NT];
+                if let Some(high) = L::HIGH {
+                    let hb = load(x.add(high + 32 * h));
+                    // As Q5_0's kernel ([`legacy`]): each quad's weights made where they are
+                    // used, products of at most 31 · 128 · 2, four to an i16.
+                    let mut p2 = [[_mm256_setzero_si256(); NT]; 2];
+                    for g in 0..4 {
+                        let v = load(x.add(L::QUANTS + 64 * g + 32 * h));
+                        // Bit k of each byte moved to bit 4, for k = 2g and 2g + 1.
+                        let (top_lo, top_hi) = match g {
+                            0 => (_mm256_slli_epi16::<4>(hb), _mm256_slli_epi16::<3>(hb)),
+                            1 => (_mm256_slli_epi16::<2>(hb), _mm256_slli_epi16::<1>(hb)),
+                            2 => (hb, _mm256_srli_epi16::<1>(hb)),
+                            _ => (_mm256_srli_epi16::<2>(hb), _mm256_srli_epi16::<3>(hb)),
+                        };
+                        let wl =
+                            _mm256_or_si256(_mm256_and_si256(v, m4), _mm256_and_si256(top_lo, m16));
+                        let wh = _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4),
+                            _mm256_and_si256(top_hi, m16),
+                        );
+                        for t in 0..NT {
+                            let a = y.add(t * act_row + aq + 8 * g);
+                            let pl = _mm256_maddubs_epi16(wl, bcast4(a));
+                            let ph = _mm256_maddubs_epi16(wh, bcast4(a.add(4)));
+                            p2[g / 2][t] = _mm256_add_epi16(p2[g / 2][t], _mm256_add_epi16(pl, ph));
+                        }
+                    }
+                    for t in 0..NT {
+                        isum[t] = _mm256_add_epi32(
+                            _mm256_madd_epi16(p2[0][t], ones16),
+                            _mm256_madd_epi16(p2[1][t], ones16),
+                        );
+                    }
+                } else {
+                    // Eight products of at most 15 · 128 · 2: all 32 columns fit an i16.
+                    let mut p = [_mm256_setzero_si256(); NT];
+                    for g in 0..4 {
+                        let v = load(x.add(L::QUANTS + 64 * g + 32 * h));
+                        let lo = _mm256_and_si256(v, m4);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
+                        for t in 0..NT {
+                            let a = y.add(t * act_row + aq + 8 * g);
+                            let pl = _mm256_maddubs_epi16(lo, bcast4(a));
+                            let ph = _mm256_maddubs_epi16(hi, bcast4(a.add(4)));
+                            p[t] = _mm256_add_epi16(p[t], _mm256_add_epi16(pl, ph));
+                        }
+                    }
+                    for t in 0..NT {
+                        isum[t] = _mm256_madd_epi16(p[t], ones16);
+                    }
+                }
+                let d = f16_rows(x.add(16 * h));
+                for t in 0..NT {
+                    let yt = y.add(t * act_row);
+                    let dy = avx2::f16x8(yt);
+                    if L::MIN {
+                        let a = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(isum[t]),
+                            _mm256_mul_ps(d, dy),
+                            acc[h][t],
+                        );
+                        let m = f16_rows(x.add(32 + 16 * h));
+                        acc[h][t] = _mm256_fmadd_ps(m, avx2::f16x8(yt.add(2)), a);
+                    } else {
+                        acc[h][t] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(_mm256_sub_epi32(isum[t], offs[t])),
+                            _mm256_mul_ps(d, dy),
+                            acc[h][t],
+                        );
+                    }
                 }
             }
         }

@@ -6,8 +6,13 @@
 //! operations (`2 · n_tok · rows · cols` per call) in criterion's "elements": `Gelem/s` reads
 //! GFLOP/s.
 //!
+//! Two more shapes time decode and small batches (`n_tok` 1 and 4) where the weights sit in L2
+//! (256 × 1536: 216 to 288 KiB in the legacy 4- and 5-bit types) and where they stream from
+//! DRAM (65536 × 2048: 72 to 96 MiB, past any last-level cache of a desktop or a CCX).
+//!
 //! `cargo bench -p strata-simd --bench matmul`; `STRATA_BENCH_THREADS` sets the pool size
-//! (default 2) and `STRATA_SIMD` the level.
+//! (default 2), `STRATA_SIMD` the level and `STRATA_BENCH_TYPES` the weight types (`q4_0,q5_1`;
+//! default all: building the DRAM-size matrices takes a while).
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use rand::rngs::StdRng;
@@ -40,9 +45,26 @@ fn bench(c: &mut Criterion) {
         strata_simd::dispatch::level()
     ));
     g.sample_size(20);
-    for ty in [GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q8_0, GgmlType::Q5_0] {
-        // ffn_up/gate (8960 rows of 1536) and ffn_down (1536 rows of 8960).
-        for (rows, cols) in [(8960, 1536), (1536, 8960)] {
+    let only = std::env::var("STRATA_BENCH_TYPES").ok();
+    let types = [
+        GgmlType::Q4K,
+        GgmlType::Q6K,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+    ];
+    let wanted = |ty: GgmlType| {
+        only.as_deref().is_none_or(|list| {
+            list.split(',')
+                .any(|n| n.trim().eq_ignore_ascii_case(ty.name()))
+        })
+    };
+    for ty in types.into_iter().filter(|&ty| wanted(ty)) {
+        // ffn_up/gate (8960 rows of 1536) and ffn_down (1536 rows of 8960), then the L2- and
+        // DRAM-size shapes.
+        for (rows, cols) in [(8960, 1536), (1536, 8960), (256, 1536), (65536, 2048)] {
             let rows_data = weights(ty, rows, cols, &mut rng);
             let mut il_data = rows_data.clone();
             let interleaved = interleave(ty, &mut il_data, rows, cols).expect("interleave");
@@ -57,7 +79,12 @@ fn bench(c: &mut Criterion) {
                     cols,
                     layout,
                 };
-                for n_tok in [1, 4, 64, 256] {
+                let toks: &[usize] = if rows == 256 || rows == 65536 {
+                    &[1, 4]
+                } else {
+                    &[1, 4, 64, 256]
+                };
+                for &n_tok in toks {
                     let x: Vec<f32> = (0..n_tok * cols)
                         .map(|_| rng.gen_range(-1.0..1.0))
                         .collect();

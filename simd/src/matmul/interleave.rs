@@ -87,7 +87,8 @@ pub(crate) const Q5_0_HIGH: usize = 288;
 pub(crate) trait Nibbles {
     /// Bytes of one row-major block.
     const ROW_BLOCK: usize;
-    /// Whether blocks carry a min `m` (f16, after `d`): `w = d q + m`; else `w = d (q - OFFSET)`.
+    /// Whether blocks carry a min `m` (f16, after `d`): `w = d q + m`; else `w = d (q - o)`,
+    /// `o` being 8 for 4 bits and 16 for 5.
     const MIN: bool;
     /// Where the fifth bits start in the tile block (64 bytes), for the 5-bit types.
     const HIGH: Option<usize>;
@@ -95,8 +96,10 @@ pub(crate) trait Nibbles {
     const QUANTS: usize;
     /// Bytes of one tile block.
     const TILE_BLOCK: usize = TILE_ROWS * Self::ROW_BLOCK;
-    /// Where `qh` (u32) and `qs` (16 bytes) start in the row-major block.
+    /// Where `qh` (u32, the 5-bit types) starts in the row-major block.
     const ROW_QH: usize = if Self::MIN { 4 } else { 2 };
+    /// Where `qs` (16 bytes: column `c` in the low nibble of byte `c`, `c + 16` in the high)
+    /// starts in the row-major block.
     const ROW_QS: usize = Self::ROW_QH + if Self::HIGH.is_some() { 4 } else { 0 };
 }
 

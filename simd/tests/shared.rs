@@ -141,7 +141,7 @@ fn shared_pass_refuses_bad_shapes() {
     );
     assert!(matches!(err, Err(SimdError::Shape { .. })), "{err:?}");
     // Activations that do not match the columns.
-    let mut c = vec![0.0; 32];
+    let mut c = [0.0; 32];
     let err = matmul_shared(
         &pool,
         &[w, w],

@@ -14,6 +14,7 @@
 
 pub(crate) mod interleave;
 mod kernels;
+mod shared;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -25,6 +26,7 @@ use crate::tune::{self, Decode, Tuning};
 use kernels::{GEMM_ROWS, Gemm, INTERLEAVED_TOKENS, InterleavedFn, Kernel, MULTI_TOKENS, kernel};
 
 pub use interleave::TILE_ROWS as INTERLEAVE_ROWS;
+pub use shared::{MAX_SHARED, SHARED_MAX_TOKENS, matmul_shared};
 
 /// A borrowed weight matrix: `rows` rows of `cols` elements of type `ty`, `ty.row_bytes(cols)`
 /// bytes per row, laid out as `layout` says.

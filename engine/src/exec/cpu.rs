@@ -10,7 +10,8 @@ pub(crate) mod repack;
 use std::ops::Range;
 
 use strata_simd::matmul::{
-    INTERLEAVE_ROWS, Layout, MatRef, MatmulScratch, deinterleave_tile, matmul,
+    INTERLEAVE_ROWS, Layout, MatRef, MatmulScratch, SHARED_MAX_TOKENS, deinterleave_tile, matmul,
+    matmul_shared,
 };
 use strata_simd::ops::{
     AttnParams, attention::attention_paged, gelu_tanh_mul, rms_norm, rms_norm_inplace, silu_mul,
@@ -156,9 +157,14 @@ impl CpuExec {
             c.rms_eps,
             &mut b.xb[..n * e],
         );
-        mat_mul(p, mm, layer.q, &b.xb, n, &mut b.q)?;
-        mat_mul(p, mm, layer.k, &b.xb, n, &mut b.k)?;
-        mat_mul(p, mm, layer.v, &b.xb, n, &mut b.v)?;
+        mat_mul_shared(
+            p,
+            mm,
+            &[layer.q, layer.k, layer.v],
+            &b.xb,
+            n,
+            [&mut b.q, &mut b.k, &mut b.v],
+        )?;
         for (out, bias, d) in [
             (&mut b.q, &layer.q_bias, qd),
             (&mut b.k, &layer.k_bias, kvd),
@@ -298,8 +304,7 @@ impl CpuExec {
                 // A MoE layer before may have left them shorter.
                 b.g.resize(n * gate.rows, 0.0);
                 b.u.resize(n * gate.rows, 0.0);
-                mat_mul(p, mm, *gate, &b.xb, n, &mut b.g)?;
-                mat_mul(p, mm, *up, &b.xb, n, &mut b.u)?;
+                mat_mul_shared(p, mm, &[*gate, *up], &b.xb, n, [&mut b.g, &mut b.u])?;
                 activate(
                     p.pool,
                     m,
@@ -420,6 +425,53 @@ fn embedding_rows_interleaved(
             model.weights.read_rows(m.id, &b.rows, dst)?;
         }
     }
+    Ok(())
+}
+
+/// `outs[i] = ms[i] · x` for `n` rows of `x`: matrices that read the same input (a layer's Q,
+/// K and V; its gate and up projections), in one pass of the pool when each is held whole
+/// (`strata_simd::matmul::matmul_shared`: one barrier instead of one per matrix in a decode
+/// step, the same bits), else one [`mat_mul`] after another.
+fn mat_mul_shared<const N: usize>(
+    p: &Pass<'_>,
+    mm: &mut MatmulScratch,
+    ms: &[Mat; N],
+    x: &[f32],
+    n: usize,
+    outs: [&mut Vec<f32>; N],
+) -> Result<(), EngineError> {
+    let weights = &p.model.weights;
+    let mut whole = true;
+    for m in ms {
+        whole &= weights.parts(m.id)? == 1 && m.cols == ms[0].cols;
+    }
+    if !whole || n > SHARED_MAX_TOKENS {
+        for (m, out) in ms.iter().zip(outs) {
+            mat_mul(p, mm, *m, x, n, out)?;
+        }
+        return Ok(());
+    }
+    let handles = ms
+        .iter()
+        .map(|m| weights.acquire(m.id))
+        .collect::<Result<Vec<_>, _>>()?;
+    let ws: Vec<MatRef<'_>> = ms
+        .iter()
+        .zip(&handles)
+        .map(|(m, h)| MatRef {
+            ty: m.ty,
+            data: h.bytes(),
+            rows: m.rows,
+            cols: m.cols,
+            layout: p.model.cpu.layout(m.id),
+        })
+        .collect();
+    let mut outs: Vec<&mut [f32]> = ms
+        .iter()
+        .zip(outs)
+        .map(|(m, o)| &mut o[..n * m.rows])
+        .collect();
+    matmul_shared(p.pool, &ws, &x[..n * ms[0].cols], n, &mut outs, mm)?;
     Ok(())
 }
 

@@ -7,7 +7,7 @@
 use strata_simd::matmul::{MatRef, matmul};
 use strata_storage::residency::TensorHandle;
 
-use super::{CpuExec, activate, mat_mul};
+use super::{CpuExec, activate, mat_mul, mat_mul_shared};
 use crate::error::EngineError;
 use crate::exec::Pass;
 use crate::model::moe::route;
@@ -126,8 +126,7 @@ impl CpuExec {
             let sf = gate.rows;
             b.g.resize(n * sf, 0.0);
             b.u.resize(n * sf, 0.0);
-            mat_mul(p, mm, *gate, &b.xb, n, &mut b.g)?;
-            mat_mul(p, mm, *up, &b.xb, n, &mut b.u)?;
+            mat_mul_shared(p, mm, &[*gate, *up], &b.xb, n, [&mut b.g, &mut b.u])?;
             activate(p.pool, m, &mut b.g[..n * sf], &b.u[..n * sf], sf);
             x.ex_y.resize(n * e, 0.0);
             mat_mul(p, mm, *down, &b.g, n, &mut x.ex_y)?;

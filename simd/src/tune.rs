@@ -170,6 +170,40 @@ impl Tuning {
         s.join(" ")
     }
 
+    /// The inverse of [`Tuning::summary`]: `base` with the choices `s` names replaced (a type
+    /// `s` does not name keeps `base`'s). `strata calibrate` stores its choice this way.
+    pub fn parse(s: &str, base: Tuning) -> Result<Tuning, String> {
+        let mut t = base;
+        for item in s.split_whitespace() {
+            let (name, choice) = item
+                .split_once('=')
+                .ok_or_else(|| format!("`{item}`: expected TYPE=CHOICE[/PREFETCH]"))?;
+            let i = TYPES
+                .iter()
+                .position(|ty| ty.to_string().eq_ignore_ascii_case(name))
+                .ok_or_else(|| format!("`{item}`: `{name}` is not a type with decode choices"))?;
+            let (d, p) = match choice.split_once('/') {
+                Some((d, p)) => (d, Some(p)),
+                None => (choice, None),
+            };
+            t.decode[i] = Decode::parse(d).ok_or_else(|| {
+                format!("`{item}`: `{d}` is not rows, interleaved256 or interleaved512")
+            })?;
+            if let Some(p) = p {
+                t.prefetch[i] = match p.parse::<usize>() {
+                    Ok(p) if p <= MAX_PREFETCH => p.next_multiple_of(64),
+                    _ => {
+                        return Err(format!(
+                            "`{item}`: prefetch `{p}` is not a distance in bytes up to \
+                             {MAX_PREFETCH}"
+                        ));
+                    }
+                };
+            }
+        }
+        Ok(t)
+    }
+
     /// Type `i`'s choice as one word: 1 (set), the decode choice's code at bits 1..3, the
     /// prefetch distance in cache lines at bits 8..16.
     fn encode(&self, i: usize) -> u32 {
@@ -483,6 +517,32 @@ mod tests {
         assert_eq!(t.decode(GgmlType::Q5K), Decode::Rows);
         for d in Decode::ALL {
             assert_eq!(Decode::parse(d.name()), Some(d));
+        }
+    }
+
+    #[test]
+    fn tuning_round_trips_through_its_summary() {
+        let base = Tuning::default_for(Level::Scalar);
+        let t = base
+            .with(GgmlType::Q4K, Decode::Interleaved256, 9216)
+            .with(GgmlType::Q6K, Decode::Interleaved512, 0)
+            .with(GgmlType::Q8_0, Decode::Rows, DEFAULT_PREFETCH);
+        assert_eq!(Tuning::parse(&t.summary(), base), Ok(t));
+        // Types not named keep the base's choice; names are not case-sensitive.
+        let p = Tuning::parse("q6_k=ROWS", t).expect("parse");
+        assert_eq!(p.decode(GgmlType::Q6K), Decode::Rows);
+        assert_eq!(p.decode(GgmlType::Q4K), Decode::Interleaved256);
+        assert_eq!(Tuning::parse("", t), Ok(t));
+        for bad in [
+            "Q4_K",
+            "Q4_K=fast",
+            "F32=rows",
+            "Q4_K=interleaved256/-1",
+            "Q4_K=interleaved256/999999",
+            "Q4_K=interleaved256/x",
+        ] {
+            let e = Tuning::parse(bad, base).expect_err(bad);
+            assert!(e.contains(bad), "{bad}: {e}");
         }
     }
 

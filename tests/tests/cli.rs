@@ -349,3 +349,82 @@ fn optimize_lays_experts_out_for_one_read_and_runs_the_same() {
     );
     assert!(!dir.path().join("x.gguf").exists());
 }
+
+/// Issue 19: `strata calibrate` stores the decode kernels it measured fastest in the hardware
+/// profile, and a load on the same CPU takes them (printed under `STRATA_LOG=info`) instead of
+/// the SIMD level's defaults; a profile made on another CPU is not used, and a malformed choice
+/// is a clean error naming the field.
+#[test]
+fn calibrated_decode_kernels_are_taken_on_the_same_cpu_only() {
+    use strata_engine::plan::HwProfile;
+    use strata_engine::plan::calibrate::cpu_id;
+    use strata_engine::plan::profile::{DecodeProfile, shipped};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, cpu: &str, kernels: &str| {
+        let p = HwProfile {
+            decode: Some(DecodeProfile {
+                cpu: cpu.into(),
+                kernels: kernels.into(),
+            }),
+            ..shipped("cpu-2core").expect("shipped profile")
+        };
+        let path = dir.path().join(name);
+        std::fs::write(&path, p.to_toml()).expect("write profile");
+        path
+    };
+    let run = |hw: &std::path::Path| {
+        Command::new(strata_bin())
+            .env("STRATA_LOG", "info")
+            .env_remove("STRATA_DECODE")
+            .args(["run", "-m", model_path(GEMMA).to_str().expect("utf-8 path")])
+            .args([
+                "-p",
+                "The capital of France is",
+                "-n",
+                "2",
+                "--temp",
+                "0",
+                "--hw",
+            ])
+            .arg(hw)
+            .output()
+            .expect("run strata")
+    };
+    let kernels = "Q4_K=rows Q6_K=rows Q8_0=rows Q5_0=rows/0";
+    let out = run(&write("here.toml", &cpu_id(), kernels));
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "stderr: {err}");
+    assert!(
+        err.contains("decode kernels from `strata calibrate`"),
+        "{err}"
+    );
+    let tuning = err
+        .lines()
+        .find(|l| l.contains("tuning="))
+        .unwrap_or_else(|| panic!("no tuning line: {err}"));
+    for k in kernels.split_whitespace() {
+        assert!(
+            tuning.contains(k.split('/').next().unwrap_or(k)),
+            "{k}: {tuning}"
+        );
+    }
+
+    let out = run(&write(
+        "there.toml",
+        "Another CPU (family 1 model 2, avx2)",
+        kernels,
+    ));
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "stderr: {err}");
+    assert!(
+        err.contains("not on this CPU") && err.contains("not used"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("decode kernels from `strata calibrate`"),
+        "{err}"
+    );
+
+    let out = run(&write("bad.toml", &cpu_id(), "Q4_K=fastest"));
+    assert_clean_error(&out, "decode.kernels");
+}

@@ -4,8 +4,8 @@
 
 use anyhow::Context as _;
 use strata_engine::plan::HwProfile;
-use strata_engine::plan::calibrate::calibrate_cpu;
-use strata_engine::plan::profile::DiskProfile;
+use strata_engine::plan::calibrate::{calibrate_cpu, cpu_id};
+use strata_engine::plan::profile::{DecodeProfile, DiskProfile};
 use strata_simd::pool::ThreadPool;
 
 use super::common::{resolve_model, threads};
@@ -80,6 +80,10 @@ pub fn exec(a: Args) -> anyhow::Result<()> {
             read_gbs,
         },
         gpu,
+        decode: Some(DecodeProfile {
+            cpu: cpu_id(),
+            kernels: m.tuning.summary(),
+        }),
     };
     let text = p.to_toml();
     let out = match a.output {

@@ -262,7 +262,12 @@ impl Model {
         // The CPU executor's weight preparation: its decode kernels chosen (measured on this
         // CPU at the first load), then its repacked layout.
         if !opts.keep_file_layout {
-            crate::exec::cpu::repack::choose_decode(opts.decode, &layers, output);
+            crate::exec::cpu::repack::choose_decode(
+                opts.decode,
+                opts.gpu.profile.as_ref().and_then(|p| p.decode.as_ref()),
+                &layers,
+                output,
+            );
         }
         let cpu = CpuWeights::prepare(
             &mut weights,

@@ -161,6 +161,29 @@ pub fn calibrate_cpu(pool: &ThreadPool, quick: bool) -> CpuProfile {
     }
 }
 
+/// The CPU as a stored decode choice names it ([`super::profile::DecodeProfile`]): its model
+/// name, family and model numbers (a VM may show every EPYC as "AMD EPYC": Zen 3 is family
+/// 25 model 1, Zen 4 family 25 model 17) and the SIMD level it has.
+pub fn cpu_id() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .take_while(|l| !l.trim().is_empty())
+            .find(|l| l.split(':').next().map(str::trim) == Some(name))
+            .and_then(|l| l.split(':').nth(1))
+            .map(|v| v.trim().to_string())
+    };
+    let numbers = match (field("cpu family"), field("model")) {
+        (Some(f), Some(m)) => format!("family {f} model {m}, "),
+        _ => String::new(),
+    };
+    format!(
+        "{} ({numbers}{})",
+        cpu_name(),
+        strata_simd::dispatch::detected().name()
+    )
+}
+
 /// The CPU's model name, as /proc/cpuinfo gives it.
 pub fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")

@@ -22,6 +22,34 @@ pub struct HwProfile {
     pub disk: DiskProfile,
     #[serde(default)]
     pub gpu: Option<GpuProfile>,
+    /// The CPU's decode kernels as `strata calibrate` chose them by measurement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode: Option<DecodeProfile>,
+}
+
+/// The decode kernels `strata calibrate` measured fastest on a CPU (`strata_simd::tune`: rows
+/// or interleaved, 256- or 512-bit, and the prefetch distance, per weight type). A load on the
+/// same CPU takes them instead of the SIMD level's defaults, without measuring: every process
+/// then runs the measured kernels, and all of them the same ones (the same bits).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecodeProfile {
+    /// The CPU they were measured on: its model name and SIMD level
+    /// ([`crate::plan::calibrate::cpu_id`]). Another CPU ignores them.
+    pub cpu: String,
+    /// `Q4_K=interleaved256/4608 Q6_K=rows …` ([`strata_simd::tune::Tuning::summary`]).
+    pub kernels: String,
+}
+
+impl DecodeProfile {
+    /// The choices over `base` (types not named keep `base`'s).
+    pub fn tuning(
+        &self,
+        base: strata_simd::tune::Tuning,
+    ) -> Result<strata_simd::tune::Tuning, String> {
+        strata_simd::tune::Tuning::parse(&self.kernels, base)
+            .map_err(|e| format!("decode.kernels: {e}"))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -153,6 +181,11 @@ impl HwProfile {
             if g.vram_bytes == 0 {
                 return Err("gpu.vram_bytes must not be 0".into());
             }
+        }
+        if let Some(d) = &self.decode {
+            d.tuning(strata_simd::tune::Tuning::default_for(
+                strata_simd::dispatch::Level::Scalar,
+            ))?;
         }
         Ok(())
     }

@@ -426,3 +426,28 @@ fn real_models_describe_themselves_from_their_tensor_tables() {
         assert!(p.decode.tokens_per_s > 1.0);
     }
 }
+
+#[test]
+fn a_profile_keeps_the_decode_kernels_calibrate_chose() {
+    use strata_simd::tune::{Decode, Tuning};
+    let mut p = hw("cpu-2core");
+    assert_eq!(p.decode, None, "shipped profiles name no CPU's kernels");
+    p.decode = Some(profile::DecodeProfile {
+        cpu: "Some CPU (avx2)".into(),
+        kernels: "Q4_K=rows Q6_K=interleaved256/9216".into(),
+    });
+    let back = HwProfile::from_toml(&p.to_toml()).expect("round trip");
+    assert_eq!(back, p);
+    let d = back.decode.expect("decode");
+    let base = Tuning::default_for(strata_simd::dispatch::Level::Scalar);
+    let t = d.tuning(base).expect("tuning");
+    assert_eq!(t.decode(strata_storage::quant::GgmlType::Q4K), Decode::Rows);
+    assert_eq!(t.prefetch(strata_storage::quant::GgmlType::Q6K), 9216);
+    // A malformed choice is refused at load, naming the field and the item.
+    let bad = p.to_toml().replace("Q4_K=rows", "Q4_K=fastest");
+    let e = HwProfile::from_toml(&bad).expect_err("bad kernels");
+    assert!(
+        e.contains("decode.kernels") && e.contains("Q4_K=fastest"),
+        "{e}"
+    );
+}

@@ -16,6 +16,8 @@ use strata_storage::residency::{TensorId, Weights};
 
 use crate::error::EngineError;
 use crate::model::{DecodeSetting, Ffn, Layer, Mat};
+use crate::plan::calibrate::cpu_id;
+use crate::plan::profile::DecodeProfile;
 
 /// The weight types of the matrices the CPU executor may repack.
 fn matrix_types(layers: &[Layer], output: Mat) -> Vec<GgmlType> {
@@ -43,9 +45,15 @@ fn matrix_types(layers: &[Layer], output: Mat) -> Vec<GgmlType> {
 
 /// Makes the process's decode choices (`strata_simd::tune`) as `setting` says, before the
 /// matrices are repacked: measured on this CPU over the model's weight types at one thread
-/// and at one per physical core (once per process: later loads keep the first choice), or
-/// fixed by the user.
-pub(crate) fn choose_decode(setting: DecodeSetting, layers: &[Layer], output: Mat) {
+/// and at one per physical core (once per process: later loads keep the first choice), taken
+/// from `strata calibrate`'s profile (`stored`) when it was made on this CPU, or fixed by the
+/// user.
+pub(crate) fn choose_decode(
+    setting: DecodeSetting,
+    stored: Option<&DecodeProfile>,
+    layers: &[Layer],
+    output: Mat,
+) {
     let with_prefetch = |t: tune::Tuning, p: Option<usize>| match p {
         Some(p) => t.with_prefetch(p),
         None => t,
@@ -59,6 +67,29 @@ pub(crate) fn choose_decode(setting: DecodeSetting, layers: &[Layer], output: Ma
         DecodeSetting::Measure { prefetch, kernels } => {
             if tune::is_set() {
                 return;
+            }
+            // `strata calibrate`'s choice, made on this CPU: taken as it is (unless the user
+            // asked for a new measurement), so every process runs the measured kernels.
+            if let (false, Some(d)) = (kernels, stored) {
+                let here = cpu_id();
+                if d.cpu != here {
+                    tracing::info!(
+                        "the hardware profile's decode kernels were chosen on {}, not on this \
+                         CPU ({here}): not used",
+                        d.cpu
+                    );
+                } else {
+                    match d.tuning(tune::current()) {
+                        Ok(t) => {
+                            tracing::info!(
+                                "decode kernels from `strata calibrate` (the hardware profile)"
+                            );
+                            tune::set(with_prefetch(t, prefetch));
+                            return;
+                        }
+                        Err(e) => tracing::warn!("the hardware profile's {e}: not used"),
+                    }
+                }
             }
             let types = matrix_types(layers, output);
             let t0 = std::time::Instant::now();

@@ -15,7 +15,7 @@
 //! change at any time; whether a matrix is interleaved at all is decided when it is loaded
 //! (`matmul::can_interleave`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
 use strata_storage::quant::GgmlType;
@@ -81,7 +81,17 @@ impl Decode {
 }
 
 /// The weight types with an interleaved layout, in the order of [`Tuning::decode`].
-pub const TYPES: [GgmlType; 4] = [GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q8_0, GgmlType::Q5_0];
+pub const TYPES: [GgmlType; 7] = [
+    GgmlType::Q4K,
+    GgmlType::Q6K,
+    GgmlType::Q8_0,
+    GgmlType::Q5_0,
+    GgmlType::Q5K,
+    GgmlType::Q3K,
+    GgmlType::Q2K,
+];
+/// How many types [`TYPES`] holds.
+const N: usize = TYPES.len();
 
 /// The prefetch distance the interleaved kernels used before it was measured: two Q4_K tile
 /// blocks.
@@ -91,10 +101,10 @@ pub const DEFAULT_PREFETCH: usize = 4608;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tuning {
     /// Per type of [`TYPES`], in that order.
-    pub decode: [Decode; 4],
+    pub decode: [Decode; N],
     /// Per type of [`TYPES`]: bytes ahead of the block computing that the interleaved kernels
     /// prefetch (0: none), a multiple of 64 up to [`MAX_PREFETCH`].
-    pub prefetch: [usize; 4],
+    pub prefetch: [usize; N],
 }
 
 /// The farthest prefetch distance a [`Tuning`] holds.
@@ -112,8 +122,8 @@ impl Tuning {
             Decode::Rows
         };
         Tuning {
-            decode: [d; 4],
-            prefetch: [DEFAULT_PREFETCH; 4],
+            decode: [d; N],
+            prefetch: [DEFAULT_PREFETCH; N],
         }
     }
 
@@ -144,7 +154,7 @@ impl Tuning {
 
     /// This tuning with every type's prefetch distance `p` (rounded up to a cache line).
     pub fn with_prefetch(mut self, p: usize) -> Tuning {
-        self.prefetch = [p.next_multiple_of(64).min(MAX_PREFETCH); 4];
+        self.prefetch = [p.next_multiple_of(64).min(MAX_PREFETCH); N];
         self
     }
 
@@ -160,35 +170,36 @@ impl Tuning {
         s.join(" ")
     }
 
-    fn encode(&self) -> u64 {
-        let mut v = 1u64;
-        for (i, (d, p)) in self.decode.iter().zip(self.prefetch).enumerate() {
-            v |= d.code() << (8 + 2 * i);
-            v |= ((p.div_ceil(64).min(255)) as u64) << (32 + 8 * i);
-        }
-        v
+    /// One word per type: bit 0 set, the choice in bits 1..3, the prefetch distance in cache
+    /// lines in bits 8..16.
+    fn encode(&self) -> [u32; N] {
+        std::array::from_fn(|i| {
+            let lines = self.prefetch[i].div_ceil(64).min(255) as u32;
+            1 | (self.decode[i].code() as u32) << 1 | lines << 8
+        })
     }
 
-    fn decode_bits(v: u64) -> Tuning {
-        let mut decode = [Decode::Rows; 4];
-        let mut prefetch = [0; 4];
-        for i in 0..4 {
-            decode[i] = Decode::from_code(v >> (8 + 2 * i));
-            prefetch[i] = ((v >> (32 + 8 * i)) & 0xFF) as usize * 64;
+    fn decode_bits(v: [u32; N]) -> Tuning {
+        Tuning {
+            decode: v.map(|w| Decode::from_code(u64::from(w >> 1))),
+            prefetch: v.map(|w| ((w >> 8) & 0xFF) as usize * 64),
         }
-        Tuning { decode, prefetch }
     }
 }
 
-/// The process's tuning, packed (0: not set).
-static CURRENT: AtomicU64 = AtomicU64::new(0);
+/// The process's tuning, one packed word per type of [`TYPES`] (all 0: not set). A type's
+/// choice and prefetch distance share a word, so a matmul never sees one without the other;
+/// a [`set`] racing a matmul of another type at most gives that type the old choice.
+static CURRENT: [AtomicU32; N] = [const { AtomicU32::new(0) }; N];
 
 /// The process's decode choices: the last [`set`], else [`Tuning::default_for`] the process's
-/// SIMD level. Cheap (one atomic load): every matmul asks.
+/// SIMD level. Cheap (a few atomic loads): every matmul asks.
 pub fn current() -> Tuning {
-    match CURRENT.load(Ordering::Relaxed) {
-        0 => Tuning::default_for(dispatch::level()),
-        v => Tuning::decode_bits(v),
+    let v: [u32; N] = std::array::from_fn(|i| CURRENT[i].load(Ordering::Acquire));
+    if v.contains(&0) {
+        Tuning::default_for(dispatch::level())
+    } else {
+        Tuning::decode_bits(v)
     }
 }
 
@@ -208,12 +219,14 @@ pub fn set(t: Tuning) {
         }
     }
     tracing::info!(tuning = %t.summary(), "decode kernels");
-    CURRENT.store(t.encode(), Ordering::Relaxed);
+    for (slot, w) in CURRENT.iter().zip(t.encode()) {
+        slot.store(w, Ordering::Release);
+    }
 }
 
 /// Whether [`set`] has been called in this process.
 pub fn is_set() -> bool {
-    CURRENT.load(Ordering::Relaxed) != 0
+    CURRENT.iter().all(|w| w.load(Ordering::Acquire) != 0)
 }
 
 /// Bytes of weights each measured pass streams: twice the last-level cache, within 64 MiB to
@@ -284,8 +297,8 @@ fn time_candidates(
         for (pi, pool) in pools.iter().enumerate() {
             for (ci, &(d, prefetch)) in cands.iter().enumerate() {
                 let t = Tuning {
-                    decode: [d; 4],
-                    prefetch: [prefetch; 4],
+                    decode: [d; N],
+                    prefetch: [prefetch; N],
                 };
                 let layout = if d == Decode::Rows {
                     Layout::Rows
@@ -434,15 +447,12 @@ mod tests {
 
     #[test]
     fn tuning_round_trips_through_its_encoding() {
-        let t = Tuning {
-            decode: [
-                Decode::Interleaved256,
-                Decode::Rows,
-                Decode::Interleaved512,
-                Decode::Interleaved256,
-            ],
-            prefetch: [9216, 0, 3392, MAX_PREFETCH],
-        };
+        let t = Tuning::default_for(Level::Scalar)
+            .with(GgmlType::Q4K, Decode::Interleaved256, 9216)
+            .with(GgmlType::Q6K, Decode::Rows, 0)
+            .with(GgmlType::Q8_0, Decode::Interleaved512, 3392)
+            .with(GgmlType::Q5_0, Decode::Interleaved256, MAX_PREFETCH)
+            .with(GgmlType::Q2K, Decode::Interleaved256, 64);
         assert_eq!(Tuning::decode_bits(t.encode()), t);
         assert_eq!(t.decode(GgmlType::Q8_0), Decode::Interleaved512);
         assert_eq!(t.decode(GgmlType::Q4_0), Decode::Rows);

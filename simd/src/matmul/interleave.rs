@@ -28,6 +28,10 @@
 //!   - 128 bytes: the low 4 bits of its quants, as two of Q4_K's groups of 8 columns;
 //!   - 64 bytes: their top 2 bits: byte `4 r + k` holds, from bit 0 up, columns `16 s + k`,
 //!     `16 s + 4 + k`, `16 s + 8 + k`, `16 s + 12 + k`.
+//!
+//! Q5_K, Q3_K and Q2_K: see [`kq`].
+
+pub(crate) mod kq;
 
 use strata_storage::quant::{GgmlType, QK_K};
 
@@ -73,7 +77,7 @@ pub(crate) fn has_layout(ty: GgmlType) -> bool {
     matches!(
         ty,
         GgmlType::Q4K | GgmlType::Q6K | GgmlType::Q8_0 | GgmlType::Q5_0
-    )
+    ) || matches!(ty, GgmlType::Q5K | GgmlType::Q3K | GgmlType::Q2K)
 }
 
 /// Q8_0 tile block: the rows' `d` (f16) in `[0, 32)`, then the quants plus 128 (unsigned) in 8
@@ -170,6 +174,9 @@ fn tile_fns(ty: GgmlType) -> (TileFn, TileFn) {
         GgmlType::Q6K => (pack_q6k_tile, unpack_q6k_tile),
         GgmlType::Q8_0 => (pack_q8_0_tile, unpack_q8_0_tile),
         GgmlType::Q5_0 => (pack_q5_0_tile, unpack_q5_0_tile),
+        GgmlType::Q5K => (kq::pack_q5k_tile, kq::unpack_q5k_tile),
+        GgmlType::Q3K => (kq::pack_q3k_tile, kq::unpack_q3k_tile),
+        GgmlType::Q2K => (kq::pack_q2k_tile, kq::unpack_q2k_tile),
         _ => (pack_q4k_tile, unpack_q4k_tile),
     }
 }
@@ -373,7 +380,11 @@ mod tests {
 
     #[test]
     fn pack_round_trips_and_leaves_the_tail() {
-        for ty in [GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q8_0, GgmlType::Q5_0] {
+        let kq = [GgmlType::Q5K, GgmlType::Q3K, GgmlType::Q2K];
+        for ty in [GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q8_0, GgmlType::Q5_0]
+            .into_iter()
+            .chain(kq)
+        {
             let (rows, cols) = (37, 512);
             let bytes = ty.row_bytes(cols) * rows;
             let orig: Vec<u8> = (0..bytes).map(|i| (i * 7919 % 251) as u8).collect();

@@ -218,7 +218,8 @@ use x86::{dot, gemm, multi, quantizer};
 mod x86 {
     use super::*;
     use crate::arch::x86_64::{
-        avx2, avx512, gemm as tiled, interleaved as il, interleaved_avx2 as il2, multi,
+        avx2, avx512, gemm as tiled, interleaved as il, interleaved_avx2 as il2,
+        interleaved_avx2_kq as il2kq, multi,
     };
 
     /// A safe wrapper around an `unsafe` SIMD dot product. Sound because [`dot`] hands it out
@@ -609,19 +610,26 @@ mod x86 {
     wrap_interleaved!(il2_q6_k, il2::q6k; ilv::Q6K_TILE_BLOCK, T::Q8K, 256);
     wrap_interleaved!(il2_q8_0, il2::legacy, false; ilv::Q8_0_TILE_BLOCK, T::Q8_0, 32);
     wrap_interleaved!(il2_q5_0, il2::legacy, true; ilv::Q5_0_TILE_BLOCK, T::Q8_0, 32);
+    wrap_interleaved!(il2_q5_k, il2kq::q5k; ilv::kq::Q5K_TILE_BLOCK, T::Q8K, 256);
+    wrap_interleaved!(il2_q3_k, il2kq::q3k; ilv::kq::Q3K_TILE_BLOCK, T::Q8K, 256);
+    wrap_interleaved!(il2_q2_k, il2kq::q2k; ilv::kq::Q2K_TILE_BLOCK, T::Q8K, 256);
 
     /// The kernel over the interleaved layout for `ty` at `level`: the 512-bit VNNI one when
-    /// `wide` and the CPU has it, else the 256-bit one (AVX2 and above).
+    /// `wide` and the CPU has it, else the 256-bit one (AVX2 and above). Types without a
+    /// 512-bit kernel run the 256-bit one when `wide` too.
     pub(crate) fn interleaved(ty: GgmlType, level: Level, wide: bool) -> Option<InterleavedFn> {
         let level = level.min(dispatch::detected());
         if wide && level >= Level::Avx512Vnni {
-            return match ty {
+            let k: Option<InterleavedFn> = match ty {
                 T::Q4K => Some(il_q4_k),
                 T::Q6K => Some(il_q6_k),
                 T::Q8_0 => Some(il_q8_0),
                 T::Q5_0 => Some(il_q5_0),
                 _ => None,
             };
+            if k.is_some() {
+                return k;
+            }
         }
         if level >= Level::Avx2 {
             return match ty {
@@ -629,6 +637,9 @@ mod x86 {
                 T::Q6K => Some(il2_q6_k),
                 T::Q8_0 => Some(il2_q8_0),
                 T::Q5_0 => Some(il2_q5_0),
+                T::Q5K => Some(il2_q5_k),
+                T::Q3K => Some(il2_q3_k),
+                T::Q2K => Some(il2_q2_k),
                 _ => None,
             };
         }

@@ -56,7 +56,7 @@ pub(crate) fn choose_decode(setting: DecodeSetting, layers: &[Layer], output: Ma
             let t = tune::current();
             tune::set(with_prefetch(
                 tune::Tuning {
-                    decode: [decode; 4],
+                    decode: [decode; tune::TYPES.len()],
                     ..t
                 },
                 prefetch,

@@ -1,6 +1,6 @@
 //! matmul throughput on the shapes of a 1.5B model's FFN (1536 × 8960 and 8960 × 1536): the
 //! K-quants of qwen2.5 and the legacy types of gemma3 (whose largest tensor is a Q8_0 output
-//! matrix). `n_tok=1` is decode (the single-token kernels), reported in weight bytes per second
+//! matrix), and the K-quants of Q5_K_M, Q3_K_M and Q2_K files. `n_tok=1` is decode (the single-token kernels), reported in weight bytes per second
 //! so it reads against memory bandwidth; `n_tok=4` the multi-token kernels (small batches),
 //! `n_tok=64` and `n_tok=256` prefill (the tiled GEMM where the level has one), reported as
 //! operations (`2 · n_tok · rows · cols` per call) in criterion's "elements": `Gelem/s` reads
@@ -40,7 +40,11 @@ fn bench(c: &mut Criterion) {
         strata_simd::dispatch::level()
     ));
     g.sample_size(20);
-    for ty in [GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q8_0, GgmlType::Q5_0] {
+    let kq = [GgmlType::Q5K, GgmlType::Q3K, GgmlType::Q2K];
+    for ty in [GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q8_0, GgmlType::Q5_0]
+        .into_iter()
+        .chain(kq)
+    {
         // ffn_up/gate (8960 rows of 1536) and ffn_down (1536 rows of 8960).
         for (rows, cols) in [(8960, 1536), (1536, 8960)] {
             let rows_data = weights(ty, rows, cols, &mut rng);

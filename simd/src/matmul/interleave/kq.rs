@@ -51,6 +51,9 @@ pub(crate) const Q3K_SUB: usize = 64 + 128;
 pub(crate) const Q2K_PARTS: usize = 64;
 pub(crate) const Q2K_SUB: usize = 16 + 64;
 
+/// A bit field of an element's value: byte, shift, width in bits.
+type Field = (usize, u32, u32);
+
 /// One type's element placement: where element `e` of a row-major block keeps its value's bit
 /// fields, and where element `e` of row `r` keeps them in a tile block. A field is (byte, shift,
 /// width in bits), listed from the value's low bits up.
@@ -59,15 +62,15 @@ struct Placement {
     /// Copies the header fields (scales, `d`, …) of row `r` between a row block and a tile
     /// block: `(row, tile, r, to_tile)`.
     header: fn(&mut [u8], &mut [u8], usize, bool),
-    row: fn(usize) -> [(usize, u32, u32); 2],
-    tile: fn(usize, usize) -> [(usize, u32, u32); 2],
+    row: fn(usize) -> [Field; 2],
+    tile: fn(usize, usize) -> [Field; 2],
 }
 
-fn get(bytes: &[u8], (at, shift, bits): (usize, u32, u32)) -> u8 {
+fn get(bytes: &[u8], (at, shift, bits): Field) -> u8 {
     (bytes[at] >> shift) & ((1 << bits) - 1)
 }
 
-fn put(bytes: &mut [u8], (at, shift, _): (usize, u32, u32), v: u8) {
+fn put(bytes: &mut [u8], (at, shift, _): Field, v: u8) {
     bytes[at] |= v << shift;
 }
 
@@ -81,12 +84,12 @@ fn copy(row: &mut [u8], a: usize, tile: &mut [u8], b: usize, n: usize, to_tile: 
 }
 
 /// Top bits of 32 columns: column `c` of row `r`, from `base`.
-fn top32(base: usize, r: usize, c: usize) -> (usize, u32, u32) {
+fn top32(base: usize, r: usize, c: usize) -> Field {
     (base + 4 * r + c % 4, (c / 4) as u32, 1)
 }
 
 /// 2 bits of 16 columns: column `c` of row `r`, from `base`.
-fn two16(base: usize, r: usize, c: usize) -> (usize, u32, u32) {
+fn two16(base: usize, r: usize, c: usize) -> Field {
     (base + 4 * r + c % 4, 2 * (c / 4) as u32, 2)
 }
 
@@ -160,12 +163,12 @@ const Q2K: Placement = Placement {
 };
 
 /// The value of element `e` in `bytes` where `fields` says it lives.
-fn value(bytes: &[u8], fields: [(usize, u32, u32); 2]) -> u8 {
+fn value(bytes: &[u8], fields: [Field; 2]) -> u8 {
     let [lo, hi] = fields;
     get(bytes, lo) | (get(bytes, hi) << lo.2)
 }
 
-fn place(bytes: &mut [u8], fields: [(usize, u32, u32); 2], v: u8) {
+fn place(bytes: &mut [u8], fields: [Field; 2], v: u8) {
     let [lo, hi] = fields;
     put(bytes, lo, v & ((1 << lo.2) - 1));
     put(bytes, hi, v >> lo.2);

@@ -1,6 +1,6 @@
 //! matmul throughput on the shapes of a 1.5B model's FFN (1536 × 8960 and 8960 × 1536): the
 //! K-quants of qwen2.5 and the legacy types of gemma3 (whose largest tensor is a Q8_0 output
-//! matrix). `n_tok=1` is decode (the single-token kernels), reported in weight bytes per second
+//! matrix), and the K-quants of Q5_K_M, Q3_K_M and Q2_K files. `n_tok=1` is decode (the single-token kernels), reported in weight bytes per second
 //! so it reads against memory bandwidth; `n_tok=4` the multi-token kernels (small batches),
 //! `n_tok=64` and `n_tok=256` prefill (the tiled GEMM where the level has one), reported as
 //! operations (`2 · n_tok · rows · cols` per call) in criterion's "elements": `Gelem/s` reads
@@ -54,6 +54,9 @@ fn bench(c: &mut Criterion) {
         GgmlType::Q4_1,
         GgmlType::Q5_0,
         GgmlType::Q5_1,
+        GgmlType::Q5K,
+        GgmlType::Q3K,
+        GgmlType::Q2K,
     ];
     let wanted = |ty: GgmlType| {
         only.as_deref().is_none_or(|list| {

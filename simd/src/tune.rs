@@ -89,9 +89,12 @@ pub const TYPES: [GgmlType; N_TYPES] = [
     GgmlType::Q4_0,
     GgmlType::Q4_1,
     GgmlType::Q5_1,
+    GgmlType::Q5K,
+    GgmlType::Q3K,
+    GgmlType::Q2K,
 ];
 /// How many [`TYPES`] there are.
-pub const N_TYPES: usize = 7;
+pub const N_TYPES: usize = 10;
 
 /// The prefetch distance the interleaved kernels used before it was measured: two Q4_K tile
 /// blocks.
@@ -494,18 +497,14 @@ mod tests {
 
     #[test]
     fn tuning_round_trips_through_its_encoding() {
-        let t = Tuning {
-            decode: [
-                Decode::Interleaved256,
-                Decode::Rows,
-                Decode::Interleaved512,
-                Decode::Interleaved256,
-                Decode::Rows,
-                Decode::Interleaved256,
-                Decode::Interleaved512,
-            ],
-            prefetch: [9216, 0, 3392, MAX_PREFETCH, 64, 128, 4608],
-        };
+        let t = Tuning::default_for(Level::Scalar)
+            .with(GgmlType::Q4K, Decode::Interleaved256, 9216)
+            .with(GgmlType::Q6K, Decode::Rows, 0)
+            .with(GgmlType::Q8_0, Decode::Interleaved512, 3392)
+            .with(GgmlType::Q5_0, Decode::Interleaved256, MAX_PREFETCH)
+            .with(GgmlType::Q4_1, Decode::Interleaved256, 128)
+            .with(GgmlType::Q5_1, Decode::Interleaved512, 4608)
+            .with(GgmlType::Q2K, Decode::Interleaved256, 64);
         for i in 0..N_TYPES {
             assert_eq!(
                 Tuning::decode_word(t.encode(i)),
@@ -515,6 +514,7 @@ mod tests {
         assert_eq!(t.decode(GgmlType::Q8_0), Decode::Interleaved512);
         assert_eq!(t.decode(GgmlType::Q4_0), Decode::Rows);
         assert_eq!(t.decode(GgmlType::Q5K), Decode::Rows);
+        assert_eq!(t.decode(GgmlType::F16), Decode::Rows);
         for d in Decode::ALL {
             assert_eq!(Decode::parse(d.name()), Some(d));
         }

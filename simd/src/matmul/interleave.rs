@@ -41,6 +41,10 @@
 //!   `8 g + 4 + k` in its high one; Q5_0: its fifth bits last, as Q5_1's. Q4_0: 288 bytes,
 //!   Q4_1: 320, Q5_0: 352 (fifth bits at [`Q5_0_HIGH`]), Q5_1: 384. The kernels read them front
 //!   to back.
+//!
+//! Q5_K, Q3_K and Q2_K: see [`kq`].
+
+pub(crate) mod kq;
 
 use strata_storage::quant::{GgmlType, QK_K};
 
@@ -150,7 +154,7 @@ pub(crate) fn has_layout(ty: GgmlType) -> bool {
             | GgmlType::Q4_1
             | GgmlType::Q5_0
             | GgmlType::Q5_1
-    )
+    ) || matches!(ty, GgmlType::Q5K | GgmlType::Q3K | GgmlType::Q2K)
 }
 
 /// Q8_0 tile block: the rows' `d` (f16) in `[0, 32)`, then the quants plus 128 (unsigned) in 8
@@ -277,6 +281,9 @@ fn tile_fns(ty: GgmlType) -> (TileFn, TileFn) {
             pack_nibbles_tile::<Q5_1Tile>,
             unpack_nibbles_tile::<Q5_1Tile>,
         ),
+        GgmlType::Q5K => (kq::pack_q5k_tile, kq::unpack_q5k_tile),
+        GgmlType::Q3K => (kq::pack_q3k_tile, kq::unpack_q3k_tile),
+        GgmlType::Q2K => (kq::pack_q2k_tile, kq::unpack_q2k_tile),
         _ => (pack_q4k_tile, unpack_q4k_tile),
     }
 }
@@ -488,6 +495,9 @@ mod tests {
             GgmlType::Q4_1,
             GgmlType::Q5_0,
             GgmlType::Q5_1,
+            GgmlType::Q5K,
+            GgmlType::Q3K,
+            GgmlType::Q2K,
         ] {
             let (rows, cols) = (37, 512);
             let bytes = ty.row_bytes(cols) * rows;

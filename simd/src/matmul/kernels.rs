@@ -223,7 +223,8 @@ pub(crate) use x86::{has_interleaved_512, interleaved};
 mod x86 {
     use super::*;
     use crate::arch::x86_64::{
-        avx2, avx512, gemm as tiled, interleaved as il, interleaved_avx2 as il2, multi,
+        avx2, avx512, gemm as tiled, interleaved as il, interleaved_avx2 as il2,
+        interleaved_avx2_kq as il2kq, multi,
     };
 
     /// A safe wrapper around an `unsafe` SIMD dot product. Sound because [`dot`] hands it out
@@ -620,6 +621,10 @@ mod x86 {
     wrap_interleaved!(il2_q4_1, il2::nibbles, Q4_1Tile; Q4_1Tile::TILE_BLOCK, T::Q8_1, 32);
     wrap_interleaved!(il2_q5_1, il2::nibbles, Q5_1Tile; Q5_1Tile::TILE_BLOCK, T::Q8_1, 32);
 
+    wrap_interleaved!(il2_q5_k, il2kq::q5k; ilv::kq::Q5K_TILE_BLOCK, T::Q8K, 256);
+    wrap_interleaved!(il2_q3_k, il2kq::q3k; ilv::kq::Q3K_TILE_BLOCK, T::Q8K, 256);
+    wrap_interleaved!(il2_q2_k, il2kq::q2k; ilv::kq::Q2K_TILE_BLOCK, T::Q8K, 256);
+
     /// The 512-bit (AVX-512 VNNI) interleaved kernel of `ty`, where there is one.
     fn interleaved_512(ty: GgmlType) -> Option<InterleavedFn> {
         match ty {
@@ -656,6 +661,9 @@ mod x86 {
                 T::Q4_1 => Some(il2_q4_1),
                 T::Q5_0 => Some(il2_q5_0),
                 T::Q5_1 => Some(il2_q5_1),
+                T::Q5K => Some(il2_q5_k),
+                T::Q3K => Some(il2_q3_k),
+                T::Q2K => Some(il2_q2_k),
                 _ => None,
             };
         }

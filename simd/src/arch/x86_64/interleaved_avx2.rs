@@ -24,7 +24,7 @@ use crate::matmul::interleave::{
 };
 
 /// Bytes of one Q8_K activation block: d (f32), 256 quants, 16 block sums (i16).
-const Q8K_BLOCK: usize = 292;
+pub(super) const Q8K_BLOCK: usize = 292;
 /// Bytes of one Q8_0 activation block: d (f16) and 32 quants.
 const Q8_0_ACT: usize = 34;
 /// Bytes of one Q8_1 activation block: d (f16), s = d · Σ q (f16) and 32 quants.
@@ -36,7 +36,7 @@ const Q8_1_ACT: usize = 36;
 /// `p` must be valid for reading 4 bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn bcast4(p: *const u8) -> __m256i {
+pub(super) unsafe fn bcast4(p: *const u8) -> __m256i {
     // SAFETY: the caller guarantees 4 readable bytes.
     _mm256_set1_epi32(unsafe { p.cast::<i32>().read_unaligned() })
 }
@@ -47,7 +47,7 @@ unsafe fn bcast4(p: *const u8) -> __m256i {
 /// `p` must be valid for reading 32 bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load(p: *const u8) -> __m256i {
+pub(super) unsafe fn load(p: *const u8) -> __m256i {
     // SAFETY: the caller guarantees 32 readable bytes.
     unsafe { _mm256_loadu_si256(p.cast()) }
 }
@@ -58,7 +58,7 @@ unsafe fn load(p: *const u8) -> __m256i {
 /// `p` must be valid for reading 16 bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f16_rows(p: *const u8) -> __m256 {
+pub(super) unsafe fn f16_rows(p: *const u8) -> __m256 {
     // SAFETY: the caller guarantees 16 readable bytes.
     _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p.cast()) })
 }
@@ -68,7 +68,7 @@ unsafe fn f16_rows(p: *const u8) -> __m256 {
 /// matrix: a prefetch is a hint and never faults).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn prefetch_ahead(tile: *const u8, b: usize, block: usize, ahead: usize) {
+pub(super) fn prefetch_ahead(tile: *const u8, b: usize, block: usize, ahead: usize) {
     if ahead > 0 {
         prefetch(tile.wrapping_add(b * block + ahead), block);
     }
@@ -78,7 +78,7 @@ fn prefetch_ahead(tile: *const u8, b: usize, block: usize, ahead: usize) {
 /// bytes twice (zero-extended): the per-row factor of a `vpmaddwd` over i16 pairs.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn per_row_u8<const H: usize>(v: __m128i) -> __m256i {
+pub(super) fn per_row_u8<const H: usize>(v: __m128i) -> __m256i {
     let d = if H == 0 {
         _mm_unpacklo_epi8(v, v)
     } else {
@@ -90,7 +90,7 @@ fn per_row_u8<const H: usize>(v: __m128i) -> __m256i {
 /// As [`per_row_u8`], sign-extended.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn per_row_i8<const H: usize>(v: __m128i) -> __m256i {
+pub(super) fn per_row_i8<const H: usize>(v: __m128i) -> __m256i {
     let d = if H == 0 {
         _mm_unpacklo_epi8(v, v)
     } else {
@@ -103,7 +103,7 @@ fn per_row_i8<const H: usize>(v: __m128i) -> __m256i {
 /// per row.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn mins_pairs<const H: usize>(mn: &[__m128i; 8]) -> [__m256i; 4] {
+pub(super) fn mins_pairs<const H: usize>(mn: &[__m128i; 8]) -> [__m256i; 4] {
     let mut mins = [_mm256_setzero_si256(); 4];
     for (p, m) in mins.iter_mut().enumerate() {
         let v = if H == 0 {
@@ -142,7 +142,7 @@ unsafe fn offset_sum<const SHIFT: i32>(p: *const u8) -> __m256i {
 /// `out + t * out_stride` valid for writing 16 f32 for every `t < NT`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn store<const NT: usize>(
+pub(super) unsafe fn store<const NT: usize>(
     lo: &[__m256; NT],
     hi: &[__m256; NT],
     out: *mut f32,
@@ -153,6 +153,86 @@ unsafe fn store<const NT: usize>(
         unsafe {
             _mm256_storeu_ps(out.add(t * out_stride), lo[t]);
             _mm256_storeu_ps(out.add(t * out_stride + 8), hi[t]);
+        }
+    }
+}
+
+/// The 8 sub-blocks' 6-bit scales and mins of 16 rows, from the 12 packed bytes of each row
+/// transposed at `p` (byte `j` of row `r` at `p + 16 j + r`), one byte per row.
+///
+/// # Safety
+/// `p` must be valid for reading 192 bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn k4_scales(p: *const u8) -> ([__m128i; 8], [__m128i; 8]) {
+    let m63 = _mm_set1_epi8(63);
+    let m15 = _mm_set1_epi8(15);
+    let m48 = _mm_set1_epi8(0x30);
+    // SAFETY: byte 16 j + 15 < 192 for every j < 12 (caller).
+    let q = |j: usize| unsafe { _mm_loadu_si128(p.add(16 * j).cast()) };
+    let mut sc = [_mm_setzero_si128(); 8];
+    let mut mn = [_mm_setzero_si128(); 8];
+    for s in 0..4 {
+        sc[s] = _mm_and_si128(q(s), m63);
+        mn[s] = _mm_and_si128(q(s + 4), m63);
+    }
+    for s in 4..8 {
+        // (byte >> 6) << 4 is (byte >> 2) & 0x30.
+        let top_s = _mm_and_si128(_mm_srli_epi16::<2>(q(s - 4)), m48);
+        let top_m = _mm_and_si128(_mm_srli_epi16::<2>(q(s)), m48);
+        sc[s] = _mm_or_si128(_mm_and_si128(q(s + 4), m15), top_s);
+        mn[s] = _mm_or_si128(_mm_and_si128(_mm_srli_epi16::<4>(q(s + 4)), m15), top_m);
+    }
+    (sc, mn)
+}
+
+/// The end of a Q4_K / Q5_K tile block: `acc += d · dy · isum - dmin · dy · Σ min · bsum` per
+/// row and token, `x` the tile block (`d` at 0, `dmin` at 32), `y` token 0's Q8_K block.
+///
+/// # Safety
+/// `x` valid for 64 bytes, `y + t * act_row` for a Q8_K block for every `t < NT`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn k4_block_end<const NT: usize>(
+    x: *const u8,
+    y: *const u8,
+    act_row: usize,
+    mn: &[__m128i; 8],
+    isum: &[[__m256i; NT]; 2],
+    acc: &mut [[__m256; NT]; 2],
+) {
+    let mins = [mins_pairs::<0>(mn), mins_pairs::<1>(mn)];
+    for t in 0..NT {
+        // SAFETY: token t's Q8_K block and the tile block's first 64 bytes (caller).
+        unsafe {
+            let yt = y.add(t * act_row);
+            let bs = _mm256_loadu_si256(yt.add(260).cast());
+            // The sums of each 32 columns, as i16: adjacent 16-column sums added.
+            let b32 = _mm_hadd_epi16(
+                _mm256_castsi256_si128(bs),
+                _mm256_extracti128_si256::<1>(bs),
+            );
+            let pairs = [
+                _mm256_set1_epi32(_mm_cvtsi128_si32(b32)),
+                _mm256_set1_epi32(_mm_extract_epi32::<1>(b32)),
+                _mm256_set1_epi32(_mm_extract_epi32::<2>(b32)),
+                _mm256_set1_epi32(_mm_extract_epi32::<3>(b32)),
+            ];
+            let dy = _mm256_set1_ps(yt.cast::<f32>().read_unaligned());
+            for h in 0..2 {
+                let mut m = _mm256_setzero_si256();
+                for (mp, pair) in mins[h].iter().zip(pairs) {
+                    m = _mm256_add_epi32(m, _mm256_madd_epi16(*mp, pair));
+                }
+                let d = f16_rows(x.add(16 * h));
+                let dmin = f16_rows(x.add(32 + 16 * h));
+                let a = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(isum[h][t]),
+                    _mm256_mul_ps(d, dy),
+                    acc[h][t],
+                );
+                acc[h][t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(m), _mm256_mul_ps(dmin, dy), a);
+            }
         }
     }
 }
@@ -178,9 +258,6 @@ pub(crate) unsafe fn q4k<const NT: usize>(
     ahead: usize,
 ) {
     let m4 = _mm256_set1_epi8(0xF);
-    let m63 = _mm_set1_epi8(63);
-    let m15 = _mm_set1_epi8(15);
-    let m48 = _mm_set1_epi8(0x30);
     let mut acc = [[_mm256_setzero_ps(); NT]; 2];
     for b in 0..nb {
         prefetch_ahead(tile, b, Q4K_TILE_BLOCK, ahead);
@@ -188,20 +265,7 @@ pub(crate) unsafe fn q4k<const NT: usize>(
         // every offset below stays inside them.
         unsafe {
             let x = tile.add(b * Q4K_TILE_BLOCK);
-            let q = |j: usize| _mm_loadu_si128(x.add(64 + 16 * j).cast());
-            let mut sc = [_mm_setzero_si128(); 8];
-            let mut mn = [_mm_setzero_si128(); 8];
-            for s in 0..4 {
-                sc[s] = _mm_and_si128(q(s), m63);
-                mn[s] = _mm_and_si128(q(s + 4), m63);
-            }
-            for s in 4..8 {
-                // (byte >> 6) << 4 is (byte >> 2) & 0x30.
-                let top_s = _mm_and_si128(_mm_srli_epi16::<2>(q(s - 4)), m48);
-                let top_m = _mm_and_si128(_mm_srli_epi16::<2>(q(s)), m48);
-                sc[s] = _mm_or_si128(_mm_and_si128(q(s + 4), m15), top_s);
-                mn[s] = _mm_or_si128(_mm_and_si128(_mm_srli_epi16::<4>(q(s + 4)), m15), top_m);
-            }
+            let (sc, mn) = k4_scales(x.add(64));
             let y = act.add(b * Q8K_BLOCK);
             // Both halves of each 64-byte group in turn, so the block is read front to back.
             let mut isum = [[_mm256_setzero_si256(); NT]; 2];
@@ -230,37 +294,7 @@ pub(crate) unsafe fn q4k<const NT: usize>(
                     }
                 }
             }
-            let mins = [mins_pairs::<0>(&mn), mins_pairs::<1>(&mn)];
-            for t in 0..NT {
-                let yt = y.add(t * act_row);
-                let bs = _mm256_loadu_si256(yt.add(260).cast());
-                // The sums of each 32 columns, as i16: adjacent 16-column sums added.
-                let b32 = _mm_hadd_epi16(
-                    _mm256_castsi256_si128(bs),
-                    _mm256_extracti128_si256::<1>(bs),
-                );
-                let pairs = [
-                    _mm256_set1_epi32(_mm_cvtsi128_si32(b32)),
-                    _mm256_set1_epi32(_mm_extract_epi32::<1>(b32)),
-                    _mm256_set1_epi32(_mm_extract_epi32::<2>(b32)),
-                    _mm256_set1_epi32(_mm_extract_epi32::<3>(b32)),
-                ];
-                let dy = _mm256_set1_ps(yt.cast::<f32>().read_unaligned());
-                for h in 0..2 {
-                    let mut m = _mm256_setzero_si256();
-                    for (mp, pair) in mins[h].iter().zip(pairs) {
-                        m = _mm256_add_epi32(m, _mm256_madd_epi16(*mp, pair));
-                    }
-                    let d = f16_rows(x.add(16 * h));
-                    let dmin = f16_rows(x.add(32 + 16 * h));
-                    let a = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(isum[h][t]),
-                        _mm256_mul_ps(d, dy),
-                        acc[h][t],
-                    );
-                    acc[h][t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(m), _mm256_mul_ps(dmin, dy), a);
-                }
-            }
+            k4_block_end(x, y, act_row, &mn, &isum, &mut acc);
         }
     }
     // SAFETY: forwarded (caller).

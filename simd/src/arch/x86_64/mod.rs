@@ -7,4 +7,5 @@ pub(crate) mod avx512;
 pub(crate) mod gemm;
 pub(crate) mod interleaved;
 pub(crate) mod interleaved_avx2;
+pub(crate) mod interleaved_avx2_kq;
 pub(crate) mod multi;

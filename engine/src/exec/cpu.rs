@@ -18,6 +18,7 @@ use strata_simd::ops::{
 };
 use strata_simd::pool::ThreadPool;
 use strata_storage::quant::dequantize_row;
+use strata_storage::residency::TensorHandle;
 
 use super::{Act, Pass, Slot};
 use crate::error::EngineError;
@@ -451,26 +452,24 @@ fn mat_mul_shared<const N: usize>(
         }
         return Ok(());
     }
-    let handles = ms
-        .iter()
-        .map(|m| weights.acquire(m.id))
-        .collect::<Result<Vec<_>, _>>()?;
-    let ws: Vec<MatRef<'_>> = ms
-        .iter()
-        .zip(&handles)
-        .map(|(m, h)| MatRef {
-            ty: m.ty,
-            data: h.bytes(),
-            rows: m.rows,
-            cols: m.cols,
-            layout: p.model.cpu.layout(m.id),
-        })
-        .collect();
-    let mut outs: Vec<&mut [f32]> = ms
-        .iter()
-        .zip(outs)
-        .map(|(m, o)| &mut o[..n * m.rows])
-        .collect();
+    // Arrays, not vectors: a decode step allocates nothing once warm.
+    let mut handles: [Option<TensorHandle>; N] = [const { None }; N];
+    for (h, m) in handles.iter_mut().zip(ms) {
+        *h = Some(weights.acquire(m.id)?);
+    }
+    let ws: [MatRef<'_>; N] = std::array::from_fn(|i| MatRef {
+        ty: ms[i].ty,
+        data: handles[i].as_ref().map_or(&[][..], |h| h.bytes()),
+        rows: ms[i].rows,
+        cols: ms[i].cols,
+        layout: p.model.cpu.layout(ms[i].id),
+    });
+    let mut i = 0;
+    let mut outs: [&mut [f32]; N] = outs.map(|o| {
+        let rows = ms[i].rows;
+        i += 1;
+        &mut o[..n * rows]
+    });
     matmul_shared(p.pool, &ws, &x[..n * ms[0].cols], n, &mut outs, mm)?;
     Ok(())
 }

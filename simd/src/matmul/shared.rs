@@ -102,12 +102,14 @@ pub fn matmul_shared(
             items: 0,
         });
     }
-    let act_ty = parts[0].map(|p| p.k.act);
-    if parts.iter().flatten().any(|p| Some(p.k.act) != act_ty) {
+    let Some(k0) = parts[0].map(|p| p.k) else {
+        return one_by_one(outs, scratch);
+    };
+    if parts.iter().flatten().any(|p| p.k.act != k0.act) {
         return one_by_one(outs, scratch);
     }
-    let parts: Vec<Part<'_>> = parts.into_iter().flatten().collect();
-    let k0 = parts[0].k;
+    // No allocation: a decode step allocates nothing once warm.
+    let n_parts = ws.len();
 
     // Quantize the activations once; every matrix reads them.
     let act_row = k0.act.ty().row_bytes(first.cols);
@@ -122,11 +124,10 @@ pub fn matmul_shared(
     let act: &[u8] = act;
 
     let nth = pool.n_threads();
-    let total_rows: usize = parts.iter().map(|p| p.w.rows).sum();
+    let total_rows: usize = ws.iter().map(|w| w.rows).sum();
     let chunk = (total_rows / (nth * CHUNKS_PER_THREAD)).next_multiple_of(INTERLEAVE_ROWS);
     let chunk = chunk.max(INTERLEAVE_ROWS);
-    let mut parts = parts;
-    for p in &mut parts {
+    for p in parts[..n_parts].iter_mut().flatten() {
         p.items = match p.il {
             Some(_) => {
                 let tiles = p.w.rows / INTERLEAVE_ROWS;
@@ -136,15 +137,15 @@ pub fn matmul_shared(
             None => p.w.rows.div_ceil(chunk),
         };
     }
-    let parts = &parts[..];
-    let n_items: usize = parts.iter().map(|p| p.items).sum();
+    let parts = &parts[..n_parts];
+    let n_items: usize = parts.iter().flatten().map(|p| p.items).sum();
     let next = AtomicUsize::new(0);
     let job = |_ith: usize, _nth: usize| loop {
         let mut item = next.fetch_add(1, Ordering::Relaxed);
         if item >= n_items {
             break;
         }
-        let Some(p) = parts.iter().find(|p| {
+        let Some(p) = parts.iter().flatten().find(|p| {
             if item < p.items {
                 true
             } else {

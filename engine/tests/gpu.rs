@@ -1,6 +1,13 @@
 //! The CPU+GPU split end to end on the simulated GPU: every placement gives the CPU backend's
 //! logits (to rounding: the GPU quantizes activations to q8_1 where the CPU uses Q8_K, and
 //! sums in another order) and its greedy tokens.
+//!
+//! The simulator's shared-memory race checker (a shadow cell per shared byte, most of a
+//! simulated launch's time) is on in `every_architecture_all_on_the_gpu`, which runs every
+//! architecture's kernels, and in the CUDA graph test; the tests whose point is placement,
+//! streaming, KV tiering or cache types run the same kernels with it off ([`sim_unchecked`]).
+//! Bounds, barrier, shuffle and host-access checks stay on everywhere, and the kernels crate's
+//! own tests race-check every kernel under many schedules.
 
 use std::sync::Arc;
 
@@ -20,6 +27,16 @@ fn model_file(spec: &GenSpec) -> (tempfile::TempDir, std::path::PathBuf) {
 fn sim(memory: usize) -> DeviceSpec {
     DeviceSpec::Sim(SimConfig {
         memory,
+        ..SimConfig::default()
+    })
+}
+
+/// A simulated device without the race checker, for tests whose point is where the work runs:
+/// their kernels are race-checked in `every_architecture_all_on_the_gpu` and the kernel tests.
+fn sim_unchecked(memory: usize) -> DeviceSpec {
+    DeviceSpec::Sim(SimConfig {
+        memory,
+        check_races: false,
         ..SimConfig::default()
     })
 }
@@ -174,7 +191,7 @@ fn every_architecture_half_on_the_gpu() {
             &spec,
             "-ngl half",
             GpuOptions {
-                device: sim(256 << 20),
+                device: sim_unchecked(256 << 20),
                 n_gpu_layers: Some(half),
                 ..GpuOptions::default()
             },
@@ -190,7 +207,7 @@ fn cpu_attention_with_the_weights_on_the_gpu() {
             &spec,
             "-nkvo",
             GpuOptions {
-                device: sim(256 << 20),
+                device: sim_unchecked(256 << 20),
                 no_kv_offload: true,
                 ..GpuOptions::default()
             },
@@ -208,7 +225,7 @@ fn a_vram_budget_below_the_model_streams_the_rest() {
             &spec,
             "VRAM budget of a third",
             GpuOptions {
-                device: sim(256 << 20),
+                device: sim_unchecked(256 << 20),
                 vram_budget: Some(bytes / 3),
                 ..GpuOptions::default()
             },
@@ -225,7 +242,7 @@ fn moe_experts_split_between_vram_and_the_cpu() {
         let (_d, path) = model_file(&spec);
         let bytes = std::fs::metadata(&path).unwrap().len();
         let opts = |tenths: u64| GpuOptions {
-            device: sim(256 << 20),
+            device: sim_unchecked(256 << 20),
             vram_budget: Some(bytes * tenths / 10),
             ..GpuOptions::default()
         };
@@ -259,7 +276,7 @@ fn moe_experts_split_across_vram_ram_and_ssd() {
                 ..Default::default()
             },
             gpu: GpuOptions {
-                device: sim(256 << 20),
+                device: sim_unchecked(256 << 20),
                 vram_budget: Some(bytes * tenths / 10),
                 ..GpuOptions::default()
             },
@@ -295,7 +312,7 @@ fn all_on_the_gpu_matches_the_cpu() {
     let gpu = load(
         &path,
         GpuOptions {
-            device: sim(256 << 20),
+            device: sim_unchecked(256 << 20),
             ..GpuOptions::default()
         },
     );
@@ -340,14 +357,18 @@ fn long_run(model: &Model, ctx: &mut strata_engine::Context, prompt_len: usize) 
 #[test]
 fn kv_pages_move_from_vram_to_ram_and_ssd_and_attention_reads_them_all() {
     // 600 positions: three pages per layer and side. With VRAM for one page of each, the two
-    // oldest go to RAM; with a RAM budget too, on to SSD. The pages are the same bytes
-    // wherever they are, and the GPU stages the ones not in VRAM: the logits are identical.
-    let spec = GenSpec::tiny(Arch::Llama);
+    // oldest go to RAM; with a RAM budget of nothing, on to SSD (the spill tier keeps one page
+    // per layer and side in RAM whatever its budget, so it takes the third page to reach it).
+    // The pages are the same bytes wherever they are, and the GPU stages the ones not in VRAM:
+    // the logits are identical. Two layers: the tiers hold pages per layer, and more layers
+    // would only repeat the same moves at several times the simulator's time.
+    let mut spec = GenSpec::tiny(Arch::Llama);
+    spec.n_layer = 2;
     let (_d, path) = model_file(&spec);
     let page = 256 * spec.n_head_kv * spec.head_dim * 2; // f16 rows of one side
     let pool = Arc::new(ThreadPool::new(2));
     let gpu_opts = |kv_vram: Option<usize>| GpuOptions {
-        device: sim(256 << 20),
+        device: sim_unchecked(256 << 20),
         kv_vram_budget: kv_vram,
         n_ctx: Some(1024),
         ..GpuOptions::default()
@@ -397,7 +418,7 @@ fn streaming_setup() -> (tempfile::TempDir, std::path::PathBuf, u64, GpuOptions)
     let (d, path) = model_file(&spec);
     let size = std::fs::metadata(&path).unwrap().len();
     let gpu = GpuOptions {
-        device: sim(256 << 20),
+        device: sim_unchecked(256 << 20),
         vram_budget: Some(size / 4),
         ..GpuOptions::default()
     };
@@ -475,7 +496,7 @@ fn a_placement_that_cannot_fit_vram_names_the_bytes() {
     let (_d, path) = model_file(&spec);
     let opts = ModelOptions {
         gpu: GpuOptions {
-            device: sim(256 << 20),
+            device: sim_unchecked(256 << 20),
             n_gpu_layers: Some(99),
             vram_budget: Some(1 << 20),
             ..GpuOptions::default()
@@ -490,7 +511,7 @@ fn a_placement_that_cannot_fit_vram_names_the_bytes() {
     // A device too small for what the planner itself chose is out of memory, said as such.
     let opts = ModelOptions {
         gpu: GpuOptions {
-            device: sim(64 << 10),
+            device: sim_unchecked(64 << 10),
             n_gpu_layers: Some(99),
             vram_budget: Some(256 << 20),
             ..GpuOptions::default()
@@ -540,17 +561,19 @@ fn weights_streamed_from_disk_are_copied_to_the_gpu_from_where_the_reads_land() 
 
 /// Attention on the GPU over quantized KV caches: the kernels write and read q8_0 and q4_0
 /// pages as the CPU's caches hold them (two pages, so a full one and a filling one), and the
-/// logits follow the CPU backend's with the same cache type.
+/// logits follow the CPU backend's with the same cache type. Two layers: each runs the same
+/// cache kernels, and the 300 positions a second page needs are most of the simulator's time.
 #[test]
 fn gpu_attention_over_quantized_kv_caches_follows_the_cpu() {
     use strata_storage::quant::GgmlType;
-    let spec = GenSpec::tiny(Arch::Qwen3);
+    let mut spec = GenSpec::tiny(Arch::Qwen3);
+    spec.n_layer = 2;
     let (_d, path) = model_file(&spec);
     let cpu = load(&path, GpuOptions::default());
     let gpu = load(
         &path,
         GpuOptions {
-            device: sim(256 << 20),
+            device: sim_unchecked(256 << 20),
             ..GpuOptions::default()
         },
     );

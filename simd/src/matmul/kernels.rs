@@ -681,6 +681,8 @@ mod x86 {
     wrap_dot!(avx2_q4_k, avx2::dot_q4_k, T::Q4K, Act::Q8K);
     wrap_dot!(avx2_q5_k, avx2::dot_q5_k, T::Q5K, Act::Q8K);
     wrap_dot!(avx2_q6_k, avx2::dot_q6_k, T::Q6K, Act::Q8K);
+    wrap_dot!(avx2_q3_k, avx2::dot_q3_k, T::Q3K, Act::Q8K);
+    wrap_dot!(avx2_q2_k, avx2::dot_q2_k, T::Q2K, Act::Q8K);
 
     wrap_dot!(avx512_f32, avx512::dot_f32, T::F32, Act::F32);
     wrap_dot!(vnni_q4_0, avx512::dot_q4_0, T::Q4_0, Act::Q8_0);
@@ -725,6 +727,8 @@ mod x86 {
                 T::Q4K => Some(avx2_q4_k),
                 T::Q5K => Some(avx2_q5_k),
                 T::Q6K => Some(avx2_q6_k),
+                T::Q3K => Some(avx2_q3_k),
+                T::Q2K => Some(avx2_q2_k),
                 _ => None,
             };
             if let Some(k) = k {

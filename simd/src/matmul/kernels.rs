@@ -312,11 +312,15 @@ mod x86 {
     use GgmlType as T;
     wrap_multi!(avx2_multi_q4_k, avx2::q4_k, T::Q4K, Act::Q8K);
     wrap_multi!(avx2_multi_q6_k, avx2::q6_k, T::Q6K, Act::Q8K);
+    wrap_multi!(avx2_multi_q3_k, avx2::q3_k, T::Q3K, Act::Q8K);
+    wrap_multi!(avx2_multi_q2_k, avx2::q2_k, T::Q2K, Act::Q8K);
     wrap_multi!(avx2_multi_q4_0, avx2::q4_0, T::Q4_0, Act::Q8_0);
     wrap_multi!(avx2_multi_q5_0, avx2::q5_0, T::Q5_0, Act::Q8_0);
     wrap_multi!(avx2_multi_q8_0, avx2::q8_0, T::Q8_0, Act::Q8_0);
     wrap_multi!(vnni_multi_q4_k, vnni::q4_k, T::Q4K, Act::Q8K);
     wrap_multi!(vnni_multi_q6_k, vnni::q6_k, T::Q6K, Act::Q8K);
+    wrap_multi!(vnni_multi_q3_k, vnni::q3_k, T::Q3K, Act::Q8K);
+    wrap_multi!(vnni_multi_q2_k, vnni::q2_k, T::Q2K, Act::Q8K);
     wrap_multi!(vnni_multi_q4_0, vnni::q4_0, T::Q4_0, Act::Q8_0);
     wrap_multi!(vnni_multi_q5_0, vnni::q5_0, T::Q5_0, Act::Q8_0);
     wrap_multi!(vnni_multi_q8_0, vnni::q8_0, T::Q8_0, Act::Q8_0);
@@ -326,6 +330,8 @@ mod x86 {
             return match ty {
                 T::Q4K => Some(vnni_multi_q4_k),
                 T::Q6K => Some(vnni_multi_q6_k),
+                T::Q3K => Some(vnni_multi_q3_k),
+                T::Q2K => Some(vnni_multi_q2_k),
                 T::Q4_0 => Some(vnni_multi_q4_0),
                 T::Q5_0 => Some(vnni_multi_q5_0),
                 T::Q8_0 => Some(vnni_multi_q8_0),
@@ -336,6 +342,8 @@ mod x86 {
             return match ty {
                 T::Q4K => Some(avx2_multi_q4_k),
                 T::Q6K => Some(avx2_multi_q6_k),
+                T::Q3K => Some(avx2_multi_q3_k),
+                T::Q2K => Some(avx2_multi_q2_k),
                 T::Q4_0 => Some(avx2_multi_q4_0),
                 T::Q5_0 => Some(avx2_multi_q5_0),
                 T::Q8_0 => Some(avx2_multi_q8_0),
@@ -681,6 +689,8 @@ mod x86 {
     wrap_dot!(avx2_q4_k, avx2::dot_q4_k, T::Q4K, Act::Q8K);
     wrap_dot!(avx2_q5_k, avx2::dot_q5_k, T::Q5K, Act::Q8K);
     wrap_dot!(avx2_q6_k, avx2::dot_q6_k, T::Q6K, Act::Q8K);
+    wrap_dot!(avx2_q3_k, avx2::dot_q3_k, T::Q3K, Act::Q8K);
+    wrap_dot!(avx2_q2_k, avx2::dot_q2_k, T::Q2K, Act::Q8K);
 
     wrap_dot!(avx512_f32, avx512::dot_f32, T::F32, Act::F32);
     wrap_dot!(vnni_q4_0, avx512::dot_q4_0, T::Q4_0, Act::Q8_0);
@@ -725,6 +735,8 @@ mod x86 {
                 T::Q4K => Some(avx2_q4_k),
                 T::Q5K => Some(avx2_q5_k),
                 T::Q6K => Some(avx2_q6_k),
+                T::Q3K => Some(avx2_q3_k),
+                T::Q2K => Some(avx2_q2_k),
                 _ => None,
             };
             if let Some(k) = k {

@@ -529,6 +529,146 @@ pub(crate) unsafe fn dot_q6_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
     hsum_f32x8(acc)
 }
 
+/// Shuffle mask for a vector whose two 128-bit halves both hold the same 8 i16 scales: the low
+/// half gets scale `2k` in every lane, the high half scale `2k + 1`. In Q2_K and Q3_K a 32-byte
+/// group of quants covers two 16-element sub-blocks, which `maddubs` leaves in those halves.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn pair16(k: usize) -> __m256i {
+    let lo = (((4 * k + 1) << 8) | (4 * k)) as i16;
+    let hi = (((4 * k + 3) << 8) | (4 * k + 2)) as i16;
+    _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo))
+}
+
+/// The 16 signed 6-bit scales of a Q3_K block (12 packed bytes at `p`) as i8, minus 32.
+///
+/// # Safety
+/// `p` must be valid for reading 12 bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn unpack_scales_q3_k(p: *const u8) -> __m128i {
+    let mut u = [0u32; 3];
+    // SAFETY: 12 readable bytes at p, 12 writable bytes at u.
+    unsafe { std::ptr::copy_nonoverlapping(p, u.as_mut_ptr().cast::<u8>(), 12) };
+    // Scale j: low 4 bits from byte j % 8 (low nibble for j < 8, high above), high 2 bits
+    // from byte 8 + j % 4 at bit 2 (j / 4).
+    let t = u[2];
+    let s0 = (u[0] & KMASK2) | ((t & KMASK3) << 4);
+    let s1 = (u[1] & KMASK2) | (((t >> 2) & KMASK3) << 4);
+    let s2 = ((u[0] >> 4) & KMASK2) | (((t >> 4) & KMASK3) << 4);
+    let s3 = ((u[1] >> 4) & KMASK2) | (((t >> 6) & KMASK3) << 4);
+    let v = _mm_set_epi32(s3 as i32, s2 as i32, s1 as i32, s0 as i32);
+    _mm_sub_epi8(v, _mm_set1_epi8(32))
+}
+
+/// The four 2-bit planes of 32 bytes of Q2_K/Q3_K quants: plane `k` holds bits `2k..2k+2` of
+/// every byte, one value in 0..4 per byte.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn planes2(bits: __m256i) -> [__m256i; 4] {
+    let m3 = _mm256_set1_epi8(3);
+    [
+        _mm256_and_si256(bits, m3),
+        _mm256_and_si256(_mm256_srli_epi16::<2>(bits), m3),
+        _mm256_and_si256(_mm256_srli_epi16::<4>(bits), m3),
+        _mm256_and_si256(_mm256_srli_epi16::<6>(bits), m3),
+    ]
+}
+
+/// The high bits of Q3_K group `g` (0..8) as 4 or 0 per byte: bit `g` of each of the 32
+/// hmask bytes, moved to bit 2.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn q3_k_high(hbits: __m256i, g: usize) -> __m256i {
+    // Bits that cross a byte edge in the 16-bit shift are masked off.
+    let h = _mm256_srl_epi16(hbits, _mm_cvtsi32_si128(g as i32));
+    _mm256_and_si256(_mm256_slli_epi16::<2>(h), _mm256_set1_epi8(4))
+}
+
+/// Q3_K weights against Q8_K activations. Each weight is `q - 4` with `q = low2 | high << 2`
+/// in 0..8, so the block's sum is `Σ sc·q·y - 4 Σ sc·bsum` over Q8_K's 16-element sums: one
+/// unsigned multiply per group instead of two, exact in integers like ggml's.
+///
+/// # Safety
+/// See the module docs.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q3_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    for i in 0..n / QK_K {
+        // SAFETY: block i is inside both rows (110 and 292 bytes).
+        unsafe {
+            let x = w.as_ptr().add(110 * i);
+            let y = a.as_ptr().add(292 * i);
+            let d = _mm256_mul_ps(_mm256_set1_ps(f32_at(y)), f16x8(x.add(108)));
+            let sc16 = _mm256_cvtepi8_epi16(unpack_scales_q3_k(x.add(96)));
+            let ms = _mm256_madd_epi16(sc16, load(y.add(260)));
+            let mut sumi = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32::<2>(ms));
+            let hbits = load(x);
+            for half in 0..2 {
+                let scales = if half == 0 {
+                    _mm256_permute2x128_si256::<0x00>(sc16, sc16)
+                } else {
+                    _mm256_permute2x128_si256::<0x11>(sc16, sc16)
+                };
+                let q = planes2(load(x.add(32 + 32 * half)));
+                let q8 = y.add(4 + 128 * half);
+                for (k, &qk) in q.iter().enumerate() {
+                    let q3 = _mm256_or_si256(qk, q3_k_high(hbits, 4 * half + k));
+                    let p = _mm256_maddubs_epi16(q3, load(q8.add(32 * k)));
+                    let s = _mm256_shuffle_epi8(scales, pair16(k));
+                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, s));
+                }
+            }
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+        }
+    }
+    hsum_f32x8(acc)
+}
+
+/// Q2_K weights against Q8_K activations; the mins go through Q8_K's 16-element sums, as for
+/// Q4_K.
+///
+/// # Safety
+/// See the module docs.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q2_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let m4 = _mm_set1_epi8(0xF);
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_m = _mm256_setzero_ps();
+    for i in 0..n / QK_K {
+        // SAFETY: block i is inside both rows (84 and 292 bytes).
+        unsafe {
+            let x = w.as_ptr().add(84 * i);
+            let y = a.as_ptr().add(292 * i);
+            let dy = _mm256_set1_ps(f32_at(y));
+            let d = _mm256_mul_ps(dy, f16x8(x.add(80)));
+            let dmin = _mm256_mul_ps(dy, f16x8(x.add(82)));
+            let sm = _mm_loadu_si128(x.cast());
+            let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(sm), m4));
+            let prod = _mm256_madd_epi16(mins, load(y.add(260)));
+            acc_m = _mm256_fnmadd_ps(dmin, _mm256_cvtepi32_ps(prod), acc_m);
+            let sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(sm, m4));
+            let mut sumi = _mm256_setzero_si256();
+            for half in 0..2 {
+                let scales = if half == 0 {
+                    _mm256_permute2x128_si256::<0x00>(sc16, sc16)
+                } else {
+                    _mm256_permute2x128_si256::<0x11>(sc16, sc16)
+                };
+                let q = planes2(load(x.add(16 + 32 * half)));
+                let q8 = y.add(4 + 128 * half);
+                for (k, &qk) in q.iter().enumerate() {
+                    let p = _mm256_maddubs_epi16(qk, load(q8.add(32 * k)));
+                    let s = _mm256_shuffle_epi8(scales, pair16(k));
+                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, s));
+                }
+            }
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+        }
+    }
+    hsum_f32x8(acc) + hsum_f32x8(acc_m)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Activation quantizers
 

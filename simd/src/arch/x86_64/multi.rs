@@ -22,7 +22,8 @@ macro_rules! multi_kernels {
         use std::arch::x86_64::*;
 
         use crate::arch::x86_64::avx2::{
-            bits32, f16x8, f32_at, hsum_f32x8, load, nibbles32, unpack_scales_mins_k4,
+            bits32, f16x8, f32_at, hsum_f32x8, load, nibbles32, pair16, planes2, q3_k_high,
+            unpack_scales_mins_k4, unpack_scales_q3_k,
         };
 
         /// Shuffle mask that broadcasts 16-bit lane `i` of a 128-bit value.
@@ -180,6 +181,124 @@ macro_rules! multi_kernels {
             }
             for t in 0..NT {
                 out[t] = hsum_f32x8(acc[t]);
+            }
+        }
+
+        /// Q3_K weights against Q8_K activations. As in the single-token kernel, the weights
+        /// go in as `q = low2 | high << 2` (0..8) and the `- 4` comes out of the block sum as
+        /// `-4 Σ sc·bsum` — exact in integers.
+        ///
+        /// # Safety
+        /// See the module docs.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn q3_k<const NT: usize>(
+            n: usize,
+            w: *const u8,
+            a: *const u8,
+            act_row: usize,
+            out: &mut [f32; NT],
+        ) {
+            let mut acc = [_mm256_setzero_ps(); NT];
+            for i in 0..n / 256 {
+                // SAFETY: block i of the weight row (110 bytes) and of each token's
+                // activation row (292 bytes) is readable (module contract).
+                unsafe {
+                    let x = w.add(110 * i);
+                    let y: [*const u8; NT] = std::array::from_fn(|t| a.add(t * act_row + 292 * i));
+                    let dx = f16x8(x.add(108));
+                    let sc16 = _mm256_cvtepi8_epi16(unpack_scales_q3_k(x.add(96)));
+                    let mut sumi = [_mm256_setzero_si256(); NT];
+                    for t in 0..NT {
+                        let ms = _mm256_madd_epi16(sc16, load(y[t].add(260)));
+                        sumi[t] = _mm256_sub_epi32(sumi[t], _mm256_slli_epi32::<2>(ms));
+                    }
+                    let hbits = load(x);
+                    for half in 0..2 {
+                        let scales = if half == 0 {
+                            _mm256_permute2x128_si256::<0x00>(sc16, sc16)
+                        } else {
+                            _mm256_permute2x128_si256::<0x11>(sc16, sc16)
+                        };
+                        let q = planes2(load(x.add(32 + 32 * half)));
+                        for (k, &qk) in q.iter().enumerate() {
+                            let q3 = _mm256_or_si256(qk, q3_k_high(hbits, 4 * half + k));
+                            let s = _mm256_shuffle_epi8(scales, pair16(k));
+                            for t in 0..NT {
+                                let yk = load(y[t].add(4 + 128 * half + 32 * k));
+                                sumi[t] = madd_acc(sumi[t], _mm256_maddubs_epi16(q3, yk), s);
+                            }
+                        }
+                    }
+                    for t in 0..NT {
+                        let d = _mm256_mul_ps(_mm256_set1_ps(f32_at(y[t])), dx);
+                        acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+                    }
+                }
+            }
+            for t in 0..NT {
+                out[t] = hsum_f32x8(acc[t]);
+            }
+        }
+
+        /// Q2_K weights against Q8_K activations; the mins go through Q8_K's 16-element sums.
+        ///
+        /// # Safety
+        /// See the module docs.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn q2_k<const NT: usize>(
+            n: usize,
+            w: *const u8,
+            a: *const u8,
+            act_row: usize,
+            out: &mut [f32; NT],
+        ) {
+            let m4 = _mm_set1_epi8(0xF);
+            let mut acc = [_mm256_setzero_ps(); NT];
+            let mut acc_m = [_mm256_setzero_ps(); NT];
+            for i in 0..n / 256 {
+                // SAFETY: block i of the weight row (84 bytes) and of each token's
+                // activation row (292 bytes) is readable (module contract).
+                unsafe {
+                    let x = w.add(84 * i);
+                    let y: [*const u8; NT] = std::array::from_fn(|t| a.add(t * act_row + 292 * i));
+                    let dx = f16x8(x.add(80));
+                    let dminx = f16x8(x.add(82));
+                    let sm = _mm_loadu_si128(x.cast());
+                    let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(sm), m4));
+                    let sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(sm, m4));
+                    for t in 0..NT {
+                        let dy = _mm256_set1_ps(f32_at(y[t]));
+                        let prod = _mm256_madd_epi16(mins, load(y[t].add(260)));
+                        acc_m[t] = _mm256_fnmadd_ps(
+                            _mm256_mul_ps(dy, dminx),
+                            _mm256_cvtepi32_ps(prod),
+                            acc_m[t],
+                        );
+                    }
+                    let mut sumi = [_mm256_setzero_si256(); NT];
+                    for half in 0..2 {
+                        let scales = if half == 0 {
+                            _mm256_permute2x128_si256::<0x00>(sc16, sc16)
+                        } else {
+                            _mm256_permute2x128_si256::<0x11>(sc16, sc16)
+                        };
+                        let q = planes2(load(x.add(16 + 32 * half)));
+                        for (k, &qk) in q.iter().enumerate() {
+                            let s = _mm256_shuffle_epi8(scales, pair16(k));
+                            for t in 0..NT {
+                                let yk = load(y[t].add(4 + 128 * half + 32 * k));
+                                sumi[t] = madd_acc(sumi[t], _mm256_maddubs_epi16(qk, yk), s);
+                            }
+                        }
+                    }
+                    for t in 0..NT {
+                        let d = _mm256_mul_ps(_mm256_set1_ps(f32_at(y[t])), dx);
+                        acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+                    }
+                }
+            }
+            for t in 0..NT {
+                out[t] = hsum_f32x8(acc[t]) + hsum_f32x8(acc_m[t]);
             }
         }
 

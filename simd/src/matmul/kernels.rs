@@ -758,3 +758,66 @@ mod x86 {
         scalar_quantizer(act)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::{self, Level};
+    use strata_storage::quant::quantize_row;
+
+    /// Every type's single-row `dot` at every level this CPU has against its scalar twin, on
+    /// the same activation bytes. `matmul` reaches `dot` only for types without a `multi`
+    /// kernel (and `tune`'s rows), so the matmul tests alone would not notice a broken one.
+    #[test]
+    fn every_dot_matches_its_scalar_twin() {
+        let cols = 512;
+        let mut seed = 7u64;
+        let mut rand = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        let types = [
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::Bf16,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+            GgmlType::Q2K,
+            GgmlType::Q3K,
+            GgmlType::Q4K,
+            GgmlType::Q5K,
+            GgmlType::Q6K,
+        ];
+        for ty in types {
+            let act = Act::for_weight(ty).expect("supported type");
+            let scalar = scalar_dot(ty).expect("scalar dot");
+            for _ in 0..8 {
+                let w: Vec<f32> = (0..cols).map(|_| rand()).collect();
+                let x: Vec<f32> = (0..cols).map(|_| 4.0 * rand()).collect();
+                let mut wq = vec![0u8; ty.row_bytes(cols)];
+                quantize_row(ty, &w, &mut wq).expect("quantize weights");
+                let mut xq = vec![0u8; act.ty().row_bytes(cols)];
+                scalar_quantizer(act)(&x, &mut xq);
+                let want = scalar(cols, &wq, &xq);
+                let scale: f32 = w.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
+                for level in Level::ALL
+                    .into_iter()
+                    .filter(|&l| l > Level::Scalar && l <= dispatch::detected())
+                    .filter(|&l| cfg!(target_arch = "aarch64") || l != Level::Neon)
+                {
+                    let Some(k) = dot(ty, level) else { continue };
+                    let got = k(cols, &wq, &xq);
+                    assert!(
+                        (got - want).abs() <= 1e-4 * scale.max(1.0),
+                        "{ty} at {level:?}: {got} against the scalar {want}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -80,7 +80,8 @@ pub(crate) const fn q6k_high(s: usize) -> usize {
 const Q8_0_BLOCK: usize = 34;
 /// Bytes of one tile block of Q8_0 (16 rows × 32 columns).
 pub(crate) const Q8_0_TILE_BLOCK: usize = TILE_ROWS * Q8_0_BLOCK;
-/// Bytes of one tile block of Q5_0.
+/// Bytes of one tile block of Q5_0 (read by the x86 kernels only).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const Q5_0_TILE_BLOCK: usize = Q5_0Tile::TILE_BLOCK;
 /// Where the top bits of Q5_0's quants start in its tile block.
 pub(crate) const Q5_0_HIGH: usize = 288;

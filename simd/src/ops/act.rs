@@ -278,6 +278,7 @@ mod tests {
             seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
             (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
         };
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut pairs: Vec<(Gated, Gated)> = vec![
             (silu_mul, silu_mul_scalar),
             (gelu_tanh_mul, gelu_tanh_mul_scalar),

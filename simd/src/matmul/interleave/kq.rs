@@ -35,9 +35,12 @@ use super::TILE_ROWS;
 const Q5K_BLOCK: usize = 176;
 const Q3K_BLOCK: usize = 110;
 const Q2K_BLOCK: usize = 84;
-/// Bytes of one tile block of Q5_K / Q3_K / Q2_K.
+/// Bytes of one tile block of Q5_K / Q3_K / Q2_K (read by the x86 kernels only).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const Q5K_TILE_BLOCK: usize = TILE_ROWS * Q5K_BLOCK;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const Q3K_TILE_BLOCK: usize = TILE_ROWS * Q3K_BLOCK;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const Q2K_TILE_BLOCK: usize = TILE_ROWS * Q2K_BLOCK;
 
 /// Where Q5_K's sub-block parts start, and the bytes of each.

@@ -778,24 +778,11 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         };
-        let types = [
-            GgmlType::F32,
-            GgmlType::F16,
-            GgmlType::Bf16,
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q5_1,
-            GgmlType::Q8_0,
-            GgmlType::Q2K,
-            GgmlType::Q3K,
-            GgmlType::Q4K,
-            GgmlType::Q5K,
-            GgmlType::Q6K,
-        ];
-        for ty in types {
-            let act = Act::for_weight(ty).expect("supported type");
-            let scalar = scalar_dot(ty).expect("scalar dot");
+        // Every type matmul takes: those with a scalar twin.
+        for ty in GgmlType::ALL {
+            let (Some(act), Some(scalar)) = (Act::for_weight(ty), scalar_dot(ty)) else {
+                continue;
+            };
             for _ in 0..8 {
                 let w: Vec<f32> = (0..cols).map(|_| rand()).collect();
                 let x: Vec<f32> = (0..cols).map(|_| 4.0 * rand()).collect();

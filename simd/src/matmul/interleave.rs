@@ -44,6 +44,7 @@
 //!
 //! Q5_K, Q3_K and Q2_K: see [`kq`].
 
+mod fast;
 pub(crate) mod kq;
 
 use strata_storage::quant::{GgmlType, QK_K};
@@ -160,6 +161,7 @@ pub(crate) fn has_layout(ty: GgmlType) -> bool {
 
 /// Q8_0 tile block: the rows' `d` (f16) in `[0, 32)`, then the quants plus 128 (unsigned) in 8
 /// groups of 4 columns: byte `32 + 64 g + 4 r + k` is column `4 g + k` of row `r`.
+#[cfg(test)]
 fn pack_q8_0_tile(src: &[u8], nb: usize, dst: &mut [u8]) {
     let row_bytes = nb * Q8_0_BLOCK;
     for b in 0..nb {
@@ -197,6 +199,7 @@ fn nibble_pos<L: Nibbles>(r: usize, c: usize) -> ((usize, bool), Option<(usize, 
 }
 
 /// Column `c` of a row-major block of a [`Nibbles`] type: its low 4 bits and its fifth bit.
+#[cfg(test)]
 fn nibble_value<L: Nibbles>(blk: &[u8], c: usize) -> (u8, u8) {
     let q = blk[L::ROW_QS + c % 16];
     let low = if c < 16 { q & 0xF } else { q >> 4 };
@@ -211,6 +214,7 @@ fn nibble_value<L: Nibbles>(blk: &[u8], c: usize) -> (u8, u8) {
     (low, top)
 }
 
+#[cfg(test)]
 fn pack_nibbles_tile<L: Nibbles>(src: &[u8], nb: usize, dst: &mut [u8]) {
     let row_bytes = nb * L::ROW_BLOCK;
     for b in 0..nb {
@@ -261,31 +265,49 @@ fn unpack_nibbles_tile<L: Nibbles>(src: &[u8], nb: usize, dst: &mut [u8]) {
     }
 }
 
-/// The packer and unpacker of a type's tiles, and its block size in columns.
+/// The packer and unpacker of a type's tiles.
 fn tile_fns(ty: GgmlType) -> (TileFn, TileFn) {
     match ty {
-        GgmlType::Q6K => (pack_q6k_tile, unpack_q6k_tile),
-        GgmlType::Q8_0 => (pack_q8_0_tile, unpack_q8_0_tile),
+        GgmlType::Q6K => (fast::pack_q6k_tile, unpack_q6k_tile),
+        GgmlType::Q8_0 => (fast::pack_q8_0_tile, unpack_q8_0_tile),
         GgmlType::Q4_0 => (
-            pack_nibbles_tile::<Q4_0Tile>,
+            fast::pack_nibbles_tile::<Q4_0Tile>,
             unpack_nibbles_tile::<Q4_0Tile>,
         ),
         GgmlType::Q4_1 => (
-            pack_nibbles_tile::<Q4_1Tile>,
+            fast::pack_nibbles_tile::<Q4_1Tile>,
             unpack_nibbles_tile::<Q4_1Tile>,
         ),
         GgmlType::Q5_0 => (
-            pack_nibbles_tile::<Q5_0Tile>,
+            fast::pack_nibbles_tile::<Q5_0Tile>,
             unpack_nibbles_tile::<Q5_0Tile>,
         ),
         GgmlType::Q5_1 => (
-            pack_nibbles_tile::<Q5_1Tile>,
+            fast::pack_nibbles_tile::<Q5_1Tile>,
             unpack_nibbles_tile::<Q5_1Tile>,
         ),
-        GgmlType::Q5K => (kq::pack_q5k_tile, kq::unpack_q5k_tile),
-        GgmlType::Q3K => (kq::pack_q3k_tile, kq::unpack_q3k_tile),
-        GgmlType::Q2K => (kq::pack_q2k_tile, kq::unpack_q2k_tile),
-        _ => (pack_q4k_tile, unpack_q4k_tile),
+        GgmlType::Q5K => (fast::pack_q5k_tile, kq::unpack_q5k_tile),
+        GgmlType::Q3K => (fast::pack_q3k_tile, kq::unpack_q3k_tile),
+        GgmlType::Q2K => (fast::pack_q2k_tile, kq::unpack_q2k_tile),
+        _ => (fast::pack_q4k_tile, unpack_q4k_tile),
+    }
+}
+
+/// The element-by-element packer of a type's tiles: what the layout is, written out; the
+/// reference [`fast`]'s packers are tested against.
+#[cfg(test)]
+fn reference_pack(ty: GgmlType) -> TileFn {
+    match ty {
+        GgmlType::Q6K => pack_q6k_tile,
+        GgmlType::Q8_0 => pack_q8_0_tile,
+        GgmlType::Q4_0 => pack_nibbles_tile::<Q4_0Tile>,
+        GgmlType::Q4_1 => pack_nibbles_tile::<Q4_1Tile>,
+        GgmlType::Q5_0 => pack_nibbles_tile::<Q5_0Tile>,
+        GgmlType::Q5_1 => pack_nibbles_tile::<Q5_1Tile>,
+        GgmlType::Q5K => kq::pack_q5k_tile,
+        GgmlType::Q3K => kq::pack_q3k_tile,
+        GgmlType::Q2K => kq::pack_q2k_tile,
+        _ => pack_q4k_tile,
     }
 }
 
@@ -315,6 +337,7 @@ fn q6k_tile_pos(r: usize, e: usize) -> (usize, bool, usize, usize) {
     )
 }
 
+#[cfg(test)]
 fn pack_q6k_tile(src: &[u8], nb: usize, dst: &mut [u8]) {
     let row_bytes = nb * Q6K_BLOCK;
     for b in 0..nb {
@@ -376,6 +399,7 @@ fn q4k_tile_nibble(r: usize, e: usize) -> (usize, bool) {
 
 /// Repacks one tile: `src` holds 16 row-major rows of `nb` Q4_K blocks, `dst` receives `nb`
 /// tile blocks. Both are `16 * nb * 144` bytes.
+#[cfg(test)]
 fn pack_q4k_tile(src: &[u8], nb: usize, dst: &mut [u8]) {
     let row_bytes = nb * Q4K_BLOCK;
     for b in 0..nb {
@@ -430,6 +454,9 @@ fn unpack_q4k_tile(src: &[u8], nb: usize, dst: &mut [u8]) {
     }
 }
 
+/// Bytes below which a matrix is repacked on the calling thread alone.
+const PARALLEL_BYTES: usize = 4 << 20;
+
 /// Applies `f(src_tile, nb, dst_tile)` to every whole tile of a matrix in place, on as many
 /// threads as the machine has (a load-time pass over the whole model).
 fn each_tile(
@@ -444,9 +471,15 @@ fn each_tile(
     if tiles == 0 {
         return;
     }
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(tiles);
+    // Threads for a whole model's matrices at load; one for a small matrix (a slab read into
+    // a cache), where starting them would cost more than the work.
+    let threads = if tiles * tile_bytes < PARALLEL_BYTES {
+        1
+    } else {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(tiles)
+    };
     let per = tiles.div_ceil(threads);
     let run = |chunk: &mut [u8]| {
         let mut tmp = vec![0u8; tile_bytes];
@@ -511,6 +544,30 @@ mod tests {
             assert_eq!(data[tail..], orig[tail..]);
             unpack(ty, &mut data, rows, cols);
             assert_eq!(data, orig, "{ty}");
+        }
+    }
+
+    /// The packers the layouts run at load give the bytes of the element-by-element ones,
+    /// bit for bit, on random blocks of every type, one and several blocks per row.
+    #[test]
+    fn fast_packers_match_the_reference() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        for ty in GgmlType::ALL.into_iter().filter(|&t| has_layout(t)) {
+            for nb in [1, 3] {
+                let bytes = TILE_ROWS * nb * ty.type_size();
+                let src: Vec<u8> = (0..bytes)
+                    .map(|_| {
+                        seed = seed
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        (seed >> 56) as u8
+                    })
+                    .collect();
+                let (mut fast, mut slow) = (vec![0xA5u8; bytes], vec![0x5Au8; bytes]);
+                (tile_fns(ty).0)(&src, nb, &mut fast);
+                reference_pack(ty)(&src, nb, &mut slow);
+                assert!(fast == slow, "{ty}, {nb} blocks per row");
+            }
         }
     }
 

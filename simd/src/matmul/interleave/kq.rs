@@ -208,18 +208,21 @@ fn repack(p: &Placement, src: &[u8], nb: usize, dst: &mut [u8], to_tile: bool) {
     }
 }
 
+#[cfg(test)]
 pub(super) fn pack_q5k_tile(src: &[u8], nb: usize, dst: &mut [u8]) {
     repack(&Q5K, src, nb, dst, true);
 }
 pub(super) fn unpack_q5k_tile(src: &[u8], nb: usize, dst: &mut [u8]) {
     repack(&Q5K, src, nb, dst, false);
 }
+#[cfg(test)]
 pub(super) fn pack_q3k_tile(src: &[u8], nb: usize, dst: &mut [u8]) {
     repack(&Q3K, src, nb, dst, true);
 }
 pub(super) fn unpack_q3k_tile(src: &[u8], nb: usize, dst: &mut [u8]) {
     repack(&Q3K, src, nb, dst, false);
 }
+#[cfg(test)]
 pub(super) fn pack_q2k_tile(src: &[u8], nb: usize, dst: &mut [u8]) {
     repack(&Q2K, src, nb, dst, true);
 }

@@ -262,6 +262,50 @@ fn moe_experts_split_between_vram_and_the_cpu() {
     }
 }
 
+/// The same split with the CPU's own layout on (the default: the CPU repacks what it holds),
+/// and the experts resident or streamed through the expert cache: the slabs the GPU copies into
+/// its VRAM cache must still be in the file's layout, those the CPU runs in its own.
+#[test]
+fn moe_experts_on_the_gpu_keep_the_files_layout_where_the_cpu_repacks() {
+    let spec = GenSpec::tiny(Arch::Qwen3Moe);
+    let (_d, path) = model_file(&spec);
+    let bytes = std::fs::metadata(&path).unwrap().len();
+    for ram in [None, Some(bytes * 4 / 10)] {
+        let load_split = |tenths: u64| {
+            let opts = ModelOptions {
+                residency: strata_storage::residency::LoadOptions {
+                    ram_budget: ram,
+                    ..Default::default()
+                },
+                gpu: GpuOptions {
+                    device: sim_unchecked(256 << 20),
+                    vram_budget: Some(bytes * tenths / 10),
+                    ..GpuOptions::default()
+                },
+                ..ModelOptions::default()
+            };
+            Model::load_with(&path, &opts).expect("load")
+        };
+        let (m, e) = (3..10)
+            .find_map(|t| {
+                let m = load_split(t);
+                let e = m.plan().and_then(|p| p.layers[0].experts)?;
+                (e.vram > 0 && e.vram < spec.n_expert).then_some((m, e))
+            })
+            .expect("a VRAM budget that splits the experts");
+        assert_eq!(m.weights().experts_streamed_any(), ram.is_some());
+        check_model(
+            &spec,
+            &format!(
+                "experts {} of {} in VRAM, the CPU's layout on, RAM budget {ram:?}",
+                e.vram, spec.n_expert
+            ),
+            &path,
+            &m,
+        );
+    }
+}
+
 /// Experts in all three tiers: some cached in VRAM, the rest of the RAM budget's in RAM and
 /// the others read from SSD when routed to, computed on the CPU or copied in.
 #[test]

@@ -292,3 +292,56 @@ fn optimized_experts_are_read_in_one_request_each_with_identical_logits() {
     let s = m.weights().stats();
     assert_eq!(s.expert_hits + s.expert_misses, uses[2], "{s:?}");
 }
+
+/// With the CPU's own layout (the default), matrices read from disk during the steps are
+/// repacked after each read as resident ones are at load: streamed layers, streamed experts
+/// and an optimized file's expert records give the resident model's logits bit for bit (the
+/// same kernels on the same bytes), through several passes that read every group again.
+#[test]
+fn streamed_matrices_run_in_the_cpus_layout_with_identical_logits() {
+    let repacked = |r: LoadOptions| ModelOptions {
+        residency: r,
+        ..ModelOptions::default()
+    };
+    let (_dir, path, size) = model_file();
+    let want = run(
+        &Model::load_with(&path, &repacked(residency(None, IoKind::Uring, None))).expect("load"),
+    );
+    // The file's layout gives other bits: the comparison below can tell the two apart.
+    let rows = run(&Model::load_with(&path, &opts(None, IoKind::Uring, None)).expect("load"));
+    assert_ne!(
+        rows, want,
+        "the repacked and row-major runs should round differently"
+    );
+    for kind in [IoKind::Uring, IoKind::Pread] {
+        let m = Model::load_with(
+            &path,
+            &repacked(residency(Some(size * 45 / 100), kind, Some("short=3"))),
+        )
+        .expect("load");
+        assert!(m.weights().stats().streamed_layers > 0);
+        assert!(run(&m) == want, "streamed layers on {kind:?}");
+    }
+    let (dir, path, bytes) = moe_file(4);
+    let fused = dir.path().join("moe-optimized.gguf");
+    strata_engine::optimize::optimize(&path, &fused, &mut strata_storage::store::NoProgress)
+        .expect("optimize");
+    let want = run(
+        &Model::load_with(&path, &repacked(residency(None, IoKind::Uring, None))).expect("load"),
+    );
+    for file in [&path, &fused] {
+        let m = Model::load_with(
+            file,
+            &repacked(residency(
+                Some(bytes.len() as u64 * 4 / 10),
+                IoKind::Uring,
+                None,
+            )),
+        )
+        .expect("load streamed experts");
+        assert!(m.weights().experts_streamed_any());
+        assert!(run(&m) == want, "streamed experts of {}", file.display());
+        m.weights().clear_expert_cache();
+        assert!(run(&m) == want, "read again, {}", file.display());
+    }
+}

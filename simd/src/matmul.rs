@@ -84,7 +84,23 @@ pub fn interleave(
         return Ok(false);
     }
     check_bytes(ty, data.len(), rows, cols)?;
-    interleave::pack(ty, data, rows, cols);
+    interleave::pack(ty, data, rows, cols, true);
+    Ok(true)
+}
+
+/// [`interleave`] on the calling thread alone: for a matrix repacked after each read on an
+/// I/O thread, which should not start threads of its own beside the computing ones.
+pub fn interleave_here(
+    ty: GgmlType,
+    data: &mut [u8],
+    rows: usize,
+    cols: usize,
+) -> Result<bool, SimdError> {
+    if !can_interleave(ty) {
+        return Ok(false);
+    }
+    check_bytes(ty, data.len(), rows, cols)?;
+    interleave::pack(ty, data, rows, cols, false);
     Ok(true)
 }
 

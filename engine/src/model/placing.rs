@@ -20,7 +20,8 @@ pub(crate) struct Placed {
     pub placement: Placement,
     pub gpu: Option<GpuWeights>,
     pub plan: Option<plan::Placement>,
-    /// Tensors the GPU copies from host memory each step (the CPU must not repack them).
+    /// Tensors the GPU copies from host memory (each step, or experts into its cache): the
+    /// CPU must not repack them.
     pub streamed: Vec<TensorId>,
 }
 
@@ -209,6 +210,13 @@ pub(crate) fn place(
         !streamed.is_empty(),
         !opts.no_gpu_graphs,
     )?;
+    // The experts of layers whose FFN runs on the GPU are copied into its cache as the file
+    // has them: the CPU leaves them in that layout too (it runs some of them from there).
+    for (layer, e) in layers.iter().zip(&experts) {
+        if let (Ffn::Moe(m), Some(_)) = (&layer.ffn, e) {
+            streamed.extend([m.gate.mat.id, m.up.mat.id, m.down.mat.id]);
+        }
+    }
     tracing::info!(
         gpu = %gpu.dev.info().name,
         layers_on_gpu = p.gpu_layers(),

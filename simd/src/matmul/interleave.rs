@@ -465,6 +465,7 @@ fn each_tile(
     row_bytes: usize,
     nb: usize,
     f: fn(&[u8], usize, &mut [u8]),
+    parallel: bool,
 ) {
     let tile_bytes = TILE_ROWS * row_bytes;
     let tiles = rows / TILE_ROWS;
@@ -473,7 +474,7 @@ fn each_tile(
     }
     // Threads for a whole model's matrices at load; one for a small matrix (a slab read into
     // a cache), where starting them would cost more than the work.
-    let threads = if tiles * tile_bytes < PARALLEL_BYTES {
+    let threads = if !parallel || tiles * tile_bytes < PARALLEL_BYTES {
         1
     } else {
         std::thread::available_parallelism()
@@ -500,19 +501,20 @@ fn each_tile(
     });
 }
 
-/// Repacks a row-major matrix of `ty` into the interleaved layout, in place. The caller checked
-/// that `ty` has one ([`has_layout`]) and that `data` is `rows` rows of `cols` columns.
-pub(crate) fn pack(ty: GgmlType, data: &mut [u8], rows: usize, cols: usize) {
+/// Repacks a row-major matrix of `ty` into the interleaved layout, in place, on threads of its
+/// own when `parallel` and the matrix is large. The caller checked that `ty` has one
+/// ([`has_layout`]) and that `data` is `rows` rows of `cols` columns.
+pub(crate) fn pack(ty: GgmlType, data: &mut [u8], rows: usize, cols: usize, parallel: bool) {
     debug_assert!(has_layout(ty));
     let nb = cols / ty.block_size();
-    each_tile(data, rows, ty.row_bytes(cols), nb, tile_fns(ty).0);
+    each_tile(data, rows, ty.row_bytes(cols), nb, tile_fns(ty).0, parallel);
 }
 
 /// The inverse of [`pack`].
 pub(crate) fn unpack(ty: GgmlType, data: &mut [u8], rows: usize, cols: usize) {
     debug_assert!(has_layout(ty));
     let nb = cols / ty.block_size();
-    each_tile(data, rows, ty.row_bytes(cols), nb, tile_fns(ty).1);
+    each_tile(data, rows, ty.row_bytes(cols), nb, tile_fns(ty).1, true);
 }
 
 #[cfg(test)]
@@ -537,7 +539,7 @@ mod tests {
             let bytes = ty.row_bytes(cols) * rows;
             let orig: Vec<u8> = (0..bytes).map(|i| (i * 7919 % 251) as u8).collect();
             let mut data = orig.clone();
-            pack(ty, &mut data, rows, cols);
+            pack(ty, &mut data, rows, cols, true);
             assert_ne!(data, orig);
             // The tail rows (past 32) are untouched.
             let tail = 32 * ty.row_bytes(cols);

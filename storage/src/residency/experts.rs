@@ -23,7 +23,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 
 use crate::buf::AlignedBuf;
@@ -198,7 +198,13 @@ pub(super) struct Shared {
     state: Mutex<State>,
     cv: Condvar,
     pub(super) counters: Counters,
+    /// What is done to a slab or record after its read, before it enters the cache
+    /// ([`ExpertCache::set_prepare`]).
+    prepare: OnceLock<PrepareKey>,
 }
+
+/// The preparation of the bytes read for a key.
+pub(super) type PrepareKey = Box<dyn Fn(Key, &mut [u8]) + Send + Sync>;
 
 pub(super) struct ExpertCache {
     shared: Arc<Shared>,
@@ -224,9 +230,10 @@ impl Shared {
         });
     }
 
-    /// Reads `[start, start + len)` of the file into an aligned buffer (from the pool or new).
-    fn read(&self, start: u64, len: usize) -> Result<(Arc<AlignedBuf>, usize), IoError> {
-        let mut one = self.read_many(&self.readers[0], &[(start, len)])?;
+    /// Reads `[start, start + len)` of the file (key `key`) into an aligned buffer (from the
+    /// pool or new).
+    fn read(&self, key: Key, start: u64, len: usize) -> Result<(Arc<AlignedBuf>, usize), IoError> {
+        let mut one = self.read_many(&self.readers[0], &[(key, start, len)])?;
         one.pop().ok_or_else(|| IoError::Read {
             path: self.readers[0].path().to_path_buf(),
             offset: start,
@@ -235,15 +242,16 @@ impl Shared {
         })
     }
 
-    /// Reads several `(start, len)` ranges in one call (all in flight together).
+    /// Reads several `(key, start, len)` ranges in one call (all in flight together), each
+    /// prepared as [`ExpertCache::set_prepare`] says.
     fn read_many(
         &self,
         reader: &Reader,
-        ranges: &[(u64, usize)],
+        ranges: &[(Key, u64, usize)],
     ) -> Result<Vec<(Arc<AlignedBuf>, usize)>, IoError> {
         let a = DIRECT_ALIGN as u64;
         let mut bufs = Vec::with_capacity(ranges.len());
-        for &(start, len) in ranges {
+        for &(_, start, len) in ranges {
             let lo = start / a * a;
             let hi = (start + len as u64).next_multiple_of(a);
             let buf = self.buffer((hi - lo) as usize).map_err(|e| IoError::Read {
@@ -265,6 +273,11 @@ impl Shared {
             .collect();
         reader.read(&mut reqs)?;
         drop(reqs);
+        if let Some(prepare) = self.prepare.get() {
+            for ((buf, skip, _, len), &(key, _, _)) in bufs.iter_mut().zip(ranges) {
+                prepare(key, &mut buf.as_mut_slice()[*skip..*skip + *len]);
+            }
+        }
         Ok(bufs
             .into_iter()
             .map(|(b, skip, _, _)| (Arc::new(b), skip))
@@ -431,6 +444,7 @@ impl ExpertCache {
             }),
             cv: Condvar::new(),
             counters: Counters::default(),
+            prepare: OnceLock::new(),
         });
         let mut cache = Self {
             shared,
@@ -514,7 +528,7 @@ impl ExpertCache {
             sh.counters.misses.fetch_add(1, Ordering::Relaxed);
         }
         let t0 = waited.unwrap_or_else(std::time::Instant::now);
-        let r = sh.read(start, len);
+        let r = sh.read(key, start, len);
         sh.counters
             .wait_ns
             .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -610,6 +624,25 @@ impl ExpertCache {
                 .clone()
                 .all(|t| st.entries.contains_key(&(t, e as u32)))
         });
+    }
+
+    /// Has `prepare` run on the bytes of every later read (once only). Slabs read before are
+    /// dropped, so that every byte a handle shows from now on has been prepared; an error
+    /// while one is in use.
+    pub(super) fn set_prepare(&self, prepare: PrepareKey) -> Result<(), String> {
+        let sh = &*self.shared;
+        let mut st = sh.lock();
+        while !st.loading.is_empty() {
+            st = sh.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.entries.retain(|_, e| Arc::strong_count(&e.buf) > 1);
+        if !st.entries.is_empty() {
+            return Err("an expert slab is held while its preparation is set".into());
+        }
+        st.bytes = 0;
+        sh.prepare
+            .set(prepare)
+            .map_err(|_| "expert slabs prepared twice".to_string())
     }
 
     /// Drops every slab not in use (a cold start for a measurement); counters are kept.
@@ -722,7 +755,7 @@ fn io_thread(sh: &Shared, r: usize) {
                 st = sh.cv.wait(st).unwrap_or_else(|p| p.into_inner());
             }
         };
-        let reads: Vec<(u64, usize)> = jobs.iter().map(|&(_, s, l, _)| (s, l)).collect();
+        let reads: Vec<(Key, u64, usize)> = jobs.iter().map(|&(k, s, l, _)| (k, s, l)).collect();
         let res = sh.read_many(&sh.readers[r], &reads);
         let mut st = sh.lock();
         match why {

@@ -139,6 +139,11 @@ pub fn available_memory() -> Option<u64> {
     }
 }
 
+/// What a model does to a matrix's bytes after each read from disk, before any handle shows
+/// them (the engine's CPU executor repacks them into its kernels' layout): called with the
+/// tensor and its bytes, one expert's slab at a time for stacked experts.
+pub type Prepare = Arc<dyn Fn(TensorId, &mut [u8]) + Send + Sync>;
+
 /// A tensor's index in its model's tensor table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TensorId(u32);
@@ -784,6 +789,67 @@ impl Weights {
             Some(buf) if off + len <= buf.len() => f(&mut buf.as_mut_slice()[off..off + len]),
             _ => Ok(false),
         }
+    }
+
+    /// Has `prepare` run on every later read of those of `ids` that are read from disk during
+    /// the steps: whole in a streamed layer group, or expert by expert through the expert cache
+    /// (`prepare` then sees one expert's slab). Returns those; the others (resident, mapped,
+    /// cut into parts, read by rows) are left alone, and resident ones are the caller's to
+    /// rewrite ([`Weights::rewrite_resident`]). Anything read before is read again. Once per
+    /// weights; an error while a streamed tensor is held.
+    pub fn prepare_on_read(
+        &self,
+        ids: &[TensorId],
+        prepare: Prepare,
+    ) -> Result<Vec<TensorId>, ResidencyError> {
+        let Backing::Read {
+            streamer, experts, ..
+        } = &self.backing
+        else {
+            return Ok(Vec::new());
+        };
+        let mut taken = Vec::new();
+        let mut groups: Vec<Vec<stream::Member>> = Vec::new();
+        let mut slabs: HashMap<u32, Vec<stream::Member>> = HashMap::new();
+        for &id in ids {
+            let info = self.info(id)?;
+            match self.place(id)? {
+                Place::Group { group, offset } if streamer.is_some() && info.stride.is_none() => {
+                    if groups.len() <= *group {
+                        groups.resize(*group + 1, Vec::new());
+                    }
+                    groups[*group].push((id, *offset as usize, info.n_bytes as usize));
+                    taken.push(id);
+                }
+                Place::Cold if experts.is_some() && info.dims.len() == 3 => {
+                    let loc = self.slab_loc(id, 0)?;
+                    slabs
+                        .entry(loc.key.0)
+                        .or_default()
+                        .push((id, loc.at, loc.slab));
+                    taken.push(id);
+                }
+                _ => {}
+            }
+        }
+        if let Some(s) = streamer
+            && !groups.is_empty()
+        {
+            s.set_prepare(Arc::clone(&prepare), groups)?;
+        }
+        if let Some(x) = experts
+            && !slabs.is_empty()
+        {
+            x.set_prepare(Box::new(move |key, bytes| {
+                for &(id, at, len) in slabs.get(&key.0).into_iter().flatten() {
+                    if let Some(slab) = bytes.get_mut(at..at + len) {
+                        prepare(id, slab);
+                    }
+                }
+            }))
+            .map_err(ResidencyError::Unreachable)?;
+        }
+        Ok(taken)
     }
 
     /// The buffers weights lie in when they were read (not mapped), as (address, length): the

@@ -4,15 +4,22 @@
 //! own buffer type. The layout is the CPU kernels' business: the model's tensors do not carry
 //! it; [`CpuWeights`] remembers it per tensor for the executor's matmuls.
 //!
-//! Streamed, mapped, strided and cached expert matrices keep the file's layout (storage
-//! refuses to rewrite them: their bytes are read again from the file), as does everything when
-//! repacking is off (identical arithmetic whatever the placement, for comparisons).
+//! Matrices read from disk during the steps (a streamed layer group, experts through the
+//! expert cache) are repacked by storage after each read ([`Weights::prepare_on_read`]), on
+//! its I/O threads, so that they run the same kernels per byte as resident ones. Mapped
+//! files, strided tensors held whole and matrices cut into parts keep the file's layout, as
+//! does everything when repacking is off (identical arithmetic whatever the placement, for
+//! comparisons).
 
-use strata_simd::matmul::{INTERLEAVE_ROWS, Layout, SimdError, can_interleave, interleave};
+use std::sync::Arc;
+
+use strata_simd::matmul::{
+    INTERLEAVE_ROWS, Layout, SimdError, can_interleave, interleave, interleave_here,
+};
 use strata_simd::pool::ThreadPool;
 use strata_simd::tune;
 use strata_storage::quant::GgmlType;
-use strata_storage::residency::{TensorId, Weights};
+use strata_storage::residency::{Prepare, TensorId, Weights};
 
 use crate::error::EngineError;
 use crate::model::{DecodeSetting, Ffn, Layer, Mat};
@@ -170,7 +177,81 @@ impl CpuWeights {
             }
         }
         me.repack(weights, output, 1)?;
+        me.prepare_streamed(weights, layers, output)?;
         Ok(me)
+    }
+
+    /// Has storage repack, after every read, the matrices that stream from disk whole (a
+    /// layer group under a RAM budget) or expert by expert (the expert cache), so that they
+    /// run the kernels resident ones run: the repacking is a pass over bytes the read just
+    /// brought into the cache, on the I/O threads, and a cached expert is repacked once for
+    /// all its uses. Matrices cut into parts stay row-major.
+    fn prepare_streamed(
+        &mut self,
+        weights: &Weights,
+        layers: &[Layer],
+        output: Mat,
+    ) -> Result<(), EngineError> {
+        let mut mats: Vec<(Mat, usize)> = Vec::new();
+        for l in layers {
+            mats.extend([l.q, l.k, l.v, l.o].map(|m| (m, 1)));
+            match &l.ffn {
+                Ffn::Dense { gate, up, down } => mats.extend([(*gate, 1), (*up, 1), (*down, 1)]),
+                Ffn::Moe(moe) => {
+                    if let Some((g, u, d, _)) = &moe.shared {
+                        mats.extend([(*g, 1), (*u, 1), (*d, 1)]);
+                    }
+                    mats.extend([moe.gate, moe.up, moe.down].map(|x| (x.mat, x.n_expert)));
+                }
+            }
+        }
+        mats.push((output, 1));
+        // Each candidate's shape, by tensor index: those whose bytes are exactly their
+        // matrices (or slabs of them), with the layout at this SIMD level.
+        let mut shapes: Vec<Option<(GgmlType, usize, usize)>> = vec![None; self.layouts.len()];
+        let mut ids = Vec::new();
+        for (m, slabs) in mats {
+            let bytes = weights.info(m.id)?.n_bytes;
+            let fits = bytes == (m.ty.row_bytes(m.cols) * m.rows * slabs) as u64;
+            if m.rows < INTERLEAVE_ROWS
+                || !can_interleave(m.ty)
+                || !fits
+                || self.keep.contains(&m.id)
+                || self.layout(m.id) == Layout::Interleaved
+            {
+                continue;
+            }
+            if let Some(s) = shapes.get_mut(m.id.index())
+                && s.is_none()
+            {
+                *s = Some((m.ty, m.rows, m.cols));
+                ids.push(m.id);
+            }
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let prepare: Prepare = Arc::new(move |id: TensorId, bytes: &mut [u8]| {
+            if let Some(Some((ty, rows, cols))) = shapes.get(id.index()) {
+                // The shapes were checked against the tensors, and the slab sizes are theirs.
+                if let Err(e) = interleave_here(*ty, bytes, *rows, *cols) {
+                    tracing::error!("repacking a streamed matrix: {e}");
+                }
+            }
+        });
+        let taken = weights.prepare_on_read(&ids, prepare)?;
+        if !taken.is_empty() {
+            tracing::debug!(
+                matrices = taken.len(),
+                "streamed matrices repacked after each read"
+            );
+        }
+        for id in taken {
+            if let Some(l) = self.layouts.get_mut(id.index()) {
+                *l = Layout::Interleaved;
+            }
+        }
+        Ok(())
     }
 
     /// Interleaves tensor `m` in place, as `slabs` matrices of `m`'s shape one after another

@@ -9,12 +9,12 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::plan::Group;
-use super::{Keep, Prepare, ResidencyError, TensorHandle, TensorId, Tier};
+use super::{Keep, ResidencyError, TensorHandle, Tier};
 use crate::buf::AlignedBuf;
 use crate::io::{IoError, IoStats, ReadReq, Reader};
 
@@ -67,13 +67,7 @@ pub(super) struct Shared {
     state: Mutex<State>,
     cv: Condvar,
     pub(super) counters: Counters,
-    /// What is done to the tensors of each group after its read ([`Streamer::set_prepare`]):
-    /// per group, each tensor with its offset and length in the slot.
-    prepare: OnceLock<(Prepare, Vec<Vec<Member>>)>,
 }
-
-/// A tensor of a group: its id, offset in the slot, and length.
-pub(super) type Member = (TensorId, usize, usize);
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -203,7 +197,6 @@ impl Streamer {
             }),
             cv: Condvar::new(),
             counters: Counters::default(),
-            prepare: OnceLock::new(),
         });
         let worker = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -309,34 +302,6 @@ impl Streamer {
     pub(super) fn io_stats(&self) -> IoStats {
         self.shared.reader.stats()
     }
-
-    /// Has `prepare` run on `members[g]`'s bytes after every read of group `g` (once only).
-    /// Groups already read are dropped, so that every byte a handle shows from now on has
-    /// been prepared; an error while one is held.
-    pub(super) fn set_prepare(
-        &self,
-        prepare: Prepare,
-        members: Vec<Vec<Member>>,
-    ) -> Result<(), ResidencyError> {
-        let sh = &*self.shared;
-        let mut st = sh.lock();
-        while st.slots.iter().any(|s| matches!(s.status, Status::Loading)) {
-            st = sh.wait(st);
-        }
-        if st.slots.iter().any(|s| s.pins > 0) {
-            return Err(ResidencyError::Unreachable(
-                "a streamed group is held while its preparation is set".into(),
-            ));
-        }
-        for s in &mut st.slots {
-            s.group = None;
-            s.status = Status::Empty;
-        }
-        st.current = None;
-        sh.prepare
-            .set((prepare, members))
-            .map_err(|_| ResidencyError::Unreachable("streamed groups prepared twice".into()))
-    }
 }
 
 impl Drop for Streamer {
@@ -370,16 +335,6 @@ fn io_thread(sh: &Shared) {
             }
         };
         let result = sh.read_group(slot, group);
-        if let (Ok(()), Some((prepare, members))) = (&result, sh.prepare.get()) {
-            for &(id, offset, len) in members.get(group).into_iter().flatten() {
-                // SAFETY: the slot is Loading, so no handle views it and nothing else writes
-                // it; the tensor lies inside it (the planner sized slots to the groups).
-                let bytes = unsafe {
-                    std::slice::from_raw_parts_mut(sh.slots[slot].as_ptr().add(offset), len)
-                };
-                prepare(id, bytes);
-            }
-        }
         sh.counters.groups_read.fetch_add(1, Ordering::Relaxed);
         let mut st = sh.lock();
         st.slots[slot].status = match result {

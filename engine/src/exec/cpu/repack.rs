@@ -4,12 +4,12 @@
 //! own buffer type. The layout is the CPU kernels' business: the model's tensors do not carry
 //! it; [`CpuWeights`] remembers it per tensor for the executor's matmuls.
 //!
-//! Matrices read from disk during the steps (a streamed layer group, experts through the
-//! expert cache) are repacked by storage after each read ([`Weights::prepare_on_read`]), on
-//! its I/O threads, so that they run the same kernels per byte as resident ones. Mapped
-//! files, strided tensors held whole and matrices cut into parts keep the file's layout, as
-//! does everything when repacking is off (identical arithmetic whatever the placement, for
-//! comparisons).
+//! Experts read from disk into the expert cache are repacked by storage as each slab is read
+//! ([`Weights::prepare_on_read`]), on its I/O threads, so that cached experts run the same
+//! kernels per byte as resident ones. Streamed layer groups (read again every step: a pass
+//! over them costs more than it saves), mapped files, strided tensors held whole and matrices
+//! cut into parts keep the file's layout, as does everything when repacking is off
+//! (identical arithmetic whatever the placement, for comparisons).
 
 use std::sync::Arc;
 
@@ -177,35 +177,22 @@ impl CpuWeights {
             }
         }
         me.repack(weights, output, 1)?;
-        me.prepare_streamed(weights, layers, output)?;
+        me.prepare_streamed(weights, layers)?;
         Ok(me)
     }
 
-    /// Has storage repack, after every read, the matrices that stream from disk whole (a
-    /// layer group under a RAM budget) or expert by expert (the expert cache), so that they
-    /// run the kernels resident ones run: the repacking is a pass over bytes the read just
-    /// brought into the cache, on the I/O threads, and a cached expert is repacked once for
-    /// all its uses. Matrices cut into parts stay row-major.
-    fn prepare_streamed(
-        &mut self,
-        weights: &Weights,
-        layers: &[Layer],
-        output: Mat,
-    ) -> Result<(), EngineError> {
+    /// Has storage repack each expert's slab read into the expert cache (experts that stream
+    /// from disk under a RAM budget) before it enters the cache, so that cached experts run the
+    /// kernels resident ones run: the repacking is a pass over bytes the read just brought
+    /// into the CPU's cache, on the I/O threads, once for all the slab's uses. Streamed layer
+    /// groups keep the file's layout (see [`Weights::prepare_on_read`]).
+    fn prepare_streamed(&mut self, weights: &Weights, layers: &[Layer]) -> Result<(), EngineError> {
         let mut mats: Vec<(Mat, usize)> = Vec::new();
         for l in layers {
-            mats.extend([l.q, l.k, l.v, l.o].map(|m| (m, 1)));
-            match &l.ffn {
-                Ffn::Dense { gate, up, down } => mats.extend([(*gate, 1), (*up, 1), (*down, 1)]),
-                Ffn::Moe(moe) => {
-                    if let Some((g, u, d, _)) = &moe.shared {
-                        mats.extend([(*g, 1), (*u, 1), (*d, 1)]);
-                    }
-                    mats.extend([moe.gate, moe.up, moe.down].map(|x| (x.mat, x.n_expert)));
-                }
+            if let Ffn::Moe(moe) = &l.ffn {
+                mats.extend([moe.gate, moe.up, moe.down].map(|x| (x.mat, x.n_expert)));
             }
         }
-        mats.push((output, 1));
         // Each candidate's shape, by tensor index: those whose bytes are exactly their
         // matrices (or slabs of them), with the layout at this SIMD level.
         let mut shapes: Vec<Option<(GgmlType, usize, usize)>> = vec![None; self.layouts.len()];
@@ -243,7 +230,7 @@ impl CpuWeights {
         if !taken.is_empty() {
             tracing::debug!(
                 matrices = taken.len(),
-                "streamed matrices repacked after each read"
+                "streamed experts repacked as they are read into the cache"
             );
         }
         for id in taken {

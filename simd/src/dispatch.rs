@@ -20,16 +20,22 @@ pub enum Level {
     Scalar,
     Neon,
     Avx2,
+    /// AVX2 with AVX-VNNI (`vpdpbusd` in 256-bit VEX form): Intel client cores from Alder
+    /// Lake on, which have no AVX-512. Not implied by the levels above it (Skylake-X has
+    /// AVX-512 without any VNNI, Zen 4 has AVX-512 VNNI without the VEX form): [`available`]
+    /// asks the CPU, and kernels for it are handed out only where it has the feature.
+    AvxVnni,
     Avx512,
     Avx512Vnni,
 }
 
 impl Level {
     /// Every level, lowest first.
-    pub const ALL: [Level; 5] = [
+    pub const ALL: [Level; 6] = [
         Level::Scalar,
         Level::Neon,
         Level::Avx2,
+        Level::AvxVnni,
         Level::Avx512,
         Level::Avx512Vnni,
     ];
@@ -40,6 +46,7 @@ impl Level {
             Level::Scalar => "scalar",
             Level::Neon => "neon",
             Level::Avx2 => "avx2",
+            Level::AvxVnni => "avxvnni",
             Level::Avx512 => "avx512",
             Level::Avx512Vnni => "avx512vnni",
         }
@@ -105,7 +112,11 @@ pub fn detected() -> Level {
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512dq");
         if !avx512 {
-            return Level::Avx2;
+            return if has_avx_vnni() {
+                Level::AvxVnni
+            } else {
+                Level::Avx2
+            };
         }
         if is_x86_feature_detected!("avx512vnni") {
             Level::Avx512Vnni
@@ -134,8 +145,24 @@ pub fn available(l: Level) -> bool {
         Level::Scalar => true,
         Level::Neon => cfg!(target_arch = "aarch64"),
         Level::Avx2 | Level::Avx512 | Level::Avx512Vnni => cfg!(target_arch = "x86_64"),
+        Level::AvxVnni => has_avx_vnni(),
     };
     this_arch && l <= detected()
+}
+
+/// Whether this CPU has AVX2, FMA, F16C and AVX-VNNI (the VEX-encoded 256-bit `vpdpbusd`).
+pub fn has_avx_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+            && is_x86_feature_detected!("avxvnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 #[cfg(test)]
@@ -153,6 +180,7 @@ mod tests {
         assert!(Level::Scalar < Level::Avx512Vnni);
         // x86 code tests `level >= Level::Avx2`; Neon must never pass that.
         assert!(Level::Neon < Level::Avx2);
+        assert_eq!(Level::parse("avxvnni"), Some(Level::AvxVnni));
     }
 
     #[test]
@@ -167,6 +195,11 @@ mod tests {
             assert_eq!(detected(), Level::Neon);
             assert!(!available(Level::Avx2));
             assert_eq!(highest_available_up_to(Level::Avx512Vnni), Level::Neon);
+        }
+        // AVX-VNNI is a feature of its own, not implied by the AVX-512 levels above it.
+        assert_eq!(available(Level::AvxVnni), has_avx_vnni());
+        if detected() == Level::AvxVnni {
+            assert!(has_avx_vnni());
         }
         for l in Level::ALL {
             let h = highest_available_up_to(l);

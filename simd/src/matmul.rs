@@ -241,9 +241,9 @@ pub fn matmul_at(
 }
 
 /// [`matmul_at`] under an explicit tuning (the interleaved kernels' width and prefetch
-/// distance), for `tune`'s measurements.
+/// distance), for `tune`'s measurements and for tests of every kernel this CPU has.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul_tuned(
+pub fn matmul_tuned(
     level: Level,
     tuning: Tuning,
     pool: &ThreadPool,

@@ -6,9 +6,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use strata_simd::dispatch::{self, Level};
 use strata_simd::matmul::{
-    Layout, MatRef, MatmulScratch, SimdError, deinterleave, interleave, matmul, matmul_at, supports,
+    Layout, MatRef, MatmulScratch, SimdError, deinterleave, interleave, matmul, matmul_at,
+    matmul_tuned, supports,
 };
 use strata_simd::pool::ThreadPool;
+use strata_simd::tune::{Decode, Tuning};
 use strata_storage::quant::{GgmlType, dequantize_row, quantize_row};
 
 const TYPES: [GgmlType; 13] = [
@@ -164,11 +166,20 @@ fn interleaved_layout_matches_scalar_rows() {
     let mut scratch = MatmulScratch::new();
     let mut rng = StdRng::seed_from_u64(23);
     let mut tested = 0;
-    let mut levels: Vec<Level> = [Level::Avx2, Level::Avx512Vnni]
-        .into_iter()
-        .filter(|&l| dispatch::available(l))
-        .collect();
-    levels.dedup();
+    // Every interleaved kernel family this CPU has: AVX2's, AVX-VNNI's, and at AVX-512 VNNI
+    // the 512-bit ones (the level's default) and the 256-bit EVEX ones (`tune`'s narrow
+    // choice).
+    let candidates: Vec<(Level, Tuning)> = [
+        (Level::Avx2, Decode::Interleaved256),
+        (Level::AvxVnni, Decode::Interleaved256),
+        (Level::Avx512Vnni, Decode::Interleaved512),
+        (Level::Avx512Vnni, Decode::Interleaved256),
+    ]
+    .into_iter()
+    .filter(|&(l, _)| dispatch::available(l))
+    .map(|(l, d)| (l, Tuning::default_for(l).with_decode(d)))
+    .collect();
+    eprintln!("interleaved kernels under test: {candidates:?}");
     for ty in TYPES {
         for (rows, cols) in [
             (16, 256),
@@ -207,15 +218,26 @@ fn interleaved_layout_matches_scalar_rows() {
                 for n_tok in [1, 2, 3, 4, 5, 9, 11, 17] {
                     let x = random_f32(&mut rng, n_tok * cols);
                     let want = run(Level::Scalar, &pools[0], rows_w, &x, n_tok, &mut scratch);
-                    // The 256-bit kernels (AVX2), and the 512-bit ones where the CPU has them.
-                    for level in levels.iter().copied() {
+                    for &(level, tuning) in &candidates {
                         for pool in &pools {
-                            let got = run(level, pool, il_w, &x, n_tok, &mut scratch);
+                            let mut got = vec![f32::NAN; n_tok * rows];
+                            matmul_tuned(
+                                level,
+                                tuning,
+                                pool,
+                                il_w,
+                                &x,
+                                n_tok,
+                                &mut got,
+                                &mut scratch,
+                            )
+                            .expect("matmul");
                             let e = nmse(&got, &want);
+                            let width = tuning.decode(ty).name();
                             assert!(
                                 e < 5e-6,
                                 "{ty} interleaved {rows}x{cols} n_tok={n_tok} {level:?} \
-                                 threads={} random_bytes={random_bytes}: nmse {e:e}",
+                                 {width} threads={} random_bytes={random_bytes}: nmse {e:e}",
                                 pool.n_threads()
                             );
                         }

@@ -224,7 +224,7 @@ mod x86 {
     use super::*;
     use crate::arch::x86_64::{
         avx2, avx512, gemm as tiled, interleaved as il, interleaved_avx2 as il2,
-        interleaved_avx2_kq as il2kq, multi,
+        interleaved_avx2_kq as il2kq, interleaved_vnni256 as il_vnni, multi,
     };
 
     /// A safe wrapper around an `unsafe` SIMD dot product. Sound because [`dot`] hands it out
@@ -629,6 +629,16 @@ mod x86 {
     wrap_interleaved!(il2_q4_1, il2::nibbles, Q4_1Tile; Q4_1Tile::TILE_BLOCK, T::Q8_1, 32);
     wrap_interleaved!(il2_q5_1, il2::nibbles, Q5_1Tile; Q5_1Tile::TILE_BLOCK, T::Q8_1, 32);
 
+    use il_vnni::{evex, vex};
+    wrap_interleaved!(vex_q4_k, vex::q4k; ilv::Q4K_TILE_BLOCK, T::Q8K, 256);
+    wrap_interleaved!(vex_q6_k, vex::q6k; ilv::Q6K_TILE_BLOCK, T::Q8K, 256);
+    wrap_interleaved!(vex_q8_0, vex::legacy, false; ilv::Q8_0_TILE_BLOCK, T::Q8_0, 32);
+    wrap_interleaved!(vex_q5_0, vex::legacy, true; ilv::Q5_0_TILE_BLOCK, T::Q8_0, 32);
+    wrap_interleaved!(evex_q4_k, evex::q4k; ilv::Q4K_TILE_BLOCK, T::Q8K, 256);
+    wrap_interleaved!(evex_q6_k, evex::q6k; ilv::Q6K_TILE_BLOCK, T::Q8K, 256);
+    wrap_interleaved!(evex_q8_0, evex::legacy, false; ilv::Q8_0_TILE_BLOCK, T::Q8_0, 32);
+    wrap_interleaved!(evex_q5_0, evex::legacy, true; ilv::Q5_0_TILE_BLOCK, T::Q8_0, 32);
+
     wrap_interleaved!(il2_q5_k, il2kq::q5k; ilv::kq::Q5K_TILE_BLOCK, T::Q8K, 256);
     wrap_interleaved!(il2_q3_k, il2kq::q3k; ilv::kq::Q3K_TILE_BLOCK, T::Q8K, 256);
     wrap_interleaved!(il2_q2_k, il2kq::q2k; ilv::kq::Q2K_TILE_BLOCK, T::Q8K, 256);
@@ -659,6 +669,25 @@ mod x86 {
             && let Some(k) = interleaved_512(ty)
         {
             return Some(k);
+        }
+        // 256-bit `vpdpbusd`: EVEX-encoded at AVX-512 VNNI (the narrow choice), VEX-encoded
+        // at AVX-VNNI where the CPU has it (a CPU with AVX-512 but no VNNI of either kind
+        // reaches this level only through a caller's explicit level: it gets AVX2's).
+        let vnni = match level {
+            Level::Avx512Vnni => Some([evex_q4_k, evex_q6_k, evex_q8_0, evex_q5_0]),
+            Level::AvxVnni if dispatch::has_avx_vnni() => {
+                Some([vex_q4_k, vex_q6_k, vex_q8_0, vex_q5_0])
+            }
+            _ => None,
+        };
+        if let Some([q4_k, q6_k, q8_0, q5_0]) = vnni {
+            match ty {
+                T::Q4K => return Some(q4_k),
+                T::Q6K => return Some(q6_k),
+                T::Q8_0 => return Some(q8_0),
+                T::Q5_0 => return Some(q5_0),
+                _ => {}
+            }
         }
         if level >= Level::Avx2 {
             return match ty {

@@ -26,7 +26,7 @@ use crate::matmul::interleave::{
 /// Bytes of one Q8_K activation block: d (f32), 256 quants, 16 block sums (i16).
 pub(super) const Q8K_BLOCK: usize = 292;
 /// Bytes of one Q8_0 activation block: d (f16) and 32 quants.
-const Q8_0_ACT: usize = 34;
+pub(super) const Q8_0_ACT: usize = 34;
 /// Bytes of one Q8_1 activation block: d (f16), s = d · Σ q (f16) and 32 quants.
 const Q8_1_ACT: usize = 36;
 
@@ -123,7 +123,7 @@ pub(super) fn mins_pairs<const H: usize>(mn: &[__m128i; 8]) -> [__m256i; 4] {
 /// `p` must be valid for reading 32 bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn offset_sum<const SHIFT: i32>(p: *const u8) -> __m256i {
+pub(super) unsafe fn offset_sum<const SHIFT: i32>(p: *const u8) -> __m256i {
     // SAFETY: the caller guarantees 32 readable bytes.
     let a = unsafe { load(p) };
     let s = _mm256_madd_epi16(

@@ -8,4 +8,5 @@ pub(crate) mod gemm;
 pub(crate) mod interleaved;
 pub(crate) mod interleaved_avx2;
 pub(crate) mod interleaved_avx2_kq;
+pub(crate) mod interleaved_vnni256;
 pub(crate) mod multi;

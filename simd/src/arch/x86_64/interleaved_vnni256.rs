@@ -1,0 +1,333 @@
+//! Kernels over the interleaved weight layout (`matmul::interleave`) in 256-bit registers with
+//! `vpdpbusd`: for CPUs with AVX-VNNI and no AVX-512 (Intel client cores from Alder Lake on,
+//! `vex`), and for AVX-512 VNNI CPUs where 256-bit kernels measure faster than 512-bit ones
+//! (Zen 4 executes 512-bit instructions in two halves; `evex`, chosen by `tune`). The two
+//! modules are one source: the same instruction, VEX- or EVEX-encoded.
+//!
+//! A tile is two halves of 8 rows, one row per 32-bit lane, as for the AVX2 kernels
+//! (`interleaved_avx2`); where those spend `vpmaddubsw`, an i16 add and a `vpmaddwd` on 4
+//! columns, one `vpdpbusd` adds the 4 products straight into the row's i32 lane. Each half is
+//! computed through the whole tile block before the other (the second pass reads the block
+//! from L1), so one half's accumulators for 4 tokens fit the 16 registers AVX-VNNI has.
+//!
+//! Contract of every `unsafe fn` here: the CPU has the module's features (AVX2, FMA, F16C and
+//! AVX-VNNI, or AVX-512 F/BW/VL/DQ and VNNI); the pointers are valid for the bytes the
+//! function's docs name.
+
+macro_rules! vnni256_kernels {
+    ($m:ident, $features:literal, $dp:ident) => {
+        pub(crate) mod $m {
+            use std::arch::x86_64::*;
+
+            use super::super::avx2;
+            use super::super::interleaved_avx2::{
+                Q8_0_ACT, Q8K_BLOCK, bcast4, f16_rows, k4_scales, load, mins_pairs, offset_sum,
+                prefetch_ahead, store,
+            };
+            use crate::matmul::interleave::{
+                Q4K_TILE_BLOCK, Q5_0_HIGH, Q5_0_TILE_BLOCK, Q6K_TILE_BLOCK, Q8_0_TILE_BLOCK,
+                q6k_high, q6k_low, q6k_scales,
+            };
+
+            /// `acc` plus the 4 products of each 32-bit lane: unsigned bytes of `w` times
+            /// signed bytes of `a`.
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn dp(acc: __m256i, w: __m256i, a: __m256i) -> __m256i {
+                $dp(acc, w, a)
+            }
+
+            /// The 8 bytes of half `h` (rows `8 h..8 h + 8`) of 16 bytes with one byte per row,
+            /// in the low 8 bytes.
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn half(v: __m128i, h: usize) -> __m128i {
+                if h == 0 { v } else { _mm_unpackhi_epi64(v, v) }
+            }
+
+            /// 16 rows × `NT` tokens of a Q4_K tile: `out + t * out_stride` receives the 16
+            /// rows' results for token `t`. `ahead` is the software prefetch distance in bytes
+            /// (0: none).
+            ///
+            /// # Safety
+            /// See the module docs; `tile` holds `nb` tile blocks, `act + t * act_row` holds
+            /// `nb` Q8_K blocks for every `t < NT`, and `out + t * out_stride` is valid for
+            /// writing 16 f32.
+            #[target_feature(enable = $features)]
+            #[allow(
+                clippy::needless_range_loop,
+                reason = "half and token indices address several register arrays in step"
+            )]
+            pub(crate) unsafe fn q4k<const NT: usize>(
+                nb: usize,
+                tile: *const u8,
+                act: *const u8,
+                act_row: usize,
+                out: *mut f32,
+                out_stride: usize,
+                ahead: usize,
+            ) {
+                let m4 = _mm256_set1_epi8(0xF);
+                let mut acc = [[_mm256_setzero_ps(); NT]; 2];
+                for b in 0..nb {
+                    prefetch_ahead(tile, b, Q4K_TILE_BLOCK, ahead);
+                    // SAFETY: block b of the tile and of every token's activations is in
+                    // bounds (caller); every offset below stays inside them.
+                    unsafe {
+                        let x = tile.add(b * Q4K_TILE_BLOCK);
+                        let (sc, mn) = k4_scales(x.add(64));
+                        let y = act.add(b * Q8K_BLOCK);
+                        let mut accb = [[_mm256_setzero_ps(); NT]; 2];
+                        for h in 0..2 {
+                            for s in 0..8 {
+                                let g0 = x.add(256 + 256 * s + 32 * h);
+                                let scf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(half(sc[s], h)));
+                                let mut dot = [_mm256_setzero_si256(); NT];
+                                for g in 0..4 {
+                                    let v = load(g0.add(64 * g));
+                                    let lo = _mm256_and_si256(v, m4);
+                                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
+                                    for t in 0..NT {
+                                        let a = y.add(t * act_row + 4 + 32 * s + 8 * g);
+                                        dot[t] = dp(dot[t], lo, bcast4(a));
+                                        dot[t] = dp(dot[t], hi, bcast4(a.add(4)));
+                                    }
+                                }
+                                for t in 0..NT {
+                                    accb[h][t] = _mm256_fmadd_ps(
+                                        _mm256_cvtepi32_ps(dot[t]),
+                                        scf,
+                                        accb[h][t],
+                                    );
+                                }
+                            }
+                        }
+                        // acc += d · dy · Σ scale · dot - dmin · dy · Σ min · bsum.
+                        let mins = [mins_pairs::<0>(&mn), mins_pairs::<1>(&mn)];
+                        for t in 0..NT {
+                            let yt = y.add(t * act_row);
+                            let bs = _mm256_loadu_si256(yt.add(260).cast());
+                            // The sums of each 32 columns, as i16: adjacent 16-column sums.
+                            let b32 = _mm_hadd_epi16(
+                                _mm256_castsi256_si128(bs),
+                                _mm256_extracti128_si256::<1>(bs),
+                            );
+                            let pairs = [
+                                _mm256_set1_epi32(_mm_cvtsi128_si32(b32)),
+                                _mm256_set1_epi32(_mm_extract_epi32::<1>(b32)),
+                                _mm256_set1_epi32(_mm_extract_epi32::<2>(b32)),
+                                _mm256_set1_epi32(_mm_extract_epi32::<3>(b32)),
+                            ];
+                            let dy = _mm256_set1_ps(yt.cast::<f32>().read_unaligned());
+                            for h in 0..2 {
+                                let mut m = _mm256_setzero_si256();
+                                for (mp, pair) in mins[h].iter().zip(pairs) {
+                                    m = _mm256_add_epi32(m, _mm256_madd_epi16(*mp, pair));
+                                }
+                                let d = f16_rows(x.add(16 * h));
+                                let dmin = f16_rows(x.add(32 + 16 * h));
+                                let a =
+                                    _mm256_fmadd_ps(accb[h][t], _mm256_mul_ps(d, dy), acc[h][t]);
+                                acc[h][t] = _mm256_fnmadd_ps(
+                                    _mm256_cvtepi32_ps(m),
+                                    _mm256_mul_ps(dmin, dy),
+                                    a,
+                                );
+                            }
+                        }
+                    }
+                }
+                // SAFETY: forwarded (caller).
+                unsafe { store(&acc[0], &acc[1], out, out_stride) };
+            }
+
+            /// As [`q4k`], for a Q6_K tile. The quants' `- 32` starts each 16-column
+            /// sub-block's sum at `-32 · bsum` (Q8_K's block sums are those 16-column sums).
+            ///
+            /// # Safety
+            /// As [`q4k`], with Q6_K tile blocks.
+            #[target_feature(enable = $features)]
+            #[allow(
+                clippy::needless_range_loop,
+                reason = "half and token indices address several register arrays in step"
+            )]
+            pub(crate) unsafe fn q6k<const NT: usize>(
+                nb: usize,
+                tile: *const u8,
+                act: *const u8,
+                act_row: usize,
+                out: *mut f32,
+                out_stride: usize,
+                ahead: usize,
+            ) {
+                let m4 = _mm256_set1_epi8(0xF);
+                let m48 = _mm256_set1_epi8(0x30);
+                let mut acc = [[_mm256_setzero_ps(); NT]; 2];
+                for b in 0..nb {
+                    prefetch_ahead(tile, b, Q6K_TILE_BLOCK, ahead);
+                    // SAFETY: block b of the tile and of every token's activations is in
+                    // bounds (caller); every offset below stays inside them.
+                    unsafe {
+                        let x = tile.add(b * Q6K_TILE_BLOCK);
+                        let y = act.add(b * Q8K_BLOCK);
+                        for h in 0..2 {
+                            let mut accb = [_mm256_setzero_ps(); NT];
+                            for s in 0..16 {
+                                let sc = _mm_loadu_si128(x.add(q6k_scales(s)).cast());
+                                let scf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(half(sc, h)));
+                                let w0 = load(x.add(q6k_low(s) + 32 * h));
+                                let w1 = load(x.add(q6k_low(s) + 64 + 32 * h));
+                                let hb = load(x.add(q6k_high(s) + 32 * h));
+                                // Top bits 2q..2q + 2 of each byte moved to bits 4..6.
+                                let q = [
+                                    _mm256_or_si256(
+                                        _mm256_and_si256(w0, m4),
+                                        _mm256_and_si256(_mm256_slli_epi16::<4>(hb), m48),
+                                    ),
+                                    _mm256_or_si256(
+                                        _mm256_and_si256(_mm256_srli_epi16::<4>(w0), m4),
+                                        _mm256_and_si256(_mm256_slli_epi16::<2>(hb), m48),
+                                    ),
+                                    _mm256_or_si256(
+                                        _mm256_and_si256(w1, m4),
+                                        _mm256_and_si256(hb, m48),
+                                    ),
+                                    _mm256_or_si256(
+                                        _mm256_and_si256(_mm256_srli_epi16::<4>(w1), m4),
+                                        _mm256_and_si256(_mm256_srli_epi16::<2>(hb), m48),
+                                    ),
+                                ];
+                                for t in 0..NT {
+                                    let yt = y.add(t * act_row);
+                                    let a = yt.add(4 + 16 * s);
+                                    let bsum = i32::from(
+                                        yt.add(260 + 2 * s).cast::<i16>().read_unaligned(),
+                                    );
+                                    let mut dot = _mm256_set1_epi32(-32 * bsum);
+                                    for (i, qi) in q.iter().enumerate() {
+                                        dot = dp(dot, *qi, bcast4(a.add(4 * i)));
+                                    }
+                                    accb[t] =
+                                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scf, accb[t]);
+                                }
+                            }
+                            let d = f16_rows(x.add(16 * h));
+                            for t in 0..NT {
+                                let dy = _mm256_set1_ps(
+                                    y.add(t * act_row).cast::<f32>().read_unaligned(),
+                                );
+                                acc[h][t] =
+                                    _mm256_fmadd_ps(accb[t], _mm256_mul_ps(d, dy), acc[h][t]);
+                            }
+                        }
+                    }
+                }
+                // SAFETY: forwarded (caller).
+                unsafe { store(&acc[0], &acc[1], out, out_stride) };
+            }
+
+            /// As [`q4k`], for a Q8_0 (`Q5 = false`) or Q5_0 (`Q5 = true`) tile against Q8_0
+            /// activations. The weights are stored unsigned with an offset (Q8_0 + 128, Q5_0
+            /// + 16), which comes out as `offset · Σ a` per block.
+            ///
+            /// # Safety
+            /// As [`q4k`], with Q8_0 / Q5_0 tile blocks and Q8_0 activation blocks.
+            #[target_feature(enable = $features)]
+            #[allow(
+                clippy::needless_range_loop,
+                reason = "half and token indices address several register arrays in step"
+            )]
+            pub(crate) unsafe fn legacy<const NT: usize, const Q5: bool>(
+                nb: usize,
+                tile: *const u8,
+                act: *const u8,
+                act_row: usize,
+                out: *mut f32,
+                out_stride: usize,
+                ahead: usize,
+            ) {
+                let block = if Q5 { Q5_0_TILE_BLOCK } else { Q8_0_TILE_BLOCK };
+                let m4 = _mm256_set1_epi8(0xF);
+                let m16 = _mm256_set1_epi8(0x10);
+                let mut acc = [[_mm256_setzero_ps(); NT]; 2];
+                for b in 0..nb {
+                    prefetch_ahead(tile, b, block, ahead);
+                    // SAFETY: block b of the tile and of every token's activations is in
+                    // bounds (caller); every offset below stays inside them.
+                    unsafe {
+                        let x = tile.add(b * block);
+                        // The offset times Σ a, per token, subtracted up front.
+                        let mut start = [_mm256_setzero_si256(); NT];
+                        for t in 0..NT {
+                            let a = act.add(t * act_row + b * Q8_0_ACT + 2);
+                            let off = if Q5 {
+                                offset_sum::<4>(a)
+                            } else {
+                                offset_sum::<7>(a)
+                            };
+                            start[t] = _mm256_sub_epi32(_mm256_setzero_si256(), off);
+                        }
+                        for h in 0..2 {
+                            let d = f16_rows(x.add(16 * h));
+                            // w[i]: columns 4i..4i + 4 of the half's 8 rows, unsigned.
+                            let mut w = [_mm256_setzero_si256(); 8];
+                            if Q5 {
+                                let hb = load(x.add(Q5_0_HIGH + 32 * h));
+                                for g in 0..4 {
+                                    let v = load(x.add(32 + 64 * g + 32 * h));
+                                    // Bit k of each byte moved to bit 4, for k = 2g and 2g + 1.
+                                    let (top_lo, top_hi) = match g {
+                                        0 => {
+                                            (_mm256_slli_epi16::<4>(hb), _mm256_slli_epi16::<3>(hb))
+                                        }
+                                        1 => {
+                                            (_mm256_slli_epi16::<2>(hb), _mm256_slli_epi16::<1>(hb))
+                                        }
+                                        2 => (hb, _mm256_srli_epi16::<1>(hb)),
+                                        _ => {
+                                            (_mm256_srli_epi16::<2>(hb), _mm256_srli_epi16::<3>(hb))
+                                        }
+                                    };
+                                    w[2 * g] = _mm256_or_si256(
+                                        _mm256_and_si256(v, m4),
+                                        _mm256_and_si256(top_lo, m16),
+                                    );
+                                    w[2 * g + 1] = _mm256_or_si256(
+                                        _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4),
+                                        _mm256_and_si256(top_hi, m16),
+                                    );
+                                }
+                            } else {
+                                for (i, wi) in w.iter_mut().enumerate() {
+                                    *wi = load(x.add(32 + 64 * i + 32 * h));
+                                }
+                            }
+                            for t in 0..NT {
+                                let yt = act.add(t * act_row + b * Q8_0_ACT);
+                                let mut isum = start[t];
+                                for (i, wi) in w.iter().enumerate() {
+                                    isum = dp(isum, *wi, bcast4(yt.add(2 + 4 * i)));
+                                }
+                                let dy = avx2::f16x8(yt);
+                                acc[h][t] = _mm256_fmadd_ps(
+                                    _mm256_cvtepi32_ps(isum),
+                                    _mm256_mul_ps(d, dy),
+                                    acc[h][t],
+                                );
+                            }
+                        }
+                    }
+                }
+                // SAFETY: forwarded (caller).
+                unsafe { store(&acc[0], &acc[1], out, out_stride) };
+            }
+        }
+    };
+}
+
+vnni256_kernels!(vex, "avx2,fma,f16c,avxvnni", _mm256_dpbusd_avx_epi32);
+vnni256_kernels!(
+    evex,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni",
+    _mm256_dpbusd_epi32
+);

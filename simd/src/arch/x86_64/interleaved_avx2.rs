@@ -267,30 +267,32 @@ pub(crate) unsafe fn q4k<const NT: usize>(
             let x = tile.add(b * Q4K_TILE_BLOCK);
             let (sc, mn) = k4_scales(x.add(64));
             let y = act.add(b * Q8K_BLOCK);
-            // Both halves of each 64-byte group in turn, so the block is read front to back.
+            // Each half through the whole block before the other (the second pass reads the
+            // block from L1): one half's sums for 4 tokens fit the 16 registers, both did not.
             let mut isum = [[_mm256_setzero_si256(); NT]; 2];
-            for s in 0..8 {
-                let g0 = x.add(256 + 256 * s);
-                let scale = [per_row_u8::<0>(sc[s]), per_row_u8::<1>(sc[s])];
-                // Eight products of at most 15 · 128 · 2 each: the i16 sums cannot overflow.
-                let mut p = [[_mm256_setzero_si256(); NT]; 2];
-                for g in 0..4 {
-                    for h in 0..2 {
-                        let v = load(g0.add(64 * g + 32 * h));
+            for h in 0..2 {
+                for s in 0..8 {
+                    let g0 = x.add(256 + 256 * s + 32 * h);
+                    let scale = if h == 0 {
+                        per_row_u8::<0>(sc[s])
+                    } else {
+                        per_row_u8::<1>(sc[s])
+                    };
+                    // Eight products of at most 15 · 128 · 2 each: the i16 sums cannot overflow.
+                    let mut p = [_mm256_setzero_si256(); NT];
+                    for g in 0..4 {
+                        let v = load(g0.add(64 * g));
                         let lo = _mm256_and_si256(v, m4);
                         let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
                         for t in 0..NT {
                             let a = y.add(t * act_row + 4 + 32 * s + 8 * g);
                             let pl = _mm256_maddubs_epi16(lo, bcast4(a));
                             let ph = _mm256_maddubs_epi16(hi, bcast4(a.add(4)));
-                            p[h][t] = _mm256_add_epi16(p[h][t], _mm256_add_epi16(pl, ph));
+                            p[t] = _mm256_add_epi16(p[t], _mm256_add_epi16(pl, ph));
                         }
                     }
-                }
-                for h in 0..2 {
                     for t in 0..NT {
-                        isum[h][t] =
-                            _mm256_add_epi32(isum[h][t], _mm256_madd_epi16(p[h][t], scale[h]));
+                        isum[h][t] = _mm256_add_epi32(isum[h][t], _mm256_madd_epi16(p[t], scale));
                     }
                 }
             }
@@ -332,11 +334,16 @@ pub(crate) unsafe fn q6k<const NT: usize>(
             let y = act.add(b * Q8K_BLOCK);
             let mut isum = [[_mm256_setzero_si256(); NT]; 2];
             let mut corr = [[_mm256_setzero_si256(); NT]; 2];
-            for s in 0..16 {
-                let sc = _mm_loadu_si128(x.add(q6k_scales(s)).cast());
-                let scale = [per_row_i8::<0>(sc), per_row_i8::<1>(sc)];
-                // Both halves of each sub-block in turn, so the block is read front to back.
-                for h in 0..2 {
+            // Each half through the whole block before the other (the second pass reads the
+            // block from L1): one half's sums for 4 tokens fit the 16 registers, both did not.
+            for h in 0..2 {
+                for s in 0..16 {
+                    let sc = _mm_loadu_si128(x.add(q6k_scales(s)).cast());
+                    let scale = if h == 0 {
+                        per_row_i8::<0>(sc)
+                    } else {
+                        per_row_i8::<1>(sc)
+                    };
                     let w0 = load(x.add(q6k_low(s) + 32 * h));
                     let w1 = load(x.add(q6k_low(s) + 64 + 32 * h));
                     let hb = load(x.add(q6k_high(s) + 32 * h));
@@ -370,25 +377,23 @@ pub(crate) unsafe fn q6k<const NT: usize>(
                         isum[h][t] = _mm256_add_epi32(
                             isum[h][t],
                             _mm256_add_epi32(
-                                _mm256_madd_epi16(p0, scale[h]),
-                                _mm256_madd_epi16(p1, scale[h]),
+                                _mm256_madd_epi16(p0, scale),
+                                _mm256_madd_epi16(p1, scale),
                             ),
                         );
                     }
-                }
-                if s % 2 == 1 {
-                    // Σ_s scale_s · bsum_s, two sub-blocks per vpmaddwd.
-                    let sc0 = _mm_loadu_si128(x.add(q6k_scales(s - 1)).cast());
-                    let pairs = [
-                        _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(sc0, sc)),
-                        _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(sc0, sc)),
-                    ];
-                    for t in 0..NT {
-                        let bs = y.add(t * act_row + 260 + 2 * (s - 1));
-                        let bs = _mm256_set1_epi32(bs.cast::<i32>().read_unaligned());
-                        for h in 0..2 {
-                            corr[h][t] =
-                                _mm256_add_epi32(corr[h][t], _mm256_madd_epi16(pairs[h], bs));
+                    if s % 2 == 1 {
+                        // Σ_s scale_s · bsum_s, two sub-blocks per vpmaddwd.
+                        let sc0 = _mm_loadu_si128(x.add(q6k_scales(s - 1)).cast());
+                        let pairs = if h == 0 {
+                            _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(sc0, sc))
+                        } else {
+                            _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(sc0, sc))
+                        };
+                        for t in 0..NT {
+                            let bs = y.add(t * act_row + 260 + 2 * (s - 1));
+                            let bs = _mm256_set1_epi32(bs.cast::<i32>().read_unaligned());
+                            corr[h][t] = _mm256_add_epi32(corr[h][t], _mm256_madd_epi16(pairs, bs));
                         }
                     }
                 }

@@ -104,6 +104,25 @@ pub fn interleave_here(
     Ok(true)
 }
 
+/// [`interleave`] whatever this process's level and tuning would choose, for every type that
+/// has the layout (for tests: the layout is the same at every level, and each level's kernels
+/// are tested on it even where the process would keep a type in rows, as AVX-512 VNNI keeps
+/// Q4_0 for its GEMM).
+#[doc(hidden)]
+pub fn interleave_always(
+    ty: GgmlType,
+    data: &mut [u8],
+    rows: usize,
+    cols: usize,
+) -> Result<bool, SimdError> {
+    if !interleave::has_layout(ty) {
+        return Ok(false);
+    }
+    check_bytes(ty, data.len(), rows, cols)?;
+    interleave::pack(ty, data, rows, cols, true);
+    Ok(true)
+}
+
 /// The inverse of [`interleave`] (for tests).
 #[doc(hidden)]
 pub fn deinterleave(

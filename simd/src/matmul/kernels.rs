@@ -638,6 +638,12 @@ mod x86 {
     wrap_interleaved!(evex_q6_k, evex::q6k; ilv::Q6K_TILE_BLOCK, T::Q8K, 256);
     wrap_interleaved!(evex_q8_0, evex::legacy, false; ilv::Q8_0_TILE_BLOCK, T::Q8_0, 32);
     wrap_interleaved!(evex_q5_0, evex::legacy, true; ilv::Q5_0_TILE_BLOCK, T::Q8_0, 32);
+    wrap_interleaved!(vex_q4_0, vex::nibbles, Q4_0Tile; Q4_0Tile::TILE_BLOCK, T::Q8_0, 32);
+    wrap_interleaved!(vex_q4_1, vex::nibbles, Q4_1Tile; Q4_1Tile::TILE_BLOCK, T::Q8_1, 32);
+    wrap_interleaved!(vex_q5_1, vex::nibbles, Q5_1Tile; Q5_1Tile::TILE_BLOCK, T::Q8_1, 32);
+    wrap_interleaved!(evex_q4_0, evex::nibbles, Q4_0Tile; Q4_0Tile::TILE_BLOCK, T::Q8_0, 32);
+    wrap_interleaved!(evex_q4_1, evex::nibbles, Q4_1Tile; Q4_1Tile::TILE_BLOCK, T::Q8_1, 32);
+    wrap_interleaved!(evex_q5_1, evex::nibbles, Q5_1Tile; Q5_1Tile::TILE_BLOCK, T::Q8_1, 32);
 
     wrap_interleaved!(il2_q5_k, il2kq::q5k; ilv::kq::Q5K_TILE_BLOCK, T::Q8K, 256);
     wrap_interleaved!(il2_q3_k, il2kq::q3k; ilv::kq::Q3K_TILE_BLOCK, T::Q8K, 256);
@@ -673,21 +679,26 @@ mod x86 {
         // 256-bit `vpdpbusd`: EVEX-encoded at AVX-512 VNNI (the narrow choice), VEX-encoded
         // at AVX-VNNI where the CPU has it (a CPU with AVX-512 but no VNNI of either kind
         // reaches this level only through a caller's explicit level: it gets AVX2's).
-        let vnni = match level {
-            Level::Avx512Vnni => Some([evex_q4_k, evex_q6_k, evex_q8_0, evex_q5_0]),
-            Level::AvxVnni if dispatch::has_avx_vnni() => {
-                Some([vex_q4_k, vex_q6_k, vex_q8_0, vex_q5_0])
-            }
+        let vnni: Option<InterleavedFn> = match (level, ty) {
+            (Level::Avx512Vnni, T::Q4K) => Some(evex_q4_k),
+            (Level::Avx512Vnni, T::Q6K) => Some(evex_q6_k),
+            (Level::Avx512Vnni, T::Q8_0) => Some(evex_q8_0),
+            (Level::Avx512Vnni, T::Q5_0) => Some(evex_q5_0),
+            (Level::Avx512Vnni, T::Q4_0) => Some(evex_q4_0),
+            (Level::Avx512Vnni, T::Q4_1) => Some(evex_q4_1),
+            (Level::Avx512Vnni, T::Q5_1) => Some(evex_q5_1),
+            (Level::AvxVnni, _) if !dispatch::has_avx_vnni() => None,
+            (Level::AvxVnni, T::Q4K) => Some(vex_q4_k),
+            (Level::AvxVnni, T::Q6K) => Some(vex_q6_k),
+            (Level::AvxVnni, T::Q8_0) => Some(vex_q8_0),
+            (Level::AvxVnni, T::Q5_0) => Some(vex_q5_0),
+            (Level::AvxVnni, T::Q4_0) => Some(vex_q4_0),
+            (Level::AvxVnni, T::Q4_1) => Some(vex_q4_1),
+            (Level::AvxVnni, T::Q5_1) => Some(vex_q5_1),
             _ => None,
         };
-        if let Some([q4_k, q6_k, q8_0, q5_0]) = vnni {
-            match ty {
-                T::Q4K => return Some(q4_k),
-                T::Q6K => return Some(q6_k),
-                T::Q8_0 => return Some(q8_0),
-                T::Q5_0 => return Some(q5_0),
-                _ => {}
-            }
+        if vnni.is_some() {
+            return vnni;
         }
         if level >= Level::Avx2 {
             return match ty {

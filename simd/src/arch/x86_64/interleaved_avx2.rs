@@ -28,7 +28,7 @@ pub(super) const Q8K_BLOCK: usize = 292;
 /// Bytes of one Q8_0 activation block: d (f16) and 32 quants.
 pub(super) const Q8_0_ACT: usize = 34;
 /// Bytes of one Q8_1 activation block: d (f16), s = d · Σ q (f16) and 32 quants.
-const Q8_1_ACT: usize = 36;
+pub(super) const Q8_1_ACT: usize = 36;
 
 /// The 4 bytes at `p` in every 32-bit lane.
 ///
@@ -186,11 +186,10 @@ pub(super) unsafe fn k4_scales(p: *const u8) -> ([__m128i; 8], [__m128i; 8]) {
     (sc, mn)
 }
 
-/// The end of a Q4_K / Q5_K tile block: `acc += d · dy · isum - dmin · dy · Σ min · bsum` per
-/// row and token, `x` the tile block (`d` at 0, `dmin` at 32), `y` token 0's Q8_K block.
+/// As [`k4_block_end_f32`], for sums held as i32.
 ///
 /// # Safety
-/// `x` valid for 64 bytes, `y + t * act_row` for a Q8_K block for every `t < NT`.
+/// As [`k4_block_end_f32`].
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn k4_block_end<const NT: usize>(
@@ -199,6 +198,30 @@ pub(super) unsafe fn k4_block_end<const NT: usize>(
     act_row: usize,
     mn: &[__m128i; 8],
     isum: &[[__m256i; NT]; 2],
+    acc: &mut [[__m256; NT]; 2],
+) {
+    let mut sums = [[_mm256_setzero_ps(); NT]; 2];
+    for (s, i) in sums.iter_mut().flatten().zip(isum.iter().flatten()) {
+        *s = _mm256_cvtepi32_ps(*i);
+    }
+    // SAFETY: forwarded (caller).
+    unsafe { k4_block_end_f32(x, y, act_row, mn, &sums, acc) }
+}
+
+/// The end of a Q4_K / Q5_K tile block: `acc += d · dy · sum - dmin · dy · Σ min · bsum` per
+/// row and token, `sum` the block's scaled quant products, `x` the tile block (`d` at 0,
+/// `dmin` at 32), `y` token 0's Q8_K block.
+///
+/// # Safety
+/// `x` valid for 64 bytes, `y + t * act_row` for a Q8_K block for every `t < NT`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn k4_block_end_f32<const NT: usize>(
+    x: *const u8,
+    y: *const u8,
+    act_row: usize,
+    mn: &[__m128i; 8],
+    sums: &[[__m256; NT]; 2],
     acc: &mut [[__m256; NT]; 2],
 ) {
     let mins = [mins_pairs::<0>(mn), mins_pairs::<1>(mn)];
@@ -226,11 +249,7 @@ pub(super) unsafe fn k4_block_end<const NT: usize>(
                 }
                 let d = f16_rows(x.add(16 * h));
                 let dmin = f16_rows(x.add(32 + 16 * h));
-                let a = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(isum[h][t]),
-                    _mm256_mul_ps(d, dy),
-                    acc[h][t],
-                );
+                let a = _mm256_fmadd_ps(sums[h][t], _mm256_mul_ps(d, dy), acc[h][t]);
                 acc[h][t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(m), _mm256_mul_ps(dmin, dy), a);
             }
         }
@@ -303,6 +322,53 @@ pub(crate) unsafe fn q4k<const NT: usize>(
     unsafe { store(&acc[0], &acc[1], out, out_stride) };
 }
 
+/// Columns 8g..8g + 4 and 8g + 4..8g + 8 of a 5-bit half-tile as unsigned bytes (0..32): the
+/// low and high nibbles of `v` with bits 2g and 2g + 1 of each byte of `hb` (the fifth bits)
+/// moved to bit 4.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn q5_pair(v: __m256i, hb: __m256i, g: usize) -> (__m256i, __m256i) {
+    let m4 = _mm256_set1_epi8(0xF);
+    let m16 = _mm256_set1_epi8(0x10);
+    let (top_lo, top_hi) = match g {
+        0 => (_mm256_slli_epi16::<4>(hb), _mm256_slli_epi16::<3>(hb)),
+        1 => (_mm256_slli_epi16::<2>(hb), _mm256_slli_epi16::<1>(hb)),
+        2 => (hb, _mm256_srli_epi16::<1>(hb)),
+        _ => (_mm256_srli_epi16::<2>(hb), _mm256_srli_epi16::<3>(hb)),
+    };
+    (
+        _mm256_or_si256(_mm256_and_si256(v, m4), _mm256_and_si256(top_lo, m16)),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4),
+            _mm256_and_si256(top_hi, m16),
+        ),
+    )
+}
+
+/// The 4 column quads of a Q6_K sub-block's half-tile (values 0..64) from its low nibbles
+/// `w0`, `w1` and high bits `hb`: top bits 2q..2q + 2 of each byte moved to bits 4..6.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn q6k_quads(w0: __m256i, w1: __m256i, hb: __m256i) -> [__m256i; 4] {
+    let m4 = _mm256_set1_epi8(0xF);
+    let m48 = _mm256_set1_epi8(0x30);
+    [
+        _mm256_or_si256(
+            _mm256_and_si256(w0, m4),
+            _mm256_and_si256(_mm256_slli_epi16::<4>(hb), m48),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(w0), m4),
+            _mm256_and_si256(_mm256_slli_epi16::<2>(hb), m48),
+        ),
+        _mm256_or_si256(_mm256_and_si256(w1, m4), _mm256_and_si256(hb, m48)),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(w1), m4),
+            _mm256_and_si256(_mm256_srli_epi16::<2>(hb), m48),
+        ),
+    ]
+}
+
 /// As [`q4k`], for a Q6_K tile. The quants' `- 32` comes out per 16-column sub-block as
 /// `32 · scale · bsum` (Q8_K's block sums are exactly those 16-column sums).
 ///
@@ -322,8 +388,6 @@ pub(crate) unsafe fn q6k<const NT: usize>(
     out_stride: usize,
     ahead: usize,
 ) {
-    let m4 = _mm256_set1_epi8(0xF);
-    let m48 = _mm256_set1_epi8(0x30);
     let mut acc = [[_mm256_setzero_ps(); NT]; 2];
     for b in 0..nb {
         prefetch_ahead(tile, b, Q6K_TILE_BLOCK, ahead);
@@ -347,22 +411,7 @@ pub(crate) unsafe fn q6k<const NT: usize>(
                     let w0 = load(x.add(q6k_low(s) + 32 * h));
                     let w1 = load(x.add(q6k_low(s) + 64 + 32 * h));
                     let hb = load(x.add(q6k_high(s) + 32 * h));
-                    // Top bits 2q..2q + 2 of each byte moved to bits 4..6: values 0..64.
-                    let q = [
-                        _mm256_or_si256(
-                            _mm256_and_si256(w0, m4),
-                            _mm256_and_si256(_mm256_slli_epi16::<4>(hb), m48),
-                        ),
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16::<4>(w0), m4),
-                            _mm256_and_si256(_mm256_slli_epi16::<2>(hb), m48),
-                        ),
-                        _mm256_or_si256(_mm256_and_si256(w1, m4), _mm256_and_si256(hb, m48)),
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16::<4>(w1), m4),
-                            _mm256_and_si256(_mm256_srli_epi16::<2>(hb), m48),
-                        ),
-                    ];
+                    let q = q6k_quads(w0, w1, hb);
                     for t in 0..NT {
                         let a = y.add(t * act_row + 4 + 16 * s);
                         // Two products of at most 63 · 128 · 2 each fit an i16; four do not.
@@ -435,8 +484,6 @@ pub(crate) unsafe fn legacy<const NT: usize, const Q5: bool>(
     ahead: usize,
 ) {
     let block = if Q5 { Q5_0_TILE_BLOCK } else { Q8_0_TILE_BLOCK };
-    let m4 = _mm256_set1_epi8(0xF);
-    let m16 = _mm256_set1_epi8(0x10);
     let flip = _mm256_set1_epi8(-128);
     let ones16 = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); NT]; 2];
@@ -464,19 +511,7 @@ pub(crate) unsafe fn legacy<const NT: usize, const Q5: bool>(
                     let mut p2 = [[_mm256_setzero_si256(); NT]; 2];
                     for g in 0..4 {
                         let v = load(x.add(32 + 64 * g + 32 * h));
-                        // Bit k of each byte moved to bit 4, for k = 2g and 2g + 1.
-                        let (top_lo, top_hi) = match g {
-                            0 => (_mm256_slli_epi16::<4>(hb), _mm256_slli_epi16::<3>(hb)),
-                            1 => (_mm256_slli_epi16::<2>(hb), _mm256_slli_epi16::<1>(hb)),
-                            2 => (hb, _mm256_srli_epi16::<1>(hb)),
-                            _ => (_mm256_srli_epi16::<2>(hb), _mm256_srli_epi16::<3>(hb)),
-                        };
-                        let wl =
-                            _mm256_or_si256(_mm256_and_si256(v, m4), _mm256_and_si256(top_lo, m16));
-                        let wh = _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4),
-                            _mm256_and_si256(top_hi, m16),
-                        );
+                        let (wl, wh) = q5_pair(v, hb, g);
                         let j = g / 2;
                         for t in 0..NT {
                             let y = act.add(t * act_row + b * Q8_0_ACT + 2 + 8 * g);
@@ -546,7 +581,6 @@ pub(crate) unsafe fn nibbles<const NT: usize, L: Nibbles>(
     // The activation block and where its quants start.
     let (act_block, aq) = if L::MIN { (Q8_1_ACT, 4) } else { (Q8_0_ACT, 2) };
     let m4 = _mm256_set1_epi8(0xF);
-    let m16 = _mm256_set1_epi8(0x10);
     let ones16 = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); NT]; 2];
     for b in 0..nb {
@@ -577,19 +611,7 @@ pub(crate) unsafe fn nibbles<const NT: usize, L: Nibbles>(
                     let mut p2 = [[_mm256_setzero_si256(); NT]; 2];
                     for g in 0..4 {
                         let v = load(x.add(L::QUANTS + 64 * g + 32 * h));
-                        // Bit k of each byte moved to bit 4, for k = 2g and 2g + 1.
-                        let (top_lo, top_hi) = match g {
-                            0 => (_mm256_slli_epi16::<4>(hb), _mm256_slli_epi16::<3>(hb)),
-                            1 => (_mm256_slli_epi16::<2>(hb), _mm256_slli_epi16::<1>(hb)),
-                            2 => (hb, _mm256_srli_epi16::<1>(hb)),
-                            _ => (_mm256_srli_epi16::<2>(hb), _mm256_srli_epi16::<3>(hb)),
-                        };
-                        let wl =
-                            _mm256_or_si256(_mm256_and_si256(v, m4), _mm256_and_si256(top_lo, m16));
-                        let wh = _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4),
-                            _mm256_and_si256(top_hi, m16),
-                        );
+                        let (wl, wh) = q5_pair(v, hb, g);
                         for t in 0..NT {
                             let a = y.add(t * act_row + aq + 8 * g);
                             let pl = _mm256_maddubs_epi16(wl, bcast4(a));

@@ -21,12 +21,12 @@ macro_rules! vnni256_kernels {
 
             use super::super::avx2;
             use super::super::interleaved_avx2::{
-                Q8_0_ACT, Q8K_BLOCK, bcast4, f16_rows, k4_scales, load, mins_pairs, offset_sum,
-                prefetch_ahead, store,
+                Q8_0_ACT, Q8_1_ACT, Q8K_BLOCK, bcast4, f16_rows, k4_block_end_f32, k4_scales, load,
+                offset_sum, prefetch_ahead, q5_pair, q6k_quads, store,
             };
             use crate::matmul::interleave::{
-                Q4K_TILE_BLOCK, Q5_0_HIGH, Q5_0_TILE_BLOCK, Q6K_TILE_BLOCK, Q8_0_TILE_BLOCK,
-                q6k_high, q6k_low, q6k_scales,
+                Nibbles, Q4K_TILE_BLOCK, Q5_0_HIGH, Q5_0_TILE_BLOCK, Q6K_TILE_BLOCK,
+                Q8_0_TILE_BLOCK, q6k_high, q6k_low, q6k_scales,
             };
 
             /// `acc` plus the 4 products of each 32-bit lane: unsigned bytes of `w` times
@@ -103,38 +103,7 @@ macro_rules! vnni256_kernels {
                             }
                         }
                         // acc += d · dy · Σ scale · dot - dmin · dy · Σ min · bsum.
-                        let mins = [mins_pairs::<0>(&mn), mins_pairs::<1>(&mn)];
-                        for t in 0..NT {
-                            let yt = y.add(t * act_row);
-                            let bs = _mm256_loadu_si256(yt.add(260).cast());
-                            // The sums of each 32 columns, as i16: adjacent 16-column sums.
-                            let b32 = _mm_hadd_epi16(
-                                _mm256_castsi256_si128(bs),
-                                _mm256_extracti128_si256::<1>(bs),
-                            );
-                            let pairs = [
-                                _mm256_set1_epi32(_mm_cvtsi128_si32(b32)),
-                                _mm256_set1_epi32(_mm_extract_epi32::<1>(b32)),
-                                _mm256_set1_epi32(_mm_extract_epi32::<2>(b32)),
-                                _mm256_set1_epi32(_mm_extract_epi32::<3>(b32)),
-                            ];
-                            let dy = _mm256_set1_ps(yt.cast::<f32>().read_unaligned());
-                            for h in 0..2 {
-                                let mut m = _mm256_setzero_si256();
-                                for (mp, pair) in mins[h].iter().zip(pairs) {
-                                    m = _mm256_add_epi32(m, _mm256_madd_epi16(*mp, pair));
-                                }
-                                let d = f16_rows(x.add(16 * h));
-                                let dmin = f16_rows(x.add(32 + 16 * h));
-                                let a =
-                                    _mm256_fmadd_ps(accb[h][t], _mm256_mul_ps(d, dy), acc[h][t]);
-                                acc[h][t] = _mm256_fnmadd_ps(
-                                    _mm256_cvtepi32_ps(m),
-                                    _mm256_mul_ps(dmin, dy),
-                                    a,
-                                );
-                            }
-                        }
+                        k4_block_end_f32(x, y, act_row, &mn, &accb, &mut acc);
                     }
                 }
                 // SAFETY: forwarded (caller).
@@ -160,8 +129,6 @@ macro_rules! vnni256_kernels {
                 out_stride: usize,
                 ahead: usize,
             ) {
-                let m4 = _mm256_set1_epi8(0xF);
-                let m48 = _mm256_set1_epi8(0x30);
                 let mut acc = [[_mm256_setzero_ps(); NT]; 2];
                 for b in 0..nb {
                     prefetch_ahead(tile, b, Q6K_TILE_BLOCK, ahead);
@@ -178,25 +145,7 @@ macro_rules! vnni256_kernels {
                                 let w0 = load(x.add(q6k_low(s) + 32 * h));
                                 let w1 = load(x.add(q6k_low(s) + 64 + 32 * h));
                                 let hb = load(x.add(q6k_high(s) + 32 * h));
-                                // Top bits 2q..2q + 2 of each byte moved to bits 4..6.
-                                let q = [
-                                    _mm256_or_si256(
-                                        _mm256_and_si256(w0, m4),
-                                        _mm256_and_si256(_mm256_slli_epi16::<4>(hb), m48),
-                                    ),
-                                    _mm256_or_si256(
-                                        _mm256_and_si256(_mm256_srli_epi16::<4>(w0), m4),
-                                        _mm256_and_si256(_mm256_slli_epi16::<2>(hb), m48),
-                                    ),
-                                    _mm256_or_si256(
-                                        _mm256_and_si256(w1, m4),
-                                        _mm256_and_si256(hb, m48),
-                                    ),
-                                    _mm256_or_si256(
-                                        _mm256_and_si256(_mm256_srli_epi16::<4>(w1), m4),
-                                        _mm256_and_si256(_mm256_srli_epi16::<2>(hb), m48),
-                                    ),
-                                ];
+                                let q = q6k_quads(w0, w1, hb);
                                 for t in 0..NT {
                                     let yt = y.add(t * act_row);
                                     let a = yt.add(4 + 16 * s);
@@ -247,8 +196,6 @@ macro_rules! vnni256_kernels {
                 ahead: usize,
             ) {
                 let block = if Q5 { Q5_0_TILE_BLOCK } else { Q8_0_TILE_BLOCK };
-                let m4 = _mm256_set1_epi8(0xF);
-                let m16 = _mm256_set1_epi8(0x10);
                 let mut acc = [[_mm256_setzero_ps(); NT]; 2];
                 for b in 0..nb {
                     prefetch_ahead(tile, b, block, ahead);
@@ -275,27 +222,9 @@ macro_rules! vnni256_kernels {
                                 let hb = load(x.add(Q5_0_HIGH + 32 * h));
                                 for g in 0..4 {
                                     let v = load(x.add(32 + 64 * g + 32 * h));
-                                    // Bit k of each byte moved to bit 4, for k = 2g and 2g + 1.
-                                    let (top_lo, top_hi) = match g {
-                                        0 => {
-                                            (_mm256_slli_epi16::<4>(hb), _mm256_slli_epi16::<3>(hb))
-                                        }
-                                        1 => {
-                                            (_mm256_slli_epi16::<2>(hb), _mm256_slli_epi16::<1>(hb))
-                                        }
-                                        2 => (hb, _mm256_srli_epi16::<1>(hb)),
-                                        _ => {
-                                            (_mm256_srli_epi16::<2>(hb), _mm256_srli_epi16::<3>(hb))
-                                        }
-                                    };
-                                    w[2 * g] = _mm256_or_si256(
-                                        _mm256_and_si256(v, m4),
-                                        _mm256_and_si256(top_lo, m16),
-                                    );
-                                    w[2 * g + 1] = _mm256_or_si256(
-                                        _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4),
-                                        _mm256_and_si256(top_hi, m16),
-                                    );
+                                    let (wl, wh) = q5_pair(v, hb, g);
+                                    w[2 * g] = wl;
+                                    w[2 * g + 1] = wh;
                                 }
                             } else {
                                 for (i, wi) in w.iter_mut().enumerate() {
@@ -314,6 +243,90 @@ macro_rules! vnni256_kernels {
                                     _mm256_mul_ps(d, dy),
                                     acc[h][t],
                                 );
+                            }
+                        }
+                    }
+                }
+                // SAFETY: forwarded (caller).
+                unsafe { store(&acc[0], &acc[1], out, out_stride) };
+            }
+            /// As [`q4k`], for a tile of a legacy 4- or 5-bit type `L` (Q4_0, Q4_1, Q5_1)
+            /// against Q8_0 activations (no min) or Q8_1 (with), as the AVX2 `nibbles`: Q4_0's
+            /// `- 8` comes out as `8 · Σ a` per block, Q4_1's and Q5_1's min as `m · s`.
+            ///
+            /// # Safety
+            /// As [`q4k`], with `L`'s tile blocks and Q8_0 / Q8_1 activation blocks.
+            #[target_feature(enable = $features)]
+            #[allow(
+                clippy::needless_range_loop,
+                reason = "half and token indices address several register arrays in step"
+            )]
+            pub(crate) unsafe fn nibbles<const NT: usize, L: Nibbles>(
+                nb: usize,
+                tile: *const u8,
+                act: *const u8,
+                act_row: usize,
+                out: *mut f32,
+                out_stride: usize,
+                ahead: usize,
+            ) {
+                // The activation block and where its quants start.
+                let (act_block, aq) = if L::MIN { (Q8_1_ACT, 4) } else { (Q8_0_ACT, 2) };
+                let m4 = _mm256_set1_epi8(0xF);
+                let mut acc = [[_mm256_setzero_ps(); NT]; 2];
+                for b in 0..nb {
+                    prefetch_ahead(tile, b, L::TILE_BLOCK, ahead);
+                    // SAFETY: block b of the tile and of every token's activations is in
+                    // bounds (caller); every offset below stays inside them.
+                    unsafe {
+                        let x = tile.add(b * L::TILE_BLOCK);
+                        let y = act.add(b * act_block);
+                        // The types without a min: their offset times Σ a, subtracted up front.
+                        let mut start = [_mm256_setzero_si256(); NT];
+                        if !L::MIN {
+                            for t in 0..NT {
+                                let a = y.add(t * act_row + aq);
+                                let off = if L::HIGH.is_some() {
+                                    offset_sum::<4>(a)
+                                } else {
+                                    offset_sum::<3>(a)
+                                };
+                                start[t] = _mm256_sub_epi32(_mm256_setzero_si256(), off);
+                            }
+                        }
+                        for h in 0..2 {
+                            let mut isum = start;
+                            let hb = L::HIGH.map(|high| load(x.add(high + 32 * h)));
+                            for g in 0..4 {
+                                let v = load(x.add(L::QUANTS + 64 * g + 32 * h));
+                                let (lo, hi) = match hb {
+                                    Some(hb) => q5_pair(v, hb, g),
+                                    None => (
+                                        _mm256_and_si256(v, m4),
+                                        _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4),
+                                    ),
+                                };
+                                for t in 0..NT {
+                                    let a = y.add(t * act_row + aq + 8 * g);
+                                    isum[t] = dp(isum[t], lo, bcast4(a));
+                                    isum[t] = dp(isum[t], hi, bcast4(a.add(4)));
+                                }
+                            }
+                            let d = f16_rows(x.add(16 * h));
+                            for t in 0..NT {
+                                let yt = y.add(t * act_row);
+                                let dy = avx2::f16x8(yt);
+                                let a = _mm256_fmadd_ps(
+                                    _mm256_cvtepi32_ps(isum[t]),
+                                    _mm256_mul_ps(d, dy),
+                                    acc[h][t],
+                                );
+                                acc[h][t] = if L::MIN {
+                                    let m = f16_rows(x.add(32 + 16 * h));
+                                    _mm256_fmadd_ps(m, avx2::f16x8(yt.add(2)), a)
+                                } else {
+                                    a
+                                };
                             }
                         }
                     }

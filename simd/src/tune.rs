@@ -276,6 +276,10 @@ pub fn is_set() -> bool {
     CURRENT[0].load(Ordering::Relaxed) != 0
 }
 
+/// The least a measurement streams ([`stream_bytes`]), and what [`measure`] allocates for a
+/// process that holds its weights under a RAM budget.
+pub const MIN_STREAM_BYTES: usize = 64 << 20;
+
 /// Bytes of weights each measured pass streams: twice the last-level cache, within 64 MiB to
 /// 256 MiB, so that the weights come from DRAM as they do in decode.
 fn stream_bytes() -> usize {
@@ -293,7 +297,7 @@ fn stream_bytes() -> usize {
             n.parse::<usize>().ok().map(|n| n * mul)
         })
         .unwrap_or(32 << 20);
-    (2 * l3).clamp(64 << 20, 256 << 20)
+    (2 * l3).clamp(MIN_STREAM_BYTES, 256 << 20)
 }
 
 /// One candidate's timings.
@@ -402,11 +406,17 @@ fn fastest(gbs: &[Vec<f64>], default: usize) -> usize {
 /// bits. Choosing between row and interleaved kernels, or the two widths, changes the rounding
 /// (their sums run in other orders), and a choice made from noisy timings may differ between
 /// two processes: a daemon and a `strata run` could then print different greedy text.
+///
+/// `max_bytes` caps what it allocates (at least [`MIN_STREAM_BYTES`]): a process that holds
+/// its weights under a RAM budget must not spend a quarter of a GiB on a measurement (on a CPU
+/// with a large last-level cache the measured bytes then partly come from it, and the prefetch
+/// distance measured is a rougher hint).
 pub fn measure(
     pools: &[&ThreadPool],
     types: &[GgmlType],
     reps: usize,
     choose_kernels: bool,
+    max_bytes: usize,
 ) -> Measured {
     let level = dispatch::level();
     let mut tuning = Tuning::default_for(level);
@@ -417,7 +427,7 @@ pub fn measure(
     }
     // The bytes do not change the kernels' speed; 0x3C makes every f16 scale about 1 (no
     // infinities or subnormals on the way).
-    let len = stream_bytes();
+    let len = stream_bytes().min(max_bytes.max(MIN_STREAM_BYTES));
     let raw = vec![0x3Cu8; len + 4096];
     // Page-aligned, as a model's weights are (a large allocation starts 16 bytes into a page).
     let start = raw.as_ptr().align_offset(4096);
@@ -558,7 +568,7 @@ mod tests {
     #[test]
     fn measure_picks_a_candidate_this_cpu_has() {
         let pool = ThreadPool::new(1);
-        let m = measure(&[&pool], &[GgmlType::Q4K], 1, true);
+        let m = measure(&[&pool], &[GgmlType::Q4K], 1, true, MIN_STREAM_BYTES);
         let level = dispatch::level();
         assert!(m.tuning.decode(GgmlType::Q4K).available(level));
         if Decode::Interleaved256.available(level) {
@@ -568,7 +578,7 @@ mod tests {
         }
         // Without choosing kernels, only the default's prefetch distances are timed, and the
         // kernels stay the level's defaults (the same bits in every process).
-        let m = measure(&[&pool], &[GgmlType::Q4K], 1, false);
+        let m = measure(&[&pool], &[GgmlType::Q4K], 1, false, usize::MAX);
         let default = Tuning::default_for(level).decode(GgmlType::Q4K);
         assert_eq!(m.tuning.decode(GgmlType::Q4K), default);
         assert!(

@@ -51,7 +51,7 @@ pub fn exec(a: Args) -> anyhow::Result<()> {
     let one = ThreadPool::new(1);
     let pools: Vec<&ThreadPool> = if n > 1 { vec![&one, &pool] } else { vec![&one] };
     let reps = if a.quick { 2 } else { 5 };
-    let m = strata_simd::tune::measure(&pools, &strata_simd::tune::TYPES, reps, true);
+    let m = strata_simd::tune::measure(&pools, &strata_simd::tune::TYPES, reps, true, usize::MAX);
     for line in strata_simd::tune::describe(&m) {
         eprintln!("  {line}");
     }

@@ -267,6 +267,10 @@ impl Model {
                 opts.gpu.profile.as_ref().and_then(|p| p.decode.as_ref()),
                 &layers,
                 output,
+                weights
+                    .resident_bytes()
+                    .iter()
+                    .any(|&(tier, _)| tier != strata_storage::residency::Tier::Ram),
             );
         }
         let cpu = CpuWeights::prepare(

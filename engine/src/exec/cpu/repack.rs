@@ -55,11 +55,15 @@ fn matrix_types(layers: &[Layer], output: Mat) -> Vec<GgmlType> {
 /// and at one per physical core (once per process: later loads keep the first choice), taken
 /// from `strata calibrate`'s profile (`stored`) when it was made on this CPU, or fixed by the
 /// user.
+///
+/// `budgeted`: the weights are held under a RAM budget (something streams from disk), so the
+/// measurement allocates no more than `tune::MIN_STREAM_BYTES`.
 pub(crate) fn choose_decode(
     setting: DecodeSetting,
     stored: Option<&DecodeProfile>,
     layers: &[Layer],
     output: Mat,
+    budgeted: bool,
 ) {
     let with_prefetch = |t: tune::Tuning, p: Option<usize>| match p {
         Some(p) => t.with_prefetch(p),
@@ -104,7 +108,12 @@ pub(crate) fn choose_decode(
             let n = strata_simd::topology::physical_cores();
             let all = (n > 1).then(|| ThreadPool::new(n));
             let pools: Vec<&ThreadPool> = std::iter::once(&one).chain(all.as_ref()).collect();
-            let m = tune::measure(&pools, &types, 4, kernels);
+            let cap = if budgeted {
+                tune::MIN_STREAM_BYTES
+            } else {
+                usize::MAX
+            };
+            let m = tune::measure(&pools, &types, 4, kernels, cap);
             for line in tune::describe(&m) {
                 tracing::info!("decode kernel measured: {line}");
             }

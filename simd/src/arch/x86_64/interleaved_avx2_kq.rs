@@ -26,7 +26,7 @@ use crate::matmul::interleave::kq::{
 /// 16-bit shifts move at most 5 bits across a byte boundary, never onto bit `to`).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn bit_to(v: __m256i, b: i32, to: i32) -> __m256i {
+pub(super) fn bit_to(v: __m256i, b: i32, to: i32) -> __m256i {
     if b > to {
         _mm256_srl_epi16(v, _mm_cvtsi32_si128(b - to))
     } else {

@@ -24,6 +24,8 @@ macro_rules! vnni256_kernels {
                 Q8_0_ACT, Q8_1_ACT, Q8K_BLOCK, bcast4, f16_rows, k4_block_end_f32, k4_scales, load,
                 offset_sum, prefetch_ahead, q5_pair, q6k_quads, store,
             };
+            use super::super::interleaved_avx2_kq::bit_to;
+            use crate::matmul::interleave::kq::{Q5K_PARTS, Q5K_SUB, Q5K_TILE_BLOCK};
             use crate::matmul::interleave::{
                 Nibbles, Q4K_TILE_BLOCK, Q5_0_HIGH, Q5_0_TILE_BLOCK, Q6K_TILE_BLOCK,
                 Q8_0_TILE_BLOCK, q6k_high, q6k_low, q6k_scales,
@@ -103,6 +105,77 @@ macro_rules! vnni256_kernels {
                             }
                         }
                         // acc += d · dy · Σ scale · dot - dmin · dy · Σ min · bsum.
+                        k4_block_end_f32(x, y, act_row, &mn, &accb, &mut acc);
+                    }
+                }
+                // SAFETY: forwarded (caller).
+                unsafe { store(&acc[0], &acc[1], out, out_stride) };
+            }
+
+            /// As [`q4k`], for a Q5_K tile: each quad's fifth bits moved in beside its nibble.
+            ///
+            /// # Safety
+            /// As [`q4k`], with Q5_K tile blocks.
+            #[target_feature(enable = $features)]
+            #[allow(
+                clippy::needless_range_loop,
+                reason = "half and token indices address several register arrays in step"
+            )]
+            pub(crate) unsafe fn q5k<const NT: usize>(
+                nb: usize,
+                tile: *const u8,
+                act: *const u8,
+                act_row: usize,
+                out: *mut f32,
+                out_stride: usize,
+                ahead: usize,
+            ) {
+                let m4 = _mm256_set1_epi8(0xF);
+                let m16 = _mm256_set1_epi8(0x10);
+                let mut acc = [[_mm256_setzero_ps(); NT]; 2];
+                for b in 0..nb {
+                    prefetch_ahead(tile, b, Q5K_TILE_BLOCK, ahead);
+                    // SAFETY: block b of the tile and of every token's activations is in
+                    // bounds (caller); every offset below stays inside them.
+                    unsafe {
+                        let x = tile.add(b * Q5K_TILE_BLOCK);
+                        let (sc, mn) = k4_scales(x.add(64));
+                        let y = act.add(b * Q8K_BLOCK);
+                        let mut accb = [[_mm256_setzero_ps(); NT]; 2];
+                        for h in 0..2 {
+                            for s in 0..8 {
+                                let part = x.add(Q5K_PARTS + Q5K_SUB * s);
+                                let hb = load(part.add(32 * h));
+                                let scf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(half(sc[s], h)));
+                                let mut dot = [_mm256_setzero_si256(); NT];
+                                for g in 0..4 {
+                                    let v = load(part.add(64 + 64 * g + 32 * h));
+                                    // Column quads 2g and 2g + 1 have their 5th bits at bits
+                                    // 2g and 2g + 1.
+                                    let gi = g as i32;
+                                    let lo = _mm256_or_si256(
+                                        _mm256_and_si256(v, m4),
+                                        _mm256_and_si256(bit_to(hb, 2 * gi, 4), m16),
+                                    );
+                                    let hi = _mm256_or_si256(
+                                        _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4),
+                                        _mm256_and_si256(bit_to(hb, 2 * gi + 1, 4), m16),
+                                    );
+                                    for t in 0..NT {
+                                        let a = y.add(t * act_row + 4 + 32 * s + 8 * g);
+                                        dot[t] = dp(dot[t], lo, bcast4(a));
+                                        dot[t] = dp(dot[t], hi, bcast4(a.add(4)));
+                                    }
+                                }
+                                for t in 0..NT {
+                                    accb[h][t] = _mm256_fmadd_ps(
+                                        _mm256_cvtepi32_ps(dot[t]),
+                                        scf,
+                                        accb[h][t],
+                                    );
+                                }
+                            }
+                        }
                         k4_block_end_f32(x, y, act_row, &mn, &accb, &mut acc);
                     }
                 }

@@ -643,6 +643,10 @@ mod x86 {
     wrap_interleaved!(vex_q5_1, vex::nibbles, Q5_1Tile; Q5_1Tile::TILE_BLOCK, T::Q8_1, 32);
     wrap_interleaved!(vex_q5_k, vex::q5k; ilv::kq::Q5K_TILE_BLOCK, T::Q8K, 256);
     wrap_interleaved!(evex_q5_k, evex::q5k; ilv::kq::Q5K_TILE_BLOCK, T::Q8K, 256);
+    wrap_interleaved!(vex_q3_k, vex::q3k; ilv::kq::Q3K_TILE_BLOCK, T::Q8K, 256);
+    wrap_interleaved!(evex_q3_k, evex::q3k; ilv::kq::Q3K_TILE_BLOCK, T::Q8K, 256);
+    wrap_interleaved!(vex_q2_k, vex::q2k; ilv::kq::Q2K_TILE_BLOCK, T::Q8K, 256);
+    wrap_interleaved!(evex_q2_k, evex::q2k; ilv::kq::Q2K_TILE_BLOCK, T::Q8K, 256);
     wrap_interleaved!(evex_q4_0, evex::nibbles, Q4_0Tile; Q4_0Tile::TILE_BLOCK, T::Q8_0, 32);
     wrap_interleaved!(evex_q4_1, evex::nibbles, Q4_1Tile; Q4_1Tile::TILE_BLOCK, T::Q8_1, 32);
     wrap_interleaved!(evex_q5_1, evex::nibbles, Q5_1Tile; Q5_1Tile::TILE_BLOCK, T::Q8_1, 32);
@@ -690,6 +694,8 @@ mod x86 {
             (Level::Avx512Vnni, T::Q4_1) => Some(evex_q4_1),
             (Level::Avx512Vnni, T::Q5_1) => Some(evex_q5_1),
             (Level::Avx512Vnni, T::Q5K) => Some(evex_q5_k),
+            (Level::Avx512Vnni, T::Q3K) => Some(evex_q3_k),
+            (Level::Avx512Vnni, T::Q2K) => Some(evex_q2_k),
             (Level::AvxVnni, _) if !dispatch::has_avx_vnni() => None,
             (Level::AvxVnni, T::Q4K) => Some(vex_q4_k),
             (Level::AvxVnni, T::Q6K) => Some(vex_q6_k),
@@ -699,6 +705,8 @@ mod x86 {
             (Level::AvxVnni, T::Q4_1) => Some(vex_q4_1),
             (Level::AvxVnni, T::Q5_1) => Some(vex_q5_1),
             (Level::AvxVnni, T::Q5K) => Some(vex_q5_k),
+            (Level::AvxVnni, T::Q3K) => Some(vex_q3_k),
+            (Level::AvxVnni, T::Q2K) => Some(vex_q2_k),
             _ => None,
         };
         if vnni.is_some() {

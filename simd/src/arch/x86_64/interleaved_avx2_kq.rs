@@ -114,7 +114,7 @@ pub(crate) unsafe fn q5k<const NT: usize>(
 /// `p` must be valid for reading 192 bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q3k_scale(p: *const u8, s: usize) -> __m128i {
+pub(super) unsafe fn q3k_scale(p: *const u8, s: usize) -> __m128i {
     let m15 = _mm_set1_epi8(15);
     let m3 = _mm_set1_epi8(3);
     // SAFETY: bytes 16 j..16 j + 16 for j < 12 (caller).

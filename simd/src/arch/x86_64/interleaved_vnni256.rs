@@ -24,8 +24,11 @@ macro_rules! vnni256_kernels {
                 Q8_0_ACT, Q8_1_ACT, Q8K_BLOCK, bcast4, f16_rows, k4_block_end_f32, k4_scales, load,
                 offset_sum, prefetch_ahead, q5_pair, q6k_quads, store,
             };
-            use super::super::interleaved_avx2_kq::bit_to;
-            use crate::matmul::interleave::kq::{Q5K_PARTS, Q5K_SUB, Q5K_TILE_BLOCK};
+            use super::super::interleaved_avx2_kq::{bit_to, q3k_scale};
+            use crate::matmul::interleave::kq::{
+                Q2K_PARTS, Q2K_SUB, Q2K_TILE_BLOCK, Q3K_PARTS, Q3K_SCALES, Q3K_SUB, Q3K_TILE_BLOCK,
+                Q5K_PARTS, Q5K_SUB, Q5K_TILE_BLOCK,
+            };
             use crate::matmul::interleave::{
                 Nibbles, Q4K_TILE_BLOCK, Q5_0_HIGH, Q5_0_TILE_BLOCK, Q6K_TILE_BLOCK,
                 Q8_0_TILE_BLOCK, q6k_high, q6k_low, q6k_scales,
@@ -177,6 +180,193 @@ macro_rules! vnni256_kernels {
                             }
                         }
                         k4_block_end_f32(x, y, act_row, &mn, &accb, &mut acc);
+                    }
+                }
+                // SAFETY: forwarded (caller).
+                unsafe { store(&acc[0], &acc[1], out, out_stride) };
+            }
+
+            /// As [`q4k`], for a Q3_K tile. The quants are made unsigned (plus 4); the offset
+            /// comes out per 16-column sub-block as `4 · scale · bsum`.
+            ///
+            /// # Safety
+            /// As [`q4k`], with Q3_K tile blocks.
+            #[target_feature(enable = $features)]
+            #[allow(
+                clippy::needless_range_loop,
+                reason = "half and token indices address several register arrays in step"
+            )]
+            pub(crate) unsafe fn q3k<const NT: usize>(
+                nb: usize,
+                tile: *const u8,
+                act: *const u8,
+                act_row: usize,
+                out: *mut f32,
+                out_stride: usize,
+                ahead: usize,
+            ) {
+                let m3 = _mm256_set1_epi8(3);
+                let m4 = _mm256_set1_epi8(4);
+                let mut acc = [[_mm256_setzero_ps(); NT]; 2];
+                for b in 0..nb {
+                    prefetch_ahead(tile, b, Q3K_TILE_BLOCK, ahead);
+                    // SAFETY: block b of the tile and of every token's activations is in
+                    // bounds (caller); every offset below stays inside them.
+                    unsafe {
+                        let x = tile.add(b * Q3K_TILE_BLOCK);
+                        let y = act.add(b * Q8K_BLOCK);
+                        for h in 0..2 {
+                            let mut accb = [_mm256_setzero_ps(); NT];
+                            let mut corr = [_mm256_setzero_si256(); NT];
+                            for p in 0..8 {
+                                let part = x.add(Q3K_PARTS + Q3K_SUB * p);
+                                let sc = [
+                                    q3k_scale(x.add(Q3K_SCALES), 2 * p),
+                                    q3k_scale(x.add(Q3K_SCALES), 2 * p + 1),
+                                ];
+                                let hb = load(part.add(32 * h));
+                                for sb in 0..2 {
+                                    let lb = load(part.add(64 + 64 * sb + 32 * h));
+                                    let scf =
+                                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(half(sc[sb], h)));
+                                    // Column quad i: its 2 bits at 2i of `lb`, its hmask bit
+                                    // at 4 sb + i of `hb`; the weight is the quant plus 4.
+                                    let mut w = [_mm256_setzero_si256(); 4];
+                                    for (i, wi) in w.iter_mut().enumerate() {
+                                        let i = i as i32;
+                                        *wi = _mm256_or_si256(
+                                            _mm256_and_si256(bit_to(lb, 2 * i, 0), m3),
+                                            _mm256_and_si256(bit_to(hb, 4 * sb as i32 + i, 2), m4),
+                                        );
+                                    }
+                                    for t in 0..NT {
+                                        let a = y.add(t * act_row + 4 + 32 * p + 16 * sb);
+                                        let mut dot = _mm256_setzero_si256();
+                                        for (i, wi) in w.iter().enumerate() {
+                                            dot = dp(dot, *wi, bcast4(a.add(4 * i)));
+                                        }
+                                        accb[t] =
+                                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scf, accb[t]);
+                                    }
+                                }
+                                // Σ_s scale_s · bsum_s over sub-blocks 2p and 2p + 1.
+                                let pairs = if h == 0 {
+                                    _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(sc[0], sc[1]))
+                                } else {
+                                    _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(sc[0], sc[1]))
+                                };
+                                for t in 0..NT {
+                                    let bs = y.add(t * act_row + 260 + 4 * p);
+                                    let bs = _mm256_set1_epi32(bs.cast::<i32>().read_unaligned());
+                                    corr[t] =
+                                        _mm256_add_epi32(corr[t], _mm256_madd_epi16(pairs, bs));
+                                }
+                            }
+                            let d = f16_rows(x.add(16 * h));
+                            for t in 0..NT {
+                                let dy = _mm256_set1_ps(
+                                    y.add(t * act_row).cast::<f32>().read_unaligned(),
+                                );
+                                let total = _mm256_sub_ps(
+                                    accb[t],
+                                    _mm256_cvtepi32_ps(_mm256_slli_epi32::<2>(corr[t])),
+                                );
+                                acc[h][t] = _mm256_fmadd_ps(total, _mm256_mul_ps(d, dy), acc[h][t]);
+                            }
+                        }
+                    }
+                }
+                // SAFETY: forwarded (caller).
+                unsafe { store(&acc[0], &acc[1], out, out_stride) };
+            }
+
+            /// As [`q4k`], for a Q2_K tile: 4-bit scales and mins per 16-column sub-block, the
+            /// mins out of Q8_K's block sums.
+            ///
+            /// # Safety
+            /// As [`q4k`], with Q2_K tile blocks.
+            #[target_feature(enable = $features)]
+            #[allow(
+                clippy::needless_range_loop,
+                reason = "half and token indices address several register arrays in step"
+            )]
+            pub(crate) unsafe fn q2k<const NT: usize>(
+                nb: usize,
+                tile: *const u8,
+                act: *const u8,
+                act_row: usize,
+                out: *mut f32,
+                out_stride: usize,
+                ahead: usize,
+            ) {
+                let m3 = _mm256_set1_epi8(3);
+                let m15 = _mm_set1_epi8(15);
+                let mut acc = [[_mm256_setzero_ps(); NT]; 2];
+                for b in 0..nb {
+                    prefetch_ahead(tile, b, Q2K_TILE_BLOCK, ahead);
+                    // SAFETY: block b of the tile and of every token's activations is in
+                    // bounds (caller); every offset below stays inside them.
+                    unsafe {
+                        let x = tile.add(b * Q2K_TILE_BLOCK);
+                        let y = act.add(b * Q8K_BLOCK);
+                        for h in 0..2 {
+                            let mut accb = [_mm256_setzero_ps(); NT];
+                            let mut corr = [_mm256_setzero_si256(); NT];
+                            let mut prev = _mm_setzero_si128();
+                            for s in 0..16 {
+                                let part = x.add(Q2K_PARTS + Q2K_SUB * s);
+                                let sm = _mm_loadu_si128(part.cast());
+                                let sc = _mm_and_si128(sm, m15);
+                                let scf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(half(sc, h)));
+                                let lb = load(part.add(16 + 32 * h));
+                                let w = [
+                                    _mm256_and_si256(lb, m3),
+                                    _mm256_and_si256(_mm256_srli_epi16::<2>(lb), m3),
+                                    _mm256_and_si256(_mm256_srli_epi16::<4>(lb), m3),
+                                    _mm256_and_si256(_mm256_srli_epi16::<6>(lb), m3),
+                                ];
+                                for t in 0..NT {
+                                    let a = y.add(t * act_row + 4 + 16 * s);
+                                    let mut dot = _mm256_setzero_si256();
+                                    for (i, wi) in w.iter().enumerate() {
+                                        dot = dp(dot, *wi, bcast4(a.add(4 * i)));
+                                    }
+                                    accb[t] =
+                                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scf, accb[t]);
+                                }
+                                if s % 2 == 1 {
+                                    // Σ_s min_s · bsum_s over sub-blocks s - 1 and s.
+                                    let m0 = _mm_and_si128(_mm_srli_epi16::<4>(prev), m15);
+                                    let m1 = _mm_and_si128(_mm_srli_epi16::<4>(sm), m15);
+                                    let pairs = if h == 0 {
+                                        _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m0, m1))
+                                    } else {
+                                        _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(m0, m1))
+                                    };
+                                    for t in 0..NT {
+                                        let bs = y.add(t * act_row + 260 + 2 * (s - 1));
+                                        let bs =
+                                            _mm256_set1_epi32(bs.cast::<i32>().read_unaligned());
+                                        corr[t] =
+                                            _mm256_add_epi32(corr[t], _mm256_madd_epi16(pairs, bs));
+                                    }
+                                }
+                                prev = sm;
+                            }
+                            let d = f16_rows(x.add(16 * h));
+                            let dmin = f16_rows(x.add(32 + 16 * h));
+                            for t in 0..NT {
+                                let dy = _mm256_set1_ps(
+                                    y.add(t * act_row).cast::<f32>().read_unaligned(),
+                                );
+                                let a = _mm256_fmadd_ps(accb[t], _mm256_mul_ps(d, dy), acc[h][t]);
+                                acc[h][t] = _mm256_fnmadd_ps(
+                                    _mm256_cvtepi32_ps(corr[t]),
+                                    _mm256_mul_ps(dmin, dy),
+                                    a,
+                                );
+                            }
+                        }
                     }
                 }
                 // SAFETY: forwarded (caller).

@@ -262,6 +262,38 @@ fn moe_experts_split_between_vram_and_the_cpu() {
     }
 }
 
+/// The tiny MoE model at `path` loaded with the first VRAM budget (in tenths of the file) that
+/// puts some but not all of layer 0's experts in VRAM, under `ram_budget`, in the file's layout
+/// or the CPU's own; with that layer's expert split.
+fn split_experts(
+    spec: &GenSpec,
+    path: &std::path::Path,
+    ram_budget: Option<u64>,
+    keep_file_layout: bool,
+) -> (Model, strata_engine::plan::ExpertPlan) {
+    let bytes = std::fs::metadata(path).unwrap().len();
+    (3..10)
+        .find_map(|tenths| {
+            let opts = ModelOptions {
+                residency: strata_storage::residency::LoadOptions {
+                    ram_budget,
+                    ..Default::default()
+                },
+                gpu: GpuOptions {
+                    device: sim_unchecked(256 << 20),
+                    vram_budget: Some(bytes * tenths / 10),
+                    ..GpuOptions::default()
+                },
+                keep_file_layout,
+                ..ModelOptions::default()
+            };
+            let m = Model::load_with(path, &opts).expect("load");
+            let e = m.plan().and_then(|p| p.layers[0].experts)?;
+            (e.vram > 0 && e.vram < spec.n_expert).then_some((m, e))
+        })
+        .expect("a VRAM budget that splits the experts")
+}
+
 /// The same split with the CPU's own layout on (the default: the CPU repacks what it holds),
 /// and the experts resident or streamed through the expert cache: the slabs the GPU copies into
 /// its VRAM cache must still be in the file's layout, those the CPU runs in its own.
@@ -271,28 +303,7 @@ fn moe_experts_on_the_gpu_keep_the_files_layout_where_the_cpu_repacks() {
     let (_d, path) = model_file(&spec);
     let bytes = std::fs::metadata(&path).unwrap().len();
     for ram in [None, Some(bytes * 4 / 10)] {
-        let load_split = |tenths: u64| {
-            let opts = ModelOptions {
-                residency: strata_storage::residency::LoadOptions {
-                    ram_budget: ram,
-                    ..Default::default()
-                },
-                gpu: GpuOptions {
-                    device: sim_unchecked(256 << 20),
-                    vram_budget: Some(bytes * tenths / 10),
-                    ..GpuOptions::default()
-                },
-                ..ModelOptions::default()
-            };
-            Model::load_with(&path, &opts).expect("load")
-        };
-        let (m, e) = (3..10)
-            .find_map(|t| {
-                let m = load_split(t);
-                let e = m.plan().and_then(|p| p.layers[0].experts)?;
-                (e.vram > 0 && e.vram < spec.n_expert).then_some((m, e))
-            })
-            .expect("a VRAM budget that splits the experts");
+        let (m, e) = split_experts(&spec, &path, ram, false);
         assert_eq!(m.weights().experts_streamed_any(), ram.is_some());
         check_model(
             &spec,
@@ -313,29 +324,7 @@ fn moe_experts_split_across_vram_ram_and_ssd() {
     let spec = GenSpec::tiny(Arch::Qwen3Moe);
     let (_d, path) = model_file(&spec);
     let bytes = std::fs::metadata(&path).unwrap().len();
-    let load_split = |tenths: u64| {
-        let opts = ModelOptions {
-            residency: strata_storage::residency::LoadOptions {
-                ram_budget: Some(bytes * 4 / 10),
-                ..Default::default()
-            },
-            gpu: GpuOptions {
-                device: sim_unchecked(256 << 20),
-                vram_budget: Some(bytes * tenths / 10),
-                ..GpuOptions::default()
-            },
-            keep_file_layout: true,
-            ..ModelOptions::default()
-        };
-        Model::load_with(&path, &opts).expect("load")
-    };
-    let (m, e) = (3..10)
-        .find_map(|t| {
-            let m = load_split(t);
-            let e = m.plan().and_then(|p| p.layers[0].experts)?;
-            (e.vram > 0 && e.vram < spec.n_expert).then_some((m, e))
-        })
-        .expect("a VRAM budget that splits the experts");
+    let (m, e) = split_experts(&spec, &path, Some(bytes * 4 / 10), true);
     assert!(m.weights().experts_streamed_any(), "no expert on SSD");
     check_model(
         &spec,

@@ -83,9 +83,7 @@ pub fn interleave(
     if !can_interleave(ty) {
         return Ok(false);
     }
-    check_bytes(ty, data.len(), rows, cols)?;
-    interleave::pack(ty, data, rows, cols, true);
-    Ok(true)
+    pack_checked(ty, data, rows, cols, true)
 }
 
 /// [`interleave`] on the calling thread alone: for a matrix repacked after each read on an
@@ -99,9 +97,7 @@ pub fn interleave_here(
     if !can_interleave(ty) {
         return Ok(false);
     }
-    check_bytes(ty, data.len(), rows, cols)?;
-    interleave::pack(ty, data, rows, cols, false);
-    Ok(true)
+    pack_checked(ty, data, rows, cols, false)
 }
 
 /// [`interleave`] whatever this process's level and tuning would choose, for every type that
@@ -118,8 +114,20 @@ pub fn interleave_always(
     if !interleave::has_layout(ty) {
         return Ok(false);
     }
+    pack_checked(ty, data, rows, cols, true)
+}
+
+/// Packs a matrix whose type has the layout, after checking its size (`parallel`: on the
+/// interleave packers' threads, else on the calling thread).
+fn pack_checked(
+    ty: GgmlType,
+    data: &mut [u8],
+    rows: usize,
+    cols: usize,
+    parallel: bool,
+) -> Result<bool, SimdError> {
     check_bytes(ty, data.len(), rows, cols)?;
-    interleave::pack(ty, data, rows, cols, true);
+    interleave::pack(ty, data, rows, cols, parallel);
     Ok(true)
 }
 

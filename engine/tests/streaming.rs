@@ -304,7 +304,7 @@ fn optimized_experts_are_read_in_one_request_each_with_identical_logits() {
 /// repacked as they are read, as resident ones are at load: the plain file's slabs and an
 /// optimized file's expert records give the resident model's logits bit for bit (the same
 /// kernels on the same bytes), cached or read again. Streamed layer groups keep the file's
-/// layout (the plain run's rounding).
+/// layout in a short prompt's batch and decode (the plain run's rounding).
 #[test]
 fn streamed_experts_run_in_the_cpus_layout_with_identical_logits() {
     let repacked = |r: LoadOptions| ModelOptions {
@@ -346,4 +346,170 @@ fn streamed_experts_run_in_the_cpus_layout_with_identical_logits() {
             assert!(run(&m) == want, "read again, {}", file.display());
         }
     }
+}
+
+/// A dense model of `n_layer` layers whose matrices are all `ty`, written to a file.
+fn dense_file_of(n_layer: usize, ty: GgmlType) -> (tempfile::TempDir, std::path::PathBuf, u64) {
+    let mut spec = GenSpec::tiny(Arch::Llama);
+    spec.n_layer = n_layer;
+    (spec.weight_type, spec.down_type) = (ty, ty);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("dense.gguf");
+    let bytes = to_bytes(&spec, Vocab::Bytes).expect("generate");
+    std::fs::write(&path, &bytes).expect("write");
+    (dir, path, bytes.len() as u64)
+}
+
+/// Every token's logits of one prompt, in a fresh context.
+fn prefill_all(model: &Model, prompt: &[u32]) -> Vec<f32> {
+    let mut ctx = model.new_context(256, Arc::new(ThreadPool::new(2)));
+    model
+        .forward(&mut ctx, prompt, Logits::All)
+        .expect("prefill")
+        .to_vec()
+}
+
+/// A prompt's batch runs streamed layer groups in the CPU's layout (where this SIMD level's
+/// batches gain from it): storage repacks each group as it is read, or when the pass first
+/// takes a group read earlier, so the prompt's logits are the resident model's bit for bit
+/// (not the file layout's rounding); decode steps between prompts read the file's layout and
+/// the next prompt is again the resident model's. Where no type gains (`STRATA_SIMD=scalar`,
+/// or AVX-512 VNNI's GEMM for Q4_K) nothing is repacked.
+#[test]
+fn a_prompt_runs_streamed_layer_groups_in_the_cpus_layout() {
+    let gains = [GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q3K, GgmlType::Q6K]
+        .into_iter()
+        .find(|&t| strata_simd::matmul::interleave_speeds_batches(t));
+    let (_dir, path, len) = dense_file_of(8, gains.unwrap_or(GgmlType::Q4K));
+    let prompt: Vec<u32> = (0..80u32).map(|i| (i * 37 + 5) % 256).collect();
+    let repacked = |r: LoadOptions| ModelOptions {
+        residency: r,
+        ..ModelOptions::default()
+    };
+    let want = prefill_all(
+        &Model::load_with(&path, &repacked(residency(None, IoKind::Uring, None))).expect("load"),
+        &prompt,
+    );
+    for kind in [IoKind::Uring, IoKind::Pread] {
+        let m = Model::load_with(&path, &repacked(residency(Some(len * 4 / 10), kind, None)))
+            .expect("load streamed");
+        assert!(m.weights().stats().streamed_layers > 0);
+        let got = prefill_all(&m, &prompt);
+        let prepared = m.weights().stats().groups_prepared;
+        if gains.is_none() {
+            assert_eq!(prepared, 0);
+            continue;
+        }
+        assert!(prepared > 0, "{kind:?}");
+        assert!(got == want, "the prompt over streamed groups, {kind:?}");
+        // Decode steps (9-token prompt, then single tokens) read groups in the file's layout;
+        // the next long prompt prepares what they left in the window.
+        run(&m);
+        assert!(
+            prefill_all(&m, &prompt) == want,
+            "a prompt after decoding, {kind:?}"
+        );
+    }
+    if gains.is_some() {
+        let rows = prefill_all(
+            &Model::load_with(&path, &opts(Some(len * 4 / 10), IoKind::Uring, None)).expect("load"),
+            &prompt,
+        );
+        assert!(rows != want, "the file's layout should round otherwise");
+    }
+}
+
+/// Storage's side of the preparation of streamed groups, with a preparation of the test's own
+/// on a model that keeps the file's layout: handles say which bytes were rewritten, reads made
+/// while it is off show the file's bytes, and a preparation that fails has its group read
+/// again (the file's bytes, not a half-rewritten slot) and turns the preparation off for good.
+#[test]
+fn streamed_group_preparation_is_seen_by_handles_and_a_failure_reads_again() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (_dir, path, len) = dense_file_of(8, GgmlType::Q8_0);
+    let file = Model::load_with(&path, &opts(None, IoKind::Uring, None)).expect("load");
+    let m = Model::load_with(&path, &opts(Some(len * 4 / 10), IoKind::Uring, None))
+        .expect("load streamed");
+    let w = m.weights();
+    let last = w.stats().resident_layers..8;
+    assert!(!last.is_empty());
+    let ids: Vec<_> = last
+        .clone()
+        .map(|l| w.id(&format!("blk.{l}.attn_q.weight")).expect("tensor"))
+        .collect();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let fail_from = Arc::new(AtomicUsize::new(usize::MAX));
+    let (c, f) = (Arc::clone(&calls), Arc::clone(&fail_from));
+    let taken = w
+        .prepare_groups_on_read(
+            &ids,
+            Arc::new(move |_, bytes: &mut [u8]| {
+                if c.fetch_add(1, Ordering::SeqCst) >= f.load(Ordering::SeqCst) {
+                    return false;
+                }
+                bytes.iter_mut().for_each(|b| *b ^= 0xa5);
+                true
+            }),
+        )
+        .expect("prepare");
+    assert_eq!(taken, ids, "every streamed attn_q is in a group");
+    let file_bytes = |id| {
+        file.weights()
+            .acquire(id)
+            .expect("acquire")
+            .bytes()
+            .to_vec()
+    };
+    // Off: every layer's handle shows the file's bytes.
+    for &id in &ids {
+        let h = w.acquire(id).expect("acquire");
+        assert!(!h.prepared());
+        assert_eq!(h.bytes(), file_bytes(id));
+    }
+    // On: prepared as read, or when taken (the last layer's group is still in the window,
+    // read unprepared); each handle sees the rewrite exactly once.
+    w.set_preparing(true);
+    let before = w.stats();
+    let l = *ids.last().expect("a layer");
+    let h = w.acquire(l).expect("acquire");
+    let after = w.stats();
+    assert_eq!(
+        (after.window_hits, after.misses),
+        (before.window_hits + 1, before.misses),
+        "taken from the window, not read again"
+    );
+    assert!(h.prepared(), "prepared when taken");
+    drop(h);
+    for _ in 0..2 {
+        for &id in &ids {
+            let h = w.acquire(id).expect("acquire");
+            assert!(h.prepared());
+            let x: Vec<u8> = file_bytes(id).iter().map(|b| b ^ 0xa5).collect();
+            assert!(h.bytes() == x, "prepared once");
+        }
+    }
+    assert!(w.stats().groups_prepared >= ids.len() as u64);
+    // A failing preparation: the group is read again and shows the file's bytes, and no
+    // preparation runs after it.
+    fail_from.store(calls.load(Ordering::SeqCst), Ordering::SeqCst);
+    for _ in 0..2 {
+        for &id in &ids {
+            let h = w.acquire(id).expect("acquire after a failure");
+            if !h.prepared() {
+                assert_eq!(h.bytes(), file_bytes(id));
+            }
+        }
+    }
+    let before = calls.load(Ordering::SeqCst);
+    for _ in 0..2 {
+        for &id in &ids {
+            let h = w.acquire(id).expect("acquire");
+            assert!(!h.prepared());
+            assert_eq!(h.bytes(), file_bytes(id));
+        }
+    }
+    assert!(
+        calls.load(Ordering::SeqCst) <= before + 1,
+        "turned off after the failure"
+    );
 }

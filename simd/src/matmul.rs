@@ -65,6 +65,16 @@ pub fn can_interleave(ty: GgmlType) -> bool {
         && tune::current().decode(ty) != Decode::Rows
 }
 
+/// Whether a batch of tokens (a prompt's) over a matrix of `ty` gains from the matrix being
+/// interleaved at this process's level: it is to be interleaved ([`can_interleave`]) and the
+/// level has no tiled GEMM for the type. Where the GEMM exists (AVX-512 VNNI) it packs tiles
+/// from either layout and runs the same loop, so a batch costs the same both ways (qwen2.5-coder
+/// pp512 on Emerald Rapids: 213 t/s interleaved, 227 and 183 in rows, two runs); below it, the
+/// interleaved kernels are the fast path (the same CPU at `STRATA_SIMD=avx2`: 107 against 47).
+pub fn interleave_speeds_batches(ty: GgmlType) -> bool {
+    can_interleave(ty) && kernel(ty, dispatch::level(), false).is_some_and(|k| k.gemm.is_none())
+}
+
 /// Whether `ty` has a 512-bit interleaved kernel at `level` on this CPU (the others run the
 /// 256-bit one under either width).
 pub(crate) fn has_interleaved_512(ty: GgmlType, level: Level) -> bool {

@@ -462,7 +462,9 @@ fn mat_mul_shared<const N: usize>(
         data: handles[i].as_ref().map_or(&[][..], |h| h.bytes()),
         rows: ms[i].rows,
         cols: ms[i].cols,
-        layout: p.model.cpu.layout(ms[i].id),
+        layout: handles[i]
+            .as_ref()
+            .map_or(Layout::Rows, |h| p.model.cpu.layout_of(ms[i].id, h)),
     });
     let mut i = 0;
     let mut outs: [&mut [f32]; N] = outs.map(|o| {
@@ -496,7 +498,7 @@ fn mat_mul(
             data: h.bytes(),
             rows: m.rows,
             cols: m.cols,
-            layout: p.model.cpu.layout(m.id),
+            layout: p.model.cpu.layout_of(m.id, &h),
         };
         matmul(p.pool, w, x, n, out, mm)?;
         return Ok(());

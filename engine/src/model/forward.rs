@@ -194,6 +194,7 @@ impl Model {
                 pool,
                 n: end - start,
             };
+            crate::exec::cpu::repack::prepare_reads_for(&self.weights, pass.n);
             let execs = &mut scratch.execs;
             let (lo, hi) = (want.start.max(start), want.end.min(end));
             // A decode step whose logits are wanted may run whole as a CUDA graph.
@@ -328,6 +329,7 @@ impl Model {
             pool,
             n: tokens.len(),
         };
+        crate::exec::cpu::repack::prepare_reads_for(&self.weights, pass.n);
         let execs = &mut scratch.execs;
         let n = tokens.len();
         let mut logits = std::mem::take(&mut scratch.logits);

@@ -277,6 +277,7 @@ impl Model {
             &mut weights,
             &layers,
             output,
+            token_embd.id,
             !opts.keep_file_layout,
             &placed.streamed,
         )?;

@@ -144,6 +144,11 @@ pub fn available_memory() -> Option<u64> {
 /// and the slab's bytes.
 pub type Prepare = Arc<dyn Fn(TensorId, &mut [u8]) + Send + Sync>;
 
+/// What a model does to a streamed layer group's matrix after a read, while asked to
+/// ([`Weights::prepare_groups_on_read`]): called with the tensor and its bytes in the slot;
+/// `false` when it left them unchanged (the read is then made again, unprepared).
+pub type PrepareChecked = Arc<dyn Fn(TensorId, &mut [u8]) -> bool + Send + Sync>;
+
 /// A tensor's index in its model's tensor table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TensorId(u32);
@@ -169,6 +174,9 @@ pub struct TensorHandle {
     ptr: *const u8,
     len: usize,
     tier: Tier,
+    /// The bytes went through the streamed groups' preparation
+    /// ([`Weights::prepare_groups_on_read`]) on their way here.
+    prepared: bool,
     _keep: Keep,
 }
 
@@ -188,6 +196,12 @@ impl TensorHandle {
 
     pub fn tier(&self) -> Tier {
         self.tier
+    }
+
+    /// Whether these bytes are a streamed group's matrix that the preparation set by
+    /// [`Weights::prepare_groups_on_read`] rewrote after its read (else they are the file's).
+    pub fn prepared(&self) -> bool {
+        self.prepared
     }
 }
 
@@ -318,6 +332,8 @@ pub struct ResidencyStats {
     /// Acquires that had to start their own read.
     pub misses: u64,
     pub prefetches: u64,
+    /// Reads of streamed groups whose matrices were prepared ([`Weights::prepare_groups_on_read`]).
+    pub groups_prepared: u64,
     /// Rows read on demand from cold tensors.
     pub cold_rows: u64,
     /// Expert cache (MoE models whose experts are not all resident): hits, misses (read on
@@ -798,9 +814,10 @@ impl Weights {
     /// [`Weights::rewrite_resident`]). Slabs read before are read again. Once per weights; an
     /// error while a slab is held.
     ///
-    /// Streamed layer groups are not offered this: they are read once per use, and a pass
-    /// over them on the streaming thread (measured: qwen2.5-coder-1.5b with half its layers
-    /// streamed, 3.3 against 1.5 tokens/s) holds up the next read for longer than it saves.
+    /// Streamed layer groups are read once per use, so their preparation is switched on and
+    /// off ([`Weights::prepare_groups_on_read`]): always on, a pass over them on the streaming
+    /// thread (measured: qwen2.5-coder-1.5b with half its layers streamed, 3.3 against 1.5
+    /// tokens/s) holds up the next decode step's read for longer than it saves.
     pub fn prepare_on_read(
         &self,
         ids: &[TensorId],
@@ -834,6 +851,58 @@ impl Weights {
         }))
         .map_err(ResidencyError::Unreachable)?;
         Ok(taken)
+    }
+
+    /// Has `prepare` run, while [`Weights::set_preparing`] asks, on later reads of those of
+    /// `ids` that stream as part of a layer group (held whole in a streaming slot, not cut by
+    /// rows), each on its bytes in the slot before any handle shows them; the handles of
+    /// prepared bytes say so ([`TensorHandle::prepared`]), those of other reads show the
+    /// file's. Returns those; once per weights (later calls take nothing).
+    ///
+    /// Streamed groups are read again every step, so the pass is worth making only when a
+    /// step does enough work per byte (a prompt's batch, not a decode step): the caller
+    /// switches it on and off.
+    pub fn prepare_groups_on_read(
+        &self,
+        ids: &[TensorId],
+        prepare: PrepareChecked,
+    ) -> Result<Vec<TensorId>, ResidencyError> {
+        let Backing::Read {
+            streamer: Some(s), ..
+        } = &self.backing
+        else {
+            return Ok(Vec::new());
+        };
+        let mut by_group: Vec<Vec<(usize, usize, TensorId)>> =
+            vec![Vec::new(); s.shared().n_groups()];
+        let mut taken = Vec::new();
+        for &id in ids {
+            let info = self.info(id)?;
+            if info.stride.is_some() {
+                continue;
+            }
+            if let Place::Group { group, offset } = self.place(id)?
+                && let Some(list) = by_group.get_mut(*group)
+            {
+                list.push((*offset as usize, info.n_bytes as usize, id));
+                taken.push(id);
+            }
+        }
+        if taken.is_empty() || !s.set_prepare(stream::GroupPrepare { by_group, prepare }) {
+            return Ok(Vec::new());
+        }
+        Ok(taken)
+    }
+
+    /// Whether streamed groups read from now on run the preparation set by
+    /// [`Weights::prepare_groups_on_read`] (nothing without one).
+    pub fn set_preparing(&self, on: bool) {
+        if let Backing::Read {
+            streamer: Some(s), ..
+        } = &self.backing
+        {
+            s.set_preparing(on);
+        }
     }
 
     /// The buffers weights lie in when they were read (not mapped), as (address, length): the
@@ -923,6 +992,7 @@ impl Weights {
                 ptr: unsafe { buf.as_ptr().add(off as usize) },
                 len,
                 tier: Tier::Ram,
+                prepared: false,
                 _keep: Keep::Buf(Arc::clone(buf)),
             }
         };
@@ -935,6 +1005,7 @@ impl Weights {
                     ptr: unsafe { map.as_ptr().add(*off as usize) },
                     len,
                     tier: Tier::Ram,
+                    prepared: false,
                     _keep: Keep::Map(Arc::clone(map)),
                 })
             }
@@ -954,6 +1025,7 @@ impl Weights {
                     ptr: unsafe { buf.as_ptr().add(skip) },
                     len,
                     tier: Tier::Ram,
+                    prepared: false,
                     _keep: Keep::Buf(buf),
                 })
             }
@@ -969,6 +1041,7 @@ impl Weights {
                     ptr: buf.as_ptr(),
                     len,
                     tier: Tier::Ram,
+                    prepared: false,
                     _keep: Keep::Buf(buf),
                 })
             }
@@ -1013,6 +1086,11 @@ impl Weights {
             }
             _ => {
                 let h = self.acquire(id)?;
+                if h.prepared() {
+                    return Err(bad(
+                        "its streamed bytes were rearranged after the read".into()
+                    ));
+                }
                 for (k, &r) in rows.iter().enumerate() {
                     let at = r as usize * row_bytes;
                     dst[k * row_bytes..(k + 1) * row_bytes]
@@ -1080,6 +1158,7 @@ impl Weights {
                 ptr: unsafe { buf.as_ptr().add(skip + loc.at) },
                 len: loc.slab,
                 tier: Tier::Ram,
+                prepared: false,
                 _keep: Keep::Buf(buf),
             });
         }
@@ -1091,6 +1170,8 @@ impl Weights {
             ptr: unsafe { whole.ptr.add(at as usize) },
             len: loc.slab,
             tier: whole.tier,
+            // A prepared stack of experts was prepared slab by slab.
+            prepared: whole.prepared,
             _keep: whole._keep,
         })
     }
@@ -1304,6 +1385,7 @@ impl Weights {
                 s.stalls = c.stalls.load(Ordering::Relaxed);
                 s.misses = c.misses.load(Ordering::Relaxed);
                 s.prefetches = c.prefetches.load(Ordering::Relaxed);
+                s.groups_prepared = c.groups_prepared.load(Ordering::Relaxed);
                 s.stall = stream::stall(c);
                 // The streamer's reader also read the resident set at load.
                 s.read = st.io_stats();

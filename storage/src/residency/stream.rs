@@ -8,13 +8,13 @@
 //! still write into it.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::plan::Group;
-use super::{Keep, ResidencyError, TensorHandle, Tier};
+use super::{Keep, ResidencyError, TensorHandle, TensorId, Tier};
 use crate::buf::AlignedBuf;
 use crate::io::{IoError, IoStats, ReadReq, Reader};
 
@@ -22,6 +22,8 @@ use crate::io::{IoError, IoStats, ReadReq, Reader};
 enum Status {
     Empty,
     Loading,
+    /// Read unprepared, and being prepared by the thread that acquired it.
+    Preparing,
     Ready,
     Failed(Arc<IoError>),
 }
@@ -31,6 +33,19 @@ struct Slot {
     group: Option<usize>,
     status: Status,
     pins: u32,
+    /// The read that filled the slot was prepared ([`GroupPrepare`]): the group's listed
+    /// matrices are in the preparation's layout.
+    prepared: bool,
+}
+
+/// What the I/O thread may do to a group's matrices after reading them, before any handle
+/// shows them (the engine's CPU executor repacks them into its kernels' layout): only while
+/// [`Streamer::set_preparing`] asks, since the pass holds up the next read.
+pub(super) struct GroupPrepare {
+    /// By group: each matrix to prepare, as (offset in the slot, bytes, tensor).
+    pub(super) by_group: Vec<Vec<(usize, usize, TensorId)>>,
+    /// Rewrites one matrix in place; `false` when it could not (the bytes are then unchanged).
+    pub(super) prepare: super::PrepareChecked,
 }
 
 struct State {
@@ -55,6 +70,8 @@ pub(super) struct Counters {
     /// Time acquires spent waiting for reads.
     pub stall_ns: AtomicU64,
     pub groups_read: AtomicU64,
+    /// Groups whose matrices were prepared after their read, or when acquired.
+    pub groups_prepared: AtomicU64,
 }
 
 pub(super) struct Shared {
@@ -67,6 +84,11 @@ pub(super) struct Shared {
     state: Mutex<State>,
     cv: Condvar,
     pub(super) counters: Counters,
+    prep: OnceLock<GroupPrepare>,
+    /// Whether reads started from now on are prepared.
+    preparing: AtomicBool,
+    /// A preparation failed: none is run again.
+    prep_failed: AtomicBool,
 }
 
 impl Shared {
@@ -76,6 +98,10 @@ impl Shared {
 
     fn wait<'a>(&self, g: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
         self.cv.wait(g).unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn n_groups(&self) -> usize {
+        self.groups.len()
     }
 
     /// How many steps after `g` group `h` is next used.
@@ -90,7 +116,9 @@ impl Shared {
         st.slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.pins == 0 && !matches!(s.status, Status::Loading))
+            .filter(|(_, s)| {
+                s.pins == 0 && !matches!(s.status, Status::Loading | Status::Preparing)
+            })
             .map(|(i, s)| {
                 let d = match (&s.status, s.group) {
                     (Status::Ready, Some(h)) => self.distance(g, h),
@@ -108,6 +136,7 @@ impl Shared {
             group: Some(group),
             status: Status::Loading,
             pins: 0,
+            prepared: false,
         };
         if urgent {
             st.queue.push_front(slot);
@@ -154,6 +183,77 @@ impl Shared {
             .collect();
         self.reader.read(&mut reqs)
     }
+
+    /// Whether a slot holding `group` unprepared would be prepared now.
+    fn wants_prepare(&self, group: usize) -> bool {
+        self.preparing.load(Ordering::Relaxed)
+            && !self.prep_failed.load(Ordering::Relaxed)
+            && self
+                .prep
+                .get()
+                .and_then(|p| p.by_group.get(group))
+                .is_some_and(|l| !l.is_empty())
+    }
+
+    /// Runs the preparation over the matrices of `group` just read into `slot` (which is
+    /// `Loading` or `Preparing`: no handle views it), when one is set and asked for.
+    /// `Some(true)`: all were prepared; `Some(false)`: none was asked; `None`: one failed, so
+    /// the slot holds a mix and must be read again (and no preparation runs from now on).
+    fn prepare_slot(&self, slot: usize, group: usize) -> Option<bool> {
+        let Some(p) = self.prep.get() else {
+            return Some(false);
+        };
+        let list = p.by_group.get(group).map_or(&[][..], Vec::as_slice);
+        if list.is_empty()
+            || !self.preparing.load(Ordering::Relaxed)
+            || self.prep_failed.load(Ordering::Relaxed)
+        {
+            return Some(false);
+        }
+        let buf = &self.slots[slot];
+        for &(at, len, id) in list {
+            if at.checked_add(len).is_none_or(|end| end > buf.len()) {
+                self.prep_failed.store(true, Ordering::Relaxed);
+                return None;
+            }
+            // SAFETY: the slot is Loading, so no handle views it and no read targets it; the
+            // range lies inside it (checked above).
+            let bytes = unsafe { std::slice::from_raw_parts_mut(buf.as_ptr().add(at), len) };
+            if !(p.prepare)(id, bytes) {
+                self.prep_failed.store(true, Ordering::Relaxed);
+                return None;
+            }
+        }
+        self.counters
+            .groups_prepared
+            .fetch_add(1, Ordering::Relaxed);
+        Some(true)
+    }
+
+    /// Ends a preparation of `slot` (see [`Shared::prepare_slot`]): the slot is ready, or,
+    /// when it failed, empty for the group to be read again.
+    fn prepared(&self, st: &mut State, slot: usize, group: usize, prepared: Option<bool>) {
+        match prepared {
+            Some(p) => {
+                st.slots[slot].prepared = p;
+                st.slots[slot].status = Status::Ready;
+            }
+            None => {
+                tracing::error!(
+                    "preparing streamed group {group} (layer {:?}) failed: it is read again, \
+                     and streamed groups keep the file's layout from now on",
+                    self.groups[group].layer
+                );
+                st.slots[slot] = Slot {
+                    group: None,
+                    status: Status::Empty,
+                    pins: 0,
+                    prepared: false,
+                };
+            }
+        }
+        self.cv.notify_all();
+    }
 }
 
 /// The I/O thread and the window it fills.
@@ -188,6 +288,7 @@ impl Streamer {
                         group: None,
                         status: Status::Empty,
                         pins: 0,
+                        prepared: false,
                     };
                     window
                 ],
@@ -197,6 +298,9 @@ impl Streamer {
             }),
             cv: Condvar::new(),
             counters: Counters::default(),
+            prep: OnceLock::new(),
+            preparing: AtomicBool::new(false),
+            prep_failed: AtomicBool::new(false),
         });
         let worker = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -224,6 +328,17 @@ impl Streamer {
         &self.shared
     }
 
+    /// Sets the preparation of groups' matrices (once; `false` if one was set already).
+    pub(super) fn set_prepare(&self, p: GroupPrepare) -> bool {
+        self.shared.prep.set(p).is_ok()
+    }
+
+    /// Whether reads started from now on run the preparation (a read already done keeps the
+    /// layout it has, and its handles say which).
+    pub(super) fn set_preparing(&self, on: bool) {
+        self.shared.preparing.store(on, Ordering::Relaxed);
+    }
+
     /// Holds group `group` in a slot and returns `len` bytes at `offset` of it.
     pub(super) fn acquire(
         &self,
@@ -242,8 +357,28 @@ impl Streamer {
         loop {
             if let Some(slot) = st.slots.iter().position(|s| s.group == Some(group)) {
                 match st.slots[slot].status.clone() {
+                    // Read while no batch asked for the preparation, and one does now: prepared
+                    // here, where no handle can see it, so every matrix of this pass is in the
+                    // same layout.
+                    Status::Ready
+                        if !st.slots[slot].prepared
+                            && st.slots[slot].pins == 0
+                            && sh.wants_prepare(group) =>
+                    {
+                        st.slots[slot].status = Status::Preparing;
+                        drop(st);
+                        let prepared = sh.prepare_slot(slot, group);
+                        st = sh.lock();
+                        sh.prepared(&mut st, slot, group, prepared);
+                    }
                     Status::Ready => {
                         st.slots[slot].pins += 1;
+                        let prepared = st.slots[slot].prepared
+                            && sh.prep.get().is_some_and(|p| {
+                                p.by_group
+                                    .get(group)
+                                    .is_some_and(|l| l.iter().any(|e| e.0 == offset))
+                            });
                         drop(st);
                         let c = &sh.counters;
                         match waited {
@@ -265,13 +400,14 @@ impl Streamer {
                             ptr,
                             len,
                             tier: Tier::Ram,
+                            prepared,
                             _keep: Keep::Slot(SlotPin {
                                 shared: Arc::clone(&self.shared),
                                 slot,
                             }),
                         });
                     }
-                    Status::Loading => {
+                    Status::Loading | Status::Preparing => {
                         waited.get_or_insert_with(Instant::now);
                         st = sh.wait(st);
                     }
@@ -336,18 +472,21 @@ fn io_thread(sh: &Shared) {
         };
         let result = sh.read_group(slot, group);
         sh.counters.groups_read.fetch_add(1, Ordering::Relaxed);
-        let mut st = sh.lock();
-        st.slots[slot].status = match result {
-            Ok(()) => Status::Ready,
+        match result {
+            Ok(()) => {
+                let prepared = sh.prepare_slot(slot, group);
+                let mut st = sh.lock();
+                sh.prepared(&mut st, slot, group, prepared);
+            }
             Err(e) => {
                 tracing::warn!(
                     "reading streamed group {group} (layer {:?}): {e}",
                     sh.groups[group].layer
                 );
-                Status::Failed(Arc::new(e))
+                sh.lock().slots[slot].status = Status::Failed(Arc::new(e));
+                sh.cv.notify_all();
             }
-        };
-        sh.cv.notify_all();
+        }
     }
 }
 

@@ -96,8 +96,9 @@ impl CpuExec {
                     data: h.0.bytes(),
                     rows: h.1.rows,
                     cols: h.1.cols,
-                    // Interleaved when the experts are resident (a streamed slab never is).
-                    layout: m.cpu.layout(h.1.id),
+                    // Interleaved when the experts are resident or cached, or their streamed
+                    // group's read was prepared.
+                    layout: m.cpu.layout_of(h.1.id, &h.0),
                 }
             }
             let (g, u) = (&mut b.g[..rows * nff], &mut b.u[..rows * nff]);

@@ -6,20 +6,23 @@
 //!
 //! Experts read from disk into the expert cache are repacked by storage as each slab is read
 //! ([`Weights::prepare_on_read`]), on its I/O threads, so that cached experts run the same
-//! kernels per byte as resident ones. Streamed layer groups (read again every step: a pass
-//! over them costs more than it saves), mapped files, strided tensors held whole and matrices
-//! cut into parts keep the file's layout, as does everything when repacking is off
-//! (identical arithmetic whatever the placement, for comparisons).
+//! kernels per byte as resident ones. Streamed layer groups are read again every step, so a
+//! pass over them pays only in a prompt's batch: they are repacked as they are read while one
+//! runs ([`CpuWeights::prepare_groups`]) and keep the file's layout for decode. Mapped files,
+//! strided tensors held whole and matrices cut into parts keep the file's layout, as does
+//! everything when repacking is off (identical arithmetic whatever the placement, for
+//! comparisons).
 
 use std::sync::Arc;
 
 use strata_simd::matmul::{
     INTERLEAVE_ROWS, Layout, SimdError, can_interleave, interleave, interleave_here,
+    interleave_speeds_batches,
 };
 use strata_simd::pool::ThreadPool;
 use strata_simd::tune;
 use strata_storage::quant::GgmlType;
-use strata_storage::residency::{Prepare, TensorId, Weights};
+use strata_storage::residency::{Prepare, PrepareChecked, TensorHandle, TensorId, Weights};
 
 use crate::error::EngineError;
 use crate::model::{DecodeSetting, Ffn, Layer, Mat};
@@ -126,6 +129,20 @@ pub(crate) fn choose_decode(
     }
 }
 
+/// The smallest batch during which streamed layer groups are repacked as they are read
+/// ([`CpuWeights::prepare_groups`]). The repack runs on the streaming thread between reads, so
+/// where the disk is the limit (small batches) it delays the next read: qwen2.5-coder-1.5b
+/// with half its layers streamed at `STRATA_SIMD=avx2`, 2 threads, Emerald Rapids, t/s without
+/// and with the repack in two rounds: pp8 17.9/16.0 and 26.6/18.4, pp32 49.3/51.6 and
+/// 58.4/55.5, pp64 61.2/67.3 and 67.5/75.7, pp512 57–70 against 98–102.
+pub(crate) const PREPARE_MIN_TOKENS: usize = 64;
+
+/// Has the streamed layer groups read from now on repacked when a pass of `n` tokens gains
+/// from it (see [`PREPARE_MIN_TOKENS`]).
+pub(crate) fn prepare_reads_for(weights: &Weights, n: usize) {
+    weights.set_preparing(n >= PREPARE_MIN_TOKENS);
+}
+
 /// The layout of each tensor as the CPU executor holds it.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct CpuWeights {
@@ -136,9 +153,21 @@ pub(crate) struct CpuWeights {
 }
 
 impl CpuWeights {
-    /// How tensor `id`'s bytes are arranged for the CPU kernels.
+    /// How tensor `id`'s bytes are arranged for the CPU kernels where they are held for good
+    /// (resident, or in the expert cache).
     pub(crate) fn layout(&self, id: TensorId) -> Layout {
         self.layouts.get(id.index()).copied().unwrap_or_default()
+    }
+
+    /// How the bytes `h` holds of tensor `id` are arranged: a streamed group's matrix is
+    /// interleaved when its read was prepared ([`Weights::prepare_groups_on_read`]), which
+    /// changes from read to read.
+    pub(crate) fn layout_of(&self, id: TensorId, h: &TensorHandle) -> Layout {
+        if h.prepared() {
+            Layout::Interleaved
+        } else {
+            self.layout(id)
+        }
     }
 
     /// Repacks (when `repack`) every resident matrix of `layers` and the output projection
@@ -151,6 +180,7 @@ impl CpuWeights {
         weights: &mut Weights,
         layers: &[Layer],
         output: Mat,
+        token_embd: TensorId,
         repack: bool,
         keep: &[TensorId],
     ) -> Result<Self, EngineError> {
@@ -187,14 +217,92 @@ impl CpuWeights {
         }
         me.repack(weights, output, 1)?;
         me.prepare_streamed(weights, layers)?;
+        me.prepare_groups(weights, layers, output, token_embd)?;
         Ok(me)
+    }
+
+    /// Has storage repack the matrices of streamed layer groups as it reads them, while a
+    /// prompt's batch runs ([`prepare_reads_for`]): a batch reads each byte of a group once per
+    /// token, so a pass over the group on the streaming thread (a few hundred microseconds
+    /// per MiB) buys the interleaved kernels for all of them, while a decode step, which reads
+    /// each byte once, keeps the file's layout. Only types whose batches gain from the layout
+    /// at this level ([`interleave_speeds_batches`]: not where AVX-512 VNNI's GEMM reads rows
+    /// as fast). The token embedding is left alone (its rows are read one by one).
+    fn prepare_groups(
+        &mut self,
+        weights: &Weights,
+        layers: &[Layer],
+        output: Mat,
+        token_embd: TensorId,
+    ) -> Result<(), EngineError> {
+        let mut mats: Vec<(Mat, usize)> = vec![(output, 1)];
+        for l in layers {
+            mats.extend([l.q, l.k, l.v, l.o].map(|m| (m, 1)));
+            match &l.ffn {
+                Ffn::Dense { gate, up, down } => mats.extend([*gate, *up, *down].map(|m| (m, 1))),
+                Ffn::Moe(moe) => {
+                    if let Some((g, u, d, _)) = &moe.shared {
+                        mats.extend([*g, *u, *d].map(|m| (m, 1)));
+                    }
+                    mats.extend([moe.gate, moe.up, moe.down].map(|x| (x.mat, x.n_expert)));
+                }
+            }
+        }
+        // By tensor index: (type, rows, cols, slabs) of each candidate.
+        let mut shapes: Vec<Option<(GgmlType, usize, usize, usize)>> =
+            vec![None; self.layouts.len()];
+        let mut ids = Vec::new();
+        for (m, slabs) in mats {
+            let bytes = weights.info(m.id)?.n_bytes;
+            let fits = bytes == (m.ty.row_bytes(m.cols) * m.rows * slabs) as u64;
+            if m.rows < INTERLEAVE_ROWS
+                || !interleave_speeds_batches(m.ty)
+                || !fits
+                || m.id == token_embd
+                || self.keep.contains(&m.id)
+                || self.layout(m.id) == Layout::Interleaved
+            {
+                continue;
+            }
+            if let Some(s) = shapes.get_mut(m.id.index())
+                && s.is_none()
+            {
+                *s = Some((m.ty, m.rows, m.cols, slabs));
+                ids.push(m.id);
+            }
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let prepare: PrepareChecked = Arc::new(move |id: TensorId, bytes: &mut [u8]| {
+            let Some(Some((ty, rows, cols, slabs))) = shapes.get(id.index()).copied() else {
+                return false;
+            };
+            let slab = ty.row_bytes(cols) * rows;
+            if slab == 0 || bytes.len() != slab * slabs {
+                return false;
+            }
+            // The slabs share one shape, so either all are repacked or (a refusal of the
+            // first) none.
+            bytes
+                .chunks_exact_mut(slab)
+                .all(|s| matches!(interleave_here(ty, s, rows, cols), Ok(true)))
+        });
+        let taken = weights.prepare_groups_on_read(&ids, prepare)?;
+        if !taken.is_empty() {
+            tracing::debug!(
+                matrices = taken.len(),
+                "streamed layer groups repacked as they are read while a prompt runs"
+            );
+        }
+        Ok(())
     }
 
     /// Has storage repack each expert's slab read into the expert cache (experts that stream
     /// from disk under a RAM budget) before it enters the cache, so that cached experts run the
     /// kernels resident ones run: the repacking is a pass over bytes the read just brought
     /// into the CPU's cache, on the I/O threads, once for all the slab's uses. Streamed layer
-    /// groups keep the file's layout (see [`Weights::prepare_on_read`]).
+    /// groups are [`CpuWeights::prepare_groups`]'s.
     fn prepare_streamed(&mut self, weights: &Weights, layers: &[Layer]) -> Result<(), EngineError> {
         let mut mats: Vec<(Mat, usize)> = Vec::new();
         for l in layers {

@@ -207,7 +207,12 @@ impl Residency {
             override_tensor: self.override_tensor.clone(),
             cpu_moe: None,
         };
-        settings.options(file_bytes, &SettingNames::KEYS, &env)
+        let mut opts = settings.options(file_bytes, &SettingNames::KEYS, &env)?;
+        // The decode kernels a first load measures, kept in the store for every later one.
+        opts.decode_memory = Store::open_default()
+            .ok()
+            .map(|s| s.root().join("decode.toml"));
+        Ok(opts)
     }
 }
 

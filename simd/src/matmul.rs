@@ -72,7 +72,13 @@ pub fn can_interleave(ty: GgmlType) -> bool {
 /// pp512 on Emerald Rapids: 213 t/s interleaved, 227 and 183 in rows, two runs); below it, the
 /// interleaved kernels are the fast path (the same CPU at `STRATA_SIMD=avx2`: 107 against 47).
 pub fn interleave_speeds_batches(ty: GgmlType) -> bool {
-    can_interleave(ty) && kernel(ty, dispatch::level(), false).is_some_and(|k| k.gemm.is_none())
+    can_interleave(ty) && !has_row_gemm(ty, dispatch::level())
+}
+
+/// Whether `level` has a tiled GEMM for `ty` that reads the file's rows: where it has not, a
+/// matrix kept in rows runs a prompt's batch through the slower row kernels.
+pub(crate) fn has_row_gemm(ty: GgmlType, level: Level) -> bool {
+    kernel(ty, level, false).is_some_and(|k| k.gemm.is_some())
 }
 
 /// Whether `ty` has a 512-bit interleaved kernel at `level` on this CPU (the others run the

@@ -451,7 +451,10 @@ pub fn measure(
     for ty in types {
         let tile = ty.row_bytes(ty.block_size()) * matmul::INTERLEAVE_ROWS;
         let want = tuning.decode(ty);
-        let mut cands = if choose_kernels {
+        // The row kernels only where the level's prefill GEMM reads rows: elsewhere a type
+        // kept in rows for a faster decode would run every prompt through the row kernels
+        // (qwen2.5-coder-1.5b pp512 at `STRATA_SIMD=avx2`: 47 t/s in rows, 107 interleaved).
+        let mut cands = if choose_kernels && matmul::has_row_gemm(ty, level) {
             vec![(Decode::Rows, 0)]
         } else {
             Vec::new()
@@ -572,9 +575,13 @@ mod tests {
         let level = dispatch::level();
         assert!(m.tuning.decode(GgmlType::Q4K).available(level));
         if Decode::Interleaved256.available(level) {
-            // The row kernels and four prefetch distances of each interleaved width.
-            assert!(m.timings.len() >= 5, "{:?}", m.timings);
+            // Four prefetch distances of each interleaved width, and the row kernels exactly
+            // where the level's prefill GEMM reads rows (elsewhere rows would slow prompts).
+            let rows = m.timings.iter().any(|t| t.decode == Decode::Rows);
+            assert_eq!(rows, matmul::has_row_gemm(GgmlType::Q4K, level));
+            assert!(m.timings.len() >= 4 + usize::from(rows), "{:?}", m.timings);
             assert!(m.timings.iter().all(|t| t.bytes_per_s > 0.0));
+            assert!(rows || m.tuning.decode(GgmlType::Q4K) != Decode::Rows);
         }
         // Without choosing kernels, only the default's prefetch distances are timed, and the
         // kernels stay the level's defaults (the same bits in every process).

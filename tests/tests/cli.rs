@@ -428,3 +428,60 @@ fn calibrated_decode_kernels_are_taken_on_the_same_cpu_only() {
     let out = run(&write("bad.toml", &cpu_id(), "Q4_K=fastest"));
     assert_clean_error(&out, "decode.kernels");
 }
+
+/// The first load on a machine measures its decode kernels (rows or interleaved, both widths,
+/// the prefetch distance) and keeps the choice in the store's `decode.toml`; the next load
+/// takes it without measuring and prints the same greedy text. A malformed file is named in a
+/// warning, measured over and replaced, and the run goes on.
+#[test]
+fn the_first_load_keeps_its_measured_decode_kernels_for_later_loads() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let path = model_path(GEMMA);
+    let run = || {
+        let out = Command::new(strata_bin())
+            .args([
+                "run",
+                "-m",
+                path.to_str().expect("utf-8 path"),
+                "-p",
+                "The capital of France is",
+                "-n",
+                "4",
+                "--temp",
+                "0",
+            ])
+            .env("STRATA_HOME", home.path())
+            .env("STRATA_LOG", "info")
+            .env_remove("STRATA_DECODE")
+            .output()
+            .expect("run strata");
+        assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+        (text(&out.stdout), text(&out.stderr))
+    };
+    let file = home.path().join("decode.toml");
+    let (first, log) = run();
+    assert!(log.contains("decode kernels kept in"), "{log}");
+    let kept = std::fs::read_to_string(&file).expect("decode.toml written");
+    assert!(kept.contains("kernels") && kept.contains("Q4_K="), "{kept}");
+    let (second, log) = run();
+    assert!(
+        log.contains("decode kernels from") && log.contains("earlier load"),
+        "{log}"
+    );
+    assert!(!log.contains("decode kernels measured in"), "{log}");
+    assert_eq!(first, second);
+    assert_eq!(std::fs::read_to_string(&file).expect("read"), kept);
+    std::fs::write(&file, "kernels = [\n").expect("write");
+    let (third, log) = run();
+    assert!(
+        log.contains("decode.toml") && log.contains("measured again"),
+        "{log}"
+    );
+    assert!(third.starts_with("The capital of France is"), "{third}");
+    assert!(
+        std::fs::read_to_string(&file)
+            .expect("read")
+            .contains("Q4_K="),
+        "replaced"
+    );
+}

@@ -280,8 +280,17 @@ impl LoadArgs {
             .options(weight_bytes, &SettingNames::FLAGS, &env)
             .map_err(anyhow::Error::msg)?;
         opts.gpu = self.gpu.options(None)?;
+        opts.decode_memory = decode_memory();
         Ok(opts)
     }
+}
+
+/// Where the model store keeps this machine's measured decode kernels (see
+/// `ModelOptions::decode_memory`); none when there is no store.
+pub fn decode_memory() -> Option<std::path::PathBuf> {
+    Store::open_default()
+        .ok()
+        .map(|s| s.root().join("decode.toml"))
 }
 
 pub fn load_with(spec: &str, threads_req: Option<usize>, how: &LoadArgs) -> anyhow::Result<Loaded> {

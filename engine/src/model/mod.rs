@@ -265,6 +265,7 @@ impl Model {
             crate::exec::cpu::repack::choose_decode(
                 opts.decode,
                 opts.gpu.profile.as_ref().and_then(|p| p.decode.as_ref()),
+                opts.decode_memory.as_deref(),
                 &layers,
                 output,
                 weights

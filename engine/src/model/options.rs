@@ -26,6 +26,12 @@ pub struct ModelOptions {
     pub no_gpu_graphs: bool,
     /// How the CPU's decode kernels are chosen (`STRATA_DECODE`, `STRATA_PREFETCH`).
     pub decode: DecodeSetting,
+    /// Where this machine keeps the decode kernels a first load measured (the model store's
+    /// `decode.toml`; set by the CLI and the daemon): with `STRATA_DECODE` unset and no
+    /// `strata calibrate` choice for this CPU, the first load measures every candidate and
+    /// keeps its choice there, and later loads take it. `None` (the library's default):
+    /// only the default kernels' prefetch distance is measured.
+    pub decode_memory: Option<std::path::PathBuf>,
 }
 
 /// How the CPU's decode kernels are chosen for each weight type: row or interleaved kernels,
@@ -275,6 +281,7 @@ impl LoadSettings {
             keep_file_layout: env.keep_file_layout,
             no_gpu_graphs: env.no_gpu_graphs,
             decode: env.decode,
+            decode_memory: None,
         })
     }
 }

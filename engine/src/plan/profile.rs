@@ -41,7 +41,65 @@ pub struct DecodeProfile {
     pub kernels: String,
 }
 
+/// The largest decode memory file read (a few hundred bytes are written).
+const DECODE_FILE_MAX: u64 = 64 << 10;
+
 impl DecodeProfile {
+    /// The choice kept at `path` by an earlier load ([`DecodeProfile::remember`]): `None` when
+    /// there is no file, an error naming the file and the problem when it cannot be read or
+    /// is not a choice.
+    pub fn recall(path: &std::path::Path) -> Result<Option<Self>, String> {
+        let shown = path.display();
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("{shown}: {e}")),
+        };
+        if meta.len() > DECODE_FILE_MAX {
+            return Err(format!(
+                "{shown}: {} bytes is too large for a decode choice",
+                meta.len()
+            ));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{shown}: {e}"))?;
+        let d: DecodeProfile = toml::from_str(&text).map_err(|e| format!("{shown}: {e}"))?;
+        d.tuning(strata_simd::tune::Tuning::default_for(
+            strata_simd::dispatch::Level::Scalar,
+        ))
+        .map_err(|e| format!("{shown}: {e}"))?;
+        Ok(Some(d))
+    }
+
+    /// Keeps this choice at `path` for later loads, unless one for the same CPU got there
+    /// first (two processes measuring at once): returns the choice the file holds after, which
+    /// every process on the CPU then runs. A file for another CPU, or one that cannot be read,
+    /// is replaced. The file is written whole before it appears (a link of a finished
+    /// temporary file), so a reader never sees half of one.
+    pub fn remember(&self, path: &std::path::Path) -> Result<DecodeProfile, String> {
+        let shown = path.display();
+        let text = toml::to_string_pretty(self).map_err(|e| format!("{shown}: {e}"))?;
+        let dir = path.parent().unwrap_or(std::path::Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("decode");
+        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        let kept = match std::fs::hard_link(&tmp, path) {
+            Ok(()) => Ok(self.clone()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match Self::recall(path) {
+                Ok(Some(d)) if d.cpu == self.cpu => Ok(d),
+                _ => std::fs::rename(&tmp, path)
+                    .map(|()| self.clone())
+                    .map_err(|e| format!("{shown}: {e}")),
+            },
+            Err(e) => Err(format!("{shown}: {e}")),
+        };
+        let _ = std::fs::remove_file(&tmp);
+        kept
+    }
+
     /// The choices over `base` (types not named keep `base`'s).
     pub fn tuning(
         &self,

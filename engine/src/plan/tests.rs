@@ -451,3 +451,49 @@ fn a_profile_keeps_the_decode_kernels_calibrate_chose() {
         "{e}"
     );
 }
+
+/// The decode choice a first load measures is kept in a file for later loads: read back as
+/// written, the first choice for a CPU kept when a second process measures at the same time,
+/// another CPU's or a malformed file replaced, and a malformed file named in the error.
+#[test]
+fn the_decode_memory_file_keeps_the_first_choice_for_a_cpu() {
+    use profile::DecodeProfile;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("sub").join("decode.toml");
+    assert_eq!(DecodeProfile::recall(&path), Ok(None), "no file yet");
+    let mine = DecodeProfile {
+        cpu: "CPU A (avx512vnni)".into(),
+        kernels: "Q4_K=interleaved256/4608 Q6_K=rows".into(),
+    };
+    assert_eq!(mine.remember(&path), Ok(mine.clone()));
+    assert_eq!(DecodeProfile::recall(&path), Ok(Some(mine.clone())));
+    // Another process on the same CPU measured otherwise: the first choice stands.
+    let late = DecodeProfile {
+        kernels: "Q4_K=interleaved512/4608".into(),
+        ..mine.clone()
+    };
+    assert_eq!(late.remember(&path), Ok(mine.clone()));
+    // Another CPU (a home directory shared, a VM moved): its choice replaces the file.
+    let other = DecodeProfile {
+        cpu: "CPU B (avx2)".into(),
+        kernels: "Q4_K=rows".into(),
+    };
+    assert_eq!(other.remember(&path), Ok(other.clone()));
+    assert_eq!(DecodeProfile::recall(&path), Ok(Some(other.clone())));
+    // A malformed file: named in the error when read, replaced when a choice is kept.
+    std::fs::write(&path, "cpu = \"CPU A\"\nkernels = \"Q4_K=fastest\"\n").expect("write");
+    let e = DecodeProfile::recall(&path).expect_err("malformed");
+    assert!(
+        e.contains("decode.toml") && e.contains("Q4_K=fastest"),
+        "{e}"
+    );
+    std::fs::write(&path, "\u{0}\u{1}not toml").expect("write");
+    assert!(DecodeProfile::recall(&path).is_err());
+    assert_eq!(mine.remember(&path), Ok(mine.clone()));
+    // No temporary files are left beside it.
+    let names: Vec<_> = std::fs::read_dir(path.parent().expect("dir"))
+        .expect("list")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(names, ["decode.toml"]);
+}

@@ -61,9 +61,19 @@ fn matrix_types(layers: &[Layer], output: Mat) -> Vec<GgmlType> {
 ///
 /// `budgeted`: the weights are held under a RAM budget (something streams from disk), so the
 /// measurement allocates no more than `tune::MIN_STREAM_BYTES`.
+///
+/// `memory`: where this machine keeps the choice a first load measured (the model store's
+/// `decode.toml`, [`DecodeProfile::remember`]). With `STRATA_DECODE` unset and no `strata
+/// calibrate` choice for this CPU, a load takes the file's choice, or measures every
+/// candidate (rows or interleaved, both widths, the prefetch distance) and keeps what it
+/// found there, so that a CPU where the level's default loses (the 512-bit kernels on Zen 4)
+/// runs the measured kernels without anyone calibrating, and every later process on it runs
+/// the same ones (the same bits). Without it only the default kernels' prefetch distance is
+/// measured.
 pub(crate) fn choose_decode(
     setting: DecodeSetting,
     stored: Option<&DecodeProfile>,
+    memory: Option<&std::path::Path>,
     layers: &[Layer],
     output: Mat,
     budgeted: bool,
@@ -105,6 +115,33 @@ pub(crate) fn choose_decode(
                     }
                 }
             }
+            // A choice an earlier load on this CPU measured and kept.
+            let here = cpu_id();
+            let memory = memory.filter(|_| !kernels);
+            if let Some(path) = memory {
+                match DecodeProfile::recall(path) {
+                    Ok(Some(d)) if d.cpu == here => match d.tuning(tune::current()) {
+                        Ok(t) => {
+                            tracing::info!(
+                                "decode kernels from {} (measured on this CPU at an earlier \
+                                 load): {}",
+                                path.display(),
+                                d.kernels
+                            );
+                            tune::set(with_prefetch(t, prefetch));
+                            return;
+                        }
+                        Err(e) => tracing::warn!("{}: {e}: measured again", path.display()),
+                    },
+                    Ok(Some(d)) => tracing::info!(
+                        "{} holds the decode kernels of another CPU ({}): measured again",
+                        path.display(),
+                        d.cpu
+                    ),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("{e}: measured again"),
+                }
+            }
             let types = matrix_types(layers, output);
             let t0 = std::time::Instant::now();
             let one = ThreadPool::new(1);
@@ -116,7 +153,11 @@ pub(crate) fn choose_decode(
             } else {
                 usize::MAX
             };
-            let m = tune::measure(&pools, &types, 4, kernels, cap);
+            // Kept for every later load, the choice is measured once per machine: two rounds
+            // of every candidate (about 2 s over 256 MiB; the 5% margin a candidate must win
+            // by keeps noise from replacing the default).
+            let reps = if memory.is_some() { 2 } else { 4 };
+            let m = tune::measure(&pools, &types, reps, kernels || memory.is_some(), cap);
             for line in tune::describe(&m) {
                 tracing::info!("decode kernel measured: {line}");
             }
@@ -124,7 +165,34 @@ pub(crate) fn choose_decode(
                 "decode kernels measured in {:.0} ms",
                 t0.elapsed().as_secs_f64() * 1e3
             );
-            tune::set(with_prefetch(m.tuning, prefetch));
+            let mut tuning = m.tuning;
+            if let Some(path) = memory {
+                let mine = DecodeProfile {
+                    cpu: here,
+                    kernels: tuning.summary(),
+                };
+                match mine.remember(path) {
+                    Ok(kept) if kept == mine => tracing::info!(
+                        "decode kernels kept in {} for later loads: {}",
+                        path.display(),
+                        kept.kernels
+                    ),
+                    // Another process on this CPU kept its choice first: run the same.
+                    Ok(kept) => match kept.tuning(tune::current()) {
+                        Ok(t) => {
+                            tracing::info!(
+                                "decode kernels from {} (kept by another load meanwhile): {}",
+                                path.display(),
+                                kept.kernels
+                            );
+                            tuning = t;
+                        }
+                        Err(e) => tracing::warn!("{}: {e}", path.display()),
+                    },
+                    Err(e) => tracing::warn!("keeping the decode kernels: {e}"),
+                }
+            }
+            tune::set(with_prefetch(tuning, prefetch));
         }
     }
 }

@@ -316,29 +316,9 @@ impl CpuWeights {
                 }
             }
         }
-        // By tensor index: (type, rows, cols, slabs) of each candidate.
-        let mut shapes: Vec<Option<(GgmlType, usize, usize, usize)>> =
-            vec![None; self.layouts.len()];
-        let mut ids = Vec::new();
-        for (m, slabs) in mats {
-            let bytes = weights.info(m.id)?.n_bytes;
-            let fits = bytes == (m.ty.row_bytes(m.cols) * m.rows * slabs) as u64;
-            if m.rows < INTERLEAVE_ROWS
-                || !interleave_speeds_batches(m.ty)
-                || !fits
-                || m.id == token_embd
-                || self.keep.contains(&m.id)
-                || self.layout(m.id) == Layout::Interleaved
-            {
-                continue;
-            }
-            if let Some(s) = shapes.get_mut(m.id.index())
-                && s.is_none()
-            {
-                *s = Some((m.ty, m.rows, m.cols, slabs));
-                ids.push(m.id);
-            }
-        }
+        let (shapes, ids) = self.candidates(weights, &mats, |m| {
+            interleave_speeds_batches(m.ty) && m.id != token_embd
+        })?;
         if ids.is_empty() {
             return Ok(());
         }
@@ -378,33 +358,13 @@ impl CpuWeights {
                 mats.extend([moe.gate, moe.up, moe.down].map(|x| (x.mat, x.n_expert)));
             }
         }
-        // Each candidate's shape, by tensor index: those whose bytes are exactly their
-        // matrices (or slabs of them), with the layout at this SIMD level.
-        let mut shapes: Vec<Option<(GgmlType, usize, usize)>> = vec![None; self.layouts.len()];
-        let mut ids = Vec::new();
-        for (m, slabs) in mats {
-            let bytes = weights.info(m.id)?.n_bytes;
-            let fits = bytes == (m.ty.row_bytes(m.cols) * m.rows * slabs) as u64;
-            if m.rows < INTERLEAVE_ROWS
-                || !can_interleave(m.ty)
-                || !fits
-                || self.keep.contains(&m.id)
-                || self.layout(m.id) == Layout::Interleaved
-            {
-                continue;
-            }
-            if let Some(s) = shapes.get_mut(m.id.index())
-                && s.is_none()
-            {
-                *s = Some((m.ty, m.rows, m.cols));
-                ids.push(m.id);
-            }
-        }
+        let (shapes, ids) = self.candidates(weights, &mats, |m| can_interleave(m.ty))?;
         if ids.is_empty() {
             return Ok(());
         }
         let prepare: Prepare = Arc::new(move |id: TensorId, bytes: &mut [u8]| {
-            if let Some(Some((ty, rows, cols))) = shapes.get(id.index()) {
+            // Called with one expert's slab.
+            if let Some(Some((ty, rows, cols, _))) = shapes.get(id.index()) {
                 // The shapes were checked against the tensors, and the slab sizes are theirs.
                 if let Err(e) = interleave_here(*ty, bytes, *rows, *cols) {
                     tracing::error!("repacking a streamed matrix: {e}");
@@ -424,6 +384,43 @@ impl CpuWeights {
             }
         }
         Ok(())
+    }
+
+    /// The matrices of `mats` (each with its number of slabs) that a preparation on read may
+    /// repack: `accept`ed, at least a tile of rows, their bytes exactly their slabs, not kept
+    /// for the GPU and not repacked already. Their shapes by tensor index (type, rows, columns,
+    /// slabs), and their ids.
+    #[expect(
+        clippy::type_complexity,
+        reason = "a table and its keys, used together once"
+    )]
+    fn candidates(
+        &self,
+        weights: &Weights,
+        mats: &[(Mat, usize)],
+        accept: impl Fn(&Mat) -> bool,
+    ) -> Result<(Vec<Option<(GgmlType, usize, usize, usize)>>, Vec<TensorId>), EngineError> {
+        let mut shapes = vec![None; self.layouts.len()];
+        let mut ids = Vec::new();
+        for &(m, slabs) in mats {
+            let bytes = weights.info(m.id)?.n_bytes;
+            let fits = bytes == (m.ty.row_bytes(m.cols) * m.rows * slabs) as u64;
+            if m.rows < INTERLEAVE_ROWS
+                || !accept(&m)
+                || !fits
+                || self.keep.contains(&m.id)
+                || self.layout(m.id) == Layout::Interleaved
+            {
+                continue;
+            }
+            if let Some(s) = shapes.get_mut(m.id.index())
+                && s.is_none()
+            {
+                *s = Some((m.ty, m.rows, m.cols, slabs));
+                ids.push(m.id);
+            }
+        }
+        Ok((shapes, ids))
     }
 
     /// Interleaves tensor `m` in place, as `slabs` matrices of `m`'s shape one after another

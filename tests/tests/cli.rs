@@ -430,15 +430,22 @@ fn calibrated_decode_kernels_are_taken_on_the_same_cpu_only() {
 }
 
 /// The first load on a machine measures its decode kernels (rows or interleaved, both widths,
-/// the prefetch distance) and keeps the choice in the store's `decode.toml`; the next load
-/// takes it without measuring and prints the same greedy text. A malformed file is named in a
-/// warning, measured over and replaced, and the run goes on.
+/// the prefetch distance) and keeps the choice in the store's `decode/`, in a file for this
+/// CPU and SIMD level; the next load takes it without measuring and prints the same greedy
+/// text, and a run at another level (`STRATA_SIMD=scalar`) keeps a file of its own. A malformed
+/// file is named in a warning, measured over and replaced, and the run goes on.
 #[test]
 fn the_first_load_keeps_its_measured_decode_kernels_for_later_loads() {
     let home = tempfile::tempdir().expect("tempdir");
     let path = model_path(GEMMA);
-    let run = || {
-        let out = Command::new(strata_bin())
+    let run_at = |simd: &str| {
+        let mut cmd = Command::new(strata_bin());
+        if simd.is_empty() {
+            cmd.env_remove("STRATA_SIMD");
+        } else {
+            cmd.env("STRATA_SIMD", simd);
+        }
+        let out = cmd
             .args([
                 "run",
                 "-m",
@@ -458,8 +465,16 @@ fn the_first_load_keeps_its_measured_decode_kernels_for_later_loads() {
         assert!(out.status.success(), "stderr: {}", text(&out.stderr));
         (text(&out.stdout), text(&out.stderr))
     };
-    let file = home.path().join("decode.toml");
+    let level = std::env::var("STRATA_SIMD").unwrap_or_default();
+    let run = || run_at(&level);
+    let dir = home.path().join("decode");
     let (first, log) = run();
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("decode/ made")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let file = files[0].clone();
     assert!(log.contains("decode kernels kept in"), "{log}");
     let kept = std::fs::read_to_string(&file).expect("decode.toml written");
     assert!(kept.contains("kernels") && kept.contains("Q4_K="), "{kept}");
@@ -471,10 +486,16 @@ fn the_first_load_keeps_its_measured_decode_kernels_for_later_loads() {
     assert!(!log.contains("decode kernels measured in"), "{log}");
     assert_eq!(first, second);
     assert_eq!(std::fs::read_to_string(&file).expect("read"), kept);
+    if level != "scalar" {
+        let (_, log) = run_at("scalar");
+        assert!(log.contains("decode kernels kept in"), "{log}");
+        assert_eq!(std::fs::read_dir(&dir).expect("list").count(), 2);
+        assert_eq!(std::fs::read_to_string(&file).expect("read"), kept);
+    }
     std::fs::write(&file, "kernels = [\n").expect("write");
     let (third, log) = run();
     assert!(
-        log.contains("decode.toml") && log.contains("measured again"),
+        log.contains(&*file.to_string_lossy()) && log.contains("measured again"),
         "{log}"
     );
     assert!(third.starts_with("The capital of France is"), "{third}");

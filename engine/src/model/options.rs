@@ -27,7 +27,8 @@ pub struct ModelOptions {
     /// How the CPU's decode kernels are chosen (`STRATA_DECODE`, `STRATA_PREFETCH`).
     pub decode: DecodeSetting,
     /// Where this machine keeps the decode kernels a first load measured (the model store's
-    /// `decode.toml`; set by the CLI and the daemon): with `STRATA_DECODE` unset and no
+    /// `decode/`, a file per CPU and SIMD level; set by the CLI and the daemon): with
+    /// `STRATA_DECODE` unset and no
     /// `strata calibrate` choice for this CPU, the first load measures every candidate and
     /// keeps its choice there, and later loads take it. `None` (the library's default):
     /// only the default kernels' prefetch distance is measured.

@@ -163,7 +163,8 @@ pub fn calibrate_cpu(pool: &ThreadPool, quick: bool) -> CpuProfile {
 
 /// The CPU as a stored decode choice names it ([`super::profile::DecodeProfile`]): its model
 /// name, family and model numbers (a VM may show every EPYC as "AMD EPYC": Zen 3 is family
-/// 25 model 1, Zen 4 family 25 model 17) and the SIMD level it has.
+/// 25 model 1, Zen 4 family 25 model 17) and the SIMD level the process runs at (what the CPU
+/// has, or lower under `STRATA_SIMD`: kernels measured at one level are not another's choice).
 pub fn cpu_id() -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let field = |name: &str| {
@@ -180,7 +181,7 @@ pub fn cpu_id() -> String {
     format!(
         "{} ({numbers}{})",
         cpu_name(),
-        strata_simd::dispatch::detected().name()
+        strata_simd::dispatch::level().name()
     )
 }
 

@@ -45,6 +45,18 @@ pub struct DecodeProfile {
 const DECODE_FILE_MAX: u64 = 64 << 10;
 
 impl DecodeProfile {
+    /// The file in `dir` that keeps the choice for the CPU `cpu` names
+    /// ([`crate::plan::calibrate::cpu_id`]): one per CPU and SIMD level, so that runs at
+    /// another level (`STRATA_SIMD`) or on another machine sharing the directory keep theirs.
+    pub fn memory_file(dir: &std::path::Path, cpu: &str) -> std::path::PathBuf {
+        let mut name: String = cpu
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        name.truncate(120);
+        dir.join(format!("{name}.toml"))
+    }
+
     /// The choice kept at `path` by an earlier load ([`DecodeProfile::remember`]): `None` when
     /// there is no file, an error naming the file and the problem when it cannot be read or
     /// is not a choice.

@@ -62,8 +62,9 @@ fn matrix_types(layers: &[Layer], output: Mat) -> Vec<GgmlType> {
 /// `budgeted`: the weights are held under a RAM budget (something streams from disk), so the
 /// measurement allocates no more than `tune::MIN_STREAM_BYTES`.
 ///
-/// `memory`: where this machine keeps the choice a first load measured (the model store's
-/// `decode.toml`, [`DecodeProfile::remember`]). With `STRATA_DECODE` unset and no `strata
+/// `memory`: the directory where this machine keeps the choice a first load measured (the
+/// model store's `decode/`, a file per CPU and SIMD level: [`DecodeProfile::memory_file`],
+/// [`DecodeProfile::remember`]). With `STRATA_DECODE` unset and no `strata
 /// calibrate` choice for this CPU, a load takes the file's choice, or measures every
 /// candidate (rows or interleaved, both widths, the prefetch distance) and keeps what it
 /// found there, so that a CPU where the level's default loses (the 512-bit kernels on Zen 4)
@@ -117,7 +118,10 @@ pub(crate) fn choose_decode(
             }
             // A choice an earlier load on this CPU measured and kept.
             let here = cpu_id();
-            let memory = memory.filter(|_| !kernels);
+            let memory = memory
+                .filter(|_| !kernels)
+                .map(|dir| DecodeProfile::memory_file(dir, &here));
+            let memory = memory.as_deref();
             if let Some(path) = memory {
                 match DecodeProfile::recall(path) {
                     Ok(Some(d)) if d.cpu == here => match d.tuning(tune::current()) {

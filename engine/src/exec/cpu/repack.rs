@@ -31,26 +31,35 @@ use crate::plan::profile::DecodeProfile;
 
 /// The weight types of the matrices the CPU executor may repack.
 fn matrix_types(layers: &[Layer], output: Mat) -> Vec<GgmlType> {
-    let mut v = vec![output.ty];
-    for l in layers {
-        v.extend([l.q.ty, l.k.ty, l.v.ty, l.o.ty]);
-        match &l.ffn {
-            Ffn::Dense { gate, up, down } => v.extend([gate.ty, up.ty, down.ty]),
-            Ffn::Moe(moe) => {
-                if let Some((g, u, d, _)) = &moe.shared {
-                    v.extend([g.ty, u.ty, d.ty]);
-                }
-                v.extend([moe.gate.mat.ty, moe.up.mat.ty, moe.down.mat.ty]);
-            }
-        }
-    }
     let mut types = Vec::new();
-    for t in v {
-        if !types.contains(&t) {
-            types.push(t);
+    for (m, _) in matrices(layers, output) {
+        if !types.contains(&m.ty) {
+            types.push(m.ty);
         }
     }
     types
+}
+
+/// Every matrix the CPU executor may repack, with its number of slabs (`n_expert` for stacked
+/// experts, else 1): each layer's projections, its FFN's (shared experts included), and the
+/// output. The MoE router is left alone: expert prediction reads it on its own, and its few
+/// rows gain little.
+fn matrices(layers: &[Layer], output: Mat) -> Vec<(Mat, usize)> {
+    let mut mats = Vec::new();
+    for l in layers {
+        mats.extend([l.q, l.k, l.v, l.o].map(|m| (m, 1)));
+        match &l.ffn {
+            Ffn::Dense { gate, up, down } => mats.extend([*gate, *up, *down].map(|m| (m, 1))),
+            Ffn::Moe(moe) => {
+                if let Some((g, u, d, _)) = &moe.shared {
+                    mats.extend([*g, *u, *d].map(|m| (m, 1)));
+                }
+                mats.extend([moe.gate, moe.up, moe.down].map(|x| (x.mat, x.n_expert)));
+            }
+        }
+    }
+    mats.push((output, 1));
+    mats
 }
 
 /// Makes the process's decode choices (`strata_simd::tune`) as `setting` says, before the
@@ -263,31 +272,9 @@ impl CpuWeights {
         if !repack {
             return Ok(me);
         }
-        for l in layers {
-            for m in [l.q, l.k, l.v, l.o] {
-                me.repack(weights, m, 1)?;
-            }
-            match &l.ffn {
-                Ffn::Dense { gate, up, down } => {
-                    for m in [*gate, *up, *down] {
-                        me.repack(weights, m, 1)?;
-                    }
-                }
-                Ffn::Moe(moe) => {
-                    if let Some((g, u, d, _)) = &moe.shared {
-                        for m in [*g, *u, *d] {
-                            me.repack(weights, m, 1)?;
-                        }
-                    }
-                    // The router is left alone: expert prediction reads it on its own, and
-                    // its few rows gain little.
-                    for x in [moe.gate, moe.up, moe.down] {
-                        me.repack(weights, x.mat, x.n_expert)?;
-                    }
-                }
-            }
+        for (m, slabs) in matrices(layers, output) {
+            me.repack(weights, m, slabs)?;
         }
-        me.repack(weights, output, 1)?;
         me.prepare_streamed(weights, layers)?;
         me.prepare_groups(weights, layers, output, token_embd)?;
         Ok(me)
@@ -307,19 +294,7 @@ impl CpuWeights {
         output: Mat,
         token_embd: TensorId,
     ) -> Result<(), EngineError> {
-        let mut mats: Vec<(Mat, usize)> = vec![(output, 1)];
-        for l in layers {
-            mats.extend([l.q, l.k, l.v, l.o].map(|m| (m, 1)));
-            match &l.ffn {
-                Ffn::Dense { gate, up, down } => mats.extend([*gate, *up, *down].map(|m| (m, 1))),
-                Ffn::Moe(moe) => {
-                    if let Some((g, u, d, _)) = &moe.shared {
-                        mats.extend([*g, *u, *d].map(|m| (m, 1)));
-                    }
-                    mats.extend([moe.gate, moe.up, moe.down].map(|x| (x.mat, x.n_expert)));
-                }
-            }
-        }
+        let mats = matrices(layers, output);
         let (shapes, ids) = self.candidates(weights, &mats, |m| {
             interleave_speeds_batches(m.ty) && m.id != token_embd
         })?;

@@ -401,6 +401,25 @@ impl Backoff {
     }
 }
 
+/// Binds the loopback TCP listener with a backlog of [`TCP_BACKLOG`] (the kernel caps it at
+/// `net.core.somaxconn`), as Go's net package does for Ollama. tokio's `TcpListener::bind`
+/// listens with 128: a burst of connections fills that queue, the kernel drops the SYNs that
+/// follow, and every client behind them — a health check too — waits a 1 s retransmit.
+pub fn bind_tcp(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(TCP_BACKLOG)
+}
+
+/// The TCP listen backlog asked for; Linux lowers it to `net.core.somaxconn` (4096 by default
+/// since 5.4). The Unix socket's is `somaxconn` already (mio listens with -1).
+pub const TCP_BACKLOG: u32 = 4096;
+
 /// Accepts Unix connections until `stop` flips; connection tasks go into `conns`.
 pub async fn accept_unix(
     l: UnixListener,
@@ -508,6 +527,34 @@ pub async fn accept_tcp(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: the TCP listener queued 128 connections (tokio's default), so the 129th
+    /// client of a burst waited for a 1 s SYN retransmit before the daemon could even accept
+    /// it (the hardening test's health check took 1.02 s). 600 connections to a listener that
+    /// accepts none must all complete their handshake at once.
+    #[test]
+    fn the_tcp_listener_queues_a_burst_of_connections() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _rt = rt.enter();
+        let l = bind_tcp("127.0.0.1:0".parse().unwrap()).expect("bind");
+        let addr = l.local_addr().unwrap();
+        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(4096);
+        let n = 600.min(somaxconn);
+        let mut held = Vec::new();
+        for i in 0..n {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+                Ok(s) => held.push(s),
+                Err(e) => panic!("connection {i} of {n} not queued: {e}"),
+            }
+        }
+        drop(l);
+    }
 
     #[test]
     fn loopback_hosts() {

@@ -287,9 +287,7 @@ async fn run(args: Settings) -> anyhow::Result<()> {
     let tcp = match (&args.listen, &args.token_file) {
         (Some(addr), Some(tf)) => {
             let token: Arc<str> = listen::read_token(tf)?.into();
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding {addr}"))?;
+            let l = listen::bind_tcp(*addr).with_context(|| format!("binding {addr}"))?;
             tracing::info!("listening on tcp {addr} (bearer token required)");
             Some((l, token))
         }

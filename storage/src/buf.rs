@@ -23,6 +23,19 @@ pub struct AlignedBuf {
 /// Buffers at least this large are mapped rather than taken from the heap.
 const MAP_THRESHOLD: usize = 256 << 10;
 
+/// Mapped buffers at least this large (one x86-64 huge page) ask for transparent huge pages.
+pub const HUGE_PAGE: usize = 2 << 20;
+
+/// Whether large buffers ask the kernel for transparent huge pages (`madvise(MADV_HUGEPAGE)`):
+/// yes unless `STRATA_HUGEPAGES=0`. Weights are read once per token from end to end; with 4 KiB
+/// pages every page is a TLB miss and a page walk. Measured on an Intel Xeon (Emerald Rapids):
+/// gemma3-270m decode +6–12%, qwen2.5-coder-1.5b unchanged (bound by DRAM). Where the system
+/// sets THP to `never` the advice is ignored; with `always` it is the default anyway.
+pub fn huge_pages() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("STRATA_HUGEPAGES").is_none_or(|v| v != "0"))
+}
+
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Box<[u8]>; sharing `&AlignedBuf`
 // only hands out shared `&[u8]` views (writers through `as_ptr` synchronise themselves).
 unsafe impl Send for AlignedBuf {}
@@ -49,6 +62,12 @@ impl AlignedBuf {
             };
             if raw == libc::MAP_FAILED {
                 return Err(AllocError { bytes: len as u64 });
+            }
+            if size >= HUGE_PAGE && huge_pages() {
+                // Advice only: a kernel without THP (or with it set to `never`) says EINVAL or
+                // ignores it, and the buffer works the same with small pages.
+                // SAFETY: advice on the mapping just made, within its length.
+                unsafe { libc::madvise(raw, size, libc::MADV_HUGEPAGE) };
             }
             let ptr = NonNull::new(raw.cast()).ok_or(AllocError { bytes: len as u64 })?;
             return Ok(Self {
@@ -106,5 +125,53 @@ impl Drop for AlignedBuf {
                 );
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `smaps` entry of the mapping that holds `p`: its header and fields.
+    fn smaps_of(p: *const u8) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+        let holds = |l: &str| {
+            let range = l.split_whitespace().next().unwrap_or("");
+            let Some((a, b)) = range.split_once('-') else {
+                return false;
+            };
+            match (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                (Ok(a), Ok(b)) => (a..b).contains(&(p as usize)),
+                _ => false,
+            }
+        };
+        // A header is the only kind of line whose first word is not `Name:`.
+        let header = |l: &str| !l.split_whitespace().next().unwrap_or(":").ends_with(':');
+        let mut lines = smaps.lines().skip_while(|l| !(header(l) && holds(l)));
+        let mut out: Vec<&str> = lines.next().into_iter().collect();
+        out.extend(lines.take_while(|l| !header(l)));
+        out.join("\n")
+    }
+
+    /// Large buffers carry the huge-page advice (`hg` in the mapping's flags), small mapped
+    /// ones do not; both read back as zeroes and take writes.
+    #[test]
+    fn large_buffers_ask_for_huge_pages() {
+        assert!(huge_pages(), "STRATA_HUGEPAGES is not 0 in the tests");
+        let mut big = AlignedBuf::zeroed(3 * HUGE_PAGE + 12345).unwrap();
+        let small = AlignedBuf::zeroed(HUGE_PAGE / 2).unwrap();
+        assert!(big.as_slice().iter().all(|&b| b == 0));
+        big.as_mut_slice().fill(7);
+        let flags = |b: &AlignedBuf| {
+            let s = smaps_of(b.as_ptr());
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmFlags:"))
+                .unwrap_or_else(|| panic!("no VmFlags for the mapping at {:p}:\n{s}", b.as_ptr()))
+                .split_whitespace()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert!(flags(&big).iter().any(|f| f == "hg"), "{:?}", flags(&big));
+        assert!(!flags(&small).iter().any(|f| f == "hg"), "{:?}", flags(&small));
     }
 }

@@ -615,18 +615,26 @@ fn run_test(
 
 /// `(threads, bytes per second)` for 1 thread and each requested count.
 fn measure_membw(thread_counts: &[usize]) -> anyhow::Result<Vec<(usize, f64)>> {
-    let words = (2usize << 30) / 8;
-    let mut buf: Vec<u64> = Vec::new();
-    buf.try_reserve_exact(words)
-        .context("allocating 2 GiB to measure memory bandwidth")?;
-    buf.extend((0..words as u64).map(|i| i.wrapping_mul(0x9E37_79B9)));
+    // The kind of memory the weights live in (`AlignedBuf`: huge pages where the system
+    // allows), so the percentage of it that decode reads compares like with like.
+    let bytes = 2usize << 30;
+    let mem = strata_storage::buf::AlignedBuf::zeroed(bytes)
+        .map_err(|e| anyhow::anyhow!("allocating 2 GiB to measure memory bandwidth: {e}"))?;
+    // SAFETY: the buffer is 4 KiB-aligned, `bytes` long, zeroed (a valid u64 for every 8
+    // bytes) and owned here for as long as `buf` is used.
+    let buf: &mut [u64] =
+        unsafe { std::slice::from_raw_parts_mut(mem.as_ptr().cast::<u64>(), bytes / 8) };
+    for (i, w) in buf.iter_mut().enumerate() {
+        *w = (i as u64).wrapping_mul(0x9E37_79B9);
+    }
+    let buf = &*buf;
     let mut counts = vec![1];
     counts.extend(thread_counts.iter().copied().filter(|&t| t != 1));
     Ok(counts
         .into_iter()
         .map(|t| {
             let pool = ThreadPool::new(t);
-            (t, strata_simd::membw::read_bandwidth(&pool, &buf, 5))
+            (t, strata_simd::membw::read_bandwidth(&pool, buf, 5))
         })
         .collect())
 }

@@ -23,17 +23,26 @@ pub struct AlignedBuf {
 /// Buffers at least this large are mapped rather than taken from the heap.
 const MAP_THRESHOLD: usize = 256 << 10;
 
-/// Mapped buffers at least this large (one x86-64 huge page) ask for transparent huge pages.
+/// [`AlignedBuf::zeroed_huge`] buffers at least this large (one x86-64 huge page) ask for
+/// transparent huge pages.
 pub const HUGE_PAGE: usize = 2 << 20;
 
-/// Whether large buffers ask the kernel for transparent huge pages (`madvise(MADV_HUGEPAGE)`):
-/// yes unless `STRATA_HUGEPAGES=0`. Weights are read once per token from end to end; with 4 KiB
-/// pages every page is a TLB miss and a page walk. Measured on an Intel Xeon (Emerald Rapids):
-/// gemma3-270m decode +6–12%, qwen2.5-coder-1.5b unchanged (bound by DRAM). Where the system
-/// sets THP to `never` the advice is ignored; with `always` it is the default anyway.
+/// Whether [`AlignedBuf::zeroed_huge`] asks the kernel for transparent huge pages
+/// (`madvise(MADV_HUGEPAGE)`): only with `STRATA_HUGEPAGES=1`. Resident weights are read from
+/// end to end every token, and with 4 KiB pages every page is a TLB miss. On an Intel Xeon
+/// (Emerald Rapids, 260 MiB L3) huge pages raised gemma3-270m decode by 4–12% (its weights
+/// mostly stay in that L3) and qwen2.5-coder-1.5b's by 0–4% (bound by DRAM), but a load took
+/// 0.2–0.6 s longer per GiB (the kernel zeroes each 2 MiB page at first touch; with 4 KiB pages
+/// most of that was not seen) and a `--ram-budget 50%` load of qwen 1.6–1.7 s instead of 0.6.
+/// A gain that small does not pay for that by default.
 pub fn huge_pages() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("STRATA_HUGEPAGES").is_none_or(|v| v != "0"))
+    *ON.get_or_init(|| huge_pages_from(std::env::var_os("STRATA_HUGEPAGES").as_deref()))
+}
+
+/// `STRATA_HUGEPAGES`'s value read: on only for `1`.
+fn huge_pages_from(v: Option<&std::ffi::OsStr>) -> bool {
+    v.is_some_and(|v| v == "1")
 }
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Box<[u8]>; sharing `&AlignedBuf`
@@ -47,6 +56,18 @@ impl AlignedBuf {
 
     /// A zeroed buffer of `len` bytes; fails instead of aborting when memory is short.
     pub fn zeroed(len: usize) -> Result<Self, AllocError> {
+        Self::alloc(len, false)
+    }
+
+    /// As [`AlignedBuf::zeroed`], in transparent huge pages where the system grants them
+    /// ([`huge_pages`]): for what stays for the process's life and is read end to end (the
+    /// resident weights). Not for buffers that come and go or fill by disk reads (stream slots,
+    /// the expert cache, KV pages), which gain nothing in a decode bound by the disk.
+    pub fn zeroed_huge(len: usize) -> Result<Self, AllocError> {
+        Self::alloc(len, huge_pages())
+    }
+
+    fn alloc(len: usize, huge: bool) -> Result<Self, AllocError> {
         let size = len.max(1).next_multiple_of(Self::ALIGN);
         if size >= MAP_THRESHOLD {
             // SAFETY: a fresh private anonymous mapping; the result is checked before use.
@@ -63,7 +84,7 @@ impl AlignedBuf {
             if raw == libc::MAP_FAILED {
                 return Err(AllocError { bytes: len as u64 });
             }
-            if size >= HUGE_PAGE && huge_pages() {
+            if huge && size >= HUGE_PAGE {
                 // Advice only: a kernel without THP (or with it set to `never`) says EINVAL or
                 // ignores it, and the buffer works the same with small pages.
                 // SAFETY: advice on the mapping just made, within its length.
@@ -153,13 +174,13 @@ mod tests {
         out.join("\n")
     }
 
-    /// Large buffers carry the huge-page advice (`hg` in the mapping's flags), small mapped
-    /// ones do not; both read back as zeroes and take writes.
+    /// Large buffers asked for in huge pages carry the advice (`hg` in the mapping's flags);
+    /// small ones and `zeroed` ones do not; all read back as zeroes and take writes.
     #[test]
     fn large_buffers_ask_for_huge_pages() {
-        assert!(huge_pages(), "STRATA_HUGEPAGES is not 0 in the tests");
-        let mut big = AlignedBuf::zeroed(3 * HUGE_PAGE + 12345).unwrap();
-        let small = AlignedBuf::zeroed(HUGE_PAGE / 2).unwrap();
+        let mut big = AlignedBuf::alloc(3 * HUGE_PAGE + 12345, true).unwrap();
+        let small = AlignedBuf::alloc(HUGE_PAGE / 2, true).unwrap();
+        let plain = AlignedBuf::zeroed(3 * HUGE_PAGE).unwrap();
         assert!(big.as_slice().iter().all(|&b| b == 0));
         big.as_mut_slice().fill(7);
         let flags = |b: &AlignedBuf| {
@@ -173,5 +194,15 @@ mod tests {
         };
         assert!(flags(&big).iter().any(|f| f == "hg"), "{:?}", flags(&big));
         assert!(!flags(&small).iter().any(|f| f == "hg"), "{:?}", flags(&small));
+        assert!(!flags(&plain).iter().any(|f| f == "hg"), "{:?}", flags(&plain));
+    }
+
+    #[test]
+    fn huge_pages_are_asked_for_only_with_strata_hugepages_1() {
+        use std::ffi::OsStr;
+        assert!(huge_pages_from(Some(OsStr::new("1"))));
+        for v in [None, Some("0"), Some(""), Some("yes")] {
+            assert!(!huge_pages_from(v.map(OsStr::new)), "{v:?}");
+        }
     }
 }

@@ -615,10 +615,10 @@ fn run_test(
 
 /// `(threads, bytes per second)` for 1 thread and each requested count.
 fn measure_membw(thread_counts: &[usize]) -> anyhow::Result<Vec<(usize, f64)>> {
-    // The kind of memory the weights live in (`AlignedBuf`: huge pages where the system
-    // allows), so the percentage of it that decode reads compares like with like.
+    // The kind of memory resident weights live in (`AlignedBuf::zeroed_huge`: huge pages with
+    // STRATA_HUGEPAGES=1), so the percentage of it that decode reads compares like with like.
     let bytes = 2usize << 30;
-    let mem = strata_storage::buf::AlignedBuf::zeroed(bytes)
+    let mem = strata_storage::buf::AlignedBuf::zeroed_huge(bytes)
         .map_err(|e| anyhow::anyhow!("allocating 2 GiB to measure memory bandwidth: {e}"))?;
     // SAFETY: the buffer is 4 KiB-aligned, `bytes` long, zeroed (a valid u64 for every 8
     // bytes) and owned here for as long as `buf` is used.

@@ -568,7 +568,7 @@ fn plan_tensors(
 
 /// The plan's resident set, read as its merged extents into one aligned buffer.
 fn read_hot(reader: &Reader, plan: &plan::Plan) -> Result<AlignedBuf, ResidencyError> {
-    let mut hot = AlignedBuf::zeroed(usize_of(plan.hot_bytes)?)
+    let mut hot = AlignedBuf::zeroed_huge(usize_of(plan.hot_bytes)?)
         .map_err(|e| ResidencyError::Alloc { bytes: e.bytes })?;
     let mut reqs = Vec::with_capacity(plan.hot.len());
     let mut rest = hot.as_mut_slice();

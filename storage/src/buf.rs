@@ -193,8 +193,16 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert!(flags(&big).iter().any(|f| f == "hg"), "{:?}", flags(&big));
-        assert!(!flags(&small).iter().any(|f| f == "hg"), "{:?}", flags(&small));
-        assert!(!flags(&plain).iter().any(|f| f == "hg"), "{:?}", flags(&plain));
+        assert!(
+            !flags(&small).iter().any(|f| f == "hg"),
+            "{:?}",
+            flags(&small)
+        );
+        assert!(
+            !flags(&plain).iter().any(|f| f == "hg"),
+            "{:?}",
+            flags(&plain)
+        );
     }
 
     #[test]

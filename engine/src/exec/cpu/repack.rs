@@ -167,7 +167,8 @@ pub(crate) fn choose_decode(
                 usize::MAX
             };
             // Kept for every later load, the choice is measured once per machine: two rounds
-            // of every candidate (about 2 s over 256 MiB; the 5% margin a candidate must win
+            // of every candidate (about 1.3 s for qwen2.5-coder-1.5b's two types over 64 MiB
+            // flushed from the caches each pass; the 5% margin a candidate must win
             // by keeps noise from replacing the default).
             let reps = if memory.is_some() { 2 } else { 4 };
             let m = tune::measure(&pools, &types, reps, kernels || memory.is_some(), cap);

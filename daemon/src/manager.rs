@@ -209,7 +209,7 @@ impl Residency {
         };
         let mut opts = settings.options(file_bytes, &SettingNames::KEYS, &env)?;
         // The decode kernels a first load measures, kept in the store for every later one.
-        opts.decode_memory = Store::open_default().ok().map(|s| s.root().join("decode"));
+        opts.decode_memory = Store::open_default().ok().map(|s| s.decode_dir());
         Ok(opts)
     }
 }

@@ -8,8 +8,9 @@
 //! the 512-bit interleaved kernels measured slower than the row kernels at 256 bits, while on
 //! Intel's server cores they are the fastest. [`measure`] times every candidate the CPU can
 //! run on matrices that stream from DRAM (flushed from the caches before each pass, or at
-//! least twice the last-level cache), as decode does, alternating the candidates and keeping each one's best pass. [`set`] makes a choice
-//! the process's; until then [`current`] is [`Tuning::default_for`] the SIMD level.
+//! least twice the last-level cache), as decode does, alternating the candidates and keeping
+//! each one's best pass. [`set`] makes a choice the process's; until then [`current`] is
+//! [`Tuning::default_for`] the SIMD level.
 //!
 //! The layout is the same bytes for both widths, so the width (and the prefetch distance) can
 //! change at any time; whether a matrix is interleaved at all is decided when it is loaded

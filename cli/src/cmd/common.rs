@@ -288,7 +288,7 @@ impl LoadArgs {
 /// Where the model store keeps this machine's measured decode kernels (see
 /// `ModelOptions::decode_memory`); none when there is no store.
 pub fn decode_memory() -> Option<std::path::PathBuf> {
-    Store::open_default().ok().map(|s| s.root().join("decode"))
+    Store::open_default().ok().map(|s| s.decode_dir())
 }
 
 pub fn load_with(spec: &str, threads_req: Option<usize>, how: &LoadArgs) -> anyhow::Result<Loaded> {

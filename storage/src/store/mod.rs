@@ -123,6 +123,12 @@ impl Store {
         &self.root
     }
 
+    /// Where this machine keeps the decode kernels a first load measured (a file per CPU and
+    /// SIMD level; `ModelOptions::decode_memory` in the engine).
+    pub fn decode_dir(&self) -> PathBuf {
+        self.root.join("decode")
+    }
+
     fn models_dir(&self) -> PathBuf {
         self.root.join("models")
     }

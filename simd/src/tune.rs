@@ -97,6 +97,13 @@ pub const TYPES: [GgmlType; N_TYPES] = [
 /// How many [`TYPES`] there are.
 pub const N_TYPES: usize = 10;
 
+/// The revision of the interleaved kernels' memory behaviour, kept with every stored choice
+/// (`strata calibrate`'s, and the one a first load keeps for later loads): a choice measured
+/// under another revision is measured again, since a change in how the kernels read memory
+/// can move the best prefetch distance or kernel. 1: each tile block's prefetches issued at
+/// its start (choices stored before the revision was kept); 2: spread over its sub-blocks.
+pub const REVISION: u32 = 2;
+
 /// The prefetch distance the interleaved kernels used before it was measured: two Q4_K tile
 /// blocks.
 pub const DEFAULT_PREFETCH: usize = 4608;

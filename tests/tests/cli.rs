@@ -360,11 +360,12 @@ fn calibrated_decode_kernels_are_taken_on_the_same_cpu_only() {
     use strata_engine::plan::calibrate::cpu_id;
     use strata_engine::plan::profile::{DecodeProfile, shipped};
     let dir = tempfile::tempdir().expect("tempdir");
-    let write = |name: &str, cpu: &str, kernels: &str| {
+    let write_at = |name: &str, cpu: &str, kernels: &str, revision: u32| {
         let p = HwProfile {
             decode: Some(DecodeProfile {
                 cpu: cpu.into(),
                 kernels: kernels.into(),
+                revision,
             }),
             ..shipped("cpu-2core").expect("shipped profile")
         };
@@ -372,9 +373,14 @@ fn calibrated_decode_kernels_are_taken_on_the_same_cpu_only() {
         std::fs::write(&path, p.to_toml()).expect("write profile");
         path
     };
+    let write = |name: &str, cpu: &str, kernels: &str| {
+        write_at(name, cpu, kernels, strata_simd::tune::REVISION)
+    };
     let run = |hw: &std::path::Path| {
         Command::new(strata_bin())
             .env("STRATA_LOG", "info")
+            // A store of its own: a choice measured here must not land in the user's.
+            .env("STRATA_HOME", dir.path())
             .env_remove("STRATA_DECODE")
             .args(["run", "-m", model_path(GEMMA).to_str().expect("utf-8 path")])
             .args([
@@ -418,6 +424,20 @@ fn calibrated_decode_kernels_are_taken_on_the_same_cpu_only() {
     assert!(out.status.success(), "stderr: {err}");
     assert!(
         err.contains("not on this CPU") && err.contains("not used"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("decode kernels from `strata calibrate`"),
+        "{err}"
+    );
+
+    // Measured on this CPU by kernels that read memory otherwise (an older strata): measured
+    // again rather than taken.
+    let out = run(&write_at("old.toml", &cpu_id(), kernels, 1));
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "stderr: {err}");
+    assert!(
+        err.contains("revision 1 of the decode kernels") && err.contains("not used"),
         "{err}"
     );
     assert!(

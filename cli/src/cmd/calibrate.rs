@@ -80,10 +80,7 @@ pub fn exec(a: Args) -> anyhow::Result<()> {
             read_gbs,
         },
         gpu,
-        decode: Some(DecodeProfile {
-            cpu: cpu_id(),
-            kernels: m.tuning.summary(),
-        }),
+        decode: Some(DecodeProfile::measured(cpu_id(), &m.tuning)),
     };
     let text = p.to_toml();
     let out = match a.output {

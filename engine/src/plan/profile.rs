@@ -39,12 +39,45 @@ pub struct DecodeProfile {
     pub cpu: String,
     /// `Q4_K=interleaved256/4608 Q6_K=rows …` ([`strata_simd::tune::Tuning::summary`]).
     pub kernels: String,
+    /// The kernels' revision they were measured with ([`strata_simd::tune::REVISION`]; 1 in
+    /// files written before it was kept). Another revision's choice is measured again.
+    #[serde(default = "first_revision")]
+    pub revision: u32,
+}
+
+fn first_revision() -> u32 {
+    1
 }
 
 /// The largest decode memory file read (a few hundred bytes are written).
 const DECODE_FILE_MAX: u64 = 64 << 10;
 
 impl DecodeProfile {
+    /// A choice measured now on the CPU `cpu` names, by this build's kernels.
+    pub fn measured(cpu: String, tuning: &strata_simd::tune::Tuning) -> Self {
+        DecodeProfile {
+            cpu,
+            kernels: tuning.summary(),
+            revision: strata_simd::tune::REVISION,
+        }
+    }
+
+    /// Why this choice does not apply to the CPU `cpu` names with this build's kernels, if it
+    /// does not: measured on another CPU, or by another revision of the kernels.
+    pub fn mismatch(&self, cpu: &str) -> Option<String> {
+        if self.cpu != cpu {
+            Some(format!("measured on {}, not on this CPU ({cpu})", self.cpu))
+        } else if self.revision != strata_simd::tune::REVISION {
+            Some(format!(
+                "measured with revision {} of the decode kernels (this build has {})",
+                self.revision,
+                strata_simd::tune::REVISION
+            ))
+        } else {
+            None
+        }
+    }
+
     /// The file in `dir` that keeps the choice for the CPU `cpu` names
     /// ([`crate::plan::calibrate::cpu_id`]): one per CPU and SIMD level, so that runs at
     /// another level (`STRATA_SIMD`) or on another machine sharing the directory keep theirs.
@@ -84,8 +117,8 @@ impl DecodeProfile {
 
     /// Keeps this choice at `path` for later loads, unless one for the same CPU got there
     /// first (two processes measuring at once): returns the choice the file holds after, which
-    /// every process on the CPU then runs. A file for another CPU, or one that cannot be read,
-    /// is replaced. The file is written whole before it appears (a link of a finished
+    /// every process on the CPU then runs. A file for another CPU or kernel revision, or one
+    /// that cannot be read, is replaced. The file is written whole before it appears (a link of a finished
     /// temporary file), so a reader never sees half of one.
     pub fn remember(&self, path: &std::path::Path) -> Result<DecodeProfile, String> {
         let shown = path.display();
@@ -101,7 +134,7 @@ impl DecodeProfile {
         let kept = match std::fs::hard_link(&tmp, path) {
             Ok(()) => Ok(self.clone()),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match Self::recall(path) {
-                Ok(Some(d)) if d.cpu == self.cpu => Ok(d),
+                Ok(Some(d)) if d.cpu == self.cpu && d.revision == self.revision => Ok(d),
                 _ => std::fs::rename(&tmp, path)
                     .map(|()| self.clone())
                     .map_err(|e| format!("{shown}: {e}")),

@@ -435,6 +435,7 @@ fn a_profile_keeps_the_decode_kernels_calibrate_chose() {
     p.decode = Some(profile::DecodeProfile {
         cpu: "Some CPU (avx2)".into(),
         kernels: "Q4_K=rows Q6_K=interleaved256/9216".into(),
+        revision: strata_simd::tune::REVISION,
     });
     let back = HwProfile::from_toml(&p.to_toml()).expect("round trip");
     assert_eq!(back, p);
@@ -464,6 +465,7 @@ fn the_decode_memory_file_keeps_the_first_choice_for_a_cpu() {
     let mine = DecodeProfile {
         cpu: "CPU A (avx512vnni)".into(),
         kernels: "Q4_K=interleaved256/4608 Q6_K=rows".into(),
+        revision: strata_simd::tune::REVISION,
     };
     assert_eq!(mine.remember(&path), Ok(mine.clone()));
     assert_eq!(DecodeProfile::recall(&path), Ok(Some(mine.clone())));
@@ -477,9 +479,31 @@ fn the_decode_memory_file_keeps_the_first_choice_for_a_cpu() {
     let other = DecodeProfile {
         cpu: "CPU B (avx2)".into(),
         kernels: "Q4_K=rows".into(),
+        ..mine.clone()
     };
     assert_eq!(other.remember(&path), Ok(other.clone()));
     assert_eq!(DecodeProfile::recall(&path), Ok(Some(other.clone())));
+    // A choice this CPU's older kernels measured (a file from before the revision was kept):
+    // read as revision 1, not applied, and replaced by the next choice kept.
+    std::fs::write(
+        &path,
+        "cpu = \"CPU A (avx512vnni)\"\nkernels = \"Q4_K=rows\"\n",
+    )
+    .expect("write");
+    let old = DecodeProfile::recall(&path)
+        .expect("read")
+        .expect("a choice");
+    assert_eq!(old.revision, 1);
+    assert_eq!(mine.mismatch(&mine.cpu), None);
+    let why = old.mismatch(&mine.cpu).expect("older kernels");
+    assert!(why.contains("revision 1"), "{why}");
+    assert_eq!(mine.remember(&path), Ok(mine.clone()));
+    assert!(
+        other
+            .mismatch(&mine.cpu)
+            .expect("another CPU")
+            .contains("CPU B")
+    );
     // A malformed file: named in the error when read, replaced when a choice is kept.
     std::fs::write(&path, "cpu = \"CPU A\"\nkernels = \"Q4_K=fastest\"\n").expect("write");
     let e = DecodeProfile::recall(&path).expect_err("malformed");

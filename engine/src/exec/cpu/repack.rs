@@ -106,11 +106,10 @@ pub(crate) fn choose_decode(
             // asked for a new measurement), so every process runs the measured kernels.
             if let (false, Some(d)) = (kernels, stored) {
                 let here = cpu_id();
-                if d.cpu != here {
+                if let Some(why) = d.mismatch(&here) {
                     tracing::info!(
-                        "the hardware profile's decode kernels were chosen on {}, not on this \
-                         CPU ({here}): not used",
-                        d.cpu
+                        "the hardware profile's decode kernels were {why}: not used (`strata \
+                         calibrate` measures them again)"
                     );
                 } else {
                     match d.tuning(tune::current()) {
@@ -133,7 +132,7 @@ pub(crate) fn choose_decode(
             let memory = memory.as_deref();
             if let Some(path) = memory {
                 match DecodeProfile::recall(path) {
-                    Ok(Some(d)) if d.cpu == here => match d.tuning(tune::current()) {
+                    Ok(Some(d)) if d.mismatch(&here).is_none() => match d.tuning(tune::current()) {
                         Ok(t) => {
                             tracing::info!(
                                 "decode kernels from {} (measured on this CPU at an earlier \
@@ -147,9 +146,9 @@ pub(crate) fn choose_decode(
                         Err(e) => tracing::warn!("{}: {e}: measured again", path.display()),
                     },
                     Ok(Some(d)) => tracing::info!(
-                        "{} holds the decode kernels of another CPU ({}): measured again",
+                        "{} holds decode kernels {}: measured again",
                         path.display(),
-                        d.cpu
+                        d.mismatch(&here).unwrap_or_default()
                     ),
                     Ok(None) => {}
                     Err(e) => tracing::warn!("{e}: measured again"),
@@ -181,10 +180,7 @@ pub(crate) fn choose_decode(
             );
             let mut tuning = m.tuning;
             if let Some(path) = memory {
-                let mine = DecodeProfile {
-                    cpu: here,
-                    kernels: tuning.summary(),
-                };
+                let mine = DecodeProfile::measured(here, &tuning);
                 match mine.remember(path) {
                     Ok(kept) if kept == mine => tracing::info!(
                         "decode kernels kept in {} for later loads: {}",

@@ -16,7 +16,7 @@
 use std::arch::x86_64::*;
 
 use super::avx2;
-use super::interleaved::prefetch;
+use super::interleaved::{prefetch, prefetch_part};
 
 use crate::matmul::interleave::{
     Nibbles, Q4K_TILE_BLOCK, Q5_0_HIGH, Q5_0_TILE_BLOCK, Q6K_TILE_BLOCK, Q8_0_TILE_BLOCK, q6k_high,
@@ -279,7 +279,6 @@ pub(crate) unsafe fn q4k<const NT: usize>(
     let m4 = _mm256_set1_epi8(0xF);
     let mut acc = [[_mm256_setzero_ps(); NT]; 2];
     for b in 0..nb {
-        prefetch_ahead(tile, b, Q4K_TILE_BLOCK, ahead);
         // SAFETY: block b of the tile and of every token's activations is in bounds (caller);
         // every offset below stays inside them.
         unsafe {
@@ -291,6 +290,9 @@ pub(crate) unsafe fn q4k<const NT: usize>(
             let mut isum = [[_mm256_setzero_si256(); NT]; 2];
             for h in 0..2 {
                 for s in 0..8 {
+                    if h == 0 {
+                        prefetch_part::<NT>(x, Q4K_TILE_BLOCK, ahead, s, 8);
+                    }
                     let g0 = x.add(256 + 256 * s + 32 * h);
                     let scale = if h == 0 {
                         per_row_u8::<0>(sc[s])
@@ -390,7 +392,6 @@ pub(crate) unsafe fn q6k<const NT: usize>(
 ) {
     let mut acc = [[_mm256_setzero_ps(); NT]; 2];
     for b in 0..nb {
-        prefetch_ahead(tile, b, Q6K_TILE_BLOCK, ahead);
         // SAFETY: block b of the tile and of every token's activations is in bounds (caller);
         // every offset below stays inside them.
         unsafe {
@@ -402,6 +403,9 @@ pub(crate) unsafe fn q6k<const NT: usize>(
             // block from L1): one half's sums for 4 tokens fit the 16 registers, both did not.
             for h in 0..2 {
                 for s in 0..16 {
+                    if h == 0 {
+                        prefetch_part::<NT>(x, Q6K_TILE_BLOCK, ahead, s, 16);
+                    }
                     let sc = _mm_loadu_si128(x.add(q6k_scales(s)).cast());
                     let scale = if h == 0 {
                         per_row_i8::<0>(sc)

@@ -13,9 +13,9 @@
 
 use std::arch::x86_64::*;
 
+use super::interleaved::prefetch_part;
 use super::interleaved_avx2::{
-    Q8K_BLOCK, bcast4, f16_rows, k4_block_end, k4_scales, load, per_row_i8, per_row_u8,
-    prefetch_ahead, store,
+    Q8K_BLOCK, bcast4, f16_rows, k4_block_end, k4_scales, load, per_row_i8, per_row_u8, store,
 };
 use crate::matmul::interleave::kq::{
     Q2K_PARTS, Q2K_SUB, Q2K_TILE_BLOCK, Q3K_PARTS, Q3K_SCALES, Q3K_SUB, Q3K_TILE_BLOCK, Q5K_PARTS,
@@ -58,7 +58,6 @@ pub(crate) unsafe fn q5k<const NT: usize>(
     let m16 = _mm256_set1_epi8(0x10);
     let mut acc = [[_mm256_setzero_ps(); NT]; 2];
     for b in 0..nb {
-        prefetch_ahead(tile, b, Q5K_TILE_BLOCK, ahead);
         // SAFETY: block b of the tile and of every token's activations is in bounds (caller);
         // every offset below stays inside them.
         unsafe {
@@ -67,6 +66,7 @@ pub(crate) unsafe fn q5k<const NT: usize>(
             let y = act.add(b * Q8K_BLOCK);
             let mut isum = [[_mm256_setzero_si256(); NT]; 2];
             for s in 0..8 {
+                prefetch_part::<NT>(x, Q5K_TILE_BLOCK, ahead, s, 8);
                 let part = x.add(Q5K_PARTS + Q5K_SUB * s);
                 let scale = [per_row_u8::<0>(sc[s]), per_row_u8::<1>(sc[s])];
                 for h in 0..2 {
@@ -152,7 +152,6 @@ pub(crate) unsafe fn q3k<const NT: usize>(
     let m4 = _mm256_set1_epi8(4);
     let mut acc = [[_mm256_setzero_ps(); NT]; 2];
     for b in 0..nb {
-        prefetch_ahead(tile, b, Q3K_TILE_BLOCK, ahead);
         // SAFETY: block b of the tile and of every token's activations is in bounds (caller);
         // every offset below stays inside them.
         unsafe {
@@ -161,6 +160,7 @@ pub(crate) unsafe fn q3k<const NT: usize>(
             let mut isum = [[_mm256_setzero_si256(); NT]; 2];
             let mut corr = [[_mm256_setzero_si256(); NT]; 2];
             for p in 0..8 {
+                prefetch_part::<NT>(x, Q3K_TILE_BLOCK, ahead, p, 8);
                 let part = x.add(Q3K_PARTS + Q3K_SUB * p);
                 let sc = [
                     q3k_scale(x.add(Q3K_SCALES), 2 * p),
@@ -253,7 +253,6 @@ pub(crate) unsafe fn q2k<const NT: usize>(
     let m15 = _mm_set1_epi8(15);
     let mut acc = [[_mm256_setzero_ps(); NT]; 2];
     for b in 0..nb {
-        prefetch_ahead(tile, b, Q2K_TILE_BLOCK, ahead);
         // SAFETY: block b of the tile and of every token's activations is in bounds (caller);
         // every offset below stays inside them.
         unsafe {
@@ -263,6 +262,7 @@ pub(crate) unsafe fn q2k<const NT: usize>(
             let mut corr = [[_mm256_setzero_si256(); NT]; 2];
             let mut prev = _mm_setzero_si128();
             for s in 0..16 {
+                prefetch_part::<NT>(x, Q2K_TILE_BLOCK, ahead, s, 16);
                 let part = x.add(Q2K_PARTS + Q2K_SUB * s);
                 let sm = _mm_loadu_si128(part.cast());
                 let sc = _mm_and_si128(sm, m15);

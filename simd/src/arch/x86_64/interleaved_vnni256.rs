@@ -20,6 +20,7 @@ macro_rules! vnni256_kernels {
             use std::arch::x86_64::*;
 
             use super::super::avx2;
+            use super::super::interleaved::prefetch_part;
             use super::super::interleaved_avx2::{
                 Q8_0_ACT, Q8_1_ACT, Q8K_BLOCK, bcast4, f16_rows, k4_block_end_f32, k4_scales, load,
                 offset_sum, prefetch_ahead, q5_pair, q6k_quads, store,
@@ -75,7 +76,6 @@ macro_rules! vnni256_kernels {
                 let m4 = _mm256_set1_epi8(0xF);
                 let mut acc = [[_mm256_setzero_ps(); NT]; 2];
                 for b in 0..nb {
-                    prefetch_ahead(tile, b, Q4K_TILE_BLOCK, ahead);
                     // SAFETY: block b of the tile and of every token's activations is in
                     // bounds (caller); every offset below stays inside them.
                     unsafe {
@@ -85,6 +85,9 @@ macro_rules! vnni256_kernels {
                         let mut accb = [[_mm256_setzero_ps(); NT]; 2];
                         for h in 0..2 {
                             for s in 0..8 {
+                                if h == 0 {
+                                    prefetch_part::<NT>(x, Q4K_TILE_BLOCK, ahead, s, 8);
+                                }
                                 let g0 = x.add(256 + 256 * s + 32 * h);
                                 let scf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(half(sc[s], h)));
                                 let mut dot = [_mm256_setzero_si256(); NT];
@@ -137,7 +140,6 @@ macro_rules! vnni256_kernels {
                 let m16 = _mm256_set1_epi8(0x10);
                 let mut acc = [[_mm256_setzero_ps(); NT]; 2];
                 for b in 0..nb {
-                    prefetch_ahead(tile, b, Q5K_TILE_BLOCK, ahead);
                     // SAFETY: block b of the tile and of every token's activations is in
                     // bounds (caller); every offset below stays inside them.
                     unsafe {
@@ -147,6 +149,9 @@ macro_rules! vnni256_kernels {
                         let mut accb = [[_mm256_setzero_ps(); NT]; 2];
                         for h in 0..2 {
                             for s in 0..8 {
+                                if h == 0 {
+                                    prefetch_part::<NT>(x, Q5K_TILE_BLOCK, ahead, s, 8);
+                                }
                                 let part = x.add(Q5K_PARTS + Q5K_SUB * s);
                                 let hb = load(part.add(32 * h));
                                 let scf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(half(sc[s], h)));
@@ -209,7 +214,6 @@ macro_rules! vnni256_kernels {
                 let m4 = _mm256_set1_epi8(4);
                 let mut acc = [[_mm256_setzero_ps(); NT]; 2];
                 for b in 0..nb {
-                    prefetch_ahead(tile, b, Q3K_TILE_BLOCK, ahead);
                     // SAFETY: block b of the tile and of every token's activations is in
                     // bounds (caller); every offset below stays inside them.
                     unsafe {
@@ -219,6 +223,9 @@ macro_rules! vnni256_kernels {
                             let mut accb = [_mm256_setzero_ps(); NT];
                             let mut corr = [_mm256_setzero_si256(); NT];
                             for p in 0..8 {
+                                if h == 0 {
+                                    prefetch_part::<NT>(x, Q3K_TILE_BLOCK, ahead, p, 8);
+                                }
                                 let part = x.add(Q3K_PARTS + Q3K_SUB * p);
                                 let sc = [
                                     q3k_scale(x.add(Q3K_SCALES), 2 * p),
@@ -303,7 +310,6 @@ macro_rules! vnni256_kernels {
                 let m15 = _mm_set1_epi8(15);
                 let mut acc = [[_mm256_setzero_ps(); NT]; 2];
                 for b in 0..nb {
-                    prefetch_ahead(tile, b, Q2K_TILE_BLOCK, ahead);
                     // SAFETY: block b of the tile and of every token's activations is in
                     // bounds (caller); every offset below stays inside them.
                     unsafe {
@@ -314,6 +320,9 @@ macro_rules! vnni256_kernels {
                             let mut corr = [_mm256_setzero_si256(); NT];
                             let mut prev = _mm_setzero_si128();
                             for s in 0..16 {
+                                if h == 0 {
+                                    prefetch_part::<NT>(x, Q2K_TILE_BLOCK, ahead, s, 16);
+                                }
                                 let part = x.add(Q2K_PARTS + Q2K_SUB * s);
                                 let sm = _mm_loadu_si128(part.cast());
                                 let sc = _mm_and_si128(sm, m15);
@@ -394,7 +403,6 @@ macro_rules! vnni256_kernels {
             ) {
                 let mut acc = [[_mm256_setzero_ps(); NT]; 2];
                 for b in 0..nb {
-                    prefetch_ahead(tile, b, Q6K_TILE_BLOCK, ahead);
                     // SAFETY: block b of the tile and of every token's activations is in
                     // bounds (caller); every offset below stays inside them.
                     unsafe {
@@ -403,6 +411,9 @@ macro_rules! vnni256_kernels {
                         for h in 0..2 {
                             let mut accb = [_mm256_setzero_ps(); NT];
                             for s in 0..16 {
+                                if h == 0 {
+                                    prefetch_part::<NT>(x, Q6K_TILE_BLOCK, ahead, s, 16);
+                                }
                                 let sc = _mm_loadu_si128(x.add(q6k_scales(s)).cast());
                                 let scf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(half(sc, h)));
                                 let w0 = load(x.add(q6k_low(s) + 32 * h));

@@ -171,8 +171,16 @@ impl Tuning {
 
     /// One line for the logs: `Q4_K=interleaved256/4608 Q6_K=rows …` (choice/prefetch).
     pub fn summary(&self) -> String {
+        self.summary_of(&TYPES)
+    }
+
+    /// [`Tuning::summary`] of the types `types` names only (in [`TYPES`]' order).
+    pub fn summary_of(&self, types: &[GgmlType]) -> String {
         let mut s = Vec::new();
         for ((ty, d), p) in TYPES.iter().zip(self.decode).zip(self.prefetch) {
+            if !types.contains(ty) {
+                continue;
+            }
             s.push(match d {
                 Decode::Rows => format!("{ty}={}", d.name()),
                 _ => format!("{ty}={}/{p}", d.name()),

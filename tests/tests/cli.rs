@@ -525,4 +525,36 @@ fn the_first_load_keeps_its_measured_decode_kernels_for_later_loads() {
             .contains("Q4_K="),
         "replaced"
     );
+
+    // A choice kept by a load of another model names only that model's types (here Q4_K, as
+    // if qwen2.5 had come first without gemma's Q8_0 and Q5_0): this load measures the others
+    // and adds them, and the Q4_K choice stands.
+    let kept = std::fs::read_to_string(&file).expect("read");
+    let line = kept
+        .lines()
+        .find(|l| l.starts_with("kernels"))
+        .unwrap_or_else(|| panic!("no kernels line: {kept}"));
+    let q4k = line
+        .split(['"', ' '])
+        .find(|item| item.starts_with("Q4_K="))
+        .unwrap_or_else(|| panic!("no Q4_K: {line}"));
+    let partial = kept.replace(line, &format!("kernels = \"{q4k}\""));
+    std::fs::write(&file, &partial).expect("write");
+    let (fourth, log) = run();
+    assert!(
+        log.contains("names no decode kernels for") && log.contains("Q8_0"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("measured: Q4_K"),
+        "Q4_K measured again: {log}"
+    );
+    let merged = std::fs::read_to_string(&file).expect("read");
+    assert!(
+        merged.contains(&format!("\"{q4k} "))
+            && merged.contains("Q8_0=")
+            && merged.contains("Q5_0="),
+        "{merged}"
+    );
+    assert!(fourth.starts_with("The capital of France is"), "{fourth}");
 }

@@ -80,7 +80,11 @@ pub fn exec(a: Args) -> anyhow::Result<()> {
             read_gbs,
         },
         gpu,
-        decode: Some(DecodeProfile::measured(cpu_id(), &m.tuning)),
+        decode: Some(DecodeProfile::measured(
+            cpu_id(),
+            &m.tuning,
+            &strata_simd::tune::TYPES,
+        )),
     };
     let text = p.to_toml();
     let out = match a.output {

@@ -49,17 +49,34 @@ fn first_revision() -> u32 {
     1
 }
 
+/// The weight type an item of [`DecodeProfile::kernels`] (`Q4_K=rows`) names.
+fn item_type(item: &str) -> Option<GgmlType> {
+    let name = item.split_once('=').map_or(item, |(n, _)| n);
+    strata_simd::tune::TYPES
+        .into_iter()
+        .find(|ty| ty.to_string().eq_ignore_ascii_case(name))
+}
+
 /// The largest decode memory file read (a few hundred bytes are written).
 const DECODE_FILE_MAX: u64 = 64 << 10;
 
 impl DecodeProfile {
-    /// A choice measured now on the CPU `cpu` names, by this build's kernels.
-    pub fn measured(cpu: String, tuning: &strata_simd::tune::Tuning) -> Self {
+    /// A choice measured now on the CPU `cpu` names, by this build's kernels, for the weight
+    /// types `types` (those it names; a later load measures the others it meets).
+    pub fn measured(cpu: String, tuning: &strata_simd::tune::Tuning, types: &[GgmlType]) -> Self {
         DecodeProfile {
             cpu,
-            kernels: tuning.summary(),
+            kernels: tuning.summary_of(types),
             revision: strata_simd::tune::REVISION,
         }
+    }
+
+    /// The weight types this choice names, in its order.
+    pub fn types(&self) -> Vec<GgmlType> {
+        self.kernels
+            .split_whitespace()
+            .filter_map(item_type)
+            .collect()
     }
 
     /// Why this choice does not apply to the CPU `cpu` names with this build's kernels, if it
@@ -115,34 +132,55 @@ impl DecodeProfile {
         Ok(Some(d))
     }
 
-    /// Keeps this choice at `path` for later loads, unless one for the same CPU got there
-    /// first (two processes measuring at once): returns the choice the file holds after, which
-    /// every process on the CPU then runs. A file for another CPU or kernel revision, or one
-    /// that cannot be read, is replaced. The file is written whole before it appears (a link of a finished
-    /// temporary file), so a reader never sees half of one.
+    /// Keeps this choice at `path` for later loads and returns the choice the file holds
+    /// after, which every process on the CPU then runs. A type the file already names for this
+    /// CPU and kernel revision keeps the file's choice (another process measured it first);
+    /// the others are added to it. A file for another CPU or kernel revision, or one that
+    /// cannot be read, is replaced. Two processes keeping choices at once take turns (an
+    /// exclusive `flock` on the directory), and the file is written whole before it appears
+    /// (a rename of a finished temporary file), so a reader never sees half of one.
     pub fn remember(&self, path: &std::path::Path) -> Result<DecodeProfile, String> {
         let shown = path.display();
-        let text = toml::to_string_pretty(self).map_err(|e| format!("{shown}: {e}"))?;
         let dir = path.parent().unwrap_or(std::path::Path::new("."));
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let lock = std::fs::File::open(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        // SAFETY: flock on a descriptor this function owns; released when `lock` is closed.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(format!("locking {}: {e}", dir.display()));
+        }
+        let kept = match Self::recall(path) {
+            Ok(Some(d)) if d.cpu == self.cpu && d.revision == self.revision => {
+                let have = d.types();
+                let mut kernels = d.kernels.clone();
+                for item in self.kernels.split_whitespace() {
+                    if item_type(item).is_some_and(|ty| !have.contains(&ty)) {
+                        if !kernels.is_empty() {
+                            kernels.push(' ');
+                        }
+                        kernels.push_str(item);
+                    }
+                }
+                if kernels == d.kernels {
+                    return Ok(d);
+                }
+                DecodeProfile { kernels, ..d }
+            }
+            _ => self.clone(),
+        };
+        let text = toml::to_string_pretty(&kept).map_err(|e| format!("{shown}: {e}"))?;
         let name = path
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or("decode");
         let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-        std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        let kept = match std::fs::hard_link(&tmp, path) {
-            Ok(()) => Ok(self.clone()),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match Self::recall(path) {
-                Ok(Some(d)) if d.cpu == self.cpu && d.revision == self.revision => Ok(d),
-                _ => std::fs::rename(&tmp, path)
-                    .map(|()| self.clone())
-                    .map_err(|e| format!("{shown}: {e}")),
-            },
-            Err(e) => Err(format!("{shown}: {e}")),
-        };
-        let _ = std::fs::remove_file(&tmp);
-        kept
+        let written = std::fs::write(&tmp, text)
+            .map_err(|e| format!("{}: {e}", tmp.display()))
+            .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| format!("{shown}: {e}")));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written.map(|()| kept)
     }
 
     /// The choices over `base` (types not named keep `base`'s).

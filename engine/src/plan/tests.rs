@@ -475,6 +475,19 @@ fn the_decode_memory_file_keeps_the_first_choice_for_a_cpu() {
         ..mine.clone()
     };
     assert_eq!(late.remember(&path), Ok(mine.clone()));
+    // A later model's other types are added to the choice; the types it names keep theirs.
+    let more = DecodeProfile {
+        kernels: "Q4_K=rows Q8_0=interleaved512/1088".into(),
+        ..mine.clone()
+    };
+    let both = DecodeProfile {
+        kernels: "Q4_K=interleaved256/4608 Q6_K=rows Q8_0=interleaved512/1088".into(),
+        ..mine.clone()
+    };
+    assert_eq!(more.remember(&path), Ok(both.clone()));
+    assert_eq!(DecodeProfile::recall(&path), Ok(Some(both.clone())));
+    use strata_storage::quant::GgmlType;
+    assert_eq!(both.types(), [GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q8_0]);
     // Another CPU (a home directory shared, a VM moved): its choice replaces the file.
     let other = DecodeProfile {
         cpu: "CPU B (avx2)".into(),
@@ -520,4 +533,31 @@ fn the_decode_memory_file_keeps_the_first_choice_for_a_cpu() {
         .map(|e| e.expect("entry").file_name())
         .collect();
     assert_eq!(names, ["decode.toml"]);
+}
+
+/// Processes that keep choices for different types at once take turns: none of them is lost
+/// (each writes the whole file, so without the lock the last rename would drop the others').
+#[test]
+fn choices_kept_at_once_are_all_kept() {
+    use profile::DecodeProfile;
+    use strata_simd::tune::{TYPES, Tuning};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("decode.toml");
+    let base = Tuning::default_for(strata_simd::dispatch::Level::Scalar);
+    std::thread::scope(|s| {
+        for ty in TYPES {
+            let path = &path;
+            s.spawn(move || {
+                let mine = DecodeProfile::measured("CPU A (avx2)".into(), &base, &[ty]);
+                let kept = mine.remember(path).expect("remember");
+                assert!(kept.types().contains(&ty), "{}", kept.kernels);
+            });
+        }
+    });
+    let kept = DecodeProfile::recall(&path)
+        .expect("read")
+        .expect("a choice");
+    let mut types = kept.types();
+    types.sort_by_key(|t| TYPES.iter().position(|u| u == t));
+    assert_eq!(types, TYPES, "{}", kept.kernels);
 }

@@ -130,18 +130,41 @@ pub(crate) fn choose_decode(
                 .filter(|_| !kernels)
                 .map(|dir| DecodeProfile::memory_file(dir, &here));
             let memory = memory.as_deref();
+            // The types with decode choices this model has; a kept choice that names all of
+            // them is taken, one that names some has the others measured and added.
+            let mut types: Vec<GgmlType> = matrix_types(layers, output)
+                .into_iter()
+                .filter(|ty| tune::TYPES.contains(ty))
+                .collect();
             if let Some(path) = memory {
                 match DecodeProfile::recall(path) {
                     Ok(Some(d)) if d.mismatch(&here).is_none() => match d.tuning(tune::current()) {
                         Ok(t) => {
+                            let have = d.types();
+                            let missing: Vec<GgmlType> = types
+                                .iter()
+                                .filter(|ty| !have.contains(ty))
+                                .copied()
+                                .collect();
+                            if missing.is_empty() {
+                                tracing::info!(
+                                    "decode kernels from {} (measured on this CPU at an earlier \
+                                     load): {}",
+                                    path.display(),
+                                    d.kernels
+                                );
+                                tune::set(with_prefetch(t, prefetch));
+                                return;
+                            }
+                            let names: Vec<String> =
+                                missing.iter().map(|t| t.to_string()).collect();
                             tracing::info!(
-                                "decode kernels from {} (measured on this CPU at an earlier \
-                                 load): {}",
+                                "{} names no decode kernels for {} (an earlier load's model had \
+                                 other types): measuring those",
                                 path.display(),
-                                d.kernels
+                                names.join(", ")
                             );
-                            tune::set(with_prefetch(t, prefetch));
-                            return;
+                            types = missing;
                         }
                         Err(e) => tracing::warn!("{}: {e}: measured again", path.display()),
                     },
@@ -154,7 +177,6 @@ pub(crate) fn choose_decode(
                     Err(e) => tracing::warn!("{e}: measured again"),
                 }
             }
-            let types = matrix_types(layers, output);
             let t0 = std::time::Instant::now();
             let one = ThreadPool::new(1);
             let n = strata_simd::topology::physical_cores();
@@ -179,26 +201,23 @@ pub(crate) fn choose_decode(
                 t0.elapsed().as_secs_f64() * 1e3
             );
             let mut tuning = m.tuning;
-            if let Some(path) = memory {
-                let mine = DecodeProfile::measured(here, &tuning);
-                match mine.remember(path) {
-                    Ok(kept) if kept == mine => tracing::info!(
-                        "decode kernels kept in {} for later loads: {}",
-                        path.display(),
-                        kept.kernels
-                    ),
-                    // Another process on this CPU kept its choice first: run the same.
-                    Ok(kept) => match kept.tuning(tune::current()) {
-                        Ok(t) => {
-                            tracing::info!(
-                                "decode kernels from {} (kept by another load meanwhile): {}",
-                                path.display(),
-                                kept.kernels
-                            );
-                            tuning = t;
-                        }
-                        Err(e) => tracing::warn!("{}: {e}", path.display()),
-                    },
+            if let Some(path) = memory.filter(|_| !types.is_empty()) {
+                // The file's choice after this one is added, which another process may have
+                // made first for a type: every process on this CPU runs the same.
+                let mine = DecodeProfile::measured(here, &tuning, &types);
+                match mine.remember(path).and_then(|kept| {
+                    kept.tuning(tune::current())
+                        .map(|t| (t, kept))
+                        .map_err(|e| format!("{}: {e}", path.display()))
+                }) {
+                    Ok((t, kept)) => {
+                        tracing::info!(
+                            "decode kernels kept in {} for later loads: {}",
+                            path.display(),
+                            kept.kernels
+                        );
+                        tuning = t;
+                    }
                     Err(e) => tracing::warn!("keeping the decode kernels: {e}"),
                 }
             }

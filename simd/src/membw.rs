@@ -6,34 +6,59 @@ use std::time::Instant;
 use crate::pool::ThreadPool;
 
 /// Reads `buf` `passes` times with every thread of `pool` (each its own contiguous slice) and
-/// returns the read bandwidth in bytes per second of the fastest pass.
+/// returns the read bandwidth in bytes per second of the fastest pass: of a plain streaming
+/// read (the hardware prefetchers alone) and of reads that also prefetch in software
+/// [`PREFETCH_AHEAD`] bytes ahead, alternating, since decode's kernels prefetch in software and
+/// on some CPUs read faster than a plain loop does (on an Emerald Rapids Xeon, qwen2.5 decode
+/// read 12.2 GB/s at one thread against a plain loop's 11.7).
 pub fn read_bandwidth(pool: &ThreadPool, buf: &[u64], passes: usize) -> f64 {
     let mut best = 0f64;
     for _ in 0..passes.max(1) {
-        let t0 = Instant::now();
-        pool.run(|ith, nth| {
-            let n = buf.len();
-            let part = &buf[n * ith / nth..n * (ith + 1) / nth];
-            std::hint::black_box(sum(part));
-        });
-        let secs = t0.elapsed().as_secs_f64();
-        best = best.max(std::mem::size_of_val(buf) as f64 / secs);
+        for ahead in [0].into_iter().chain(PREFETCH_AHEAD) {
+            let t0 = Instant::now();
+            pool.run(|ith, nth| {
+                let n = buf.len();
+                let part = &buf[n * ith / nth..n * (ith + 1) / nth];
+                std::hint::black_box(sum(part, ahead));
+            });
+            let secs = t0.elapsed().as_secs_f64();
+            best = best.max(std::mem::size_of_val(buf) as f64 / secs);
+        }
     }
     best
 }
 
+/// The software prefetch distances [`read_bandwidth`] tries besides none, in bytes.
+pub const PREFETCH_AHEAD: [usize; 2] = [2048, 8192];
+
 /// XOR-reduces a slice with eight independent lanes so the loop is bound by loads, not by a
-/// dependency chain; the compiler vectorises it to the widest loads the build allows.
-fn sum(v: &[u64]) -> u64 {
+/// dependency chain; the compiler vectorises it to the widest loads the build allows. With
+/// `ahead` > 0 each 64 bytes read first ask for the line `ahead` bytes further (a hint: past
+/// the end it reads nothing and never faults).
+fn sum(v: &[u64], ahead: usize) -> u64 {
     let mut acc = [0u64; 8];
     let chunks = v.chunks_exact(8);
     let rest = chunks.remainder();
     for c in chunks {
+        if ahead > 0 {
+            prefetch(c.as_ptr().cast::<u8>().wrapping_add(ahead));
+        }
         for (a, x) in acc.iter_mut().zip(c) {
             *a ^= x;
         }
     }
     acc.iter().chain(rest).fold(0, |a, x| a ^ x)
+}
+
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of x86_64's baseline; a prefetch is a hint and never faults.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 #[cfg(test)]
@@ -46,6 +71,10 @@ mod tests {
         let buf: Vec<u64> = (0..1 << 16).collect();
         let bw = read_bandwidth(&pool, &buf, 2);
         assert!(bw.is_finite() && bw > 0.0);
-        assert_eq!(sum(&[1, 2, 4]), 7);
+        assert_eq!(sum(&[1, 2, 4], 0), 7);
+        let v: Vec<u64> = (0..1000).map(|i| i * 7919).collect();
+        for ahead in PREFETCH_AHEAD {
+            assert_eq!(sum(&v, ahead), sum(&v, 0), "prefetching changes no bit");
+        }
     }
 }

@@ -41,24 +41,17 @@ fn sum(v: &[u64], ahead: usize) -> u64 {
     let rest = chunks.remainder();
     for c in chunks {
         if ahead > 0 {
-            prefetch(c.as_ptr().cast::<u8>().wrapping_add(ahead));
+            #[cfg(target_arch = "x86_64")]
+            crate::arch::x86_64::interleaved::prefetch(
+                c.as_ptr().cast::<u8>().wrapping_add(ahead),
+                1,
+            );
         }
         for (a, x) in acc.iter_mut().zip(c) {
             *a ^= x;
         }
     }
     acc.iter().chain(rest).fold(0, |a, x| a ^ x)
-}
-
-#[inline(always)]
-fn prefetch(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: SSE is part of x86_64's baseline; a prefetch is a hint and never faults.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
 }
 
 #[cfg(test)]

@@ -197,9 +197,8 @@ impl Tuning {
             let (name, choice) = item
                 .split_once('=')
                 .ok_or_else(|| format!("`{item}`: expected TYPE=CHOICE[/PREFETCH]"))?;
-            let i = TYPES
-                .iter()
-                .position(|ty| ty.to_string().eq_ignore_ascii_case(name))
+            let i = type_named(name)
+                .and_then(|ty| TYPES.iter().position(|&t| t == ty))
                 .ok_or_else(|| format!("`{item}`: `{name}` is not a type with decode choices"))?;
             let (d, p) = match choice.split_once('/') {
                 Some((d, p)) => (d, Some(p)),
@@ -232,6 +231,13 @@ impl Tuning {
     fn decode_word(v: u32) -> (Decode, usize) {
         (Decode::from_code(v >> 1), ((v >> 8) & 0xFF) as usize * 64)
     }
+}
+
+/// The type of [`TYPES`] named `name` (`Q4_K`, any case), as [`Tuning::summary`] writes it.
+pub fn type_named(name: &str) -> Option<GgmlType> {
+    TYPES
+        .into_iter()
+        .find(|ty| ty.to_string().eq_ignore_ascii_case(name))
 }
 
 /// The widest interleaved kernels `level` has for `ty`, else rows.

@@ -51,10 +51,7 @@ fn first_revision() -> u32 {
 
 /// The weight type an item of [`DecodeProfile::kernels`] (`Q4_K=rows`) names.
 fn item_type(item: &str) -> Option<GgmlType> {
-    let name = item.split_once('=').map_or(item, |(n, _)| n);
-    strata_simd::tune::TYPES
-        .into_iter()
-        .find(|ty| ty.to_string().eq_ignore_ascii_case(name))
+    strata_simd::tune::type_named(item.split_once('=').map_or(item, |(n, _)| n))
 }
 
 /// The largest decode memory file read (a few hundred bytes are written).

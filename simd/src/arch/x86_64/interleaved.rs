@@ -31,7 +31,7 @@ unsafe fn bcast4(p: *const u8) -> __m512i {
 /// Asks for the `len` bytes at `p` to be brought into the cache (a hint: never faults). SSE
 /// only, so the 256-bit kernels (`interleaved_avx2`) share it.
 #[inline]
-pub(super) fn prefetch(p: *const u8, len: usize) {
+pub(crate) fn prefetch(p: *const u8, len: usize) {
     let mut off = 0;
     while off < len {
         // A hint: it does not fault, even past the end of an allocation.

@@ -372,7 +372,7 @@ pub fn matmul_tuned(
     let side: &[u8] = side;
 
     let out_ptr = SyncPtr(out.as_mut_ptr());
-    let ahead = tuning.prefetch(w.ty);
+    let ahead = tuning.ahead(w.ty);
     let next = AtomicUsize::new(0);
     let job = |ith: usize, nth: usize| match (interleaved, gemm) {
         (Some(il), None) => {
@@ -452,7 +452,7 @@ const TILE_BLOCK_BYTES: usize = 128 << 10;
 /// [`INTERLEAVED_TOKENS`]: blocks of tiles of about [`TILE_BLOCK_BYTES`], each block through
 /// every group in turn. A token's arithmetic is the same whatever the order.
 ///
-/// `ahead` is the kernels' software prefetch distance in bytes.
+/// `ahead` is the kernels' software prefetch.
 ///
 /// # Safety
 /// As [`rows_job`], for rows `tile0 * 16..tile1 * 16`.
@@ -465,7 +465,7 @@ unsafe fn interleaved_job(
     n_tok: usize,
     tile0: usize,
     tile1: usize,
-    ahead: usize,
+    ahead: tune::Ahead,
     out: *mut f32,
 ) {
     let tile_bytes = INTERLEAVE_ROWS * w.ty.row_bytes(w.cols);
@@ -480,7 +480,7 @@ unsafe fn interleaved_job(
             // Only the first group reads the block from memory; the others find it in L2,
             // where a software prefetch is a wasted load slot (a quarter of the Q4_K kernel's
             // time in an AVX2 prefill's profile).
-            let ahead = if t0 == 0 { ahead } else { 0 };
+            let ahead = if t0 == 0 { ahead } else { tune::Ahead::NONE };
             for tile in b0..b1 {
                 let data = &w.data[tile * tile_bytes..(tile + 1) * tile_bytes];
                 // SAFETY: rows tile * 16.. + 16 of tokens t0..t0 + nt are this thread's

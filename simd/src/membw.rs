@@ -8,18 +8,22 @@ use crate::pool::ThreadPool;
 /// Reads `buf` `passes` times with every thread of `pool` (each its own contiguous slice) and
 /// returns the read bandwidth in bytes per second of the fastest pass: of a plain streaming
 /// read (the hardware prefetchers alone) and of reads that also prefetch in software
-/// [`PREFETCH_AHEAD`] bytes ahead, alternating, since decode's kernels prefetch in software and
-/// on some CPUs read faster than a plain loop does (on an Emerald Rapids Xeon, qwen2.5 decode
-/// read 12.2 GB/s at one thread against a plain loop's 11.7).
+/// [`PREFETCH_AHEAD`] bytes ahead, into L1 and into L2, alternating, since decode's kernels
+/// prefetch in software (`tune::Ahead`) and on some CPUs read faster than a plain loop does (on
+/// an Emerald Rapids Xeon, qwen2.5 decode read 12.2 GB/s at one thread against a plain loop's
+/// 11.7).
 pub fn read_bandwidth(pool: &ThreadPool, buf: &[u64], passes: usize) -> f64 {
     let mut best = 0f64;
     for _ in 0..passes.max(1) {
-        for ahead in [0].into_iter().chain(PREFETCH_AHEAD) {
+        let prefetched = PREFETCH_AHEAD
+            .into_iter()
+            .flat_map(|a| [(a, false), (a, true)]);
+        for (ahead, l2) in [(0, false)].into_iter().chain(prefetched) {
             let t0 = Instant::now();
             pool.run(|ith, nth| {
                 let n = buf.len();
                 let part = &buf[n * ith / nth..n * (ith + 1) / nth];
-                std::hint::black_box(sum(part, ahead));
+                std::hint::black_box(sum(part, ahead, l2));
             });
             let secs = t0.elapsed().as_secs_f64();
             best = best.max(std::mem::size_of_val(buf) as f64 / secs);
@@ -33,9 +37,12 @@ pub const PREFETCH_AHEAD: [usize; 2] = [2048, 8192];
 
 /// XOR-reduces a slice with eight independent lanes so the loop is bound by loads, not by a
 /// dependency chain; the compiler vectorises it to the widest loads the build allows. With
-/// `ahead` > 0 each 64 bytes read first ask for the line `ahead` bytes further (a hint: past
-/// the end it reads nothing and never faults).
-fn sum(v: &[u64], ahead: usize) -> u64 {
+/// `ahead` > 0 each 64 bytes read first ask for the line `ahead` bytes further, into L2 only
+/// when `l2` (a hint: past the end it reads nothing and never faults).
+fn sum(v: &[u64], ahead: usize, l2: bool) -> u64 {
+    // Elsewhere no software prefetch is issued: those passes read as the plain one.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = l2;
     let mut acc = [0u64; 8];
     let chunks = v.chunks_exact(8);
     let rest = chunks.remainder();
@@ -45,6 +52,7 @@ fn sum(v: &[u64], ahead: usize) -> u64 {
             crate::arch::x86_64::interleaved::prefetch(
                 c.as_ptr().cast::<u8>().wrapping_add(ahead),
                 1,
+                l2,
             );
         }
         for (a, x) in acc.iter_mut().zip(c) {
@@ -64,10 +72,16 @@ mod tests {
         let buf: Vec<u64> = (0..1 << 16).collect();
         let bw = read_bandwidth(&pool, &buf, 2);
         assert!(bw.is_finite() && bw > 0.0);
-        assert_eq!(sum(&[1, 2, 4], 0), 7);
+        assert_eq!(sum(&[1, 2, 4], 0, false), 7);
         let v: Vec<u64> = (0..1000).map(|i| i * 7919).collect();
         for ahead in PREFETCH_AHEAD {
-            assert_eq!(sum(&v, ahead), sum(&v, 0), "prefetching changes no bit");
+            for l2 in [false, true] {
+                assert_eq!(
+                    sum(&v, ahead, l2),
+                    sum(&v, 0, false),
+                    "prefetching changes no bit"
+                );
+            }
         }
     }
 }

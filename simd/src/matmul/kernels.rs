@@ -24,14 +24,14 @@ pub(crate) type QuantFn = fn(&[f32], &mut [u8]);
 /// One 16-row tile of an interleaved matrix (`matmul::interleave`) against 1..=
 /// [`INTERLEAVED_TOKENS`] tokens: block count, the tile's bytes, the first token's activation
 /// row onwards, the stride between activation rows, the token count, where token `t`'s 16
-/// results go (`out + t * out_stride`), `out_stride`, and the software prefetch distance in
-/// bytes (0: none).
+/// results go (`out + t * out_stride`), `out_stride`, and the software prefetch (which may run
+/// past the tile's end: a hint never faults).
 ///
 /// # Safety
 /// `out + t * out_stride` must be valid for writing 16 f32 for every token `t`, and no other
 /// thread may access them during the call. The slices are checked.
 pub(crate) type InterleavedFn =
-    unsafe fn(usize, &[u8], &[u8], usize, usize, *mut f32, usize, usize);
+    unsafe fn(usize, &[u8], &[u8], usize, usize, *mut f32, usize, crate::tune::Ahead);
 /// The most tokens one [`InterleavedFn`] call takes.
 pub(crate) const INTERLEAVED_TOKENS: usize = 4;
 
@@ -591,7 +591,7 @@ mod x86 {
                 nt: usize,
                 out: *mut f32,
                 out_stride: usize,
-                ahead: usize,
+                ahead: crate::tune::Ahead,
             ) {
                 let row = $act.row_bytes(nb * $bs);
                 assert!(

@@ -35,7 +35,7 @@ struct Part<'a> {
     w: MatRef<'a>,
     k: Kernel,
     il: Option<InterleavedFn>,
-    ahead: usize,
+    ahead: tune::Ahead,
     out: SyncPtr<f32>,
     /// Work items: chunks of `chunk` rows (whole tiles for an interleaved matrix, whose rows
     /// after the last whole tile are one more item).
@@ -97,7 +97,7 @@ pub fn matmul_shared(
             w: *w,
             k,
             il,
-            ahead: tuning.prefetch(w.ty),
+            ahead: tuning.ahead(w.ty),
             out: SyncPtr(out.as_mut_ptr()),
             items: 0,
         });

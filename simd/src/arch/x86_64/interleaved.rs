@@ -13,6 +13,7 @@ use crate::matmul::interleave::{
     Q4K_TILE_BLOCK, Q5_0_HIGH, Q5_0_TILE_BLOCK, Q6K_TILE_BLOCK, Q8_0_TILE_BLOCK, q6k_high, q6k_low,
     q6k_scales,
 };
+use crate::tune::Ahead;
 
 /// Bytes of one Q8_K activation block: d (f32), 256 quants, 16 block sums (i16).
 const Q8K_BLOCK: usize = 292;
@@ -28,21 +29,29 @@ unsafe fn bcast4(p: *const u8) -> __m512i {
     _mm512_set1_epi32(unsafe { p.cast::<i32>().read_unaligned() })
 }
 
-/// Asks for the `len` bytes at `p` to be brought into the cache (a hint: never faults). SSE
-/// only, so the 256-bit kernels (`interleaved_avx2`) share it.
+/// Asks for the `len` bytes at `p` to be brought into the cache: into L1 (`prefetcht0`), or
+/// into L2 only (`prefetcht1`) when `l2`. A hint: it never faults. SSE only, so the 256-bit
+/// kernels (`interleaved_avx2`) share it.
 #[inline]
-pub(crate) fn prefetch(p: *const u8, len: usize) {
+pub(crate) fn prefetch(p: *const u8, len: usize, l2: bool) {
     let mut off = 0;
     while off < len {
+        let at = p.wrapping_add(off).cast();
         // A hint: it does not fault, even past the end of an allocation.
         // SAFETY: SSE is part of x86_64's baseline, so the intrinsic's feature is present.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast()) };
+        unsafe {
+            if l2 {
+                _mm_prefetch::<_MM_HINT_T1>(at);
+            } else {
+                _mm_prefetch::<_MM_HINT_T0>(at);
+            }
+        }
         off += 64;
     }
 }
 
-/// Part `i` of `n` of the software prefetch of a tile block of `block` bytes at `x + ahead`
-/// (`ahead` 0: none), for a kernel of `NT` tokens that asks for part `i` as it starts
+/// Part `i` of `n` of the software prefetch of a tile block of `block` bytes at
+/// `x + ahead.bytes` (0: none), for a kernel of `NT` tokens that asks for part `i` as it starts
 /// sub-block `i` of `n`.
 ///
 /// Decode (`NT` 1) spreads the block's prefetches over the time the block takes: part `i` is
@@ -56,15 +65,15 @@ pub(crate) fn prefetch(p: *const u8, len: usize) {
 pub(super) fn prefetch_part<const NT: usize>(
     x: *const u8,
     block: usize,
-    ahead: usize,
+    ahead: Ahead,
     i: usize,
     n: usize,
 ) {
-    if ahead == 0 {
+    if ahead.bytes == 0 {
         return;
     }
     for l in part_lines::<NT>(block, i, n) {
-        prefetch(x.wrapping_add(ahead + 64 * l), 1);
+        prefetch(x.wrapping_add(ahead.bytes + 64 * l), 1, ahead.l2);
     }
 }
 
@@ -82,9 +91,13 @@ fn part_lines<const NT: usize>(block: usize, i: usize, n: usize) -> std::ops::Ra
 }
 
 /// 16 lanes × `NT` tokens of a Q4_K tile: `out + t * out_stride` receives the 16 rows'
-/// results for token `t`. `ahead` is the software prefetch distance in bytes (0: none): decode
-/// streams the weights from DRAM once, and the hardware prefetcher alone leaves a good part of
-/// the speed on some CPUs (`tune` measures it).
+/// results for token `t`. `ahead` is the software prefetch (distance in bytes, 0: none, and the
+/// cache it fills): decode streams the weights from DRAM once, and the hardware prefetcher
+/// alone leaves a good part of the speed on some CPUs (`tune` measures it). The prefetches run
+/// on past the tile's end into the next tile, which the same thread most likely computes next
+/// (or past the matrix: a hint never faults). Stopped at each tile's end they left the first
+/// blocks of every tile to the hardware prefetcher: qwen2.5-coder-1.5b's 1536-column tiles are
+/// 6 blocks, a third of them unprefetched at 2 blocks ahead.
 ///
 /// # Safety
 /// See the module docs; `tile` holds `nb` tile blocks, `act + t * act_row` holds `nb` Q8_K
@@ -101,7 +114,7 @@ pub(crate) unsafe fn q4k<const NT: usize>(
     act_row: usize,
     out: *mut f32,
     out_stride: usize,
-    ahead: usize,
+    ahead: Ahead,
 ) {
     let m4 = _mm512_set1_epi8(0xF);
     let m63 = _mm_set1_epi8(63);
@@ -120,12 +133,6 @@ pub(crate) unsafe fn q4k<const NT: usize>(
         // every offset below stays inside them.
         unsafe {
             let x = tile.add(b * Q4K_TILE_BLOCK);
-            // Only within the tile.
-            let ahead = if (b + 1) * Q4K_TILE_BLOCK + ahead <= nb * Q4K_TILE_BLOCK {
-                ahead
-            } else {
-                0
-            };
             let dvec = _mm512_cvtph_ps(_mm256_loadu_si256(x.cast()));
             let mvec = _mm512_cvtph_ps(_mm256_loadu_si256(x.add(32).cast()));
             let q = |j: usize| _mm_loadu_si128(x.add(64 + 16 * j).cast());
@@ -219,7 +226,7 @@ pub(crate) unsafe fn q6k<const NT: usize>(
     act_row: usize,
     out: *mut f32,
     out_stride: usize,
-    ahead: usize,
+    ahead: Ahead,
 ) {
     let m4 = _mm512_set1_epi8(0xF);
     let m48 = _mm512_set1_epi8(0x30);
@@ -229,12 +236,6 @@ pub(crate) unsafe fn q6k<const NT: usize>(
         // every offset below stays inside them.
         unsafe {
             let x = tile.add(b * Q6K_TILE_BLOCK);
-            // Only within the tile.
-            let ahead = if (b + 1) * Q6K_TILE_BLOCK + ahead <= nb * Q6K_TILE_BLOCK {
-                ahead
-            } else {
-                0
-            };
             let dvec = _mm512_cvtph_ps(_mm256_loadu_si256(x.cast()));
             let mut accb = [_mm512_setzero_ps(); NT];
             for s in 0..16 {
@@ -305,7 +306,7 @@ pub(crate) unsafe fn legacy<const NT: usize, const Q5: bool>(
     act_row: usize,
     out: *mut f32,
     out_stride: usize,
-    ahead: usize,
+    ahead: Ahead,
 ) {
     let (block, offset) = if Q5 {
         (Q5_0_TILE_BLOCK, 16)
@@ -322,8 +323,8 @@ pub(crate) unsafe fn legacy<const NT: usize, const Q5: bool>(
         // every offset below stays inside them.
         unsafe {
             let x = tile.add(b * block);
-            if ahead > 0 && (b + 1) * block + ahead <= nb * block {
-                prefetch(x.wrapping_add(ahead), block);
+            if ahead.bytes > 0 {
+                prefetch(x.wrapping_add(ahead.bytes), block, ahead.l2);
             }
             let dvec = _mm512_cvtph_ps(_mm256_loadu_si256(x.cast()));
             // w[i]: columns 4i..4i + 4 of the 16 rows, unsigned.

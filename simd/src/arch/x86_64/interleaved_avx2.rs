@@ -17,6 +17,7 @@ use std::arch::x86_64::*;
 
 use super::avx2;
 use super::interleaved::{prefetch, prefetch_part};
+use crate::tune::Ahead;
 
 use crate::matmul::interleave::{
     Nibbles, Q4K_TILE_BLOCK, Q5_0_HIGH, Q5_0_TILE_BLOCK, Q6K_TILE_BLOCK, Q8_0_TILE_BLOCK, q6k_high,
@@ -68,9 +69,9 @@ pub(super) unsafe fn f16_rows(p: *const u8) -> __m256 {
 /// matrix: a prefetch is a hint and never faults).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) fn prefetch_ahead(tile: *const u8, b: usize, block: usize, ahead: usize) {
-    if ahead > 0 {
-        prefetch(tile.wrapping_add(b * block + ahead), block);
+pub(super) fn prefetch_ahead(tile: *const u8, b: usize, block: usize, ahead: Ahead) {
+    if ahead.bytes > 0 {
+        prefetch(tile.wrapping_add(b * block + ahead.bytes), block, ahead.l2);
     }
 }
 
@@ -274,7 +275,7 @@ pub(crate) unsafe fn q4k<const NT: usize>(
     act_row: usize,
     out: *mut f32,
     out_stride: usize,
-    ahead: usize,
+    ahead: Ahead,
 ) {
     let m4 = _mm256_set1_epi8(0xF);
     let mut acc = [[_mm256_setzero_ps(); NT]; 2];
@@ -388,7 +389,7 @@ pub(crate) unsafe fn q6k<const NT: usize>(
     act_row: usize,
     out: *mut f32,
     out_stride: usize,
-    ahead: usize,
+    ahead: Ahead,
 ) {
     let mut acc = [[_mm256_setzero_ps(); NT]; 2];
     for b in 0..nb {
@@ -485,7 +486,7 @@ pub(crate) unsafe fn legacy<const NT: usize, const Q5: bool>(
     act_row: usize,
     out: *mut f32,
     out_stride: usize,
-    ahead: usize,
+    ahead: Ahead,
 ) {
     let block = if Q5 { Q5_0_TILE_BLOCK } else { Q8_0_TILE_BLOCK };
     let flip = _mm256_set1_epi8(-128);
@@ -580,7 +581,7 @@ pub(crate) unsafe fn nibbles<const NT: usize, L: Nibbles>(
     act_row: usize,
     out: *mut f32,
     out_stride: usize,
-    ahead: usize,
+    ahead: Ahead,
 ) {
     // The activation block and where its quants start.
     let (act_block, aq) = if L::MIN { (Q8_1_ACT, 4) } else { (Q8_0_ACT, 2) };

@@ -21,6 +21,7 @@ use crate::matmul::interleave::kq::{
     Q2K_PARTS, Q2K_SUB, Q2K_TILE_BLOCK, Q3K_PARTS, Q3K_SCALES, Q3K_SUB, Q3K_TILE_BLOCK, Q5K_PARTS,
     Q5K_SUB, Q5K_TILE_BLOCK,
 };
+use crate::tune::Ahead;
 
 /// Bit `b` of each byte of `v` moved to bit `to` (other bits: garbage, to be masked; the
 /// 16-bit shifts move at most 5 bits across a byte boundary, never onto bit `to`).
@@ -52,7 +53,7 @@ pub(crate) unsafe fn q5k<const NT: usize>(
     act_row: usize,
     out: *mut f32,
     out_stride: usize,
-    ahead: usize,
+    ahead: Ahead,
 ) {
     let m4 = _mm256_set1_epi8(0xF);
     let m16 = _mm256_set1_epi8(0x10);
@@ -146,7 +147,7 @@ pub(crate) unsafe fn q3k<const NT: usize>(
     act_row: usize,
     out: *mut f32,
     out_stride: usize,
-    ahead: usize,
+    ahead: Ahead,
 ) {
     let m3 = _mm256_set1_epi8(3);
     let m4 = _mm256_set1_epi8(4);
@@ -247,7 +248,7 @@ pub(crate) unsafe fn q2k<const NT: usize>(
     act_row: usize,
     out: *mut f32,
     out_stride: usize,
-    ahead: usize,
+    ahead: Ahead,
 ) {
     let m3 = _mm256_set1_epi8(3);
     let m15 = _mm_set1_epi8(15);

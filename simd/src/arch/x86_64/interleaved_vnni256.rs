@@ -34,6 +34,7 @@ macro_rules! vnni256_kernels {
                 Nibbles, Q4K_TILE_BLOCK, Q5_0_HIGH, Q5_0_TILE_BLOCK, Q6K_TILE_BLOCK,
                 Q8_0_TILE_BLOCK, q6k_high, q6k_low, q6k_scales,
             };
+            use crate::tune::Ahead;
 
             /// `acc` plus the 4 products of each 32-bit lane: unsigned bytes of `w` times
             /// signed bytes of `a`.
@@ -71,7 +72,7 @@ macro_rules! vnni256_kernels {
                 act_row: usize,
                 out: *mut f32,
                 out_stride: usize,
-                ahead: usize,
+                ahead: Ahead,
             ) {
                 let m4 = _mm256_set1_epi8(0xF);
                 let mut acc = [[_mm256_setzero_ps(); NT]; 2];
@@ -134,7 +135,7 @@ macro_rules! vnni256_kernels {
                 act_row: usize,
                 out: *mut f32,
                 out_stride: usize,
-                ahead: usize,
+                ahead: Ahead,
             ) {
                 let m4 = _mm256_set1_epi8(0xF);
                 let m16 = _mm256_set1_epi8(0x10);
@@ -208,7 +209,7 @@ macro_rules! vnni256_kernels {
                 act_row: usize,
                 out: *mut f32,
                 out_stride: usize,
-                ahead: usize,
+                ahead: Ahead,
             ) {
                 let m3 = _mm256_set1_epi8(3);
                 let m4 = _mm256_set1_epi8(4);
@@ -304,7 +305,7 @@ macro_rules! vnni256_kernels {
                 act_row: usize,
                 out: *mut f32,
                 out_stride: usize,
-                ahead: usize,
+                ahead: Ahead,
             ) {
                 let m3 = _mm256_set1_epi8(3);
                 let m15 = _mm_set1_epi8(15);
@@ -399,7 +400,7 @@ macro_rules! vnni256_kernels {
                 act_row: usize,
                 out: *mut f32,
                 out_stride: usize,
-                ahead: usize,
+                ahead: Ahead,
             ) {
                 let mut acc = [[_mm256_setzero_ps(); NT]; 2];
                 for b in 0..nb {
@@ -467,7 +468,7 @@ macro_rules! vnni256_kernels {
                 act_row: usize,
                 out: *mut f32,
                 out_stride: usize,
-                ahead: usize,
+                ahead: Ahead,
             ) {
                 let block = if Q5 { Q5_0_TILE_BLOCK } else { Q8_0_TILE_BLOCK };
                 let mut acc = [[_mm256_setzero_ps(); NT]; 2];
@@ -542,7 +543,7 @@ macro_rules! vnni256_kernels {
                 act_row: usize,
                 out: *mut f32,
                 out_stride: usize,
-                ahead: usize,
+                ahead: Ahead,
             ) {
                 // The activation block and where its quants start.
                 let (act_block, aq) = if L::MIN { (Q8_1_ACT, 4) } else { (Q8_0_ACT, 2) };

@@ -239,9 +239,25 @@ pub fn supports(ty: GgmlType) -> bool {
 /// Rows per tile: a tile of a 1536-column Q4_K matrix is 14 KiB, well inside L1.
 const ROW_TILE: usize = 16;
 
-/// Chunks of tiles per thread in the interleaved kernels' dynamic split: enough that the last
-/// chunk is a small part of a thread's share, few enough that claiming them costs nothing.
-const CHUNKS_PER_THREAD: usize = 8;
+/// Claims the next piece of `0..total` from `next` for one of `nth` threads (guided
+/// scheduling): a `1 / (2 nth)` share of what is left, at least one. The first pieces are long
+/// (each a contiguous stream the prefetchers follow) and the last ones a single tile, so a
+/// thread that finishes while another still computes waits for at most one tile, where equal
+/// chunks of `1 / (8 nth)` of the work left it waiting half a chunk on average (3% of qwen2.5
+/// decode at 2 threads). `None` when all is claimed.
+pub(crate) fn claim(next: &AtomicUsize, total: usize, nth: usize) -> Option<(usize, usize)> {
+    let mut cur = next.load(Ordering::Relaxed);
+    loop {
+        if cur >= total {
+            return None;
+        }
+        let end = cur + ((total - cur) / (2 * nth.max(1))).max(1);
+        match next.compare_exchange_weak(cur, end, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return Some((cur, end)),
+            Err(now) => cur = now,
+        }
+    }
+}
 
 /// Below this many multiply-adds the pool's wake-up costs more than it saves.
 const MIN_PARALLEL_WORK: usize = 1 << 16;
@@ -377,17 +393,11 @@ pub fn matmul_tuned(
     let job = |ith: usize, nth: usize| match (interleaved, gemm) {
         (Some(il), None) => {
             let tiles = w.rows / INTERLEAVE_ROWS;
-            // Tiles are claimed in chunks rather than split in halves up front: a thread that
+            // Tiles are claimed in pieces rather than split in halves up front: a thread that
             // starts late (woken from its park) or runs slower (another tenant on its core, a
             // smaller core) leaves its share to the others instead of holding every thread at
             // the end of the matmul.
-            let chunk = (tiles / (nth * CHUNKS_PER_THREAD)).max(1);
-            loop {
-                let t0 = next.fetch_add(chunk, Ordering::Relaxed);
-                if t0 >= tiles {
-                    break;
-                }
-                let t1 = (t0 + chunk).min(tiles);
+            while let Some((t0, t1)) = claim(&next, tiles, nth) {
                 // SAFETY: as for the tiled GEMM below: tiles t0..t1 were claimed by this
                 // thread alone (the counter hands each out once), so it writes only their rows.
                 unsafe {
@@ -668,5 +678,49 @@ unsafe fn rows_job(
             }
         }
         tile = tile_end;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Threads claiming at once get every index exactly once, in pieces that shrink to single
+    /// tiles at the end; the first piece is a `1 / (2 nth)` share.
+    #[test]
+    fn claimed_pieces_cover_the_work_once_and_shrink() {
+        for (total, nth) in [
+            (0, 2),
+            (1, 2),
+            (7, 1),
+            (96, 2),
+            (560, 2),
+            (1000, 3),
+            (4096, 8),
+        ] {
+            let next = AtomicUsize::new(0);
+            let pieces = std::sync::Mutex::new(Vec::new());
+            std::thread::scope(|s| {
+                for _ in 0..nth {
+                    s.spawn(|| {
+                        while let Some(p) = claim(&next, total, nth) {
+                            pieces.lock().expect("lock").push(p);
+                        }
+                    });
+                }
+            });
+            let mut pieces = pieces.into_inner().expect("lock");
+            pieces.sort_unstable();
+            let mut at = 0;
+            for &(a, b) in &pieces {
+                assert!(a == at && b > a, "{total}/{nth}: {pieces:?}");
+                at = b;
+            }
+            assert_eq!(at, total);
+            if total > 0 {
+                assert_eq!(pieces.last().map(|p| p.1 - p.0), Some(1), "{pieces:?}");
+                assert_eq!(pieces[0].1, (total / (2 * nth)).max(1));
+            }
+        }
     }
 }

@@ -10,12 +10,12 @@
 //! Every row goes through the same kernel, with the same quantized activations, as
 //! [`super::matmul`] would run it: the results are the same bits.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 
 use super::kernels::{INTERLEAVED_TOKENS, InterleavedFn, Kernel, kernel};
 use super::{
-    CHUNKS_PER_THREAD, INTERLEAVE_ROWS, Layout, MIN_PARALLEL_WORK, MatRef, MatmulScratch,
-    SimdError, check_shapes, interleaved_job, matmul, rows_job,
+    INTERLEAVE_ROWS, Layout, MIN_PARALLEL_WORK, MatRef, MatmulScratch, SimdError, check_shapes,
+    claim, interleaved_job, matmul, rows_job,
 };
 use crate::dispatch;
 use crate::pool::{SyncPtr, ThreadPool};
@@ -37,9 +37,9 @@ struct Part<'a> {
     il: Option<InterleavedFn>,
     ahead: tune::Ahead,
     out: SyncPtr<f32>,
-    /// Work items: chunks of `chunk` rows (whole tiles for an interleaved matrix, whose rows
-    /// after the last whole tile are one more item).
-    items: usize,
+    /// Work units: 16 rows each (a tile of an interleaved matrix, whose rows after the last
+    /// whole tile are one more unit), the last one shorter where the rows end.
+    units: usize,
 }
 
 /// `outs[i] = ws[i] · x` for every `i`, as [`matmul`] computes each, in one pass of the pool
@@ -99,7 +99,7 @@ pub fn matmul_shared(
             il,
             ahead: tuning.ahead(w.ty),
             out: SyncPtr(out.as_mut_ptr()),
-            items: 0,
+            units: w.rows.div_ceil(INTERLEAVE_ROWS),
         });
     }
     let Some(k0) = parts[0].map(|p| p.k) else {
@@ -125,69 +125,68 @@ pub fn matmul_shared(
 
     let nth = pool.n_threads();
     let total_rows: usize = ws.iter().map(|w| w.rows).sum();
-    let chunk = (total_rows / (nth * CHUNKS_PER_THREAD)).next_multiple_of(INTERLEAVE_ROWS);
-    let chunk = chunk.max(INTERLEAVE_ROWS);
-    for p in parts[..n_parts].iter_mut().flatten() {
-        p.items = match p.il {
-            Some(_) => {
-                let tiles = p.w.rows / INTERLEAVE_ROWS;
-                tiles.div_ceil(chunk / INTERLEAVE_ROWS)
-                    + usize::from(!p.w.rows.is_multiple_of(INTERLEAVE_ROWS))
-            }
-            None => p.w.rows.div_ceil(chunk),
-        };
-    }
     let parts = &parts[..n_parts];
-    let n_items: usize = parts.iter().flatten().map(|p| p.items).sum();
+    let n_units: usize = parts.iter().flatten().map(|p| p.units).sum();
     let next = AtomicUsize::new(0);
-    let job = |_ith: usize, _nth: usize| loop {
-        let mut item = next.fetch_add(1, Ordering::Relaxed);
-        if item >= n_items {
-            break;
+    // Units `u0..u1` of part `p`, rows `16 u0..16 u1` (those past the last whole tile of an
+    // interleaved matrix through its row kernel).
+    let run = |p: &Part<'_>, u0: usize, u1: usize| match p.il {
+        Some(il) => {
+            let tiles = p.w.rows / INTERLEAVE_ROWS;
+            if u0 < tiles {
+                // SAFETY: `claim` hands out each unit once, so rows u0 * 16..u1 * 16 of this
+                // matrix's output are this thread's alone; the shapes were checked.
+                unsafe {
+                    interleaved_job(
+                        il,
+                        &p.w,
+                        act,
+                        act_row,
+                        n_tok,
+                        u0,
+                        u1.min(tiles),
+                        p.ahead,
+                        p.out.get(),
+                    )
+                };
+            }
+            if u1 > tiles {
+                // The rows after the last whole tile: this matrix's last unit.
+                // SAFETY: as above, for those rows.
+                unsafe {
+                    rows_job(
+                        p.k,
+                        &p.w,
+                        act,
+                        act_row,
+                        n_tok,
+                        tiles * INTERLEAVE_ROWS,
+                        p.w.rows,
+                        p.out.get(),
+                    )
+                };
+            }
         }
-        let Some(p) = parts.iter().flatten().find(|p| {
-            if item < p.items {
-                true
-            } else {
-                item -= p.items;
-                false
-            }
-        }) else {
-            break;
-        };
-        let r0 = item * chunk;
-        match p.il {
-            Some(il) => {
-                let tiles = p.w.rows / INTERLEAVE_ROWS;
-                let t0 = r0 / INTERLEAVE_ROWS;
-                if t0 < tiles {
-                    let t1 = (t0 + chunk / INTERLEAVE_ROWS).min(tiles);
-                    // SAFETY: the counter hands out each item once, so rows t0 * 16..t1 * 16
-                    // of this matrix's output are this thread's alone; the shapes were checked.
-                    unsafe {
-                        interleaved_job(il, &p.w, act, act_row, n_tok, t0, t1, p.ahead, p.out.get())
-                    };
-                } else {
-                    // The rows after the last whole tile: this matrix's last item.
-                    // SAFETY: as above, for those rows.
-                    unsafe {
-                        rows_job(
-                            p.k,
-                            &p.w,
-                            act,
-                            act_row,
-                            n_tok,
-                            tiles * INTERLEAVE_ROWS,
-                            p.w.rows,
-                            p.out.get(),
-                        )
-                    };
+        None => {
+            let (r0, r1) = (u0 * INTERLEAVE_ROWS, (u1 * INTERLEAVE_ROWS).min(p.w.rows));
+            // SAFETY: as above: rows r0..r1 of this matrix's output are this thread's.
+            unsafe { rows_job(p.k, &p.w, act, act_row, n_tok, r0, r1, p.out.get()) };
+        }
+    };
+    // The threads claim pieces of all the matrices' units, one after another, from one
+    // counter (a piece may end in one matrix and go on in the next).
+    let job = |_ith: usize, nth: usize| {
+        while let Some((c0, c1)) = claim(&next, n_units, nth) {
+            let mut base = 0;
+            for p in parts.iter().flatten() {
+                let (u0, u1) = (
+                    c0.max(base) - base,
+                    c1.min(base + p.units).saturating_sub(base),
+                );
+                if u0 < u1 {
+                    run(p, u0, u1);
                 }
-            }
-            None => {
-                let r1 = (r0 + chunk).min(p.w.rows);
-                // SAFETY: as above: rows r0..r1 of this matrix's output are this thread's.
-                unsafe { rows_job(p.k, &p.w, act, act_row, n_tok, r0, r1, p.out.get()) };
+                base += p.units;
             }
         }
     };

@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use crate::pool::ThreadPool;
+use crate::tune::Ahead;
 
 /// Reads `buf` `passes` times with every thread of `pool` (each its own contiguous slice) and
 /// returns the read bandwidth in bytes per second of the fastest pass: of a plain streaming
@@ -17,13 +18,13 @@ pub fn read_bandwidth(pool: &ThreadPool, buf: &[u64], passes: usize) -> f64 {
     for _ in 0..passes.max(1) {
         let prefetched = PREFETCH_AHEAD
             .into_iter()
-            .flat_map(|a| [(a, false), (a, true)]);
-        for (ahead, l2) in [(0, false)].into_iter().chain(prefetched) {
+            .flat_map(|bytes| [false, true].map(|l2| Ahead { bytes, l2 }));
+        for ahead in [Ahead::NONE].into_iter().chain(prefetched) {
             let t0 = Instant::now();
             pool.run(|ith, nth| {
                 let n = buf.len();
                 let part = &buf[n * ith / nth..n * (ith + 1) / nth];
-                std::hint::black_box(sum(part, ahead, l2));
+                std::hint::black_box(sum(part, ahead));
             });
             let secs = t0.elapsed().as_secs_f64();
             best = best.max(std::mem::size_of_val(buf) as f64 / secs);
@@ -37,22 +38,20 @@ pub const PREFETCH_AHEAD: [usize; 2] = [2048, 8192];
 
 /// XOR-reduces a slice with eight independent lanes so the loop is bound by loads, not by a
 /// dependency chain; the compiler vectorises it to the widest loads the build allows. With
-/// `ahead` > 0 each 64 bytes read first ask for the line `ahead` bytes further, into L2 only
-/// when `l2` (a hint: past the end it reads nothing and never faults).
-fn sum(v: &[u64], ahead: usize, l2: bool) -> u64 {
-    // Elsewhere no software prefetch is issued: those passes read as the plain one.
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = l2;
+/// `ahead.bytes` > 0 each 64 bytes read first ask for the line that far further, into L2 only
+/// when `ahead.l2` (a hint: past the end it reads nothing and never faults). Elsewhere than
+/// x86-64 no software prefetch is issued: those passes read as the plain one.
+fn sum(v: &[u64], ahead: Ahead) -> u64 {
     let mut acc = [0u64; 8];
     let chunks = v.chunks_exact(8);
     let rest = chunks.remainder();
     for c in chunks {
-        if ahead > 0 {
+        if ahead.bytes > 0 {
             #[cfg(target_arch = "x86_64")]
             crate::arch::x86_64::interleaved::prefetch(
-                c.as_ptr().cast::<u8>().wrapping_add(ahead),
+                c.as_ptr().cast::<u8>().wrapping_add(ahead.bytes),
                 1,
-                l2,
+                ahead.l2,
             );
         }
         for (a, x) in acc.iter_mut().zip(c) {
@@ -72,13 +71,13 @@ mod tests {
         let buf: Vec<u64> = (0..1 << 16).collect();
         let bw = read_bandwidth(&pool, &buf, 2);
         assert!(bw.is_finite() && bw > 0.0);
-        assert_eq!(sum(&[1, 2, 4], 0, false), 7);
+        assert_eq!(sum(&[1, 2, 4], Ahead::NONE), 7);
         let v: Vec<u64> = (0..1000).map(|i| i * 7919).collect();
-        for ahead in PREFETCH_AHEAD {
+        for bytes in PREFETCH_AHEAD {
             for l2 in [false, true] {
                 assert_eq!(
-                    sum(&v, ahead, l2),
-                    sum(&v, 0, false),
+                    sum(&v, Ahead { bytes, l2 }),
+                    sum(&v, Ahead::NONE),
                     "prefetching changes no bit"
                 );
             }

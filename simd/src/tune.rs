@@ -130,6 +130,13 @@ impl Ahead {
         bytes: 0,
         l2: false,
     };
+
+    /// What the kernels run before anything was measured: [`DEFAULT_PREFETCH`] bytes ahead,
+    /// into L1.
+    pub const DEFAULT: Ahead = Ahead {
+        bytes: DEFAULT_PREFETCH,
+        l2: false,
+    };
 }
 
 /// The decode choices of a process.
@@ -137,11 +144,9 @@ impl Ahead {
 pub struct Tuning {
     /// Per type of [`TYPES`], in that order.
     pub decode: [Decode; N_TYPES],
-    /// Per type of [`TYPES`]: bytes ahead of the block computing that the interleaved kernels
-    /// prefetch (0: none), a multiple of 64 up to [`MAX_PREFETCH`].
-    pub prefetch: [usize; N_TYPES],
-    /// Per type of [`TYPES`]: whether those prefetches fill L2 only ([`Ahead::l2`]).
-    pub prefetch_l2: [bool; N_TYPES],
+    /// Per type of [`TYPES`]: the interleaved kernels' software prefetch, its distance a
+    /// multiple of 64 up to [`MAX_PREFETCH`].
+    pub ahead: [Ahead; N_TYPES],
 }
 
 /// The farthest prefetch distance a [`Tuning`] holds.
@@ -153,8 +158,7 @@ impl Tuning {
     pub fn default_for(level: Level) -> Tuning {
         Tuning {
             decode: TYPES.map(|ty| widest(ty, level)),
-            prefetch: [DEFAULT_PREFETCH; N_TYPES],
-            prefetch_l2: [false; N_TYPES],
+            ahead: [Ahead::DEFAULT; N_TYPES],
         }
     }
 
@@ -175,39 +179,32 @@ impl Tuning {
 
     /// The interleaved kernels' prefetch distance for `ty`.
     pub fn prefetch(&self, ty: GgmlType) -> usize {
-        TYPES
-            .iter()
-            .position(|&t| t == ty)
-            .map_or(DEFAULT_PREFETCH, |i| self.prefetch[i])
+        self.ahead(ty).bytes
     }
 
     /// The interleaved kernels' whole software prefetch for `ty`.
     pub fn ahead(&self, ty: GgmlType) -> Ahead {
-        TYPES.iter().position(|&t| t == ty).map_or(
-            Ahead {
-                bytes: DEFAULT_PREFETCH,
-                l2: false,
-            },
-            |i| Ahead {
-                bytes: self.prefetch[i],
-                l2: self.prefetch_l2[i],
-            },
-        )
+        TYPES
+            .iter()
+            .position(|&t| t == ty)
+            .map_or(Ahead::DEFAULT, |i| self.ahead[i])
     }
 
     /// This tuning with `ty`'s choice replaced.
     pub fn with(mut self, ty: GgmlType, d: Decode, ahead: Ahead) -> Tuning {
         if let Some(i) = TYPES.iter().position(|&t| t == ty) {
             self.decode[i] = d;
-            self.prefetch[i] = ahead.bytes;
-            self.prefetch_l2[i] = ahead.l2;
+            self.ahead[i] = ahead;
         }
         self
     }
 
-    /// This tuning with every type's prefetch distance `p` (rounded up to a cache line).
+    /// This tuning with every type's prefetch distance `p` (rounded up to a cache line); the
+    /// cache each fills stays.
     pub fn with_prefetch(mut self, p: usize) -> Tuning {
-        self.prefetch = [p.next_multiple_of(64).min(MAX_PREFETCH); N_TYPES];
+        for a in &mut self.ahead {
+            a.bytes = p.next_multiple_of(64).min(MAX_PREFETCH);
+        }
         self
     }
 
@@ -224,10 +221,10 @@ impl Tuning {
             if !types.contains(ty) {
                 continue;
             }
-            let l2 = if self.prefetch_l2[i] { "/l2" } else { "" };
+            let l2 = if self.ahead[i].l2 { "/l2" } else { "" };
             s.push(match d {
                 Decode::Rows => format!("{ty}={}", d.name()),
-                _ => format!("{ty}={}/{}{l2}", d.name(), self.prefetch[i]),
+                _ => format!("{ty}={}/{}{l2}", d.name(), self.ahead[i].bytes),
             });
         }
         s.join(" ")
@@ -248,7 +245,7 @@ impl Tuning {
             let d = parts.next().unwrap_or_default();
             let p = parts.next();
             // The cache the prefetches fill: L1 unless named.
-            t.prefetch_l2[i] = match parts.next() {
+            t.ahead[i].l2 = match parts.next() {
                 None => false,
                 Some(c) if c.eq_ignore_ascii_case("l2") => true,
                 Some(c) if c.eq_ignore_ascii_case("l1") => false,
@@ -261,7 +258,7 @@ impl Tuning {
                 format!("`{item}`: `{d}` is not rows, interleaved256 or interleaved512")
             })?;
             if let Some(p) = p {
-                t.prefetch[i] = match p.parse::<usize>() {
+                t.ahead[i].bytes = match p.parse::<usize>() {
                     Ok(p) if p <= MAX_PREFETCH => p.next_multiple_of(64),
                     _ => {
                         return Err(format!(
@@ -279,16 +276,16 @@ impl Tuning {
     /// prefetch distance in cache lines at bits 8..16, whether it fills L2 only at bit 16.
     fn encode(&self, i: usize) -> u32 {
         1 | self.decode[i].code() << 1
-            | (self.prefetch[i].div_ceil(64).min(255) as u32) << 8
-            | u32::from(self.prefetch_l2[i]) << 16
+            | (self.ahead[i].bytes.div_ceil(64).min(255) as u32) << 8
+            | u32::from(self.ahead[i].l2) << 16
     }
 
-    fn decode_word(v: u32) -> (Decode, usize, bool) {
-        (
-            Decode::from_code(v >> 1),
-            ((v >> 8) & 0xFF) as usize * 64,
-            v & 1 << 16 != 0,
-        )
+    fn decode_word(v: u32) -> (Decode, Ahead) {
+        let ahead = Ahead {
+            bytes: ((v >> 8) & 0xFF) as usize * 64,
+            l2: v & 1 << 16 != 0,
+        };
+        (Decode::from_code(v >> 1), ahead)
     }
 }
 
@@ -332,7 +329,7 @@ pub fn current() -> Tuning {
     for (i, c) in CURRENT.iter().enumerate() {
         let v = c.load(Ordering::Relaxed);
         if v != 0 {
-            (t.decode[i], t.prefetch[i], t.prefetch_l2[i]) = Tuning::decode_word(v);
+            (t.decode[i], t.ahead[i]) = Tuning::decode_word(v);
         }
     }
     t
@@ -489,8 +486,7 @@ fn time_candidates(
             for (ci, &(d, ahead)) in cands.iter().enumerate() {
                 let t = Tuning {
                     decode: [d; N_TYPES],
-                    prefetch: [ahead.bytes; N_TYPES],
-                    prefetch_l2: [ahead.l2; N_TYPES],
+                    ahead: [ahead; N_TYPES],
                 };
                 let layout = if d == Decode::Rows {
                     Layout::Rows
@@ -707,10 +703,7 @@ mod tests {
             .with(GgmlType::Q5_1, Decode::Interleaved512, a(4608, true))
             .with(GgmlType::Q2K, Decode::Interleaved256, a(64, false));
         for i in 0..N_TYPES {
-            assert_eq!(
-                Tuning::decode_word(t.encode(i)),
-                (t.decode[i], t.prefetch[i], t.prefetch_l2[i])
-            );
+            assert_eq!(Tuning::decode_word(t.encode(i)), (t.decode[i], t.ahead[i]));
         }
         assert_eq!(t.ahead(GgmlType::Q5_0), a(MAX_PREFETCH, true));
         assert_eq!(t.ahead(GgmlType::Q8_0), a(3392, false));
@@ -736,14 +729,7 @@ mod tests {
                 },
             )
             .with(GgmlType::Q6K, Decode::Interleaved512, Ahead::NONE)
-            .with(
-                GgmlType::Q8_0,
-                Decode::Rows,
-                Ahead {
-                    bytes: DEFAULT_PREFETCH,
-                    l2: false,
-                },
-            );
+            .with(GgmlType::Q8_0, Decode::Rows, Ahead::DEFAULT);
         assert!(t.summary().contains("Q4_K=interleaved256/9216/l2 "));
         assert_eq!(Tuning::parse(&t.summary(), base), Ok(t));
         // A choice stored before the cache was named fills L1; `l1` names it too.

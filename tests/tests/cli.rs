@@ -415,34 +415,30 @@ fn calibrated_decode_kernels_are_taken_on_the_same_cpu_only() {
         );
     }
 
-    let out = run(&write(
-        "there.toml",
-        "Another CPU (family 1 model 2, avx2)",
-        kernels,
-    ));
-    let err = text(&out.stderr);
-    assert!(out.status.success(), "stderr: {err}");
-    assert!(
-        err.contains("not on this CPU") && err.contains("not used"),
-        "{err}"
+    // A profile's choice the load logs as not used (`why`), and does not take.
+    let not_used = |hw: &std::path::Path, why: &str| {
+        let out = run(hw);
+        let err = text(&out.stderr);
+        assert!(out.status.success(), "stderr: {err}");
+        assert!(err.contains(why) && err.contains("not used"), "{err}");
+        assert!(
+            !err.contains("decode kernels from `strata calibrate`"),
+            "{err}"
+        );
+    };
+    not_used(
+        &write(
+            "there.toml",
+            "Another CPU (family 1 model 2, avx2)",
+            kernels,
+        ),
+        "not on this CPU",
     );
-    assert!(
-        !err.contains("decode kernels from `strata calibrate`"),
-        "{err}"
-    );
-
     // Measured on this CPU by kernels that read memory otherwise (an older strata): measured
     // again rather than taken.
-    let out = run(&write_at("old.toml", &cpu_id(), kernels, 1));
-    let err = text(&out.stderr);
-    assert!(out.status.success(), "stderr: {err}");
-    assert!(
-        err.contains("revision 1 of the decode kernels") && err.contains("not used"),
-        "{err}"
-    );
-    assert!(
-        !err.contains("decode kernels from `strata calibrate`"),
-        "{err}"
+    not_used(
+        &write_at("old.toml", &cpu_id(), kernels, 1),
+        "revision 1 of the decode kernels",
     );
 
     let out = run(&write("bad.toml", &cpu_id(), "Q4_K=fastest"));

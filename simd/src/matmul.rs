@@ -23,7 +23,9 @@ use strata_storage::quant::GgmlType;
 use crate::dispatch::{self, Level};
 use crate::pool::{SyncPtr, ThreadPool};
 use crate::tune::{self, Decode, Tuning};
-use kernels::{GEMM_ROWS, Gemm, INTERLEAVED_TOKENS, InterleavedFn, Kernel, MULTI_TOKENS, kernel};
+use kernels::{
+    GEMM_ROWS, Gemm, INTERLEAVED_TOKENS, InterleavedFn, Kernel, MULTI_TOKENS, PackFn, kernel,
+};
 
 pub use interleave::TILE_ROWS as INTERLEAVE_ROWS;
 pub use shared::{MAX_SHARED, SHARED_MAX_TOKENS, matmul_shared};
@@ -78,7 +80,7 @@ pub fn interleave_speeds_batches(ty: GgmlType) -> bool {
 /// Whether `level` has a tiled GEMM for `ty` that reads the file's rows: where it has not, a
 /// matrix kept in rows runs a prompt's batch through the slower row kernels.
 pub(crate) fn has_row_gemm(ty: GgmlType, level: Level) -> bool {
-    kernel(ty, level, false).is_some_and(|k| k.gemm.is_some())
+    kernel(ty, level, false).is_some_and(|k| k.gemm.is_some_and(|g| g.pack.is_some()))
 }
 
 /// Whether `ty` has a 512-bit interleaved kernel at `level` on this CPU (the others run the
@@ -335,9 +337,12 @@ pub fn matmul_tuned(
     let gemm = k
         .gemm
         .filter(|_| n_tok >= GEMM_MIN_TOKENS && w.rows >= GEMM_ROWS)
-        .and_then(|g| match w.layout {
-            Layout::Rows => Some(g),
-            Layout::Interleaved => g.pack_interleaved.map(|pack| Gemm { pack, ..g }),
+        .and_then(|g| {
+            let pack = match w.layout {
+                Layout::Rows => g.pack,
+                Layout::Interleaved => g.pack_interleaved,
+            };
+            Some((g, pack?))
         });
 
     // Quantize the activations once; every row's dot product reads them.
@@ -346,13 +351,13 @@ pub fn matmul_tuned(
     if scratch.act.len() < act_len {
         scratch.act.resize(act_len, 0);
     }
-    let side_row = gemm.map_or(0, |g| w.cols / k.act.ty().block_size() * g.side_bytes);
+    let side_row = gemm.map_or(0, |(g, _)| w.cols / k.act.ty().block_size() * g.side_bytes);
     if scratch.side.len() < side_row * n_tok {
         scratch.side.resize(side_row * n_tok, 0);
     }
     let act = &mut scratch.act[..act_len];
     let side = &mut scratch.side[..side_row * n_tok];
-    let side_fn = gemm.and_then(|g| g.side);
+    let side_fn = gemm.and_then(|(g, _)| g.side);
     let prepare = |t: usize, dst: &mut [u8], side: &mut [u8]| {
         (k.quantize)(&x[t * w.cols..(t + 1) * w.cols], dst);
         if let Some(f) = side_fn {
@@ -412,7 +417,7 @@ pub fn matmul_tuned(
                 }
             }
         }
-        (_, Some(g)) => {
+        (_, Some((g, pack))) => {
             let tiles = w.rows / GEMM_ROWS;
             let (t0, t1) = split(tiles, ith, nth);
             // SAFETY: this thread writes only the rows of its own tiles (and the last thread
@@ -421,6 +426,7 @@ pub fn matmul_tuned(
             unsafe {
                 tiles_job(
                     g,
+                    pack,
                     &w,
                     act,
                     act_row,
@@ -528,6 +534,7 @@ thread_local! {
 #[allow(clippy::too_many_arguments)]
 unsafe fn tiles_job(
     g: Gemm,
+    pack: PackFn,
     w: &MatRef<'_>,
     act: &[u8],
     act_row: usize,
@@ -550,7 +557,7 @@ unsafe fn tiles_job(
         let packed = &mut buf[align..align + packed_len];
         for tile in tile0..tile1 {
             let r0 = tile * GEMM_ROWS;
-            (g.pack)(w.cols, &w.data[r0 * row_bytes..], row_bytes, packed);
+            pack(w.cols, &w.data[r0 * row_bytes..], row_bytes, packed);
             // SAFETY: rows r0..r0 + 16 of every token are this thread's (caller's contract),
             // and out + t * rows + r0 .. + 16 lies inside `out`.
             unsafe {

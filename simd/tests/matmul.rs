@@ -215,7 +215,7 @@ fn interleaved_layout_matches_scalar_rows() {
                     layout: Layout::Interleaved,
                     ..rows_w
                 };
-                for n_tok in [1, 2, 3, 4, 5, 9, 11, 17] {
+                for n_tok in [1, 2, 3, 4, 5, 9, 11, 17, 19] {
                     let x = random_f32(&mut rng, n_tok * cols);
                     let want = run(Level::Scalar, &pools[0], rows_w, &x, n_tok, &mut scratch);
                     for &(level, tuning) in &candidates {
@@ -262,6 +262,75 @@ fn interleaved_layout_matches_scalar_rows() {
         }
     }
     eprintln!("interleaved cases tested: {tested} (0: this CPU has no kernel for the layout)");
+}
+
+/// AVX2's tiled GEMM (interleaved Q4_K and Q6_K, from 16 tokens) does its interleaved
+/// kernels' arithmetic step for step: a token gets the same bits in a batch as alone, so a
+/// prompt's logits do not depend on whether its batch reached the GEMM.
+#[test]
+fn avx2_gemm_equals_its_interleaved_kernels_exactly() {
+    if !dispatch::available(Level::Avx2) {
+        eprintln!("no AVX2: nothing to test");
+        return;
+    }
+    let pools = [ThreadPool::new(1), ThreadPool::new(2)];
+    let mut scratch = MatmulScratch::new();
+    let mut rng = StdRng::seed_from_u64(31);
+    let tuning = Tuning::default_for(Level::Avx2).with_decode(Decode::Interleaved256);
+    let shapes = [(16, 256), (48, 1536), (33, 2560)];
+    for (ty, (rows, cols)) in [GgmlType::Q4K, GgmlType::Q6K]
+        .into_iter()
+        .flat_map(|ty| shapes.map(|s| (ty, s)))
+    {
+        for random_bytes in [false, true] {
+            let data = if random_bytes {
+                random_weights(&mut rng, ty, rows, cols)
+            } else {
+                quantized_weights(&mut rng, ty, rows, cols)
+            };
+            let mut il = data.clone();
+            assert!(interleave_always(ty, &mut il, rows, cols).expect("interleave"));
+            let w = MatRef {
+                ty,
+                data: &il,
+                rows,
+                cols,
+                layout: Layout::Interleaved,
+            };
+            for pool in &pools {
+                for n_tok in [16, 17, 19, 22] {
+                    let x = random_f32(&mut rng, n_tok * cols);
+                    let mut batched = vec![f32::NAN; n_tok * rows];
+                    matmul_tuned(
+                        Level::Avx2,
+                        tuning,
+                        pool,
+                        w,
+                        &x,
+                        n_tok,
+                        &mut batched,
+                        &mut scratch,
+                    )
+                    .expect("matmul");
+                    for t in 0..n_tok {
+                        let mut one = vec![f32::NAN; rows];
+                        let x1 = &x[t * cols..(t + 1) * cols];
+                        matmul_tuned(Level::Avx2, tuning, pool, w, x1, 1, &mut one, &mut scratch)
+                            .expect("matmul");
+                        let got = &batched[t * rows..(t + 1) * rows];
+                        for (r, (g, o)) in got.iter().zip(&one).enumerate() {
+                            assert!(
+                                g.to_bits() == o.to_bits(),
+                                "{ty} {rows}x{cols} n_tok={n_tok} threads={} random_bytes=\
+                                 {random_bytes} token {t} row {r}: batched {g} vs alone {o}",
+                                pool.n_threads()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The error the activation quantization may add, per weight type: squared error against an

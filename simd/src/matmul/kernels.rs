@@ -39,7 +39,8 @@ pub(crate) const INTERLEAVED_TOKENS: usize = 4;
 pub(crate) const GEMM_ROWS: usize = 16;
 
 /// The tiled GEMM for prefill: a tile of [`GEMM_ROWS`] weight rows is packed once into a
-/// thread's scratch, then multiplied into every token (`arch::x86_64::gemm`).
+/// thread's scratch, then multiplied into every token (`arch::x86_64::gemm` at AVX-512 VNNI,
+/// `arch::x86_64::gemm_avx2` for Q4_K below it without VNNI).
 #[derive(Clone, Copy)]
 pub(crate) struct Gemm {
     /// Columns per weight block.
@@ -47,8 +48,9 @@ pub(crate) struct Gemm {
     /// Bytes of one packed block of a tile.
     pub(crate) packed_block: usize,
     /// Packs a tile: column count, the tile's first row onwards (`GEMM_ROWS` rows of
-    /// `row_bytes`), `row_bytes`, destination (`cols / block_k * packed_block` bytes).
-    pub(crate) pack: PackFn,
+    /// `row_bytes`), `row_bytes`, destination (`cols / block_k * packed_block` bytes). `None`
+    /// where the GEMM reads only interleaved matrices (AVX2's).
+    pub(crate) pack: Option<PackFn>,
     /// Side data computed from each quantized activation row, `side_bytes` per block, or
     /// nothing.
     pub(crate) side: Option<SideFn>,
@@ -223,8 +225,9 @@ pub(crate) use x86::{has_interleaved_512, interleaved};
 mod x86 {
     use super::*;
     use crate::arch::x86_64::{
-        avx2, avx512, gemm as tiled, interleaved as il, interleaved_avx2 as il2,
-        interleaved_avx2_kq as il2kq, interleaved_vnni256 as il_vnni, multi,
+        avx2, avx512, gemm as tiled, gemm_avx2 as il2gemm, interleaved as il,
+        interleaved_avx2 as il2, interleaved_avx2_kq as il2kq, interleaved_vnni256 as il_vnni,
+        multi,
     };
 
     /// A safe wrapper around an `unsafe` SIMD dot product. Sound because [`dot`] hands it out
@@ -531,14 +534,140 @@ mod x86 {
     wrap_run!(run_q6_k, tiled::Q6K_PACKED, Act::Q8K, 0, call_q6_k);
     wrap_run!(run_legacy, tiled::LEGACY_PACKED, Act::Q8_0, 8, call_legacy);
 
+    /// The side data of a Q8_K row for AVX2's Q4_K GEMM; sound as `wrap_dot!`: handed out by
+    /// [`gemm`] only at AVX2 and above, lengths checked here.
+    fn side_q4_k_avx2(act: &[u8], side: &mut [u8]) {
+        let nb = act.len() / T::Q8K.row_bytes(256);
+        assert!(
+            side.len() >= nb * il2gemm::Q4K_SIDE,
+            "side data called with a short row"
+        );
+        // SAFETY: the CPU has AVX2 (see above); `nb` blocks and their side bytes are in
+        // bounds (checked).
+        unsafe { il2gemm::side_q4k(act.as_ptr(), nb, side.as_mut_ptr()) }
+    }
+
+    /// Packs an interleaved Q4_K tile for AVX2's GEMM; sound as `side_q4_k_avx2`.
+    fn pack_q4_k_avx2(cols: usize, w: &[u8], row_bytes: usize, dst: &mut [u8]) {
+        let nb = cols / 256;
+        assert!(
+            cols.is_multiple_of(256)
+                && row_bytes == T::Q4K.row_bytes(cols)
+                && w.len() >= nb * crate::matmul::interleave::Q4K_TILE_BLOCK
+                && dst.len() >= nb * il2gemm::Q4K_PACKED,
+            "interleaved tile packer called with short rows"
+        );
+        // SAFETY: the CPU has AVX2; `nb` tile blocks and packed blocks are in bounds (checked).
+        unsafe { il2gemm::pack_q4k_interleaved(w.as_ptr(), nb, dst.as_mut_ptr()) }
+    }
+
+    /// Packs an interleaved Q6_K tile for AVX2's GEMM; sound as `side_q4_k_avx2`.
+    fn pack_q6_k_avx2(cols: usize, w: &[u8], row_bytes: usize, dst: &mut [u8]) {
+        let nb = cols / 256;
+        assert!(
+            cols.is_multiple_of(256)
+                && row_bytes == T::Q6K.row_bytes(cols)
+                && w.len() >= nb * crate::matmul::interleave::Q6K_TILE_BLOCK
+                && dst.len() >= nb * il2gemm::Q6K_PACKED,
+            "interleaved tile packer called with short rows"
+        );
+        // SAFETY: the CPU has AVX2; `nb` tile blocks and packed blocks are in bounds (checked).
+        unsafe { il2gemm::pack_q6k_interleaved(w.as_ptr(), nb, dst.as_mut_ptr()) }
+    }
+
+    /// Runs one of AVX2's tile kernels (`il2gemm::$k::<NT>`) over `n_tok` tokens in groups of
+    /// its `TILE_TOKENS`.
+    macro_rules! wrap_run_avx2 {
+        ($name:ident, $k:ident, $packed:expr, $side_bytes:expr) => {
+            /// # Safety
+            /// See [`GemmRunFn`]; the CPU has AVX2 (handed out by [`gemm`] only then).
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn $name(
+                cols: usize,
+                packed: &[u8],
+                act: &[u8],
+                act_row: usize,
+                side: &[u8],
+                side_row: usize,
+                n_tok: usize,
+                out: *mut f32,
+                out_stride: usize,
+            ) {
+                let nb = cols / 256;
+                let row = T::Q8K.row_bytes(cols);
+                let side_len: usize = nb * $side_bytes;
+                assert!(
+                    cols.is_multiple_of(256)
+                        && packed.len() >= nb * $packed
+                        && act_row >= row
+                        && side_row >= side_len
+                        && (n_tok == 0
+                            || (act.len() >= (n_tok - 1) * act_row + row
+                                && side.len() >= (n_tok - 1) * side_row + side_len)),
+                    "tile kernel called with short rows"
+                );
+                const NT: usize = il2gemm::TILE_TOKENS;
+                let (pk, a, s) = (packed.as_ptr(), act.as_ptr(), side.as_ptr());
+                let mut t0 = 0;
+                while t0 < n_tok {
+                    let nt = (n_tok - t0).min(NT);
+                    // SAFETY: the CPU has the features; tokens t0..t0 + nt are in bounds
+                    // (checked above) and their outputs writable (caller's contract).
+                    unsafe {
+                        let (a, s, o) = (
+                            a.add(t0 * act_row),
+                            s.add(t0 * side_row),
+                            out.add(t0 * out_stride),
+                        );
+                        match nt {
+                            1 => il2gemm::$k::<1>(nb, pk, a, act_row, s, side_row, o, out_stride),
+                            2 => il2gemm::$k::<2>(nb, pk, a, act_row, s, side_row, o, out_stride),
+                            3 => il2gemm::$k::<3>(nb, pk, a, act_row, s, side_row, o, out_stride),
+                            _ => il2gemm::$k::<NT>(nb, pk, a, act_row, s, side_row, o, out_stride),
+                        }
+                    }
+                    t0 += nt;
+                }
+            }
+        };
+    }
+    wrap_run_avx2!(run_q4_k_avx2, q4k, il2gemm::Q4K_PACKED, il2gemm::Q4K_SIDE);
+    wrap_run_avx2!(run_q6_k_avx2, q6k, il2gemm::Q6K_PACKED, 0);
+
     pub(super) fn gemm(ty: GgmlType, level: Level) -> Option<Gemm> {
         if level < Level::Avx512Vnni {
-            return None;
+            // AVX2's GEMM reads interleaved tiles only (its prefill in rows keeps the row
+            // kernels). AVX-VNNI keeps its interleaved kernels: `vpdpbusd` does in one
+            // instruction what costs AVX2 three, so there the unpacking weighs less.
+            if level < Level::Avx2 || level == Level::AvxVnni {
+                return None;
+            }
+            return match ty {
+                T::Q4K => Some(Gemm {
+                    block_k: 256,
+                    packed_block: il2gemm::Q4K_PACKED,
+                    pack: None,
+                    side: Some(side_q4_k_avx2),
+                    side_bytes: il2gemm::Q4K_SIDE,
+                    run: run_q4_k_avx2,
+                    pack_interleaved: Some(pack_q4_k_avx2),
+                }),
+                T::Q6K => Some(Gemm {
+                    block_k: 256,
+                    packed_block: il2gemm::Q6K_PACKED,
+                    pack: None,
+                    side: None,
+                    side_bytes: 0,
+                    run: run_q6_k_avx2,
+                    pack_interleaved: Some(pack_q6_k_avx2),
+                }),
+                _ => None,
+            };
         }
         let k_quant = |pack: PackFn, packed_block, run, pack_interleaved| Gemm {
             block_k: 256,
             packed_block,
-            pack,
+            pack: Some(pack),
             side: None,
             side_bytes: 0,
             run,
@@ -547,7 +676,7 @@ mod x86 {
         let legacy = |pack: PackFn, side: SideFn, pack_interleaved| Gemm {
             block_k: 32,
             packed_block: tiled::LEGACY_PACKED,
-            pack,
+            pack: Some(pack),
             side: Some(side),
             side_bytes: 8,
             run: run_legacy,

@@ -5,6 +5,7 @@
 pub(crate) mod avx2;
 pub(crate) mod avx512;
 pub(crate) mod gemm;
+pub(crate) mod gemm_avx2;
 pub(crate) mod interleaved;
 pub(crate) mod interleaved_avx2;
 pub(crate) mod interleaved_avx2_kq;

@@ -40,7 +40,7 @@ pub(crate) const GEMM_ROWS: usize = 16;
 
 /// The tiled GEMM for prefill: a tile of [`GEMM_ROWS`] weight rows is packed once into a
 /// thread's scratch, then multiplied into every token (`arch::x86_64::gemm` at AVX-512 VNNI,
-/// `arch::x86_64::gemm_avx2` for Q4_K below it without VNNI).
+/// `arch::x86_64::gemm_avx2` for interleaved Q4_K and Q6_K below it).
 #[derive(Clone, Copy)]
 pub(crate) struct Gemm {
     /// Columns per weight block.
@@ -534,8 +534,8 @@ mod x86 {
     wrap_run!(run_q6_k, tiled::Q6K_PACKED, Act::Q8K, 0, call_q6_k);
     wrap_run!(run_legacy, tiled::LEGACY_PACKED, Act::Q8_0, 8, call_legacy);
 
-    /// The side data of a Q8_K row for AVX2's Q4_K GEMM; sound as `wrap_dot!`: handed out by
-    /// [`gemm`] only at AVX2 and above, lengths checked here.
+    /// The side data of a Q8_K row for AVX2's (and AVX-VNNI's) Q4_K GEMM; sound as
+    /// `wrap_dot!`: handed out by [`gemm`] only at AVX2 and above, lengths checked here.
     fn side_q4_k_avx2(act: &[u8], side: &mut [u8]) {
         let nb = act.len() / T::Q8K.row_bytes(256);
         assert!(
@@ -547,40 +547,78 @@ mod x86 {
         unsafe { il2gemm::side_q4k(act.as_ptr(), nb, side.as_mut_ptr()) }
     }
 
-    /// Packs an interleaved Q4_K tile for AVX2's GEMM; sound as `side_q4_k_avx2`.
-    fn pack_q4_k_avx2(cols: usize, w: &[u8], row_bytes: usize, dst: &mut [u8]) {
-        let nb = cols / 256;
+    /// The side data of a Q8_K row for AVX-VNNI's Q6_K GEMM; sound as `side_q4_k_avx2`.
+    fn side_q6_k_vnni(act: &[u8], side: &mut [u8]) {
+        let nb = act.len() / T::Q8K.row_bytes(256);
         assert!(
-            cols.is_multiple_of(256)
-                && row_bytes == T::Q4K.row_bytes(cols)
-                && w.len() >= nb * crate::matmul::interleave::Q4K_TILE_BLOCK
-                && dst.len() >= nb * il2gemm::Q4K_PACKED,
-            "interleaved tile packer called with short rows"
+            side.len() >= nb * il2gemm::Q6K_SIDE_VNNI,
+            "side data called with a short row"
         );
-        // SAFETY: the CPU has AVX2; `nb` tile blocks and packed blocks are in bounds (checked).
-        unsafe { il2gemm::pack_q4k_interleaved(w.as_ptr(), nb, dst.as_mut_ptr()) }
+        // SAFETY: the CPU has AVX2 (see above); `nb` blocks and their side bytes are in
+        // bounds (checked).
+        unsafe { il2gemm::side_q6k_vnni(act.as_ptr(), nb, side.as_mut_ptr()) }
     }
 
-    /// Packs an interleaved Q6_K tile for AVX2's GEMM; sound as `side_q4_k_avx2`.
-    fn pack_q6_k_avx2(cols: usize, w: &[u8], row_bytes: usize, dst: &mut [u8]) {
-        let nb = cols / 256;
-        assert!(
-            cols.is_multiple_of(256)
-                && row_bytes == T::Q6K.row_bytes(cols)
-                && w.len() >= nb * crate::matmul::interleave::Q6K_TILE_BLOCK
-                && dst.len() >= nb * il2gemm::Q6K_PACKED,
-            "interleaved tile packer called with short rows"
-        );
-        // SAFETY: the CPU has AVX2; `nb` tile blocks and packed blocks are in bounds (checked).
-        unsafe { il2gemm::pack_q6k_interleaved(w.as_ptr(), nb, dst.as_mut_ptr()) }
+    /// Packers of interleaved K-quant tiles for AVX2's and AVX-VNNI's GEMMs (`$vnni`: scales
+    /// as f32 for the latter); sound as `side_q4_k_avx2`.
+    macro_rules! wrap_pack_avx2 {
+        ($name:ident, $kernel:ident, $vnni:expr, $wty:expr, $tile_block:expr, $packed:expr) => {
+            fn $name(cols: usize, w: &[u8], row_bytes: usize, dst: &mut [u8]) {
+                let nb = cols / 256;
+                assert!(
+                    cols.is_multiple_of(256)
+                        && row_bytes == $wty.row_bytes(cols)
+                        && w.len() >= nb * $tile_block
+                        && dst.len() >= nb * $packed,
+                    "interleaved tile packer called with short rows"
+                );
+                // SAFETY: the CPU has AVX2; `nb` tile blocks and packed blocks are in bounds
+                // (checked above).
+                unsafe { il2gemm::$kernel::<$vnni>(w.as_ptr(), nb, dst.as_mut_ptr()) }
+            }
+        };
     }
+    use crate::matmul::interleave::{Q4K_TILE_BLOCK, Q6K_TILE_BLOCK};
+    wrap_pack_avx2!(
+        pack_q4_k_avx2,
+        pack_q4k_interleaved,
+        false,
+        T::Q4K,
+        Q4K_TILE_BLOCK,
+        il2gemm::Q4K_PACKED
+    );
+    wrap_pack_avx2!(
+        pack_q4_k_vnni,
+        pack_q4k_interleaved,
+        true,
+        T::Q4K,
+        Q4K_TILE_BLOCK,
+        il2gemm::Q4K_PACKED
+    );
+    wrap_pack_avx2!(
+        pack_q6_k_avx2,
+        pack_q6k_interleaved,
+        false,
+        T::Q6K,
+        Q6K_TILE_BLOCK,
+        il2gemm::Q6K_PACKED
+    );
+    wrap_pack_avx2!(
+        pack_q6_k_vnni,
+        pack_q6k_interleaved,
+        true,
+        T::Q6K,
+        Q6K_TILE_BLOCK,
+        il2gemm::Q6K_PACKED
+    );
 
-    /// Runs one of AVX2's tile kernels (`il2gemm::$k::<NT>`) over `n_tok` tokens in groups of
-    /// its `TILE_TOKENS`.
+    /// Runs one of AVX2's or AVX-VNNI's tile kernels (`$m::$k::<NT>`) over `n_tok` tokens in
+    /// groups of `TILE_TOKENS`.
     macro_rules! wrap_run_avx2 {
-        ($name:ident, $k:ident, $packed:expr, $side_bytes:expr) => {
+        ($name:ident, $m:ident :: $k:ident, $packed:expr, $side_bytes:expr) => {
             /// # Safety
-            /// See [`GemmRunFn`]; the CPU has AVX2 (handed out by [`gemm`] only then).
+            /// See [`GemmRunFn`]; the CPU has AVX2, and AVX-VNNI for `vnni`'s kernels (handed
+            /// out by [`gemm`] only then).
             #[allow(clippy::too_many_arguments)]
             unsafe fn $name(
                 cols: usize,
@@ -596,8 +634,10 @@ mod x86 {
                 let nb = cols / 256;
                 let row = T::Q8K.row_bytes(cols);
                 let side_len: usize = nb * $side_bytes;
+                // At least one block: the kernels keep their running sums in `out`.
                 assert!(
                     cols.is_multiple_of(256)
+                        && nb > 0
                         && packed.len() >= nb * $packed
                         && act_row >= row
                         && side_row >= side_len
@@ -620,10 +660,10 @@ mod x86 {
                             out.add(t0 * out_stride),
                         );
                         match nt {
-                            1 => il2gemm::$k::<1>(nb, pk, a, act_row, s, side_row, o, out_stride),
-                            2 => il2gemm::$k::<2>(nb, pk, a, act_row, s, side_row, o, out_stride),
-                            3 => il2gemm::$k::<3>(nb, pk, a, act_row, s, side_row, o, out_stride),
-                            _ => il2gemm::$k::<NT>(nb, pk, a, act_row, s, side_row, o, out_stride),
+                            1 => $m::$k::<1>(nb, pk, a, act_row, s, side_row, o, out_stride),
+                            2 => $m::$k::<2>(nb, pk, a, act_row, s, side_row, o, out_stride),
+                            3 => $m::$k::<3>(nb, pk, a, act_row, s, side_row, o, out_stride),
+                            _ => $m::$k::<NT>(nb, pk, a, act_row, s, side_row, o, out_stride),
                         }
                     }
                     t0 += nt;
@@ -631,36 +671,69 @@ mod x86 {
             }
         };
     }
-    wrap_run_avx2!(run_q4_k_avx2, q4k, il2gemm::Q4K_PACKED, il2gemm::Q4K_SIDE);
-    wrap_run_avx2!(run_q6_k_avx2, q6k, il2gemm::Q6K_PACKED, 0);
+    use il2gemm::vnni as il2vnni;
+    wrap_run_avx2!(
+        run_q4_k_avx2,
+        il2gemm::q4k,
+        il2gemm::Q4K_PACKED,
+        il2gemm::Q4K_SIDE
+    );
+    wrap_run_avx2!(run_q6_k_avx2, il2gemm::q6k, il2gemm::Q6K_PACKED, 0);
+    wrap_run_avx2!(
+        run_q4_k_vnni,
+        il2vnni::q4k,
+        il2gemm::Q4K_PACKED,
+        il2gemm::Q4K_SIDE
+    );
+    wrap_run_avx2!(
+        run_q6_k_vnni,
+        il2vnni::q6k,
+        il2gemm::Q6K_PACKED,
+        il2gemm::Q6K_SIDE_VNNI
+    );
 
     pub(super) fn gemm(ty: GgmlType, level: Level) -> Option<Gemm> {
         if level < Level::Avx512Vnni {
-            // AVX2's GEMM reads interleaved tiles only (its prefill in rows keeps the row
-            // kernels). AVX-VNNI keeps its interleaved kernels: `vpdpbusd` does in one
-            // instruction what costs AVX2 three, so there the unpacking weighs less.
-            if level < Level::Avx2 || level == Level::AvxVnni {
+            // AVX2's and AVX-VNNI's GEMMs read interleaved tiles only (their prefill in rows
+            // keeps the row kernels).
+            let vnni = level == Level::AvxVnni;
+            if level < Level::Avx2 || (vnni && !dispatch::has_avx_vnni()) {
                 return None;
             }
-            return match ty {
-                T::Q4K => Some(Gemm {
-                    block_k: 256,
-                    packed_block: il2gemm::Q4K_PACKED,
-                    pack: None,
-                    side: Some(side_q4_k_avx2),
-                    side_bytes: il2gemm::Q4K_SIDE,
-                    run: run_q4_k_avx2,
-                    pack_interleaved: Some(pack_q4_k_avx2),
-                }),
-                T::Q6K => Some(Gemm {
-                    block_k: 256,
-                    packed_block: il2gemm::Q6K_PACKED,
-                    pack: None,
-                    side: None,
-                    side_bytes: 0,
-                    run: run_q6_k_avx2,
-                    pack_interleaved: Some(pack_q6_k_avx2),
-                }),
+            let k = |packed_block, side, side_bytes, run, pack| Gemm {
+                block_k: 256,
+                packed_block,
+                pack: None,
+                side,
+                side_bytes,
+                run,
+                pack_interleaved: Some(pack),
+            };
+            let (q4, q6) = (il2gemm::Q4K_PACKED, il2gemm::Q6K_PACKED);
+            let side4: Option<SideFn> = Some(side_q4_k_avx2);
+            return match (ty, vnni) {
+                (T::Q4K, false) => Some(k(
+                    q4,
+                    side4,
+                    il2gemm::Q4K_SIDE,
+                    run_q4_k_avx2,
+                    pack_q4_k_avx2,
+                )),
+                (T::Q6K, false) => Some(k(q6, None, 0, run_q6_k_avx2, pack_q6_k_avx2)),
+                (T::Q4K, true) => Some(k(
+                    q4,
+                    side4,
+                    il2gemm::Q4K_SIDE,
+                    run_q4_k_vnni,
+                    pack_q4_k_vnni,
+                )),
+                (T::Q6K, true) => Some(k(
+                    q6,
+                    Some(side_q6_k_vnni),
+                    il2gemm::Q6K_SIDE_VNNI,
+                    run_q6_k_vnni,
+                    pack_q6_k_vnni,
+                )),
                 _ => None,
             };
         }

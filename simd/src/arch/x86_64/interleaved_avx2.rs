@@ -75,6 +75,22 @@ pub(super) fn prefetch_ahead(tile: *const u8, b: usize, block: usize, ahead: Ahe
     }
 }
 
+/// Step `(j, k)` of a kernel's walk over a tile block's halves `h` and sub-blocks `s` (`n` of
+/// them), as `(h, s)`. A batch's kernel (`NT` > 1) takes each half through the whole block
+/// before the other, so that one half's sums for 4 tokens fit the 16 registers (the second
+/// pass reads the block from L1); decode (`NT` = 1) has the registers for both halves and takes
+/// them side by side, each sub-block's lines once, as they arrive from memory. A half's sums
+/// run over the sub-blocks in the same order either way, so the bits are the same.
+#[inline(always)]
+pub(super) fn half_order<const NT: usize>(j: usize, k: usize, n: usize) -> (usize, usize) {
+    if NT == 1 {
+        let i = j * n + k;
+        (i % 2, i / 2)
+    } else {
+        (j, k)
+    }
+}
+
 /// 16 bytes holding one byte per row (rows 0..16) → 16 i16, each of rows `8 h..8 h + 8`'s
 /// bytes twice (zero-extended): the per-row factor of a `vpmaddwd` over i16 pairs.
 #[inline]
@@ -286,11 +302,11 @@ pub(crate) unsafe fn q4k<const NT: usize>(
             let x = tile.add(b * Q4K_TILE_BLOCK);
             let (sc, mn) = k4_scales(x.add(64));
             let y = act.add(b * Q8K_BLOCK);
-            // Each half through the whole block before the other (the second pass reads the
-            // block from L1): one half's sums for 4 tokens fit the 16 registers, both did not.
+            // The halves in `half_order`.
             let mut isum = [[_mm256_setzero_si256(); NT]; 2];
-            for h in 0..2 {
-                for s in 0..8 {
+            for j in 0..2 {
+                for k in 0..8 {
+                    let (h, s) = half_order::<NT>(j, k, 8);
                     if h == 0 {
                         prefetch_part::<NT>(x, Q4K_TILE_BLOCK, ahead, s, 8);
                     }
@@ -400,10 +416,10 @@ pub(crate) unsafe fn q6k<const NT: usize>(
             let y = act.add(b * Q8K_BLOCK);
             let mut isum = [[_mm256_setzero_si256(); NT]; 2];
             let mut corr = [[_mm256_setzero_si256(); NT]; 2];
-            // Each half through the whole block before the other (the second pass reads the
-            // block from L1): one half's sums for 4 tokens fit the 16 registers, both did not.
-            for h in 0..2 {
-                for s in 0..16 {
+            // The halves in `half_order`.
+            for j in 0..2 {
+                for k in 0..16 {
+                    let (h, s) = half_order::<NT>(j, k, 16);
                     if h == 0 {
                         prefetch_part::<NT>(x, Q6K_TILE_BLOCK, ahead, s, 16);
                     }

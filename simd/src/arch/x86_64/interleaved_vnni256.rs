@@ -22,8 +22,8 @@ macro_rules! vnni256_kernels {
             use super::super::avx2;
             use super::super::interleaved::prefetch_part;
             use super::super::interleaved_avx2::{
-                Q8_0_ACT, Q8_1_ACT, Q8K_BLOCK, bcast4, f16_rows, k4_block_end_f32, k4_scales, load,
-                offset_sum, prefetch_ahead, q5_pair, q6k_quads, store,
+                Q8_0_ACT, Q8_1_ACT, Q8K_BLOCK, bcast4, f16_rows, half_order, k4_block_end_f32,
+                k4_scales, load, offset_sum, prefetch_ahead, q5_pair, q6k_quads, store,
             };
             use super::super::interleaved_avx2_kq::{bit_to, q3k_scale};
             use crate::matmul::interleave::kq::{
@@ -84,8 +84,9 @@ macro_rules! vnni256_kernels {
                         let (sc, mn) = k4_scales(x.add(64));
                         let y = act.add(b * Q8K_BLOCK);
                         let mut accb = [[_mm256_setzero_ps(); NT]; 2];
-                        for h in 0..2 {
-                            for s in 0..8 {
+                        for j in 0..2 {
+                            for k in 0..8 {
+                                let (h, s) = half_order::<NT>(j, k, 8);
                                 if h == 0 {
                                     prefetch_part::<NT>(x, Q4K_TILE_BLOCK, ahead, s, 8);
                                 }
@@ -409,9 +410,10 @@ macro_rules! vnni256_kernels {
                     unsafe {
                         let x = tile.add(b * Q6K_TILE_BLOCK);
                         let y = act.add(b * Q8K_BLOCK);
-                        for h in 0..2 {
-                            let mut accb = [_mm256_setzero_ps(); NT];
-                            for s in 0..16 {
+                        let mut accb = [[_mm256_setzero_ps(); NT]; 2];
+                        for j in 0..2 {
+                            for k in 0..16 {
+                                let (h, s) = half_order::<NT>(j, k, 16);
                                 if h == 0 {
                                     prefetch_part::<NT>(x, Q6K_TILE_BLOCK, ahead, s, 16);
                                 }
@@ -431,17 +433,19 @@ macro_rules! vnni256_kernels {
                                     for (i, qi) in q.iter().enumerate() {
                                         dot = dp(dot, *qi, bcast4(a.add(4 * i)));
                                     }
-                                    accb[t] =
-                                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scf, accb[t]);
+                                    accb[h][t] =
+                                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scf, accb[h][t]);
                                 }
                             }
+                        }
+                        for h in 0..2 {
                             let d = f16_rows(x.add(16 * h));
                             for t in 0..NT {
                                 let dy = _mm256_set1_ps(
                                     y.add(t * act_row).cast::<f32>().read_unaligned(),
                                 );
                                 acc[h][t] =
-                                    _mm256_fmadd_ps(accb[t], _mm256_mul_ps(d, dy), acc[h][t]);
+                                    _mm256_fmadd_ps(accb[h][t], _mm256_mul_ps(d, dy), acc[h][t]);
                             }
                         }
                     }

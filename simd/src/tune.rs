@@ -599,15 +599,17 @@ pub fn measure(
         // The row kernels only where the level's prefill GEMM reads rows: elsewhere a type
         // kept in rows for a faster decode would run every prompt through the row kernels
         // (qwen2.5-coder-1.5b pp512 at `STRATA_SIMD=avx2`: 47 t/s in rows, 107 interleaved).
-        let mut cands = if choose_kernels && matmul::has_row_gemm(ty, level) {
-            vec![(Decode::Rows, Ahead::NONE)]
-        } else {
-            Vec::new()
-        };
-        for d in [Decode::Interleaved256, Decode::Interleaved512] {
+        let rows = choose_kernels && matmul::has_row_gemm(ty, level);
+        let mut cands = Vec::new();
+        for d in [Decode::Rows, Decode::Interleaved256, Decode::Interleaved512] {
             // A type without a 512-bit kernel would time its 256-bit one twice.
-            let has = d.available(level)
-                && (d != Decode::Interleaved512 || matmul::has_interleaved_512(ty, level));
+            let has = match d {
+                Decode::Rows => rows,
+                Decode::Interleaved256 => d.available(level),
+                Decode::Interleaved512 => {
+                    d.available(level) && matmul::has_interleaved_512(ty, level)
+                }
+            };
             if has && (choose_kernels || d == want) {
                 cands.push((d, Ahead::NONE));
                 for l2 in [false, true] {

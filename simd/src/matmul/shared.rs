@@ -162,6 +162,7 @@ pub fn matmul_shared(
                         n_tok,
                         tiles * INTERLEAVE_ROWS,
                         p.w.rows,
+                        p.ahead,
                         p.out.get(),
                     )
                 };
@@ -170,7 +171,7 @@ pub fn matmul_shared(
         None => {
             let (r0, r1) = (u0 * INTERLEAVE_ROWS, (u1 * INTERLEAVE_ROWS).min(p.w.rows));
             // SAFETY: as above: rows r0..r1 of this matrix's output are this thread's.
-            unsafe { rows_job(p.k, &p.w, act, act_row, n_tok, r0, r1, p.out.get()) };
+            unsafe { rows_job(p.k, &p.w, act, act_row, n_tok, r0, r1, p.ahead, p.out.get()) };
         }
     };
     // The threads claim pieces of all the matrices' units, one after another, from one

@@ -632,8 +632,8 @@ fn split(n: usize, ith: usize, nth: usize) -> (usize, usize) {
 ///
 /// # Safety
 /// `out` must point at `n_tok * w.rows` writable f32 that no other thread writes in columns
-/// `r0..r1`; `act` holds `n_tok` rows of `act_row` bytes; `w` passed `check_shapes`.
-#[allow(clippy::too_many_arguments)]
+/// `r0..r1`; `act` holds `n_tok` rows of `act_row` bytes; `w` passed `check_shapes`. `ahead` is
+/// the software prefetch along the rows (a hint: it reads past no bound).
 #[allow(clippy::too_many_arguments)]
 unsafe fn rows_job(
     k: Kernel,

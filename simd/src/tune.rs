@@ -103,8 +103,9 @@ pub const N_TYPES: usize = 10;
 /// can move the best prefetch distance or kernel. 1: each tile block's prefetches issued at
 /// its start (choices stored before the revision was kept); 2: spread over its sub-blocks;
 /// 3: the 512-bit kernels prefetch past a tile's end as the others do, and a prefetch may fill
-/// L2 only ([`Ahead::l2`]).
-pub const REVISION: u32 = 3;
+/// L2 only ([`Ahead::l2`]); 4: the row kernels prefetch too (a stored choice of rows had been
+/// timed without it).
+pub const REVISION: u32 = 4;
 
 /// The prefetch distance the interleaved kernels used before it was measured: two Q4_K tile
 /// blocks.

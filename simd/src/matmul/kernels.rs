@@ -451,12 +451,13 @@ mod x86 {
         tiled::legacy_side(tiled::Legacy::Q8_0, act, side)
     }
 
-    /// Runs a tile kernel over `n_tok` tokens in groups of `TILE_TOKENS`; `$call!(NT, a, side,
-    /// out)` is one group.
+    /// Runs a tile kernel over `n_tok` tokens in groups of `$nt` (its `TILE_TOKENS`);
+    /// `$k!(NT, ...)` is one group, and `$n` lists the smaller group sizes.
     macro_rules! wrap_run {
-        ($name:ident, $packed:expr, $act:expr, $side_bytes:expr, $k:ident) => {
+        ($name:ident, $packed:expr, $act:expr, $side_bytes:expr, $k:ident, $nt:expr; $($n:literal),*) => {
             /// # Safety
-            /// See [`GemmRunFn`]; the CPU has AVX-512 VNNI (handed out by [`gemm`] only then).
+            /// See [`GemmRunFn`]; the CPU has the kernel's features (handed out by [`gemm`]
+            /// only then).
             #[allow(clippy::too_many_arguments)]
             unsafe fn $name(
                 cols: usize,
@@ -472,8 +473,10 @@ mod x86 {
                 let ty = $act.ty();
                 let nb = cols / ty.block_size();
                 let side_bytes: usize = $side_bytes;
+                // At least one block: the 256-bit kernels keep their running sums in `out`.
                 assert!(
                     cols.is_multiple_of(ty.block_size())
+                        && nb > 0
                         && packed.len() >= nb * $packed
                         && act_row >= ty.row_bytes(cols)
                         && (n_tok == 0 || act.len() >= (n_tok - 1) * act_row + ty.row_bytes(cols))
@@ -483,7 +486,7 @@ mod x86 {
                                     || side.len() >= (n_tok - 1) * side_row + nb * side_bytes))),
                     "tile kernel called with short rows"
                 );
-                const NT: usize = tiled::TILE_TOKENS;
+                const NT: usize = $nt;
                 let (pk, a, s) = (packed.as_ptr(), act.as_ptr(), side.as_ptr());
                 let mut t0 = 0;
                 while t0 < n_tok {
@@ -497,13 +500,7 @@ mod x86 {
                             out.add(t0 * out_stride),
                         );
                         match nt {
-                            1 => $k!(1, nb, pk, a, act_row, s, side_row, o, out_stride),
-                            2 => $k!(2, nb, pk, a, act_row, s, side_row, o, out_stride),
-                            3 => $k!(3, nb, pk, a, act_row, s, side_row, o, out_stride),
-                            4 => $k!(4, nb, pk, a, act_row, s, side_row, o, out_stride),
-                            5 => $k!(5, nb, pk, a, act_row, s, side_row, o, out_stride),
-                            6 => $k!(6, nb, pk, a, act_row, s, side_row, o, out_stride),
-                            7 => $k!(7, nb, pk, a, act_row, s, side_row, o, out_stride),
+                            $($n => $k!($n, nb, pk, a, act_row, s, side_row, o, out_stride),)*
                             _ => $k!(NT, nb, pk, a, act_row, s, side_row, o, out_stride),
                         }
                     }
@@ -530,9 +527,10 @@ mod x86 {
             tiled::legacy::<$nt>($nb, $pk, $a, $ar, $s, $sr, $o, $os)
         };
     }
-    wrap_run!(run_q4_k, tiled::Q4K_PACKED, Act::Q8K, 0, call_q4_k);
-    wrap_run!(run_q6_k, tiled::Q6K_PACKED, Act::Q8K, 0, call_q6_k);
-    wrap_run!(run_legacy, tiled::LEGACY_PACKED, Act::Q8_0, 8, call_legacy);
+    const TT: usize = tiled::TILE_TOKENS;
+    wrap_run!(run_q4_k, tiled::Q4K_PACKED, Act::Q8K, 0, call_q4_k, TT; 1, 2, 3, 4, 5, 6, 7);
+    wrap_run!(run_q6_k, tiled::Q6K_PACKED, Act::Q8K, 0, call_q6_k, TT; 1, 2, 3, 4, 5, 6, 7);
+    wrap_run!(run_legacy, tiled::LEGACY_PACKED, Act::Q8_0, 8, call_legacy, TT; 1, 2, 3, 4, 5, 6, 7);
 
     /// The side data of a Q8_K row for AVX2's (and AVX-VNNI's) Q4_K GEMM; sound as
     /// `wrap_dot!`: handed out by [`gemm`] only at AVX2 and above, lengths checked here.
@@ -612,85 +610,33 @@ mod x86 {
         il2gemm::Q6K_PACKED
     );
 
-    /// Runs one of AVX2's or AVX-VNNI's tile kernels (`$m::$k::<NT>`) over `n_tok` tokens in
-    /// groups of `TILE_TOKENS`.
-    macro_rules! wrap_run_avx2 {
-        ($name:ident, $m:ident :: $k:ident, $packed:expr, $side_bytes:expr) => {
-            /// # Safety
-            /// See [`GemmRunFn`]; the CPU has AVX2, and AVX-VNNI for `vnni`'s kernels (handed
-            /// out by [`gemm`] only then).
-            #[allow(clippy::too_many_arguments)]
-            unsafe fn $name(
-                cols: usize,
-                packed: &[u8],
-                act: &[u8],
-                act_row: usize,
-                side: &[u8],
-                side_row: usize,
-                n_tok: usize,
-                out: *mut f32,
-                out_stride: usize,
-            ) {
-                let nb = cols / 256;
-                let row = T::Q8K.row_bytes(cols);
-                let side_len: usize = nb * $side_bytes;
-                // At least one block: the kernels keep their running sums in `out`.
-                assert!(
-                    cols.is_multiple_of(256)
-                        && nb > 0
-                        && packed.len() >= nb * $packed
-                        && act_row >= row
-                        && side_row >= side_len
-                        && (n_tok == 0
-                            || (act.len() >= (n_tok - 1) * act_row + row
-                                && side.len() >= (n_tok - 1) * side_row + side_len)),
-                    "tile kernel called with short rows"
-                );
-                const NT: usize = il2gemm::TILE_TOKENS;
-                let (pk, a, s) = (packed.as_ptr(), act.as_ptr(), side.as_ptr());
-                let mut t0 = 0;
-                while t0 < n_tok {
-                    let nt = (n_tok - t0).min(NT);
-                    // SAFETY: the CPU has the features; tokens t0..t0 + nt are in bounds
-                    // (checked above) and their outputs writable (caller's contract).
-                    unsafe {
-                        let (a, s, o) = (
-                            a.add(t0 * act_row),
-                            s.add(t0 * side_row),
-                            out.add(t0 * out_stride),
-                        );
-                        match nt {
-                            1 => $m::$k::<1>(nb, pk, a, act_row, s, side_row, o, out_stride),
-                            2 => $m::$k::<2>(nb, pk, a, act_row, s, side_row, o, out_stride),
-                            3 => $m::$k::<3>(nb, pk, a, act_row, s, side_row, o, out_stride),
-                            _ => $m::$k::<NT>(nb, pk, a, act_row, s, side_row, o, out_stride),
-                        }
-                    }
-                    t0 += nt;
-                }
-            }
+    // One group of AVX2's or AVX-VNNI's tile kernels, for `wrap_run!`.
+    macro_rules! call_q4_k_avx2 {
+        ($nt:expr, $nb:expr, $pk:expr, $a:expr, $ar:expr, $s:expr, $sr:expr, $o:expr, $os:expr) => {
+            il2gemm::q4k::<$nt>($nb, $pk, $a, $ar, $s, $sr, $o, $os)
         };
     }
-    use il2gemm::vnni as il2vnni;
-    wrap_run_avx2!(
-        run_q4_k_avx2,
-        il2gemm::q4k,
-        il2gemm::Q4K_PACKED,
-        il2gemm::Q4K_SIDE
-    );
-    wrap_run_avx2!(run_q6_k_avx2, il2gemm::q6k, il2gemm::Q6K_PACKED, 0);
-    wrap_run_avx2!(
-        run_q4_k_vnni,
-        il2vnni::q4k,
-        il2gemm::Q4K_PACKED,
-        il2gemm::Q4K_SIDE
-    );
-    wrap_run_avx2!(
-        run_q6_k_vnni,
-        il2vnni::q6k,
-        il2gemm::Q6K_PACKED,
-        il2gemm::Q6K_SIDE_VNNI
-    );
+    macro_rules! call_q6_k_avx2 {
+        ($nt:expr, $nb:expr, $pk:expr, $a:expr, $ar:expr, $s:expr, $sr:expr, $o:expr, $os:expr) => {
+            il2gemm::q6k::<$nt>($nb, $pk, $a, $ar, $s, $sr, $o, $os)
+        };
+    }
+    macro_rules! call_q4_k_vnni {
+        ($nt:expr, $nb:expr, $pk:expr, $a:expr, $ar:expr, $s:expr, $sr:expr, $o:expr, $os:expr) => {
+            il2gemm::vnni::q4k::<$nt>($nb, $pk, $a, $ar, $s, $sr, $o, $os)
+        };
+    }
+    macro_rules! call_q6_k_vnni {
+        ($nt:expr, $nb:expr, $pk:expr, $a:expr, $ar:expr, $s:expr, $sr:expr, $o:expr, $os:expr) => {
+            il2gemm::vnni::q6k::<$nt>($nb, $pk, $a, $ar, $s, $sr, $o, $os)
+        };
+    }
+    const T2: usize = il2gemm::TILE_TOKENS;
+    use il2gemm::{Q4K_PACKED as P4, Q4K_SIDE as S4, Q6K_PACKED as P6, Q6K_SIDE_VNNI as S6};
+    wrap_run!(run_q4_k_avx2, P4, Act::Q8K, S4, call_q4_k_avx2, T2; 1, 2, 3);
+    wrap_run!(run_q6_k_avx2, P6, Act::Q8K, 0, call_q6_k_avx2, T2; 1, 2, 3);
+    wrap_run!(run_q4_k_vnni, P4, Act::Q8K, S4, call_q4_k_vnni, T2; 1, 2, 3);
+    wrap_run!(run_q6_k_vnni, P6, Act::Q8K, S6, call_q6_k_vnni, T2; 1, 2, 3);
 
     pub(super) fn gemm(ty: GgmlType, level: Level) -> Option<Gemm> {
         if level < Level::Avx512Vnni {

@@ -158,6 +158,40 @@ pub(crate) unsafe fn side_q4k(act: *const u8, nb: usize, side: *mut u8) {
     }
 }
 
+/// The end of packed Q4_K half-block `x` (block `b`) for one token: its running results at `o`
+/// plus `d · dy · sum - dmin · dy · Σ min · bsum`, where `sum` is the half-block's scaled
+/// quant products, `yt` the token's Q8_K block and `st` its side data (as
+/// `interleaved_avx2::k4_block_end_f32` computes it, operation for operation).
+///
+/// # Safety
+/// `x` is a packed half-block, `yt` a Q8_K block, `st` valid for `Q4K_SIDE` bytes, `o` for
+/// reading (when `b > 0`) and writing 8 f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k_half_end(
+    x: *const u8,
+    yt: *const u8,
+    st: *const u8,
+    sum: __m256,
+    o: *mut f32,
+    b: usize,
+) {
+    // SAFETY: the bytes named above (caller).
+    unsafe {
+        let mut m = _mm256_setzero_si256();
+        for pr in 0..4 {
+            let mp = load(x.add(Half::MINS + 32 * pr));
+            m = _mm256_add_epi32(m, _mm256_madd_epi16(mp, bcast4(st.add(4 * pr))));
+        }
+        let d = _mm256_loadu_ps(x.add(Half::D).cast());
+        let dmin = _mm256_loadu_ps(x.add(Half::DMIN).cast());
+        let dy = _mm256_set1_ps(yt.cast::<f32>().read_unaligned());
+        let a = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, dy), running(o, b));
+        let r = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(m), _mm256_mul_ps(dmin, dy), a);
+        _mm256_storeu_ps(o, r);
+    }
+}
+
 /// A packed Q4_K tile of `nb` blocks times `NT` tokens: `out + t * out_stride` receives the 16
 /// rows' results for token `t`.
 ///
@@ -207,22 +241,11 @@ pub(crate) unsafe fn q4k<const NT: usize>(
                         isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(p[t], scale));
                     }
                 }
-                let d = _mm256_loadu_ps(x.add(Half::D).cast());
-                let dmin = _mm256_loadu_ps(x.add(Half::DMIN).cast());
                 for t in 0..NT {
-                    let yt = y.add(t * act_row);
                     let st = side.add(t * side_row + b * Q4K_SIDE);
-                    let mut m = _mm256_setzero_si256();
-                    for pr in 0..4 {
-                        let mp = load(x.add(Half::MINS + 32 * pr));
-                        m = _mm256_add_epi32(m, _mm256_madd_epi16(mp, bcast4(st.add(4 * pr))));
-                    }
-                    let dy = _mm256_set1_ps(yt.cast::<f32>().read_unaligned());
                     let o = out.add(t * out_stride + 8 * h);
-                    let dd = _mm256_mul_ps(d, dy);
-                    let a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), dd, running(o, b));
-                    let r = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(m), _mm256_mul_ps(dmin, dy), a);
-                    _mm256_storeu_ps(o, r);
+                    let sum = _mm256_cvtepi32_ps(isum[t]);
+                    q4k_half_end(x, y.add(t * act_row), st, sum, o, b);
                 }
             }
         }
@@ -409,7 +432,7 @@ pub(crate) mod vnni {
     use std::arch::x86_64::*;
 
     use super::super::interleaved_avx2::{Q8K_BLOCK, bcast4, load};
-    use super::{Half, Half6, Q4K_SIDE, Q6K_SIDE_VNNI, running};
+    use super::{Half, Half6, Q4K_SIDE, Q6K_SIDE_VNNI, q4k_half_end, running};
 
     /// `acc` plus the 4 products of each 32-bit lane: unsigned bytes of `w` times signed bytes
     /// of `a`.
@@ -463,21 +486,10 @@ pub(crate) mod vnni {
                             accb[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[t]), scf, accb[t]);
                         }
                     }
-                    let d = _mm256_loadu_ps(x.add(Half::D).cast());
-                    let dmin = _mm256_loadu_ps(x.add(Half::DMIN).cast());
                     for t in 0..NT {
-                        let yt = y.add(t * act_row);
                         let st = side.add(t * side_row + b * Q4K_SIDE);
-                        let mut m = _mm256_setzero_si256();
-                        for pr in 0..4 {
-                            let mp = load(x.add(Half::MINS + 32 * pr));
-                            m = _mm256_add_epi32(m, _mm256_madd_epi16(mp, bcast4(st.add(4 * pr))));
-                        }
-                        let dy = _mm256_set1_ps(yt.cast::<f32>().read_unaligned());
                         let o = out.add(t * out_stride + 8 * h);
-                        let a = _mm256_fmadd_ps(accb[t], _mm256_mul_ps(d, dy), running(o, b));
-                        let r = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(m), _mm256_mul_ps(dmin, dy), a);
-                        _mm256_storeu_ps(o, r);
+                        q4k_half_end(x, y.add(t * act_row), st, accb[t], o, b);
                     }
                 }
             }

@@ -778,11 +778,17 @@ mod tests {
         assert!(m.tuning.decode(GgmlType::Q4K).available(level));
         if Decode::Interleaved256.available(level) {
             // Seven prefetches of each interleaved width (none, and 1, 2 and 4 tile blocks
-            // ahead into L1 and into L2), and the row kernels exactly where the level's
+            // ahead into L1 and into L2), and of the row kernels exactly where the level's
             // prefill GEMM reads rows (elsewhere rows would slow prompts).
             let rows = m.timings.iter().any(|t| t.decode == Decode::Rows);
             assert_eq!(rows, matmul::has_row_gemm(GgmlType::Q4K, level));
-            assert!(m.timings.len() >= 7 + usize::from(rows), "{:?}", m.timings);
+            let n_rows = m
+                .timings
+                .iter()
+                .filter(|t| t.decode == Decode::Rows)
+                .count();
+            assert_eq!(n_rows, if rows { 7 } else { 0 }, "{:?}", m.timings);
+            assert!(m.timings.len() >= 7 + n_rows, "{:?}", m.timings);
             for l2 in [false, true] {
                 assert_eq!(
                     m.timings

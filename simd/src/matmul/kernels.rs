@@ -532,33 +532,28 @@ mod x86 {
     wrap_run!(run_q6_k, tiled::Q6K_PACKED, Act::Q8K, 0, call_q6_k, TT; 1, 2, 3, 4, 5, 6, 7);
     wrap_run!(run_legacy, tiled::LEGACY_PACKED, Act::Q8_0, 8, call_legacy, TT; 1, 2, 3, 4, 5, 6, 7);
 
-    /// The side data of a Q8_K row for AVX2's (and AVX-VNNI's) Q4_K GEMM; sound as
-    /// `wrap_dot!`: handed out by [`gemm`] only at AVX2 and above, lengths checked here.
-    fn side_q4_k_avx2(act: &[u8], side: &mut [u8]) {
-        let nb = act.len() / T::Q8K.row_bytes(256);
-        assert!(
-            side.len() >= nb * il2gemm::Q4K_SIDE,
-            "side data called with a short row"
-        );
-        // SAFETY: the CPU has AVX2 (see above); `nb` blocks and their side bytes are in
-        // bounds (checked).
-        unsafe { il2gemm::side_q4k(act.as_ptr(), nb, side.as_mut_ptr()) }
+    /// The side data of a Q8_K row for AVX2's and AVX-VNNI's GEMMs (`il2gemm::$kernel`,
+    /// `$bytes` per block); sound as `wrap_dot!`: handed out by [`gemm`] only at AVX2 and above,
+    /// lengths checked here.
+    macro_rules! wrap_side_avx2 {
+        ($name:ident, $kernel:ident, $bytes:expr) => {
+            fn $name(act: &[u8], side: &mut [u8]) {
+                let nb = act.len() / T::Q8K.row_bytes(256);
+                assert!(
+                    side.len() >= nb * $bytes,
+                    "side data called with a short row"
+                );
+                // SAFETY: the CPU has AVX2 (see above); `nb` blocks and their side bytes are
+                // in bounds (checked).
+                unsafe { il2gemm::$kernel(act.as_ptr(), nb, side.as_mut_ptr()) }
+            }
+        };
     }
-
-    /// The side data of a Q8_K row for AVX-VNNI's Q6_K GEMM; sound as `side_q4_k_avx2`.
-    fn side_q6_k_vnni(act: &[u8], side: &mut [u8]) {
-        let nb = act.len() / T::Q8K.row_bytes(256);
-        assert!(
-            side.len() >= nb * il2gemm::Q6K_SIDE_VNNI,
-            "side data called with a short row"
-        );
-        // SAFETY: the CPU has AVX2 (see above); `nb` blocks and their side bytes are in
-        // bounds (checked).
-        unsafe { il2gemm::side_q6k_vnni(act.as_ptr(), nb, side.as_mut_ptr()) }
-    }
+    wrap_side_avx2!(side_q4_k_avx2, side_q4k, il2gemm::Q4K_SIDE);
+    wrap_side_avx2!(side_q6_k_vnni, side_q6k_vnni, il2gemm::Q6K_SIDE_VNNI);
 
     /// Packers of interleaved K-quant tiles for AVX2's and AVX-VNNI's GEMMs (`$vnni`: scales
-    /// as f32 for the latter); sound as `side_q4_k_avx2`.
+    /// as f32 for the latter); sound as `wrap_side_avx2!`'s.
     macro_rules! wrap_pack_avx2 {
         ($name:ident, $kernel:ident, $vnni:expr, $wty:expr, $tile_block:expr, $packed:expr) => {
             fn $name(cols: usize, w: &[u8], row_bytes: usize, dst: &mut [u8]) {

@@ -104,8 +104,9 @@ pub const N_TYPES: usize = 10;
 /// its start (choices stored before the revision was kept); 2: spread over its sub-blocks;
 /// 3: the 512-bit kernels prefetch past a tile's end as the others do, and a prefetch may fill
 /// L2 only ([`Ahead::l2`]); 4: the row kernels prefetch too (a stored choice of rows had been
-/// timed without it).
-pub const REVISION: u32 = 4;
+/// timed without it); 5: AVX-512 VNNI decodes Q4_K and Q6_K rows with its 512-bit kernels
+/// (`kernels::RowDecode`), a third faster than the rows it had timed.
+pub const REVISION: u32 = 5;
 
 /// The prefetch distance the interleaved kernels used before it was measured: two Q4_K tile
 /// blocks.

@@ -18,6 +18,23 @@ pub(crate) type DotFn = fn(usize, &[u8], &[u8]) -> f32;
 pub(crate) type MultiFn = fn(usize, &[u8], &[u8], usize, &mut [f32]);
 /// The most tokens one [`MultiFn`] call takes.
 pub(crate) const MULTI_TOKENS: usize = 4;
+/// Rearranges a quantized activation row of `n` elements for a [`RowDecode`] kernel, into a
+/// buffer of the row's size.
+pub(crate) type PrepFn = fn(usize, &[u8], &mut [u8]);
+
+/// Decode's kernel over row-major weights where one runs faster than `multi` for a lone token
+/// and gives the same bits (a token's outputs must not depend on the batch it came in).
+#[derive(Clone, Copy)]
+pub(crate) struct RowDecode {
+    /// Rearranges the token's activation row once per piece of rows, for `dot`.
+    pub(crate) prep: Option<PrepFn>,
+    /// One weight row against the (rearranged) activation row, prefetching as it goes.
+    pub(crate) dot: RowDotFn,
+}
+
+/// [`DotFn`] with a software prefetch: each weight block asks for the bytes that far ahead.
+pub(crate) type RowDotFn = fn(usize, &[u8], &[u8], crate::tune::Ahead) -> f32;
+
 /// Quantizes a row of f32 activations into the partner format.
 pub(crate) type QuantFn = fn(&[f32], &mut [u8]);
 
@@ -122,6 +139,8 @@ pub(crate) struct Kernel {
     pub(crate) dot: DotFn,
     /// The multi-token kernel for prefill, where this type and level have one.
     pub(crate) multi: Option<MultiFn>,
+    /// Decode's faster single-token kernel over row-major weights, where there is one.
+    pub(crate) row_decode: Option<RowDecode>,
     /// The tiled GEMM for larger batches, where this type and level have one.
     pub(crate) gemm: Option<Gemm>,
     /// The kernel over the interleaved layout, where this type and level have one (matrices
@@ -140,6 +159,7 @@ pub(crate) fn kernel(ty: GgmlType, level: Level, wide: bool) -> Option<Kernel> {
         quantize: quantizer(act, level),
         dot: dot(ty, level)?,
         multi: multi(ty, level),
+        row_decode: row_decode(ty, level),
         gemm: gemm(ty, level),
         interleaved: interleaved(ty, level, wide),
     })
@@ -202,6 +222,11 @@ fn multi(_ty: GgmlType, _level: Level) -> Option<MultiFn> {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
+fn row_decode(_ty: GgmlType, _level: Level) -> Option<RowDecode> {
+    None
+}
+
+#[cfg(not(target_arch = "x86_64"))]
 fn gemm(_ty: GgmlType, _level: Level) -> Option<Gemm> {
     None
 }
@@ -217,7 +242,7 @@ pub(crate) fn has_interleaved_512(_ty: GgmlType, _level: Level) -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
-use x86::{dot, gemm, multi, quantizer};
+use x86::{dot, gemm, multi, quantizer, row_decode};
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::{has_interleaved_512, interleaved};
 
@@ -294,6 +319,26 @@ mod x86 {
         };
     }
 
+    /// A [`RowDotFn`] from a family of multi-token kernels: its one-token kernel, prefetching.
+    /// Sound as `wrap_multi!`.
+    macro_rules! wrap_multi_row {
+        ($name:ident, $lvl:ident :: $k:ident, $wty:expr, $act:expr) => {
+            fn $name(n: usize, w: &[u8], a: &[u8], ahead: crate::tune::Ahead) -> f32 {
+                assert!(
+                    n.is_multiple_of($wty.block_size())
+                        && w.len() >= $wty.row_bytes(n)
+                        && a.len() >= $act.ty().row_bytes(n),
+                    "row kernel called with short rows"
+                );
+                let mut out = [0f32];
+                // SAFETY: the CPU has the kernel's features (handed out by `row_decode` only
+                // then); the rows hold `n` elements (checked); the prefetch is a hint.
+                unsafe { multi::$lvl::$k::<1>(n, w.as_ptr(), a.as_ptr(), 0, &mut out, ahead) };
+                out[0]
+            }
+        };
+    }
+
     /// Runs a kernel for exactly `NT` tokens into `out` (whose length is `NT`).
     ///
     /// # Safety
@@ -304,11 +349,11 @@ mod x86 {
         a: *const u8,
         act_row: usize,
         out: &mut [f32],
-        k: unsafe fn(usize, *const u8, *const u8, usize, &mut [f32; NT]),
+        k: unsafe fn(usize, *const u8, *const u8, usize, &mut [f32; NT], crate::tune::Ahead),
     ) {
         let mut r = [0f32; NT];
         // SAFETY: forwarded contract.
-        unsafe { k(n, w, a, act_row, &mut r) };
+        unsafe { k(n, w, a, act_row, &mut r, crate::tune::Ahead::NONE) };
         out.copy_from_slice(&r);
     }
 
@@ -327,6 +372,56 @@ mod x86 {
     wrap_multi!(vnni_multi_q4_0, vnni::q4_0, T::Q4_0, Act::Q8_0);
     wrap_multi!(vnni_multi_q5_0, vnni::q5_0, T::Q5_0, Act::Q8_0);
     wrap_multi!(vnni_multi_q8_0, vnni::q8_0, T::Q8_0, Act::Q8_0);
+    wrap_multi_row!(avx2_row_q4_k, avx2::q4_k, T::Q4K, Act::Q8K);
+    wrap_multi_row!(avx2_row_q6_k, avx2::q6_k, T::Q6K, Act::Q8K);
+    wrap_multi_row!(avx2_row_q3_k, avx2::q3_k, T::Q3K, Act::Q8K);
+    wrap_multi_row!(avx2_row_q2_k, avx2::q2_k, T::Q2K, Act::Q8K);
+    wrap_multi_row!(avx2_row_q4_0, avx2::q4_0, T::Q4_0, Act::Q8_0);
+    wrap_multi_row!(avx2_row_q5_0, avx2::q5_0, T::Q5_0, Act::Q8_0);
+    wrap_multi_row!(avx2_row_q8_0, avx2::q8_0, T::Q8_0, Act::Q8_0);
+    wrap_multi_row!(vnni_row_q3_k, vnni::q3_k, T::Q3K, Act::Q8K);
+    wrap_multi_row!(vnni_row_q2_k, vnni::q2_k, T::Q2K, Act::Q8K);
+    wrap_multi_row!(vnni_row_q4_0, vnni::q4_0, T::Q4_0, Act::Q8_0);
+    wrap_multi_row!(vnni_row_q5_0, vnni::q5_0, T::Q5_0, Act::Q8_0);
+    wrap_multi_row!(vnni_row_q8_0, vnni::q8_0, T::Q8_0, Act::Q8_0);
+
+    /// Decode's row kernels: each type's one-token `multi` kernel, prefetching block by block
+    /// (a row at a time, a long row's lines had filled the core's queues in a burst); at
+    /// AVX-512 VNNI, 512-bit Q4_K and Q6_K kernels that do `multi::vnni`'s arithmetic lane for
+    /// lane (`fold_i32x16` adds the two 256-bit halves' exact integer sums into the lanes the
+    /// 256-bit kernel fills) with half its vector instructions per block, the Q4_K one on
+    /// activations rearranged once per token.
+    pub(super) fn row_decode(ty: GgmlType, level: Level) -> Option<RowDecode> {
+        let row = |dot: RowDotFn| Some(RowDecode { prep: None, dot });
+        if level >= Level::Avx512Vnni {
+            return match ty {
+                T::Q4K => Some(RowDecode {
+                    prep: Some(avx512::prep_q4_k),
+                    dot: vnni_q4_k_rows,
+                }),
+                T::Q6K => row(vnni_q6_k_rows),
+                T::Q3K => row(vnni_row_q3_k),
+                T::Q2K => row(vnni_row_q2_k),
+                T::Q4_0 => row(vnni_row_q4_0),
+                T::Q5_0 => row(vnni_row_q5_0),
+                T::Q8_0 => row(vnni_row_q8_0),
+                _ => None,
+            };
+        }
+        if level >= Level::Avx2 {
+            return match ty {
+                T::Q4K => row(avx2_row_q4_k),
+                T::Q6K => row(avx2_row_q6_k),
+                T::Q3K => row(avx2_row_q3_k),
+                T::Q2K => row(avx2_row_q2_k),
+                T::Q4_0 => row(avx2_row_q4_0),
+                T::Q5_0 => row(avx2_row_q5_0),
+                T::Q8_0 => row(avx2_row_q8_0),
+                _ => None,
+            };
+        }
+        None
+    }
 
     pub(super) fn multi(ty: GgmlType, level: Level) -> Option<MultiFn> {
         if level >= Level::Avx512Vnni {
@@ -895,6 +990,25 @@ mod x86 {
     wrap_dot!(vnni_q8_0, avx512::dot_q8_0, T::Q8_0, Act::Q8_0);
     wrap_dot!(vnni_q4_k, avx512::dot_q4_k, T::Q4K, Act::Q8K);
     wrap_dot!(vnni_q6_k, avx512::dot_q6_k, T::Q6K, Act::Q8K);
+
+    /// `wrap_dot!` for a [`RowDotFn`].
+    macro_rules! wrap_row_dot {
+        ($name:ident, $kernel:path, $wty:expr, $act:expr) => {
+            fn $name(n: usize, w: &[u8], a: &[u8], ahead: crate::tune::Ahead) -> f32 {
+                assert!(
+                    n.is_multiple_of($wty.block_size())
+                        && w.len() >= $wty.row_bytes(n)
+                        && a.len() >= $act.ty().row_bytes(n),
+                    "row kernel called with short rows"
+                );
+                // SAFETY: as for `wrap_dot!`: handed out only for levels the CPU has, and the
+                // rows hold `n` elements (checked above); the prefetch is a hint.
+                unsafe { $kernel(n, w, a, ahead) }
+            }
+        };
+    }
+    wrap_row_dot!(vnni_q4_k_rows, avx512::dot_q4_k_prepared, T::Q4K, Act::Q8K);
+    wrap_row_dot!(vnni_q6_k_rows, avx512::dot_q6_k_ahead, T::Q6K, Act::Q8K);
 
     wrap_quant!(avx2_quant_q8_0, avx2::quantize_q8_0, Act::Q8_0);
     wrap_quant!(avx2_quant_q8_1, avx2::quantize_q8_1, Act::Q8_1);

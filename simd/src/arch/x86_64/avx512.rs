@@ -16,6 +16,8 @@ use std::arch::x86_64::*;
 use strata_storage::quant::QK_K;
 
 use super::avx2::{bits32, f16x8, f32_at, hsum_f32x8, load, nibbles32, unpack_scales_mins_k4};
+use super::interleaved::prefetch_block;
+use crate::tune::Ahead;
 
 /// # Safety
 /// See the module docs.
@@ -203,13 +205,70 @@ fn fold_i32x16(v: __m512i) -> __m256i {
 ///
 /// A 64-byte load of `qs` holds two 32-byte groups: its low nibbles are elements
 /// `[0..32 | 64..96]` of the 128 it covers, its high nibbles `[32..64 | 96..128]`; the
-/// activations are recombined to match with `vshufi64x2`, and each half takes its group's
-/// scale through `vpermw`.
+/// activations are recombined to match, and each half takes its group's scale through
+/// `vpermw`. The same arithmetic, lane for lane, as `multi::vnni::q4_k` for one token.
 ///
 /// # Safety
 /// See the module docs.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
 pub(crate) unsafe fn dot_q4_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    // SAFETY: forwarded.
+    unsafe { q4_k_row::<false>(n, w, a, Ahead::NONE) }
+}
+
+/// As [`dot_q4_k`], against an activation row that [`prep_q4_k`] rearranged: decode runs
+/// every row of a matrix against one token, so the rearranging is paid once per token instead
+/// of once per row (a quarter of a row's vector work here). Each block asks for the bytes
+/// `ahead` further on as it starts (a hint, which may point past the row).
+///
+/// # Safety
+/// See the module docs (`a` in the rearranged format, of Q8_K's size).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+pub(crate) unsafe fn dot_q4_k_prepared(n: usize, w: &[u8], a: &[u8], ahead: Ahead) -> f32 {
+    // SAFETY: forwarded.
+    unsafe { q4_k_row::<true>(n, w, a, ahead) }
+}
+
+/// Where a rearranged Q8_K block keeps each nibble plane's activations: 4 × 64 bytes from
+/// [`PREP_YA`], then the 8 sums of each 32-element group (i16) at [`PREP_Q8S`].
+const PREP_YA: usize = 4;
+const PREP_Q8S: usize = 260;
+/// For nibble plane `k`, the offsets in a Q8_K block of the 32 activations of its low and high
+/// 256-bit halves.
+const PLANE_ACTS: [(usize, usize); 4] = [(4, 68), (36, 100), (132, 196), (164, 228)];
+
+/// Rearranges a Q8_K row of `n` elements for [`dot_q4_k_prepared`], block by block in place
+/// of the same size: `d` stays at 0; the activations of nibble plane `k` (see
+/// [`PLANE_ACTS`]) are the 64 bytes at `4 + 64 k`; the 8 group sums (pairs of Q8_K's 16-element
+/// sums, added as `vphaddw` adds: wrapping) at 260; zeros to the block's end.
+pub(crate) fn prep_q4_k(n: usize, a: &[u8], out: &mut [u8]) {
+    for (src, dst) in a
+        .chunks_exact(292)
+        .zip(out.chunks_exact_mut(292))
+        .take(n / QK_K)
+    {
+        dst[..4].copy_from_slice(&src[..4]);
+        for (k, &(lo, hi)) in PLANE_ACTS.iter().enumerate() {
+            let at = PREP_YA + 64 * k;
+            dst[at..at + 32].copy_from_slice(&src[lo..lo + 32]);
+            dst[at + 32..at + 64].copy_from_slice(&src[hi..hi + 32]);
+        }
+        for g in 0..8 {
+            let sum = |i: usize| i16::from_le_bytes([src[260 + 2 * i], src[261 + 2 * i]]);
+            let s = sum(2 * g).wrapping_add(sum(2 * g + 1));
+            dst[PREP_Q8S + 2 * g..PREP_Q8S + 2 * g + 2].copy_from_slice(&s.to_le_bytes());
+        }
+        dst[PREP_Q8S + 16..].fill(0);
+    }
+}
+
+/// The body of [`dot_q4_k`] (`PREPARED = false`) and [`dot_q4_k_prepared`].
+///
+/// # Safety
+/// See the module docs.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+unsafe fn q4_k_row<const PREPARED: bool>(n: usize, w: &[u8], a: &[u8], ahead: Ahead) -> f32 {
     let m4 = _mm512_set1_epi8(0xF);
     // Groups (0, 2), (1, 3), (4, 6), (5, 7): low and high nibbles of the two 64-byte loads.
     let ix = [
@@ -225,16 +284,25 @@ pub(crate) unsafe fn dot_q4_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
         // within those bounds.
         unsafe {
             let x = w.as_ptr().add(144 * i);
+            prefetch_block(x, 144, ahead);
             let y = a.as_ptr().add(292 * i);
-            let dy = _mm256_set1_ps(f32_at(y));
-            let d = _mm256_mul_ps(dy, f16x8(x));
-            let dmin = _mm256_castps256_ps128(_mm256_mul_ps(dy, f16x8(x.add(2))));
-            let mins_scales = _mm256_cvtepu8_epi16(unpack_scales_mins_k4(x.add(4)));
-            let bsums = load(y.add(260));
-            let q8s = _mm_hadd_epi16(
-                _mm256_castsi256_si128(bsums),
-                _mm256_extracti128_si256::<1>(bsums),
+            // [d, dmin] of the block times the activations' d, converted together.
+            let dd = _mm_mul_ps(
+                _mm_set1_ps(f32_at(y)),
+                _mm_cvtph_ps(_mm_cvtsi32_si128(x.cast::<i32>().read_unaligned())),
             );
+            let d = _mm256_broadcastss_ps(dd);
+            let dmin = _mm_permute_ps::<0b01_01_01_01>(dd);
+            let mins_scales = _mm256_cvtepu8_epi16(unpack_scales_mins_k4(x.add(4)));
+            let q8s = if PREPARED {
+                _mm_loadu_si128(y.add(PREP_Q8S).cast())
+            } else {
+                let bsums = load(y.add(260));
+                _mm_hadd_epi16(
+                    _mm256_castsi256_si128(bsums),
+                    _mm256_extracti128_si256::<1>(bsums),
+                )
+            };
             let prod = _mm_madd_epi16(_mm256_extracti128_si256::<1>(mins_scales), q8s);
             acc_m = _mm_fnmadd_ps(dmin, _mm_cvtepi32_ps(prod), acc_m);
             let sc = _mm512_zextsi128_si512(_mm256_castsi256_si128(mins_scales));
@@ -247,21 +315,20 @@ pub(crate) unsafe fn dot_q4_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
                 _mm512_and_si512(q1, m4),
                 _mm512_and_si512(_mm512_srli_epi16::<4>(q1), m4),
             ];
-            let yv = [
-                load512(y.add(4)),
-                load512(y.add(68)),
-                load512(y.add(132)),
-                load512(y.add(196)),
-            ];
-            let ya = [
-                _mm512_shuffle_i64x2::<0x44>(yv[0], yv[1]),
-                _mm512_shuffle_i64x2::<0xEE>(yv[0], yv[1]),
-                _mm512_shuffle_i64x2::<0x44>(yv[2], yv[3]),
-                _mm512_shuffle_i64x2::<0xEE>(yv[2], yv[3]),
-            ];
             let mut sumi = _mm512_setzero_si512();
             for k in 0..4 {
-                let p = _mm512_maddubs_epi16(q[k], ya[k]);
+                let ya = if PREPARED {
+                    load512(y.add(PREP_YA + 64 * k))
+                } else {
+                    // Inserted from memory: an insert takes either vector port, a shuffle of
+                    // two loads only the one every scale permute here also needs.
+                    let (lo, hi) = PLANE_ACTS[k];
+                    _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(load(y.add(lo))),
+                        load(y.add(hi)),
+                    )
+                };
+                let p = _mm512_maddubs_epi16(q[k], ya);
                 sumi = _mm512_dpwssd_epi32(sumi, p, _mm512_permutexvar_epi16(ix[k], sc));
             }
             acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(fold_i32x16(sumi)), acc);
@@ -290,6 +357,17 @@ fn idx_q6(base: i16) -> __m512i {
 /// See the module docs.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
 pub(crate) unsafe fn dot_q6_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    // SAFETY: forwarded.
+    unsafe { dot_q6_k_ahead(n, w, a, Ahead::NONE) }
+}
+
+/// As [`dot_q6_k`], each block asking for the bytes `ahead` further on as it starts (a hint,
+/// which may point past the row).
+///
+/// # Safety
+/// See the module docs.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+pub(crate) unsafe fn dot_q6_k_ahead(n: usize, w: &[u8], a: &[u8], ahead: Ahead) -> f32 {
     let m4 = _mm512_set1_epi8(0xF);
     let m2 = _mm512_set1_epi8(3);
     let ix = [idx_q6(0), idx_q6(4), idx_q6(8), idx_q6(12)];
@@ -298,6 +376,7 @@ pub(crate) unsafe fn dot_q6_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
         // SAFETY: block i is inside both rows (210 and 292 bytes).
         unsafe {
             let x = w.as_ptr().add(210 * i);
+            prefetch_block(x, 210, ahead);
             let y = a.as_ptr().add(292 * i);
             let d = _mm256_mul_ps(_mm256_set1_ps(f32_at(y)), f16x8(x.add(208)));
             let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.add(192).cast()));

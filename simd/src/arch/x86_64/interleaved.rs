@@ -50,6 +50,22 @@ pub(crate) fn prefetch(p: *const u8, len: usize, l2: bool) {
     }
 }
 
+/// A row kernel's software prefetch for its block of `len` bytes at `x`: the lines that start
+/// within `[x + ahead.bytes, x + ahead.bytes + len)`, so that a row streamed block by block asks
+/// for each line once, spread over the row (nothing when `ahead.bytes` is 0). A hint: it never
+/// faults.
+#[inline]
+pub(crate) fn prefetch_block(x: *const u8, len: usize, ahead: Ahead) {
+    if ahead.bytes == 0 {
+        return;
+    }
+    let p = x.wrapping_add(ahead.bytes);
+    let skip = p.align_offset(64);
+    if skip < len {
+        prefetch(p.wrapping_add(skip), len - skip, ahead.l2);
+    }
+}
+
 /// Part `i` of `n` of the software prefetch of a tile block of `block` bytes at
 /// `x + ahead.bytes` (0: none), for a kernel of `NT` tokens that asks for part `i` as it starts
 /// sub-block `i` of `n`.

@@ -10,6 +10,10 @@
 //! accumulation and AVX-512VL gives the compiler 32 vector registers, enough to keep four
 //! tokens' accumulators live beside the unpacked block.
 //!
+//! Each kernel takes a software prefetch (`ahead`), issued block by block over the row:
+//! decode's row kernels (`kernels::RowDecode`) use it; a batch passes none, and its rows are
+//! prefetched a row at a time, which a kernel computing for several tokens has time for.
+//!
 //! Contract of every `unsafe fn`: the CPU has the module's features; `w` is valid for one row
 //! of `n` elements of the weight type; `a` is valid for `NT` activation rows of `n` elements in
 //! the partner format, `act_row` bytes apart.
@@ -25,6 +29,8 @@ macro_rules! multi_kernels {
             bits32, f16x8, f32_at, hsum_f32x8, load, nibbles32, pair16, planes2, q3_k_high,
             unpack_scales_mins_k4, unpack_scales_q3_k,
         };
+        use crate::arch::x86_64::interleaved::prefetch_block;
+        use crate::tune::Ahead;
 
         /// Shuffle mask that broadcasts 16-bit lane `i` of a 128-bit value.
         #[inline]
@@ -51,6 +57,7 @@ macro_rules! multi_kernels {
             a: *const u8,
             act_row: usize,
             out: &mut [f32; NT],
+            ahead: Ahead,
         ) {
             let m4 = _mm256_set1_epi8(0xF);
             let mut acc = [_mm256_setzero_ps(); NT];
@@ -60,6 +67,7 @@ macro_rules! multi_kernels {
                 // activation row (292 bytes) is readable (module contract).
                 unsafe {
                     let x = w.add(144 * i);
+                    prefetch_block(x, 144, ahead);
                     let y: [*const u8; NT] = std::array::from_fn(|t| a.add(t * act_row + 292 * i));
                     let dx = f16x8(x);
                     let dminx = _mm256_castps256_ps128(f16x8(x.add(2)));
@@ -118,6 +126,7 @@ macro_rules! multi_kernels {
             a: *const u8,
             act_row: usize,
             out: &mut [f32; NT],
+            ahead: Ahead,
         ) {
             let m4 = _mm256_set1_epi8(0xF);
             let m2 = _mm256_set1_epi8(3);
@@ -127,6 +136,7 @@ macro_rules! multi_kernels {
                 // activation row (292 bytes) is readable (module contract).
                 unsafe {
                     let x = w.add(210 * i);
+                    prefetch_block(x, 210, ahead);
                     let y: [*const u8; NT] = std::array::from_fn(|t| a.add(t * act_row + 292 * i));
                     let dx = f16x8(x.add(208));
                     let sc = _mm_loadu_si128(x.add(192).cast());
@@ -197,6 +207,7 @@ macro_rules! multi_kernels {
             a: *const u8,
             act_row: usize,
             out: &mut [f32; NT],
+            ahead: Ahead,
         ) {
             let mut acc = [_mm256_setzero_ps(); NT];
             for i in 0..n / 256 {
@@ -204,6 +215,7 @@ macro_rules! multi_kernels {
                 // activation row (292 bytes) is readable (module contract).
                 unsafe {
                     let x = w.add(110 * i);
+                    prefetch_block(x, 110, ahead);
                     let y: [*const u8; NT] = std::array::from_fn(|t| a.add(t * act_row + 292 * i));
                     let dx = f16x8(x.add(108));
                     let sc16 = _mm256_cvtepi8_epi16(unpack_scales_q3_k(x.add(96)));
@@ -251,6 +263,7 @@ macro_rules! multi_kernels {
             a: *const u8,
             act_row: usize,
             out: &mut [f32; NT],
+            ahead: Ahead,
         ) {
             let m4 = _mm_set1_epi8(0xF);
             let mut acc = [_mm256_setzero_ps(); NT];
@@ -260,6 +273,7 @@ macro_rules! multi_kernels {
                 // activation row (292 bytes) is readable (module contract).
                 unsafe {
                     let x = w.add(84 * i);
+                    prefetch_block(x, 84, ahead);
                     let y: [*const u8; NT] = std::array::from_fn(|t| a.add(t * act_row + 292 * i));
                     let dx = f16x8(x.add(80));
                     let dminx = f16x8(x.add(82));
@@ -312,12 +326,14 @@ macro_rules! multi_kernels {
         /// only within one block.
         #[inline]
         #[target_feature(enable = $features)]
+        #[allow(clippy::too_many_arguments)]
         unsafe fn legacy<const NT: usize>(
             n: usize,
             w: *const u8,
             a: *const u8,
             act_row: usize,
             out: &mut [f32; NT],
+            ahead: Ahead,
             bs: usize,
             unpack: impl Fn(*const u8) -> __m256i,
         ) {
@@ -327,6 +343,7 @@ macro_rules! multi_kernels {
                 // activation row (34 bytes) is readable (module contract).
                 unsafe {
                     let x = w.add(bs * i);
+                    prefetch_block(x, bs, ahead);
                     let dx = f16x8(x);
                     let qx = unpack(x);
                     let ax = _mm256_sign_epi8(qx, qx);
@@ -355,9 +372,10 @@ macro_rules! multi_kernels {
             a: *const u8,
             act_row: usize,
             out: &mut [f32; NT],
+            ahead: Ahead,
         ) {
             // SAFETY: forwarded contract; the unpack reads bytes 2..34 of a 34-byte block.
-            unsafe { legacy(n, w, a, act_row, out, 34, |x| load(x.add(2))) }
+            unsafe { legacy(n, w, a, act_row, out, ahead, 34, |x| load(x.add(2))) }
         }
 
         /// Q4_0 weights against Q8_0 activations.
@@ -371,11 +389,12 @@ macro_rules! multi_kernels {
             a: *const u8,
             act_row: usize,
             out: &mut [f32; NT],
+            ahead: Ahead,
         ) {
             let off = _mm256_set1_epi8(8);
             // SAFETY: forwarded contract; the unpack reads bytes 2..18 of an 18-byte block.
             unsafe {
-                legacy(n, w, a, act_row, out, 18, |x| {
+                legacy(n, w, a, act_row, out, ahead, 18, |x| {
                     _mm256_sub_epi8(nibbles32(x.add(2)), off)
                 })
             }
@@ -392,11 +411,12 @@ macro_rules! multi_kernels {
             a: *const u8,
             act_row: usize,
             out: &mut [f32; NT],
+            ahead: Ahead,
         ) {
             let f0 = _mm256_set1_epi8(0xF0u8 as i8);
             // SAFETY: forwarded contract; the unpack reads bytes 2..22 of a 22-byte block.
             unsafe {
-                legacy(n, w, a, act_row, out, 22, |x| {
+                legacy(n, w, a, act_row, out, ahead, 22, |x| {
                     // Where the fifth bit is clear, 0xF0 turns the nibble into nibble - 16.
                     let hi = _mm256_andnot_si256(bits32(x.add(2)), f0);
                     _mm256_or_si256(nibbles32(x.add(6)), hi)

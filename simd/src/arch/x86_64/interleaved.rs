@@ -60,10 +60,17 @@ pub(crate) fn prefetch_block(x: *const u8, len: usize, ahead: Ahead) {
         return;
     }
     let p = x.wrapping_add(ahead.bytes);
-    let skip = p.align_offset(64);
-    if skip < len {
-        prefetch(p.wrapping_add(skip), len - skip, ahead.l2);
+    if let Some((skip, n)) = block_lines(p as usize, len) {
+        prefetch(p.wrapping_add(skip), n, ahead.l2);
     }
+}
+
+/// For [`prefetch_block`]: the offset of the first line start in `[at, at + len)` and the
+/// bytes from it to the span's end, if a line starts there.
+#[inline]
+fn block_lines(at: usize, len: usize) -> Option<(usize, usize)> {
+    let skip = at.wrapping_neg() % 64;
+    (skip < len).then(|| (skip, len - skip))
 }
 
 /// Part `i` of `n` of the software prefetch of a tile block of `block` bytes at
@@ -398,7 +405,29 @@ pub(crate) unsafe fn legacy<const NT: usize, const Q5: bool>(
 
 #[cfg(test)]
 mod tests {
-    use super::part_lines;
+    use super::{block_lines, part_lines};
+
+    /// A row of blocks prefetched block by block asks for every line once: the line starts in
+    /// each block's span, whatever the block size and the row's alignment.
+    #[test]
+    fn a_row_prefetched_block_by_block_asks_for_each_line_once() {
+        for bs in [18, 22, 34, 84, 110, 144, 176, 210] {
+            for start in 0..128 {
+                let mut lines = Vec::new();
+                for b in 0..64 {
+                    let at = start + b * bs;
+                    if let Some((skip, n)) = block_lines(at, bs) {
+                        assert!(skip < 64 && skip + n == bs, "block {bs} at {at}");
+                        lines.extend((0..n).step_by(64).map(|o| at + skip + o));
+                    }
+                }
+                let want: Vec<usize> = (start.div_ceil(64) * 64..start + 64 * bs)
+                    .step_by(64)
+                    .collect();
+                assert_eq!(lines, want, "block {bs}, row at {start}");
+            }
+        }
+    }
     use crate::matmul::interleave::kq::{Q2K_TILE_BLOCK, Q3K_TILE_BLOCK, Q5K_TILE_BLOCK};
     use crate::matmul::interleave::{Q4K_TILE_BLOCK, Q6K_TILE_BLOCK};
 

@@ -255,18 +255,24 @@ mod x86 {
         multi,
     };
 
+    /// Panics unless `w` holds a row of `n` elements of `ty` and `a` one of `act`: what makes
+    /// a dot product's block reads sound.
+    fn check_rows(ty: GgmlType, act: Act, n: usize, w: &[u8], a: &[u8]) {
+        assert!(
+            n.is_multiple_of(ty.block_size())
+                && w.len() >= ty.row_bytes(n)
+                && a.len() >= act.ty().row_bytes(n),
+            "dot kernel called with short rows"
+        );
+    }
+
     /// A safe wrapper around an `unsafe` SIMD dot product. Sound because [`dot`] hands it out
     /// only when `dispatch::detected()` is at least the level the kernel needs, and the
     /// lengths are checked here.
     macro_rules! wrap_dot {
         ($name:ident, $kernel:path, $wty:expr, $act:expr) => {
             fn $name(n: usize, w: &[u8], a: &[u8]) -> f32 {
-                assert!(
-                    n.is_multiple_of($wty.block_size())
-                        && w.len() >= $wty.row_bytes(n)
-                        && a.len() >= $act.ty().row_bytes(n),
-                    "dot kernel called with short rows"
-                );
+                check_rows($wty, $act, n, w, a);
                 // SAFETY: the CPU has the kernel's features (see the macro docs) and both rows
                 // hold `n` elements (checked above).
                 unsafe { $kernel(n, w, a) }
@@ -324,12 +330,7 @@ mod x86 {
     macro_rules! wrap_multi_row {
         ($name:ident, $lvl:ident :: $k:ident, $wty:expr, $act:expr) => {
             fn $name(n: usize, w: &[u8], a: &[u8], ahead: crate::tune::Ahead) -> f32 {
-                assert!(
-                    n.is_multiple_of($wty.block_size())
-                        && w.len() >= $wty.row_bytes(n)
-                        && a.len() >= $act.ty().row_bytes(n),
-                    "row kernel called with short rows"
-                );
+                check_rows($wty, $act, n, w, a);
                 let mut out = [0f32];
                 // SAFETY: the CPU has the kernel's features (handed out by `row_decode` only
                 // then); the rows hold `n` elements (checked); the prefetch is a hint.
@@ -385,70 +386,57 @@ mod x86 {
     wrap_multi_row!(vnni_row_q5_0, vnni::q5_0, T::Q5_0, Act::Q8_0);
     wrap_multi_row!(vnni_row_q8_0, vnni::q8_0, T::Q8_0, Act::Q8_0);
 
-    /// Decode's row kernels: each type's one-token `multi` kernel, prefetching block by block
-    /// (a row at a time, a long row's lines had filled the core's queues in a burst); at
-    /// AVX-512 VNNI, 512-bit Q4_K and Q6_K kernels that do `multi::vnni`'s arithmetic lane for
-    /// lane (`fold_i32x16` adds the two 256-bit halves' exact integer sums into the lanes the
-    /// 256-bit kernel fills) with half its vector instructions per block, the Q4_K one on
+    /// A type's multi-token kernels and decode's row kernel (with its activation
+    /// rearrangement, if any) at one level.
+    type Family = (GgmlType, MultiFn, RowDotFn, Option<PrepFn>);
+
+    /// Decode's row kernels are each type's one-token `multi` kernel, prefetching block by
+    /// block (a row at a time, a long row's lines had filled the core's queues in a burst);
+    /// at AVX-512 VNNI, Q4_K and Q6_K have 512-bit ones that do `multi::vnni`'s arithmetic lane
+    /// for lane (`fold_i32x16` adds the two 256-bit halves' exact integer sums into the lanes
+    /// the 256-bit kernel fills) with half its vector instructions per block, the Q4_K one on
     /// activations rearranged once per token.
+    const VNNI_FAMILIES: [Family; 7] = [
+        (
+            T::Q4K,
+            vnni_multi_q4_k,
+            vnni_q4_k_rows,
+            Some(avx512::prep_q4_k),
+        ),
+        (T::Q6K, vnni_multi_q6_k, vnni_q6_k_rows, None),
+        (T::Q3K, vnni_multi_q3_k, vnni_row_q3_k, None),
+        (T::Q2K, vnni_multi_q2_k, vnni_row_q2_k, None),
+        (T::Q4_0, vnni_multi_q4_0, vnni_row_q4_0, None),
+        (T::Q5_0, vnni_multi_q5_0, vnni_row_q5_0, None),
+        (T::Q8_0, vnni_multi_q8_0, vnni_row_q8_0, None),
+    ];
+    const AVX2_FAMILIES: [Family; 7] = [
+        (T::Q4K, avx2_multi_q4_k, avx2_row_q4_k, None),
+        (T::Q6K, avx2_multi_q6_k, avx2_row_q6_k, None),
+        (T::Q3K, avx2_multi_q3_k, avx2_row_q3_k, None),
+        (T::Q2K, avx2_multi_q2_k, avx2_row_q2_k, None),
+        (T::Q4_0, avx2_multi_q4_0, avx2_row_q4_0, None),
+        (T::Q5_0, avx2_multi_q5_0, avx2_row_q5_0, None),
+        (T::Q8_0, avx2_multi_q8_0, avx2_row_q8_0, None),
+    ];
+
+    fn family(ty: GgmlType, level: Level) -> Option<&'static Family> {
+        let table: &[Family] = if level >= Level::Avx512Vnni {
+            &VNNI_FAMILIES
+        } else if level >= Level::Avx2 {
+            &AVX2_FAMILIES
+        } else {
+            return None;
+        };
+        table.iter().find(|f| f.0 == ty)
+    }
+
     pub(super) fn row_decode(ty: GgmlType, level: Level) -> Option<RowDecode> {
-        let row = |dot: RowDotFn| Some(RowDecode { prep: None, dot });
-        if level >= Level::Avx512Vnni {
-            return match ty {
-                T::Q4K => Some(RowDecode {
-                    prep: Some(avx512::prep_q4_k),
-                    dot: vnni_q4_k_rows,
-                }),
-                T::Q6K => row(vnni_q6_k_rows),
-                T::Q3K => row(vnni_row_q3_k),
-                T::Q2K => row(vnni_row_q2_k),
-                T::Q4_0 => row(vnni_row_q4_0),
-                T::Q5_0 => row(vnni_row_q5_0),
-                T::Q8_0 => row(vnni_row_q8_0),
-                _ => None,
-            };
-        }
-        if level >= Level::Avx2 {
-            return match ty {
-                T::Q4K => row(avx2_row_q4_k),
-                T::Q6K => row(avx2_row_q6_k),
-                T::Q3K => row(avx2_row_q3_k),
-                T::Q2K => row(avx2_row_q2_k),
-                T::Q4_0 => row(avx2_row_q4_0),
-                T::Q5_0 => row(avx2_row_q5_0),
-                T::Q8_0 => row(avx2_row_q8_0),
-                _ => None,
-            };
-        }
-        None
+        family(ty, level).map(|&(_, _, dot, prep)| RowDecode { prep, dot })
     }
 
     pub(super) fn multi(ty: GgmlType, level: Level) -> Option<MultiFn> {
-        if level >= Level::Avx512Vnni {
-            return match ty {
-                T::Q4K => Some(vnni_multi_q4_k),
-                T::Q6K => Some(vnni_multi_q6_k),
-                T::Q3K => Some(vnni_multi_q3_k),
-                T::Q2K => Some(vnni_multi_q2_k),
-                T::Q4_0 => Some(vnni_multi_q4_0),
-                T::Q5_0 => Some(vnni_multi_q5_0),
-                T::Q8_0 => Some(vnni_multi_q8_0),
-                _ => None,
-            };
-        }
-        if level >= Level::Avx2 {
-            return match ty {
-                T::Q4K => Some(avx2_multi_q4_k),
-                T::Q6K => Some(avx2_multi_q6_k),
-                T::Q3K => Some(avx2_multi_q3_k),
-                T::Q2K => Some(avx2_multi_q2_k),
-                T::Q4_0 => Some(avx2_multi_q4_0),
-                T::Q5_0 => Some(avx2_multi_q5_0),
-                T::Q8_0 => Some(avx2_multi_q8_0),
-                _ => None,
-            };
-        }
-        None
+        family(ty, level).map(|f| f.1)
     }
 
     /// A tile's packer, sound for the same reasons as `wrap_dot!`: handed out by [`gemm`] only
@@ -995,12 +983,7 @@ mod x86 {
     macro_rules! wrap_row_dot {
         ($name:ident, $kernel:path, $wty:expr, $act:expr) => {
             fn $name(n: usize, w: &[u8], a: &[u8], ahead: crate::tune::Ahead) -> f32 {
-                assert!(
-                    n.is_multiple_of($wty.block_size())
-                        && w.len() >= $wty.row_bytes(n)
-                        && a.len() >= $act.ty().row_bytes(n),
-                    "row kernel called with short rows"
-                );
+                check_rows($wty, $act, n, w, a);
                 // SAFETY: as for `wrap_dot!`: handed out only for levels the CPU has, and the
                 // rows hold `n` elements (checked above); the prefetch is a hint.
                 unsafe { $kernel(n, w, a, ahead) }

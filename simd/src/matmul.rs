@@ -674,7 +674,8 @@ unsafe fn rows_job(
         let a = &act[..act_row];
         match rd.prep {
             Some(prep) => PREPARED_ACT.with_borrow_mut(|buf| {
-                buf.clear();
+                // `prep` writes every byte of the row's blocks: no need to clear what the last
+                // matmul left.
                 buf.resize(a.len(), 0);
                 prep(w.cols, a, buf);
                 run(buf);

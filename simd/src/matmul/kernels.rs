@@ -22,8 +22,9 @@ pub(crate) const MULTI_TOKENS: usize = 4;
 /// buffer of the row's size.
 pub(crate) type PrepFn = fn(usize, &[u8], &mut [u8]);
 
-/// Decode's kernel over row-major weights where one runs faster than `multi` for a lone token
-/// and gives the same bits (a token's outputs must not depend on the batch it came in).
+/// Decode's kernel over row-major weights: the bits `multi` gives a lone token (a token's
+/// outputs must not depend on the batch it came in), with the prefetch spread over each row's
+/// blocks, and at some levels fewer instructions.
 #[derive(Clone, Copy)]
 pub(crate) struct RowDecode {
     /// Rearranges the token's activation row once per piece of rows, for `dot`.
@@ -139,7 +140,7 @@ pub(crate) struct Kernel {
     pub(crate) dot: DotFn,
     /// The multi-token kernel for prefill, where this type and level have one.
     pub(crate) multi: Option<MultiFn>,
-    /// Decode's faster single-token kernel over row-major weights, where there is one.
+    /// Decode's single-token kernel over row-major weights, for the types with `multi`.
     pub(crate) row_decode: Option<RowDecode>,
     /// The tiled GEMM for larger batches, where this type and level have one.
     pub(crate) gemm: Option<Gemm>,
@@ -395,7 +396,7 @@ mod x86 {
     /// at AVX-512 VNNI, Q4_K and Q6_K have 512-bit ones that do `multi::vnni`'s arithmetic lane
     /// for lane (`fold_i32x16` adds the two 256-bit halves' exact integer sums into the lanes
     /// the 256-bit kernel fills) with half its vector instructions per block, the Q4_K one on
-    /// activations rearranged once per token.
+    /// activations rearranged once per piece of rows.
     const VNNI_FAMILIES: [Family; 7] = [
         (
             T::Q4K,

@@ -217,8 +217,8 @@ pub(crate) unsafe fn dot_q4_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
 }
 
 /// As [`dot_q4_k`], against an activation row that [`prep_q4_k`] rearranged: decode runs
-/// every row of a matrix against one token, so the rearranging is paid once per token instead
-/// of once per row (a quarter of a row's vector work here). Each block asks for the bytes
+/// every row of a matrix against one token, so the rearranging is paid once per piece of rows
+/// instead of once per row (a quarter of a row's vector work here). Each block asks for the bytes
 /// `ahead` further on as it starts (a hint, which may point past the row).
 ///
 /// # Safety
